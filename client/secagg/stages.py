@@ -1,0 +1,474 @@
+"""The four site-side stages of SecAgg+, as pure functions over ``ClientSecAggState``.
+
+Protocol: Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead",
+CCS 2020 (SecAgg+), whose complete-graph case is Bonawitz et al., "Practical Secure
+Aggregation for Privacy-Preserving Machine Learning", CCS 2017. Each stage takes the state
+and the coordinator's request (a plain dict) and returns the new state and the reply (a plain
+dict of ints, bytes, lists and numpy arrays, ready for a Flower ConfigRecord/ArrayRecord):
+
+1. :func:`client_setup`: validate the round config, make fresh X25519 channel and mask key
+   pairs, advertise the public keys.
+2. :func:`client_share_keys`: given the neighbours' public keys, draw a fresh self-mask seed,
+   Shamir-share it and the mask private key among the neighbours and itself, and seal each
+   neighbour's shares with AES-GCM under the pairwise channel key.
+3. :func:`client_masked_input`: open the neighbours' sealed shares, encode (weight * update,
+   weight, metrics) into Z_(2^b), add the self mask and the signed pairwise masks.
+4. :func:`client_unmask`: reveal the self-mask-seed shares of surviving neighbours and the
+   mask-key shares of dropped ones, never both for one site.
+
+An honest site refuses (raises :class:`SecAggRefusal`, a subclass of
+``InvalidPayloadError``) anything malformed or hostile: a request out of round or stage
+order (a replay), keys or shares from sites that are not its neighbours, duplicated senders,
+ciphertexts that fail authentication, too few participants for the threshold, or a request
+to reveal both secrets of a site. A refusal leaves the previous state valid; to the
+coordinator the site has dropped out. Secrets are never logged or put in error messages.
+
+No torch here: these stages run in a fresh process per message in deployment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from common.secagg import payload_validation as check
+from common.secagg.input_encoding import encode_site_input
+from common.secagg.key_agreement import (
+    PUBLIC_KEY_BYTES,
+    KeyAgreementError,
+    derive_channel_key,
+    derive_pairwise_mask_seed,
+    generate_private_key,
+    public_key_for,
+)
+from common.secagg.mask_expansion import SEED_BYTES, expand_mask
+from common.secagg.protocol_stages import (
+    STAGE_MASKED_INPUT,
+    STAGE_SETUP,
+    STAGE_SHARE_KEYS,
+    STAGE_UNMASK,
+    require_tag,
+    tag,
+)
+from common.secagg.quantisation import new_rounding_generator
+from common.secagg.ring import add_in_place, subtract_in_place
+from common.secagg.round_config import MAX_SITES, SecAggRoundConfig
+from common.secagg.shamir import SHARE_BYTES, split_secret
+from common.secagg.share_cipher import (
+    SEALED_SHARE_BUNDLE_BYTES,
+    ShareCipherError,
+    open_share_bundle,
+    seal_share_bundle,
+)
+
+
+class SecAggRefusal(check.InvalidPayloadError):
+    """The site refuses a request; the reason names what was wrong, never a secret."""
+
+
+@dataclass(frozen=True)
+class ClientSecAggPolicy:
+    """The site's own limits; nothing the coordinator sends can weaken them."""
+
+    min_threshold: int = 2
+    min_sites: int = 2
+    max_update_length: int = 1 << 30
+
+
+@dataclass(frozen=True)
+class ClientSecAggState:
+    """What a site keeps between the stages of one round (secrets included: keep it local)."""
+
+    site_id: int
+    config: SecAggRoundConfig
+    stage: str
+    channel_private_key: bytes
+    mask_private_key: bytes
+    self_mask_seed: bytes = b""
+    peer_channel_keys: Mapping[int, bytes] = field(default_factory=dict)
+    peer_mask_keys: Mapping[int, bytes] = field(default_factory=dict)
+    held_seed_shares: Mapping[int, bytes] = field(default_factory=dict)
+    held_key_shares: Mapping[int, bytes] = field(default_factory=dict)
+    mask_partners: tuple[int, ...] = ()
+
+    def __repr__(self) -> str:  # never print key material
+        return (
+            f"ClientSecAggState(site_id={self.site_id}, round={self.config.round_id}, "
+            f"stage={self.stage!r}, peers={len(self.peer_mask_keys)}, "
+            f"partners={len(self.mask_partners)})"
+        )
+
+    @property
+    def neighbours(self) -> frozenset[int]:
+        return self.config.neighbours[self.site_id]
+
+
+def client_setup(
+    *,
+    site_id: int,
+    request: Mapping[str, Any],
+    policy: ClientSecAggPolicy = ClientSecAggPolicy(),
+    previous_round: int | None = None,
+) -> tuple[ClientSecAggState, dict[str, Any]]:
+    """Stage 1: check the round config against the site's policy and advertise fresh keys.
+
+    ``previous_round`` is the last round this site took part in; a request for that round or
+    an earlier one is a replay and is refused.
+    """
+    try:
+        config = SecAggRoundConfig.from_payload(request)
+        require_tag(request, round_id=config.round_id, stage=STAGE_SETUP)
+    except check.InvalidPayloadError as error:
+        raise SecAggRefusal(f"setup request rejected: {error}") from None
+    if previous_round is not None and config.round_id <= previous_round:
+        raise SecAggRefusal(
+            f"setup for round {config.round_id} replays or precedes round {previous_round}"
+        )
+    if site_id not in config.site_ids:
+        raise SecAggRefusal("this site is not among the round's sites")
+    if config.threshold < policy.min_threshold:
+        raise SecAggRefusal(
+            f"threshold {config.threshold} is below this site's minimum {policy.min_threshold}"
+        )
+    if config.num_sites < policy.min_sites:
+        raise SecAggRefusal(f"{config.num_sites} sites is below this site's minimum")
+    if config.update_length > policy.max_update_length:
+        raise SecAggRefusal("update length exceeds this site's maximum")
+    state = ClientSecAggState(
+        site_id=site_id,
+        config=config,
+        stage=STAGE_SETUP,
+        channel_private_key=generate_private_key(),
+        mask_private_key=generate_private_key(),
+    )
+    reply = tag(round_id=config.round_id, stage=STAGE_SETUP) | {
+        "channel_public_key": public_key_for(state.channel_private_key),
+        "mask_public_key": public_key_for(state.mask_private_key),
+    }
+    return state, reply
+
+
+def client_share_keys(
+    *, state: ClientSecAggState, request: Mapping[str, Any]
+) -> tuple[ClientSecAggState, dict[str, Any]]:
+    """Stage 2: share the self-mask seed and mask key among neighbours; seal their shares."""
+    config = state.config
+    _require_stage(state, request, previous=STAGE_SETUP, stage=STAGE_SHARE_KEYS)
+    try:
+        peer_ids = check.require_list(request, "site_ids", item_type=int, max_length=MAX_SITES)
+        channel_keys = check.require_list(
+            request, "channel_public_keys", item_type=bytes, max_length=MAX_SITES
+        )
+        mask_keys = check.require_list(
+            request, "mask_public_keys", item_type=bytes, max_length=MAX_SITES
+        )
+        check.require_distinct_ids(peer_ids, name="site_ids")
+    except check.InvalidPayloadError as error:
+        raise SecAggRefusal(f"share-keys request rejected: {error}") from None
+    if not len(peer_ids) == len(channel_keys) == len(mask_keys):
+        raise SecAggRefusal("share-keys request: one channel and one mask key per site")
+    strangers = set(peer_ids) - state.neighbours
+    if strangers:
+        raise SecAggRefusal(f"share-keys request names non-neighbours {sorted(strangers)}")
+    if any(len(key) != PUBLIC_KEY_BYTES for key in channel_keys + mask_keys):
+        raise SecAggRefusal(f"public keys must be {PUBLIC_KEY_BYTES} bytes")
+    own_keys = {public_key_for(state.channel_private_key), public_key_for(state.mask_private_key)}
+    if own_keys & set(channel_keys + mask_keys) or len(set(channel_keys + mask_keys)) != 2 * len(
+        peer_ids
+    ):
+        raise SecAggRefusal("share-keys request repeats a public key")
+    if len(peer_ids) + 1 < config.threshold:
+        raise SecAggRefusal(
+            f"{len(peer_ids)} neighbours advertised keys; threshold {config.threshold} needs "
+            f"at least {config.threshold - 1}"
+        )
+    holders = sorted([*peer_ids, state.site_id])
+    xs = {site: config.share_x(site) for site in holders}
+    self_mask_seed = os.urandom(SEED_BYTES)
+    seed_shares = split_secret(
+        secret=self_mask_seed, threshold=config.threshold, share_xs=list(xs.values())
+    )
+    key_shares = split_secret(
+        secret=state.mask_private_key, threshold=config.threshold, share_xs=list(xs.values())
+    )
+    sealed_bundles = []
+    try:
+        for peer, channel_key in zip(peer_ids, channel_keys, strict=True):
+            key = derive_channel_key(
+                own_private_key=state.channel_private_key,
+                peer_public_key=channel_key,
+                round_id=config.round_id,
+                session_nonce=config.session_nonce,
+                own_id=state.site_id,
+                peer_id=peer,
+            )
+            sealed_bundles.append(
+                seal_share_bundle(
+                    key=key,
+                    self_mask_seed_share=seed_shares[xs[peer]],
+                    mask_key_share=key_shares[xs[peer]],
+                    sender_id=state.site_id,
+                    receiver_id=peer,
+                    round_id=config.round_id,
+                    session_nonce=config.session_nonce,
+                )
+            )
+    except KeyAgreementError as error:
+        raise SecAggRefusal(f"share-keys request: {error}") from None
+    own_x = xs[state.site_id]
+    new_state = dataclasses.replace(
+        state,
+        stage=STAGE_SHARE_KEYS,
+        self_mask_seed=self_mask_seed,
+        peer_channel_keys=dict(zip(peer_ids, channel_keys, strict=True)),
+        peer_mask_keys=dict(zip(peer_ids, mask_keys, strict=True)),
+        held_seed_shares={state.site_id: seed_shares[own_x]},
+        held_key_shares={state.site_id: key_shares[own_x]},
+    )
+    reply = tag(round_id=config.round_id, stage=STAGE_SHARE_KEYS) | {
+        "receiver_ids": list(peer_ids),
+        "sealed_bundles": sealed_bundles,
+    }
+    return new_state, reply
+
+
+def client_masked_input(
+    *,
+    state: ClientSecAggState,
+    request: Mapping[str, Any],
+    update: np.ndarray,
+    weight: int,
+    metrics: Mapping[str, float] | None = None,
+    rng: np.random.Generator | None = None,
+) -> tuple[ClientSecAggState, dict[str, Any]]:
+    """Stage 3: open the neighbours' shares and send the masked, encoded input.
+
+    ``update`` (flat float vector of ``update_length``), ``weight`` (the example count) and
+    ``metrics`` (one float per round metric name) are encoded into one vector, so the weight
+    and metrics are masked like the update. ``rng`` drives stochastic rounding only (default:
+    seeded from ``os.urandom``). A local input that does not fit the round's config (wrong
+    length, weight above ``max_weight``, missing metric, non-finite values) raises a plain
+    ``ValueError``: the caller's mistake, not the coordinator's.
+    """
+    config = state.config
+    _require_stage(state, request, previous=STAGE_SHARE_KEYS, stage=STAGE_MASKED_INPUT)
+    try:
+        sender_ids = check.require_list(request, "sender_ids", item_type=int, max_length=MAX_SITES)
+        sealed_bundles = check.require_list(
+            request, "sealed_bundles", item_type=bytes, max_length=MAX_SITES
+        )
+        check.require_distinct_ids(sender_ids, name="sender_ids")
+    except check.InvalidPayloadError as error:
+        raise SecAggRefusal(f"masked-input request rejected: {error}") from None
+    if len(sender_ids) != len(sealed_bundles):
+        raise SecAggRefusal("masked-input request: one sealed bundle per sender")
+    strangers = set(sender_ids) - set(state.peer_mask_keys)
+    if strangers:
+        raise SecAggRefusal(
+            f"masked-input request holds shares from non-neighbours {sorted(strangers)}"
+        )
+    if len(sender_ids) + 1 < config.threshold:
+        raise SecAggRefusal(
+            f"shares from {len(sender_ids)} neighbours; threshold {config.threshold} needs "
+            f"at least {config.threshold - 1}"
+        )
+    seed_shares = dict(state.held_seed_shares)
+    key_shares = dict(state.held_key_shares)
+    for sender, sealed in zip(sender_ids, sealed_bundles, strict=True):
+        if len(sealed) != SEALED_SHARE_BUNDLE_BYTES:
+            raise SecAggRefusal(f"sealed bundle from site {sender} has the wrong length")
+        try:
+            key = derive_channel_key(
+                own_private_key=state.channel_private_key,
+                peer_public_key=state.peer_channel_keys[sender],
+                round_id=config.round_id,
+                session_nonce=config.session_nonce,
+                own_id=state.site_id,
+                peer_id=sender,
+            )
+            seed_shares[sender], key_shares[sender] = open_share_bundle(
+                key=key,
+                sealed=sealed,
+                sender_id=sender,
+                receiver_id=state.site_id,
+                round_id=config.round_id,
+                session_nonce=config.session_nonce,
+            )
+        except (ShareCipherError, KeyAgreementError) as error:
+            raise SecAggRefusal(f"sealed bundle from site {sender}: {error}") from None
+    masked = encode_site_input(
+        config=config,
+        update=update,
+        weight=weight,
+        metrics=metrics or {},
+        rng=rng if rng is not None else new_rounding_generator(),
+    )
+    add_in_place(
+        masked,
+        expand_mask(
+            seed=state.self_mask_seed, length=config.masked_length, bit_width=config.bit_width
+        ),
+        bit_width=config.bit_width,
+    )
+    for partner in sorted(sender_ids):
+        pairwise = expand_mask(
+            seed=derive_pairwise_mask_seed(
+                own_private_key=state.mask_private_key,
+                peer_public_key=state.peer_mask_keys[partner],
+                round_id=config.round_id,
+                session_nonce=config.session_nonce,
+                own_id=state.site_id,
+                peer_id=partner,
+            ),
+            length=config.masked_length,
+            bit_width=config.bit_width,
+        )
+        if state.site_id < partner:
+            add_in_place(masked, pairwise, bit_width=config.bit_width)
+        else:
+            subtract_in_place(masked, pairwise, bit_width=config.bit_width)
+    new_state = dataclasses.replace(
+        state,
+        stage=STAGE_MASKED_INPUT,
+        held_seed_shares=seed_shares,
+        held_key_shares=key_shares,
+        mask_partners=tuple(sorted(sender_ids)),
+    )
+    reply = tag(round_id=config.round_id, stage=STAGE_MASKED_INPUT) | {"masked_input": masked}
+    return new_state, reply
+
+
+def client_unmask(
+    *, state: ClientSecAggState, request: Mapping[str, Any]
+) -> tuple[ClientSecAggState, dict[str, Any]]:
+    """Stage 4: reveal seed shares of surviving and key shares of dropped neighbours.
+
+    Refuses a request that lists a site both as survivor and as dropped, that calls this
+    site dropped, or that reports fewer survivors than the threshold. The stage runs once
+    per round, so a later request cannot obtain the other secret of a site.
+    """
+    config = state.config
+    _require_stage(state, request, previous=STAGE_MASKED_INPUT, stage=STAGE_UNMASK)
+    try:
+        survivors = check.require_list(request, "survivor_ids", item_type=int, max_length=MAX_SITES)
+        dropped = check.require_list(request, "dropped_ids", item_type=int, max_length=MAX_SITES)
+        num_survivors = check.require_int(
+            request, "num_survivors", minimum=0, maximum=config.num_sites
+        )
+        check.require_distinct_ids(survivors, name="survivor_ids")
+        check.require_distinct_ids(dropped, name="dropped_ids")
+    except check.InvalidPayloadError as error:
+        raise SecAggRefusal(f"unmask request rejected: {error}") from None
+    both = set(survivors) & set(dropped)
+    if both:
+        raise SecAggRefusal(
+            f"unmask request asks for both secrets of sites {sorted(both)}; refusing"
+        )
+    if state.site_id in dropped or state.site_id not in survivors:
+        raise SecAggRefusal("unmask request does not list this site as a survivor")
+    if num_survivors < config.threshold or num_survivors < len(survivors):
+        raise SecAggRefusal(
+            f"{num_survivors} survivors is below threshold {config.threshold} or inconsistent"
+        )
+    unknown = (set(survivors) | set(dropped)) - set(config.site_ids)
+    if unknown:
+        raise SecAggRefusal(f"unmask request names unknown sites {sorted(unknown)}")
+    dropped_strangers = set(dropped) - set(state.mask_partners)
+    if dropped_strangers:
+        raise SecAggRefusal(
+            f"unmask request asks for mask keys of non-partners {sorted(dropped_strangers)}"
+        )
+    seed_share_ids = sorted(site for site in survivors if site in state.held_seed_shares)
+    key_share_ids = sorted(dropped)
+    reply = tag(round_id=config.round_id, stage=STAGE_UNMASK) | {
+        "seed_share_site_ids": seed_share_ids,
+        "seed_shares": [state.held_seed_shares[site] for site in seed_share_ids],
+        "key_share_site_ids": key_share_ids,
+        "key_shares": [state.held_key_shares[site] for site in key_share_ids],
+    }
+    return dataclasses.replace(state, stage=STAGE_UNMASK), reply
+
+
+def _require_stage(
+    state: ClientSecAggState, request: Mapping[str, Any], *, previous: str, stage: str
+) -> None:
+    if state.stage != previous:
+        raise SecAggRefusal(
+            f"{stage} request out of order: this site's last stage was {state.stage!r}"
+        )
+    try:
+        require_tag(request, round_id=state.config.round_id, stage=stage)
+    except check.InvalidPayloadError as error:
+        raise SecAggRefusal(f"{stage} request rejected: {error}") from None
+
+
+# Persistence in Flower's context.state (a ConfigRecord holds ints, bytes, str and lists).
+
+
+def client_state_to_record(state: ClientSecAggState) -> dict[str, Any]:
+    """The state as a ConfigRecord-compatible dict (contains secrets: node-local only)."""
+    peers = sorted(state.peer_mask_keys)
+    seed_holders = sorted(state.held_seed_shares)
+    key_holders = sorted(state.held_key_shares)
+    return {
+        "site_id": state.site_id,
+        "config": _config_blob(state.config),
+        "stage": state.stage,
+        "channel_private_key": state.channel_private_key,
+        "mask_private_key": state.mask_private_key,
+        "self_mask_seed": state.self_mask_seed,
+        "peer_ids": peers,
+        "peer_channel_keys": [state.peer_channel_keys[site] for site in peers],
+        "peer_mask_keys": [state.peer_mask_keys[site] for site in peers],
+        "seed_share_site_ids": seed_holders,
+        "seed_shares": [state.held_seed_shares[site] for site in seed_holders],
+        "key_share_site_ids": key_holders,
+        "key_shares": [state.held_key_shares[site] for site in key_holders],
+        "mask_partners": list(state.mask_partners),
+    }
+
+
+def client_state_from_record(record: Mapping[str, Any]) -> ClientSecAggState:
+    """Inverse of :func:`client_state_to_record`."""
+    config_payload = _config_from_blob(record["config"])
+    config = SecAggRoundConfig.from_payload(config_payload)
+    peers = [int(site) for site in record["peer_ids"]]
+    seed_holders = [int(site) for site in record["seed_share_site_ids"]]
+    key_holders = [int(site) for site in record["key_share_site_ids"]]
+    state = ClientSecAggState(
+        site_id=int(record["site_id"]),
+        config=config,
+        stage=str(record["stage"]),
+        channel_private_key=bytes(record["channel_private_key"]),
+        mask_private_key=bytes(record["mask_private_key"]),
+        self_mask_seed=bytes(record["self_mask_seed"]),
+        peer_channel_keys=dict(zip(peers, record["peer_channel_keys"], strict=True)),
+        peer_mask_keys=dict(zip(peers, record["peer_mask_keys"], strict=True)),
+        held_seed_shares=dict(zip(seed_holders, record["seed_shares"], strict=True)),
+        held_key_shares=dict(zip(key_holders, record["key_shares"], strict=True)),
+        mask_partners=tuple(int(site) for site in record["mask_partners"]),
+    )
+    if any(len(share) != SHARE_BYTES for share in state.held_seed_shares.values()):
+        raise ValueError("stored share has the wrong length")
+    return state
+
+
+def _config_blob(config: SecAggRoundConfig) -> bytes:
+    payload = config.to_payload()
+    payload["session_nonce"] = payload["session_nonce"].hex()
+    return json.dumps(payload, sort_keys=True).encode()
+
+
+def _config_from_blob(blob: bytes) -> dict[str, Any]:
+    payload = json.loads(bytes(blob).decode())
+    payload["session_nonce"] = bytes.fromhex(payload["session_nonce"])
+    payload["metric_lower"] = [float(value) for value in payload["metric_lower"]]
+    payload["metric_upper"] = [float(value) for value in payload["metric_upper"]]
+    payload["update_clip"] = float(payload["update_clip"])
+    return payload

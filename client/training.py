@@ -1,0 +1,176 @@
+"""Local training at a site: DP-SGD with Opacus, or plain SGD when DP is off.
+
+DP-SGD (Abadi et al., CCS 2016) as implemented by Opacus (Yousefpour et al., 2021):
+Poisson sampling of each batch (every record independently with rate q), per-example
+gradient clipping to ``max_grad_norm`` and Gaussian noise of standard deviation
+``noise_multiplier * max_grad_norm``. The RDP accountant's history is passed in and
+returned, so epsilon accumulates over every round the site takes part in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from common.data.dataset import ImageTextDataset
+from common.loss import candidate_tokens, matching_loss
+from common.model import CrossAttentionMatcher
+from common.tokenizer import HashingTokenizer
+
+logger = logging.getLogger(__name__)
+
+AccountantHistory = list[tuple[float, float, int]]  # (noise_multiplier, sample_rate, steps)
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """How a site trains locally in one round."""
+
+    local_epochs: int = 1
+    batch_size: int = 256
+    learning_rate: float = 0.5
+    momentum: float = 0.0
+    optimizer: str = "sgd"  # "sgd" or "adam"
+    num_distractors: int = 4
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DPSGDSettings:
+    """The noise and clipping of DP-SGD."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class LocalTrainingResult:
+    num_examples: int
+    mean_loss: float
+    steps: int
+    accountant_history: AccountantHistory
+
+
+class MatchingDataset(Dataset):
+    """Items ``(image uint8 (H, W), candidate tokens (C, T))`` with fresh distractors."""
+
+    def __init__(
+        self,
+        data: ImageTextDataset,
+        *,
+        tokenizer: HashingTokenizer,
+        num_distractors: int,
+        seed: int,
+    ) -> None:
+        self.data = data
+        self.tokenizer = tokenizer
+        self.num_distractors = num_distractors
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = candidate_tokens(
+            self.data.captions[index],
+            num_distractors=self.num_distractors,
+            tokenizer=self.tokenizer,
+            rng=self.rng,
+        )
+        return torch.from_numpy(self.data.images[index]), torch.from_numpy(tokens)
+
+
+def sample_rate(num_examples: int, batch_size: int) -> float:
+    """Poisson sampling rate of one step, as Opacus derives it from the data loader."""
+    return 1.0 / math.ceil(num_examples / batch_size)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    return math.ceil(num_examples / batch_size)
+
+
+def make_optimizer(model: torch.nn.Module, recipe: TrainingRecipe) -> torch.optim.Optimizer:
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=recipe.learning_rate, momentum=recipe.momentum
+        )
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=recipe.learning_rate)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {recipe.optimizer!r}")
+
+
+def _run_epochs(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+) -> tuple[float, int]:
+    total_loss, total_items, steps = 0.0, 0, 0
+    for _ in range(epochs):
+        for images, tokens in loader:
+            optimizer.zero_grad(set_to_none=True)
+            if len(images) == 0:  # Poisson sampling can draw an empty batch
+                optimizer.step()  # noise-only step keeps the accounting exact
+                steps += 1
+                continue
+            losses = matching_loss(model(images, tokens))
+            losses.mean().backward()
+            optimizer.step()
+            total_loss += float(losses.detach().sum())
+            total_items += len(images)
+            steps += 1
+    return total_loss / max(total_items, 1), steps
+
+
+def train_locally(
+    model: CrossAttentionMatcher,
+    data: ImageTextDataset,
+    *,
+    recipe: TrainingRecipe,
+    dp: DPSGDSettings | None,
+    accountant_history: AccountantHistory,
+    tokenizer: HashingTokenizer | None = None,
+) -> LocalTrainingResult:
+    """Train ``model`` in place on ``data``; DP-SGD when ``dp`` is given."""
+    if len(data) == 0:
+        raise ValueError("a site with no records cannot train")
+    torch.manual_seed(recipe.seed)
+    dataset = MatchingDataset(
+        data,
+        tokenizer=tokenizer or HashingTokenizer(),
+        num_distractors=recipe.num_distractors,
+        seed=recipe.seed,
+    )
+    loader = DataLoader(dataset, batch_size=recipe.batch_size, shuffle=True)
+    optimizer = make_optimizer(model, recipe)
+    model.train()
+    if dp is None:
+        mean_loss, steps = _run_epochs(model, loader, optimizer, recipe.local_epochs)
+        return LocalTrainingResult(len(data), mean_loss, steps, list(accountant_history))
+
+    from opacus import PrivacyEngine  # heavy import, only where DP training happens
+
+    engine = PrivacyEngine(accountant="rdp")
+    engine.accountant.history = list(accountant_history)
+    private_model, private_optimizer, private_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode="hooks",
+    )
+    try:
+        mean_loss, steps = _run_epochs(
+            private_model, private_loader, private_optimizer, recipe.local_epochs
+        )
+    finally:
+        private_model._close()  # remove Opacus hooks; ``model`` holds the trained weights
+    history = [(float(s), float(q), int(n)) for s, q, n in engine.accountant.history]
+    return LocalTrainingResult(len(data), mean_loss, steps, history)

@@ -1,0 +1,233 @@
+"""A cross-attention image-text matching model that Opacus can train by construction.
+
+Image: the 28x56 canvas is cut into 7x7 patches, embedded linearly, given learned position
+embeddings and refined by pre-norm transformer blocks (self-attention with Opacus'
+``DPMultiheadAttention``). Text: hashed word ids (``common.tokenizer``) with position
+embeddings and transformer blocks per caption. Cross-attention: every text token queries
+the image patches; a token's score is its readout vector dotted with the values it attended
+to, and a caption's score is the mean over its tokens.
+
+The text blocks and the cross-attention use ``MultiHeadAttention`` below, built from
+``nn.Linear`` only (so Opacus computes per-sample gradients for it like any linear layer):
+``DPMultiheadAttention`` rejects every attention mask when ``batch_first=True`` (Opacus 1.6
+compares the mask to the batch size), and retrieval must score all image-caption pairs
+without recomputing projections. There is no BatchNorm; norms are LayerNorm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from opacus.layers import DPMultiheadAttention
+from torch import nn
+
+from common.tokenizer import PAD_ID
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of the model; the defaults train at useful speed on 2 CPU cores."""
+
+    width: int = 64
+    heads: int = 4
+    patch_size: int = 7
+    image_height: int = 28
+    image_width: int = 56
+    image_layers: int = 1
+    text_layers: int = 1
+    mlp_ratio: int = 2
+    vocab_buckets: int = 2048
+    max_len: int = 12
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_height // self.patch_size) * (self.image_width // self.patch_size)
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention over the last-but-one axis, any leading axes."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, -1))  # (..., L, h, dh)
+
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self._split(self.q(x)), self._split(self.k(x)), self._split(self.v(x))
+        logits = torch.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(q.shape[-1])
+        if key_padding is not None:
+            logits = logits.masked_fill(key_padding[..., None, None, :], float("-inf"))
+        attended = torch.einsum("...hqk,...khd->...qhd", logits.softmax(-1), v)
+        return self.out(attended.flatten(-2))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, width: int, ratio: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(width, ratio * width)
+        self.down = nn.Linear(ratio * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class ImageBlock(nn.Module):
+    """Pre-norm transformer block over image patches (``DPMultiheadAttention``)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = DPMultiheadAttention(width, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = FeedForward(width, mlp_ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class TextBlock(nn.Module):
+    """Pre-norm transformer block over the tokens of each caption."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = MultiHeadAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = FeedForward(width, mlp_ratio)
+
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_padding)
+        return x + self.mlp(self.norm2(x))
+
+
+@dataclass
+class ImageStates:
+    """Keys and values of image patches, ``(N, P, heads, head_dim)`` each."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass
+class TextStates:
+    """Queries and readouts of caption tokens, ``(..., T, heads, head_dim)``, and the mask."""
+
+    queries: torch.Tensor
+    readouts: torch.Tensor
+    valid: torch.Tensor  # (..., T) bool
+
+
+class CrossAttentionMatcher(nn.Module):
+    """Scores how well a caption describes an image (higher is better)."""
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or ModelConfig()
+        if config.image_height % config.patch_size or config.image_width % config.patch_size:
+            raise ValueError("image sides must be multiples of patch_size")
+        w = config.width
+        self.patch_embed = nn.Linear(config.patch_size**2, w)
+        self.patch_position = nn.Embedding(config.num_patches, w)
+        self.image_blocks = nn.ModuleList(
+            ImageBlock(w, config.heads, config.mlp_ratio) for _ in range(config.image_layers)
+        )
+        self.image_norm = nn.LayerNorm(w)
+        self.token_embed = nn.Embedding(config.vocab_buckets, w)
+        self.token_position = nn.Embedding(config.max_len, w)
+        self.text_blocks = nn.ModuleList(
+            TextBlock(w, config.heads, config.mlp_ratio) for _ in range(config.text_layers)
+        )
+        self.text_norm = nn.LayerNorm(w)
+        self.cross_query = nn.Linear(w, w)
+        self.cross_readout = nn.Linear(w, w)
+        self.cross_key = nn.Linear(w, w)
+        self.cross_value = nn.Linear(w, w)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.config.heads, -1))
+
+    def encode_images(self, images: torch.Tensor) -> ImageStates:
+        """``images``: ``uint8`` or float ``(N, H, W)`` in [0, 255]."""
+        c, p = self.config, self.config.patch_size
+        x = images.float() / 255.0 - 0.5
+        x = x.unfold(1, p, p).unfold(2, p, p)  # (N, H/p, W/p, p, p)
+        x = x.reshape(len(images), c.num_patches, p * p)
+        positions = torch.arange(c.num_patches).expand(len(images), -1).contiguous()
+        x = self.patch_embed(x) + self.patch_position(positions)
+        for block in self.image_blocks:
+            x = block(x)
+        x = self.image_norm(x)
+        return ImageStates(self._heads(self.cross_key(x)), self._heads(self.cross_value(x)))
+
+    def encode_texts(self, tokens: torch.Tensor) -> TextStates:
+        """``tokens``: ``int64 (..., T)`` from ``HashingTokenizer``."""
+        tokens = tokens.contiguous()
+        valid = tokens != PAD_ID
+        valid[..., 0] = True  # an empty caption still has one position to attend from
+        positions = torch.arange(tokens.shape[-1]).expand_as(tokens).contiguous()
+        x = self.token_embed(tokens) + self.token_position(positions)
+        for block in self.text_blocks:
+            x = block(x, ~valid)
+        x = self.text_norm(x)
+        return TextStates(
+            self._heads(self.cross_query(x)), self._heads(self.cross_readout(x)), valid
+        )
+
+    def score_candidates(self, images: ImageStates, texts: TextStates) -> torch.Tensor:
+        """Scores ``(B, C)`` of each image against its own ``C`` candidate captions."""
+        scale = 1.0 / math.sqrt(images.keys.shape[-1])
+        logits = torch.einsum("bcthd,bphd->bcthp", texts.queries, images.keys) * scale
+        matches = torch.einsum("bcthd,bphd->bcthp", texts.readouts, images.values) * scale
+        per_token = (logits.softmax(-1) * matches).sum((-1, -2)) * texts.valid  # (B, C, T)
+        return per_token.sum(-1) / texts.valid.sum(-1)
+
+    def score_all_pairs(
+        self, images: ImageStates, texts: TextStates, chunk: int = 25
+    ) -> torch.Tensor:
+        """Scores ``(N_images, N_texts)`` of every image against every caption.
+
+        Same maths as ``score_candidates``; only valid (non-padding) tokens are computed,
+        as batched matrix products per head, ``chunk`` images at a time.
+        """
+        heads, head_dim = images.keys.shape[-2:]
+        scale = 1.0 / math.sqrt(head_dim)
+        caption_of_token = torch.nonzero(texts.valid)[:, 0]  # (V,)
+        num_texts = texts.valid.shape[0]
+        tokens_per_text = texts.valid.sum(-1).to(images.keys.dtype)
+        queries = texts.queries[texts.valid].transpose(0, 1) * scale  # (h, V, dh)
+        readouts = texts.readouts[texts.valid].transpose(0, 1) * scale
+        rows = []
+        for start in range(0, images.keys.shape[0], chunk):
+            keys = images.keys[start : start + chunk]  # (I, P, h, dh)
+            n, p = keys.shape[:2]
+            keys = keys.permute(2, 3, 0, 1).reshape(heads, head_dim, n * p)
+            values = images.values[start : start + chunk].permute(2, 3, 0, 1)
+            values = values.reshape(heads, head_dim, n * p)
+            weights = torch.bmm(queries, keys).view(heads, -1, n, p).softmax(-1)
+            matches = torch.bmm(readouts, values).view(heads, -1, n, p)
+            per_token = (weights * matches).sum((0, 3)).T  # (I, V)
+            per_text = per_token.new_zeros(n, num_texts)
+            per_text.index_add_(1, caption_of_token, per_token)
+            rows.append(per_text / tokens_per_text)
+        return torch.cat(rows)
+
+    def forward(self, images: torch.Tensor, candidate_tokens: torch.Tensor) -> torch.Tensor:
+        """Scores ``(B, C)`` for images ``(B, H, W)`` and tokens ``(B, C, T)``."""
+        return self.score_candidates(
+            self.encode_images(images), self.encode_texts(candidate_tokens)
+        )

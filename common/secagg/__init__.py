@@ -1,0 +1,21 @@
+"""Secure-aggregation arithmetic shared by sites and the coordinator (no Flower, no torch).
+
+The protocol is SecAgg+ from Bell et al., "Secure Single-Server Aggregation with
+(Poly)Logarithmic Overhead", CCS 2020, whose complete-graph special case (every site a
+neighbour of every other) is the protocol of Bonawitz et al., "Practical Secure Aggregation
+for Privacy-Preserving Machine Learning", CCS 2017.
+
+One concern per module:
+
+- ``shamir``: t-out-of-n secret sharing of 32-byte secrets over a prime field.
+- ``key_agreement``: X25519 key pairs and HKDF-SHA256 derivations bound to round and pair.
+- ``share_cipher``: AES-GCM for the shares routed through the coordinator.
+- ``mask_expansion``: a 32-byte seed expanded into a mask vector with AES-256-CTR.
+- ``ring``: vectors in Z_(2^b).
+- ``quantisation``: clipping and unbiased stochastic rounding into Z_(2^b), with headroom.
+- ``neighbour_graph``: the public random k-regular graph and default (k, t) for n sites.
+- ``round_config``: the public parameters of one round, sent by the coordinator.
+- ``protocol_stages``: stage names and the round/stage tag every payload carries.
+- ``input_encoding``: the layout of the vector a site masks (update, weight, metrics).
+- ``payload_validation``: checks on inbound payloads, raising ``InvalidPayloadError``.
+"""

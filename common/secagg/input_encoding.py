@@ -1,0 +1,114 @@
+"""The vector a site masks: its weighted update, its weight and its metrics, all quantised.
+
+FedAvg needs sum_i w_i x_i and sum_i w_i. Sending the weight w_i (the example count) or the
+metrics in the clear would reveal them per site, so they travel inside the masked vector
+(an extension of Bonawitz et al., CCS 2017, and Bell et al., CCS 2020, which sum a single
+vector). Layout of the encoded vector in Z_(2^b):
+
+    [ w * clip(x, -c, c)  (update_length entries) | w (1 entry) | metrics (one entry each) ]
+
+Each segment is quantised with its own range (see ``round_config``): the weighted update in
+[-c W, c W] and each metric in its declared [lower, upper], both with L = floor((2^b - 1)/n)
+levels; the weight exactly, as an integer in [0, W]. Metrics are summed as given: a site that
+wants a weighted mean sends w * metric and the coordinator divides by the summed weight.
+
+For m summed sites the per-entry errors are below m * 2 c W / L (update), m * (upper -
+lower) / L (metric) and zero (weight), relative to the clipped values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.secagg.quantisation import dequantise_sum, quantisation_error_bound, quantise
+from common.secagg.round_config import SecAggRoundConfig
+
+
+@dataclass(frozen=True)
+class DecodedAggregate:
+    """The dequantised sum over the summed sites."""
+
+    weighted_update_sum: np.ndarray
+    weight_sum: int
+    metric_sums: dict[str, float]
+    num_summed: int
+    update_error_bound: float
+    metric_error_bounds: dict[str, float]
+
+
+def encode_site_input(
+    *,
+    config: SecAggRoundConfig,
+    update: np.ndarray,
+    weight: int,
+    metrics: Mapping[str, float],
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Quantise (weight * clipped update, weight, metrics) into one vector of the ring."""
+    vector = np.asarray(update, dtype=np.float64).reshape(-1)
+    if vector.shape != (config.update_length,):
+        raise ValueError(f"update has {vector.size} entries, expected {config.update_length}")
+    if isinstance(weight, bool) or not isinstance(weight, int | np.integer):
+        raise ValueError("weight must be an int")
+    if not 0 <= weight <= config.max_weight:
+        raise ValueError(f"weight must be in [0, {config.max_weight}]")
+    if set(metrics) != set(config.metric_names):
+        raise ValueError("metrics must match the round's metric names exactly")
+    weighted = np.clip(vector, -config.update_clip, config.update_clip)
+    weighted *= int(weight)
+    encoded = np.empty(config.masked_length, dtype=config.dtype)
+    encoded[: config.update_length] = quantise(
+        values=weighted, value_range=config.update_range, bit_width=config.bit_width, rng=rng
+    )
+    encoded[config.update_length] = int(weight)
+    for index, name in enumerate(config.metric_names):
+        encoded[config.update_length + 1 + index] = quantise(
+            values=np.array([float(metrics[name])]),
+            value_range=config.metric_range(index),
+            bit_width=config.bit_width,
+            rng=rng,
+        )[0]
+    return encoded
+
+
+def decode_aggregate(
+    *, config: SecAggRoundConfig, summed: np.ndarray, num_summed: int
+) -> DecodedAggregate:
+    """Dequantise the unmasked sum of ``num_summed`` encoded vectors."""
+    if summed.shape != (config.masked_length,):
+        raise ValueError("summed vector has the wrong length")
+    update_sum = dequantise_sum(
+        quantised_sum=summed[: config.update_length],
+        value_range=config.update_range,
+        num_summed=num_summed,
+    )
+    metric_sums = {
+        name: float(
+            dequantise_sum(
+                quantised_sum=summed[
+                    config.update_length + 1 + index : config.update_length + 2 + index
+                ],
+                value_range=config.metric_range(index),
+                num_summed=num_summed,
+            )[0]
+        )
+        for index, name in enumerate(config.metric_names)
+    }
+    return DecodedAggregate(
+        weighted_update_sum=update_sum,
+        weight_sum=int(summed[config.update_length]),
+        metric_sums=metric_sums,
+        num_summed=num_summed,
+        update_error_bound=quantisation_error_bound(
+            value_range=config.update_range, num_summed=num_summed
+        ),
+        metric_error_bounds={
+            name: quantisation_error_bound(
+                value_range=config.metric_range(index), num_summed=num_summed
+            )
+            for index, name in enumerate(config.metric_names)
+        },
+    )

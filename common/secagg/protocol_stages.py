@@ -1,0 +1,36 @@
+"""Names of the four message exchanges of one round, and the round/stage tag on payloads.
+
+Setup (advertise keys), share keys, masked input and unmask are the rounds 0-3 of Bonawitz
+et al., "Practical Secure Aggregation for Privacy-Preserving Machine Learning", CCS 2017
+(without the consistency check, which only matters against an actively malicious
+coordinator), as used by SecAgg+ (Bell et al., "Secure Single-Server Aggregation with
+(Poly)Logarithmic Overhead", CCS 2020). Every payload in either direction carries ``round``
+and ``stage`` so a stale or replayed message from another round or stage is rejected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from common.secagg import payload_validation as check
+from common.secagg.round_config import MAX_ROUND
+
+STAGE_SETUP = "setup"
+STAGE_SHARE_KEYS = "share_keys"
+STAGE_MASKED_INPUT = "masked_input"
+STAGE_UNMASK = "unmask"
+STAGES = (STAGE_SETUP, STAGE_SHARE_KEYS, STAGE_MASKED_INPUT, STAGE_UNMASK)
+
+
+def tag(*, round_id: int, stage: str) -> dict[str, Any]:
+    """The round/stage fields that start every payload."""
+    return {"round": round_id, "stage": stage}
+
+
+def require_tag(payload: Mapping[str, Any], *, round_id: int, stage: str) -> None:
+    """Raise ``InvalidPayloadError`` unless the payload belongs to this round and stage."""
+    check.require_str(payload, "stage", expected=stage)
+    received = check.require_int(payload, "round", minimum=0, maximum=MAX_ROUND)
+    if received != round_id:
+        raise check.InvalidPayloadError(f"payload is for round {received}, expected {round_id}")

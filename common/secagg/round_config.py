@@ -1,0 +1,189 @@
+"""The public parameters of one secure-aggregation round, chosen by the coordinator.
+
+The coordinator fixes, per round, the participating sites, a fresh 32-byte session nonce (it
+also seeds the neighbour graph and is bound into every derived key and ciphertext), the graph
+degree k and Shamir threshold t (Bell et al., "Secure Single-Server Aggregation with
+(Poly)Logarithmic Overhead", CCS 2020; k = n - 1 is Bonawitz et al., "Practical Secure
+Aggregation for Privacy-Preserving Machine Learning", CCS 2017), the ring size 2^b, and the
+clipping ranges of the encoded input (see ``input_encoding``). It is sent to every site in
+the setup stage as a plain payload; each site validates it before taking part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from common.secagg import payload_validation as check
+from common.secagg.neighbour_graph import neighbour_graph
+from common.secagg.quantisation import QuantisationRange, levels_with_headroom
+from common.secagg.ring import MAX_BIT_WIDTH, MIN_BIT_WIDTH, check_bit_width, ring_dtype
+
+SESSION_NONCE_BYTES = 32
+MAX_SITE_ID = (1 << 64) - 1
+MAX_SITES = 10_000
+MAX_UPDATE_LENGTH = 1 << 30
+MAX_METRICS = 64
+MAX_ROUND = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class SecAggRoundConfig:
+    """Everything public about one round; identical at every site and the coordinator."""
+
+    round_id: int
+    session_nonce: bytes
+    site_ids: tuple[int, ...]
+    degree: int
+    threshold: int
+    bit_width: int
+    update_length: int
+    update_clip: float
+    max_weight: int
+    metric_names: tuple[str, ...] = ()
+    metric_lower: tuple[float, ...] = ()
+    metric_upper: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.round_id <= MAX_ROUND:
+            raise ValueError("round id out of range")
+        if len(self.session_nonce) != SESSION_NONCE_BYTES:
+            raise ValueError(f"session nonce must be {SESSION_NONCE_BYTES} bytes")
+        if list(self.site_ids) != sorted(set(self.site_ids)):
+            raise ValueError("site ids must be distinct and sorted")
+        if not 2 <= len(self.site_ids) <= MAX_SITES:
+            raise ValueError(f"need 2 to {MAX_SITES} sites, got {len(self.site_ids)}")
+        if any(not 0 <= site <= MAX_SITE_ID for site in self.site_ids):
+            raise ValueError("site ids must be unsigned 64-bit integers")
+        if not 1 <= self.degree <= self.num_sites - 1:
+            raise ValueError(f"degree {self.degree} must be in [1, {self.num_sites - 1}]")
+        if not 2 <= self.threshold <= self.degree + 1:
+            raise ValueError(f"threshold {self.threshold} must be in [2, degree + 1]")
+        check_bit_width(self.bit_width)
+        if not 1 <= self.update_length <= MAX_UPDATE_LENGTH:
+            raise ValueError("update length out of range")
+        if not (np.isfinite(self.update_clip) and self.update_clip > 0):
+            raise ValueError("update clip must be positive and finite")
+        if not 1 <= self.max_weight <= self.levels:
+            raise ValueError(
+                f"max weight must be in [1, {self.levels}] so {self.num_sites} weights cannot wrap"
+            )
+        if len(self.metric_names) > MAX_METRICS or len(set(self.metric_names)) != len(
+            self.metric_names
+        ):
+            raise ValueError(f"metric names must be distinct and at most {MAX_METRICS}")
+        if not len(self.metric_names) == len(self.metric_lower) == len(self.metric_upper):
+            raise ValueError("one lower and one upper bound per metric")
+        for low, high in zip(self.metric_lower, self.metric_upper, strict=True):
+            QuantisationRange(lower=low, upper=high, levels=1)
+        # The graph must be buildable (odd degree needs an even number of sites).
+        _ = self.neighbours
+
+    @property
+    def num_sites(self) -> int:
+        return len(self.site_ids)
+
+    @property
+    def levels(self) -> int:
+        """Quantisation levels per site, with headroom for the sum over all sites."""
+        return levels_with_headroom(bit_width=self.bit_width, max_summands=self.num_sites)
+
+    @property
+    def masked_length(self) -> int:
+        """Entries of the masked vector: update, then weight, then metrics."""
+        return self.update_length + 1 + len(self.metric_names)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return ring_dtype(self.bit_width)
+
+    @property
+    def update_range(self) -> QuantisationRange:
+        """Range of weight * clipped update: [-clip * max_weight, clip * max_weight]."""
+        bound = self.update_clip * self.max_weight
+        return QuantisationRange(lower=-bound, upper=bound, levels=self.levels)
+
+    @property
+    def weight_range(self) -> QuantisationRange:
+        """Weights are integers in [0, max_weight], encoded exactly (one level per unit)."""
+        return QuantisationRange(lower=0.0, upper=float(self.max_weight), levels=self.max_weight)
+
+    def metric_range(self, index: int) -> QuantisationRange:
+        return QuantisationRange(
+            lower=self.metric_lower[index], upper=self.metric_upper[index], levels=self.levels
+        )
+
+    @cached_property
+    def neighbours(self) -> dict[int, frozenset[int]]:
+        """The round's neighbour graph, derived from the session nonce."""
+        return neighbour_graph(site_ids=self.site_ids, degree=self.degree, seed=self.session_nonce)
+
+    def share_x(self, site_id: int) -> int:
+        """The Shamir x-coordinate of a site's shares: its 1-based position in ``site_ids``."""
+        return self.site_ids.index(site_id) + 1
+
+    def to_payload(self) -> dict[str, Any]:
+        """The config as a ConfigRecord-compatible dict."""
+        return {
+            "round": self.round_id,
+            "session_nonce": self.session_nonce,
+            "site_ids": list(self.site_ids),
+            "degree": self.degree,
+            "threshold": self.threshold,
+            "bit_width": self.bit_width,
+            "update_length": self.update_length,
+            "update_clip": float(self.update_clip),
+            "max_weight": self.max_weight,
+            "metric_names": list(self.metric_names),
+            "metric_lower": [float(value) for value in self.metric_lower],
+            "metric_upper": [float(value) for value in self.metric_upper],
+        }
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> SecAggRoundConfig:
+        """Parse and validate a config payload; raise ``InvalidPayloadError`` if malformed."""
+        try:
+            return cls(
+                round_id=check.require_int(payload, "round", minimum=0, maximum=MAX_ROUND),
+                session_nonce=check.require_bytes(
+                    payload, "session_nonce", length=SESSION_NONCE_BYTES
+                ),
+                site_ids=tuple(
+                    check.require_list(payload, "site_ids", item_type=int, max_length=MAX_SITES)
+                ),
+                degree=check.require_int(payload, "degree", minimum=1, maximum=MAX_SITES),
+                threshold=check.require_int(payload, "threshold", minimum=2, maximum=MAX_SITES),
+                bit_width=check.require_int(
+                    payload, "bit_width", minimum=MIN_BIT_WIDTH, maximum=MAX_BIT_WIDTH
+                ),
+                update_length=check.require_int(
+                    payload, "update_length", minimum=1, maximum=MAX_UPDATE_LENGTH
+                ),
+                update_clip=check.require_float(payload, "update_clip"),
+                max_weight=check.require_int(payload, "max_weight", minimum=1, maximum=1 << 53),
+                metric_names=tuple(
+                    check.require_list(
+                        payload, "metric_names", item_type=str, max_length=MAX_METRICS
+                    )
+                ),
+                metric_lower=tuple(
+                    float(value)
+                    for value in check.require_list(
+                        payload, "metric_lower", item_type=float, max_length=MAX_METRICS
+                    )
+                ),
+                metric_upper=tuple(
+                    float(value)
+                    for value in check.require_list(
+                        payload, "metric_upper", item_type=float, max_length=MAX_METRICS
+                    )
+                ),
+            )
+        except check.InvalidPayloadError:
+            raise
+        except ValueError as error:
+            raise check.InvalidPayloadError(f"invalid round config: {error}") from None

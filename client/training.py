@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,11 +115,14 @@ def _run_epochs(
     for _ in range(epochs):
         for images, tokens in loader:
             optimizer.zero_grad(set_to_none=True)
-            if len(images) == 0:  # Poisson sampling can draw an empty batch
-                optimizer.step()  # noise-only step keeps the accounting exact
+            losses = matching_loss(model(images, tokens))
+            if len(images) == 0:  # Poisson sampling can draw an empty batch:
+                # backward still runs, so Opacus has its (empty) per-sample gradients
+                # and takes a noise-only step; that keeps the accounting exact.
+                losses.sum().backward()
+                optimizer.step()
                 steps += 1
                 continue
-            losses = matching_loss(model(images, tokens))
             losses.mean().backward()
             optimizer.step()
             total_loss += float(losses.detach().sum())
@@ -139,12 +143,16 @@ def train_locally(
     """Train ``model`` in place on ``data``; DP-SGD when ``dp`` is given."""
     if len(data) == 0:
         raise ValueError("a site with no records cannot train")
-    torch.manual_seed(recipe.seed)
+    # Under DP the noise, the Poisson sample and the distractors must come from randomness
+    # the coordinator cannot know. It sends ``recipe.seed``: seeded from it, the noise could
+    # be replayed and subtracted from the update. Opacus draws both from torch's global RNG.
+    seed = recipe.seed if dp is None else int.from_bytes(os.urandom(8), "little")
+    torch.manual_seed(seed)
     dataset = MatchingDataset(
         data,
         tokenizer=tokenizer or HashingTokenizer(),
         num_distractors=recipe.num_distractors,
-        seed=recipe.seed,
+        seed=seed,
     )
     loader = DataLoader(dataset, batch_size=recipe.batch_size, shuffle=True)
     optimizer = make_optimizer(model, recipe)

@@ -1,52 +1,32 @@
 """A cross-attention image-text matching model that Opacus can train by construction.
 
 Image: the 28x56 canvas is cut into 7x7 patches, embedded linearly, given learned position
-embeddings and refined by pre-norm transformer blocks (self-attention with Opacus'
-``DPMultiheadAttention``). Text: hashed word ids (``common.tokenizer``) with position
-embeddings and transformer blocks per caption. Cross-attention: every text token queries
-the image patches; a token's score is its readout vector dotted with the values it attended
-to, and a caption's score is the mean over its tokens.
+embeddings and refined by pre-norm transformer blocks. Text: hashed word ids
+(``common.tokenizer``) with position embeddings and transformer blocks per caption.
+Cross-attention: every text token queries the image patches; a token's score is its readout
+vector dotted with the values it attended to, and a caption's score is the mean over its
+tokens.
 
-The text blocks and the cross-attention use ``MultiHeadAttention`` below, built from
-``nn.Linear`` only (so Opacus computes per-sample gradients for it like any linear layer):
-``DPMultiheadAttention`` rejects every attention mask when ``batch_first=True`` (Opacus 1.6
-compares the mask to the batch size), and retrieval must score all image-caption pairs
-without recomputing projections. There is no BatchNorm; norms are LayerNorm.
+The image blocks, the text blocks and the cross-attention use ``MultiHeadAttention``
+below, built from ``nn.Linear`` only (so Opacus computes per-sample gradients for it like
+any linear layer). Opacus 1.6's ``DPMultiheadAttention`` is not used: with
+``batch_first=True`` it reshapes its output ``(B*heads, L, d)`` straight to ``(B, L, E)``,
+splicing heads into positions (wrong output whenever heads > 1; meta-pytorch/opacus PR
+#825), it fails on the empty batches Poisson sampling draws, and it rejects every attention
+mask (it compares the mask to the batch size); retrieval must also score all image-caption
+pairs without recomputing projections. There is no BatchNorm; norms are LayerNorm.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
-from opacus.layers import DPMultiheadAttention
 from torch import nn
 
+from common.model_config import ModelConfig
 from common.tokenizer import PAD_ID
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Sizes of the model; the defaults train at useful speed on 2 CPU cores."""
-
-    width: int = 64
-    heads: int = 4
-    patch_size: int = 7
-    image_height: int = 28
-    image_width: int = 56
-    image_layers: int = 1
-    text_layers: int = 1
-    mlp_ratio: int = 2
-    vocab_buckets: int = 2048
-    max_len: int = 12
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_height // self.patch_size) * (self.image_width // self.patch_size)
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 class MultiHeadAttention(nn.Module):
@@ -85,18 +65,17 @@ class FeedForward(nn.Module):
 
 
 class ImageBlock(nn.Module):
-    """Pre-norm transformer block over image patches (``DPMultiheadAttention``)."""
+    """Pre-norm transformer block over image patches."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
-        self.attn = DPMultiheadAttention(width, heads, batch_first=True)
+        self.attn = MultiHeadAttention(width, heads)
         self.norm2 = nn.LayerNorm(width)
         self.mlp = FeedForward(width, mlp_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.attn(self.norm1(x), None)
         return x + self.mlp(self.norm2(x))
 
 

@@ -8,7 +8,7 @@ Labels are the class of the single item, or of the left item of a scene.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -74,6 +74,10 @@ class BenchmarkTestSet:
     scenes: np.ndarray  # (S, 28, 56) uint8
     scene_captions: list[str]
     scene_pairs: np.ndarray  # (S, 2) classes (left, right)
+
+    def first_singles(self, count: int) -> BenchmarkTestSet:
+        """The same set with only the first ``count`` single items (quicker evaluation)."""
+        return replace(self, singles=self.singles[:count], single_labels=self.single_labels[:count])
 
 
 @lru_cache(maxsize=2)

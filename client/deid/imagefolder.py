@@ -1,0 +1,138 @@
+"""De-identify one record (image, caption) or a whole imagefolder dataset under a policy.
+
+An imagefolder dataset is a directory tree of images with optional ``metadata.jsonl`` files
+whose lines hold ``file_name`` and text fields such as ``text`` or ``caption`` (the
+Hugging Face ``imagefolder`` layout). The output tree mirrors the input: every image with its
+faces anonymised and its metadata stripped (EXIF may hold GPS positions, names, serial
+numbers), every metadata line with all its string fields but ``file_name`` de-identified.
+Anything else is skipped and listed in the audit, never copied. Files are processed in sorted
+order and written deterministically, so running twice gives the same output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from client.deid.audit import AuditReport, tool_versions
+from client.deid.face_anonymisation import anonymise_faces
+from client.deid.face_detection import Box, FaceDetector, build_face_detector
+from client.deid.policy import DeidPolicy
+from client.deid.pseudonymise import replace_spans
+from client.deid.text_pii import PiiSpan, find_pii
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
+METADATA_NAME = "metadata.jsonl"
+
+#: Called as ``progress(files_done, files_total)`` after each file.
+ProgressCallback = Callable[[int, int], None]
+
+
+def deidentify_caption(text: str, policy: DeidPolicy, secret: bytes) -> tuple[str, list[PiiSpan]]:
+    """``text`` with the personal data of the policy's enabled types replaced per policy,
+    and the spans found (offsets into the original ``text``)."""
+    spans = find_pii(text, enabled=policy.enabled_types, phone_regions=policy.phone_regions)
+    return replace_spans(text, spans, action=policy.text_action, secret=secret), spans
+
+
+def deidentify_image(
+    image: np.ndarray, policy: DeidPolicy, detector: FaceDetector
+) -> tuple[np.ndarray, list[Box]]:
+    """``image`` with every face ``detector`` finds anonymised per policy, and the boxes."""
+    boxes = detector.detect(image)
+    out = anonymise_faces(
+        image,
+        boxes,
+        mode=policy.face_mode,
+        blur_scale=policy.blur_scale,
+        margin=policy.face_margin,
+        pixel_blocks=policy.pixel_blocks,
+    )
+    return out, boxes
+
+
+def _deidentify_image_file(
+    src: Path, dst: Path, policy: DeidPolicy, detector: FaceDetector, report: AuditReport
+) -> None:
+    from PIL import Image, ImageOps
+
+    with Image.open(src) as img:
+        img.load()
+        # Apply the EXIF orientation now: the metadata that carried it is dropped below.
+        upright = ImageOps.exif_transpose(img)
+        if upright.mode.startswith("I;16"):
+            mode = "I;16"  # 16-bit greyscale (scans) keeps its depth
+            pixels = np.asarray(upright).astype(np.uint16)
+        else:
+            mode = "L" if upright.mode in ("L", "1") else "RGB"
+            pixels = np.asarray(upright.convert(mode))
+    out, boxes = deidentify_image(pixels, policy, detector)
+    report.record_image(boxes)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh image from the pixels alone: no EXIF, ICC, XMP or text chunks are carried over.
+    fresh = Image.fromarray(out) if mode == "I;16" else Image.fromarray(out, mode=mode)
+    if dst.suffix.lower() in (".jpg", ".jpeg"):
+        fresh.save(dst, quality=95, optimize=False)
+    else:
+        fresh.save(dst)
+
+
+def _deidentify_metadata_file(
+    src: Path, dst: Path, policy: DeidPolicy, secret: bytes, report: AuditReport
+) -> None:
+    lines_out = []
+    for number, line in enumerate(src.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"line {number} is not valid JSON") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"line {number} is not a JSON object")
+        for key, value in record.items():
+            if key != "file_name" and isinstance(value, str):
+                record[key], spans = deidentify_caption(value, policy, secret)
+                report.record_caption(spans)
+        lines_out.append(json.dumps(record, ensure_ascii=False, sort_keys=True))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text("".join(line + "\n" for line in lines_out), encoding="utf-8")
+
+
+def deidentify_imagefolder(
+    src: Path,
+    dst: Path,
+    policy: DeidPolicy,
+    secret: bytes,
+    progress: ProgressCallback | None = None,
+) -> AuditReport:
+    """De-identify the imagefolder dataset ``src`` into ``dst`` and return the audit report
+    (the caller decides where to write it, e.g. ``dst / "audit.json"``)."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise NotADirectoryError(f"source {src} is not a directory")
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise ValueError("destination must not be the source or inside it")
+    detector = build_face_detector(policy.face_detectors, min_face_size=policy.min_face_size)
+    report = AuditReport(policy=policy.to_dict(), tool_versions=tool_versions(detector.versions()))
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    for done, path in enumerate(files, start=1):
+        relative = path.relative_to(src)
+        target = dst / relative
+        try:
+            if path.name == METADATA_NAME:
+                _deidentify_metadata_file(path, target, policy, secret, report)
+            elif path.suffix.lower() in IMAGE_SUFFIXES:
+                _deidentify_image_file(path, target, policy, detector, report)
+            else:
+                report.record_skip(relative.as_posix(), "not an image or metadata.jsonl")
+        except (OSError, ValueError) as exc:
+            # Only the exception type goes into the audit: messages may quote file content.
+            report.record_skip(relative.as_posix(), f"unreadable: {type(exc).__name__}")
+            target.unlink(missing_ok=True)
+        if progress is not None:
+            progress(done, len(files))
+    return report

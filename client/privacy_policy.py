@@ -1,0 +1,137 @@
+"""A site's own privacy policy and how it bounds what the coordinator asks for.
+
+The policy is the site's configuration (node config, or a TOML file it names); nothing in a
+coordinator's message can weaken it. The effective setting of a round takes, for each
+knob, the more private of the site's limit and the coordinator's request.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.train_request import TrainRequest
+
+POLICY_FILE_ENV = "FEDMM_SITE_POLICY"
+_KEYS = {
+    "max-epsilon": "max_epsilon",
+    "delta": "delta",
+    "min-noise-multiplier": "min_noise_multiplier",
+    "max-grad-norm": "max_grad_norm",
+}
+
+
+class PolicyError(ValueError):
+    """The site's policy file or node config is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class SitePrivacyPolicy:
+    """Limits a site sets for itself (record-level DP at this site).
+
+    ``max_epsilon``: the most epsilon this site spends in one run (``inf`` allows DP off).
+    ``delta``: the largest delta it accepts. ``min_noise_multiplier``: a floor on sigma.
+    ``max_grad_norm``: the clipping norm the site insists on (None: the run's value).
+    """
+
+    max_epsilon: float = 3.0
+    delta: float = 1e-5
+    min_noise_multiplier: float = 0.0
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.max_epsilon > 0:
+            raise PolicyError(
+                f"max-epsilon must be > 0 (inf allows DP off), got {self.max_epsilon}"
+            )
+        if not 0 < self.delta < 1:
+            raise PolicyError(f"delta must be in (0, 1), got {self.delta}")
+        if self.min_noise_multiplier < 0:
+            raise PolicyError(f"min-noise-multiplier must be >= 0, got {self.min_noise_multiplier}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise PolicyError(f"max-grad-norm must be > 0, got {self.max_grad_norm}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, source: str) -> SitePrivacyPolicy:
+        unknown = sorted(set(values) - set(_KEYS))
+        if unknown:
+            raise PolicyError(
+                f"{source}: unknown privacy policy key(s) {unknown}; known: {sorted(_KEYS)}"
+            )
+        try:
+            kwargs = {_KEYS[k]: float(v) for k, v in values.items()}
+        except (TypeError, ValueError) as err:
+            raise PolicyError(f"{source}: privacy policy values must be numbers ({err})") from err
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: Path) -> SitePrivacyPolicy:
+        """Read ``[privacy]`` (or top-level keys) from a TOML file."""
+        try:
+            document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise PolicyError(f"privacy policy file {path} does not exist") from err
+        except tomllib.TOMLDecodeError as err:
+            raise PolicyError(f"privacy policy file {path} is not valid TOML: {err}") from err
+        return cls.from_mapping(document.get("privacy", document), source=str(path))
+
+    @classmethod
+    def for_site(cls, node_config: Mapping[str, Any]) -> SitePrivacyPolicy:
+        """From node config: ``policy-file`` names a file, else ``privacy-*`` keys, else the
+        file named by ``$FEDMM_SITE_POLICY`` (simulation), else the defaults."""
+        if "policy-file" in node_config:
+            return cls.from_file(Path(str(node_config["policy-file"])))
+        inline = {
+            k.removeprefix("privacy-"): v
+            for k, v in node_config.items()
+            if k.startswith("privacy-")
+        }
+        if inline:
+            return cls.from_mapping(inline, source="node config")
+        if os.environ.get(POLICY_FILE_ENV):
+            return cls.from_file(Path(os.environ[POLICY_FILE_ENV]))
+        return cls()
+
+
+@dataclass(frozen=True)
+class EffectivePrivacy:
+    """What this site actually uses this run: never weaker than its policy."""
+
+    epsilon: float
+    delta: float
+    noise_multiplier_floor: float
+    max_grad_norm: float
+
+    @property
+    def private(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+
+class PolicyRefusal(Exception):
+    """The site will not train under this request; the message says why."""
+
+
+def effective_privacy(
+    policy: SitePrivacyPolicy, request: TrainRequest, *, num_records: int
+) -> EffectivePrivacy:
+    """The more private of the site's policy and the request, checked against the data."""
+    epsilon = min(policy.max_epsilon, float(request.epsilon))
+    delta = min(policy.delta, float(request.delta))
+    if math.isfinite(epsilon) and delta >= 1.0 / num_records:
+        raise PolicyRefusal(
+            f"delta {delta:g} is not below 1/n = {1.0 / num_records:g} for this site's "
+            f"{num_records} records; lower delta in the site policy or the run config"
+        )
+    return EffectivePrivacy(
+        epsilon=epsilon,
+        delta=delta,
+        noise_multiplier_floor=max(
+            policy.min_noise_multiplier, float(request.noise_multiplier_floor)
+        ),
+        max_grad_norm=policy.max_grad_norm or float(request.max_grad_norm),
+    )

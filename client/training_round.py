@@ -1,0 +1,127 @@
+"""One round at a site: check the policy and budget, train, and return the update."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from client.privacy_ledger import PrivacyLedger, calibrate_noise_multiplier, epsilon_of
+from client.privacy_policy import PolicyRefusal, SitePrivacyPolicy, effective_privacy
+from client.training import (
+    DPSGDSettings,
+    TrainingRecipe,
+    sample_rate,
+    steps_per_epoch,
+    train_locally,
+)
+from common.data.dataset import ImageTextDataset
+from common.model import CrossAttentionMatcher
+from common.train_request import TrainRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundOutcome:
+    """The update (``None`` when refused) and the aggregate metrics of one round."""
+
+    update: dict[str, torch.Tensor] | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    refusal: str | None = None
+
+
+def plan_noise(
+    ledger: PrivacyLedger,
+    *,
+    epsilon: float,
+    delta: float,
+    floor: float,
+    rate: float,
+    total_steps: int,
+) -> float:
+    """The ledger's sigma; calibrated for the whole run the first time it is needed."""
+    if ledger.noise_multiplier is None:
+        sigma = calibrate_noise_multiplier(
+            epsilon=epsilon, delta=delta, sample_rate=rate, steps=total_steps
+        )
+        ledger.noise_multiplier = max(sigma, floor)
+        ledger.delta = delta
+    return ledger.noise_multiplier
+
+
+def run_training_round(
+    *,
+    global_state: dict[str, torch.Tensor],
+    request: TrainRequest,
+    data: ImageTextDataset,
+    policy: SitePrivacyPolicy,
+    ledger: PrivacyLedger,
+) -> RoundOutcome:
+    """Train on ``data`` from ``global_state`` unless the site's policy says no.
+
+    ``ledger`` is updated in place when the site trains. A refusal says why in plain words.
+    """
+    n = len(data)
+    try:
+        privacy = effective_privacy(policy, request, num_records=n)
+    except PolicyRefusal as refusal:
+        return RoundOutcome(update=None, refusal=str(refusal))
+    if request.server_round in ledger.rounds:
+        return RoundOutcome(update=None, refusal=f"round {request.server_round} already trained")
+
+    recipe = TrainingRecipe(
+        local_epochs=request.local_epochs,
+        batch_size=request.batch_size,
+        learning_rate=request.learning_rate,
+        momentum=request.momentum,
+        optimizer=request.optimizer,
+        num_distractors=request.num_distractors,
+        seed=request.seed * 100_003 + request.server_round,
+    )
+    dp: DPSGDSettings | None = None
+    if privacy.private:
+        rate = sample_rate(n, request.batch_size)
+        round_steps = request.local_epochs * steps_per_epoch(n, request.batch_size)
+        sigma = plan_noise(
+            ledger,
+            epsilon=privacy.epsilon,
+            delta=privacy.delta,
+            floor=privacy.noise_multiplier_floor,
+            rate=rate,
+            total_steps=round_steps * request.num_server_rounds,
+        )
+        delta = ledger.delta or privacy.delta
+        projected = epsilon_of([*ledger.history, (sigma, rate, round_steps)], delta)
+        if projected > privacy.epsilon * (1 + 1e-9):
+            return RoundOutcome(
+                update=None,
+                refusal=(
+                    f"privacy budget: round {request.server_round} would take epsilon to "
+                    f"{projected:.3f} > {privacy.epsilon:g} (delta {delta:g}, record-level, "
+                    f"RDP accountant); spent so far {ledger.epsilon(delta):.3f}"
+                ),
+            )
+        dp = DPSGDSettings(noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm)
+    elif math.isfinite(policy.max_epsilon):
+        return RoundOutcome(
+            update=None, refusal="the site's policy does not allow training without DP"
+        )
+
+    model = CrossAttentionMatcher(request.model_config())
+    model.load_state_dict(global_state)
+    result = train_locally(model, data, recipe=recipe, dp=dp, accountant_history=ledger.history)
+    ledger.history = result.accountant_history
+    ledger.rounds.append(request.server_round)
+    trained = model.state_dict()
+    update = {k: trained[k] - global_state[k] for k in global_state}
+    metrics = {
+        "num-examples": int(result.num_examples),
+        "train-loss": result.mean_loss,
+        "epsilon": ledger.epsilon(ledger.delta) if dp else math.inf,
+        "noise-multiplier": dp.noise_multiplier if dp else 0.0,
+        "steps": int(result.steps),
+    }
+    return RoundOutcome(update=update, metrics=metrics)

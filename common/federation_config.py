@@ -1,0 +1,119 @@
+"""The coordinator's run configuration (``[tool.flwr.app.config]``), parsed and checked."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+PARTITION_SCHEMES = ("iid", "dirichlet")
+OPTIMIZERS = ("sgd", "adam")
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing or out of range; the message names key and fix."""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_server_rounds: int = 12
+    fraction_train: float = 1.0
+    min_train_sites: int = 2
+    min_available_sites: int = 2
+    epsilon: float = 3.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier_floor: float = 0.0
+    local_epochs: int = 1
+    batch_size: int = 256
+    learning_rate: float = 0.5
+    momentum: float = 0.0
+    optimizer: str = "sgd"
+    server_learning_rate: float = 1.0
+    num_distractors: int = 4
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.3
+    data_dir: str = ""
+    out_dir: str = "runs/flwr"
+    resume: bool = False
+    seed: int = 0
+    round_timeout: float = 3600.0
+    site_records_limit: int = 0  # simulation only: 0 = a site's whole partition
+    eval_single_items: int = 10000
+    eval_scenes: int = 1000
+    model_width: int = 64
+    model_heads: int = 4
+    model_image_layers: int = 1
+    model_text_layers: int = 1
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_server_rounds >= 1, "num-server-rounds", "an integer >= 1"),
+            (0.0 < self.fraction_train <= 1.0, "fraction-train", "in (0, 1]"),
+            (self.min_train_sites >= 1, "min-train-sites", "an integer >= 1"),
+            (self.min_available_sites >= 1, "min-available-sites", "an integer >= 1"),
+            (self.epsilon > 0, "epsilon", "> 0, or inf for no DP"),
+            (0.0 < self.delta < 1.0, "delta", "in (0, 1), below 1/records per site"),
+            (self.max_grad_norm > 0, "max-grad-norm", "> 0"),
+            (self.noise_multiplier_floor >= 0, "noise-multiplier-floor", ">= 0"),
+            (self.local_epochs >= 1, "local-epochs", "an integer >= 1"),
+            (self.batch_size >= 1, "batch-size", "an integer >= 1"),
+            (self.learning_rate > 0, "learning-rate", "> 0"),
+            (self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}"),
+            (self.num_distractors >= 1, "num-distractors", "an integer >= 1"),
+            (self.partition in PARTITION_SCHEMES, "partition", f"one of {PARTITION_SCHEMES}"),
+            (self.dirichlet_alpha > 0, "dirichlet-alpha", "> 0"),
+            (self.round_timeout > 0, "round-timeout", "> 0 seconds"),
+            (self.site_records_limit >= 0, "site-records-limit", "an integer >= 0 (0: all)"),
+            (1 <= self.eval_single_items <= 10000, "eval-single-items", "in [1, 10000]"),
+            (1 <= self.eval_scenes <= 5000, "eval-scenes", "in [1, 5000]"),
+        ]
+        for ok, key, allowed in checks:
+            if not ok:
+                value = getattr(self, key.replace("-", "_"))
+                raise ConfigError(f"run config '{key}' = {value!r} is invalid: use {allowed}")
+
+    @property
+    def private(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
+        """Parse kebab-case keys; unknown keys are an error (typos must not pass)."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown run config key(s) {unknown}; known keys: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            field = known[key]
+            kind = type(getattr(cls, field.name)) if hasattr(cls, field.name) else str
+            try:
+                values[field.name] = _coerce(value, kind)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(
+                    f"run config '{key}' = {value!r} is not a {kind.__name__}"
+                ) from err
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+
+def _coerce(value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(value)
+        return bool(value)
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if kind is float:
+        return float(value)
+    return str(value)

@@ -1,0 +1,150 @@
+"""How a round's updates become one aggregate: the seam secure aggregation implements.
+
+``RoundAggregation.run_round`` sends the round's training requests, collects what the
+sites return and hands back only the aggregate: the example-weighted sum of updates, the
+total weight, and summed metrics. ``FedAvgAggregation`` is plain FedAvg (McMahan et al.,
+AISTATS 2017) in one message exchange; a secure-aggregation implementation runs several
+exchanges and never sees a single site's update.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteOutcome:
+    node_id: int
+    status: str  # "trained", "refused", "failed"
+    reason: str = ""
+
+
+@dataclass
+class RoundAggregate:
+    """What the coordinator learns from one round."""
+
+    weighted_update_sum: dict[str, np.ndarray] | None
+    total_weight: float
+    metric_sums: dict[str, float] = field(default_factory=dict)
+    epsilon_max: float = 0.0
+    outcomes: list[SiteOutcome] = field(default_factory=list)
+    aborted: str | None = None
+
+    def mean_update(self) -> dict[str, np.ndarray] | None:
+        if self.weighted_update_sum is None or self.total_weight <= 0:
+            return None
+        return {k: v / self.total_weight for k, v in self.weighted_update_sum.items()}
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+
+class RoundAggregation(Protocol):
+    def run_round(
+        self,
+        grid: Grid,
+        *,
+        node_ids: Sequence[int],
+        global_arrays: ArrayRecord,
+        train_config: ConfigRecord,
+        timeout: float,
+    ) -> RoundAggregate: ...
+
+
+def _reply_outcome(reply: Message, node_id: int) -> SiteOutcome:
+    if reply.has_error():
+        error = reply.error
+        return SiteOutcome(node_id, "failed", f"error code {error.code}: {error.reason}")
+    status = reply.content.config_records.get("status")
+    if status is not None and bool(status.get("refused", False)):
+        return SiteOutcome(node_id, "refused", str(status.get("reason", "")))
+    if "update" not in reply.content.array_records or "metrics" not in reply.content.metric_records:
+        return SiteOutcome(node_id, "failed", "reply has no update or no metrics")
+    return SiteOutcome(node_id, "trained")
+
+
+class FedAvgAggregation:
+    """Plain example-weighted FedAvg: the coordinator sees each site's update."""
+
+    def run_round(
+        self,
+        grid: Grid,
+        *,
+        node_ids: Sequence[int],
+        global_arrays: ArrayRecord,
+        train_config: ConfigRecord,
+        timeout: float,
+    ) -> RoundAggregate:
+        messages = [
+            Message(
+                RecordDict({"arrays": global_arrays, "config": train_config}),
+                dst_node_id=node_id,
+                message_type="train",
+                ttl=timeout,
+            )
+            for node_id in node_ids
+        ]
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        # message ids are assigned when pushed; replies (and SuperLink errors) refer to them
+        sent = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in messages}
+        expected_keys = set(global_arrays.keys())
+        aggregate = RoundAggregate(weighted_update_sum=None, total_weight=0.0)
+        answered = set()
+        for reply in replies:
+            node_id = sent.get(reply.metadata.reply_to_message_id)
+            if node_id is None:
+                logger.warning("ignoring a reply to no message of this round")
+                continue
+            answered.add(node_id)
+            outcome = _reply_outcome(reply, node_id)
+            if outcome.status == "trained":
+                outcome = self._add(aggregate, reply, outcome, expected_keys, global_arrays)
+            aggregate.outcomes.append(outcome)
+            if outcome.status != "trained":
+                logger.warning("site %s %s: %s", node_id, outcome.status, outcome.reason)
+        for node_id in set(node_ids) - answered:
+            aggregate.outcomes.append(SiteOutcome(node_id, "failed", "no reply before timeout"))
+            logger.warning("site %s failed: no reply before timeout", node_id)
+        return aggregate
+
+    @staticmethod
+    def _add(
+        aggregate: RoundAggregate,
+        reply: Message,
+        outcome: SiteOutcome,
+        expected_keys: set[str],
+        global_arrays: ArrayRecord,
+    ) -> SiteOutcome:
+        update = reply.content.array_records["update"]
+        metrics = reply.content.metric_records["metrics"]
+        weight = float(metrics.get("num-examples", 0))
+        if set(update.keys()) != expected_keys or not weight > 0:
+            return SiteOutcome(outcome.node_id, "failed", "malformed update (keys or weight)")
+        arrays = {k: update[k].numpy() for k in expected_keys}
+        for k, value in arrays.items():
+            if value.shape != tuple(global_arrays[k].shape) or not np.isfinite(value).all():
+                return SiteOutcome(outcome.node_id, "failed", f"malformed update for {k}")
+        if aggregate.weighted_update_sum is None:
+            aggregate.weighted_update_sum = {k: np.zeros_like(v) for k, v in arrays.items()}
+        for k, value in arrays.items():
+            aggregate.weighted_update_sum[k] += weight * value
+        aggregate.total_weight += weight
+        for key in ("train-loss", "steps"):
+            aggregate.metric_sums[key] = aggregate.metric_sums.get(key, 0.0) + weight * float(
+                metrics.get(key, 0.0)
+            )
+        epsilon = float(metrics.get("epsilon", 0.0))
+        aggregate.epsilon_max = max(
+            aggregate.epsilon_max, epsilon if not math.isnan(epsilon) else 0
+        )
+        return outcome

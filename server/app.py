@@ -1,0 +1,21 @@
+"""The coordinator's ServerApp: reads the run config and hands over to ``run_federation``."""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.federation_config import FederationConfig
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from server.federation import run_federation
+
+    logging.getLogger().setLevel(logging.INFO)
+    config = FederationConfig.from_run_config(context.run_config)
+    run_federation(grid, config)

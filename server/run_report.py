@@ -1,0 +1,100 @@
+"""Per-round metrics, the final summary and the human-readable report of a run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf": JSON has no infinity
+    return value
+
+
+def append_metrics(out_dir: Path, row: dict[str, Any]) -> None:
+    with (out_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+        handle.flush()
+
+
+def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    path = out_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(out_dir: Path, *, after_round: int) -> None:
+    """Drop rows of rounds after ``after_round`` (a resumed run redoes them)."""
+    rows = [r for r in read_metrics(out_dir) if int(r["round"]) <= after_round]
+    (out_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _plot(rows: list[dict[str, Any]], key: str, ylabel: str, path: Path) -> bool:
+    points = [(r["round"], float(r[key])) for r in rows if r.get(key) not in (None, "inf")]
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_summary_and_report(
+    out_dir: Path, *, config: dict[str, Any], privacy_note: str
+) -> dict[str, Any]:
+    """``summary.json`` and ``report.md`` (with PNG plots) from ``metrics.jsonl``."""
+    rows = [r for r in read_metrics(out_dir) if not r.get("aborted")]
+    last = rows[-1] if rows else {}
+    summary = {
+        "rounds": len(read_metrics(out_dir)),
+        "final": last,
+        "best_accuracy": max((float(r["accuracy"]) for r in rows), default=None),
+        "privacy": privacy_note,
+        "config": {k: _jsonable(v) for k, v in config.items()},
+        "wall_s_total": sum(float(r.get("wall_s", 0)) for r in read_metrics(out_dir)),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    has_acc = _plot(rows, "accuracy", "caption-ranking accuracy", out_dir / "accuracy.png")
+    has_eps = _plot(rows, "epsilon_max", "epsilon (max over sites)", out_dir / "epsilon.png")
+    lines = [
+        "# Run report",
+        "",
+        f"Privacy: {privacy_note}",
+        "",
+        "| round | accuracy | R@1 i2t | R@1 t2i | R@5 i2t | R@5 t2i | epsilon max "
+        "| trained | refused | failed | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in read_metrics(out_dir):
+        if r.get("aborted"):
+            lines.append(f"| {r['round']} | aborted: {r['aborted']} |||||||||")
+            continue
+        lines.append(
+            f"| {r['round']} | {float(r['accuracy']):.4f} | {float(r['r_at_1_i2t']):.3f} | "
+            f"{float(r['r_at_1_t2i']):.3f} | {float(r['r_at_5_i2t']):.3f} | "
+            f"{float(r['r_at_5_t2i']):.3f} | {r['epsilon_max']} | {r['sites_trained']} | "
+            f"{r['sites_refused']} | {r['sites_failed']} | {float(r['wall_s']):.1f} |"
+        )
+    lines.append("")
+    if has_acc:
+        lines.append("![accuracy by round](accuracy.png)")
+    if has_eps:
+        lines.append("![epsilon by round](epsilon.png)")
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    return summary

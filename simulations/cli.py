@@ -1,0 +1,203 @@
+"""The ``fedmm`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from common.federation_config import PARTITION_SCHEMES, ConfigError, FederationConfig
+
+RUN_CONFIG_FILE = "run-config.json"
+
+
+def _parse_set(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _epsilon(text: str) -> float:
+    value = float(text)
+    if not (value > 0 or math.isinf(value)):
+        raise argparse.ArgumentTypeError("epsilon must be > 0, or inf to turn DP off")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedmm", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    sim = commands.add_parser(
+        "simulate",
+        help="run a local federated simulation (Flower simulation runtime)",
+        description="Federated DP-SGD training of the cross-attention image-text model on "
+        "the built-in Fashion-MNIST benchmark, with simulated sites.",
+    )
+    sim.add_argument("--rounds", type=int, help="server rounds (default 12)")
+    sim.add_argument("--sites", type=int, default=10, help="number of simulated sites (10)")
+    sim.add_argument("--epsilon", type=_epsilon, help="target epsilon per site; inf = DP off (3)")
+    sim.add_argument("--partition", choices=PARTITION_SCHEMES, help="iid or dirichlet (iid)")
+    sim.add_argument("--dirichlet-alpha", type=float, help="Dirichlet concentration (0.3)")
+    sim.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX .gz files")
+    sim.add_argument("--out", type=Path, help="output folder (default runs/<id>)")
+    sim.add_argument("--resume", action="store_true", help="continue the run in --out")
+    sim.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any run config key of pyproject.toml, e.g. --set batch-size=512",
+    )
+    sim.add_argument("--site-max-epsilon", type=_epsilon, help="simulated sites' own budget")
+    sim.add_argument(
+        "--cpus-per-site",
+        type=int,
+        default=1,
+        help="Ray CPUs per site actor; 1 on 2 cores runs two sites at once",
+    )
+    sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _simulation_config(args: argparse.Namespace) -> tuple[FederationConfig, Path]:
+    overrides: dict[str, Any] = _parse_set(args.set)
+    for key, value in (
+        ("num-server-rounds", args.rounds),
+        ("epsilon", args.epsilon),
+        ("partition", args.partition),
+        ("dirichlet-alpha", args.dirichlet_alpha),
+        ("data-dir", args.data_dir),
+    ):
+        if value is not None:
+            overrides[key] = value
+    if args.resume:
+        if args.out is None or not (args.out / RUN_CONFIG_FILE).exists():
+            raise ConfigError("--resume needs --out naming an earlier run's folder")
+        saved = json.loads((args.out / RUN_CONFIG_FILE).read_text())
+        return FederationConfig.from_run_config({**saved, **overrides, "resume": True}), args.out
+    out = args.out or Path("runs") / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    if (out / "metrics.jsonl").exists():
+        raise ConfigError(f"{out} already holds a run: pass --resume, or choose another --out")
+    overrides.setdefault("min-available-sites", args.sites)
+    overrides.setdefault("min-train-sites", min(2, args.sites))
+    config = FederationConfig.from_run_config({**overrides, "out-dir": str(out.resolve())})
+    return config, out
+
+
+def _watch_progress(out: Path, total: int, stop: threading.Event) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from server.run_report import read_metrics
+
+    with Progress(
+        TextColumn("[bold]rounds"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+    ) as progress:
+        task = progress.add_task("", total=total)
+        while not stop.is_set():
+            rows = read_metrics(out)
+            if rows:
+                last = rows[-1]
+                progress.update(
+                    task,
+                    completed=len(rows),
+                    description=(
+                        f"acc {float(last.get('accuracy', 0)):.3f} eps {last.get('epsilon_max')}"
+                    ),
+                )
+            stop.wait(1.0)
+        progress.update(task, completed=len(read_metrics(out)))
+
+
+def _print_summary(out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    summary = json.loads((out / "summary.json").read_text())
+    final = summary.get("final", {})
+    table = Table(title=f"fedmm simulate: {out}")
+    table.add_column("metric")
+    table.add_column("value")
+    for key in (
+        "round",
+        "accuracy",
+        "r_at_1_i2t",
+        "r_at_1_t2i",
+        "r_at_5_i2t",
+        "r_at_5_t2i",
+        "epsilon_max",
+        "sites_trained",
+        "sites_refused",
+    ):
+        if key in final:
+            table.add_row(key, str(final[key]))
+    table.add_row("wall time (s)", f"{summary['wall_s_total']:.0f}")
+    table.add_row("privacy", summary["privacy"])
+    Console().print(table)
+
+
+def simulate(args: argparse.Namespace) -> int:
+    from simulations.local_simulation import SimulationSettings, run_local_simulation
+
+    config, out = _simulation_config(args)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_CONFIG_FILE).write_text(
+        json.dumps({**config.to_run_config(), "resume": False}, indent=2)
+    )
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    watcher = None
+    if not args.quiet:
+        watcher = threading.Thread(
+            target=_watch_progress, args=(out, config.num_server_rounds, stop), daemon=True
+        )
+        watcher.start()
+    started = time.monotonic()
+    try:
+        run_local_simulation(
+            config,
+            SimulationSettings(
+                num_sites=args.sites,
+                site_max_epsilon=args.site_max_epsilon,
+                num_cpus_per_site=args.cpus_per_site,
+            ),
+        )
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join(timeout=5)
+    if not (out / "summary.json").exists():
+        print(f"the run did not finish; outputs so far are in {out}", file=sys.stderr)
+        return 1
+    _print_summary(out)
+    print(f"outputs in {out} ({time.monotonic() - started:.0f} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "simulate":
+            return simulate(args)
+    except ConfigError as err:
+        print(f"fedmm: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

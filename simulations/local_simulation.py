@@ -1,0 +1,78 @@
+"""Run the Flower App in Flower's simulation runtime (Ray backend), in this process.
+
+Sites are Flower virtual SuperNodes; each loads only its own partition of the built-in
+benchmark. Simulated sites share one privacy policy, written to ``<out>/site-policy.toml``
+and named to the ClientApps by ``$FEDMM_SITE_POLICY``; their privacy ledgers persist in
+``<out>/site-ledgers/`` so that ``--resume`` continues epsilon where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.federation_config import FederationConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    num_sites: int
+    site_max_epsilon: float | None = None  # None: the run's epsilon
+    num_cpus_per_site: int = 2  # 2 on 2 cores = one Ray actor (each actor imports torch)
+    torch_threads: int = 1
+
+
+def write_site_policy(path: Path, *, max_epsilon: float, delta: float) -> None:
+    value = "inf" if math.isinf(max_epsilon) else repr(float(max_epsilon))
+    path.write_text(
+        "# Privacy policy shared by the simulated sites (record-level DP at each site).\n"
+        f"[privacy]\nmax-epsilon = {value}\ndelta = {delta!r}\n"
+    )
+
+
+def run_local_simulation(config: FederationConfig, settings: SimulationSettings) -> None:
+    """Blocks until the run ends; Ray is shut down when it returns."""
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    from client.app import LEDGER_DIR_ENV
+    from client.app import app as client_app
+    from client.privacy_policy import POLICY_FILE_ENV
+    from server.app import app as server_app
+
+    out_dir = Path(config.out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    policy_file = out_dir / "site-policy.toml"
+    max_epsilon = settings.site_max_epsilon
+    write_site_policy(
+        policy_file,
+        max_epsilon=config.epsilon if max_epsilon is None else max_epsilon,
+        delta=config.delta,
+    )
+    os.environ[POLICY_FILE_ENV] = str(policy_file)
+    os.environ[LEDGER_DIR_ENV] = str(out_dir / "site-ledgers")
+    os.environ["FEDMM_TORCH_THREADS"] = str(settings.torch_threads)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    run_config = {**config.to_run_config(), "out-dir": str(out_dir)}
+    context = Context(
+        run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    backend_config = {
+        "client_resources": {"num_cpus": settings.num_cpus_per_site, "num_gpus": 0.0},
+        "init_args": {"include_dashboard": False, "log_to_driver": True},
+    }
+    _run_simulation(
+        num_supernodes=settings.num_sites,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client_app,
+        server_app=server_app,
+        backend_name="ray",
+        backend_config=backend_config,
+        server_app_context=context,
+    )

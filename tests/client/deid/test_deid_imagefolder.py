@@ -1,0 +1,121 @@
+"""De-identifying a whole imagefolder dataset end to end, with real detectors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.data import astronaut
+
+from client.deid.face_detection import HaarCascadeDetector
+from client.deid.imagefolder import deidentify_imagefolder
+from client.deid.policy import DeidPolicy
+from client.deid.pseudonymise import TextAction
+
+SECRET = bytes(range(32))
+CAPTIONS = {
+    "train/astronaut.png": "Eileen Collins on 1999-07-23, contact eileen@example.com",
+    "train/blank.jpg": "An empty grey frame, no people.",
+}
+PII = ["Eileen", "Collins", "1999-07-23", "eileen@example.com"]
+
+
+@pytest.fixture()
+def dataset(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    (src / "train").mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x013B] = "Eileen Collins"  # Artist tag
+    Image.fromarray(astronaut()).save(src / "train" / "astronaut.png", exif=exif)
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(src / "train" / "blank.jpg")
+    (src / "train" / "broken.png").write_bytes(b"not an image")
+    (src / "train" / "notes.txt").write_text("Eileen Collins' private notes")
+    lines = [json.dumps({"file_name": name, "text": text}) for name, text in CAPTIONS.items()]
+    (src / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return src
+
+
+def test_faces_and_captions_are_de_identified(dataset: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "dst"
+    calls: list[tuple[int, int]] = []
+    report = deidentify_imagefolder(
+        dataset, dst, DeidPolicy(), SECRET, progress=lambda d, t: calls.append((d, t))
+    )
+    assert calls[-1] == (5, 5)
+    out = np.asarray(Image.open(dst / "train" / "astronaut.png"))
+    assert out.shape == astronaut().shape
+    assert HaarCascadeDetector().detect(out) == []
+    assert not Image.open(dst / "train" / "astronaut.png").getexif()
+    records = [json.loads(line) for line in (dst / "metadata.jsonl").read_text().splitlines()]
+    assert records[0]["file_name"] == "train/astronaut.png"
+    assert records[0]["text"].startswith("<PERSON_")
+    assert records[1]["text"] == CAPTIONS["train/blank.jpg"]
+    for path in dst.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert not any(value.encode() in content for value in PII), path
+    audit = report.to_dict()
+    assert audit["faces_by_detector"] == {"haar": 1}
+    assert audit["pii_by_type"] == {"DATE": 1, "EMAIL": 1, "PERSON": 1}
+    assert audit["skipped"] == [
+        {"path": "train/broken.png", "reason": "unreadable: UnidentifiedImageError"},
+        {"path": "train/notes.txt", "reason": "not an image or metadata.jsonl"},
+    ]
+    assert not (dst / "train" / "notes.txt").exists()
+    assert not (dst / "train" / "broken.png").exists()
+    assert not any(value in report.to_json() for value in PII)
+
+
+def test_running_twice_gives_the_same_bytes(dataset: Path, tmp_path: Path) -> None:
+    policy = DeidPolicy(text_action=TextAction.REDACT)
+    first = deidentify_imagefolder(dataset, tmp_path / "a", policy, SECRET)
+    second = deidentify_imagefolder(dataset, tmp_path / "a", policy, SECRET)
+    deidentify_imagefolder(dataset, tmp_path / "b", policy, SECRET)
+    assert first.to_json() == second.to_json()
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*"))
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*"))
+    assert files_a == files_b
+    for rel in files_a:
+        if (tmp_path / "a" / rel).is_file():
+            assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    text = (tmp_path / "a" / "metadata.jsonl").read_text()
+    assert "<PERSON> on <DATE>, contact <EMAIL>" in text
+
+
+def test_destination_inside_source_is_refused(dataset: Path) -> None:
+    with pytest.raises(ValueError, match="destination"):
+        deidentify_imagefolder(dataset, dataset / "out", DeidPolicy(), SECRET)
+
+
+def test_exif_orientation_is_applied_before_metadata_is_dropped(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(pixels).save(src / "rotated.png", exif=exif)
+    deidentify_imagefolder(src, tmp_path / "dst", DeidPolicy(), SECRET)
+    out = Image.open(tmp_path / "dst" / "rotated.png")
+    assert out.size == (20, 40)
+    assert not out.getexif()
+    assert np.asarray(out)[0, 0].tolist() == [255, 255, 255]
+
+
+def test_sixteen_bit_greyscale_keeps_its_depth(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    grey = (astronaut().mean(axis=2) * 257).astype(np.uint16)  # 0..65535
+    Image.fromarray(grey).save(src / "scan.png")
+    report = deidentify_imagefolder(src, tmp_path / "dst", DeidPolicy(), SECRET)
+    out = np.asarray(Image.open(tmp_path / "dst" / "scan.png"))
+    assert out.dtype == np.uint16
+    assert out.shape == grey.shape
+    assert report.to_dict()["faces_by_detector"] == {"haar": 1}
+    assert HaarCascadeDetector().detect(out) == []
+    untouched = np.ones(grey.shape, bool)
+    untouched[:200, 150:320] = False
+    assert np.array_equal(out[untouched], grey[untouched])

@@ -1,0 +1,129 @@
+"""A real 2-site, 2-round run through Flower's simulation runtime, then a resume.
+
+Runs ``fedmm simulate`` as a subprocess (Ray backend, real ClientApps with Opacus) on a small
+slice of the benchmark. The resumed run asks for a third round that the sites' ledgers,
+calibrated for two rounds, cannot afford: every site refuses, the round leaves the model
+unchanged, and the run still finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common.data.fashion_mnist import DEFAULT_DATA_DIR
+
+pytestmark = pytest.mark.skipif(
+    not DEFAULT_DATA_DIR.exists(), reason="needs apt-get install dataset-fashion-mnist"
+)
+
+SMALL = [
+    "--set",
+    "site-records-limit=200",
+    "--set",
+    "eval-single-items=500",
+    "--set",
+    "eval-scenes=100",
+    "--set",
+    "batch-size=32",
+    "--quiet",
+]
+
+
+def _ray_processes() -> set[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return {
+        int(line.split()[0])
+        for line in out.splitlines()[1:]
+        if ("raylet" in line or "gcs_server" in line or "ray::" in line)
+        and "<defunct>" not in line  # exited, waiting to be reaped by init
+    }
+
+
+def _no_new_ray_processes(before: set[int], *, wait_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if _ray_processes() <= before:
+            return True
+        time.sleep(1.0)
+    return False
+
+
+def _simulate(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulations.cli",
+            "simulate",
+            "--sites",
+            "2",
+            "--out",
+            str(out),
+            *args,
+            *SMALL,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=Path(__file__).parents[2],
+    )
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_sites_two_rounds_then_resume_with_budget_refusal(tmp_path: Path) -> None:
+    before = _ray_processes()
+    out = tmp_path / "run"
+    first = _simulate(out, "--rounds", "2", "--epsilon", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["sites_trained"] == 2 and r["sites_refused"] == 0 for r in rows)
+    assert 0 < float(rows[0]["epsilon_max"]) < float(rows[1]["epsilon_max"]) <= 3.0
+    for key in ("accuracy", "r_at_1_i2t", "r_at_1_t2i", "r_at_5_i2t", "r_at_5_t2i", "wall_s"):
+        assert 0 <= float(rows[-1][key]) <= (1 if key != "wall_s" else 600)
+    for name in (
+        "model.safetensors",
+        "summary.json",
+        "report.md",
+        "accuracy.png",
+        "epsilon.png",
+        "checkpoints/latest.json",
+    ):
+        assert (out / name).exists(), name
+    ledgers = sorted((out / "site-ledgers").glob("site-*.json"))
+    assert len(ledgers) == 2
+    assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in ledgers)
+    weights_after_2 = (out / "checkpoints" / "round-0002.safetensors").read_bytes()
+
+    resumed = _simulate(out, "--resume", "--rounds", "3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    third = rows[-1]
+    assert third["sites_refused"] == 2 and third["sites_trained"] == 0
+    assert "no site trained" in third["aborted"]
+    weights_after_3 = (out / "checkpoints" / "round-0003.safetensors").read_bytes()
+    assert weights_after_3 == weights_after_2  # the model is unchanged by a refused round
+    assert "privacy budget" in resumed.stderr + resumed.stdout
+    assert _no_new_ray_processes(before), "the simulation left Ray processes behind"
+
+
+def test_out_folder_with_a_run_needs_resume(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    result = _simulate(out, "--rounds", "1")
+    assert result.returncode == 2
+    assert "--resume" in result.stderr

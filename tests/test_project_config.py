@@ -1,0 +1,28 @@
+"""The Flower App config in pyproject.toml is the coordinator's config, key for key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.federation_config import ConfigError, FederationConfig
+
+PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
+
+
+def test_app_config_matches_federation_config_defaults() -> None:
+    app = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    assert FederationConfig.from_run_config(app["config"]) == FederationConfig()
+    assert set(app["config"]) == set(FederationConfig().to_run_config())
+
+
+def test_unknown_or_bad_keys_are_named() -> None:
+    with pytest.raises(ConfigError, match="batchsize"):
+        FederationConfig.from_run_config({"batchsize": 3})
+    with pytest.raises(ConfigError, match="fraction-train"):
+        FederationConfig.from_run_config({"fraction-train": 1.5})
+    with pytest.raises(ConfigError, match="num-server-rounds"):
+        FederationConfig.from_run_config({"num-server-rounds": "many"})

@@ -64,8 +64,11 @@ class PrivacyLedger:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # also when a stale tmp file had looser permissions
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(asdict(self), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
 
     @classmethod

@@ -63,10 +63,16 @@ class SitePrivacyPolicy:
             raise PolicyError(
                 f"{source}: unknown privacy policy key(s) {unknown}; known: {sorted(_KEYS)}"
             )
-        try:
-            kwargs = {_KEYS[k]: float(v) for k, v in values.items()}
-        except (TypeError, ValueError) as err:
-            raise PolicyError(f"{source}: privacy policy values must be numbers ({err})") from err
+        kwargs = {}
+        for key, value in values.items():
+            try:
+                if isinstance(value, bool):  # float(True) would pass as 1.0
+                    raise TypeError(value)
+                kwargs[_KEYS[key]] = float(value)
+            except (TypeError, ValueError) as err:
+                raise PolicyError(
+                    f"{source}: privacy policy '{key}' = {value!r} is not a number"
+                ) from err
         return cls(**kwargs)
 
     @classmethod

@@ -105,10 +105,6 @@ def run_training_round(
                 ),
             )
         dp = DPSGDSettings(noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm)
-    elif math.isfinite(policy.max_epsilon):
-        return RoundOutcome(
-            update=None, refusal="the site's policy does not allow training without DP"
-        )
 
     model = CrossAttentionMatcher(request.model_config())
     model.load_state_dict(global_state)

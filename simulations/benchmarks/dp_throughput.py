@@ -1,0 +1,64 @@
+"""DP-SGD training throughput against non-private training on the same model and data.
+
+Prints JSON: samples/s for each, their ratio (measured side by side in one process, in
+alternating repetitions), and the process's peak RSS. Usage:
+    python -m simulations.benchmarks.dp_throughput [--records 2048] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+from client.training import DPSGDSettings, TrainingRecipe, train_locally
+from common.data.benchmark import benchmark_train_records
+from common.model import CrossAttentionMatcher
+
+
+def _samples_per_second(data, *, dp: DPSGDSettings | None, batch_size: int, seed: int) -> float:
+    model = CrossAttentionMatcher()
+    recipe = TrainingRecipe(batch_size=batch_size, learning_rate=1e-3, optimizer="adam", seed=seed)
+    started = time.perf_counter()
+    result = train_locally(model, data, recipe=recipe, dp=dp, accountant_history=[])
+    elapsed = time.perf_counter() - started
+    return result.num_examples / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--records", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = benchmark_train_records().subset(torch.arange(args.records).numpy())
+    dp = DPSGDSettings(noise_multiplier=1.0, max_grad_norm=1.0)
+    plain, private = [], []
+    for repeat in range(args.repeats):
+        plain.append(_samples_per_second(data, dp=None, batch_size=args.batch_size, seed=repeat))
+        private.append(_samples_per_second(data, dp=dp, batch_size=args.batch_size, seed=repeat))
+    best_plain, best_private = max(plain), max(private)
+    print(
+        json.dumps(
+            {
+                "records": args.records,
+                "batch_size": args.batch_size,
+                "torch_threads": args.threads,
+                "non_private_samples_per_s": round(best_plain, 1),
+                "dp_sgd_samples_per_s": round(best_private, 1),
+                "dp_slowdown": round(best_plain / best_private, 2),
+                "target_dp_slowdown_at_most": 2.5,
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

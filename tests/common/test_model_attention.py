@@ -1,0 +1,54 @@
+"""The model's attention computes standard multi-head attention (image and text blocks).
+
+Regression test: the image blocks used Opacus 1.6's ``DPMultiheadAttention`` with
+``batch_first=True``, whose output reshape splices heads into positions whenever heads > 1
+(meta-pytorch/opacus PR #825). Reference here: ``torch.nn.MultiheadAttention`` with the same
+weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.model import CrossAttentionMatcher, MultiHeadAttention
+from common.model_config import ModelConfig
+
+
+def _reference(attn: MultiHeadAttention, width: int, heads: int) -> nn.MultiheadAttention:
+    ref = nn.MultiheadAttention(width, heads, batch_first=True)
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(torch.cat([attn.q.weight, attn.k.weight, attn.v.weight]))
+        ref.in_proj_bias.copy_(torch.cat([attn.q.bias, attn.k.bias, attn.v.bias]))
+        ref.out_proj.weight.copy_(attn.out.weight)
+        ref.out_proj.bias.copy_(attn.out.bias)
+    return ref.eval()
+
+
+def test_image_block_attention_matches_torch_multihead_attention() -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(width=16, heads=4)
+    attn = CrossAttentionMatcher(config).image_blocks[0].attn
+    assert isinstance(attn, MultiHeadAttention)
+    x = torch.randn(3, config.num_patches, config.width)
+    expected = _reference(attn, config.width, config.heads)(x, x, x, need_weights=False)[0]
+    torch.testing.assert_close(attn(x, None), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_text_attention_with_padding_matches_torch_multihead_attention() -> None:
+    torch.manual_seed(1)
+    config = ModelConfig(width=16, heads=2)
+    attn = CrossAttentionMatcher(config).text_blocks[0].attn
+    x = torch.randn(2, 5, config.width)
+    padding = torch.tensor([[False, False, False, True, True], [False] * 5])
+    expected = _reference(attn, config.width, config.heads)(
+        x, x, x, key_padding_mask=padding, need_weights=False
+    )[0]
+    torch.testing.assert_close(attn(x, padding), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_model_scores_an_empty_batch() -> None:
+    """Poisson sampling draws empty batches; DP training runs the model on them."""
+    model = CrossAttentionMatcher(ModelConfig(width=16, heads=2))
+    scores = model(torch.zeros(0, 28, 56, dtype=torch.uint8), torch.ones(0, 3, 12).long())
+    assert scores.shape == (0, 3)

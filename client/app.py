@@ -1,20 +1,68 @@
 """The site's ClientApp: Flower messages in, plain function calls out.
 
-Heavy modules (torch, opacus) are imported inside the handler, not at import time:
-deployment starts a fresh ClientApp process per message.
+Heavy modules (torch, opacus) are imported inside the training handlers, not at import time:
+deployment starts a fresh ClientApp process per message, and the SecAgg+ stages after setup
+import no torch at all.
+
+Two ways to take part in a round:
+
+- ``train``: plain FedAvg; the reply carries the update and the metrics.
+- SecAgg+ (Bell et al., CCS 2020; Bonawitz et al., CCS 2017), four custom actions
+  (``common.secure_round``): ``secagg_setup`` trains and advertises keys, ``secagg_share``,
+  ``secagg_masked`` and ``secagg_unmask`` call ``client.secagg.stages``. The trained update
+  waits in a node-private file (``client.secagg.pending_update``), never in
+  ``context.state``; the protocol state there is small and tagged with round and stage, so a
+  late or replayed message is refused with a reason instead of crashing the handler.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.privacy_ledger import LEDGER_KEY, PrivacyLedger
 from client.privacy_policy import SitePrivacyPolicy
+from client.secagg.pending_update import (
+    PendingUpdate,
+    discard_pending_updates,
+    load_pending_update,
+    node_spill_dir,
+    save_pending_update,
+)
+from client.secagg.stages import (
+    ClientSecAggPolicy,
+    ClientSecAggState,
+    SecAggRefusal,
+    client_masked_input,
+    client_setup,
+    client_share_keys,
+    client_state_from_record,
+    client_state_to_record,
+    client_unmask,
+)
+from common.secagg.protocol_stages import STAGE_MASKED_INPUT, STAGE_SHARE_KEYS, require_tag
+from common.secure_round import (
+    ACTION_MASKED,
+    ACTION_SETUP,
+    ACTION_SHARE,
+    ACTION_UNMASK,
+    RECORD_MASKED,
+    RECORD_PRIVACY,
+    RECORD_SECAGG,
+    RECORD_STATUS,
+    flatten_update,
+    reported_epsilon,
+    weighted_metrics,
+)
 from common.train_request import TrainRequest
 
 logger = logging.getLogger(__name__)
@@ -79,3 +127,239 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content, reply_to=msg)
+
+
+# --- SecAgg+ -------------------------------------------------------------------------------
+
+SECAGG_STATE_KEY = "secagg"  # this round's protocol state (keys, shares; small)
+SECAGG_LAST_ROUND_KEY = "secagg-last-round"  # the last round this site took part in
+SECAGG_SPILL_KEY = "secagg-spill"  # this node's private directory for waiting updates
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    """What local training hands to secure aggregation."""
+
+    update: np.ndarray  # flat, in the global arrays' order
+    num_examples: int
+    train_loss: float
+    steps: int
+    epsilon: float
+
+
+#: A trainer: (train request, setup message, context) -> the update, or a refusal reason.
+Trainer = Callable[[TrainRequest, Message, Context], "LocalUpdate | str"]
+
+
+def train_with_dp(request: TrainRequest, msg: Message, context: Context) -> LocalUpdate | str:
+    """DP-SGD on the site's data (``client.training_round``); torch is imported here only."""
+    import torch
+
+    from client.site_data import load_site_data
+    from client.training_round import run_training_round
+
+    torch.set_num_threads(int(os.environ.get("FEDMM_TORCH_THREADS", "1")))
+    policy = SitePrivacyPolicy.for_site(context.node_config)
+    data = load_site_data(context.node_config, request)
+    ledger = _load_ledger(context)
+    arrays = msg.content.array_records["arrays"]
+    outcome = run_training_round(
+        global_state=arrays.to_torch_state_dict(),
+        request=request,
+        data=data,
+        policy=policy,
+        ledger=ledger,
+    )
+    if outcome.update is None:
+        return outcome.refusal or "refused"
+    _save_ledger(context, ledger)
+    keys = list(arrays.keys())
+    return LocalUpdate(
+        update=flatten_update({k: v.numpy() for k, v in outcome.update.items()}, keys),
+        num_examples=int(outcome.metrics["num-examples"]),
+        train_loss=float(outcome.metrics["train-loss"]),
+        steps=int(outcome.metrics["steps"]),
+        epsilon=float(outcome.metrics["epsilon"]),
+    )
+
+
+@app.train(ACTION_SETUP)
+def secagg_setup(msg: Message, context: Context) -> Message:
+    return run_secagg_setup(msg, context, train=train_with_dp)
+
+
+@app.train(ACTION_SHARE)
+def secagg_share(msg: Message, context: Context) -> Message:
+    try:
+        state, request = _stage_input(msg, context)
+        state, reply = client_share_keys(state=state, request=request)
+    except (ValueError, KeyError) as refusal:
+        return _refuse(msg, str(refusal))
+    _store_state(context, state)
+    return _secagg_reply(msg, reply)
+
+
+@app.train(ACTION_MASKED)
+def secagg_masked(msg: Message, context: Context) -> Message:
+    try:
+        state, request = _stage_input(msg, context)
+        if state.stage != STAGE_SHARE_KEYS:
+            raise SecAggRefusal(f"masked-input request out of order (last stage {state.stage!r})")
+        require_tag(request, round_id=state.config.round_id, stage=STAGE_MASKED_INPUT)
+        record = context.state.config_records[SECAGG_STATE_KEY]
+        pending = load_pending_update(
+            Path(str(record["pending-file"])), round_id=state.config.round_id
+        )
+        state, reply = client_masked_input(
+            state=state,
+            request=request,
+            update=pending.update,
+            weight=pending.weight,
+            metrics=pending.metrics,
+        )
+    except (ValueError, KeyError) as refusal:  # refusals, stale state, unusable local input
+        return _refuse(msg, str(refusal))
+    # Masked: the plain update is no longer needed, nor (when empty) its directory.
+    pending_file = Path(str(record["pending-file"]))
+    pending_file.unlink(missing_ok=True)
+    _release_spill_dir(context, pending_file.parent)
+    _store_state(context, state)
+    masked = reply.pop("masked_input")
+    out = _secagg_reply(msg, reply)
+    out.content.array_records[RECORD_MASKED] = ArrayRecord([masked])
+    return out
+
+
+@app.train(ACTION_UNMASK)
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    try:
+        state, request = _stage_input(msg, context)
+        _state, reply = client_unmask(state=state, request=request)
+    except (ValueError, KeyError) as refusal:
+        return _refuse(msg, str(refusal))
+    # Unmasking runs once per round: drop the state (and its secrets) now, so a second
+    # request for the other secret of a site finds nothing to answer from.
+    del context.state.config_records[SECAGG_STATE_KEY]
+    return _secagg_reply(msg, reply)
+
+
+def run_secagg_setup(msg: Message, context: Context, *, train: Trainer) -> Message:
+    """Check the round config, train with ``train``, keep the update waiting, advertise keys."""
+    try:
+        payload = dict(msg.content.config_records[RECORD_SECAGG])
+        request = TrainRequest.from_config(dict(msg.content.config_records["config"]))
+    except (KeyError, TypeError, ValueError) as error:
+        return _refuse(msg, f"setup request rejected: {error}")
+    last = context.state.config_records.get(SECAGG_LAST_ROUND_KEY)
+    try:
+        if payload.get("round") != request.server_round:
+            raise SecAggRefusal("setup request: secagg round differs from the training round")
+        state, reply = client_setup(
+            site_id=context.node_id,
+            request=payload,
+            policy=_secagg_policy(context.node_config),
+            previous_round=None if last is None else int(last["round"]),
+        )
+    except SecAggRefusal as refusal:
+        return _refuse(msg, str(refusal))
+    config = state.config
+    spill = context.state.config_records.get(SECAGG_SPILL_KEY)
+    directory = node_spill_dir(
+        existing=None if spill is None else str(spill["dir"]),
+        base=str(context.node_config.get("secagg-spill-dir", "")) or None,
+    )
+    context.state.config_records[SECAGG_SPILL_KEY] = ConfigRecord({"dir": str(directory)})
+    # A new round: whatever an earlier round left behind is stale.
+    context.state.config_records.pop(SECAGG_STATE_KEY, None)
+    discard_pending_updates(directory)
+    trained = train(request, msg, context)
+    if isinstance(trained, str) or trained.update.shape != (config.update_length,):
+        _release_spill_dir(context, directory)
+        reason = (
+            trained
+            if isinstance(trained, str)
+            else "the trained update does not match the round's update length"
+        )
+        logger.warning("site refuses round %s: %s", request.server_round, reason)
+        return _refuse(msg, reason)
+    weight = min(int(trained.num_examples), config.max_weight)
+    if weight < trained.num_examples:
+        logger.warning("weight capped at secagg max weight %d", config.max_weight)
+    clipped = int(np.count_nonzero(np.abs(trained.update) > config.update_clip))
+    if clipped:
+        logger.warning(
+            "%d of %d update entries exceed the secagg clip %g and are clipped",
+            clipped,
+            config.update_length,
+            config.update_clip,
+        )
+    path = save_pending_update(
+        directory,
+        PendingUpdate(
+            round_id=config.round_id,
+            update=trained.update,
+            weight=weight,
+            metrics=weighted_metrics(
+                weight=weight, train_loss=trained.train_loss, steps=trained.steps
+            ),
+        ),
+    )
+    _store_state(context, state, pending_file=str(path))
+    context.state.config_records[SECAGG_LAST_ROUND_KEY] = ConfigRecord({"round": config.round_id})
+    out = _secagg_reply(msg, reply)
+    out.content.metric_records[RECORD_PRIVACY] = MetricRecord(
+        {"epsilon": reported_epsilon(trained.epsilon)}
+    )
+    return out
+
+
+def _release_spill_dir(context: Context, directory: Path) -> None:
+    """Remove the node's spill directory once it is empty (nothing waits in it)."""
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+        context.state.config_records.pop(SECAGG_SPILL_KEY, None)
+
+
+def _secagg_policy(node_config: Any) -> ClientSecAggPolicy:
+    """The site's own minimums (node config ``secagg-min-threshold``, ``secagg-min-sites``)."""
+    return ClientSecAggPolicy(
+        min_threshold=int(node_config.get("secagg-min-threshold", 2)),
+        min_sites=int(node_config.get("secagg-min-sites", 2)),
+    )
+
+
+def _stage_input(msg: Message, context: Context) -> tuple[ClientSecAggState, dict[str, Any]]:
+    """This round's state and the request; a refusal when either is missing."""
+    record = context.state.config_records.get(SECAGG_STATE_KEY)
+    if record is None:
+        raise SecAggRefusal("no secure-aggregation round in progress (late or replayed message)")
+    if RECORD_SECAGG not in msg.content.config_records:
+        raise SecAggRefusal("request has no secagg record")
+    return client_state_from_record(dict(record)), dict(msg.content.config_records[RECORD_SECAGG])
+
+
+def _store_state(context: Context, state: ClientSecAggState, *, pending_file: str = "") -> None:
+    previous = context.state.config_records.get(SECAGG_STATE_KEY)
+    if not pending_file and previous is not None:
+        pending_file = str(previous.get("pending-file", ""))
+    context.state.config_records[SECAGG_STATE_KEY] = ConfigRecord(
+        client_state_to_record(state) | {"pending-file": pending_file}
+    )
+
+
+def _secagg_reply(msg: Message, payload: dict[str, Any]) -> Message:
+    return Message(
+        RecordDict(
+            {
+                RECORD_SECAGG: ConfigRecord(payload),
+                RECORD_STATUS: ConfigRecord({"refused": False, "reason": ""}),
+            }
+        ),
+        reply_to=msg,
+    )
+
+
+def _refuse(msg: Message, reason: str) -> Message:
+    logger.warning("secagg %s refused: %s", msg.metadata.message_type, reason)
+    status = ConfigRecord({"refused": True, "reason": reason})
+    return Message(RecordDict({RECORD_STATUS: status}), reply_to=msg)

@@ -1,8 +1,25 @@
-"""Which records a site trains on: its own imagefolder, or its simulated partition."""
+"""Which records a site trains on: its own imagefolder, or its simulated partition, after
+the site's de-identification policy has been applied to them.
+
+De-identification (``client.deid``) is on when the node config names a policy file
+(``deid-policy=FILE``) or, in simulation, ``$FEDMM_DEID_POLICY`` does. The site secret that
+keys the pseudonyms is ``site-secret=FILE`` (created on first use, 0600), by default
+``~/.config/fedmm/site-secret``; the de-identified data is cached under ``deid-cache-dir=DIR``
+(0700), by default ``~/.cache/fedmm/deid``. In simulation ``$FEDMM_DEID_DIR/site-<id>/``
+holds each simulated site's own secret and cache. The cache is keyed by the policy, the
+data's content, the tool versions and the secret (``client.deid.cache``): de-identification
+runs once per dataset version, again when any of them changes.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -11,6 +28,12 @@ from common.data.benchmark import CANVAS_SHAPE, benchmark_train_records
 from common.data.dataset import ImageTextDataset
 from common.data.partitioning import partition_indices
 from common.train_request import TrainRequest
+
+logger = logging.getLogger(__name__)
+
+DEID_POLICY_ENV = "FEDMM_DEID_POLICY"
+DEID_DIR_ENV = "FEDMM_DEID_DIR"
+_MEMO_SIZE = 8
 
 
 class SiteDataError(ValueError):
@@ -47,18 +70,218 @@ def _benchmark_partition(
     return records.subset(indices[:limit] if limit else indices)
 
 
+@dataclass(frozen=True)
+class SiteDeidSettings:
+    """Where a site's de-identification policy, secret and cache are."""
+
+    policy_file: Path
+    secret_file: Path
+    cache_dir: Path
+
+
+def site_deid_settings(node_config: Mapping[str, Any]) -> SiteDeidSettings | None:
+    """The site's de-identification settings, or None when no policy is named."""
+    from client.deid.cache import default_cache_dir
+    from client.deid.site_secret import default_site_secret_path
+
+    policy_file = node_config.get("deid-policy") or os.environ.get(DEID_POLICY_ENV)
+    if not policy_file:
+        return None
+    secret_file, cache_dir = default_site_secret_path(), default_cache_dir()
+    sim_dir = os.environ.get(DEID_DIR_ENV)
+    if sim_dir and "partition-id" in node_config:
+        site_dir = Path(sim_dir) / f"site-{node_config['partition-id']}"
+        secret_file, cache_dir = site_dir / "site-secret", site_dir / "cache"
+    return SiteDeidSettings(
+        policy_file=Path(str(policy_file)),
+        secret_file=Path(str(node_config.get("site-secret", secret_file))),
+        cache_dir=Path(str(node_config.get("deid-cache-dir", cache_dir))),
+    )
+
+
+# In-process cache: (what, policy, secret, cache dir) -> (raw data or folder signature, result).
+_memo: OrderedDict[tuple[Any, ...], tuple[Any, ImageTextDataset]] = OrderedDict()
+
+
+def _remember(key: tuple[Any, ...], check: Any, data: ImageTextDataset) -> ImageTextDataset:
+    _memo[key] = (check, data)
+    _memo.move_to_end(key)
+    while len(_memo) > _MEMO_SIZE:
+        _memo.popitem(last=False)
+    return data
+
+
+def _recall(key: tuple[Any, ...], check: Any) -> ImageTextDataset | None:
+    hit = _memo.get(key)
+    if hit is None:
+        return None
+    stored, data = hit
+    same = stored is check if isinstance(check, ImageTextDataset) else stored == check
+    return data if same else None
+
+
+def _log_built(what: str, report: Any, seconds: float, entry: Path) -> None:
+    logger.info(
+        "de-identified %s in %.1f s: %d of %d captions altered (%s), %d of %d images with "
+        "faces; audit in %s",
+        what,
+        seconds,
+        report.captions_altered,
+        report.captions_processed,
+        ", ".join(f"{k} {v}" for k, v in sorted(report.pii_by_type.items())) or "nothing found",
+        report.images_with_faces,
+        report.images_processed,
+        entry / "audit.json",
+    )
+
+
+def deidentified_records(
+    raw: ImageTextDataset, *, source: tuple[Any, ...], settings: SiteDeidSettings
+) -> ImageTextDataset:
+    """``raw`` (records in memory) de-identified under the site's policy, from the cache when
+    this policy, secret and tool set have seen the same records before."""
+    import numpy as np
+
+    from client.deid.audit import AuditReport, tool_versions
+    from client.deid.cache import (
+        DeidCache,
+        cache_key,
+        records_digest,
+        secret_fingerprint,
+        slot_name,
+    )
+    from client.deid.face_detection import build_face_detector
+    from client.deid.policy import load_policy
+    from client.deid.records import deidentify_records
+    from client.deid.site_secret import load_or_create_site_secret
+
+    policy = load_policy(settings.policy_file)
+    secret = load_or_create_site_secret(settings.secret_file)
+    memo_key = ("records", source, policy, secret_fingerprint(secret), settings.cache_dir)
+    hit = _recall(memo_key, raw)
+    if hit is not None:
+        return hit
+    detector = build_face_detector(policy.face_detectors, min_face_size=policy.min_face_size)
+    versions = tool_versions(detector.versions())
+    cache = DeidCache(settings.cache_dir)
+    slot = slot_name(("records", *source), secret)
+    key = cache_key(
+        policy=policy, content_digest=records_digest(raw, secret), versions=versions, secret=secret
+    )
+    entry = cache.lookup(slot, key)
+    if entry is not None:
+        try:
+            with np.load(entry / "records.npz", allow_pickle=False) as arrays:
+                images, labels = arrays["images"], arrays["labels"]
+            captions = json.loads((entry / "captions.json").read_text(encoding="utf-8"))
+            return _remember(
+                memo_key, raw, ImageTextDataset(images=images, captions=captions, labels=labels)
+            )
+        except (OSError, ValueError, KeyError):
+            logger.warning("unreadable de-identification cache entry %s: rebuilding", entry.name)
+            cache.discard(slot, key)
+    started = time.monotonic()
+    data, report = deidentify_records(raw, policy, secret, detector=detector)
+
+    def write(directory: Path, data: ImageTextDataset = data, report: AuditReport = report):
+        np.savez(directory / "records.npz", images=data.images, labels=data.labels)
+        (directory / "captions.json").write_text(
+            json.dumps(data.captions, ensure_ascii=False), encoding="utf-8"
+        )
+        report.write(directory / "audit.json")
+
+    entry = cache.store(
+        slot, key, write, description={"policy": policy.to_dict(), "tool_versions": versions}
+    )
+    _log_built(f"{len(raw)} records", report, time.monotonic() - started, entry)
+    return _remember(memo_key, raw, data)
+
+
+def deidentified_imagefolder(root: Path, *, settings: SiteDeidSettings) -> ImageTextDataset:
+    """The site's imagefolder de-identified at full resolution (faces are found before the
+    images are scaled down), then loaded; cached like :func:`deidentified_records`."""
+    from client.deid.audit import tool_versions
+    from client.deid.cache import (
+        DeidCache,
+        cache_key,
+        folder_digest,
+        folder_signature,
+        secret_fingerprint,
+        slot_name,
+    )
+    from client.deid.face_detection import build_face_detector
+    from client.deid.imagefolder import deidentify_imagefolder
+    from client.deid.policy import load_policy
+    from client.deid.site_secret import load_or_create_site_secret
+    from common.data.imagefolder import load_imagefolder
+
+    root = Path(root).resolve()
+    cache_dir = settings.cache_dir.resolve()
+    if cache_dir == root or root in cache_dir.parents:
+        raise SiteDataError(
+            f"the de-identification cache {settings.cache_dir} is inside the site's data "
+            f"{root}: set deid-cache-dir to a folder outside it"
+        )
+    policy = load_policy(settings.policy_file)
+    secret = load_or_create_site_secret(settings.secret_file)
+    memo_key = ("imagefolder", str(root), policy, secret_fingerprint(secret), settings.cache_dir)
+    signature = folder_signature(root)
+    hit = _recall(memo_key, signature)
+    if hit is not None:
+        return hit
+    detector = build_face_detector(policy.face_detectors, min_face_size=policy.min_face_size)
+    versions = tool_versions(detector.versions())
+    cache = DeidCache(settings.cache_dir)
+    slot = slot_name(("imagefolder", str(root)), secret)
+    key = cache_key(
+        policy=policy, content_digest=folder_digest(root, secret), versions=versions, secret=secret
+    )
+    entry = cache.lookup(slot, key)
+    if entry is not None:
+        try:
+            data, _report = load_imagefolder(entry / "imagefolder", image_size=CANVAS_SHAPE)
+            return _remember(memo_key, signature, data)
+        except (OSError, ValueError):
+            logger.warning("unreadable de-identification cache entry %s: rebuilding", entry.name)
+            cache.discard(slot, key)
+    started = time.monotonic()
+    reports = []
+
+    def write(directory: Path) -> None:
+        report = deidentify_imagefolder(root, directory / "imagefolder", policy, secret)
+        report.write(directory / "audit.json")
+        reports.append(report)
+
+    entry = cache.store(
+        slot, key, write, description={"policy": policy.to_dict(), "tool_versions": versions}
+    )
+    if reports:
+        _log_built(str(root), reports[0], time.monotonic() - started, entry)
+    data, _report = load_imagefolder(entry / "imagefolder", image_size=CANVAS_SHAPE)
+    return _remember(memo_key, signature, data)
+
+
 def load_site_data(node_config: Mapping[str, Any], request: TrainRequest) -> ImageTextDataset:
-    """A site's training records.
+    """A site's training records, de-identified when the site has a policy.
 
     ``imagefolder`` in the node config: the site's own folder (deployment). Otherwise
     ``partition-id`` and ``num-partitions`` (set by Flower's simulation): that partition of
     the built-in benchmark (its first ``site-records-limit`` records when that is set);
     the node config's ``data-dir`` wins over the run's.
     """
+    settings = site_deid_settings(node_config)
     if "imagefolder" in node_config:
-        return _imagefolder(str(node_config["imagefolder"]))
+        root = Path(str(node_config["imagefolder"]))
+        if settings is None:
+            logger.warning(
+                "no de-identification policy (node config deid-policy=FILE): the records "
+                "of %s are used as they are",
+                root,
+            )
+            return _imagefolder(str(root))
+        return deidentified_imagefolder(root, settings=settings)
     if "partition-id" in node_config and "num-partitions" in node_config:
-        return _benchmark_partition(
+        params = (
             str(node_config.get("data-dir", request.data_dir)),
             int(node_config["num-partitions"]),
             int(node_config["partition-id"]),
@@ -67,6 +290,10 @@ def load_site_data(node_config: Mapping[str, Any], request: TrainRequest) -> Ima
             int(request.seed),
             int(request.site_records_limit),
         )
+        raw = _benchmark_partition(*params)
+        if settings is None:
+            return raw
+        return deidentified_records(raw, source=("benchmark", *params), settings=settings)
     raise SiteDataError(
         "node config names no data: set imagefolder=PATH (a folder with metadata.jsonl) "
         "or, in simulation, partition-id and num-partitions"

@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class FederationConfig:
-    num_server_rounds: int = 12
+    num_server_rounds: int = 10
     fraction_train: float = 1.0
     min_train_sites: int = 2
     min_available_sites: int = 2
@@ -27,7 +27,7 @@ class FederationConfig:
     noise_multiplier_floor: float = 0.0
     local_epochs: int = 1
     batch_size: int = 256
-    learning_rate: float = 0.5
+    learning_rate: float = 4.0
     momentum: float = 0.0
     optimizer: str = "sgd"
     server_learning_rate: float = 1.0
@@ -42,10 +42,17 @@ class FederationConfig:
     site_records_limit: int = 0  # simulation only: 0 = a site's whole partition
     eval_single_items: int = 10000
     eval_scenes: int = 1000
-    model_width: int = 64
-    model_heads: int = 4
+    model_width: int = 32
+    model_heads: int = 2
     model_image_layers: int = 1
     model_text_layers: int = 1
+    secure_aggregation: bool = True
+    secagg_bit_width: int = 32
+    secagg_update_clip: float = 1.0
+    secagg_max_weight: int = 100_000
+    secagg_degree: int = 0  # 0: Bell et al.'s default for the number of sampled sites
+    secagg_threshold: int = 0  # 0: the default that goes with the degree
+    secagg_stage_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -68,6 +75,20 @@ class FederationConfig:
             (self.site_records_limit >= 0, "site-records-limit", "an integer >= 0 (0: all)"),
             (1 <= self.eval_single_items <= 10000, "eval-single-items", "in [1, 10000]"),
             (1 <= self.eval_scenes <= 5000, "eval-scenes", "in [1, 5000]"),
+            (8 <= self.secagg_bit_width <= 53, "secagg-bit-width", "an integer in [8, 53]"),
+            (
+                math.isfinite(self.secagg_update_clip) and self.secagg_update_clip > 0,
+                "secagg-update-clip",
+                "> 0 (largest |entry| of a site's update that is summed unclipped)",
+            ),
+            (self.secagg_max_weight >= 1, "secagg-max-weight", "an integer >= 1"),
+            (self.secagg_degree >= 0, "secagg-degree", "an integer >= 0 (0: default)"),
+            (
+                self.secagg_threshold == 0 or self.secagg_threshold >= 2,
+                "secagg-threshold",
+                "0 (default) or an integer >= 2",
+            ),
+            (self.secagg_stage_timeout > 0, "secagg-stage-timeout", "> 0 seconds"),
         ]
         for ok, key, allowed in checks:
             if not ok:

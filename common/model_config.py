@@ -9,15 +9,15 @@ from dataclasses import asdict, dataclass
 class ModelConfig:
     """Sizes of the model; the defaults train at useful speed on 2 CPU cores."""
 
-    width: int = 64
-    heads: int = 4
+    width: int = 32
+    heads: int = 2
     patch_size: int = 7
     image_height: int = 28
     image_width: int = 56
     image_layers: int = 1
     text_layers: int = 1
     mlp_ratio: int = 2
-    vocab_buckets: int = 2048
+    vocab_buckets: int = 768
     max_len: int = 12
 
     @property

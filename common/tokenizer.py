@@ -38,7 +38,7 @@ def _bucket(word: str, num_buckets: int) -> int:
 class HashingTokenizer:
     """Maps text to ``max_len`` token ids in ``[0, num_buckets)``; 0 is padding."""
 
-    num_buckets: int = 2048
+    num_buckets: int = 768
     max_len: int = 12
 
     def __post_init__(self) -> None:

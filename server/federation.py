@@ -23,6 +23,7 @@ from server.aggregation import FedAvgAggregation, RoundAggregation
 from server.checkpoints import load_latest_checkpoint, save_checkpoint
 from server.evaluation import evaluate
 from server.run_report import append_metrics, truncate_metrics, write_summary_and_report
+from server.secure_aggregation import SecAggPlusAggregation, SecAggSettings
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,11 @@ def run_federation(
     aggregation: RoundAggregation | None = None,
 ) -> dict:
     """Run all rounds; returns the summary. Outputs go to ``config.out_dir``."""
-    aggregation = aggregation or FedAvgAggregation()
+    aggregation = aggregation or (
+        SecAggPlusAggregation(SecAggSettings.from_federation_config(config))
+        if config.secure_aggregation
+        else FedAvgAggregation()
+    )
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)

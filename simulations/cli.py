@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated DP-SGD training of the cross-attention image-text model on "
         "the built-in Fashion-MNIST benchmark, with simulated sites.",
     )
-    sim.add_argument("--rounds", type=int, help="server rounds (default 12)")
+    sim.add_argument("--rounds", type=int, help="server rounds (default 10)")
     sim.add_argument("--sites", type=int, default=10, help="number of simulated sites (10)")
     sim.add_argument("--epsilon", type=_epsilon, help="target epsilon per site; inf = DP off (3)")
     sim.add_argument("--partition", choices=PARTITION_SCHEMES, help="iid or dirichlet (iid)")
@@ -67,6 +67,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray CPUs per site actor; 1 on 2 cores runs two sites at once",
     )
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    deid = commands.add_parser(
+        "deidentify",
+        help="de-identify an imagefolder dataset (faces, personal data in captions)",
+        description="Copy the imagefolder dataset SRC to DST with faces anonymised, image "
+        "metadata dropped and personal data in metadata.jsonl replaced by keyed pseudonyms "
+        "or redaction tokens, under the site's policy; writes DST/audit.json (counts only, "
+        "never a value found). Running it again gives the same bytes. See "
+        "docs/deidentification.md.",
+    )
+    deid.add_argument("src", type=Path, metavar="SRC", help="the imagefolder dataset to read")
+    deid.add_argument(
+        "dst",
+        type=Path,
+        metavar="DST",
+        help="where to write it: a new or empty folder, or an earlier output of this command",
+    )
+    deid.add_argument("--policy", type=Path, help="the site's policy, .toml or .json (defaults)")
+    deid.add_argument(
+        "--secret",
+        type=Path,
+        help="the site secret file, created (0600) on first use "
+        "(default $XDG_CONFIG_HOME/fedmm/site-secret, i.e. ~/.config/fedmm/site-secret)",
+    )
+    deid.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return parser
 
 
@@ -188,11 +212,97 @@ def simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_audit(report: Any, dst: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fedmm deidentify: {dst}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("images processed", str(report.images_processed))
+    table.add_row("images with faces", str(report.images_with_faces))
+    for detector, count in sorted(report.faces_by_detector.items()):
+        table.add_row(f"  faces found by {detector}", str(count))
+    table.add_row("captions processed", str(report.captions_processed))
+    table.add_row("captions altered", str(report.captions_altered))
+    for pii_type, count in sorted(report.pii_by_type.items()):
+        table.add_row(f"  {pii_type}", str(count))
+    table.add_row("files skipped", str(len(report.skipped)))
+    Console().print(table)
+
+
+def deidentify(args: argparse.Namespace) -> int:
+    """``fedmm deidentify SRC DST``: exit 0 when done, 2 on an input the user must fix."""
+    from client.deid.folder_run import (
+        AUDIT_FILE,
+        DeidentifyError,
+        check_inputs,
+        deidentify_to_folder,
+    )
+    from client.deid.site_secret import default_site_secret_path
+
+    try:
+        inputs = check_inputs(
+            args.src,
+            args.dst,
+            policy_file=args.policy,
+            secret_file=args.secret or default_site_secret_path(),
+        )
+    except DeidentifyError as err:
+        print(f"fedmm deidentify: {err}", file=sys.stderr)
+        return 2
+    if inputs.secret_created:
+        print(
+            f"created a new site secret at {inputs.secret_file} (mode 0600): keep it and back "
+            "it up; the same secret gives the same pseudonyms",
+            file=sys.stderr,
+        )
+    if args.quiet:
+        report = deidentify_to_folder(inputs)
+    else:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        with Progress(
+            TextColumn("[bold]de-identifying"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("files"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        ) as progress:
+            task = progress.add_task("", total=None)
+
+            def advance(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            report = deidentify_to_folder(inputs, progress=advance)
+        _print_audit(report, args.dst)
+    if report.skipped:
+        print(
+            f"{len(report.skipped)} file(s) skipped, listed with the reason in "
+            f"{args.dst / AUDIT_FILE}",
+            file=sys.stderr,
+        )
+    print(f"de-identified dataset in {args.dst}; audit in {args.dst / AUDIT_FILE}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "simulate":
             return simulate(args)
+        if args.command == "deidentify":
+            return deidentify(args)
     except ConfigError as err:
         print(f"fedmm: {err}", file=sys.stderr)
         return 2

@@ -41,7 +41,10 @@ def deidentify_caption(text: str, policy: DeidPolicy, secret: bytes) -> tuple[st
 def deidentify_image(
     image: np.ndarray, policy: DeidPolicy, detector: FaceDetector
 ) -> tuple[np.ndarray, list[Box]]:
-    """``image`` with every face ``detector`` finds anonymised per policy, and the boxes."""
+    """``image`` with every face ``detector`` finds anonymised per policy, and the boxes.
+    With ``policy.detect_faces`` off the image is returned as it is."""
+    if not policy.detect_faces:
+        return image, []
     boxes = detector.detect(image)
     out = anonymise_faces(
         image,

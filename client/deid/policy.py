@@ -7,6 +7,7 @@ silently weaken the policy.
 
 Example ``deid.toml``::
 
+    detect_faces = true         # false: images are kept as they are (no faces possible)
     face_mode = "blur"          # blur | pixelate | mask
     blur_scale = 0.25           # Gaussian sigma = blur_scale x face size (>= 0.1)
     face_margin = 0.25          # box grown by this fraction of its size on every side
@@ -45,6 +46,7 @@ class PolicyError(ValueError):
 class DeidPolicy:
     """How a site de-identifies its records before training."""
 
+    detect_faces: bool = True
     face_mode: FaceMode = FaceMode.BLUR
     blur_scale: float = 0.25
     pixel_blocks: int = 8
@@ -56,6 +58,7 @@ class DeidPolicy:
     phone_regions: tuple[str, ...] = ("US", "GB")
 
     def __post_init__(self) -> None:
+        _check("detect_faces", self.detect_faces, bool)
         _check("face_mode", self.face_mode, FaceMode)
         _check("text_action", self.text_action, TextAction)
         if not MIN_BLUR_SCALE <= self.blur_scale <= 2.0:
@@ -135,6 +138,10 @@ def _string_list(key: str, value: Any) -> list[str]:
 
 
 def _convert(key: str, value: Any) -> Any:
+    if key == "detect_faces":
+        if not isinstance(value, bool):
+            raise PolicyError(f"{key}: expected true or false, got {value!r}")
+        return value
     if key == "face_mode":
         return _enum(key, value, FaceMode)
     if key == "text_action":

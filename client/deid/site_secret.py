@@ -22,6 +22,12 @@ from pathlib import Path
 SITE_SECRET_BYTES = 32
 
 
+def default_site_secret_path() -> Path:
+    """``$XDG_CONFIG_HOME/fedmm/site-secret``, by default ``~/.config/fedmm/site-secret``."""
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "fedmm" / "site-secret"
+
+
 class SiteSecretError(RuntimeError):
     """The site secret file exists but cannot be trusted (wrong size or permissions)."""
 

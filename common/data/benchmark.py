@@ -3,7 +3,10 @@
 Every record is a 28x56 canvas. A single item sits in the middle; a two-item scene has one
 item on each half. Each source image is used by at most one record, so one record is one
 privacy unit. Scene records take ``scene_fraction`` of the source images (in pairs).
-Labels are the class of the single item, or of the left item of a scene.
+Labels are the class of the single item, or of the left item of a scene. A share
+``pii_fraction`` of the training captions carry synthetic personal data after the item
+description (``common.data.synthetic_pii``), so that simulated sites exercise their
+de-identification; the test set never does.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 from common.data.captions import scene_caption, single_caption
 from common.data.dataset import ImageTextDataset
 from common.data.fashion_mnist import load_fashion_mnist
+from common.data.synthetic_pii import DEFAULT_PII_FRACTION, add_synthetic_personal_data
 
 ITEM_SIZE = 28
 CANVAS_SHAPE = (28, 56)
@@ -35,7 +39,12 @@ def scene_canvas(left: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 
 def _records(
-    images: np.ndarray, labels: np.ndarray, *, scene_fraction: float, seed: int
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    scene_fraction: float,
+    seed: int,
+    pii_fraction: float = 0.0,
 ) -> ImageTextDataset:
     if not 0.0 <= scene_fraction <= 1.0:
         raise ValueError(f"scene_fraction must be in [0, 1], got {scene_fraction}")
@@ -52,17 +61,26 @@ def _records(
         scene_caption((int(labels[a]), images[a]), (int(labels[b]), images[b]), rng)
         for a, b in zip(left, right, strict=True)
     ]
+    if pii_fraction:  # its own random stream: the other captions stay as they were
+        captions = add_synthetic_personal_data(captions, fraction=pii_fraction, seed=seed)
     record_labels = np.concatenate([labels[single_idx], labels[left]]).astype(np.int64)
     return ImageTextDataset(images=canvases, captions=captions, labels=record_labels)
 
 
 @lru_cache(maxsize=4)
 def benchmark_train_records(
-    data_dir: str | None = None, *, scene_fraction: float = 0.2, seed: int = 0
+    data_dir: str | None = None,
+    *,
+    scene_fraction: float = 0.2,
+    seed: int = 0,
+    pii_fraction: float = DEFAULT_PII_FRACTION,
 ) -> ImageTextDataset:
-    """All training records of the benchmark (every site takes its partition of these)."""
+    """All training records of the benchmark (every site takes its partition of these);
+    ``pii_fraction`` of the captions carry synthetic personal data (0 for none)."""
     images, labels = load_fashion_mnist("train", data_dir)
-    return _records(images, labels, scene_fraction=scene_fraction, seed=seed)
+    return _records(
+        images, labels, scene_fraction=scene_fraction, seed=seed, pii_fraction=pii_fraction
+    )
 
 
 @dataclass(frozen=True)

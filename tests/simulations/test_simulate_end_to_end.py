@@ -89,7 +89,7 @@ def test_two_sites_two_rounds_then_resume_with_budget_refusal(tmp_path: Path) ->
     assert first.returncode == 0, first.stderr[-3000:]
     rows = _rows(out)
     assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["sites_trained"] == 2 and r["sites_refused"] == 0 for r in rows)
+    assert all(r["sites_trained"] == 2 and r["sites_refused"] == 0 for r in rows), rows
     assert 0 < float(rows[0]["epsilon_max"]) < float(rows[1]["epsilon_max"]) <= 3.0
     for key in ("accuracy", "r_at_1_i2t", "r_at_1_t2i", "r_at_5_i2t", "r_at_5_t2i", "wall_s"):
         assert 0 <= float(rows[-1][key]) <= (1 if key != "wall_s" else 600)

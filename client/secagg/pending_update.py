@@ -1,0 +1,123 @@
+"""The site's trained update, waiting on its own disk between the setup and masked stages.
+
+The update is trained in the first SecAgg+ stage and masked in the third (Bell et al., CCS
+2020; Bonawitz et al., CCS 2017). It must not wait in Flower's ``context.state``: the state
+travels with every message to the ClientApp process, so a model-sized entry would slow every
+later stage. It waits in a file instead, in a directory private to this node (mode 0700,
+owned by this user, not a symlink, a unique name per node and run) and readable by this user
+only (0600), one file per round.
+No torch here: the masked stage runs in a fresh process per message in deployment.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SPILL_DIR_ENV = "FEDMM_SECAGG_SPILL_DIR"
+_PREFIX = "pending-round-"
+
+
+class PendingUpdateError(ValueError):
+    """The waiting update is missing, unreadable, or for another round."""
+
+
+@dataclass(frozen=True)
+class PendingUpdate:
+    round_id: int
+    update: np.ndarray  # flat float64 vector (the unweighted model update)
+    weight: int
+    metrics: dict[str, float]
+
+
+def node_spill_dir(*, existing: str | None = None, base: str | None = None) -> Path:
+    """This node's private directory: ``existing`` if it is still valid, else a new one.
+
+    A new directory is made with ``mkdtemp`` (mode 0700, a unique name, so concurrent runs
+    and nodes never share one) under ``base`` (the node config's ``secagg-spill-dir``), else
+    ``$FEDMM_SECAGG_SPILL_DIR``, else the system temp dir. The caller keeps its path in the
+    node's state, so the next stage (a fresh process in deployment) finds it again.
+    """
+    if existing:
+        path = Path(existing)
+        try:
+            _check_private_dir(path)
+            return path
+        except (OSError, PendingUpdateError):
+            pass  # gone or tampered with: make a new one
+    root = Path(base or os.environ.get(SPILL_DIR_ENV) or tempfile.gettempdir())
+    path = Path(tempfile.mkdtemp(prefix=f"fedmm-secagg-{os.getuid()}-", dir=root))
+    _check_private_dir(path)
+    return path
+
+
+def _check_private_dir(path: Path) -> None:
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise PendingUpdateError(f"{path} is not a directory owned by this user")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise PendingUpdateError(f"{path} is accessible to other users")
+
+
+def save_pending_update(directory: Path, pending: PendingUpdate) -> Path:
+    """Write the update for its round (0600, atomically); earlier rounds' files are removed."""
+    discard_pending_updates(directory, before_round=pending.round_id + 1)
+    names = sorted(pending.metrics)
+    target = directory / f"{_PREFIX}{pending.round_id}.npz"
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(
+                handle,
+                round_id=np.array(pending.round_id, dtype=np.int64),
+                update=np.asarray(pending.update, dtype=np.float64),
+                weight=np.array(pending.weight, dtype=np.int64),
+                metric_names=np.array(names, dtype=np.str_),
+                metric_values=np.array([pending.metrics[n] for n in names], dtype=np.float64),
+            )
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def load_pending_update(path: Path, *, round_id: int) -> PendingUpdate:
+    """Read the waiting update of ``round_id``; raise ``PendingUpdateError`` otherwise."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            stored_round = int(data["round_id"])
+            pending = PendingUpdate(
+                round_id=stored_round,
+                update=np.array(data["update"], dtype=np.float64),
+                weight=int(data["weight"]),
+                metrics={
+                    str(name): float(value)
+                    for name, value in zip(data["metric_names"], data["metric_values"], strict=True)
+                },
+            )
+    except (OSError, KeyError, ValueError) as error:
+        message = f"no readable update waiting for round {round_id}: {error}"
+        raise PendingUpdateError(message) from None
+    if stored_round != round_id:
+        raise PendingUpdateError(f"waiting update is for round {stored_round}, not {round_id}")
+    return pending
+
+
+def discard_pending_updates(directory: Path, *, before_round: int | None = None) -> None:
+    """Remove waiting updates (all, or those of rounds before ``before_round``)."""
+    if not directory.is_dir():
+        return
+    for path in directory.glob(f"{_PREFIX}*.npz"):
+        try:
+            number = int(path.name.removeprefix(_PREFIX).removesuffix(".npz"))
+        except ValueError:
+            continue
+        if before_round is None or number < before_round:
+            path.unlink(missing_ok=True)

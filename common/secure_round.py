@@ -1,0 +1,93 @@
+"""The contract of one secure-aggregation round on Flower messages (no Flower, no torch).
+
+SecAgg+ (Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead",
+CCS 2020; Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine
+Learning", CCS 2017) runs as four message exchanges, one custom action each. Both the
+coordinator (``server.secure_aggregation``) and the site (``client.app``) use these names:
+
+- ``train.secagg_setup``: global model + train request + round config; the site trains, keeps
+  its update waiting, and advertises its public keys.
+- ``train.secagg_share``: neighbours' public keys in, sealed Shamir shares out.
+- ``train.secagg_masked``: neighbours' sealed shares in, the masked vector out.
+- ``train.secagg_unmask``: survivor/dropped lists in, the requested shares out.
+
+The model update travels as one flat float vector in the state-dict order of the global
+arrays (:func:`flatten_update`, :func:`unflatten_update`). Next to it, in the same masked
+vector, go the FedAvg weight and the summed metrics named in :data:`SUMMED_METRICS`, each
+multiplied by the weight so that their sum over sites divided by the summed weight is the
+weighted mean (what plain FedAvg reports).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+ACTION_SETUP = "secagg_setup"
+ACTION_SHARE = "secagg_share"
+ACTION_MASKED = "secagg_masked"
+ACTION_UNMASK = "secagg_unmask"
+MESSAGE_SETUP = f"train.{ACTION_SETUP}"
+MESSAGE_SHARE = f"train.{ACTION_SHARE}"
+MESSAGE_MASKED = f"train.{ACTION_MASKED}"
+MESSAGE_UNMASK = f"train.{ACTION_UNMASK}"
+
+#: Record names inside the messages' RecordDicts.
+RECORD_SECAGG = "secagg"  # ConfigRecord: the protocol payload of the stage
+RECORD_MASKED = "masked"  # ArrayRecord: the masked vector (masked-input replies only)
+RECORD_STATUS = "status"  # ConfigRecord: refused (bool), reason (str)
+RECORD_PRIVACY = "privacy"  # MetricRecord: the site's own cumulative epsilon (setup reply)
+
+#: Metrics summed inside the masked vector, each as weight * value.
+SUMMED_METRICS = ("train-loss", "steps")
+#: Epsilon is reported in the clear, rounded up to this grid (see docs/secure-aggregation.md).
+EPSILON_REPORT_STEP = 0.01
+
+
+def flatten_update(arrays: Mapping[str, np.ndarray], keys: Sequence[str]) -> np.ndarray:
+    """The arrays named by ``keys``, in that order, as one float64 vector."""
+    missing = [key for key in keys if key not in arrays]
+    if missing or len(arrays) != len(keys):
+        raise ValueError(f"update keys differ from the global model's (missing {missing[:3]})")
+    if not keys:
+        return np.zeros(0, dtype=np.float64)
+    return np.concatenate([np.asarray(arrays[key], dtype=np.float64).reshape(-1) for key in keys])
+
+
+def unflatten_update(
+    vector: np.ndarray, shapes: Sequence[tuple[str, tuple[int, ...]]]
+) -> dict[str, np.ndarray]:
+    """Inverse of :func:`flatten_update` for arrays of the given (key, shape) list."""
+    sizes = [math.prod(shape) for _, shape in shapes]
+    if vector.shape != (sum(sizes),):
+        raise ValueError(f"vector has {vector.size} entries, expected {sum(sizes)}")
+    out, start = {}, 0
+    for (key, shape), size in zip(shapes, sizes, strict=True):
+        out[key] = vector[start : start + size].reshape(shape)
+        start += size
+    return out
+
+
+def weighted_metrics(*, weight: int, train_loss: float, steps: int) -> dict[str, float]:
+    """The summed metrics of one site: weight * mean train loss, weight * steps."""
+    loss = float(train_loss) if math.isfinite(train_loss) else 0.0
+    return {"train-loss": weight * loss, "steps": float(weight * int(steps))}
+
+
+def metric_ranges(
+    *, max_weight: int, loss_bound: float, max_steps: int
+) -> dict[str, tuple[float, float]]:
+    """Quantisation ranges of the summed metrics (values outside are clipped)."""
+    return {
+        "train-loss": (0.0, float(max_weight) * loss_bound),
+        "steps": (0.0, float(max_weight) * max(1, max_steps)),
+    }
+
+
+def reported_epsilon(epsilon: float) -> float:
+    """A site's epsilon as reported in the clear: rounded up to the report grid."""
+    if not math.isfinite(epsilon):
+        return math.inf
+    return math.ceil(epsilon / EPSILON_REPORT_STEP - 1e-9) * EPSILON_REPORT_STEP

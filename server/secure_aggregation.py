@@ -1,0 +1,367 @@
+"""SecAgg+ rounds on Flower's Message API: the coordinator never sees one site's update.
+
+Protocol: Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead",
+CCS 2020 (SecAgg+), with the complete graph of Bonawitz et al., "Practical Secure
+Aggregation for Privacy-Preserving Machine Learning", CCS 2017, as its special case. The
+arithmetic and the stage functions are Flower-free (``server.secagg.stages``); this module
+only moves their payloads through four message exchanges (``common.secure_round``):
+
+    setup (train + advertise keys) -> share keys -> masked input -> unmask -> decoded sum
+
+Each exchange has ``ttl`` = its budget (setup: the round timeout, since the sites train in
+it; the others: ``stage_timeout``). Replies are matched to requests by
+``metadata.reply_to_message_id`` (ids exist only after ``send_and_receive`` pushed the
+messages). An error reply, a missing reply, a refusal or a malformed payload at any stage
+makes the site a dropout; a refusal at setup (the site's privacy budget or policy) means the
+site does not take part. Below the threshold the round is aborted and ``RoundAggregate``
+carries the reason; the model is left unchanged by the caller.
+
+What the coordinator learns per round: the masked sum over the survivors of weight * update,
+of the weights and of weight * metric (train loss, steps), which sites dropped out and when,
+and each site's own epsilon, in the clear (see docs/secure-aggregation.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common.secure_round import (
+    MESSAGE_MASKED,
+    MESSAGE_SETUP,
+    MESSAGE_SHARE,
+    MESSAGE_UNMASK,
+    RECORD_MASKED,
+    RECORD_PRIVACY,
+    RECORD_SECAGG,
+    RECORD_STATUS,
+    metric_ranges,
+    unflatten_update,
+)
+from server.aggregation import RoundAggregate, SiteOutcome
+from server.secagg.stages import (
+    ServerSecAggState,
+    server_collect_keys,
+    server_collect_masked_inputs,
+    server_route_shares,
+    server_start_round,
+    server_unmask,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """The coordinator's secure-aggregation parameters (run config ``secagg-*``)."""
+
+    bit_width: int = 32
+    update_clip: float = 1.0
+    max_weight: int = 100_000
+    degree: int | None = None  # None: Bell et al.'s default for the number of sites
+    threshold: int | None = None
+    stage_timeout: float = 600.0
+    loss_bound: float = 50.0  # largest mean train loss a site can report (clipped above)
+
+    @classmethod
+    def from_federation_config(cls, config: Any) -> SecAggSettings:
+        return cls(
+            bit_width=config.secagg_bit_width,
+            update_clip=config.secagg_update_clip,
+            max_weight=config.secagg_max_weight,
+            degree=config.secagg_degree or None,
+            threshold=config.secagg_threshold or None,
+            stage_timeout=config.secagg_stage_timeout,
+        )
+
+
+@dataclass
+class SecAggRoundReport:
+    """What happened in the last round, for logs, tests and benchmarks (no secrets)."""
+
+    round_id: int = 0
+    stage_sites: dict[str, list[int]] = field(default_factory=dict)
+    exchange_seconds: dict[str, float] = field(default_factory=dict)
+    survivors: list[int] = field(default_factory=list)
+    update_error_bound: float = 0.0
+    metric_error_bounds: dict[str, float] = field(default_factory=dict)
+    degree: int = 0
+    threshold: int = 0
+    aborted: str | None = None
+
+
+class _Stage:
+    """Collects the outcome of one exchange: good replies, and dropouts with reasons."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.replies: dict[int, Message] = {}
+        self.dropped: dict[int, str] = {}
+
+
+class SecAggPlusAggregation:
+    """``RoundAggregation`` with SecAgg+: only the sum over the surviving sites is revealed."""
+
+    def __init__(self, settings: SecAggSettings | None = None) -> None:
+        self.settings = settings or SecAggSettings()
+        self.last_round = SecAggRoundReport()
+
+    def run_round(
+        self,
+        grid: Grid,
+        *,
+        node_ids: Sequence[int],
+        global_arrays: ArrayRecord,
+        train_config: ConfigRecord,
+        timeout: float,
+    ) -> RoundAggregate:
+        settings = self.settings
+        round_id = int(train_config["server_round"])
+        shapes = [(key, tuple(global_arrays[key].shape)) for key in global_arrays]
+        length = sum(math.prod(shape) for _, shape in shapes)
+        report = SecAggRoundReport(round_id=round_id)
+        self.last_round = report
+        outcomes: dict[int, SiteOutcome] = {}
+
+        def finish(reason: str | None, aggregate: RoundAggregate | None = None) -> RoundAggregate:
+            result = aggregate or RoundAggregate(weighted_update_sum=None, total_weight=0.0)
+            for node in node_ids:  # sites still in the protocol when it stopped
+                outcomes.setdefault(
+                    node, SiteOutcome(node, "aborted", reason or "round ended before unmasking")
+                )
+            result.outcomes = [outcomes[node] for node in node_ids]
+            result.aborted = reason
+            report.aborted = reason
+            if reason:
+                logger.warning("round %d: %s", round_id, reason)
+            return result
+
+        if len(set(node_ids)) < 2:
+            return finish(f"secure aggregation needs at least 2 sites, {len(node_ids)} sampled")
+        max_steps = int(train_config.get("local_epochs", 1)) * math.ceil(
+            settings.max_weight / max(1, int(train_config.get("batch_size", 1)))
+        )
+        try:
+            state, requests = server_start_round(
+                round_id=round_id,
+                site_ids=node_ids,
+                update_length=length,
+                update_clip=settings.update_clip,
+                max_weight=settings.max_weight,
+                metric_ranges=metric_ranges(
+                    max_weight=settings.max_weight,
+                    loss_bound=settings.loss_bound,
+                    max_steps=max_steps,
+                ),
+                bit_width=settings.bit_width,
+                degree=settings.degree,
+                threshold=settings.threshold,
+            )
+        except ValueError as error:
+            return finish(f"secure aggregation cannot start: {error}")
+        report.degree, report.threshold = state.config.degree, state.config.threshold
+
+        # Stage 0: setup. The sites train here and answer with their public keys.
+        setup = self._exchange(
+            grid,
+            MESSAGE_SETUP,
+            {
+                node: RecordDict(
+                    {
+                        "arrays": global_arrays,
+                        "config": train_config,
+                        RECORD_SECAGG: ConfigRecord(payload),
+                    }
+                )
+                for node, payload in requests.items()
+            },
+            ttl=timeout,
+        )
+        epsilon_max = 0.0
+        keys: dict[int, dict[str, Any]] = {}
+        for node, reply in setup.replies.items():
+            status = reply.content.config_records.get(RECORD_STATUS)
+            if status is not None and bool(status.get("refused", False)):
+                outcomes[node] = SiteOutcome(node, "refused", str(status.get("reason", "")))
+                logger.warning("site %s refused round %d: %s", node, round_id, status["reason"])
+                continue
+            payload = _payload(reply)
+            if payload is None:
+                setup.dropped[node] = "setup reply has no secagg record"
+                continue
+            keys[node] = payload
+            privacy = reply.content.metric_records.get(RECORD_PRIVACY)
+            epsilon = float(privacy.get("epsilon", 0.0)) if privacy is not None else 0.0
+            if not math.isnan(epsilon):
+                epsilon_max = max(epsilon_max, epsilon)
+        self._drop(outcomes, setup)
+        if not keys:
+            refused = sum(o.status == "refused" for o in outcomes.values())
+            failed = sum(o.status == "failed" for o in outcomes.values())
+            return finish(
+                f"no site trained this round ({refused} refused, {failed} failed)",
+                _with_epsilon(epsilon_max),
+            )
+        state, requests = server_collect_keys(state=state, replies=keys)
+        self._drop_rejected(outcomes, set(keys) - set(state.advertised_ids), "setup", state)
+        report.stage_sites["setup"] = list(state.advertised_ids)
+        if state.aborted:
+            return finish(state.abort_reason, _with_epsilon(epsilon_max))
+
+        # Stage 1: share keys.
+        share = self._exchange(
+            grid, MESSAGE_SHARE, _config_requests(requests), ttl=settings.stage_timeout
+        )
+        self._drop(outcomes, share)
+        shared = _payloads(share)
+        state, requests = server_route_shares(state=state, replies=shared)
+        self._drop_rejected(outcomes, set(shared) - set(state.shared_ids), "share_keys", state)
+        report.stage_sites["share_keys"] = list(state.shared_ids)
+        if state.aborted:
+            return finish(state.abort_reason, _with_epsilon(epsilon_max))
+
+        # Stage 2: masked input.
+        masked = self._exchange(
+            grid, MESSAGE_MASKED, _config_requests(requests), ttl=settings.stage_timeout
+        )
+        self._drop(outcomes, masked)
+        inputs: dict[int, dict[str, Any]] = {}
+        for node, payload in _payloads(masked).items():
+            vector = _masked_vector(masked.replies[node])
+            if vector is None:
+                outcomes[node] = SiteOutcome(node, "failed", "masked_input: no masked vector")
+                continue
+            inputs[node] = {**payload, "masked_input": vector}
+        state, requests = server_collect_masked_inputs(state=state, replies=inputs)
+        self._drop_rejected(outcomes, set(inputs) - set(state.survivor_ids), "masked_input", state)
+        report.stage_sites["masked_input"] = list(state.survivor_ids)
+        report.survivors = list(state.survivor_ids)
+        if state.aborted:
+            return finish(state.abort_reason, _with_epsilon(epsilon_max))
+
+        # Stage 3: unmask. A survivor that does not answer is still in the sum.
+        unmask = self._exchange(
+            grid, MESSAGE_UNMASK, _config_requests(requests), ttl=settings.stage_timeout
+        )
+        for node, reason in unmask.dropped.items():
+            logger.warning("site %s did not answer the unmask request: %s", node, reason)
+        state, decoded = server_unmask(state=state, replies=_payloads(unmask))
+        report.stage_sites["unmask"] = sorted(_payloads(unmask))
+        if decoded is None:
+            return finish(state.abort_reason, _with_epsilon(epsilon_max))
+        report.update_error_bound = decoded.update_error_bound
+        report.metric_error_bounds = dict(decoded.metric_error_bounds)
+        for node in state.survivor_ids:
+            outcomes[node] = SiteOutcome(node, "trained")
+        aggregate = RoundAggregate(
+            weighted_update_sum=unflatten_update(decoded.weighted_update_sum, shapes),
+            total_weight=float(decoded.weight_sum),
+            metric_sums=dict(decoded.metric_sums),
+            epsilon_max=epsilon_max,
+        )
+        return finish(None, aggregate)
+
+    def _exchange(
+        self, grid: Grid, message_type: str, contents: Mapping[int, RecordDict], *, ttl: float
+    ) -> _Stage:
+        started = time.perf_counter()
+        stage = _Stage(message_type)
+        messages = [
+            Message(content, dst_node_id=node, message_type=message_type, ttl=ttl)
+            for node, content in contents.items()
+        ]
+        replies = list(grid.send_and_receive(messages, timeout=ttl)) if messages else []
+        # Message ids are assigned when pushed: map them only now.
+        sent = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in messages}
+        for reply in replies:
+            node = sent.get(reply.metadata.reply_to_message_id)
+            if node is None:
+                logger.warning("%s: ignoring a reply to no message of this stage", message_type)
+                continue
+            if node in stage.replies or node in stage.dropped:
+                stage.replies.pop(node, None)
+                stage.dropped[node] = f"{message_type}: duplicated reply"
+            elif reply.has_error():
+                error = reply.error
+                reason = (error.reason or "").strip().splitlines() or [""]
+                stage.dropped[node] = f"{message_type}: error code {error.code}: {reason[-1][:300]}"
+            elif reply.metadata.src_node_id != node:
+                stage.dropped[node] = f"{message_type}: reply from another node"
+            else:
+                status = reply.content.config_records.get(RECORD_STATUS)
+                if (
+                    message_type != MESSAGE_SETUP
+                    and status is not None
+                    and bool(status.get("refused", False))
+                ):
+                    stage.dropped[node] = f"{message_type}: site refused: {status.get('reason')}"
+                elif (
+                    message_type != MESSAGE_SETUP
+                    and RECORD_SECAGG not in reply.content.config_records
+                ):
+                    stage.dropped[node] = f"{message_type}: reply has no secagg record"
+                else:
+                    stage.replies[node] = reply
+        for node in set(contents) - set(stage.replies) - set(stage.dropped):
+            stage.dropped[node] = f"{message_type}: no reply within {ttl:g} s"
+        self.last_round.exchange_seconds[message_type] = time.perf_counter() - started
+        return stage
+
+    @staticmethod
+    def _drop(outcomes: dict[int, SiteOutcome], stage: _Stage) -> None:
+        for node, reason in stage.dropped.items():
+            outcomes[node] = SiteOutcome(node, "failed", reason)
+            logger.warning("site %s dropped out: %s", node, reason)
+
+    @staticmethod
+    def _drop_rejected(
+        outcomes: dict[int, SiteOutcome], nodes: set[int], stage: str, state: ServerSecAggState
+    ) -> None:
+        for node in nodes:
+            if node not in outcomes:
+                reasons = [r for r in state.rejections if r.startswith(f"site {node}:")]
+                outcomes[node] = SiteOutcome(
+                    node, "failed", reasons[-1] if reasons else f"{stage} reply rejected"
+                )
+
+
+def _with_epsilon(epsilon_max: float) -> RoundAggregate:
+    return RoundAggregate(weighted_update_sum=None, total_weight=0.0, epsilon_max=epsilon_max)
+
+
+def _config_requests(requests: Mapping[int, Mapping[str, Any]]) -> dict[int, RecordDict]:
+    return {
+        node: RecordDict({RECORD_SECAGG: ConfigRecord(dict(payload))})
+        for node, payload in requests.items()
+    }
+
+
+def _payload(reply: Message) -> dict[str, Any] | None:
+    record = reply.content.config_records.get(RECORD_SECAGG)
+    return None if record is None else dict(record)
+
+
+def _payloads(stage: _Stage) -> dict[int, dict[str, Any]]:
+    return {
+        node: dict(reply.content.config_records[RECORD_SECAGG])
+        for node, reply in stage.replies.items()
+    }
+
+
+def _masked_vector(reply: Message) -> np.ndarray | None:
+    record = reply.content.array_records.get(RECORD_MASKED)
+    if record is None:
+        return None
+    try:
+        arrays = record.to_numpy_ndarrays()
+    except Exception:  # a malformed array record from a hostile site
+        return None
+    return arrays[0] if len(arrays) == 1 else None

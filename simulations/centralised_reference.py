@@ -1,0 +1,88 @@
+"""Centralised DP-SGD on the pooled benchmark data: the reference beside federated runs.
+
+Same model, loss, optimiser and DP-SGD as a site uses (``client.training.train_locally``),
+but one party holding all training records. Prints one JSON line per epoch and a final
+JSON summary. Usage:
+    python -m simulations.centralised_reference --epochs 6 --epsilon 3 \
+        --set model-width=32 --set learning-rate=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from client.privacy_ledger import calibrate_noise_multiplier, epsilon_of
+from client.training import (
+    DPSGDSettings,
+    TrainingRecipe,
+    sample_rate,
+    steps_per_epoch,
+    train_locally,
+)
+from common.data.benchmark import benchmark_test_set, benchmark_train_records
+from common.federation_config import FederationConfig
+from common.model import CrossAttentionMatcher
+from common.tokenizer import HashingTokenizer
+from common.train_request import model_config_of
+from server.evaluation import evaluate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epsilon", type=float, default=3.0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    overrides = dict(pair.split("=", 1) for pair in args.set)
+    config = FederationConfig.from_run_config({**overrides, "epsilon": args.epsilon})
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(config.seed)
+    data = benchmark_train_records(config.data_dir or None)
+    test = benchmark_test_set(config.data_dir or None, num_scenes=config.eval_scenes)
+    model = CrossAttentionMatcher(model_config_of(config))
+    tokenizer = HashingTokenizer(
+        num_buckets=model.config.vocab_buckets, max_len=model.config.max_len
+    )
+    rate = sample_rate(len(data), config.batch_size)
+    sigma = calibrate_noise_multiplier(
+        epsilon=config.epsilon,
+        delta=config.delta,
+        sample_rate=rate,
+        steps=args.epochs * steps_per_epoch(len(data), config.batch_size),
+    )
+    dp = DPSGDSettings(sigma, config.max_grad_norm) if math.isfinite(config.epsilon) else None
+    history: list[tuple[float, float, int]] = []
+    started = time.monotonic()
+    for epoch in range(1, args.epochs + 1):
+        recipe = TrainingRecipe(
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            momentum=config.momentum,
+            optimizer=config.optimizer,
+            num_distractors=config.num_distractors,
+            seed=config.seed + epoch,
+        )
+        result = train_locally(
+            model, data, recipe=recipe, dp=dp, accountant_history=history, tokenizer=tokenizer
+        )
+        history = result.accountant_history
+        row = {
+            "epoch": epoch,
+            "noise_multiplier": round(sigma, 4),
+            "epsilon": epsilon_of(history, config.delta) if dp else math.inf,
+            "delta": config.delta,
+            "train_loss": round(result.mean_loss, 4),
+            **evaluate(model, test, tokenizer).to_dict(),
+            "wall_s": round(time.monotonic() - started, 1),
+        }
+        print(json.dumps({k: str(v) if v == math.inf else v for k, v in row.items()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

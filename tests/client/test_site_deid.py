@@ -1,0 +1,203 @@
+"""A site's records are de-identified before training, under its own policy, once per
+dataset version: an in-process cache, then an on-disk cache whose key changes with the
+policy, the data, the tool versions and the site secret."""
+
+from __future__ import annotations
+
+import json
+import stat
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client import site_data
+from client.deid.cache import code_fingerprint
+from client.deid.policy import DeidPolicy, load_policy
+from client.deid.records import deidentify_records
+from client.site_data import DEID_DIR_ENV, DEID_POLICY_ENV, load_site_data
+from common.data.dataset import ImageTextDataset
+from common.data.fashion_mnist import DEFAULT_DATA_DIR
+from common.federation_config import FederationConfig
+from common.train_request import TrainRequest
+
+needs_benchmark = pytest.mark.skipif(
+    not DEFAULT_DATA_DIR.exists(), reason="needs apt-get install dataset-fashion-mnist"
+)
+PII = ["Grace Hopper", "grace@example.com", "(415) 555-0134", "2024-03-15"]
+CAPTIONS = [
+    "a sandal, photo by Grace Hopper",
+    "a bag, contact grace@example.com or (415) 555-0134",
+    "a coat on a black background, worn on 2024-03-15",
+]
+
+
+def _request(limit: int = 0) -> TrainRequest:
+    config = FederationConfig.from_run_config({"site-records-limit": limit})
+    return TrainRequest.for_round(config, 1)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_memo(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DEID_POLICY_ENV, raising=False)
+    monkeypatch.delenv(DEID_DIR_ENV, raising=False)
+    site_data._memo.clear()
+
+
+@pytest.fixture()
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "site-data"
+    root.mkdir()
+    for i in range(len(CAPTIONS)):
+        Image.fromarray(np.full((40, 80), 60 * i, np.uint8)).save(root / f"{i}.png")
+    _write_metadata(root, CAPTIONS)
+    return root
+
+
+def _write_metadata(root: Path, captions: list[str]) -> None:
+    lines = [json.dumps({"file_name": f"{i}.png", "text": c}) for i, c in enumerate(captions)]
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _node_config(tmp_path: Path, folder: Path, policy_text: str = "") -> dict[str, str]:
+    policy = tmp_path / "deid.toml"
+    policy.write_text(policy_text)
+    return {
+        "imagefolder": str(folder),
+        "deid-policy": str(policy),
+        "site-secret": str(tmp_path / "secret" / "site-secret"),
+        "deid-cache-dir": str(tmp_path / "cache"),
+    }
+
+
+def _entries(cache: Path) -> list[Path]:
+    return sorted(p for p in cache.iterdir() if not p.name.startswith("."))
+
+
+def test_imagefolder_is_de_identified_and_cached_privately(folder: Path, tmp_path: Path) -> None:
+    config = _node_config(tmp_path, folder)
+    data = load_site_data(config, _request())
+    assert data.captions[0].startswith("a sandal, photo by <PERSON_")
+    assert "<EMAIL_" in data.captions[1] and "<PHONE_" in data.captions[1]
+    assert data.captions[2].endswith("worn on <DATE_" + data.captions[2].split("<DATE_")[1])
+    assert data.images.shape == (3, 28, 56)
+    secret = Path(config["site-secret"])
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    cache = Path(config["deid-cache-dir"])
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    (entry,) = _entries(cache)
+    audit = json.loads((entry / "audit.json").read_text())
+    assert audit["pii_by_type"] == {"DATE": 1, "EMAIL": 1, "PERSON": 1, "PHONE": 1}
+    # Neither the secret nor a found value is anywhere in the cache's names or files but
+    # the de-identified data (which holds pseudonyms only).
+    key_material = [secret.read_bytes(), secret.read_bytes().hex().encode()]
+    for path in [cache, *cache.rglob("*")]:
+        assert not any(v.encode() in path.name.encode() for v in PII)
+        if path.is_file():
+            content = path.read_bytes()
+            assert not any(v in content for v in key_material), path
+            assert not any(value.encode() in content for value in PII), path
+
+
+def test_cache_hits_in_process_and_on_disk_and_is_invalidated_by_policy_and_data(
+    folder: Path, tmp_path: Path
+) -> None:
+    config = _node_config(tmp_path, folder)
+    cache = Path(config["deid-cache-dir"])
+    first = load_site_data(config, _request())
+    (entry,) = _entries(cache)
+    assert load_site_data(config, _request()) is first  # in-process
+    site_data._memo.clear()  # a fresh ClientApp process: from disk, not recomputed
+    mtime = (entry / "entry.json").stat().st_mtime_ns
+    again = load_site_data(config, _request())
+    assert again.captions == first.captions and np.array_equal(again.images, first.images)
+    assert _entries(cache) == [entry] and (entry / "entry.json").stat().st_mtime_ns == mtime
+
+    Path(config["deid-policy"]).write_text('text_action = "redact"\n')  # new policy
+    redacted = load_site_data(config, _request())
+    assert redacted.captions[0] == "a sandal, photo by <PERSON>"
+    (new_entry,) = _entries(cache)  # the outdated entry of this folder is gone
+    assert new_entry != entry
+
+    _write_metadata(folder, [*CAPTIONS[:2], "a coat, worn on March 3, 2021"])  # new data
+    changed = load_site_data(config, _request())
+    assert changed.captions[2] == "a coat, worn on <DATE>"
+    assert len(_entries(cache)) == 1 and _entries(cache)[0] != new_entry
+
+
+def test_a_new_site_secret_gives_a_new_entry(folder: Path, tmp_path: Path) -> None:
+    config = _node_config(tmp_path, folder)
+    first = load_site_data(config, _request())
+    site_data._memo.clear()
+    other = {**config, "site-secret": str(tmp_path / "other-secret")}
+    second = load_site_data(other, _request())
+    assert first.captions[0] != second.captions[0]  # pseudonyms keyed by each secret
+    assert len(_entries(Path(config["deid-cache-dir"]))) == 2
+
+
+def test_without_a_policy_records_are_used_as_they_are(folder: Path) -> None:
+    data = load_site_data({"imagefolder": str(folder)}, _request())
+    assert data.captions == CAPTIONS
+
+
+def test_detect_faces_is_the_policy_s_choice() -> None:
+    rng = np.random.default_rng(0)
+    raw = ImageTextDataset(
+        images=rng.integers(0, 256, (4, 28, 56), dtype=np.uint8),
+        captions=["a tee"] * 4,
+        labels=np.zeros(4, dtype=np.int64),
+    )
+    on, report_on = deidentify_records(raw, DeidPolicy(), bytes(32))
+    off, report_off = deidentify_records(raw, DeidPolicy(detect_faces=False), bytes(32))
+    assert report_on.images_processed == 4 and report_off.images_processed == 0
+    assert np.array_equal(on.images, raw.images) and np.array_equal(off.images, raw.images)
+    assert report_on.tool_versions == report_off.tool_versions
+
+
+def test_policy_files_name_a_bad_detect_faces(tmp_path: Path) -> None:
+    path = tmp_path / "deid.toml"
+    path.write_text("detect_faces = 1\n")
+    with pytest.raises(ValueError, match="detect_faces: expected true or false"):
+        load_policy(path)
+    path.write_text("detect_faces = false\n")
+    assert load_policy(path) == replace(DeidPolicy(), detect_faces=False)
+    assert len(code_fingerprint()) == 64
+
+
+@needs_benchmark
+def test_simulated_site_uses_the_env_policy_and_its_own_secret_and_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "deid.toml").write_text("")
+    monkeypatch.setenv(DEID_POLICY_ENV, str(tmp_path / "deid.toml"))
+    monkeypatch.setenv(DEID_DIR_ENV, str(tmp_path / "site-deid"))
+    request = _request(limit=400)
+    data = {
+        pid: load_site_data({"partition-id": pid, "num-partitions": 10}, request) for pid in (0, 1)
+    }
+    for pid in (0, 1):
+        site_dir = tmp_path / "site-deid" / f"site-{pid}"
+        assert stat.S_IMODE((site_dir / "site-secret").stat().st_mode) == 0o600
+        assert len(_entries(site_dir / "cache")) == 1
+        assert any("<PERSON_" in c for c in data[pid].captions)
+    secrets = {(tmp_path / "site-deid" / f"site-{p}" / "site-secret").read_bytes() for p in (0, 1)}
+    assert len(secrets) == 2
+
+
+def test_a_damaged_cache_entry_is_rebuilt(folder: Path, tmp_path: Path) -> None:
+    config = _node_config(tmp_path, folder)
+    first = load_site_data(config, _request())
+    (entry,) = _entries(Path(config["deid-cache-dir"]))
+    (entry / "imagefolder" / "metadata.jsonl").unlink()
+    site_data._memo.clear()
+    again = load_site_data(config, _request())  # found, unreadable, rebuilt
+    assert again.captions == first.captions
+    assert (entry / "imagefolder" / "metadata.jsonl").is_file()
+
+
+def test_a_cache_inside_the_data_folder_is_refused(folder: Path, tmp_path: Path) -> None:
+    config = {**_node_config(tmp_path, folder), "deid-cache-dir": str(folder / ".cache")}
+    with pytest.raises(site_data.SiteDataError, match="set deid-cache-dir to a folder outside"):
+        load_site_data(config, _request())

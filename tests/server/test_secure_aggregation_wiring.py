@@ -1,0 +1,309 @@
+"""SecAggPlusAggregation and the ClientApp's SecAgg+ handlers, wired through real Messages.
+
+A small in-process Grid hands every message to the handler of ``client.app`` that Flower
+would route it to (one Context per node, as a SuperNode keeps it), so these tests run the
+real message contents, reply matching, dropouts and refusals in a second, without Ray.
+Setup uses a numpy trainer instead of DP-SGD; the Flower simulation tests run the real one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from uuid import uuid4
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client import app as client_app
+from client.secagg.pending_update import SPILL_DIR_ENV
+from common.secure_round import (
+    MESSAGE_MASKED,
+    MESSAGE_SETUP,
+    MESSAGE_SHARE,
+    MESSAGE_UNMASK,
+    RECORD_SECAGG,
+    RECORD_STATUS,
+    flatten_update,
+)
+from server.secure_aggregation import SecAggPlusAggregation, SecAggSettings
+
+SHAPES = {"a.weight": (30, 20), "a.bias": (20,), "b": (7, 3, 5)}
+Fault = Callable[[str, int], str | None]  # (message type, node) -> "drop" | "error" | None
+
+
+class InProcessGrid:
+    """Delivers each message to the node's ClientApp handler; records every reply."""
+
+    def __init__(self, node_ids: list[int], trainer: client_app.Trainer) -> None:
+        self.contexts = {
+            node: Context(run_id=7, node_id=node, node_config={}, state=RecordDict(), run_config={})
+            for node in node_ids
+        }
+        self.trainer = trainer
+        self.fault: Fault = lambda _type, _node: None
+        self.received: list[Message] = []
+        self.handlers = {
+            MESSAGE_SETUP: lambda m, c: client_app.run_secagg_setup(m, c, train=self.trainer),
+            MESSAGE_SHARE: client_app.secagg_share,
+            MESSAGE_MASKED: client_app.secagg_masked,
+            MESSAGE_UNMASK: client_app.secagg_unmask,
+        }
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid4().hex
+            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
+            fault = self.fault(kind, node)
+            if fault == "drop":
+                continue
+            if fault == "error":
+                replies.append(Message(Error(code=2, reason="injected fault"), reply_to=msg))
+                continue
+            replies.append(self.handlers[kind](msg, self.contexts[node]))
+        self.received.extend(replies)
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 1
+    monkeypatch.setenv(SPILL_DIR_ENV, str(tmp_path))
+
+
+def _global_arrays() -> ArrayRecord:
+    rng = np.random.default_rng(0)
+    return ArrayRecord({k: Array(rng.normal(size=s).astype(np.float32)) for k, s in SHAPES.items()})
+
+
+def _numpy_trainer(
+    updates: dict[int, np.ndarray], weights: dict[int, int], refuse: set[int] = frozenset()
+) -> client_app.Trainer:
+    def train(request, msg: Message, context: Context):
+        node = context.node_id
+        if node in refuse:
+            return "privacy budget: test refusal"
+        keys = list(msg.content.array_records["arrays"].keys())
+        rng = np.random.default_rng([node, request.server_round])
+        update = {k: rng.normal(0, 0.05, SHAPES[k]) for k in keys}
+        updates[node] = flatten_update(update, keys)
+        weights[node] = int(rng.integers(50, 500))
+        return client_app.LocalUpdate(
+            update=updates[node],
+            num_examples=weights[node],
+            train_loss=1.5,
+            steps=3,
+            epsilon=0.1 * (node % 7) + 0.123,
+        )
+
+    return train
+
+
+def _train_config(server_round: int) -> ConfigRecord:
+    from common.federation_config import FederationConfig
+    from common.train_request import TrainRequest
+
+    return ConfigRecord(TrainRequest.for_round(FederationConfig(), server_round).to_config())
+
+
+def _run(grid: InProcessGrid, server_round: int, aggregation: SecAggPlusAggregation):
+    return aggregation.run_round(
+        grid,  # type: ignore[arg-type]
+        node_ids=sorted(grid.contexts),
+        global_arrays=_global_arrays(),
+        train_config=_train_config(server_round),
+        timeout=60.0,
+    )
+
+
+def _plain_mean(updates, weights, sites) -> dict[str, np.ndarray]:
+    total = sum(weights[s] for s in sites)
+    flat = sum(weights[s] * np.clip(updates[s], -1, 1) for s in sites) / total
+    out, start = {}, 0
+    for key, shape in SHAPES.items():
+        size = math.prod(shape)
+        out[key] = flat[start : start + size].reshape(shape)
+        start += size
+    return out
+
+
+NODES = [11, 2**64 - 3, 2**63 + 5, 40, 55]
+
+
+def test_round_decodes_the_weighted_mean_and_reveals_no_update() -> None:
+    updates, weights = {}, {}
+    grid = InProcessGrid(NODES, _numpy_trainer(updates, weights))
+    aggregation = SecAggPlusAggregation()
+    result = _run(grid, 1, aggregation)
+    assert result.aborted is None
+    assert result.count("trained") == 5
+    assert result.total_weight == sum(weights.values())  # exact, but only as a sum
+    bound = aggregation.last_round.update_error_bound / result.total_weight
+    plain = _plain_mean(updates, weights, NODES)
+    mean = result.mean_update()
+    assert mean is not None
+    for key in SHAPES:
+        assert np.abs(mean[key] - plain[key]).max() <= bound
+    assert math.isclose(result.metric_sums["train-loss"] / result.total_weight, 1.5, rel_tol=1e-3)
+    assert math.isclose(result.epsilon_max, max(0.1 * (n % 7) + 0.13 for n in NODES), abs_tol=1e-9)
+    # Nothing a site sent carries its update, weight or metrics in the clear.
+    for reply in grid.received:
+        for record in reply.content.config_records.values():
+            for value in record.values():
+                assert not (isinstance(value, int) and value in weights.values())
+        for name, record in reply.content.array_records.items():
+            assert name == "masked"
+            (vector,) = record.to_numpy_ndarrays()
+            assert vector.dtype == np.uint32
+        assert all(set(r) <= {"epsilon"} for r in reply.content.metric_records.values())
+    # The waiting updates are gone and the nodes keep only small state.
+    assert not list(Path(os.environ[SPILL_DIR_ENV]).iterdir())  # not even the directories
+    for context in grid.contexts.values():
+        assert client_app.SECAGG_STATE_KEY not in context.state.config_records
+
+
+def test_setup_keeps_the_update_in_a_private_file_not_in_state() -> None:
+    updates, weights = {}, {}
+    grid = InProcessGrid(NODES[:3], _numpy_trainer(updates, weights))
+    grid.fault = lambda kind, node: "drop" if kind == MESSAGE_SHARE else None
+    result = _run(grid, 1, SecAggPlusAggregation())
+    assert result.aborted is not None and "threshold" in result.aborted
+    files = list(Path(os.environ[SPILL_DIR_ENV]).rglob("*.npz"))
+    assert len(files) == 3
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+    assert all(f.parent.stat().st_mode & 0o777 == 0o700 for f in files)
+    for context in grid.contexts.values():
+        record = context.state.config_records[client_app.SECAGG_STATE_KEY]
+        assert sum(len(v) if isinstance(v, bytes | str) else 8 for v in record.values()) < 4000
+
+
+@pytest.mark.parametrize("stage", [MESSAGE_SETUP, MESSAGE_SHARE, MESSAGE_MASKED, MESSAGE_UNMASK])
+@pytest.mark.parametrize("kind", ["drop", "error"])
+def test_one_site_lost_at_any_stage_the_round_completes(stage: str, kind: str) -> None:
+    updates, weights = {}, {}
+    grid = InProcessGrid(NODES, _numpy_trainer(updates, weights))
+    lost = NODES[1]
+    grid.fault = lambda t, node: kind if (t == stage and node == lost) else None
+    aggregation = SecAggPlusAggregation(SecAggSettings(degree=4, threshold=3))
+    result = _run(grid, 1, aggregation)
+    assert result.aborted is None
+    summed = [n for n in NODES if n != lost] if stage != MESSAGE_UNMASK else NODES
+    assert sorted(aggregation.last_round.survivors) == sorted(summed)
+    assert result.total_weight == sum(weights[n] for n in summed)
+    mean = result.mean_update()
+    plain = _plain_mean(updates, weights, summed)
+    bound = aggregation.last_round.update_error_bound / result.total_weight
+    assert all(np.abs(mean[k] - plain[k]).max() <= bound for k in SHAPES)
+    if stage != MESSAGE_UNMASK:
+        (outcome,) = [o for o in result.outcomes if o.node_id == lost]
+        assert outcome.status == "failed" and stage in outcome.reason
+
+
+def test_below_threshold_aborts_then_the_next_round_runs() -> None:
+    updates, weights = {}, {}
+    grid = InProcessGrid(NODES, _numpy_trainer(updates, weights))
+    lost = set(NODES[:3])
+    grid.fault = lambda t, node: "drop" if (t == MESSAGE_MASKED and node in lost) else None
+    aggregation = SecAggPlusAggregation(SecAggSettings(degree=4, threshold=3))
+    first = _run(grid, 1, aggregation)
+    assert first.aborted is not None and "threshold 3" in first.aborted
+    assert first.mean_update() is None
+    grid.fault = lambda t, node: None
+    second = _run(grid, 2, aggregation)
+    assert second.aborted is None and second.count("trained") == 5
+
+
+def test_budget_refusal_at_setup_means_the_site_does_not_take_part() -> None:
+    updates, weights = {}, {}
+    grid = InProcessGrid(NODES, _numpy_trainer(updates, weights, refuse={NODES[0]}))
+    result = _run(grid, 1, SecAggPlusAggregation())
+    assert result.aborted is None
+    (refused,) = [o for o in result.outcomes if o.status == "refused"]
+    assert refused.node_id == NODES[0] and "privacy budget" in refused.reason
+    assert result.total_weight == sum(weights[n] for n in NODES[1:])
+
+
+def test_every_site_refusing_leaves_no_site_trained() -> None:
+    grid = InProcessGrid(NODES[:2], _numpy_trainer({}, {}, refuse=set(NODES[:2])))
+    result = _run(grid, 1, SecAggPlusAggregation())
+    assert result.aborted is not None and "no site trained" in result.aborted
+    assert result.count("refused") == 2
+    assert not list(Path(os.environ[SPILL_DIR_ENV]).iterdir())  # no directory left behind
+
+
+def test_stale_and_replayed_messages_are_refused_not_crashing() -> None:
+    updates, weights = {}, {}
+    grid = InProcessGrid(NODES[:3], _numpy_trainer(updates, weights))
+    sent: list[Message] = []
+    original = grid.send_and_receive
+
+    def keep(messages, *, timeout=None):
+        messages = list(messages)
+        sent.extend(messages)
+        return original(messages, timeout=timeout)
+
+    grid.send_and_receive = keep  # type: ignore[method-assign]
+    assert _run(grid, 1, SecAggPlusAggregation()).aborted is None
+    node = NODES[0]
+    for old in sent:
+        if old.metadata.dst_node_id != node:
+            continue
+        replay = Message(
+            old.content, dst_node_id=node, message_type=old.metadata.message_type, ttl=10
+        )
+        replay.metadata.__dict__["_message_id"] = uuid4().hex
+        handler = grid.handlers[old.metadata.message_type]
+        reply = handler(replay, grid.contexts[node])
+        status = reply.content.config_records[RECORD_STATUS]
+        assert status["refused"], old.metadata.message_type
+        assert RECORD_SECAGG not in reply.content.config_records
+
+
+def test_stage_handlers_import_no_torch(tmp_path: Path) -> None:
+    # A whole round through the handlers in a fresh interpreter (as deployment runs them),
+    # with the numpy trainer at setup: neither torch nor opacus may get imported.
+    code = f"""
+import os, sys, runpy
+os.environ[{SPILL_DIR_ENV!r}] = {str(tmp_path)!r}
+helpers = runpy.run_path({__file__!r})
+from flwr.supercore.task_identity import TaskIdentity
+TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 1
+grid = helpers["InProcessGrid"]([1, 2, 3], helpers["_numpy_trainer"]({{}}, {{}}))
+result = helpers["_run"](grid, 1, helpers["SecAggPlusAggregation"]())
+assert result.aborted is None and result.count("trained") == 3, result.aborted
+assert "torch" not in sys.modules and "opacus" not in sys.modules, "torch imported"
+"""
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2], timeout=120
+    )
+
+
+def test_run_config_keys_choose_and_parametrise_secure_aggregation() -> None:
+    from common.federation_config import ConfigError, FederationConfig
+
+    default = FederationConfig()
+    assert default.secure_aggregation
+    settings = SecAggSettings.from_federation_config(default)
+    assert settings.degree is None and settings.threshold is None  # 0: paper-guided default
+    custom = FederationConfig.from_run_config(
+        {"secagg-degree": 4, "secagg-threshold": 3, "secagg-update-clip": 0.5}
+    )
+    settings = SecAggSettings.from_federation_config(custom)
+    assert (settings.degree, settings.threshold, settings.update_clip) == (4, 3, 0.5)
+    for key, bad in [("secagg-bit-width", 4), ("secagg-update-clip", 0.0), ("secagg-threshold", 1)]:
+        with pytest.raises(ConfigError, match=key):
+            FederationConfig.from_run_config({key: bad})
+
+
+def test_an_impossible_graph_aborts_the_round_instead_of_the_run() -> None:
+    grid = InProcessGrid(NODES[:3], _numpy_trainer({}, {}))
+    result = _run(grid, 1, SecAggPlusAggregation(SecAggSettings(degree=7)))
+    assert result.aborted is not None and "cannot start" in result.aborted
+    assert not grid.received  # nothing was sent

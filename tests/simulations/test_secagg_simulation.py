@@ -1,0 +1,208 @@
+"""SecAgg+ through Flower's simulation runtime: real Messages, real ClientApps, real DP-SGD.
+
+One 3-site, 4-round run (``secagg_simulation_driver.py``, in a subprocess so Ray cannot
+outlive the test) with faults injected by the test-only ClientApp wrapper:
+
+- round 1: every site healthy;
+- round 2: one site raises in the masked-input stage: the round completes with 2 >= t = 2;
+- round 3: two sites raise in the share-keys stage: 1 < t, the round aborts cleanly;
+- round 4: every site healthy again: the run goes on from the unchanged model.
+
+The coordinator's Grid records every reply it receives; the sites' plain updates come from a
+test-only copy of the file each site masks. The checks: no payload carries or correlates with
+a plain update (masked vectors are uniform over Z_(2^32): chi-square on the top 4 bits), no
+example count or per-site metric travels in the clear, and the decoded sum equals the plain
+weighted sum of the survivors within the stated quantisation bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.data.fashion_mnist import DEFAULT_DATA_DIR
+
+pytestmark = pytest.mark.skipif(
+    not DEFAULT_DATA_DIR.exists(), reason="needs apt-get install dataset-fashion-mnist"
+)
+
+DRIVER = Path(__file__).with_name("secagg_simulation_driver.py")
+FAULTS = {"2:secagg_masked": [2], "3:secagg_share": [0, 1]}
+RECORDS_PER_SITE = 100
+
+
+def _ray_processes() -> set[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return {
+        int(line.split()[0])
+        for line in out.splitlines()[1:]
+        if ("raylet" in line or "gcs_server" in line or "ray::" in line) and "<defunct>" not in line
+    }
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    base = tmp_path_factory.mktemp("secagg-sim")
+    dump, spill, out = base / "site-updates", base / "spill", base / "run"
+    dump.mkdir()
+    spill.mkdir()
+    before = _ray_processes()
+    env = {
+        **os.environ,
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FEDMM_TEST_SITE_DUMP": str(dump),
+        "FEDMM_TEST_FAULTS": json.dumps(FAULTS),
+        "FEDMM_SECAGG_SPILL_DIR": str(spill),
+    }
+    process = subprocess.Popen(
+        [sys.executable, str(DRIVER), str(out), "3", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parents[2],
+        start_new_session=True,  # one process group: nothing it starts can outlive the test
+    )
+    try:
+        log, _ = process.communicate(timeout=480)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        log, _ = process.communicate()
+        pytest.fail(f"simulation timed out:\n{log[-3000:]}")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, log[-3000:]
+    deadline = time.monotonic() + 30
+    while _ray_processes() - before and time.monotonic() < deadline:
+        time.sleep(1)
+    leftover = _ray_processes() - before
+    with open(out / "recording.pkl", "rb") as handle:
+        recording = pickle.load(handle)
+    plain = {}
+    for path in dump.glob("node-*-round-*.npz"):
+        _, node, _, round_id = path.stem.split("-")
+        with np.load(path) as data:
+            plain[(int(node), int(round_id))] = {
+                "update": data["update"],
+                "weight": int(data["weight"]),
+                "metrics": dict(zip(data["metric_names"], data["metric_values"], strict=True)),
+            }
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "received": recording["received"],
+        "rounds": {r["round"]: r for r in recording["rounds"]},
+        "plain": plain,
+        "rows": rows,
+        "leftover_ray": leftover,
+        "spill": spill,
+    }
+
+
+def _round_of(entry: dict) -> int:
+    return int(entry["configs"]["secagg"]["round"]) if "secagg" in entry["configs"] else -1
+
+
+def _masked_replies(run: dict) -> list[tuple[int, int, np.ndarray]]:
+    return [
+        (_round_of(e), e["node"], e["arrays"]["masked"][0])
+        for e in run["received"]
+        if e["type"] == "train.secagg_masked" and e["error"] is None
+    ]
+
+
+def test_masked_vectors_are_uniform_and_uncorrelated_with_every_plain_update(run: dict) -> None:
+    from scipy.stats import chisquare
+
+    masked = _masked_replies(run)
+    assert len(masked) == 3 + 2 + 3  # rounds 1, 2 (one site failed), 4
+    for round_id, _node, vector in masked:
+        assert vector.dtype == np.uint32
+        updates = [v["update"] for (_, r), v in run["plain"].items() if r == round_id]
+        length = updates[0].size
+        top_bits = (vector[:length] >> 28).astype(np.int64)
+        assert chisquare(np.bincount(top_bits, minlength=16)).pvalue > 1e-4
+        as_float = vector[:length].astype(np.float64)
+        for update in updates:  # every site's update of that round, its own included
+            assert not np.allclose(as_float, update)
+            assert abs(np.corrcoef(as_float, update)[0, 1]) < 6 / np.sqrt(length)
+            assert abs(np.corrcoef(as_float, np.abs(update))[0, 1]) < 6 / np.sqrt(length)
+
+
+def test_nothing_else_a_site_sends_can_carry_its_update_count_or_metrics(run: dict) -> None:
+    plain = run["plain"]
+    counts = {v["weight"] for v in plain.values()}
+    assert counts == {RECORDS_PER_SITE}
+    per_site_metrics = {round(float(x), 6) for v in plain.values() for x in v["metrics"].values()}
+    for entry in run["received"]:
+        if entry["error"] is not None:
+            continue
+        assert set(entry["arrays"]) <= {"masked"}
+        assert set(entry["metrics"]) <= {"privacy"}
+        assert all(set(m) == {"epsilon"} for m in entry["metrics"].values())
+        for name, record in entry["configs"].items():
+            for key, value in record.items():
+                assert "example" not in key and "weight" not in key and "loss" not in key
+                values = value if isinstance(value, list) else [value]
+                for item in values:
+                    if isinstance(item, bytes):
+                        assert len(item) <= 160, (name, key)  # keys, sealed bundles, shares
+                    elif isinstance(item, int | float) and not isinstance(item, bool):
+                        assert item != RECORDS_PER_SITE, (name, key)
+                        assert round(float(item), 6) not in per_site_metrics, (name, key)
+
+
+def test_the_masked_sum_decodes_to_the_plain_weighted_sum_within_the_bound(run: dict) -> None:
+    for round_id in (1, 2, 4):
+        summary = run["rounds"][round_id]
+        assert summary["aborted"] is None
+        survivors = summary["survivors"]
+        expected = sum(
+            plain["weight"] * np.clip(plain["update"], -1.0, 1.0)
+            for (node, r), plain in run["plain"].items()
+            if r == round_id and node in survivors
+        )
+        decoded = np.concatenate(
+            [summary["weighted_update_sum"][key].reshape(-1) for key in summary["keys"]]
+        )
+        assert np.abs(decoded - expected).max() <= summary["update_error_bound"]
+        assert summary["total_weight"] == RECORDS_PER_SITE * len(survivors)
+
+
+def test_a_dropout_above_the_threshold_is_tolerated(run: dict) -> None:
+    row = run["rows"][1]
+    assert row["round"] == 2 and "aborted" not in row
+    assert row["sites_trained"] == 2 and row["sites_failed"] == 1
+    failed = [o for o in run["rounds"][2]["outcomes"] if o[1] == "failed"]
+    assert len(failed) == 1 and "train.secagg_masked" in failed[0][2]
+    assert 0 < row["train_loss"] < 10
+
+
+def test_below_the_threshold_the_round_aborts_and_the_next_round_runs(run: dict) -> None:
+    rows = run["rows"]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert "threshold 2" in rows[2]["aborted"] and rows[2]["sites_failed"] == 2
+    assert "aborted" not in rows[3] and rows[3]["sites_trained"] == 3
+    # The aborted round left the model unchanged: round 4 started from round 3's model.
+    assert run["rounds"][4]["model_digest"] == run["rounds"][3]["model_digest"]
+    assert run["rounds"][3]["model_digest"] != run["rounds"][2]["model_digest"]
+    # epsilon is the sites' own cumulative spend, reported in the clear, and it grows.
+    epsilons = [r["epsilon_max"] for r in rows]
+    assert all(0 < a < b for a, b in pairwise(epsilons))
+
+
+def test_the_run_leaves_no_ray_process_and_no_waiting_update(run: dict) -> None:
+    assert not run["leftover_ray"]
+    # Updates are removed once masked; only the aborted round's survivors could keep one,
+    # and they are discarded at the next setup.
+    assert not list(run["spill"].rglob("pending-round-*.npz"))

@@ -40,14 +40,6 @@ class SiteDataError(ValueError):
     """The site's node config does not say where its data is."""
 
 
-@lru_cache(maxsize=4)
-def _imagefolder(path: str) -> ImageTextDataset:
-    from common.data.imagefolder import load_imagefolder
-
-    data, _report = load_imagefolder(Path(path), image_size=CANVAS_SHAPE)
-    return data
-
-
 @lru_cache(maxsize=16)
 def _benchmark_partition(
     data_dir: str,
@@ -74,18 +66,23 @@ def _benchmark_partition(
 class SiteDeidSettings:
     """Where a site's de-identification policy, secret and cache are."""
 
-    policy_file: Path
+    policy_file: Path | None  # None: the default DeidPolicy
     secret_file: Path
     cache_dir: Path
 
 
 def site_deid_settings(node_config: Mapping[str, Any]) -> SiteDeidSettings | None:
-    """The site's de-identification settings, or None when no policy is named."""
+    """The site's de-identification settings.
+
+    A site's own imagefolder is always de-identified: with the policy file named by node
+    config ``deid-policy``, else with the default policy. A simulated partition is
+    de-identified when ``$FEDMM_DEID_POLICY`` names a policy (``fedmm simulate`` sets it).
+    """
     from client.deid.cache import default_cache_dir
     from client.deid.site_secret import default_site_secret_path
 
     policy_file = node_config.get("deid-policy") or os.environ.get(DEID_POLICY_ENV)
-    if not policy_file:
+    if not policy_file and "imagefolder" not in node_config:
         return None
     secret_file, cache_dir = default_site_secret_path(), default_cache_dir()
     sim_dir = os.environ.get(DEID_DIR_ENV)
@@ -93,7 +90,7 @@ def site_deid_settings(node_config: Mapping[str, Any]) -> SiteDeidSettings | Non
         site_dir = Path(sim_dir) / f"site-{node_config['partition-id']}"
         secret_file, cache_dir = site_dir / "site-secret", site_dir / "cache"
     return SiteDeidSettings(
-        policy_file=Path(str(policy_file)),
+        policy_file=Path(str(policy_file)) if policy_file else None,
         secret_file=Path(str(node_config.get("site-secret", secret_file))),
         cache_dir=Path(str(node_config.get("deid-cache-dir", cache_dir))),
     )
@@ -151,11 +148,11 @@ def deidentified_records(
         slot_name,
     )
     from client.deid.face_detection import build_face_detector
-    from client.deid.policy import load_policy
+    from client.deid.policy import DeidPolicy, load_policy
     from client.deid.records import deidentify_records
     from client.deid.site_secret import load_or_create_site_secret
 
-    policy = load_policy(settings.policy_file)
+    policy = load_policy(settings.policy_file) if settings.policy_file else DeidPolicy()
     secret = load_or_create_site_secret(settings.secret_file)
     memo_key = ("records", source, policy, secret_fingerprint(secret), settings.cache_dir)
     hit = _recall(memo_key, raw)
@@ -211,7 +208,7 @@ def deidentified_imagefolder(root: Path, *, settings: SiteDeidSettings) -> Image
     )
     from client.deid.face_detection import build_face_detector
     from client.deid.imagefolder import deidentify_imagefolder
-    from client.deid.policy import load_policy
+    from client.deid.policy import DeidPolicy, load_policy
     from client.deid.site_secret import load_or_create_site_secret
     from common.data.imagefolder import load_imagefolder
 
@@ -222,7 +219,7 @@ def deidentified_imagefolder(root: Path, *, settings: SiteDeidSettings) -> Image
             f"the de-identification cache {settings.cache_dir} is inside the site's data "
             f"{root}: set deid-cache-dir to a folder outside it"
         )
-    policy = load_policy(settings.policy_file)
+    policy = load_policy(settings.policy_file) if settings.policy_file else DeidPolicy()
     secret = load_or_create_site_secret(settings.secret_file)
     memo_key = ("imagefolder", str(root), policy, secret_fingerprint(secret), settings.cache_dir)
     signature = folder_signature(root)
@@ -262,7 +259,7 @@ def deidentified_imagefolder(root: Path, *, settings: SiteDeidSettings) -> Image
 
 
 def load_site_data(node_config: Mapping[str, Any], request: TrainRequest) -> ImageTextDataset:
-    """A site's training records, de-identified when the site has a policy.
+    """A site's training records, de-identified under the site's policy.
 
     ``imagefolder`` in the node config: the site's own folder (deployment). Otherwise
     ``partition-id`` and ``num-partitions`` (set by Flower's simulation): that partition of
@@ -271,15 +268,9 @@ def load_site_data(node_config: Mapping[str, Any], request: TrainRequest) -> Ima
     """
     settings = site_deid_settings(node_config)
     if "imagefolder" in node_config:
-        root = Path(str(node_config["imagefolder"]))
-        if settings is None:
-            logger.warning(
-                "no de-identification policy (node config deid-policy=FILE): the records "
-                "of %s are used as they are",
-                root,
-            )
-            return _imagefolder(str(root))
-        return deidentified_imagefolder(root, settings=settings)
+        if settings is None:  # cannot happen: a site's own folder always gets a policy
+            raise SiteDataError("no de-identification settings for the site's folder")
+        return deidentified_imagefolder(Path(str(node_config["imagefolder"])), settings=settings)
     if "partition-id" in node_config and "num-partitions" in node_config:
         params = (
             str(node_config.get("data-dir", request.data_dir)),

@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class FederationConfig:
-    num_server_rounds: int = 10
+    num_server_rounds: int = 14
     fraction_train: float = 1.0
     min_train_sites: int = 2
     min_available_sites: int = 2

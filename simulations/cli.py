@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated DP-SGD training of the cross-attention image-text model on "
         "the built-in Fashion-MNIST benchmark, with simulated sites.",
     )
-    sim.add_argument("--rounds", type=int, help="server rounds (default 10)")
+    sim.add_argument("--rounds", type=int, help="server rounds (default 14)")
     sim.add_argument("--sites", type=int, default=10, help="number of simulated sites (10)")
     sim.add_argument("--epsilon", type=_epsilon, help="target epsilon per site; inf = DP off (3)")
     sim.add_argument("--partition", choices=PARTITION_SCHEMES, help="iid or dirichlet (iid)")
@@ -91,7 +91,87 @@ def build_parser() -> argparse.ArgumentParser:
         "(default $XDG_CONFIG_HOME/fedmm/site-secret, i.e. ~/.config/fedmm/site-secret)",
     )
     deid.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    _add_coordinator_commands(commands)
+    _add_site_commands(commands)
     return parser
+
+
+def _add_coordinator_commands(commands: Any) -> None:
+    coord = commands.add_parser(
+        "coordinator",
+        help="coordinator deployment: CA, SuperLink certificate, SuperLink, site registration",
+        description="Deployment steps of the coordinator (docs/operator-guide.md).",
+    )
+    steps = coord.add_subparsers(dest="step", required=True)
+    init_ca = steps.add_parser("init-ca", help="create the CA (DIR/ca.key 0600, DIR/ca.crt)")
+    init_ca.add_argument("dir", type=Path, metavar="DIR")
+    issue = steps.add_parser(
+        "issue-cert", help="issue the SuperLink's TLS certificate (DIR/superlink.key, .crt)"
+    )
+    issue.add_argument("dir", type=Path, metavar="DIR", help="the CA's folder")
+    issue.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="an IP address or DNS name sites use to reach the SuperLink (repeat)",
+    )
+    issue.add_argument("--days", type=int, default=397, help="validity in days (397)")
+    issue.add_argument(
+        "--no-loopback", action="store_true", help="do not add 127.0.0.1 and localhost"
+    )
+    start = steps.add_parser(
+        "start-superlink",
+        help="exec flower-superlink with TLS and SuperNode authentication",
+    )
+    start.add_argument("dir", type=Path, metavar="DIR", help="the CA's folder")
+    start.add_argument("--address", required=True, metavar="HOST:PORT")
+    start.add_argument("--database", type=Path, help="state file (DIR/superlink-state.db)")
+    start.add_argument("--log-file", type=Path, help="also log to this file")
+    start.add_argument("--dry-run", action="store_true", help="print the command only")
+    conn = steps.add_parser(
+        "add-connection",
+        help="name the SuperLink in $FLWR_HOME/config.toml for the flwr CLI",
+    )
+    conn.add_argument("name", metavar="NAME")
+    conn.add_argument("--address", required=True, metavar="HOST:PORT")
+    conn.add_argument("--ca-cert", required=True, type=Path, metavar="FILE")
+    register = steps.add_parser(
+        "register-site", help="register a site's public key (flwr supernode register)"
+    )
+    register.add_argument("public_key", type=Path, metavar="PUBKEY")
+    register.add_argument("--connection", required=True, metavar="NAME")
+    register.add_argument("--name", help="a label for the site")
+
+
+def _add_site_commands(commands: Any) -> None:
+    site = commands.add_parser(
+        "site",
+        help="site deployment: key pair, config check, SuperNode, privacy ledger",
+        description="Deployment steps of a data-holding site (docs/site-guide.md).",
+    )
+    steps = site.add_subparsers(dest="step", required=True)
+    keygen = steps.add_parser(
+        "keygen", help="create DIR/site-auth-key (0600) and DIR/site-auth-key.pub"
+    )
+    keygen.add_argument("dir", type=Path, metavar="DIR")
+    keygen.add_argument("--comment", default="fedmm-site", help="comment in the .pub file")
+    check = steps.add_parser("check", help="check a site config and every file it names")
+    check.add_argument("config", type=Path, metavar="CONFIG")
+    start = steps.add_parser("start", help="check the config, then exec flower-supernode")
+    start.add_argument("config", type=Path, metavar="CONFIG")
+    start.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    start.add_argument("--ca-cert", required=True, type=Path, metavar="FILE")
+    start.add_argument(
+        "--port", required=True, type=int, help="this SuperNode's own local Runtime API port"
+    )
+    start.add_argument(
+        "--max-wait-time", type=float, help="give up connecting after this many seconds"
+    )
+    start.add_argument("--dry-run", action="store_true", help="print the command only")
+    status = steps.add_parser("status", help="show the site's privacy ledger")
+    status.add_argument("config", type=Path, metavar="CONFIG")
+    status.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _simulation_config(args: argparse.Namespace) -> tuple[FederationConfig, Path]:
@@ -303,6 +383,14 @@ def main(argv: list[str] | None = None) -> int:
             return simulate(args)
         if args.command == "deidentify":
             return deidentify(args)
+        if args.command == "coordinator":
+            from simulations.deployment_commands import run_coordinator_step
+
+            return run_coordinator_step(args)
+        if args.command == "site":
+            from simulations.deployment_commands import run_site_step
+
+            return run_site_step(args)
     except ConfigError as err:
         print(f"fedmm: {err}", file=sys.stderr)
         return 2

@@ -137,9 +137,18 @@ def test_a_new_site_secret_gives_a_new_entry(folder: Path, tmp_path: Path) -> No
     assert len(_entries(Path(config["deid-cache-dir"]))) == 2
 
 
-def test_without_a_policy_records_are_used_as_they_are(folder: Path) -> None:
-    data = load_site_data({"imagefolder": str(folder)}, _request())
-    assert data.captions == CAPTIONS
+def test_without_a_policy_file_the_default_policy_applies(folder: Path, tmp_path: Path) -> None:
+    node_config = {
+        "imagefolder": str(folder),
+        "site-secret": str(tmp_path / "secret"),
+        "deid-cache-dir": str(tmp_path / "cache"),
+    }
+    data = load_site_data(node_config, _request())
+    assert len(data) == len(CAPTIONS)
+    text = "\n".join(data.captions)
+    for value in ("Grace Hopper", "grace@example.com", "555-0134", "2024-03-15"):
+        assert value not in text
+    assert "sandal" in data.captions[0] and "<PERSON_" in data.captions[0]
 
 
 def test_detect_faces_is_the_policy_s_choice() -> None:

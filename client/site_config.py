@@ -1,0 +1,394 @@
+"""A site's deployment config (one TOML file), checked, and turned into SuperNode node config.
+
+The file says where everything of the site lives; relative paths are relative to the file::
+
+    [site]
+    name = "hospital-a"                      # optional: a label for the coordinator
+
+    [data]
+    imagefolder = "/srv/fedmm/records"       # metadata.jsonl + images (never leaves the site)
+
+    [deidentification]                       # always applied to the imagefolder
+    policy = "deid-policy.toml"              # client/deid policy (.toml/.json); default policy
+    site-secret = "secrets/site-secret"      # keys the pseudonyms; 0600, made on first use
+    cache-dir = "/var/cache/fedmm/deid"      # de-identified copy; outside the imagefolder
+
+    [privacy]
+    policy-file = "privacy-policy.toml"      # or inline: max-epsilon, delta, ...
+    ledger-file = "state/privacy-ledger.json"
+
+    [supernode]
+    auth-private-key = "keys/site-auth-key"  # from `fedmm site keygen`; 0600
+
+    [secure-aggregation]                     # optional: the site's own minimums
+    min-threshold = 2
+    min-sites = 2
+    spill-dir = "/var/tmp/fedmm"
+
+:func:`check_site_config` reports every problem at once, each naming the key and the fix.
+:meth:`SiteConfig.node_config` gives the ``--node-config`` keys ``client/app.py`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "site": {"name": str},
+    "data": {"imagefolder": str},
+    "deidentification": {
+        "policy": str,
+        "site-secret": str,
+        "cache-dir": str,
+    },
+    "privacy": {
+        "policy-file": str,
+        "ledger-file": str,
+        "max-epsilon": (int, float),
+        "delta": (int, float),
+        "min-noise-multiplier": (int, float),
+        "max-grad-norm": (int, float),
+    },
+    "supernode": {"auth-private-key": str},
+    "secure-aggregation": {"min-threshold": int, "min-sites": int, "spill-dir": str},
+}
+_TYPE_NAMES: dict[Any, str] = {
+    str: "a string",
+    int: "an integer",
+    bool: "true or false",
+    (int, float): "a number",
+}
+_REQUIRED = (
+    ("data", "imagefolder"),
+    ("privacy", "ledger-file"),
+    ("supernode", "auth-private-key"),
+)
+_INLINE_PRIVACY = ("max-epsilon", "delta", "min-noise-multiplier", "max-grad-norm")
+_PATH_KEYS = {
+    ("data", "imagefolder"),
+    ("deidentification", "policy"),
+    ("deidentification", "site-secret"),
+    ("deidentification", "cache-dir"),
+    ("privacy", "policy-file"),
+    ("privacy", "ledger-file"),
+    ("supernode", "auth-private-key"),
+    ("secure-aggregation", "spill-dir"),
+}
+
+
+class SiteConfigError(ValueError):
+    """The site config has problems; ``problems`` lists each, naming the key and the fix."""
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__(f"{path}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    source: Path
+    values: dict[str, dict[str, Any]]
+    warnings: tuple[str, ...] = field(default=())
+
+    def get(self, section: str, key: str, default: Any = None) -> Any:
+        return self.values.get(section, {}).get(key, default)
+
+    def path(self, section: str, key: str) -> Path | None:
+        value = self.get(section, key)
+        return None if value is None else Path(value)
+
+    @property
+    def auth_private_key(self) -> Path:
+        return Path(self.values["supernode"]["auth-private-key"])
+
+    @property
+    def ledger_file(self) -> Path:
+        return Path(self.values["privacy"]["ledger-file"])
+
+    def node_config(self) -> dict[str, str | int | float]:
+        """The SuperNode's node config: the keys ``client/app.py`` and ``site_data`` read."""
+        out: dict[str, str | int | float] = {
+            "imagefolder": str(self.get("data", "imagefolder")),
+            "ledger-file": str(self.ledger_file),
+        }
+        for key, node_key in (
+            ("policy", "deid-policy"),
+            ("site-secret", "site-secret"),
+            ("cache-dir", "deid-cache-dir"),
+        ):
+            if self.get("deidentification", key) is not None:
+                out[node_key] = str(self.get("deidentification", key))
+        if self.get("privacy", "policy-file") is not None:
+            out["policy-file"] = str(self.get("privacy", "policy-file"))
+        for key in _INLINE_PRIVACY:
+            if self.get("privacy", key) is not None:
+                out[f"privacy-{key}"] = float(self.get("privacy", key))
+        for key, node_key in (
+            ("min-threshold", "secagg-min-threshold"),
+            ("min-sites", "secagg-min-sites"),
+            ("spill-dir", "secagg-spill-dir"),
+        ):
+            value = self.get("secure-aggregation", key)
+            if value is not None:
+                out[node_key] = value if isinstance(value, int) else str(value)
+        return out
+
+    def privacy_policy(self) -> Any:
+        from client.privacy_policy import SitePrivacyPolicy
+
+        return SitePrivacyPolicy.for_site(self.node_config())
+
+
+def node_config_argument(node_config: Mapping[str, str | int | float]) -> str:
+    """``--node-config`` text: space-separated ``key=value``, strings double-quoted."""
+    parts = []
+    for key, value in node_config.items():
+        if isinstance(value, str):
+            if '"' in value or "\n" in value or "\\" in value:
+                raise ValueError(f"node config {key}: {value!r} may not contain quotes")
+            parts.append(f'{key}="{value}"')
+        elif isinstance(value, float) and math.isinf(value):
+            parts.append(f"{key}={'inf' if value > 0 else '-inf'}")
+        else:
+            parts.append(f"{key}={json.dumps(value)}")
+    return " ".join(parts)
+
+
+def load_site_config(path: Path) -> SiteConfig:
+    """Parse and check the structure (sections, keys, types); resolve relative paths.
+
+    Raises :class:`SiteConfigError` listing every structural problem. Files are checked
+    by :func:`check_site_config`.
+    """
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SiteConfigError(path, ["the file does not exist"]) from None
+    except tomllib.TOMLDecodeError as err:
+        raise SiteConfigError(path, [f"not valid TOML: {err}"]) from None
+    problems: list[str] = []
+    values: dict[str, dict[str, Any]] = {}
+    base = path.resolve().parent
+    for section, table in document.items():
+        if section not in _SCHEMA:
+            problems.append(f"unknown section [{section}]; known: {', '.join(_SCHEMA)}")
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{section} must be a table ([{section}])")
+            continue
+        values[section] = {}
+        for key, value in table.items():
+            kind = _SCHEMA[section].get(key)
+            if kind is None:
+                problems.append(
+                    f"[{section}] {key}: unknown key; known: {', '.join(_SCHEMA[section])}"
+                )
+                continue
+            if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+                expected = _TYPE_NAMES[kind]
+                problems.append(f"[{section}] {key}: expected {expected}, got {value!r}")
+                continue
+            if (section, key) in _PATH_KEYS:
+                if not value.strip():
+                    problems.append(f"[{section}] {key}: empty path")
+                    continue
+                value = str((base / Path(value).expanduser()).resolve())
+                if '"' in value or "\\" in value or "\n" in value:
+                    problems.append(
+                        f"[{section}] {key}: the path may not contain quotes, backslashes or "
+                        "newlines (they cannot pass through flower-supernode --node-config)"
+                    )
+                    continue
+            values[section][key] = value
+    for section, key in _REQUIRED:
+        if key not in values.get(section, {}) and f"[{section}] {key}" not in " ".join(problems):
+            problems.append(f"[{section}] {key} is required ({_HELP[(section, key)]})")
+    privacy = values.get("privacy", {})
+    inline = [k for k in _INLINE_PRIVACY if k in privacy]
+    if "policy-file" in privacy and inline:
+        problems.append(
+            f"[privacy] policy-file and inline keys ({', '.join(inline)}) both given: the "
+            "file would win silently; keep one"
+        )
+    if problems:
+        raise SiteConfigError(path, problems)
+    return SiteConfig(source=path, values=values)
+
+
+_HELP = {
+    ("data", "imagefolder"): "the folder with metadata.jsonl and the images",
+    ("privacy", "ledger-file"): "where the site keeps its privacy ledger across runs, "
+    'e.g. "state/privacy-ledger.json"',
+    ("supernode", "auth-private-key"): "the private key from `fedmm site keygen DIR`, "
+    'e.g. "keys/site-auth-key"',
+}
+
+
+def _private_file_problem(path: Path, what: str, key: str) -> str | None:
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        return f"{key}: {what} {path} is not a regular file"
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        return (
+            f"{key}: {what} {path} is readable or writable by others (mode "
+            f"{stat.S_IMODE(info.st_mode):04o}); fix: chmod 600 {path}"
+        )
+    return None
+
+
+def _writable_parent_problem(path: Path, key: str) -> str | None:
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{key}: cannot create {path}: {parent} is not writable by this user"
+    return None
+
+
+def check_site_config(path: Path) -> SiteConfig:
+    """Load the config and check every file it names; raise :class:`SiteConfigError` with
+    all problems, or return the config with its warnings."""
+    config = load_site_config(path)
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    root = config.path("data", "imagefolder")
+    assert root is not None
+    if not root.is_dir():
+        problems.append(f"[data] imagefolder: {root} is not a folder")
+    elif not (root / "metadata.jsonl").is_file():
+        problems.append(
+            f"[data] imagefolder: {root} has no metadata.jsonl (one JSON object per line "
+            'with "file_name" and "text")'
+        )
+
+    problems += _check_deidentification(config, root, warnings)
+
+    problems += _check_privacy(config, warnings)
+
+    key_file = config.auth_private_key
+    if not key_file.exists():
+        problems.append(
+            f"[supernode] auth-private-key: {key_file} does not exist; make a key pair with "
+            f"`fedmm site keygen {key_file.parent}` and send the .pub file to the coordinator"
+        )
+    else:
+        problem = _private_file_problem(key_file, "the authentication key", "[supernode]")
+        if problem:
+            problems.append(problem)
+        else:
+            from client.site_keys import load_site_private_key
+
+            try:
+                load_site_private_key(key_file)
+            except ValueError as err:
+                problems.append(f"[supernode] auth-private-key: {err}")
+
+    for key in ("min-threshold", "min-sites"):
+        value = config.get("secure-aggregation", key)
+        if value is not None and value < 2:
+            problems.append(f"[secure-aggregation] {key}: must be at least 2, got {value}")
+    if problems:
+        raise SiteConfigError(config.source, problems)
+    return SiteConfig(config.source, config.values, tuple(warnings))
+
+
+def _check_deidentification(
+    config: SiteConfig, root: Path | None, warnings: list[str]
+) -> list[str]:
+    """The site's imagefolder is always de-identified (``client/site_data.py``): with the
+    named policy, else the default one."""
+    from client.deid.policy import PolicyError, load_policy
+
+    problems = []
+    policy = config.path("deidentification", "policy")
+    if policy is None:
+        warnings.append(
+            "[deidentification] no policy: the default de-identification policy applies "
+            "(docs/deidentification.md)"
+        )
+    elif not policy.is_file():
+        problems.append(f"[deidentification] policy: {policy} does not exist")
+    else:
+        try:
+            load_policy(policy)
+        except PolicyError as err:
+            problems.append(f"[deidentification] policy: {err}")
+    for key, default in (("site-secret", "~/.config/fedmm/site-secret"),
+                         ("cache-dir", "~/.cache/fedmm/deid")):  # fmt: skip
+        if config.get("deidentification", key) is None:
+            warnings.append(
+                f"[deidentification] no {key}: {default} of the user running the SuperNode "
+                "is used; name it explicitly for a service"
+            )
+    secret = config.path("deidentification", "site-secret")
+    if secret is not None:
+        if secret.exists():
+            problem = _private_file_problem(secret, "the site secret", "[deidentification]")
+            if problem:
+                problems.append(problem)
+        else:
+            problem = _writable_parent_problem(secret, "[deidentification] site-secret")
+            if problem:
+                problems.append(problem)
+    cache = config.path("deidentification", "cache-dir")
+    if cache is not None and root is not None and (cache == root or root in cache.parents):
+        problems.append(
+            f"[deidentification] cache-dir: {cache} is inside the imagefolder {root}; "
+            "choose a folder outside it"
+        )
+    return problems
+
+
+def _check_privacy(config: SiteConfig, warnings: list[str]) -> list[str]:
+    from client.privacy_ledger import PrivacyLedger
+    from client.privacy_policy import PolicyError
+
+    problems = []
+    policy = None
+    policy_file = config.path("privacy", "policy-file")
+    if policy_file is not None and not policy_file.is_file():
+        problems.append(f"[privacy] policy-file: {policy_file} does not exist")
+    else:
+        try:
+            policy = config.privacy_policy()
+        except PolicyError as err:
+            problems.append(f"[privacy] {err}")
+    if (
+        policy is not None
+        and policy_file is None
+        and not any(config.get("privacy", k) is not None for k in _INLINE_PRIVACY)
+    ):
+        warnings.append(
+            f"[privacy] no policy-file and no inline keys: the defaults apply (max-epsilon "
+            f"{policy.max_epsilon:g}, delta {policy.delta:g})"
+        )
+    if policy is not None and not math.isfinite(policy.max_epsilon):
+        warnings.append("[privacy] max-epsilon = inf: this site allows training without DP")
+    ledger_file = config.ledger_file
+    if ledger_file.exists():
+        problem = _private_file_problem(ledger_file, "the privacy ledger", "[privacy]")
+        if problem:
+            problems.append(problem)
+        try:
+            PrivacyLedger.load(ledger_file)
+        except (ValueError, KeyError, TypeError) as err:
+            problems.append(
+                f"[privacy] ledger-file: {ledger_file} is not a privacy ledger ({err!r}); "
+                "never delete or edit it to regain budget"
+            )
+    else:
+        problem = _writable_parent_problem(ledger_file, "[privacy] ledger-file")
+        if problem:
+            problems.append(problem)
+    return problems

@@ -1,0 +1,139 @@
+"""Starting a site's SuperNode (``fedmm site start CONFIG``) and showing its ledger
+(``fedmm site status CONFIG``).
+
+``flower-supernode`` connects out to the coordinator's SuperLink over TLS (verified with the
+coordinator's CA certificate), signs every request with the site's authentication key, and
+starts a fresh ClientApp process for every message. Its own Runtime API (``--port``, on
+127.0.0.1) serves those processes: every SuperNode on one machine needs its own port.
+Runtime dependency installation is off on SuperNodes unless asked for; it stays off.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client.site_config import SiteConfig, node_config_argument
+
+
+class SiteLaunchError(ValueError):
+    """The SuperNode cannot be started as asked; the message names the fix."""
+
+
+def _executable(name: str) -> str:
+    import shutil
+
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise SiteLaunchError(f"`{name}` not found: install flwr==1.41.* in this environment")
+    return found
+
+
+def supernode_argv(
+    config: SiteConfig,
+    *,
+    superlink: str,
+    ca_cert: Path,
+    port: int,
+    max_wait_time: float | None = None,
+) -> list[str]:
+    """The exact ``flower-supernode`` command for this site."""
+    host, sep, port_text = superlink.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise SiteLaunchError(f"--superlink {superlink!r} is not HOST:PORT")
+    if not 0 < port < 65536:
+        raise SiteLaunchError(f"--port {port} is not a TCP port")
+    ca_cert = Path(ca_cert).resolve()
+    if not ca_cert.is_file():
+        raise SiteLaunchError(
+            f"--ca-cert {ca_cert} does not exist: get the coordinator's ca.crt (the "
+            "certificate only, never ca.key) over a channel you trust"
+        )
+    argv = [
+        _executable("flower-supernode"),
+        "--superlink",
+        superlink,
+        "--root-certificates",
+        str(ca_cert),
+        "--auth-supernode-private-key",
+        str(config.auth_private_key),
+        "--port",
+        str(port),
+        "--node-config",
+        node_config_argument(config.node_config()),
+    ]
+    if max_wait_time is not None:
+        argv += ["--max-wait-time", str(max_wait_time)]
+    return argv
+
+
+def shell_line(argv: list[str]) -> str:
+    return shlex.join(argv)
+
+
+@dataclass(frozen=True)
+class LedgerStatus:
+    ledger_file: Path
+    exists: bool
+    accountant: str
+    delta: float | None
+    epsilon: float
+    noise_multiplier: float | None
+    rounds: list[int]
+    entries: int
+    steps: int
+    max_epsilon: float | None
+
+    @property
+    def remaining(self) -> float | None:
+        if self.max_epsilon is None or not math.isfinite(self.max_epsilon):
+            return None
+        return max(0.0, self.max_epsilon - self.epsilon)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ledger_file": str(self.ledger_file),
+            "exists": self.exists,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "epsilon_spent": self.epsilon,
+            "max_epsilon": self.max_epsilon,
+            "epsilon_remaining": self.remaining,
+            "noise_multiplier": self.noise_multiplier,
+            "rounds": self.rounds,
+            "accountant_entries": self.entries,
+            "dp_sgd_steps": self.steps,
+        }
+
+
+def ledger_status(config: SiteConfig) -> LedgerStatus:
+    """What the site's ledger file says it has spent (RDP accountant, at the ledger's delta,
+    else the policy's)."""
+    from client.privacy_ledger import ACCOUNTANT, PrivacyLedger
+
+    path = config.ledger_file
+    ledger = PrivacyLedger.load(path)
+    try:
+        policy = config.privacy_policy()
+    except ValueError:
+        policy = None
+    delta = ledger.delta if ledger.delta is not None else (policy.delta if policy else None)
+    return LedgerStatus(
+        ledger_file=path,
+        exists=path.exists(),
+        accountant=ACCOUNTANT,
+        delta=delta,
+        epsilon=ledger.epsilon(delta) if ledger.history else 0.0,
+        noise_multiplier=ledger.noise_multiplier,
+        rounds=list(ledger.rounds),
+        entries=len(ledger.history),
+        steps=sum(n for _s, _q, n in ledger.history),
+        max_epsilon=policy.max_epsilon if policy else None,
+    )

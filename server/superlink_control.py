@@ -1,0 +1,186 @@
+"""Starting the coordinator's SuperLink and registering sites with it (flwr 1.41).
+
+``flower-superlink`` serves its Fleet API (SuperNodes), Control API (``flwr`` CLI) and
+Runtime API (the ServerApp's processes) over HTTPS on one ``--host``/``--port``. The command
+built here always turns on TLS and SuperNode authentication and turns off runtime
+dependency installation (by flag and environment variable: otherwise the SuperLink runs
+``uv sync`` per run and installs a multi-GB CUDA torch).
+
+Sites are registered through the Control API with ``flwr supernode register PUBKEY
+CONNECTION``, where CONNECTION names a ``[superlink.NAME]`` entry of
+``$FLWR_HOME/config.toml`` (address and the CA certificate): :func:`add_connection`
+writes one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.key_files import check_private_file
+from server.certificate_authority import (
+    CA_CERT,
+    SERVER_CERT,
+    SERVER_KEY,
+    certificate_names,
+)
+
+DISABLE_DEPENDENCY_INSTALL_ENV = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
+DEFAULT_DATABASE = "superlink-state.db"
+
+
+class DeploymentError(ValueError):
+    """A deployment step cannot run as asked; the message names the fix."""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 as ``[::1]:PORT``) -> (host, port)."""
+    host, sep, port_text = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise DeploymentError(f"address {address!r} is not HOST:PORT (e.g. 10.0.0.5:9093)")
+    return host, int(port_text)
+
+
+def flower_executable(name: str) -> str:
+    """The Flower command ``name`` next to this Python, else on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise DeploymentError(f"`{name}` not found: install flwr==1.41.* in this environment")
+    return found
+
+
+def _host_covered(host: str, names: tuple[str, ...]) -> bool:
+    if host in ("0.0.0.0", "::"):  # the SuperLink's own SuperExec then uses loopback
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    try:
+        return ipaddress.ip_address(host) in {ipaddress.ip_address(n) for n in names if _is_ip(n)}
+    except ValueError:
+        return host.lower() in {n.lower() for n in names if not _is_ip(n)}
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class SuperLinkLaunch:
+    """The exact command and environment that start the SuperLink."""
+
+    argv: list[str]
+    env: dict[str, str]
+
+    def shell_line(self) -> str:
+        import shlex
+
+        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        return f"{prefix} {shlex.join(self.argv)}".strip()
+
+
+def superlink_launch(
+    directory: Path,
+    *,
+    address: str,
+    database: Path | None = None,
+    log_file: Path | None = None,
+) -> SuperLinkLaunch:
+    """``flower-superlink`` with TLS from DIR (ca.crt, superlink.crt/.key) and node auth.
+
+    ``database`` (default ``DIR/superlink-state.db``) keeps registered sites and runs
+    across restarts; without it a restarted SuperLink forgets every registration.
+    """
+    directory = Path(directory).resolve()
+    host, port = split_address(address)
+    ca, cert, key = directory / CA_CERT, directory / SERVER_CERT, directory / SERVER_KEY
+    for path, fix in (
+        (ca, f"fedmm coordinator init-ca {directory}"),
+        (cert, f"fedmm coordinator issue-cert {directory} --san HOST"),
+    ):
+        if not path.exists():
+            raise DeploymentError(f"{path} does not exist: run `{fix}` first")
+    try:
+        check_private_file(key, what="the SuperLink's TLS key")
+    except ValueError as err:
+        raise DeploymentError(str(err)) from err
+    names = certificate_names(cert)
+    if not _host_covered(host, names):
+        raise DeploymentError(
+            f"the certificate {cert} is not valid for {host} (its names: {', '.join(names)}); "
+            f"issue a new one with --san {host} (move the old superlink.* files away first)"
+        )
+    argv = [
+        flower_executable("flower-superlink"),
+        "--ssl-ca-certfile",
+        str(ca),
+        "--ssl-certfile",
+        str(cert),
+        "--ssl-keyfile",
+        str(key),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str(Path(database).resolve() if database else directory / DEFAULT_DATABASE),
+    ]
+    if log_file is not None:
+        argv += ["--log-file", str(Path(log_file).resolve())]
+    return SuperLinkLaunch(argv=argv, env={DISABLE_DEPENDENCY_INSTALL_ENV: "1"})
+
+
+def add_connection(name: str, *, address: str, root_certificates: Path) -> Path:
+    """Add (or replace) ``[superlink.NAME]`` in ``$FLWR_HOME/config.toml``: the address of
+    the SuperLink and the CA certificate the ``flwr`` CLI verifies it with."""
+    from flwr.cli.flower_config import read_flower_config, write_flower_config
+
+    split_address(address)
+    if not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise DeploymentError(f"connection name {name!r}: use letters, digits, - and _")
+    ca = Path(root_certificates).resolve()
+    if not ca.is_file():
+        raise DeploymentError(f"CA certificate {ca} does not exist")
+    config, _path = read_flower_config()
+    config.setdefault("superlink", {})[name] = {
+        "address": address,
+        "root-certificates": str(ca),
+    }
+    return write_flower_config(config)
+
+
+def register_site_argv(public_key: Path, *, connection: str, name: str | None = None) -> list[str]:
+    """``flwr supernode register PUBKEY CONNECTION --format json`` for a site's key."""
+    public_key = Path(public_key).resolve()
+    if not public_key.is_file():
+        raise DeploymentError(f"public key {public_key} does not exist")
+    first = public_key.read_bytes()[:64]
+    if b"PRIVATE KEY" in first:
+        raise DeploymentError(
+            f"{public_key} is a private key: register the site's .pub file, and ask the site "
+            "to make a new key pair (a private key that left the site is no longer secret)"
+        )
+    if not first.startswith(b"ecdsa-sha2-nistp"):
+        raise DeploymentError(
+            f"{public_key} is not an OpenSSH EC public key (ecdsa-sha2-nistp384 ...): the "
+            "site makes one with `fedmm site keygen DIR`"
+        )
+    argv = [flower_executable("flwr"), "supernode", "register", str(public_key), connection]
+    if name:
+        argv += ["--name", name]
+    return [*argv, "--format", "json"]
+
+
+def environment_with(extra: dict[str, str]) -> dict[str, str]:
+    return {**os.environ, **extra}

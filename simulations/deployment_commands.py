@@ -1,0 +1,196 @@
+"""``fedmm coordinator ...`` and ``fedmm site ...``: print, check, then hand over.
+
+The logic lives in ``server/`` (CA, SuperLink) and ``client/`` (keys, site config,
+SuperNode); these functions print what they do and exit 2 on anything the user must fix.
+``start-superlink`` and ``site start`` replace this process with the Flower daemon (exec),
+so the daemon's PID is the one the operator started and signals reach it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
+USER_ERROR = 2
+
+
+def _fail(prefix: str, message: str) -> int:
+    print(f"{prefix}: {message}", file=sys.stderr)
+    return USER_ERROR
+
+
+def _exec(argv: list[str], env: dict[str, str]) -> int:
+    """Replace this process with ``argv``; files the daemon creates (the SuperLink's
+    database and logs, the SuperNode's app copies) are private to its user (umask 077)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.umask(0o077)
+    os.execve(argv[0], argv, env)
+    return 1  # not reached
+
+
+def run_coordinator_step(args: argparse.Namespace) -> int:
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "init-ca": _init_ca,
+        "issue-cert": _issue_cert,
+        "start-superlink": _start_superlink,
+        "add-connection": _add_connection,
+        "register-site": _register_site,
+    }
+    try:
+        return handlers[args.step](args)
+    except ValueError as err:  # CertificateError, KeyFileError, DeploymentError
+        return _fail(f"fedmm coordinator {args.step}", str(err))
+
+
+def _init_ca(args: argparse.Namespace) -> int:
+    from server.certificate_authority import init_ca
+
+    ca = init_ca(args.dir)
+    print(f"CA certificate {ca.cert_file} (give it to every site; valid to {ca.not_valid_after})")
+    print(f"CA private key {ca.key_file} (0600: keep it secret and offline when unused)")
+    return 0
+
+
+def _issue_cert(args: argparse.Namespace) -> int:
+    from server.certificate_authority import issue_server_certificate
+
+    cert = issue_server_certificate(
+        args.dir,
+        subject_alternative_names=args.san,
+        include_loopback=not args.no_loopback,
+        days=args.days,
+    )
+    print(f"SuperLink certificate {cert.cert_file} for {', '.join(cert.subject_alternative_names)}")
+    print(f"  valid to {cert.not_valid_after}")
+    print(f"SuperLink private key {cert.key_file} (0600: only on the SuperLink's machine)")
+    return 0
+
+
+def _start_superlink(args: argparse.Namespace) -> int:
+    from server.superlink_control import environment_with, superlink_launch
+
+    launch = superlink_launch(
+        args.dir, address=args.address, database=args.database, log_file=args.log_file
+    )
+    print(launch.shell_line(), flush=True)
+    if args.dry_run:
+        return 0
+    return _exec(launch.argv, environment_with(launch.env))
+
+
+def _add_connection(args: argparse.Namespace) -> int:
+    from server.superlink_control import add_connection
+
+    path = add_connection(args.name, address=args.address, root_certificates=args.ca_cert)
+    print(f"connection {args.name!r} -> {args.address} (CA {args.ca_cert}) in {path}")
+    return 0
+
+
+def _register_site(args: argparse.Namespace) -> int:
+    import shlex
+
+    from client.site_keys import fingerprint
+    from server.superlink_control import register_site_argv
+
+    argv = register_site_argv(args.public_key, connection=args.connection, name=args.name)
+    print(f"site key {fingerprint(args.public_key.read_bytes())}")
+    print(shlex.join(argv), flush=True)
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    node_id = None
+    start = done.stdout.find("{")
+    if start >= 0:  # --format json prints one (indented) JSON object
+        try:
+            node_id = json.JSONDecoder().raw_decode(done.stdout[start:])[0].get("node-id")
+        except (json.JSONDecodeError, AttributeError):
+            node_id = None
+    if done.returncode != 0 or node_id is None:
+        print(done.stdout + done.stderr, file=sys.stderr)
+        return done.returncode or 1
+    print(f"registered: node id {node_id}")
+    return 0
+
+
+def run_site_step(args: argparse.Namespace) -> int:
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "keygen": _keygen,
+        "check": _check,
+        "start": _start,
+        "status": _status,
+    }
+    try:
+        return handlers[args.step](args)
+    except ValueError as err:  # SiteConfigError, KeyFileError, SiteLaunchError
+        problems = getattr(err, "problems", None)
+        if problems:
+            lines = "\n".join(f"  - {p}" for p in problems)
+            return _fail(f"fedmm site {args.step}", f"{err.path} has problems:\n{lines}")  # type: ignore[attr-defined]
+        return _fail(f"fedmm site {args.step}", str(err))
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from client.site_keys import generate_site_key_pair
+
+    pair = generate_site_key_pair(args.dir, comment=args.comment)
+    print(f"private key {pair.private_key} (0600: never leaves this machine)")
+    print(f"public key  {pair.public_key} (send it to the coordinator)")
+    print(f"fingerprint {pair.fingerprint} (confirm it with the coordinator out of band)")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from client.site_config import check_site_config
+
+    config = check_site_config(args.config)
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{config.source}: ok")
+    for key, value in config.node_config().items():
+        print(f"  {key} = {value}")
+    return 0
+
+
+def _start(args: argparse.Namespace) -> int:
+    from client.site_config import check_site_config
+    from client.supernode_launch import shell_line, supernode_argv
+
+    config = check_site_config(args.config)
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    argv = supernode_argv(
+        config,
+        superlink=args.superlink,
+        ca_cert=args.ca_cert,
+        port=args.port,
+        max_wait_time=args.max_wait_time,
+    )
+    print(shell_line(argv), flush=True)
+    if args.dry_run:
+        return 0
+    return _exec(argv, dict(os.environ))
+
+
+def _status(args: argparse.Namespace) -> int:
+    from client.site_config import load_site_config
+    from client.supernode_launch import ledger_status
+
+    status = ledger_status(load_site_config(args.config))
+    if args.json:
+        print(json.dumps(status.to_dict(), indent=2))
+        return 0
+    print(f"privacy ledger {status.ledger_file}" + ("" if status.exists else " (none yet)"))
+    print(f"  accountant        {status.accountant}")
+    print(f"  delta             {status.delta:g}" if status.delta else "  delta             -")
+    budget = "" if status.max_epsilon is None else f" of {status.max_epsilon:g}"
+    print(f"  epsilon spent     {status.epsilon:.4f}{budget}")
+    if status.remaining is not None:
+        print(f"  epsilon remaining {status.remaining:.4f}")
+    sigma = "-" if status.noise_multiplier is None else f"{status.noise_multiplier:.4f}"
+    print(f"  noise multiplier  {sigma}")
+    print(f"  rounds trained    {len(status.rounds)} {status.rounds}")
+    print(f"  DP-SGD steps      {status.steps} in {status.entries} accountant entries")
+    return 0

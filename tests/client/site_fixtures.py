@@ -1,0 +1,46 @@
+"""A complete site on disk for the deployment tests: data, policies, key pair, config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from client.site_keys import generate_site_key_pair
+
+GOOD = """
+[site]
+name = "site-a"
+
+[data]
+imagefolder = "data"
+
+[deidentification]
+policy = "deid-policy.toml"
+site-secret = "secrets/site-secret"
+cache-dir = "cache"
+
+[privacy]
+policy-file = "privacy-policy.toml"
+ledger-file = "state/privacy-ledger.json"
+
+[supernode]
+auth-private-key = "keys/site-auth-key"
+
+[secure-aggregation]
+min-threshold = 3
+min-sites = 3
+"""
+
+
+def make_site(root: Path, text: str = GOOD) -> Path:
+    """A complete site under ``root``: data, policies, key, config; returns the config."""
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "a.png", "text": "a bag"}) + "\n"
+    )
+    (root / "deid-policy.toml").write_text('face_mode = "blur"\n')
+    (root / "privacy-policy.toml").write_text("[privacy]\nmax-epsilon = 2.0\ndelta = 1e-6\n")
+    generate_site_key_pair(root / "keys")
+    config = root / "site.toml"
+    config.write_text(text)
+    return config

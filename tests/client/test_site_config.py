@@ -1,0 +1,156 @@
+"""The site config: every problem named with its key and fix; the node config it gives is
+what ``client/app.py`` reads, and survives ``flower-supernode --node-config`` parsing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from flwr.common.config import parse_config_args
+
+from client.privacy_ledger import PrivacyLedger
+from client.site_config import (
+    SiteConfigError,
+    check_site_config,
+    load_site_config,
+    node_config_argument,
+)
+from client.supernode_launch import ledger_status, supernode_argv
+from tests.client.site_fixtures import GOOD, make_site
+
+
+def test_good_config_gives_absolute_node_config_for_the_client_app(tmp_path: Path) -> None:
+    config = check_site_config(make_site(tmp_path / "site"))
+    root = (tmp_path / "site").resolve()
+    assert config.warnings == ()
+    assert config.node_config() == {
+        "imagefolder": str(root / "data"),
+        "ledger-file": str(root / "state" / "privacy-ledger.json"),
+        "deid-policy": str(root / "deid-policy.toml"),
+        "site-secret": str(root / "secrets" / "site-secret"),
+        "deid-cache-dir": str(root / "cache"),
+        "policy-file": str(root / "privacy-policy.toml"),
+        "secagg-min-threshold": 3,
+        "secagg-min-sites": 3,
+    }
+    policy = config.privacy_policy()
+    assert (policy.max_epsilon, policy.delta) == (2.0, 1e-6)
+
+
+def test_node_config_survives_flower_supernode_parsing(tmp_path: Path) -> None:
+    site = tmp_path / "a site with spaces"
+    text = GOOD.replace('policy-file = "privacy-policy.toml"', "max-epsilon = inf\ndelta = 1e-6")
+    config = check_site_config(make_site(site, text))
+    argument = node_config_argument(config.node_config())
+    assert parse_config_args([argument]) == config.node_config()
+    assert config.node_config()["privacy-max-epsilon"] == float("inf")
+    assert any("without DP" in w for w in config.warnings)
+
+
+def test_every_structural_problem_is_reported_with_its_key(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(
+        """
+[data]
+image-folder = "x"
+
+[privacy]
+policy-file = "p.toml"
+max-epsilon = "three"
+delta = 1e-6
+
+[secure-aggregation]
+min-sites = true
+
+[extras]
+x = 1
+"""
+    )
+    with pytest.raises(SiteConfigError) as caught:
+        load_site_config(path)
+    text = "\n".join(caught.value.problems)
+    assert "[data] image-folder: unknown key; known: imagefolder" in text
+    assert "[data] imagefolder is required" in text
+    assert "[privacy] max-epsilon: expected a number, got 'three'" in text
+    assert "[privacy] ledger-file is required" in text
+    assert "[supernode] auth-private-key is required" in text
+    assert "fedmm site keygen" in text
+    assert "[secure-aggregation] min-sites: expected an integer, got True" in text
+    assert "unknown section [extras]" in text
+    assert "[privacy] policy-file and inline keys (delta) both given" in text
+
+
+def test_files_are_checked_with_the_fix_named(tmp_path: Path) -> None:
+    path = make_site(tmp_path / "site")
+    root = tmp_path / "site"
+    os.chmod(root / "keys" / "site-auth-key", 0o644)
+    (root / "data" / "metadata.jsonl").unlink()
+    (root / "deid-policy.toml").write_text("face_mode = 'smudge'\n")
+    (root / "privacy-policy.toml").write_text("[privacy]\nmax-epsilon = -1\n")
+    (root / "secrets").mkdir()
+    (root / "secrets" / "site-secret").write_bytes(b"x" * 32)
+    os.chmod(root / "secrets" / "site-secret", 0o644)
+    with pytest.raises(SiteConfigError) as caught:
+        check_site_config(path)
+    text = "\n".join(caught.value.problems)
+    assert "[data] imagefolder" in text and "no metadata.jsonl" in text
+    assert f"chmod 600 {(root / 'keys' / 'site-auth-key').resolve()}" in text
+    assert f"chmod 600 {(root / 'secrets' / 'site-secret').resolve()}" in text
+    assert "[deidentification] policy" in text and "face_mode" in text
+    assert "[privacy]" in text and "max-epsilon must be > 0" in text
+
+
+def test_cache_inside_the_data_and_missing_key_are_refused(tmp_path: Path) -> None:
+    path = make_site(tmp_path / "site", GOOD.replace('cache-dir = "cache"', 'cache-dir = "data/c"'))
+    (tmp_path / "site" / "keys" / "site-auth-key").unlink()
+    with pytest.raises(SiteConfigError) as caught:
+        check_site_config(path)
+    text = "\n".join(caught.value.problems)
+    assert "cache-dir" in text and "inside the imagefolder" in text
+    assert "auth-private-key" in text and "fedmm site keygen" in text
+
+
+def test_without_a_policy_the_default_one_applies_with_a_warning(tmp_path: Path) -> None:
+    text = GOOD.replace('policy = "deid-policy.toml"\n', "").replace(
+        'site-secret = "secrets/site-secret"\n', ""
+    )
+    config = check_site_config(make_site(tmp_path / "site", text))
+    assert "deid-policy" not in config.node_config()
+    assert "site-secret" not in config.node_config()
+    assert any("default de-identification policy" in w for w in config.warnings)
+    assert any("no site-secret" in w for w in config.warnings)
+    path = tmp_path / "off.toml"
+    path.write_text(GOOD.replace('policy = "deid-policy.toml"', "enabled = false"))
+    with pytest.raises(SiteConfigError, match=r"\[deidentification\] enabled: unknown key"):
+        load_site_config(path)
+
+
+def test_supernode_command_carries_tls_auth_port_and_node_config(tmp_path: Path) -> None:
+    config = check_site_config(make_site(tmp_path / "site"))
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    argv = supernode_argv(config, superlink="10.0.0.5:9093", ca_cert=ca, port=9201)
+    assert Path(argv[0]).name == "flower-supernode"
+    flags = dict(zip(argv[1::2], argv[2::2], strict=True))
+    assert flags["--superlink"] == "10.0.0.5:9093"
+    assert flags["--root-certificates"] == str(ca.resolve())
+    assert flags["--auth-supernode-private-key"] == str(config.auth_private_key)
+    assert flags["--port"] == "9201"
+    assert parse_config_args([flags["--node-config"]]) == config.node_config()
+    assert "--insecure" not in argv
+
+
+def test_status_reads_the_ledger_file(tmp_path: Path) -> None:
+    config = check_site_config(make_site(tmp_path / "site"))
+    fresh = ledger_status(config)
+    assert (fresh.exists, fresh.epsilon, fresh.rounds, fresh.max_epsilon) == (False, 0.0, [], 2.0)
+    ledger = PrivacyLedger(
+        noise_multiplier=1.2, delta=1e-6, history=[(1.2, 0.05, 20), (1.2, 0.05, 20)], rounds=[1, 2]
+    )
+    ledger.save(config.ledger_file)
+    status = ledger_status(config)
+    assert status.exists and status.accountant == "rdp"
+    assert status.epsilon == pytest.approx(ledger.epsilon(1e-6))
+    assert (status.rounds, status.steps, status.entries, status.delta) == ([1, 2], 40, 2, 1e-6)
+    assert status.remaining == pytest.approx(max(0.0, 2.0 - status.epsilon))

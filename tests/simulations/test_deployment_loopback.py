@@ -1,0 +1,265 @@
+"""Deployment on loopback with real Flower daemons, started through the ``fedmm`` commands:
+a SuperLink with TLS and SuperNode authentication and SuperNodes of registered and
+unregistered sites. Every process started is stopped by PID, and its ports are free after.
+
+- default: the unregistered SuperNode is refused (exit 305), a plaintext client gets no
+  answer, the registered one is online;
+- slow: three registered sites run 2 rounds (``flwr run``) with SecAgg+ and DP; one site's
+  ledger is exhausted, it refuses, and the rounds go on with the other two.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.privacy_ledger import PrivacyLedger
+from server.certificate_authority import init_ca
+from tests.client.site_fixtures import GOOD, make_site
+from tests.simulations.loopback_processes import (
+    Daemon,
+    DaemonGroup,
+    free_port,
+    is_alive,
+    port_is_free,
+    wait_for_tls,
+    wait_until,
+)
+
+BIN = Path(sys.executable).parent
+FEDMM, FLWR = str(BIN / "fedmm"), str(BIN / "flwr")
+FLWR_SUPERNODE = str(BIN / "flower-supernode")
+CONNECTION_REFUSED_EXIT = 305  # flwr ExitCode.SUPERNODE_CONNECTION_ERROR
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def _run(env: dict[str, str], *argv: object, timeout: float = 120) -> str:
+    done = subprocess.run(
+        [*map(str, argv)], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, f"{argv}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@dataclass
+class Coordinator:
+    env: dict[str, str]
+    ca: Path
+    address: str
+    port: int
+    superlink: Daemon
+    group: DaemonGroup
+    site_ports: list[int]
+
+    def register(self, public_key: Path, name: str) -> None:
+        out = _run(
+            self.env, FEDMM, "coordinator", "register-site", public_key,
+            "--connection", "coordinator", "--name", name,
+        )  # fmt: skip
+        assert "registered: node id" in out
+
+    def start_site(self, name: str, config: Path, *extra: str) -> Daemon:
+        port = free_port()
+        self.site_ports.append(port)
+        argv = [FEDMM, "site", "start", str(config), "--superlink", self.address]
+        argv += ["--ca-cert", str(self.ca / "ca.crt"), "--port", str(port), *extra]
+        return self.group.start(name, argv)
+
+    def start_daemon(self, name: str, argv: list[str]) -> Daemon:
+        """Any other process, given its own free SuperNode port."""
+        port = free_port()
+        self.site_ports.append(port)
+        return self.group.start(name, [*argv, "--port", str(port)])
+
+    def nodes(self) -> list[dict[str, object]]:
+        done = subprocess.run(
+            [FLWR, "supernode", "list", "coordinator", "--format", "json"],
+            env=self.env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        start = done.stdout.find("{")
+        if done.returncode != 0 or start < 0:
+            return []
+        return list(json.loads(done.stdout[start:]).get("nodes", []))
+
+    def online(self) -> int:
+        return sum(1 for n in self.nodes() if n.get("status") == "online")
+
+
+@pytest.fixture()
+def coordinator(tmp_path: Path):  # type: ignore[no-untyped-def]
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+    }
+    ca, port = tmp_path / "ca", free_port()
+    address = f"127.0.0.1:{port}"
+    _run(env, FEDMM, "coordinator", "init-ca", ca)
+    _run(env, FEDMM, "coordinator", "issue-cert", ca, "--san", "127.0.0.1")
+    group = DaemonGroup(tmp_path, env)
+    state = None
+    try:
+        superlink = group.start(
+            "superlink", [FEDMM, "coordinator", "start-superlink", str(ca), "--address", address]
+        )
+        wait_for_tls(port, ca / "ca.crt", timeout=60, daemon=superlink)
+        group.remember_children()
+        _run(env, FEDMM, "coordinator", "add-connection", "coordinator", "--address", address,
+             "--ca-cert", ca / "ca.crt")  # fmt: skip
+        state = Coordinator(env, ca, address, port, superlink, group, [])
+        yield state
+    finally:
+        left = group.stop_all()
+        assert left == [], f"processes still alive: {left}"
+        assert all(not is_alive(d.pid) for d in group.daemons)
+        for used in (port, *(state.site_ports if state else [])):
+            assert port_is_free(used), f"port {used} still in use"
+
+
+def _plaintext_request(port: int) -> str:
+    """What a client without TLS gets from the SuperLink's port."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("POST", "/v1/control/list-nodes", body=b"")
+        return f"HTTP {connection.getresponse().status}"
+    except (OSError, http.client.HTTPException) as err:
+        return f"failed: {type(err).__name__}"
+    finally:
+        connection.close()
+
+
+def test_registered_site_connects_and_unregistered_or_plaintext_clients_are_refused(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    assert _plaintext_request(coordinator.port).startswith("failed")
+    site_a, site_b = make_site(tmp_path / "site-a"), make_site(tmp_path / "site-b")
+    coordinator.register(tmp_path / "site-a" / "keys" / "site-auth-key.pub", "site-a")
+    node_a = coordinator.start_site("site-a", site_a)
+    node_b = coordinator.start_site("site-b", site_b, "--max-wait-time", "20")
+
+    # Flower's own client without TLS, and one that trusts another CA.
+    plain = coordinator.start_daemon(
+        "plaintext",
+        [FLWR_SUPERNODE, "--insecure", "--superlink", coordinator.address, "--max-wait-time", "8"],
+    )
+    init_ca(tmp_path / "other-ca")
+    other_ca = [
+        FLWR_SUPERNODE, "--superlink", coordinator.address, "--root-certificates",
+        str(tmp_path / "other-ca" / "ca.crt"), "--max-wait-time", "8",
+    ]  # fmt: skip
+    wrong_ca = coordinator.start_daemon("wrong-ca", other_ca)
+
+    assert wait_until(lambda: node_b.process.poll() is not None, timeout=60), node_b.output()
+    # flwr 1.41 logs exit code 305 but the process (uvicorn around it) ends with 1.
+    assert node_b.process.returncode != 0, node_b.output()
+    assert f"Exit Code: {CONNECTION_REFUSED_EXIT}" in node_b.output()
+    assert "Failed to activate SuperNode" in node_b.output()
+    assert wait_until(lambda: coordinator.online() == 1, timeout=60, interval=2), (
+        f"{coordinator.nodes()}\n{node_a.output()[-3000:]}"
+    )
+    assert node_a.process.poll() is None, node_a.output()
+    coordinator.group.remember_children()
+    for daemon, reason in (
+        (plain, "Server disconnected without sending a response"),
+        (wrong_ca, "CERTIFICATE_VERIFY_FAILED"),
+    ):
+        assert wait_until(lambda d=daemon: d.process.poll() is not None, timeout=60)
+        assert daemon.process.returncode != 0 and reason in daemon.output(), daemon.output()
+        assert f"Exit Code: {CONNECTION_REFUSED_EXIT}" in daemon.output()
+    assert coordinator.online() == 1
+    # The daemons' files are private (umask 077 before exec): the SuperLink's database.
+    assert stat.S_IMODE((coordinator.ca / "superlink-state.db").stat().st_mode) == 0o600
+
+
+def _write_imagefolder(root: Path, *, offset: int, count: int) -> None:
+    """``count`` benchmark records (Fashion-MNIST canvases, captions) as PNG files."""
+    from PIL import Image
+
+    from common.data.benchmark import benchmark_train_records
+
+    records = benchmark_train_records(None)
+    root.mkdir(parents=True)
+    lines = []
+    for i in range(offset, offset + count):
+        name = f"r{i:05d}.png"
+        Image.fromarray(np.asarray(records.images[i])).save(root / name)
+        lines.append(json.dumps({"file_name": name, "text": records.captions[i]}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.slow
+def test_three_sites_run_two_rounds_with_secure_aggregation_and_dp_and_one_exhausted_site(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    """Sites a and b train both rounds; site c's ledger is already spent past its policy, so
+    it refuses (saying why) and each round goes on with the other two (t = 2)."""
+    sites = []
+    for index, name in enumerate(("site-a", "site-b", "site-c")):
+        config = make_site(tmp_path / name, GOOD.replace("min-threshold = 3", "min-threshold = 2"))
+        (tmp_path / name / "data" / "metadata.jsonl").unlink()
+        (tmp_path / name / "data").rmdir()
+        _write_imagefolder(tmp_path / name / "data", offset=200 * index, count=120)
+        coordinator.register(tmp_path / name / "keys" / "site-auth-key.pub", name)
+        sites.append((name, config))
+    spent = PrivacyLedger(noise_multiplier=0.8, delta=1e-6, history=[(0.8, 0.5, 40)], rounds=[9])
+    assert spent.epsilon() > 2.0  # the sites' policy: max-epsilon 2
+    ledger_c = tmp_path / "site-c" / "state" / "privacy-ledger.json"
+    spent.save(ledger_c)
+    before = ledger_c.read_bytes()
+    daemons = {name: coordinator.start_site(name, config) for name, config in sites}
+    assert wait_until(lambda: coordinator.online() == 3, timeout=90, interval=2), (
+        coordinator.nodes()
+    )
+    out = tmp_path / "run"
+    overrides = " ".join(
+        [
+            f'out-dir="{out}"',
+            "num-server-rounds=2",
+            "min-available-sites=3",
+            "min-train-sites=2",
+            "epsilon=8.0",
+            "batch-size=30",
+            "learning-rate=1.0",
+            "eval-single-items=200",
+            "eval-scenes=100",
+            "model-width=16",
+            "model-heads=2",
+            "secure-aggregation=true",
+            "round-timeout=240.0",
+            "secagg-stage-timeout=120.0",
+        ]
+    )
+    done = subprocess.run(
+        [FLWR, "run", str(PROJECT), "coordinator", "--stream", "--run-config", overrides],
+        env=coordinator.env,
+        capture_output=True,
+        text=True,
+        timeout=360,
+    )
+    coordinator.group.remember_children()
+    log = done.stdout + done.stderr
+    metrics = out / "metrics.jsonl"
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+    context = f"{log[-4000:]}\n" + "\n".join(d.output()[-2000:] for d in daemons.values())
+    assert len(rows) == 2, context
+    for row in rows:
+        assert not row.get("aborted"), row
+        assert (row["sites_trained"], row["sites_refused"], row["sites_failed"]) == (2, 1, 0), row
+        assert 0 < row["epsilon_max"] <= 2.0, row  # the sites' own budget, not the run's 8
+    assert (out / "model.safetensors").is_file() and (out / "summary.json").is_file()
+    assert "privacy budget" in daemons["site-c"].output()
+    assert ledger_c.read_bytes() == before
+    for name, config in sites[:2]:
+        status = json.loads(_run(coordinator.env, FEDMM, "site", "status", config, "--json"))
+        assert status["rounds"] == [1, 2], (name, status)
+        assert 0 < status["epsilon_spent"] <= 2.0

@@ -112,7 +112,12 @@ def train(msg: Message, context: Context) -> Message:
     ledger = _load_ledger(context)
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
     outcome = run_training_round(
-        global_state=global_state, request=request, data=data, policy=policy, ledger=ledger
+        global_state=global_state,
+        request=request,
+        data=data,
+        policy=policy,
+        ledger=ledger,
+        run_id=context.run_id,
     )
     if outcome.update is None:
         logger.warning("site refuses round %s: %s", request.server_round, outcome.refusal)
@@ -169,6 +174,7 @@ def train_with_dp(request: TrainRequest, msg: Message, context: Context) -> Loca
         data=data,
         policy=policy,
         ledger=ledger,
+        run_id=context.run_id,
     )
     if outcome.update is None:
         return outcome.refusal or "refused"

@@ -24,10 +24,19 @@ ACCOUNTANT = "rdp"
 
 @dataclass
 class PrivacyLedger:
+    """``history`` is the site's lifetime spend (every run); ``run_id``, ``rounds`` and
+    ``noise_multiplier`` belong to the current run and are reset when a new run starts."""
+
     noise_multiplier: float | None = None
     delta: float | None = None
     history: list[tuple[float, float, int]] = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)
+    run_id: int = 0
+
+    def start_run(self, run_id: int) -> None:
+        """Enter ``run_id``: a new run gets its own calibration and round list."""
+        if run_id != self.run_id:
+            self.run_id, self.noise_multiplier, self.rounds = run_id, None, []
 
     def epsilon(self, delta: float | None = None) -> float:
         return epsilon_of(self.history, delta if delta is not None else self.delta or 1e-5)
@@ -43,6 +52,7 @@ class PrivacyLedger:
                 "sample-rates": [float(q) for _, q, _ in self.history],
                 "steps": [int(n) for _, _, n in self.history],
                 "rounds": list(self.rounds),
+                "run-id": str(self.run_id),  # uint64 run ids do not fit a signed int
             }
         )
 
@@ -57,6 +67,7 @@ class PrivacyLedger:
             delta=None if delta < 0 else delta,
             history=[(float(s), float(q), int(n)) for s, q, n in history],
             rounds=[int(r) for r in record["rounds"]],  # type: ignore[union-attr]
+            run_id=int(str(record.get("run-id", "0"))),
         )
 
     def save(self, path: Path) -> None:
@@ -81,6 +92,7 @@ class PrivacyLedger:
             delta=data["delta"],
             history=[(float(s), float(q), int(n)) for s, q, n in data["history"]],
             rounds=[int(r) for r in data["rounds"]],
+            run_id=int(data.get("run_id", 0)),
         )
 
 

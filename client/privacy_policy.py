@@ -34,7 +34,9 @@ class PolicyError(ValueError):
 class SitePrivacyPolicy:
     """Limits a site sets for itself (record-level DP at this site).
 
-    ``max_epsilon``: the most epsilon this site spends in one run (``inf`` allows DP off).
+    ``max_epsilon``: the most epsilon this site spends over its ledger's lifetime: every
+    run, when the ledger is kept in a file; one run, when it lives in ``context.state``
+    (``inf`` allows DP off).
     ``delta``: the largest delta it accepts. ``min_noise_multiplier``: a floor on sigma.
     ``max_grad_norm``: the clipping norm the site insists on (None: the run's value).
     """

@@ -12,28 +12,16 @@ from __future__ import annotations
 
 import math
 import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from client.site_config import SiteConfig, node_config_argument
+from common.flower_commands import flower_executable
 
 
 class SiteLaunchError(ValueError):
     """The SuperNode cannot be started as asked; the message names the fix."""
-
-
-def _executable(name: str) -> str:
-    import shutil
-
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise SiteLaunchError(f"`{name}` not found: install flwr==1.41.* in this environment")
-    return found
 
 
 def supernode_argv(
@@ -57,7 +45,7 @@ def supernode_argv(
             "certificate only, never ca.key) over a channel you trust"
         )
     argv = [
-        _executable("flower-supernode"),
+        flower_executable("flower-supernode"),
         "--superlink",
         superlink,
         "--root-certificates",

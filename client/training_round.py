@@ -59,11 +59,14 @@ def run_training_round(
     data: ImageTextDataset,
     policy: SitePrivacyPolicy,
     ledger: PrivacyLedger,
+    run_id: int = 0,
 ) -> RoundOutcome:
     """Train on ``data`` from ``global_state`` unless the site's policy says no.
 
-    ``ledger`` is updated in place when the site trains. A refusal says why in plain words.
+    ``ledger`` is updated in place when the site trains (``run_id`` tells a new run from a
+    round of the current one). A refusal says why in plain words.
     """
+    ledger.start_run(run_id)
     n = len(data)
     try:
         privacy = effective_privacy(policy, request, num_records=n)
@@ -85,15 +88,26 @@ def run_training_round(
     if privacy.private:
         rate = sample_rate(n, request.batch_size)
         round_steps = request.local_epochs * steps_per_epoch(n, request.batch_size)
-        sigma = plan_noise(
-            ledger,
-            epsilon=privacy.epsilon,
-            delta=privacy.delta,
-            floor=privacy.noise_multiplier_floor,
-            rate=rate,
-            total_steps=round_steps * request.num_server_rounds,
-        )
         delta = ledger.delta or privacy.delta
+        spent = ledger.epsilon(delta)
+        try:
+            sigma = plan_noise(
+                ledger,
+                # a new run gets what is left of the site's lifetime budget
+                epsilon=privacy.epsilon - spent,
+                delta=privacy.delta,
+                floor=privacy.noise_multiplier_floor,
+                rate=rate,
+                total_steps=round_steps * request.num_server_rounds,
+            )
+        except ValueError:  # nothing (or too little) left to calibrate for
+            return RoundOutcome(
+                update=None,
+                refusal=(
+                    f"privacy budget: {spent:.3f} of epsilon {privacy.epsilon:g} already "
+                    f"spent (delta {delta:g}, record-level, RDP accountant)"
+                ),
+            )
         projected = epsilon_of([*ledger.history, (sigma, rate, round_steps)], delta)
         if projected > privacy.epsilon * (1 + 1e-9):
             return RoundOutcome(

@@ -15,12 +15,10 @@ writes one.
 from __future__ import annotations
 
 import ipaddress
-import os
-import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.flower_commands import flower_executable
 from common.key_files import check_private_file
 from server.certificate_authority import (
     CA_CERT,
@@ -44,17 +42,6 @@ def split_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise DeploymentError(f"address {address!r} is not HOST:PORT (e.g. 10.0.0.5:9093)")
     return host, int(port_text)
-
-
-def flower_executable(name: str) -> str:
-    """The Flower command ``name`` next to this Python, else on PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise DeploymentError(f"`{name}` not found: install flwr==1.41.* in this environment")
-    return found
 
 
 def _host_covered(host: str, names: tuple[str, ...]) -> bool:
@@ -180,7 +167,3 @@ def register_site_argv(public_key: Path, *, connection: str, name: str | None = 
     if name:
         argv += ["--name", name]
     return [*argv, "--format", "json"]
-
-
-def environment_with(extra: dict[str, str]) -> dict[str, str]:
-    return {**os.environ, **extra}

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+from common.flower_commands import FlowerCommandNotFoundError
+
 USER_ERROR = 2
 
 
@@ -43,7 +45,7 @@ def run_coordinator_step(args: argparse.Namespace) -> int:
     }
     try:
         return handlers[args.step](args)
-    except ValueError as err:  # CertificateError, KeyFileError, DeploymentError
+    except (ValueError, FlowerCommandNotFoundError) as err:  # incl. DeploymentError
         return _fail(f"fedmm coordinator {args.step}", str(err))
 
 
@@ -72,7 +74,8 @@ def _issue_cert(args: argparse.Namespace) -> int:
 
 
 def _start_superlink(args: argparse.Namespace) -> int:
-    from server.superlink_control import environment_with, superlink_launch
+    from common.flower_commands import flower_environment
+    from server.superlink_control import superlink_launch
 
     launch = superlink_launch(
         args.dir, address=args.address, database=args.database, log_file=args.log_file
@@ -80,7 +83,7 @@ def _start_superlink(args: argparse.Namespace) -> int:
     print(launch.shell_line(), flush=True)
     if args.dry_run:
         return 0
-    return _exec(launch.argv, environment_with(launch.env))
+    return _exec(launch.argv, flower_environment(launch.env))
 
 
 def _add_connection(args: argparse.Namespace) -> int:
@@ -124,7 +127,7 @@ def run_site_step(args: argparse.Namespace) -> int:
     }
     try:
         return handlers[args.step](args)
-    except ValueError as err:  # SiteConfigError, KeyFileError, SiteLaunchError
+    except (ValueError, FlowerCommandNotFoundError) as err:  # incl. SiteLaunchError
         problems = getattr(err, "problems", None)
         if problems:
             lines = "\n".join(f"  - {p}" for p in problems)
@@ -171,7 +174,9 @@ def _start(args: argparse.Namespace) -> int:
     print(shell_line(argv), flush=True)
     if args.dry_run:
         return 0
-    return _exec(argv, dict(os.environ))
+    from common.flower_commands import flower_environment
+
+    return _exec(argv, flower_environment())
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -208,3 +208,40 @@ def test_reply_metrics_are_aggregates_only(data, global_state) -> None:
         all(v.shape == global_state[k].shape for k, v in outcome.update.items())
         and outcome.update.keys() == global_state.keys()
     )
+
+
+def test_a_new_run_spends_what_is_left_of_the_lifetime_budget(data, global_state) -> None:
+    """A persisted ledger outlives a run: the next run's rounds are not "already trained",
+    its noise is calibrated for the budget left, and the lifetime epsilon stays capped."""
+    ledger = PrivacyLedger()
+    first = run_training_round(
+        global_state=global_state,
+        request=TrainRequest.for_round(config(epsilon=1.5), 1),
+        data=data,
+        policy=SitePrivacyPolicy(max_epsilon=3.0),
+        ledger=ledger,
+        run_id=11,
+    )
+    assert first.update is not None
+    sigma_first, spent_first = ledger.noise_multiplier, ledger.epsilon()
+    replay = run_training_round(
+        global_state=global_state,
+        request=TrainRequest.for_round(config(epsilon=1.5), 1),
+        data=data,
+        policy=SitePrivacyPolicy(max_epsilon=3.0),
+        ledger=ledger,
+        run_id=11,
+    )
+    assert replay.update is None and "already trained" in (replay.refusal or "")
+    second = run_training_round(
+        global_state=global_state,
+        request=TrainRequest.for_round(config(epsilon=3.0), 1),
+        data=data,
+        policy=SitePrivacyPolicy(max_epsilon=3.0),
+        ledger=ledger,
+        run_id=12,
+    )
+    assert second.update is not None
+    assert ledger.run_id == 12 and ledger.rounds == [1]
+    assert ledger.noise_multiplier != sigma_first  # calibrated afresh for what is left
+    assert spent_first < ledger.epsilon() <= 3.0

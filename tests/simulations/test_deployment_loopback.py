@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import stat
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 
 from client.privacy_ledger import PrivacyLedger
+from common.flower_commands import flower_environment
 from server.certificate_authority import init_ca
 from tests.client.site_fixtures import GOOD, make_site
 from tests.simulations.loopback_processes import (
@@ -96,12 +96,13 @@ class Coordinator:
 
 @pytest.fixture()
 def coordinator(tmp_path: Path):  # type: ignore[no-untyped-def]
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(tmp_path / "flwr-home"),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-    }
+    env = flower_environment(
+        {
+            "FLWR_HOME": str(tmp_path / "flwr-home"),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+        }
+    )
     ca, port = tmp_path / "ca", free_port()
     address = f"127.0.0.1:{port}"
     _run(env, FEDMM, "coordinator", "init-ca", ca)

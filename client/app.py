@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -65,6 +65,9 @@ from common.secure_round import (
 )
 from common.train_request import TrainRequest
 
+if TYPE_CHECKING:  # torch: imported only by the handlers that train
+    from client.training_round import RoundOutcome
+
 logger = logging.getLogger(__name__)
 LEDGER_DIR_ENV = "FEDMM_LEDGER_DIR"
 
@@ -98,32 +101,38 @@ def _save_ledger(context: Context, ledger: PrivacyLedger) -> None:
         ledger.save(path)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def _train_at_site(request: TrainRequest, arrays: ArrayRecord, context: Context) -> RoundOutcome:
+    """The site's data, policy and ledger, then ``run_training_round``; the ledger is saved
+    when the site trained. torch is imported here only (deployment: a process a message)."""
     import torch
 
     from client.site_data import load_site_data
     from client.training_round import run_training_round
 
     torch.set_num_threads(int(os.environ.get("FEDMM_TORCH_THREADS", "1")))
-    request = TrainRequest.from_config(dict(msg.content.config_records["config"]))
-    policy = SitePrivacyPolicy.for_site(context.node_config)
-    data = load_site_data(context.node_config, request)
     ledger = _load_ledger(context)
-    global_state = msg.content.array_records["arrays"].to_torch_state_dict()
     outcome = run_training_round(
-        global_state=global_state,
+        global_state=arrays.to_torch_state_dict(),
         request=request,
-        data=data,
-        policy=policy,
+        data=load_site_data(context.node_config, request),
+        policy=SitePrivacyPolicy.for_site(context.node_config),
         ledger=ledger,
         run_id=context.run_id,
     )
     if outcome.update is None:
         logger.warning("site refuses round %s: %s", request.server_round, outcome.refusal)
+    else:
+        _save_ledger(context, ledger)
+    return outcome
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    request = TrainRequest.from_config(dict(msg.content.config_records["config"]))
+    outcome = _train_at_site(request, msg.content.array_records["arrays"], context)
+    if outcome.update is None:
         status = ConfigRecord({"refused": True, "reason": outcome.refusal or ""})
         return Message(RecordDict({"status": status}), reply_to=msg)
-    _save_ledger(context, ledger)
     content = RecordDict(
         {
             "update": ArrayRecord(outcome.update),
@@ -158,27 +167,10 @@ Trainer = Callable[[TrainRequest, Message, Context], "LocalUpdate | str"]
 
 def train_with_dp(request: TrainRequest, msg: Message, context: Context) -> LocalUpdate | str:
     """DP-SGD on the site's data (``client.training_round``); torch is imported here only."""
-    import torch
-
-    from client.site_data import load_site_data
-    from client.training_round import run_training_round
-
-    torch.set_num_threads(int(os.environ.get("FEDMM_TORCH_THREADS", "1")))
-    policy = SitePrivacyPolicy.for_site(context.node_config)
-    data = load_site_data(context.node_config, request)
-    ledger = _load_ledger(context)
     arrays = msg.content.array_records["arrays"]
-    outcome = run_training_round(
-        global_state=arrays.to_torch_state_dict(),
-        request=request,
-        data=data,
-        policy=policy,
-        ledger=ledger,
-        run_id=context.run_id,
-    )
+    outcome = _train_at_site(request, arrays, context)
     if outcome.update is None:
         return outcome.refusal or "refused"
-    _save_ledger(context, ledger)
     keys = list(arrays.keys())
     return LocalUpdate(
         update=flatten_update({k: v.numpy() for k, v in outcome.update.items()}, keys),

@@ -22,12 +22,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.data.benchmark import CANVAS_SHAPE, benchmark_train_records
 from common.data.dataset import ImageTextDataset
 from common.data.partitioning import partition_indices
 from common.train_request import TrainRequest
+
+if TYPE_CHECKING:  # the de-identification tools load only when used
+    from client.deid.policy import DeidPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,12 @@ class SiteDeidSettings:
     policy_file: Path | None  # None: the default DeidPolicy
     secret_file: Path
     cache_dir: Path
+
+    def load_policy(self) -> DeidPolicy:
+        """The policy in ``policy_file``, or the default policy."""
+        from client.deid.policy import DeidPolicy, load_policy
+
+        return load_policy(self.policy_file) if self.policy_file else DeidPolicy()
 
 
 def site_deid_settings(node_config: Mapping[str, Any]) -> SiteDeidSettings | None:
@@ -148,11 +157,10 @@ def deidentified_records(
         slot_name,
     )
     from client.deid.face_detection import build_face_detector
-    from client.deid.policy import DeidPolicy, load_policy
     from client.deid.records import deidentify_records
     from client.deid.site_secret import load_or_create_site_secret
 
-    policy = load_policy(settings.policy_file) if settings.policy_file else DeidPolicy()
+    policy = settings.load_policy()
     secret = load_or_create_site_secret(settings.secret_file)
     memo_key = ("records", source, policy, secret_fingerprint(secret), settings.cache_dir)
     hit = _recall(memo_key, raw)
@@ -208,7 +216,6 @@ def deidentified_imagefolder(root: Path, *, settings: SiteDeidSettings) -> Image
     )
     from client.deid.face_detection import build_face_detector
     from client.deid.imagefolder import deidentify_imagefolder
-    from client.deid.policy import DeidPolicy, load_policy
     from client.deid.site_secret import load_or_create_site_secret
     from common.data.imagefolder import load_imagefolder
 
@@ -219,7 +226,7 @@ def deidentified_imagefolder(root: Path, *, settings: SiteDeidSettings) -> Image
             f"the de-identification cache {settings.cache_dir} is inside the site's data "
             f"{root}: set deid-cache-dir to a folder outside it"
         )
-    policy = load_policy(settings.policy_file) if settings.policy_file else DeidPolicy()
+    policy = settings.load_policy()
     secret = load_or_create_site_secret(settings.secret_file)
     memo_key = ("imagefolder", str(root), policy, secret_fingerprint(secret), settings.cache_dir)
     signature = folder_signature(root)

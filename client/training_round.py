@@ -115,7 +115,7 @@ def run_training_round(
                 refusal=(
                     f"privacy budget: round {request.server_round} would take epsilon to "
                     f"{projected:.3f} > {privacy.epsilon:g} (delta {delta:g}, record-level, "
-                    f"RDP accountant); spent so far {ledger.epsilon(delta):.3f}"
+                    f"RDP accountant); spent so far {spent:.3f}"
                 ),
             )
         dp = DPSGDSettings(noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,6 +21,25 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 logger = logging.getLogger(__name__)
+
+
+class SitesNotConnectedError(RuntimeError):
+    """Fewer sites connected than a run needs, within the time allowed."""
+
+
+def wait_for_sites(grid: Grid, minimum: int, *, timeout: float = 120.0) -> list[int]:
+    """Node ids once at least ``minimum`` sites are connected (they register lazily)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) >= minimum:
+            return node_ids
+        if time.monotonic() > deadline:
+            raise SitesNotConnectedError(
+                f"only {len(node_ids)} site(s) connected after {timeout:.0f} s; "
+                f"min-train-sites is {minimum}"
+            )
+        time.sleep(0.5)
 
 
 @dataclass

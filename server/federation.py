@@ -19,32 +19,13 @@ from common.federation_config import FederationConfig
 from common.model import CrossAttentionMatcher
 from common.tokenizer import HashingTokenizer
 from common.train_request import TrainRequest, model_config_of
-from server.aggregation import FedAvgAggregation, RoundAggregation
+from server.aggregation import FedAvgAggregation, RoundAggregation, wait_for_sites
 from server.checkpoints import load_latest_checkpoint, save_checkpoint
 from server.evaluation import evaluate
 from server.run_report import append_metrics, truncate_metrics, write_summary_and_report
 from server.secure_aggregation import SecAggPlusAggregation, SecAggSettings
 
 logger = logging.getLogger(__name__)
-
-
-class FederationError(RuntimeError):
-    """The run cannot go on; the last checkpoint is intact."""
-
-
-def wait_for_sites(grid: Grid, minimum: int, *, timeout: float = 120.0) -> list[int]:
-    """Node ids once at least ``minimum`` sites are connected (they register lazily)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        node_ids = sorted(grid.get_node_ids())
-        if len(node_ids) >= minimum:
-            return node_ids
-        if time.monotonic() > deadline:
-            raise FederationError(
-                f"only {len(node_ids)} site(s) connected after {timeout:.0f} s; "
-                f"min-train-sites is {minimum}"
-            )
-        time.sleep(0.5)
 
 
 def sample_sites(

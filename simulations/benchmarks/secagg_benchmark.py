@@ -124,17 +124,12 @@ server_app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     from common.federation_config import FederationConfig
     from common.train_request import TrainRequest
-    from server.aggregation import FedAvgAggregation
+    from server.aggregation import FedAvgAggregation, wait_for_sites
     from server.secure_aggregation import SecAggPlusAggregation, SecAggSettings
 
     plan = json.loads(os.environ[PLAN_ENV])
     num_sites = plan["sites"]
-    deadline = time.monotonic() + 120
-    while len(list(grid.get_node_ids())) < num_sites:
-        if time.monotonic() > deadline:
-            raise RuntimeError("sites did not connect")
-        time.sleep(0.2)
-    nodes = sorted(grid.get_node_ids())[:num_sites]
+    nodes = wait_for_sites(grid, num_sites, timeout=120.0)[:num_sites]
     counting = CountingGrid(grid)
     kinds = {
         "fedavg": FedAvgAggregation(),
@@ -243,14 +238,11 @@ def legacy_main(grid: Grid, context: Context) -> None:
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
     from common.secagg.neighbour_graph import default_graph_parameters
+    from server.aggregation import wait_for_sites
 
     plan = json.loads(os.environ[PLAN_ENV])
     num_sites = plan["sites"]
-    deadline = time.monotonic() + 120
-    while len(list(grid.get_node_ids())) < num_sites:
-        if time.monotonic() > deadline:
-            raise RuntimeError("sites did not connect")
-        time.sleep(0.2)
+    wait_for_sites(grid, num_sites, timeout=120.0)
     graph = default_graph_parameters(num_sites)
     _TimedFedAvg = _timed_fedavg_class()
     counting = CountingGrid(grid)

@@ -1,14 +1,15 @@
 """Which records a site trains on: its own imagefolder, or its simulated partition, after
 the site's de-identification policy has been applied to them.
 
-De-identification (``client.deid``) is on when the node config names a policy file
-(``deid-policy=FILE``) or, in simulation, ``$FEDMM_DEID_POLICY`` does. The site secret that
-keys the pseudonyms is ``site-secret=FILE`` (created on first use, 0600), by default
-``~/.config/fedmm/site-secret``; the de-identified data is cached under ``deid-cache-dir=DIR``
-(0700), by default ``~/.cache/fedmm/deid``. In simulation ``$FEDMM_DEID_DIR/site-<id>/``
-holds each simulated site's own secret and cache. The cache is keyed by the policy, the
-data's content, the tool versions and the secret (``client.deid.cache``): de-identification
-runs once per dataset version, again when any of them changes.
+De-identification (``client.deid``) always runs, under the policy file the node config
+names (``deid-policy=FILE``), in simulation ``$FEDMM_DEID_POLICY``, else the default policy.
+The site secret that keys the pseudonyms is ``site-secret=FILE`` (created on first use, 0600),
+by default ``~/.config/fedmm/site-secret``; the de-identified data is cached under
+``deid-cache-dir=DIR`` (0700), by default ``~/.cache/fedmm/deid``. A simulated site keeps its
+own secret and cache in ``$FEDMM_DEID_DIR/site-<id>/``, by default
+``~/.cache/fedmm/simulated-sites/site-<id>/``. The cache is keyed by the policy, the data's
+content, the tool versions and the secret (``client.deid.cache``): de-identification runs
+once per dataset version, again when any of them changes.
 """
 
 from __future__ import annotations
@@ -80,22 +81,23 @@ class SiteDeidSettings:
         return load_policy(self.policy_file) if self.policy_file else DeidPolicy()
 
 
-def site_deid_settings(node_config: Mapping[str, Any]) -> SiteDeidSettings | None:
+def site_deid_settings(node_config: Mapping[str, Any]) -> SiteDeidSettings:
     """The site's de-identification settings.
 
-    A site's own imagefolder is always de-identified: with the policy file named by node
-    config ``deid-policy``, else with the default policy. A simulated partition is
-    de-identified when ``$FEDMM_DEID_POLICY`` names a policy (``fedmm simulate`` sets it).
+    Every site's records are de-identified before training: a site's own imagefolder with
+    the policy file named by node config ``deid-policy``, a simulated partition with the
+    file named by ``$FEDMM_DEID_POLICY`` (``fedmm simulate`` sets it); either falls back to
+    the default policy. A simulated site keeps its own secret and cache in
+    ``$FEDMM_DEID_DIR/site-<id>/``, by default ``~/.cache/fedmm/simulated-sites/site-<id>/``
+    (so ``flwr run`` of the app de-identifies the benchmark's synthetic personal data too).
     """
     from client.deid.cache import default_cache_dir
     from client.deid.site_secret import default_site_secret_path
 
     policy_file = node_config.get("deid-policy") or os.environ.get(DEID_POLICY_ENV)
-    if not policy_file and "imagefolder" not in node_config:
-        return None
     secret_file, cache_dir = default_site_secret_path(), default_cache_dir()
-    sim_dir = os.environ.get(DEID_DIR_ENV)
-    if sim_dir and "partition-id" in node_config:
+    if "partition-id" in node_config and "imagefolder" not in node_config:
+        sim_dir = os.environ.get(DEID_DIR_ENV) or default_cache_dir().parent / "simulated-sites"
         site_dir = Path(sim_dir) / f"site-{node_config['partition-id']}"
         secret_file, cache_dir = site_dir / "site-secret", site_dir / "cache"
     return SiteDeidSettings(
@@ -275,8 +277,6 @@ def load_site_data(node_config: Mapping[str, Any], request: TrainRequest) -> Ima
     """
     settings = site_deid_settings(node_config)
     if "imagefolder" in node_config:
-        if settings is None:  # cannot happen: a site's own folder always gets a policy
-            raise SiteDataError("no de-identification settings for the site's folder")
         return deidentified_imagefolder(Path(str(node_config["imagefolder"])), settings=settings)
     if "partition-id" in node_config and "num-partitions" in node_config:
         params = (
@@ -289,8 +289,6 @@ def load_site_data(node_config: Mapping[str, Any], request: TrainRequest) -> Ima
             int(request.site_records_limit),
         )
         raw = _benchmark_partition(*params)
-        if settings is None:
-            return raw
         return deidentified_records(raw, source=("benchmark", *params), settings=settings)
     raise SiteDataError(
         "node config names no data: set imagefolder=PATH (a folder with metadata.jsonl) "

@@ -210,3 +210,18 @@ def test_a_cache_inside_the_data_folder_is_refused(folder: Path, tmp_path: Path)
     config = {**_node_config(tmp_path, folder), "deid-cache-dir": str(folder / ".cache")}
     with pytest.raises(site_data.SiteDataError, match="set deid-cache-dir to a folder outside"):
         load_site_data(config, _request())
+
+
+@needs_benchmark
+def test_simulated_site_without_settings_is_de_identified_under_the_cache_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``flwr run`` of the app sets no FEDMM_* variables: the benchmark's synthetic personal
+    data must still not reach training."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-home"))
+    data = load_site_data({"partition-id": 3, "num-partitions": 10}, _request(limit=400))
+    site_dir = tmp_path / "cache-home" / "fedmm" / "simulated-sites" / "site-3"
+    assert stat.S_IMODE((site_dir / "site-secret").stat().st_mode) == 0o600
+    assert len(_entries(site_dir / "cache")) == 1
+    assert any("<PERSON_" in c for c in data.captions)
+    assert not any("@example" in c for c in data.captions)

@@ -15,7 +15,9 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from server.federation import run_federation
+    from server.reply_polling import ReplyPollingGrid
 
     logging.getLogger().setLevel(logging.INFO)
     config = FederationConfig.from_run_config(context.run_config)
-    run_federation(grid, config)
+    # Flower's deployment Grid looks for replies only every 3 s: poll sooner.
+    run_federation(ReplyPollingGrid(grid), config)

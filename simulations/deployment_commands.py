@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable
@@ -42,6 +43,7 @@ def run_coordinator_step(args: argparse.Namespace) -> int:
         "start-superlink": _start_superlink,
         "add-connection": _add_connection,
         "register-site": _register_site,
+        "submit": _submit,
     }
     try:
         return handlers[args.step](args)
@@ -95,8 +97,6 @@ def _add_connection(args: argparse.Namespace) -> int:
 
 
 def _register_site(args: argparse.Namespace) -> int:
-    import shlex
-
     from client.site_keys import fingerprint
     from server.superlink_control import register_site_argv
 
@@ -116,6 +116,91 @@ def _register_site(args: argparse.Namespace) -> int:
         return done.returncode or 1
     print(f"registered: node id {node_id}")
     return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from common.flower_commands import flower_environment
+    from server.run_submission import (
+        check_superlink_reachable,
+        parse_settings,
+        prepare_submission,
+        record_submission,
+        run_id_in,
+        run_progress,
+        stop_active_runs,
+        write_submitted_config,
+    )
+
+    submission = prepare_submission(
+        connection=args.connection,
+        out_dir=args.out_dir,
+        settings=parse_settings(args.set),
+        resume=args.resume,
+        app_dir=args.app,
+        stream=not args.detach,
+    )
+    out = submission.out_dir
+    if args.resume:
+        after = submission.resume_after
+        print(
+            f"resuming the run in {out} after round {after} (its last checkpoint)"
+            if after
+            else f"no checkpoint in {out} yet: the run starts again at round 1"
+        )
+    print(submission.shell_line(), flush=True)
+    if args.dry_run:
+        return 0
+    env = flower_environment(submission.env)
+    check_superlink_reachable(args.connection, env)
+    if args.resume:
+        for run_id in stop_active_runs(out, args.connection, env):
+            print(f"stopped the earlier run {run_id} of {out}: it was still running")
+    write_submitted_config(submission)
+    process = subprocess.Popen(
+        submission.argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+    assert process.stdout is not None
+    run_id = None
+    try:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            if run_id is None and (run_id := run_id_in(line)) is not None:
+                record_submission(
+                    out, run_id=run_id, connection=args.connection, resume=args.resume
+                )
+        code = process.wait()
+    except KeyboardInterrupt:
+        process.wait()
+        print(f"\nstopped following run {run_id}; it goes on at the SuperLink", file=sys.stderr)
+        return 130
+    again = ["fedmm", "coordinator", "submit", "--connection", args.connection]
+    resume = shlex.join([*again, "--out-dir", str(out), "--resume"])
+    if run_id is None:
+        print(f"flwr run did not start a run (exit {code}): see its output above", file=sys.stderr)
+        return code or 1
+    if args.detach:
+        print(
+            f"run {run_id} started; outputs in {out} (follow: flwr log {run_id} "
+            f"{args.connection}); if the coordinator stops mid-run: {resume}"
+        )
+        return 0
+    progress = run_progress(out, num_server_rounds=submission.num_server_rounds)
+    if progress.finished:
+        print(f"run {run_id} finished {submission.num_server_rounds} rounds; outputs in {out}")
+        return 0
+    last = progress.last_checkpoint
+    print(
+        f"run {run_id} did not finish (flwr run exit {code}; last checkpoint: "
+        f"{f'round {last}' if last else 'none'}). Outputs so far in {out}. Once the SuperLink "
+        f"is back, continue with: {resume}",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def run_site_step(args: argparse.Namespace) -> int:
@@ -159,7 +244,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _start(args: argparse.Namespace) -> int:
     from client.site_config import check_site_config
-    from client.supernode_launch import shell_line, supernode_argv
+    from client.supernode_launch import shell_line, supernode_argv, supernode_environment
 
     config = check_site_config(args.config)
     for warning in config.warnings:
@@ -171,12 +256,13 @@ def _start(args: argparse.Namespace) -> int:
         port=args.port,
         max_wait_time=args.max_wait_time,
     )
-    print(shell_line(argv), flush=True)
+    extra = supernode_environment(os.environ)
+    print(shell_line(argv, extra), flush=True)
     if args.dry_run:
         return 0
     from common.flower_commands import flower_environment
 
-    return _exec(argv, flower_environment())
+    return _exec(argv, flower_environment(extra))
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import stat
 import subprocess
 import sys
@@ -66,6 +68,19 @@ class Coordinator:
             "--connection", "coordinator", "--name", name,
         )  # fmt: skip
         assert "registered: node id" in out
+
+    def restart_superlink(self, sig: int) -> None:
+        """Stop the SuperLink with ``sig`` and start it again on the same port and
+        database (its registrations and runs survive)."""
+        self.group.remember_children()  # its SuperExec and ServerApp outlive a SIGKILL
+        os.kill(self.superlink.pid, sig)
+        assert wait_until(lambda: self.superlink.process.poll() is not None, timeout=90)
+        self.superlink = self.group.start(
+            f"superlink-{len(self.group.daemons)}",
+            [FEDMM, "coordinator", "start-superlink", str(self.ca), "--address", self.address],
+        )
+        wait_for_tls(self.port, self.ca / "ca.crt", timeout=60, daemon=self.superlink)
+        self.group.remember_children()
 
     def start_site(self, name: str, config: Path, *extra: str) -> Daemon:
         port = free_port()
@@ -198,18 +213,26 @@ def _write_imagefolder(root: Path, *, offset: int, count: int) -> None:
     (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
 
 
+def _rows(out: Path) -> list[dict[str, object]]:
+    metrics = out / "metrics.jsonl"
+    return [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+
+
 @pytest.mark.slow
-def test_three_sites_run_two_rounds_with_secure_aggregation_and_dp_and_one_exhausted_site(
+def test_three_sites_two_rounds_secure_dp_exhausted_site_and_resume_after_coordinator_stop(
     coordinator: Coordinator, tmp_path: Path
 ) -> None:
-    """Sites a and b train both rounds; site c's ledger is already spent past its policy, so
-    it refuses (saying why) and each round goes on with the other two (t = 2)."""
+    """``fedmm coordinator submit`` runs 2 rounds with SecAgg+ and DP on three sites. Sites a
+    and b train; site c's ledger is already spent past its policy, so it refuses (saying
+    why) and each round goes on with the other two (t = 2). The SuperLink is killed after
+    round 1's checkpoint and started again; ``submit --resume`` stops the orphaned run and
+    finishes round 2 from the checkpoint into the same out dir."""
     sites = []
     for index, name in enumerate(("site-a", "site-b", "site-c")):
         config = make_site(tmp_path / name, GOOD.replace("min-threshold = 3", "min-threshold = 2"))
         (tmp_path / name / "data" / "metadata.jsonl").unlink()
         (tmp_path / name / "data").rmdir()
-        _write_imagefolder(tmp_path / name / "data", offset=200 * index, count=120)
+        _write_imagefolder(tmp_path / name / "data", offset=200 * index, count=60)
         coordinator.register(tmp_path / name / "keys" / "site-auth-key.pub", name)
         sites.append((name, config))
     spent = PrivacyLedger(noise_multiplier=0.8, delta=1e-6, history=[(0.8, 0.5, 40)], rounds=[9])
@@ -222,45 +245,88 @@ def test_three_sites_run_two_rounds_with_secure_aggregation_and_dp_and_one_exhau
         coordinator.nodes()
     )
     out = tmp_path / "run"
-    overrides = " ".join(
-        [
-            f'out-dir="{out}"',
-            "num-server-rounds=2",
-            "min-available-sites=3",
-            "min-train-sites=2",
-            "epsilon=8.0",
-            "batch-size=30",
-            "learning-rate=1.0",
-            "eval-single-items=200",
-            "eval-scenes=100",
-            "model-width=16",
-            "model-heads=2",
-            "secure-aggregation=true",
-            "round-timeout=240.0",
-            "secagg-stage-timeout=120.0",
-        ]
+    submit = [FEDMM, "coordinator", "submit", "--connection", "coordinator", "--out-dir", str(out)]
+    for setting in (
+        "num-server-rounds=2",
+        "min-available-sites=3",
+        "min-train-sites=2",
+        "epsilon=8.0",
+        "batch-size=30",
+        "learning-rate=1.0",
+        "eval-single-items=200",
+        "eval-scenes=100",
+        "model-width=16",
+        "model-heads=2",
+        "secure-aggregation=true",
+        "round-timeout=240.0",
+        "secagg-stage-timeout=120.0",
+    ):
+        submit += ["--set", setting]
+    first = coordinator.group.start("submit", submit)
+    latest = out / "checkpoints" / "latest.json"
+    assert wait_until(lambda: latest.exists() or first.process.poll() is not None, timeout=240), (
+        first.output()[-3000:]
     )
+    assert json.loads(latest.read_text())["round"] == 1, first.output()[-3000:]
+    coordinator.restart_superlink(signal.SIGKILL)  # mid-run: round 2 has started
+    assert wait_until(lambda: first.process.poll() is not None, timeout=90)
+    assert first.process.returncode == 1 and "--resume" in first.output(), first.output()
+    assert len(_rows(out)) == 1
+    assert wait_until(lambda: coordinator.online() == 3, timeout=90, interval=2)
+
     done = subprocess.run(
-        [FLWR, "run", str(PROJECT), "coordinator", "--stream", "--run-config", overrides],
-        env=coordinator.env,
-        capture_output=True,
-        text=True,
-        timeout=360,
+        [*submit[:7], "--resume"], env=coordinator.env, capture_output=True, text=True, timeout=300
     )
     coordinator.group.remember_children()
     log = done.stdout + done.stderr
-    metrics = out / "metrics.jsonl"
-    rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
     context = f"{log[-4000:]}\n" + "\n".join(d.output()[-2000:] for d in daemons.values())
-    assert len(rows) == 2, context
+    assert done.returncode == 0, context
+    assert "after round 1" in log, log
+    first_id = json.loads((out / "submissions.jsonl").read_text().splitlines()[0])["run_id"]
+    listed = _run(
+        coordinator.env, FLWR, "ls", "coordinator", "--run-id", first_id, "--format", "json"
+    )
+    status = json.loads(listed[listed.find("{") :])["runs"][0]["status"]
+    # The killed run is over: the resume stopped it, unless the SuperLink already marked it
+    # failed (no heartbeat from its ServerApp).
+    expected = "finished:stopped" if "stopped the earlier run" in log else "finished:failed"
+    assert status == expected, (status, log)
+    rows = _rows(out)
+    assert [row["round"] for row in rows] == [1, 2], context
     for row in rows:
         assert not row.get("aborted"), row
         assert (row["sites_trained"], row["sites_refused"], row["sites_failed"]) == (2, 1, 0), row
         assert 0 < row["epsilon_max"] <= 2.0, row  # the sites' own budget, not the run's 8
-    assert (out / "model.safetensors").is_file() and (out / "summary.json").is_file()
+        assert set(row["secagg_stage_s"]) >= {"train.secagg_setup", "train.secagg_unmask"}
+    for name in ("model.safetensors", "summary.json", "report.md"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 2
+    runs = [json.loads(x) for x in (out / "submissions.jsonl").read_text().splitlines()]
+    assert [run["resume"] for run in runs] == [False, True]
     assert "privacy budget" in daemons["site-c"].output()
     assert ledger_c.read_bytes() == before
     for name, config in sites[:2]:
         status = json.loads(_run(coordinator.env, FEDMM, "site", "status", config, "--json"))
-        assert status["rounds"] == [1, 2], (name, status)
+        assert status["rounds"] == [2], (name, status)  # the resumed run's rounds
+        assert status["accountant_entries"] >= 1 and status["dp_sgd_steps"] > 0, status
         assert 0 < status["epsilon_spent"] <= 2.0
+
+
+def test_loading_the_clientapp_as_flower_does_imports_no_torch() -> None:
+    """A SuperNode starts ``flwr-clientapp`` for every message, which loads ``client.app:app``
+    through Flower's loader: only the training handler may import torch (and opacus), so
+    the SecAgg+ stages after setup start without it (the whole round without torch:
+    ``tests/server/test_secure_aggregation_wiring.py``)."""
+    code = (
+        "import sys\n"
+        "import flwr.supernode.cli.flwr_clientapp\n"
+        "from flwr.clientapp.client_app import LoadClientAppError\n"
+        "from flwr.supercore.object_ref import load_app\n"
+        "app = load_app('client.app:app', LoadClientAppError, '.')\n"
+        "print(type(app).__name__, sorted(m for m in ('torch', 'opacus') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "ClientApp []", done.stdout

@@ -1,0 +1,289 @@
+"""The privacy-utility sweep: federated runs at several epsilons and partitions, each
+attacked by membership inference (issue 6).
+
+For every (partition, epsilon) point, ``fedmm simulate`` trains the global model with every
+site capped at ``records_per_site`` records (the rest of each partition is held out of all
+training, for non-members and the attacker's shadow data: ``membership_split``); then the
+loss-threshold attack and offline LiRA (Carlini et al., IEEE S&P 2022) attack site
+``target_site``'s records, and every site's epsilon is cross-checked with Google's
+``dp-accounting`` (``epsilon_cross_check``). An extra non-private point trained to overfit
+(few records per site, many local epochs) shows that the attacks work where they should.
+Each finished point is saved in ``<out>/points/<name>.json``; running the sweep again into
+the same folder reuses finished points and finished federated runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.data.partitioning import PARTITION_SCHEMES
+from simulations.privacy.epsilon_cross_check import cross_check_ledgers
+from simulations.privacy.federated_run import (
+    FederatedRunError,
+    FederatedRunResult,
+    FederatedRunSpec,
+    run_federation,
+)
+from simulations.privacy.membership_experiment import AttackSettings, run_membership_experiment
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EPSILONS = (math.inf, 8.0, 3.0, 1.0)
+DEFAULT_PARTITIONS = ("iid", "dirichlet")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One federated run of the sweep."""
+
+    name: str
+    partition: str
+    epsilon: float
+    rounds: int
+    records_per_site: int
+    run_config: dict[str, str]
+    sites: int
+    overfit: bool = False
+
+
+@dataclass(frozen=True)
+class OverfitSettings:
+    """The non-private point trained to overfit: few records per site, many local epochs."""
+
+    sites: int = 2  # FedAvg over many sites averages memorisation away
+    records_per_site: int = 200
+    local_epochs: int = 20
+    rounds: int = 3
+    batch_size: int = 32
+    learning_rate: float = 0.5
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    epsilons: tuple[float, ...] = DEFAULT_EPSILONS
+    partitions: tuple[str, ...] = DEFAULT_PARTITIONS
+    sites: int = 10
+    rounds: int = 3
+    records_per_site: int = 300
+    shadows: int = 4
+    queries: int = 2
+    target_site: int = 0
+    max_targets: int | None = None
+    workers: int = 2
+    seed: int = 0
+    overfit: OverfitSettings | None = field(default_factory=OverfitSettings)
+    run_config: dict[str, str] = field(default_factory=dict)  # --set pairs for every run
+    # added at epsilon = inf only: unclipped SGD at the DP learning rate diverges
+    non_private_run_config: dict[str, str] = field(default_factory=lambda: {"learning-rate": "0.5"})
+    run_timeout_s: float = 3600.0
+    run_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.epsilons:
+            raise ValueError("the sweep needs at least one epsilon")
+        bad = [e for e in self.epsilons if not (e > 0 or math.isinf(e))]
+        if bad:
+            raise ValueError(f"epsilons must be > 0 or inf, got {bad}")
+        unknown = [p for p in self.partitions if p not in PARTITION_SCHEMES]
+        if unknown or not self.partitions:
+            raise ValueError(f"partitions must be among {PARTITION_SCHEMES}, got {unknown}")
+        if self.sites < 2:
+            raise ValueError(f"the sweep needs at least 2 sites, got {self.sites}")
+        if self.rounds < 1 or self.records_per_site < 1:
+            raise ValueError("rounds and records_per_site must be at least 1")
+        reserved = {"site-records-limit", "num-server-rounds", "epsilon", "partition"}
+        clash = sorted(reserved & (set(self.run_config) | set(self.non_private_run_config)))
+        if clash:
+            raise ValueError(f"{clash} are set by the sweep itself; use its own options")
+
+    def points(self) -> list[SweepPoint]:
+        """The federated runs, in order: each partition at each epsilon, then the overfit."""
+        points = [
+            SweepPoint(
+                name=f"{partition}-eps-{_epsilon_name(epsilon)}",
+                partition=partition,
+                epsilon=epsilon,
+                rounds=self.rounds,
+                records_per_site=self.records_per_site,
+                run_config={
+                    **self.run_config,
+                    **(self.non_private_run_config if math.isinf(epsilon) else {}),
+                },
+                sites=self.sites,
+            )
+            for partition in self.partitions
+            for epsilon in self.epsilons
+        ]
+        if self.overfit is not None:
+            o = self.overfit
+            points.append(
+                SweepPoint(
+                    name="overfit-iid-eps-inf",
+                    partition="iid",
+                    epsilon=math.inf,
+                    rounds=o.rounds,
+                    records_per_site=o.records_per_site,
+                    run_config={
+                        **self.run_config,
+                        "local-epochs": str(o.local_epochs),
+                        "batch-size": str(o.batch_size),
+                        "learning-rate": str(o.learning_rate),
+                    },
+                    sites=o.sites,
+                    overfit=True,
+                )
+            )
+        return points
+
+
+def _epsilon_name(epsilon: float) -> str:
+    return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _run_with_retries(
+    spec: FederatedRunSpec, run_dir: Path, settings: SweepSettings
+) -> FederatedRunResult:
+    """``run_federation``, again (in a fresh folder) when a run fails: on a shared machine a
+    Ray actor can be lost to causes outside the run; the failed attempt is kept beside."""
+    for attempt in range(1, settings.run_attempts + 1):
+        try:
+            return run_federation(spec, run_dir, timeout_s=settings.run_timeout_s)
+        except FederatedRunError as error:
+            if attempt == settings.run_attempts:
+                raise
+            kept = run_dir.with_name(f"{run_dir.name}.failed-{attempt}")
+            logger.warning("%s; attempt %d failed, kept in %s, retrying", error, attempt, kept)
+            run_dir.rename(kept)
+            log = run_dir.with_suffix(".log")
+            if log.exists():
+                log.rename(kept.with_suffix(".log"))
+    raise AssertionError("unreachable")
+
+
+def run_point(point: SweepPoint, settings: SweepSettings, out: Path) -> dict[str, Any]:
+    """Train, cross-check epsilon, attack; the point's result (also written as JSON)."""
+    result_file = out / "points" / f"{point.name}.json"
+    spec = FederatedRunSpec(
+        sites=point.sites,
+        rounds=point.rounds,
+        epsilon=point.epsilon,
+        partition=point.partition,
+        run_config={**point.run_config, "site-records-limit": str(point.records_per_site)},
+    )
+    made_with = _jsonable(
+        {
+            "run": asdict(spec),
+            "attack": {
+                k: getattr(settings, k)
+                for k in ("shadows", "queries", "target_site", "max_targets", "seed")
+            },
+        }
+    )
+    if result_file.exists():
+        earlier = json.loads(result_file.read_text())
+        if earlier.get("made_with", made_with) != made_with:
+            raise ValueError(
+                f"{result_file} was made with other settings ({earlier.get('made_with')}); "
+                "use a new --out for these settings"
+            )
+        logger.info("%s: finished earlier, reusing %s", point.name, result_file)
+        return earlier
+    logger.info("%s: federated training (%d sites, %d rounds)", point.name, spec.sites, spec.rounds)
+    run = _run_with_retries(spec, out / "runs" / point.name, settings)
+    final = run.summary.get("final", {})
+    logger.info("%s: trained in %.0f s, accuracy %s", point.name, run.wall_s, final.get("accuracy"))
+    epsilons = cross_check_ledgers(run.out / "site-ledgers")
+    if math.isfinite(point.epsilon) and len(epsilons) != point.sites:
+        raise RuntimeError(f"{point.name}: {len(epsilons)} of {point.sites} sites have a DP ledger")
+    membership = run_membership_experiment(
+        run.out,
+        AttackSettings(
+            num_sites=point.sites,
+            shadows=settings.shadows,
+            queries=settings.queries,
+            target_site=settings.target_site,
+            max_targets=settings.max_targets,
+            workers=settings.workers,
+            seed=settings.seed,
+        ),
+    )
+    result = {
+        "name": point.name,
+        "partition": point.partition,
+        "epsilon_target": point.epsilon,
+        "overfit": point.overfit,
+        "records_per_site": point.records_per_site,
+        "run_config": spec.run_config,
+        "rounds": int(run.summary.get("rounds", 0)),
+        "accuracy": final.get("accuracy"),
+        "r_at_1_i2t": final.get("r_at_1_i2t"),
+        "r_at_1_t2i": final.get("r_at_1_t2i"),
+        "sites_trained_last_round": final.get("sites_trained"),
+        "train_wall_s": round(run.wall_s, 1),
+        "attack_wall_s": round(membership.wall_s, 1),
+        "site_epsilons": [asdict(e) for e in epsilons],
+        "epsilon_max": max((e.opacus_rdp for e in epsilons), default=math.inf),
+        "delta": epsilons[0].delta if epsilons else None,
+        "membership": {
+            "target_site": membership.target_site,
+            "num_members": membership.num_members,
+            "num_non_members": membership.num_non_members,
+            "shadow_pool": membership.shadow_pool,
+            "trained_records": membership.trained_records,
+            "shadow_accuracy": membership.shadow_accuracy,
+            "attacks": [asdict(s) for s in membership.summaries],
+            "roc": {
+                name: {"fpr": curve.fpr.tolist(), "tpr": curve.tpr.tolist()}
+                for name, curve in membership.curves.items()
+            },
+        },
+        "run_dir": str(run.out),
+        "made_with": made_with,
+    }
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps(_jsonable(result)))
+    return json.loads(result_file.read_text())
+
+
+def run_sweep(settings: SweepSettings, out: Path) -> list[dict[str, Any]]:
+    """Every point of the sweep, then the report (markdown, JSON, PNG) in ``out``."""
+    from simulations.privacy.sweep_report import write_sweep_report
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    started = time.monotonic()
+    points = settings.points()
+    # The overfit point first: it shows whether the attacks work at all, and it is cheap.
+    # The report is rewritten after every point, in table order, so a partial sweep has one.
+    done: dict[str, dict[str, Any]] = {}
+    for index, point in enumerate(sorted(points, key=lambda p: not p.overfit), start=1):
+        logger.info("point %d/%d: %s", index, len(points), point.name)
+        done[point.name] = run_point(point, settings, out)
+        results = [done[p.name] for p in points if p.name in done]
+        write_sweep_report(results, settings=_jsonable(asdict(settings)), out=out)
+        logger.info(
+            "point %d/%d done, %.0f s since the start",
+            index,
+            len(points),
+            time.monotonic() - started,
+        )
+    return [done[p.name] for p in points]

@@ -1,0 +1,162 @@
+"""``fedmm privacy-sweep``: the privacy-utility sweep from the command line (``sweep``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from common.federation_config import PARTITION_SCHEMES
+
+
+def _epsilon(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 or math.isinf(value)):
+        raise argparse.ArgumentTypeError("epsilon must be > 0, or inf for no DP")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_privacy_sweep_parser(commands: Any) -> None:
+    """Register ``privacy-sweep`` on the ``fedmm`` subcommands."""
+    sweep = commands.add_parser(
+        "privacy-sweep",
+        help="privacy-utility sweep: federated runs at several epsilons, attacked by "
+        "membership inference (loss threshold, offline LiRA)",
+        description="For each partition and epsilon: a federated run (fedmm simulate) with "
+        "every site capped at --records-per-site records (the rest of each partition is held "
+        "out of all training), every site's epsilon cross-checked with dp-accounting, and "
+        "membership inference on the final global model against site --target-site's "
+        "records: a global loss threshold and offline LiRA with --shadows shadow "
+        "federations trained on held-out records of the other sites. Then a non-private "
+        "point trained to overfit. Writes privacy-sweep.md/.json and PNG plots to --out; "
+        "run again with the same --out to reuse finished points. See docs/privacy-report.md.",
+    )
+    sweep.add_argument(
+        "--epsilons", nargs="+", type=_epsilon, default=None, help="(inf 8 3 1)", metavar="E"
+    )
+    sweep.add_argument(
+        "--partitions", nargs="+", choices=PARTITION_SCHEMES, default=None, help="(iid dirichlet)"
+    )
+    sweep.add_argument("--sites", type=_positive, default=10, help="simulated sites (10)")
+    sweep.add_argument("--rounds", type=_positive, default=3, help="server rounds (3)")
+    sweep.add_argument(
+        "--records-per-site",
+        type=_positive,
+        default=300,
+        help="records each site trains on (300)",
+    )
+    sweep.add_argument("--shadows", type=int, default=4, help="LiRA shadow federations (4)")
+    sweep.add_argument("--queries", type=_positive, default=2, help="queries per record (2)")
+    sweep.add_argument("--target-site", type=int, default=0, help="whose records are attacked (0)")
+    sweep.add_argument("--max-targets", type=_positive, help="cap on members (= non-members)")
+    sweep.add_argument("--workers", type=_positive, default=2, help="shadow training processes (2)")
+    sweep.add_argument("--seed", type=int, default=0, help="attack seed (0)")
+    sweep.add_argument("--no-overfit", action="store_true", help="skip the overfit point")
+    sweep.add_argument(
+        "--overfit-records-per-site", type=_positive, default=200, help="overfit point (200)"
+    )
+    sweep.add_argument(
+        "--overfit-local-epochs", type=_positive, default=20, help="overfit point (20)"
+    )
+    sweep.add_argument("--overfit-rounds", type=_positive, default=3, help="overfit point (3)")
+    sweep.add_argument("--overfit-sites", type=_positive, default=2, help="overfit point (2)")
+    sweep.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run config key for every run, e.g. --set eval-single-items=2000",
+    )
+    sweep.add_argument(
+        "--set-non-private",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="a run config key for the epsilon = inf points only (learning-rate=0.5: "
+        "unclipped SGD at the DP learning rate diverges)",
+    )
+    sweep.add_argument("--out", type=Path, help="output folder (runs/privacy-sweep-<UTC time>)")
+
+
+def _pairs(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def run_privacy_sweep(args: argparse.Namespace) -> int:
+    """Run the sweep; 0 when the report is written, 2 on bad options."""
+    from simulations.privacy.sweep import OverfitSettings, SweepSettings, run_sweep
+
+    try:
+        run_config = _pairs(args.set)
+        non_private = (
+            {"learning-rate": "0.5"}
+            if args.set_non_private is None
+            else _pairs(args.set_non_private)
+        )
+    except ValueError as error:
+        print(f"fedmm privacy-sweep: {error}", file=sys.stderr)
+        return 2
+    overfit = None
+    if not args.no_overfit:
+        overfit = replace(
+            OverfitSettings(),
+            records_per_site=args.overfit_records_per_site,
+            local_epochs=args.overfit_local_epochs,
+            rounds=args.overfit_rounds,
+            sites=args.overfit_sites,
+        )
+    try:
+        settings = SweepSettings(
+            **({"epsilons": tuple(args.epsilons)} if args.epsilons else {}),
+            **({"partitions": tuple(args.partitions)} if args.partitions else {}),
+            sites=args.sites,
+            rounds=args.rounds,
+            records_per_site=args.records_per_site,
+            shadows=args.shadows,
+            queries=args.queries,
+            target_site=args.target_site,
+            max_targets=args.max_targets,
+            workers=args.workers,
+            seed=args.seed,
+            overfit=overfit,
+            run_config=run_config,
+            non_private_run_config=non_private,
+        )
+        if args.shadows < 2:
+            raise ValueError(f"--shadows must be at least 2 (offline LiRA), got {args.shadows}")
+        if not 0 <= args.target_site < args.sites:
+            raise ValueError(f"--target-site must be in [0, {args.sites - 1}]")
+    except ValueError as error:
+        print(f"fedmm privacy-sweep: {error}", file=sys.stderr)
+        return 2
+    out = args.out or Path("runs") / datetime.now(UTC).strftime("privacy-sweep-%Y%m%d-%H%M%S")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    progress = logging.getLogger("simulations.privacy")
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False  # other libraries configure the root logger too
+    run_sweep(settings, out)
+    print(f"privacy sweep written to {out.resolve()} (privacy-sweep.md, .json, PNG plots)")
+    return 0

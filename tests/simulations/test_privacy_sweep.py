@@ -1,0 +1,199 @@
+"""``fedmm privacy-sweep`` end to end on a small configuration (real Flower simulations with
+Opacus at the sites, real shadow federations in worker processes), and its input checks.
+
+Two points: Dirichlet at epsilon 3 and the non-private overfit point. Nothing it starts may
+outlive it: every process carrying the test's environment marker is looked for afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.data.fashion_mnist import DEFAULT_DATA_DIR
+from simulations.cli import main
+
+PROJECT_ROOT = Path(__file__).parents[2]
+
+SMALL_SWEEP = [
+    "--epsilons", "3",
+    "--partitions", "dirichlet",
+    "--sites", "2",
+    "--rounds", "2",
+    "--records-per-site", "150",
+    "--shadows", "2",
+    "--queries", "1",
+    "--overfit-records-per-site", "100",
+    "--overfit-local-epochs", "20",
+    "--overfit-rounds", "2",
+    "--set", "eval-single-items=300",
+    "--set", "eval-scenes=50",
+    "--set", "batch-size=32",
+]  # fmt: skip
+
+
+def _processes_marked(marker: str) -> set[int]:
+    """Live processes whose environment holds ``FEDMM_TEST_RUN=marker``: the sweep and all
+    it started (Ray's processes and the shadow workers inherit the environment), and
+    nothing else on a machine shared with other work."""
+    needle = f"FEDMM_TEST_RUN={marker}".encode()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                state = (entry / "stat").read_text()
+                if state[state.rindex(")") + 2 :].split()[0] not in ("Z", "X"):
+                    found.add(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _none_left(marker: str, *, wait_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if not _processes_marked(marker):
+            return True
+        time.sleep(1.0)
+    return False
+
+
+@pytest.mark.skipif(not DEFAULT_DATA_DIR.exists(), reason="needs dataset-fashion-mnist")
+def test_small_sweep_end_to_end(tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    out = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "privacy-sweep", *SMALL_SWEEP, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FEDMM_TEST_RUN": marker},
+        cwd=PROJECT_ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _none_left(marker), "the sweep left processes behind (Ray, shadow workers)"
+
+    table = json.loads((out / "privacy-sweep.json").read_text())
+    rows = {row["point"]: row for row in table["rows"]}
+    assert sorted(rows) == ["dirichlet-eps-3", "overfit-iid-eps-inf"]
+    private, overfit = rows["dirichlet-eps-3"], rows["overfit-iid-eps-inf"]
+    for row in (private, overfit):
+        assert row["rounds"] == 2
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["r_at_1_i2t"] <= 1
+        assert 0 <= row["loss_auc"] <= 1 and 0 <= row["lira_auc"] <= 1
+        assert 0 <= row["lira_tpr_at_0_1_fpr"] <= row["lira_tpr_at_1_fpr"] <= 1
+        assert row["num_members"] == row["num_non_members"] > 0
+        assert row["train_wall_s"] > 0
+    # Epsilon: calibrated for the whole run at each site, cross-checked with dp-accounting.
+    assert 2.5 < private["epsilon_site_min"] <= private["epsilon_site_max"] <= 3.0
+    assert private["epsilon_dp_accounting_rdp_max"] == pytest.approx(
+        private["epsilon_site_max"], rel=0.01
+    )
+    assert private["epsilon_dp_accounting_pld_max"] < private["epsilon_dp_accounting_rdp_max"]
+    assert private["delta"] == 1e-5 and private["noise_multiplier_max"] > 0
+    assert math.isinf(float(overfit["epsilon_site_max"]))
+    point = json.loads((out / "points" / "dirichlet-eps-3.json").read_text())
+    assert len(point["site_epsilons"]) == 2
+    assert (
+        point["membership"]["shadow_pool"] > 0 and len(point["membership"]["shadow_accuracy"]) == 2
+    )
+    assert point["run_config"]["site-records-limit"] == "150"
+    # The overfit point memorised its members: lower loss on them than on non-members.
+    overfit_point = json.loads((out / "points" / "overfit-iid-eps-inf.json").read_text())
+    assert overfit_point["membership"]["attacks"][0]["attack"] == "loss threshold"
+    assert overfit["loss_auc"] > 0.5
+    _members_are_what_site_0_trained_on(out / "runs" / "dirichlet-eps-3", sites=2)
+    markdown = (out / "privacy-sweep.md").read_text()
+    assert "| dirichlet-eps-3 | dirichlet | 3 |" in markdown
+    assert "inf (no DP)" in markdown
+    for png in ("accuracy-vs-epsilon.png", "roc-curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _members_are_what_site_0_trained_on(run: Path, *, sites: int) -> None:
+    """The attacked members are exactly records site 0 trained on, as it trained on them
+    (after its de-identification); no non-member is among them."""
+    from common.data.benchmark import benchmark_train_records
+    from simulations.privacy.membership_experiment import _site_view, read_run_config
+    from simulations.privacy.membership_split import membership_split
+
+    config = read_run_config(run)
+    records = benchmark_train_records(None)
+    split = membership_split(
+        records.labels,
+        num_sites=sites,
+        scheme=config.partition,  # type: ignore[arg-type]
+        alpha=config.dirichlet_alpha,
+        partition_seed=config.seed,
+        records_per_site=config.site_records_limit,
+    )
+    targets = _site_view(run, 0, run / "check-deid")(records.subset(split.targets), "targets")
+    (entry,) = (run / "site-deid" / "site-0" / "cache").iterdir()  # site 0's training data
+    captions = json.loads((entry / "captions.json").read_text())
+    with np.load(entry / "records.npz") as arrays:
+        trained = {(i.tobytes(), c) for i, c in zip(arrays["images"], captions, strict=True)}
+    inside = [
+        (targets.images[i].tobytes(), targets.captions[i]) in trained for i in range(len(targets))
+    ]
+    n = len(split.members)
+    assert all(inside[:n]) and not any(inside[n:])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--shadows", "1"], "at least 2"),
+        (["--set", "novalue"], "KEY=VALUE"),
+        (["--set", "site-records-limit=5"], "set by the sweep itself"),
+        (["--sites", "2", "--target-site", "2"], "--target-site"),
+    ],
+)
+def test_bad_options_exit_2_before_any_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], arguments: list[str], message: str
+) -> None:
+    assert main(["privacy-sweep", "--out", str(tmp_path / "out"), *arguments]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_epsilon_is_rejected_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["privacy-sweep", "--epsilons", "0"])
+    assert exit_info.value.code == 2
+    assert "epsilon must be > 0" in capsys.readouterr().err
+
+
+def test_sweep_points_cover_every_partition_and_epsilon_then_the_overfit_point() -> None:
+    from simulations.privacy.sweep import OverfitSettings, SweepSettings
+
+    settings = SweepSettings(run_config={"batch-size": "64"})
+    points = settings.points()
+    assert [p.name for p in points] == [
+        "iid-eps-inf", "iid-eps-8", "iid-eps-3", "iid-eps-1",
+        "dirichlet-eps-inf", "dirichlet-eps-8", "dirichlet-eps-3", "dirichlet-eps-1",
+        "overfit-iid-eps-inf",
+    ]  # fmt: skip
+    by_name = {p.name: p for p in points}
+    assert by_name["iid-eps-inf"].run_config == {"batch-size": "64", "learning-rate": "0.5"}
+    assert by_name["dirichlet-eps-3"].run_config == {"batch-size": "64"}  # the DP recipe
+    overfit = by_name["overfit-iid-eps-inf"]
+    assert overfit.sites == OverfitSettings().sites and overfit.overfit
+    assert overfit.run_config["batch-size"] == "32" and overfit.run_config["local-epochs"] == "20"
+    assert all(p.sites == 10 for p in points if not p.overfit)
+    with pytest.raises(ValueError, match="set by the sweep itself"):
+        SweepSettings(non_private_run_config={"epsilon": "1"})
+    with pytest.raises(ValueError, match="epsilons"):
+        SweepSettings(epsilons=(0.0,))
+    with pytest.raises(ValueError, match="partitions"):
+        SweepSettings(partitions=("pathological",))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.distributed_dp_guard import GUARD_KEY, TooFewSurvivors, require_enough_survivors
 from client.privacy_ledger import LEDGER_KEY, PrivacyLedger
 from client.privacy_policy import SitePrivacyPolicy
 from client.secagg.pending_update import (
@@ -183,7 +185,57 @@ def train_with_dp(request: TrainRequest, msg: Message, context: Context) -> Loca
 
 @app.train(ACTION_SETUP)
 def secagg_setup(msg: Message, context: Context) -> Message:
-    return run_secagg_setup(msg, context, train=train_with_dp)
+    config = msg.content.config_records.get("config")
+    distributed = config is not None and "ddp-sample-rate" in config
+    return run_secagg_setup(
+        msg, context, train=train_distributed_dp if distributed else train_with_dp
+    )
+
+
+def train_distributed_dp(
+    request: TrainRequest, msg: Message, context: Context
+) -> LocalUpdate | str:
+    """One distributed-DP step (``client.distributed_dp_step``): the integer gradient sum
+    plus this site's Skellam share, in Z_(2^b); torch is imported here only."""
+    import torch
+
+    from client.distributed_dp_step import run_distributed_dp_step
+    from client.site_data import load_site_data
+    from common.distributed_dp.plan import DistributedDPPlan
+
+    torch.set_num_threads(int(os.environ.get("FEDMM_TORCH_THREADS", "1")))
+    try:
+        plan = DistributedDPPlan.from_config(dict(msg.content.config_records["config"]))
+        bit_width = int(msg.content.config_records[RECORD_SECAGG]["bit_width"])
+    except (KeyError, TypeError, ValueError) as error:
+        return f"distributed-DP request rejected: {error}"
+    if plan is None:
+        return "distributed-DP request has no plan"
+    arrays = msg.content.array_records["arrays"]
+    ledger = _load_ledger(context)
+    outcome = run_distributed_dp_step(
+        global_state=arrays.to_torch_state_dict(),
+        request=request,
+        plan=plan,
+        data=load_site_data(context.node_config, request),
+        policy=SitePrivacyPolicy.for_site(context.node_config),
+        ledger=ledger,
+        bit_width=bit_width,
+        run_id=context.run_id,
+    )
+    if outcome.integers is None:
+        return outcome.refusal or "refused"
+    _save_ledger(context, ledger)
+    context.state.config_records[GUARD_KEY] = ConfigRecord(
+        {"round": request.server_round, "min-survivors": outcome.honest_sites}
+    )
+    return LocalUpdate(
+        update=outcome.integers,
+        num_examples=outcome.num_records,
+        train_loss=math.nan,  # not sent: the batch loss is not differentially private
+        steps=1,
+        epsilon=outcome.epsilon,
+    )
 
 
 @app.train(ACTION_SHARE)
@@ -230,9 +282,15 @@ def secagg_masked(msg: Message, context: Context) -> Message:
 
 @app.train(ACTION_UNMASK)
 def secagg_unmask(msg: Message, context: Context) -> Message:
+    guard = context.state.config_records.get(GUARD_KEY)
     try:
         state, request = _stage_input(msg, context)
+        if guard is not None and int(guard["round"]) == state.config.round_id:
+            require_enough_survivors(request, min_survivors=int(guard["min-survivors"]))
         _state, reply = client_unmask(state=state, request=request)
+    except TooFewSurvivors as refusal:  # distributed DP: this round is dead at this site
+        context.state.config_records.pop(SECAGG_STATE_KEY, None)
+        return _refuse(msg, str(refusal))
     except (ValueError, KeyError) as refusal:
         return _refuse(msg, str(refusal))
     # Unmasking runs once per round: drop the state (and its secrets) now, so a second
@@ -283,7 +341,14 @@ def run_secagg_setup(msg: Message, context: Context, *, train: Trainer) -> Messa
     weight = min(int(trained.num_examples), config.max_weight)
     if weight < trained.num_examples:
         logger.warning("weight capped at secagg max weight %d", config.max_weight)
-    clipped = int(np.count_nonzero(np.abs(trained.update) > config.update_clip))
+    if config.integer_update != np.issubdtype(trained.update.dtype, np.unsignedinteger):
+        _release_spill_dir(context, directory)
+        reason = "integer (distributed-DP) and real updates do not mix: round config differs"
+        logger.warning("site refuses round %s: %s", request.server_round, reason)
+        return _refuse(msg, reason)
+    clipped = 0
+    if not config.integer_update:
+        clipped = int(np.count_nonzero(np.abs(trained.update) > config.update_clip))
     if clipped:
         logger.warning(
             "%d of %d update entries exceed the secagg clip %g and are clipped",

@@ -6,6 +6,12 @@ cumulative: it is recomputed from the whole history every time, never reset per 
 It lives in ``context.state`` and, when the site names a ledger file, on disk as JSON.
 The accountant is Opacus' RDP accountant (Mironov, CSF 2017; Mironov, Talwar, Zhang 2019
 for the sampled Gaussian mechanism).
+
+Distributed-DP rounds (``dp-mode = "distributed"``) are kept apart in
+``distributed_history``: (Skellam variance the site assumes is in the sum, L1 and L2
+sensitivity, sample rate, rounds). Their RDP is that of the Poisson-subsampled Skellam
+mechanism (``common.distributed_dp.accounting``); when a ledger holds both kinds, the RDP of
+both is added at integer orders and converted once, so the lifetime epsilon covers every run.
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ class PrivacyLedger:
     history: list[tuple[float, float, int]] = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)
     run_id: int = 0
+    #: (variance, l1, l2, sample rate, rounds) of distributed-DP rounds (Skellam accountant).
+    distributed_history: list[tuple[float, float, float, float, int]] = field(default_factory=list)
+    #: The trust assumption of the latest distributed-DP round: honest sites assumed.
+    distributed_honest_sites: int = 0
 
     def start_run(self, run_id: int) -> None:
         """Enter ``run_id``: a new run gets its own calibration and round list."""
@@ -39,7 +49,49 @@ class PrivacyLedger:
             self.run_id, self.noise_multiplier, self.rounds = run_id, None, []
 
     def epsilon(self, delta: float | None = None) -> float:
-        return epsilon_of(self.history, delta if delta is not None else self.delta or 1e-5)
+        delta = delta if delta is not None else self.delta or 1e-5
+        if not self.distributed_history:
+            return epsilon_of(self.history, delta)
+        return combined_epsilon(self.history, self.distributed_history, delta)
+
+    def describe(self, delta: float | None = None) -> str:
+        """What the ledger holds, in plain words (written into the ledger file)."""
+        delta = delta if delta is not None else self.delta or 1e-5
+        if not self.history and not self.distributed_history:
+            return "nothing spent yet"
+        parts = []
+        if self.history:
+            steps = sum(n for _, _, n in self.history)
+            parts.append(
+                f"{steps} site-local DP-SGD steps (record-level DP for this site's records; "
+                "RDP accountant of the sampled Gaussian mechanism)"
+            )
+        if self.distributed_history:
+            rounds = sum(int(entry[4]) for entry in self.distributed_history)
+            parts.append(
+                f"{rounds} distributed-DP rounds (one DP-SGD step on the union of the sites' "
+                "records each; record-level DP across the federation; RDP of the "
+                "Poisson-subsampled Skellam mechanism; trust: at least "
+                f"{self.distributed_honest_sites} honest sites' noise shares in every sum "
+                "and SecAgg+ revealing only the sum)"
+            )
+        return (
+            f"epsilon {self.epsilon(delta):.4f} at delta {delta:g} spent over "
+            + " and ".join(parts)
+            + ", composed by adding RDP"
+        )
+
+    def add_distributed_round(
+        self, entry: tuple[float, float, float, float, int], *, honest_sites: int
+    ) -> None:
+        """Record distributed-DP rounds; repeats of the same mechanism share one entry."""
+        variance, l1, l2, rate, steps = entry
+        last = self.distributed_history[-1] if self.distributed_history else None
+        if last is not None and tuple(last[:4]) == (variance, l1, l2, rate):
+            self.distributed_history[-1] = (variance, l1, l2, rate, int(last[4]) + int(steps))
+        else:
+            self.distributed_history.append((variance, l1, l2, rate, int(steps)))
+        self.distributed_honest_sites = honest_sites
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
@@ -53,6 +105,12 @@ class PrivacyLedger:
                 "steps": [int(n) for _, _, n in self.history],
                 "rounds": list(self.rounds),
                 "run-id": str(self.run_id),  # uint64 run ids do not fit a signed int
+                "ddp-variances": [float(e[0]) for e in self.distributed_history],
+                "ddp-l1": [float(e[1]) for e in self.distributed_history],
+                "ddp-l2": [float(e[2]) for e in self.distributed_history],
+                "ddp-sample-rates": [float(e[3]) for e in self.distributed_history],
+                "ddp-steps": [int(e[4]) for e in self.distributed_history],
+                "ddp-honest-sites": self.distributed_honest_sites,
             }
         )
 
@@ -68,6 +126,18 @@ class PrivacyLedger:
             history=[(float(s), float(q), int(n)) for s, q, n in history],
             rounds=[int(r) for r in record["rounds"]],  # type: ignore[union-attr]
             run_id=int(str(record.get("run-id", "0"))),
+            distributed_history=[
+                (float(v), float(a), float(b), float(q), int(n))
+                for v, a, b, q, n in zip(
+                    record.get("ddp-variances", []),  # type: ignore[arg-type]
+                    record.get("ddp-l1", []),  # type: ignore[arg-type]
+                    record.get("ddp-l2", []),  # type: ignore[arg-type]
+                    record.get("ddp-sample-rates", []),  # type: ignore[arg-type]
+                    record.get("ddp-steps", []),  # type: ignore[arg-type]
+                    strict=True,
+                )
+            ],
+            distributed_honest_sites=int(record.get("ddp-honest-sites", 0)),  # type: ignore[arg-type]
         )
 
     def save(self, path: Path) -> None:
@@ -77,7 +147,7 @@ class PrivacyLedger:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)  # also when a stale tmp file had looser permissions
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(asdict(self), handle)
+            json.dump(asdict(self) | {"statement": self.describe()}, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -93,6 +163,11 @@ class PrivacyLedger:
             history=[(float(s), float(q), int(n)) for s, q, n in data["history"]],
             rounds=[int(r) for r in data["rounds"]],
             run_id=int(data.get("run_id", 0)),
+            distributed_history=[
+                (float(v), float(a), float(b), float(q), int(n))
+                for v, a, b, q, n in data.get("distributed_history", [])
+            ],
+            distributed_honest_sites=int(data.get("distributed_honest_sites", 0)),
         )
 
 
@@ -105,6 +180,31 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
     accountant = RDPAccountant()
     accountant.history = list(history)
     return float(accountant.get_epsilon(delta))
+
+
+def combined_epsilon(
+    history: list[tuple[float, float, int]],
+    distributed_history: list[tuple[float, float, float, float, int]],
+    delta: float,
+) -> float:
+    """Epsilon of sampled-Gaussian steps and distributed-DP (Skellam) rounds together: RDP
+    added at integer orders (Mironov 2017, composition) and converted once."""
+    import numpy as np
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    from common.distributed_dp.accounting import (
+        RDP_ORDERS,
+        SkellamRound,
+        epsilon_from_rdp,
+        rounds_rdp,
+    )
+
+    rdp = rounds_rdp([SkellamRound(*entry) for entry in distributed_history])
+    for sigma, rate, steps in history:
+        rdp = rdp + np.asarray(
+            compute_rdp(q=rate, noise_multiplier=sigma, steps=steps, orders=list(RDP_ORDERS))
+        )
+    return epsilon_from_rdp(rdp, RDP_ORDERS, delta)
 
 
 def calibrate_noise_multiplier(

@@ -23,6 +23,7 @@ _KEYS = {
     "delta": "delta",
     "min-noise-multiplier": "min_noise_multiplier",
     "max-grad-norm": "max_grad_norm",
+    "min-honest-sites": "min_honest_sites",
 }
 
 
@@ -39,12 +40,16 @@ class SitePrivacyPolicy:
     (``inf`` allows DP off).
     ``delta``: the largest delta it accepts. ``min_noise_multiplier``: a floor on sigma.
     ``max_grad_norm``: the clipping norm the site insists on (None: the run's value).
+    ``min_honest_sites``: distributed DP only: the number h of honest sites whose noise
+    shares this site assumes are in every sum (it refuses to unmask a round with fewer
+    survivors, and accounts with h shares); 0 accepts the run's ``dp-min-honest-sites``.
     """
 
     max_epsilon: float = 3.0
     delta: float = 1e-5
     min_noise_multiplier: float = 0.0
     max_grad_norm: float | None = None
+    min_honest_sites: int = 0
 
     def __post_init__(self) -> None:
         if not self.max_epsilon > 0:
@@ -57,6 +62,10 @@ class SitePrivacyPolicy:
             raise PolicyError(f"min-noise-multiplier must be >= 0, got {self.min_noise_multiplier}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise PolicyError(f"max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if self.min_honest_sites < 0 or int(self.min_honest_sites) != self.min_honest_sites:
+            raise PolicyError(
+                f"min-honest-sites must be an integer >= 0, got {self.min_honest_sites}"
+            )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, source: str) -> SitePrivacyPolicy:
@@ -75,6 +84,11 @@ class SitePrivacyPolicy:
                 raise PolicyError(
                     f"{source}: privacy policy '{key}' = {value!r} is not a number"
                 ) from err
+        if "min_honest_sites" in kwargs:
+            honest = kwargs["min_honest_sites"]
+            if not math.isfinite(honest) or honest != int(honest):
+                raise PolicyError(f"{source}: min-honest-sites = {honest!r} is not an integer")
+            kwargs["min_honest_sites"] = int(honest)
         return cls(**kwargs)
 
     @classmethod

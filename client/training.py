@@ -13,6 +13,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +40,17 @@ class TrainingRecipe:
     optimizer: str = "sgd"  # "sgd" or "adam"
     num_distractors: int = 4
     seed: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, seed: int) -> TrainingRecipe:
+        """The recipe named by any object with the same fields (a ``TrainRequest``, a
+        ``FederationConfig``, a shadow run's recipe), with this ``seed``."""
+        names = ("local_epochs", "batch_size", "learning_rate", "momentum", "optimizer")
+        return cls(
+            **{name: getattr(settings, name) for name in names},
+            num_distractors=settings.num_distractors,
+            seed=seed,
+        )
 
 
 @dataclass(frozen=True)

@@ -75,14 +75,8 @@ def run_training_round(
     if request.server_round in ledger.rounds:
         return RoundOutcome(update=None, refusal=f"round {request.server_round} already trained")
 
-    recipe = TrainingRecipe(
-        local_epochs=request.local_epochs,
-        batch_size=request.batch_size,
-        learning_rate=request.learning_rate,
-        momentum=request.momentum,
-        optimizer=request.optimizer,
-        num_distractors=request.num_distractors,
-        seed=request.seed * 100_003 + request.server_round,
+    recipe = TrainingRecipe.from_settings(
+        request, seed=request.seed * 100_003 + request.server_round
     )
     dp: DPSGDSettings | None = None
     if privacy.private:

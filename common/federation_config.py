@@ -9,6 +9,7 @@ from typing import Any
 
 PARTITION_SCHEMES = ("iid", "dirichlet")
 OPTIMIZERS = ("sgd", "adam")
+DP_MODES = ("local", "distributed")
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,10 @@ class FederationConfig:
     secagg_degree: int = 0  # 0: Bell et al.'s default for the number of sampled sites
     secagg_threshold: int = 0  # 0: the default that goes with the degree
     secagg_stage_timeout: float = 600.0
+    dp_mode: str = "local"  # "local": DP-SGD at each site; "distributed": common/distributed_dp
+    dp_sampling_rate: float = 0.04  # distributed: q, each record's chance to join a round
+    dp_min_honest_sites: int = 0  # distributed: h the noise shares assume; 0 = every site
+    eval_every: int = 1  # evaluate every N rounds (and after the last)
 
     def __post_init__(self) -> None:
         checks = [
@@ -89,6 +94,15 @@ class FederationConfig:
                 "0 (default) or an integer >= 2",
             ),
             (self.secagg_stage_timeout > 0, "secagg-stage-timeout", "> 0 seconds"),
+            (self.dp_mode in DP_MODES, "dp-mode", f"one of {DP_MODES}"),
+            (0 < self.dp_sampling_rate <= 1, "dp-sampling-rate", "in (0, 1]"),
+            (self.dp_min_honest_sites >= 0, "dp-min-honest-sites", "an integer >= 0 (0: all)"),
+            (self.eval_every >= 1, "eval-every", "an integer >= 1"),
+            (
+                self.dp_mode == "local" or (self.secure_aggregation and self.private),
+                "dp-mode",
+                "'local', or 'distributed' with secure-aggregation = true and a finite epsilon",
+            ),
         ]
         for ok, key, allowed in checks:
             if not ok:

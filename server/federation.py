@@ -19,6 +19,7 @@ from common.federation_config import FederationConfig
 from common.model import CrossAttentionMatcher
 from common.tokenizer import HashingTokenizer
 from common.train_request import TrainRequest, model_config_of
+from server import distributed_dp
 from server.aggregation import FedAvgAggregation, RoundAggregation, wait_for_sites
 from server.checkpoints import load_latest_checkpoint, save_checkpoint
 from server.evaluation import evaluate
@@ -77,11 +78,25 @@ def run_federation(
         max_len=model.config.max_len, num_buckets=model.config.vocab_buckets
     )
     node_ids = wait_for_sites(grid, max(config.min_available_sites, config.min_train_sites))
+    plan = None
+    velocity: dict[str, torch.Tensor] = {}  # distributed: server momentum (not checkpointed)
+    if config.dp_mode == "distributed":  # every site takes part in every round
+        plan = distributed_dp.plan_run(
+            config,
+            dimension=sum(p.numel() for p in model.parameters() if p.requires_grad),
+            num_sites=len(node_ids),
+        )
+        if not isinstance(aggregation, SecAggPlusAggregation):
+            raise ValueError("distributed DP needs SecAgg+ (secure-aggregation = true)")
+        aggregation.settings = distributed_dp.secagg_settings(aggregation.settings, plan)
+        logger.info(distributed_dp.privacy_statement(plan, num_sites=len(node_ids)))
     rng = random.Random(config.seed)
     for server_round in range(1, config.num_server_rounds + 1):
         sampled = sample_sites(
             node_ids, fraction=config.fraction_train, minimum=config.min_train_sites, rng=rng
         )
+        if plan is not None:
+            sampled = list(node_ids)
         if server_round < start_round:
             continue  # keep the sampling sequence identical on resume
         started = time.monotonic()
@@ -91,7 +106,9 @@ def run_federation(
             grid,
             node_ids=sampled,
             global_arrays=ArrayRecord(weights),
-            train_config=ConfigRecord(request.to_config()),
+            train_config=ConfigRecord(
+                request.to_config() | (plan.to_config() if plan is not None else {})
+            ),
             timeout=config.round_timeout,
         )
         mean_update = aggregate.mean_update()
@@ -103,10 +120,34 @@ def run_federation(
             "sites_failed": aggregate.count("failed"),
             "epsilon_max": aggregate.epsilon_max if config.private else math.inf,
         }
+        if isinstance(aggregation, SecAggPlusAggregation):  # wall time of each exchange
+            exchanges = aggregation.last_round.exchange_seconds
+            row["secagg_stage_s"] = {k: round(v, 3) for k, v in exchanges.items()}
+        if plan is not None and not aggregate.aborted and mean_update is not None:
+            wrap = distributed_dp.wrap_problem(
+                plan,
+                total_records=aggregate.total_weight,
+                num_summed=aggregate.count("trained"),
+                bit_width=config.secagg_bit_width,
+            )
+            if wrap is not None:
+                aggregate.aborted = wrap
         if mean_update is None or aggregate.aborted:
             reason = aggregate.aborted or "no site trained this round"
             logger.warning("round %d: model unchanged (%s)", server_round, reason)
             row["aborted"] = reason
+        elif plan is not None:  # distributed DP: one SGD step on the revealed noisy sum
+            model.load_state_dict(
+                distributed_dp.noisy_gradient_step(
+                    weights,
+                    aggregate.weighted_update_sum,
+                    total_records=aggregate.total_weight,
+                    plan=plan,
+                    learning_rate=config.learning_rate,
+                    momentum=config.momentum,
+                    velocity=velocity,
+                )
+            )
         else:
             new_weights = {
                 k: weights[k] + config.server_learning_rate * torch.from_numpy(mean_update[k])
@@ -116,8 +157,10 @@ def run_federation(
             row["train_loss"] = (
                 aggregate.metric_sums.get("train-loss", 0.0) / aggregate.total_weight
             )
-        result = evaluate(model, test_set, tokenizer)
-        row.update(result.to_dict())
+        evaluated = server_round % config.eval_every == 0
+        if evaluated or server_round == config.num_server_rounds:
+            result = evaluate(model, test_set, tokenizer)
+            row.update(result.to_dict())
         save_checkpoint(
             out_dir, server_round, {k: v.numpy() for k, v in model.state_dict().items()}
         )
@@ -127,9 +170,9 @@ def run_federation(
             "round %d: accuracy %.4f, R@1 i2t %.3f t2i %.3f, epsilon_max %s, "
             "trained %d refused %d failed %d, %.1f s",
             server_round,
-            result.accuracy,
-            result.r_at_1_i2t,
-            result.r_at_1_t2i,
+            row.get("accuracy", math.nan),
+            row.get("r_at_1_i2t", math.nan),
+            row.get("r_at_1_t2i", math.nan),
             row["epsilon_max"],
             row["sites_trained"],
             row["sites_refused"],
@@ -141,6 +184,9 @@ def run_federation(
         str(out_dir / "model.safetensors"),
     )
     (out_dir / "model-config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-    return write_summary_and_report(
-        out_dir, config=config.to_run_config(), privacy_note=privacy_note(config)
+    note = (
+        privacy_note(config)
+        if plan is None
+        else distributed_dp.privacy_statement(plan, num_sites=len(node_ids))
     )
+    return write_summary_and_report(out_dir, config=config.to_run_config(), privacy_note=note)

@@ -64,7 +64,7 @@ def write_summary_and_report(
     summary = {
         "rounds": len(read_metrics(out_dir)),
         "final": last,
-        "best_accuracy": max((float(r["accuracy"]) for r in rows), default=None),
+        "best_accuracy": max((float(r["accuracy"]) for r in rows if "accuracy" in r), default=None),
         "privacy": privacy_note,
         "config": {k: _jsonable(v) for k, v in config.items()},
         "wall_s_total": sum(float(r.get("wall_s", 0)) for r in read_metrics(out_dir)),
@@ -84,6 +84,12 @@ def write_summary_and_report(
     for r in read_metrics(out_dir):
         if r.get("aborted"):
             lines.append(f"| {r['round']} | aborted: {r['aborted']} |||||||||")
+            continue
+        if "accuracy" not in r:  # evaluated every eval-every rounds only
+            lines.append(
+                f"| {r['round']} | not evaluated |||||{r['epsilon_max']} | {r['sites_trained']} "
+                f"| {r['sites_refused']} | {r['sites_failed']} | {float(r['wall_s']):.1f} |"
+            )
             continue
         lines.append(
             f"| {r['round']} | {float(r['accuracy']):.4f} | {float(r['r_at_1_i2t']):.3f} | "

@@ -70,6 +70,10 @@ class SecAggSettings:
     threshold: int | None = None
     stage_timeout: float = 600.0
     loss_bound: float = 50.0  # largest mean train loss a site can report (clipped above)
+    #: Distributed DP: sites send integer vectors (``SecAggRoundConfig.integer_update``), and
+    #: the round is discarded before unmasking when fewer than ``min_survivors`` survive.
+    integer_update: bool = False
+    min_survivors: int = 0
 
     @classmethod
     def from_federation_config(cls, config: Any) -> SecAggSettings:
@@ -164,6 +168,7 @@ class SecAggPlusAggregation:
                 bit_width=settings.bit_width,
                 degree=settings.degree,
                 threshold=settings.threshold,
+                integer_update=settings.integer_update,
             )
         except ValueError as error:
             return finish(f"secure aggregation cannot start: {error}")
@@ -246,6 +251,13 @@ class SecAggPlusAggregation:
         report.survivors = list(state.survivor_ids)
         if state.aborted:
             return finish(state.abort_reason, _with_epsilon(epsilon_max))
+        if len(state.survivor_ids) < settings.min_survivors:  # nothing is unmasked
+            return finish(
+                f"{len(state.survivor_ids)} sites survived the masked stage, fewer than the "
+                f"{settings.min_survivors} honest survivors the distributed-DP noise assumes; "
+                "round discarded before unmasking",
+                _with_epsilon(epsilon_max),
+            )
 
         # Stage 3: unmask. A survivor that does not answer is still in the sum.
         unmask = self._exchange(
@@ -278,7 +290,7 @@ class SecAggPlusAggregation:
             Message(content, dst_node_id=node, message_type=message_type, ttl=ttl)
             for node, content in contents.items()
         ]
-        replies = list(grid.send_and_receive(messages, timeout=ttl)) if messages else []
+        replies = send_and_collect(grid, messages, timeout=ttl) if messages else []
         # Message ids are assigned when pushed: map them only now.
         sent = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in messages}
         for reply in replies:
@@ -331,6 +343,38 @@ class SecAggPlusAggregation:
                 outcomes[node] = SiteOutcome(
                     node, "failed", reasons[-1] if reasons else f"{stage} reply rejected"
                 )
+
+
+#: Reply polling: the first pull waits this long, each empty pull doubles the wait up to
+#: ``POLL_MAX_S``. ``Grid.send_and_receive`` sleeps a fixed 0.1 s (simulation) or 3 s (the
+#: deployment Grid) between pulls, and a SecAgg+ round makes four exchanges.
+POLL_MIN_S = 0.005
+POLL_MAX_S = 0.05
+
+
+def send_and_collect(grid: Grid, messages: Sequence[Message], *, timeout: float) -> list[Message]:
+    """``grid.send_and_receive`` with a short, growing pull interval (Grid's public API).
+
+    Pushes the messages and pulls replies until every message has one or ``timeout`` seconds
+    have passed; messages without a reply by then are simply missing from the result. An
+    object that offers only ``send_and_receive`` (an in-process test grid) is used as is.
+    """
+    if not hasattr(grid, "pull_messages"):
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    wait = POLL_MIN_S
+    while pending:
+        pulled = list(grid.pull_messages(pending))
+        replies.extend(pulled)
+        pending.difference_update(reply.metadata.reply_to_message_id for reply in pulled)
+        remaining = deadline - time.monotonic()
+        if not pending or remaining <= 0:
+            break
+        wait = POLL_MIN_S if pulled else min(2 * wait, POLL_MAX_S)
+        time.sleep(min(wait, remaining))
+    return replies
 
 
 def _with_epsilon(epsilon_max: float) -> RoundAggregate:

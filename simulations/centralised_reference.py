@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
 
 import torch
 
@@ -60,13 +61,8 @@ def main() -> None:
     history: list[tuple[float, float, int]] = []
     started = time.monotonic()
     for epoch in range(1, args.epochs + 1):
-        recipe = TrainingRecipe(
-            batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            momentum=config.momentum,
-            optimizer=config.optimizer,
-            num_distractors=config.num_distractors,
-            seed=config.seed + epoch,
+        recipe = TrainingRecipe.from_settings(
+            replace(config, local_epochs=1), seed=config.seed + epoch
         )
         result = train_locally(
             model, data, recipe=recipe, dp=dp, accountant_history=history, tokenizer=tokenizer

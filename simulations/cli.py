@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--site-max-epsilon", type=_epsilon, help="simulated sites' own budget")
     sim.add_argument(
+        "--dp",
+        choices=("local", "distributed"),
+        help="local: DP-SGD at each site (default); distributed: one DP-SGD step per round "
+        "on the union of the sites' data, Skellam noise shares under SecAgg+ (run config "
+        "dp-mode; see docs/distributed-dp.md)",
+    )
+    sim.add_argument(
         "--cpus-per-site",
         type=int,
         default=1,
@@ -93,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     deid.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     _add_coordinator_commands(commands)
     _add_site_commands(commands)
+    from simulations.privacy.sweep_command import add_privacy_sweep_parser
+
+    add_privacy_sweep_parser(commands)
     return parser
 
 
@@ -142,6 +152,33 @@ def _add_coordinator_commands(commands: Any) -> None:
     register.add_argument("public_key", type=Path, metavar="PUBKEY")
     register.add_argument("--connection", required=True, metavar="NAME")
     register.add_argument("--name", help="a label for the site")
+    submit = steps.add_parser(
+        "submit",
+        help="submit a run (flwr run) with its outputs in --out-dir; --resume continues it",
+        description="Submit a training run to the SuperLink named by --connection, from the "
+        "coordinator machine. Outputs (metrics, checkpoints, final model, report) go to "
+        "--out-dir; after the coordinator stopped mid-run, --resume with the same --out-dir "
+        "continues from the last checkpoint.",
+    )
+    submit.add_argument("--connection", required=True, metavar="NAME", help="see add-connection")
+    submit.add_argument(
+        "--out-dir", required=True, type=Path, metavar="DIR", help="new or empty (or --resume)"
+    )
+    submit.add_argument(
+        "--resume", action="store_true", help="continue the run in --out-dir (last checkpoint)"
+    )
+    submit.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run config key of pyproject.toml, e.g. --set num-server-rounds=10 (repeat)",
+    )
+    submit.add_argument("--app", type=Path, metavar="DIR", help="the app (this checkout)")
+    submit.add_argument(
+        "--detach", action="store_true", help="return once the run started (no log stream)"
+    )
+    submit.add_argument("--dry-run", action="store_true", help="check and print the command only")
 
 
 def _add_site_commands(commands: Any) -> None:
@@ -182,6 +219,7 @@ def _simulation_config(args: argparse.Namespace) -> tuple[FederationConfig, Path
         ("partition", args.partition),
         ("dirichlet-alpha", args.dirichlet_alpha),
         ("data-dir", args.data_dir),
+        ("dp-mode", args.dp),
     ):
         if value is not None:
             overrides[key] = value
@@ -391,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
             from simulations.deployment_commands import run_site_step
 
             return run_site_step(args)
+        if args.command == "privacy-sweep":
+            from simulations.privacy.sweep_command import run_privacy_sweep
+
+            return run_privacy_sweep(args)
     except ConfigError as err:
         print(f"fedmm: {err}", file=sys.stderr)
         return 2

@@ -6,11 +6,16 @@ travels with every message to the ClientApp process, so a model-sized entry woul
 later stage. It waits in a file instead, in a directory private to this node (mode 0700,
 owned by this user, not a symlink, a unique name per node and run) and readable by this user
 only (0600), one file per round.
+
+The file holds two ``.npy`` records one after the other: a small JSON header (round, weight,
+metrics) as bytes, then the update. Plain ``.npy`` is read straight into the array; an
+``.npz`` archive would checksum and copy a model-sized update on both writing and reading.
 No torch here: the masked stage runs in a fresh process per message in deployment.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import tempfile
@@ -21,6 +26,7 @@ import numpy as np
 
 SPILL_DIR_ENV = "FEDMM_SECAGG_SPILL_DIR"
 _PREFIX = "pending-round-"
+_SUFFIX = ".npy"
 
 
 class PendingUpdateError(ValueError):
@@ -67,20 +73,18 @@ def _check_private_dir(path: Path) -> None:
 def save_pending_update(directory: Path, pending: PendingUpdate) -> Path:
     """Write the update for its round (0600, atomically); earlier rounds' files are removed."""
     discard_pending_updates(directory, before_round=pending.round_id + 1)
-    names = sorted(pending.metrics)
-    target = directory / f"{_PREFIX}{pending.round_id}.npz"
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
+    target = directory / f"{_PREFIX}{pending.round_id}{_SUFFIX}"
+    header = {
+        "round_id": int(pending.round_id),
+        "weight": int(pending.weight),
+        "metrics": {str(name): float(value) for name, value in pending.metrics.items()},
+    }
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=_SUFFIX)
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as handle:
-            np.savez(
-                handle,
-                round_id=np.array(pending.round_id, dtype=np.int64),
-                update=np.asarray(pending.update, dtype=np.float64),
-                weight=np.array(pending.weight, dtype=np.int64),
-                metric_names=np.array(names, dtype=np.str_),
-                metric_values=np.array([pending.metrics[n] for n in names], dtype=np.float64),
-            )
+            np.save(handle, np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
+            np.save(handle, np.ascontiguousarray(pending.update, dtype=np.float64))
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -91,18 +95,17 @@ def save_pending_update(directory: Path, pending: PendingUpdate) -> Path:
 def load_pending_update(path: Path, *, round_id: int) -> PendingUpdate:
     """Read the waiting update of ``round_id``; raise ``PendingUpdateError`` otherwise."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            stored_round = int(data["round_id"])
-            pending = PendingUpdate(
-                round_id=stored_round,
-                update=np.array(data["update"], dtype=np.float64),
-                weight=int(data["weight"]),
-                metrics={
-                    str(name): float(value)
-                    for name, value in zip(data["metric_names"], data["metric_values"], strict=True)
-                },
-            )
-    except (OSError, KeyError, ValueError) as error:
+        with open(path, "rb") as handle:
+            header = json.loads(np.load(handle, allow_pickle=False).tobytes().decode())
+            update = np.load(handle, allow_pickle=False)
+        stored_round = int(header["round_id"])
+        pending = PendingUpdate(
+            round_id=stored_round,
+            update=np.asarray(update, dtype=np.float64),
+            weight=int(header["weight"]),
+            metrics={str(name): float(value) for name, value in header["metrics"].items()},
+        )
+    except (OSError, KeyError, ValueError, TypeError, AttributeError) as error:
         message = f"no readable update waiting for round {round_id}: {error}"
         raise PendingUpdateError(message) from None
     if stored_round != round_id:
@@ -114,9 +117,9 @@ def discard_pending_updates(directory: Path, *, before_round: int | None = None)
     """Remove waiting updates (all, or those of rounds before ``before_round``)."""
     if not directory.is_dir():
         return
-    for path in directory.glob(f"{_PREFIX}*.npz"):
+    for path in directory.glob(f"{_PREFIX}*{_SUFFIX}"):
         try:
-            number = int(path.name.removeprefix(_PREFIX).removesuffix(".npz"))
+            number = int(path.name.removeprefix(_PREFIX).removesuffix(_SUFFIX))
         except ValueError:
             continue
         if before_round is None or number < before_round:

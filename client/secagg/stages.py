@@ -45,9 +45,10 @@ from common.secagg.key_agreement import (
     derive_channel_key,
     derive_pairwise_mask_seed,
     generate_private_key,
+    load_private_key,
     public_key_for,
 )
-from common.secagg.mask_expansion import SEED_BYTES, expand_mask
+from common.secagg.mask_expansion import SEED_BYTES, add_masks_in_place
 from common.secagg.protocol_stages import (
     STAGE_MASKED_INPUT,
     STAGE_SETUP,
@@ -57,7 +58,6 @@ from common.secagg.protocol_stages import (
     tag,
 )
 from common.secagg.quantisation import new_rounding_generator
-from common.secagg.ring import add_in_place, subtract_in_place
 from common.secagg.round_config import MAX_SITES, SecAggRoundConfig
 from common.secagg.shamir import SHARE_BYTES, split_secret
 from common.secagg.share_cipher import (
@@ -199,9 +199,10 @@ def client_share_keys(
     )
     sealed_bundles = []
     try:
+        own_channel_key = load_private_key(state.channel_private_key)
         for peer, channel_key in zip(peer_ids, channel_keys, strict=True):
             key = derive_channel_key(
-                own_private_key=state.channel_private_key,
+                own_private_key=own_channel_key,
                 peer_public_key=channel_key,
                 round_id=config.round_id,
                 session_nonce=config.session_nonce,
@@ -280,12 +281,13 @@ def client_masked_input(
         )
     seed_shares = dict(state.held_seed_shares)
     key_shares = dict(state.held_key_shares)
+    own_channel_key = load_private_key(state.channel_private_key)
     for sender, sealed in zip(sender_ids, sealed_bundles, strict=True):
         if len(sealed) != SEALED_SHARE_BUNDLE_BYTES:
             raise SecAggRefusal(f"sealed bundle from site {sender} has the wrong length")
         try:
             key = derive_channel_key(
-                own_private_key=state.channel_private_key,
+                own_private_key=own_channel_key,
                 peer_public_key=state.peer_channel_keys[sender],
                 round_id=config.round_id,
                 session_nonce=config.session_nonce,
@@ -309,30 +311,22 @@ def client_masked_input(
         metrics=metrics or {},
         rng=rng if rng is not None else new_rounding_generator(),
     )
-    add_in_place(
-        masked,
-        expand_mask(
-            seed=state.self_mask_seed, length=config.masked_length, bit_width=config.bit_width
-        ),
-        bit_width=config.bit_width,
-    )
+    # The self mask and one pairwise mask per partner: + if this site's id is the lower one.
+    add_seeds, subtract_seeds = [state.self_mask_seed], []
+    own_mask_key = load_private_key(state.mask_private_key)
     for partner in sorted(sender_ids):
-        pairwise = expand_mask(
-            seed=derive_pairwise_mask_seed(
-                own_private_key=state.mask_private_key,
-                peer_public_key=state.peer_mask_keys[partner],
-                round_id=config.round_id,
-                session_nonce=config.session_nonce,
-                own_id=state.site_id,
-                peer_id=partner,
-            ),
-            length=config.masked_length,
-            bit_width=config.bit_width,
+        seed = derive_pairwise_mask_seed(
+            own_private_key=own_mask_key,
+            peer_public_key=state.peer_mask_keys[partner],
+            round_id=config.round_id,
+            session_nonce=config.session_nonce,
+            own_id=state.site_id,
+            peer_id=partner,
         )
-        if state.site_id < partner:
-            add_in_place(masked, pairwise, bit_width=config.bit_width)
-        else:
-            subtract_in_place(masked, pairwise, bit_width=config.bit_width)
+        (add_seeds if state.site_id < partner else subtract_seeds).append(seed)
+    add_masks_in_place(
+        masked, add_seeds=add_seeds, subtract_seeds=subtract_seeds, bit_width=config.bit_width
+    )
     new_state = dataclasses.replace(
         state,
         stage=STAGE_MASKED_INPUT,

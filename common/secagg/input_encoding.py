@@ -14,6 +14,11 @@ wants a weighted mean sends w * metric and the coordinator divides by the summed
 
 For m summed sites the per-entry errors are below m * 2 c W / L (update), m * (upper -
 lower) / L (metric) and zero (weight), relative to the clipped values.
+
+Integer updates (``config.integer_update``, distributed DP): the site hands an integer vector
+already reduced into Z_(2^b) (its integer gradient sum plus its Skellam share, see
+``common.distributed_dp``); it is summed exactly and the sum is read back centred, in
+[-2^(b-1), 2^(b-1)). The weight and metrics are encoded as above.
 """
 
 from __future__ import annotations
@@ -23,7 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.secagg.quantisation import dequantise_sum, quantisation_error_bound, quantise
+from common.secagg.quantisation import (
+    CHUNK_ELEMENTS,
+    dequantise_sum,
+    quantisation_error_bound,
+    quantise,
+)
 from common.secagg.round_config import SecAggRoundConfig
 
 
@@ -57,12 +67,21 @@ def encode_site_input(
         raise ValueError(f"weight must be in [0, {config.max_weight}]")
     if set(metrics) != set(config.metric_names):
         raise ValueError("metrics must match the round's metric names exactly")
-    weighted = np.clip(vector, -config.update_clip, config.update_clip)
-    weighted *= int(weight)
     encoded = np.empty(config.masked_length, dtype=config.dtype)
-    encoded[: config.update_length] = quantise(
-        values=weighted, value_range=config.update_range, bit_width=config.bit_width, rng=rng
-    )
+    if config.integer_update:  # distributed DP: the site's integer vector, summed as is
+        encoded[: config.update_length] = _ring_integers(vector, bit_width=config.bit_width)
+    else:  # chunk by chunk: the temporaries stay in the CPU cache
+        for start in range(0, config.update_length, CHUNK_ELEMENTS):
+            stop = min(start + CHUNK_ELEMENTS, config.update_length)
+            weighted = np.clip(vector[start:stop], -config.update_clip, config.update_clip)
+            weighted *= int(weight)
+            quantise(
+                values=weighted,
+                value_range=config.update_range,
+                bit_width=config.bit_width,
+                rng=rng,
+                out=encoded[start:stop],
+            )
     encoded[config.update_length] = int(weight)
     for index, name in enumerate(config.metric_names):
         encoded[config.update_length + 1 + index] = quantise(
@@ -80,11 +99,14 @@ def decode_aggregate(
     """Dequantise the unmasked sum of ``num_summed`` encoded vectors."""
     if summed.shape != (config.masked_length,):
         raise ValueError("summed vector has the wrong length")
-    update_sum = dequantise_sum(
-        quantised_sum=summed[: config.update_length],
-        value_range=config.update_range,
-        num_summed=num_summed,
-    )
+    if config.integer_update:
+        update_sum = centred_integers(summed[: config.update_length], bit_width=config.bit_width)
+    else:
+        update_sum = dequantise_sum(
+            quantised_sum=summed[: config.update_length],
+            value_range=config.update_range,
+            num_summed=num_summed,
+        )
     metric_sums = {
         name: float(
             dequantise_sum(
@@ -102,9 +124,9 @@ def decode_aggregate(
         weight_sum=int(summed[config.update_length]),
         metric_sums=metric_sums,
         num_summed=num_summed,
-        update_error_bound=quantisation_error_bound(
-            value_range=config.update_range, num_summed=num_summed
-        ),
+        update_error_bound=0.0
+        if config.integer_update
+        else quantisation_error_bound(value_range=config.update_range, num_summed=num_summed),
         metric_error_bounds={
             name: quantisation_error_bound(
                 value_range=config.metric_range(index), num_summed=num_summed
@@ -112,3 +134,20 @@ def decode_aggregate(
             for index, name in enumerate(config.metric_names)
         },
     )
+
+
+def _ring_integers(vector: np.ndarray, *, bit_width: int) -> np.ndarray:
+    """An integer update already reduced into Z_(2^b): integral values in [0, 2^b)."""
+    if not (np.all(vector >= 0) and np.all(vector < 2.0**bit_width)):
+        raise ValueError(f"integer update entries must lie in [0, 2^{bit_width})")
+    if not np.array_equal(vector, np.floor(vector)):
+        raise ValueError("integer update entries must be integers")
+    return vector.astype(np.uint64)
+
+
+def centred_integers(summed: np.ndarray, *, bit_width: int) -> np.ndarray:
+    """Sums in Z_(2^b) read as integers in [-2^(b-1), 2^(b-1)) (float64, exact for b <= 53)."""
+    values = np.asarray(summed).astype(np.int64)
+    half = 1 << (bit_width - 1)
+    values[values >= half] -= 1 << bit_width
+    return values.astype(np.float64)

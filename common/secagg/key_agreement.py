@@ -36,6 +36,14 @@ def generate_private_key() -> bytes:
     return X25519PrivateKey.generate().private_bytes_raw()
 
 
+def load_private_key(private_key: bytes) -> X25519PrivateKey:
+    """The key object of a raw private key: load it once for many agreements (loading costs
+    as much as one agreement, since it recomputes the public key)."""
+    if len(private_key) != PRIVATE_KEY_BYTES:
+        raise KeyAgreementError(f"private key must be {PRIVATE_KEY_BYTES} bytes")
+    return X25519PrivateKey.from_private_bytes(private_key)
+
+
 def public_key_for(private_key: bytes) -> bytes:
     """The 32-byte X25519 public key of a raw private key."""
     return X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes_raw()
@@ -59,7 +67,7 @@ def derivation_info(
 
 def agree_and_derive(
     *,
-    own_private_key: bytes,
+    own_private_key: bytes | X25519PrivateKey,
     peer_public_key: bytes,
     purpose: str,
     round_id: int,
@@ -70,16 +78,15 @@ def agree_and_derive(
     """X25519 between the two sites, then HKDF-SHA256 into a 32-byte key for ``purpose``.
 
     Both sides obtain the same key; a third key pair, another round, session, purpose or
-    pair gives an unrelated key.
+    pair gives an unrelated key. ``own_private_key`` is raw bytes or a loaded key
+    (:func:`load_private_key`).
     """
     if len(peer_public_key) != PUBLIC_KEY_BYTES:
         raise KeyAgreementError(f"public key must be {PUBLIC_KEY_BYTES} bytes")
-    if len(own_private_key) != PRIVATE_KEY_BYTES:
-        raise KeyAgreementError(f"private key must be {PRIVATE_KEY_BYTES} bytes")
+    if not isinstance(own_private_key, X25519PrivateKey):
+        own_private_key = load_private_key(own_private_key)
     try:
-        shared = X25519PrivateKey.from_private_bytes(own_private_key).exchange(
-            X25519PublicKey.from_public_bytes(peer_public_key)
-        )
+        shared = own_private_key.exchange(X25519PublicKey.from_public_bytes(peer_public_key))
     except ValueError as error:  # low-order peer key: all-zero shared secret
         raise KeyAgreementError(f"key agreement failed: {error}") from None
     return HKDF(
@@ -98,7 +105,7 @@ def agree_and_derive(
 
 def derive_channel_key(
     *,
-    own_private_key: bytes,
+    own_private_key: bytes | X25519PrivateKey,
     peer_public_key: bytes,
     round_id: int,
     session_nonce: bytes,
@@ -119,7 +126,7 @@ def derive_channel_key(
 
 def derive_pairwise_mask_seed(
     *,
-    own_private_key: bytes,
+    own_private_key: bytes | X25519PrivateKey,
     peer_public_key: bytes,
     round_id: int,
     session_nonce: bytes,

@@ -26,6 +26,7 @@ majority of the n share holders, max(2, floor(n / 2) + 1), as recommended by Bon
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,7 +50,18 @@ class GraphParameters:
 def neighbour_graph(
     *, site_ids: Sequence[int], degree: int, seed: bytes
 ) -> dict[int, frozenset[int]]:
-    """The neighbours of every site in the random Harary graph of ``degree`` for ``seed``."""
+    """The neighbours of every site in the random Harary graph of ``degree`` for ``seed``.
+
+    The graph is public (the coordinator and every site derive it from the round config) and
+    each stage of a round needs it again, so the last few graphs are cached.
+    """
+    return dict(_harary_graph(tuple(site_ids), degree, bytes(seed)))
+
+
+@functools.lru_cache(maxsize=8)
+def _harary_graph(
+    site_ids: tuple[int, ...], degree: int, seed: bytes
+) -> tuple[tuple[int, frozenset[int]], ...]:
     sites = list(site_ids)
     n = len(sites)
     if len(set(sites)) != n:
@@ -70,7 +82,7 @@ def neighbour_graph(
             other = ring[(position + offset) % n]
             neighbours[site].add(other)
             neighbours[other].add(site)
-    return {site: frozenset(peers) for site, peers in neighbours.items()}
+    return tuple((site, frozenset(peers)) for site, peers in neighbours.items())
 
 
 def _ring_position_key(*, seed: bytes, site_id: int) -> bytes:

@@ -32,6 +32,8 @@ from common.secagg.ring import check_bit_width, ring_dtype
 
 #: Relative slack for float64 rounding in the bound (far below one quantisation step).
 _FLOAT_SLACK = 2.0**-40
+#: Values are quantised in chunks of this many entries (256 kB of float64 temporaries).
+CHUNK_ELEMENTS = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -78,22 +80,46 @@ def quantise(
     value_range: QuantisationRange,
     bit_width: int,
     rng: np.random.Generator,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Clip ``values`` to the range and round them stochastically into 0..levels (ring dtype)."""
+    """Clip ``values`` to the range and round them stochastically into 0..levels (ring dtype).
+
+    With ``out`` (a contiguous vector of the ring dtype and the values' shape) the result is
+    written there and ``out`` is returned; otherwise a new vector is returned. Non-finite
+    values raise ``ValueError`` (``out`` may then hold part of the result).
+    """
     check_bit_width(bit_width)
     if value_range.levels >= 1 << bit_width:
         raise ValueError("levels do not fit in the ring")
     real = np.asarray(values, dtype=np.float64)
-    if not np.all(np.isfinite(real)):
+    dtype = ring_dtype(bit_width)
+    if out is None:
+        out = np.empty(real.shape, dtype=dtype)
+    elif out.dtype != dtype or out.shape != real.shape or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous {dtype} array of shape {real.shape}")
+    flat_values, flat_out = real.reshape(-1), out.reshape(-1)
+    # Chunk by chunk, so that the temporaries stay in the CPU cache.
+    for start in range(0, flat_values.size, CHUNK_ELEMENTS):
+        stop = start + CHUNK_ELEMENTS
+        _quantise_chunk(flat_values[start:stop], value_range, rng, flat_out[start:stop])
+    return out
+
+
+def _quantise_chunk(
+    values: np.ndarray, value_range: QuantisationRange, rng: np.random.Generator, out: np.ndarray
+) -> None:
+    if not np.isfinite(values).all():
         raise ValueError("values must be finite")
-    scaled = np.clip(real, value_range.lower, value_range.upper)
+    scaled = np.clip(values, value_range.lower, value_range.upper)
     scaled -= value_range.lower
     scaled *= value_range.levels / (value_range.upper - value_range.lower)
     floor = np.floor(scaled)
     scaled -= floor  # now the fractional part
-    floor += rng.random(real.shape) < scaled
-    np.clip(floor, 0, value_range.levels, out=floor)
-    return floor.astype(ring_dtype(bit_width))
+    draws = rng.random(values.shape)
+    np.less(draws, scaled, out=draws)  # 1.0 with probability equal to the fractional part
+    floor += draws
+    np.minimum(floor, value_range.levels, out=floor)
+    np.copyto(out, floor, casting="unsafe")  # integers in [0, levels]: exact
 
 
 def dequantise_sum(

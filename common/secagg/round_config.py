@@ -47,6 +47,9 @@ class SecAggRoundConfig:
     metric_names: tuple[str, ...] = ()
     metric_lower: tuple[float, ...] = ()
     metric_upper: tuple[float, ...] = ()
+    #: Distributed DP (``common.distributed_dp``): the update segment is the site's own integer
+    #: vector in Z_(2^b), summed as is (no clipping, no quantisation) and centred on decoding.
+    integer_update: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.round_id <= MAX_ROUND:
@@ -141,7 +144,7 @@ class SecAggRoundConfig:
             "metric_names": list(self.metric_names),
             "metric_lower": [float(value) for value in self.metric_lower],
             "metric_upper": [float(value) for value in self.metric_upper],
-        }
+        } | ({"integer_update": True} if self.integer_update else {})
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> SecAggRoundConfig:
@@ -182,8 +185,16 @@ class SecAggRoundConfig:
                         payload, "metric_upper", item_type=float, max_length=MAX_METRICS
                     )
                 ),
+                integer_update=_optional_bool(payload, "integer_update"),
             )
         except check.InvalidPayloadError:
             raise
         except ValueError as error:
             raise check.InvalidPayloadError(f"invalid round config: {error}") from None
+
+
+def _optional_bool(payload: Mapping[str, Any], key: str) -> bool:
+    value = payload.get(key, False)
+    if not isinstance(value, bool):
+        raise check.InvalidPayloadError(f"{key} must be a bool")
+    return value

@@ -40,8 +40,9 @@ from common.secagg.key_agreement import (
     PUBLIC_KEY_BYTES,
     KeyAgreementError,
     derive_pairwise_mask_seed,
+    load_private_key,
 )
-from common.secagg.mask_expansion import expand_mask
+from common.secagg.mask_expansion import add_masks_in_place
 from common.secagg.neighbour_graph import (
     DEFAULT_ADVERSARIAL_RATE,
     DEFAULT_DROPOUT_RATE,
@@ -55,7 +56,7 @@ from common.secagg.protocol_stages import (
     require_tag,
     tag,
 )
-from common.secagg.ring import add_in_place, subtract_in_place, zeros
+from common.secagg.ring import add_in_place, zeros
 from common.secagg.round_config import MAX_SITES, SESSION_NONCE_BYTES, SecAggRoundConfig
 from common.secagg.shamir import SHARE_BYTES, ShamirError, reconstruct_secret
 from common.secagg.share_cipher import SEALED_SHARE_BUNDLE_BYTES
@@ -117,8 +118,12 @@ def server_start_round(
     threshold: int | None = None,
     adversarial_rate: float = DEFAULT_ADVERSARIAL_RATE,
     dropout_rate: float = DEFAULT_DROPOUT_RATE,
+    integer_update: bool = False,
 ) -> tuple[ServerSecAggState, dict[int, Payload]]:
     """Fix the round's public config and build the setup request for every site.
+
+    ``integer_update``: the sites send integer vectors in Z_(2^b) (distributed DP), summed
+    as is and centred on decoding.
 
     ``degree`` and ``threshold`` default to :func:`default_graph_parameters` for the number
     of sites (Bell et al.'s guidance; the complete graph for small n). Raises ``ValueError``
@@ -143,6 +148,7 @@ def server_start_round(
         metric_names=names,
         metric_lower=tuple(float(metric_ranges[name][0]) for name in names),
         metric_upper=tuple(float(metric_ranges[name][1]) for name in names),
+        integer_update=integer_update,
     )
     payload = config.to_payload() | tag(round_id=round_id, stage=STAGE_SETUP)
     state = ServerSecAggState(config=config, stage=AWAITING_KEYS)
@@ -362,40 +368,38 @@ def server_unmask(
         )
         return aborted, None
     total = state.masked_sum.copy()
+    # Survivors' self masks come off the sum; so do the pairwise masks that survivors shared
+    # with dropped sites (a survivor added +mask if its id is the lower one, -mask otherwise).
+    add_seeds: list[bytes] = []
+    subtract_seeds: list[bytes] = []
     try:
         for site in sorted(survivors):
-            seed = reconstruct_secret(shares=seed_shares[site], threshold=config.threshold)
-            subtract_in_place(
-                total,
-                expand_mask(seed=seed, length=config.masked_length, bit_width=config.bit_width),
-                bit_width=config.bit_width,
+            subtract_seeds.append(
+                reconstruct_secret(shares=seed_shares[site], threshold=config.threshold)
             )
         for site in sorted(dropped):
             partners = sorted(set(state.share_senders[site]) & survivors)
             if not partners:
                 continue
-            mask_key = reconstruct_secret(shares=key_shares[site], threshold=config.threshold)
+            mask_key = load_private_key(
+                reconstruct_secret(shares=key_shares[site], threshold=config.threshold)
+            )
             for partner in partners:
-                pairwise = expand_mask(
-                    seed=derive_pairwise_mask_seed(
-                        own_private_key=mask_key,
-                        peer_public_key=state.mask_public_keys[partner],
-                        round_id=config.round_id,
-                        session_nonce=config.session_nonce,
-                        own_id=site,
-                        peer_id=partner,
-                    ),
-                    length=config.masked_length,
-                    bit_width=config.bit_width,
+                seed = derive_pairwise_mask_seed(
+                    own_private_key=mask_key,
+                    peer_public_key=state.mask_public_keys[partner],
+                    round_id=config.round_id,
+                    session_nonce=config.session_nonce,
+                    own_id=site,
+                    peer_id=partner,
                 )
-                # The survivor added +mask if its id is the lower one, -mask otherwise.
-                if partner < site:
-                    subtract_in_place(total, pairwise, bit_width=config.bit_width)
-                else:
-                    add_in_place(total, pairwise, bit_width=config.bit_width)
+                (subtract_seeds if partner < site else add_seeds).append(seed)
     except (ShamirError, KeyAgreementError) as error:
         aborted, _ = _abort(state, f"cannot remove masks: {error}")
         return aborted, None
+    add_masks_in_place(
+        total, add_seeds=add_seeds, subtract_seeds=subtract_seeds, bit_width=config.bit_width
+    )
     aggregate = decode_aggregate(config=config, summed=total, num_summed=len(survivors))
     logger.info(
         "secagg round %d: summed %d sites (%d dropped after sharing keys)",

@@ -1,13 +1,23 @@
 """Round wall time and bytes per site: this project's SecAgg+ against plain FedAvg.
 
-Both run in the same Flower simulation (Ray backend, one actor on 2 cores), one after the
-other, with a dummy ClientApp that returns a fixed-length random update instead of training,
-so the figures are the cost of aggregation and transport alone. For each number of sites (one
-simulation each) and each vector length, the coordinator runs ``--repeats`` rounds of each
-kind (alternating) and reports the median wall time, the ratio SecAgg+/FedAvg, and the bytes
-each site sends and receives (Flower's protobuf encoding of the message contents). The
-SecAgg+ sites run the real ClientApp stage handlers of ``client.app``; only training is
-replaced.
+SecAgg+ after Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead",
+CCS 2020 (and Bonawitz et al., CCS 2017, for the complete graph). Both kinds run in the same
+Flower simulation (Ray backend; by default one actor on 2 cores, as the project's simulation
+runs), one after the other, with a dummy ClientApp that returns a fixed-length random update
+instead of training, so the figures are the cost of aggregation and transport alone. For
+each number of sites (one simulation each) and each vector length, the coordinator runs
+``--repeats`` timed rounds of each kind after one warm-up round each, alternating, and
+reports the medians, the ratios, and the bytes each site sends and receives (Flower's
+protobuf encoding of the message contents). The SecAgg+ sites run the real ClientApp stage
+handlers of ``client.app``; only training is replaced.
+
+Three kinds of round, side by side:
+
+- ``fedavg``: ``FedAvgAggregation`` as the project runs it (``Grid.send_and_receive``, which
+  polls for replies every 0.1 s in simulation);
+- ``fedavg_fast_poll``: the same with SecAgg+'s reply polling (``send_and_collect``), so the
+  ratio can also be read with equal polling;
+- ``secagg+``: ``SecAggPlusAggregation``, four exchanges.
 
 With ``--flower-legacy``, Flower's own SecAgg+ (``SecAggPlusWorkflow`` + ``secaggplus_mod``)
 runs too, in its own simulation after ours: it works only on the legacy API (NumPyClient,
@@ -15,10 +25,14 @@ LegacyContext, DefaultWorkflow; see NOTES). Its clients return the same kind of 
 update; ``num_shares`` = k + 1 and ``reconstruction_threshold`` = t of our defaults. Its
 round time is the median gap between successive ``aggregate_fit`` calls.
 
+Each row also gives the peak RSS of the Ray actor and of this process, and the JSON the load
+average of the machine at the start and the end. Progress rows go to stderr.
+
 Usage (prints JSON):
 
     python -m simulations.benchmarks.secagg_benchmark --sites 10 --lengths 100000 --flower-legacy
-    python -m simulations.benchmarks.secagg_benchmark --sites 10 50 100 --lengths 100000 1000000
+    python -m simulations.benchmarks.secagg_benchmark --sites 10 50 100 \
+        --lengths 100000 1000000 --repeats 3 --flower-legacy
 """
 
 from __future__ import annotations
@@ -28,10 +42,13 @@ import itertools
 import json
 import math
 import os
+import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -40,11 +57,19 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
 
 from client import app as site
+from client.secagg.pending_update import SPILL_DIR_ENV
 from common.secure_round import ACTION_MASKED, ACTION_SETUP, ACTION_SHARE, ACTION_UNMASK
 
 PLAN_ENV = "FEDMM_SECAGG_BENCH_PLAN"
 
 client_app = ClientApp()
+
+
+def _note_peak_memory() -> None:
+    """Record this process's peak RSS (the Ray actor's) for the benchmark's report."""
+    directory = json.loads(os.environ[PLAN_ENV])["memory_dir"]
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path(directory, f"rss-{os.getpid()}").write_text(str(peak_kb))
 
 
 def _random_update(length: int, context: Context, server_round: int) -> np.ndarray:
@@ -54,6 +79,7 @@ def _random_update(length: int, context: Context, server_round: int) -> np.ndarr
 
 @client_app.train()
 def plain_train(msg: Message, context: Context) -> Message:
+    _note_peak_memory()
     length = int(msg.content.config_records["config"]["length"])
     server_round = int(msg.content.config_records["config"]["server_round"])
     update = _random_update(length, context, server_round).astype(np.float32)
@@ -79,6 +105,7 @@ def _dummy_trainer(request, msg: Message, context: Context) -> site.LocalUpdate:
 
 @client_app.train(ACTION_SETUP)
 def setup(msg: Message, context: Context) -> Message:
+    _note_peak_memory()
     return site.run_secagg_setup(msg, context, train=_dummy_trainer)
 
 
@@ -103,18 +130,48 @@ class CountingGrid:
         self.sent = self.received = 0
         self.counting_s = 0.0
 
+    def _count(self, messages: list[Message], *, sent: bool) -> None:
+        started = time.perf_counter()
+        size = sum(recorddict_to_proto(m.content).ByteSize() for m in messages if not m.has_error())
+        if sent:
+            self.sent += size
+        else:
+            self.received += size
+        self.counting_s += time.perf_counter() - started
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self._count(messages, sent=True)
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        replies = list(self.grid.pull_messages(message_ids))
+        self._count(replies, sent=False)
+        return replies
+
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
-        started = time.perf_counter()
-        self.sent += sum(recorddict_to_proto(m.content).ByteSize() for m in messages)
-        self.counting_s += time.perf_counter() - started
+        self._count(messages, sent=True)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        started = time.perf_counter()
-        self.received += sum(
-            recorddict_to_proto(r.content).ByteSize() for r in replies if not r.has_error()
-        )
-        self.counting_s += time.perf_counter() - started
+        self._count(replies, sent=False)
         return replies
+
+
+class FastPollingGrid:
+    """FedAvg's single exchange with SecAgg+'s reply polling (``send_and_collect``), so the
+    two can also be compared with the same polling."""
+
+    def __init__(self, grid: CountingGrid) -> None:
+        self.grid = grid
+
+    def __getattr__(self, name: str):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from server.secure_aggregation import send_and_collect
+
+        grid: Any = self.grid
+        return send_and_collect(grid, list(messages), timeout=timeout or 600.0)
 
 
 server_app = ServerApp()
@@ -131,24 +188,31 @@ def main(grid: Grid, context: Context) -> None:
     num_sites = plan["sites"]
     nodes = wait_for_sites(grid, num_sites, timeout=120.0)[:num_sites]
     counting = CountingGrid(grid)
+    fast_polling = FastPollingGrid(counting)
     kinds = {
-        "fedavg": FedAvgAggregation(),
-        "secagg+": SecAggPlusAggregation(SecAggSettings(update_clip=1.0, max_weight=1000)),
+        "fedavg": (FedAvgAggregation(), counting),
+        "fedavg_fast_poll": (FedAvgAggregation(), fast_polling),
+        "secagg+": (
+            SecAggPlusAggregation(SecAggSettings(update_clip=1.0, max_weight=1000)),
+            counting,
+        ),
     }
+    secagg = kinds["secagg+"][0]
     results = []
     server_round = 0
     for length in plan["lengths"]:
         model = ArrayRecord({"model": Array(np.zeros(length, dtype=np.float32))})
         timings: dict[str, list[float]] = {kind: [] for kind in kinds}
+        exchanges: dict[str, list[float]] = {}
         traffic: dict[str, tuple[int, int]] = {}
-        for repeat in range(plan["repeats"] + 1):  # the first pair warms the actor up
-            for kind, aggregation in kinds.items():
+        for repeat in range(plan["repeats"] + 1):  # the first of each kind warms up
+            for kind, (aggregation, kind_grid) in kinds.items():
                 server_round += 1
                 train_config = TrainRequest.for_round(FederationConfig(), server_round).to_config()
                 counting.reset()
                 started = time.perf_counter()
                 aggregate = aggregation.run_round(
-                    counting,  # type: ignore[arg-type]
+                    kind_grid,  # type: ignore[arg-type]
                     node_ids=nodes,
                     global_arrays=model,
                     train_config=ConfigRecord({**train_config, "length": length}),
@@ -159,27 +223,37 @@ def main(grid: Grid, context: Context) -> None:
                     raise RuntimeError(f"{kind} round failed: {aggregate.aborted}")
                 if repeat > 0:
                     timings[kind].append(elapsed)
-                if kind == "secagg+":
-                    exchanges = dict(aggregation.last_round.exchange_seconds)
+                    if kind == "secagg+":
+                        for name, seconds in secagg.last_round.exchange_seconds.items():
+                            exchanges.setdefault(name, []).append(seconds)
+                        # What the coordinator spends outside the four exchanges (its stages).
+                        outside = elapsed + counting.counting_s
+                        outside -= sum(secagg.last_round.exchange_seconds.values())
+                        exchanges.setdefault("coordinator_stages", []).append(outside)
                 traffic[kind] = (counting.sent // num_sites, counting.received // num_sites)
-        fedavg_s = statistics.median(timings["fedavg"])
-        secagg_s = statistics.median(timings["secagg+"])
+        median = {kind: statistics.median(times) for kind, times in timings.items()}
+        exchange_s = {name: statistics.median(times) for name, times in exchanges.items()}
         results.append(
             {
                 "sites": num_sites,
                 "length": length,
-                "fedavg_round_s": round(fedavg_s, 3),
-                "secagg_round_s": round(secagg_s, 3),
-                "time_ratio": round(secagg_s / fedavg_s, 2),
+                "fedavg_round_s": round(median["fedavg"], 3),
+                "fedavg_fast_poll_round_s": round(median["fedavg_fast_poll"], 3),
+                "secagg_round_s": round(median["secagg+"], 3),
+                "time_ratio": round(median["secagg+"] / median["fedavg"], 2),
+                "time_ratio_vs_fedavg_fast_poll": round(
+                    median["secagg+"] / median["fedavg_fast_poll"], 2
+                ),
                 "fedavg_bytes_per_site": {"down": traffic["fedavg"][0], "up": traffic["fedavg"][1]},
                 "secagg_bytes_per_site": {
                     "down": traffic["secagg+"][0],
                     "up": traffic["secagg+"][1],
                 },
                 "bytes_ratio": round(sum(traffic["secagg+"]) / sum(traffic["fedavg"]), 3),
-                "secagg_exchange_s_last_round": {k: round(v, 3) for k, v in exchanges.items()},
-                "secagg_degree": kinds["secagg+"].last_round.degree,
-                "secagg_threshold": kinds["secagg+"].last_round.threshold,
+                "secagg_extra_bytes_per_site": sum(traffic["secagg+"]) - sum(traffic["fedavg"]),
+                "secagg_parts_s_median": {k: round(v, 3) for k, v in exchange_s.items()},
+                "secagg_degree": secagg.last_round.degree,
+                "secagg_threshold": secagg.last_round.threshold,
                 "repeats": plan["repeats"],
             }
         )
@@ -194,6 +268,7 @@ def _legacy_client_fn(context: Context):
 
     class RandomUpdateClient(NumPyClient):
         def fit(self, parameters, config):
+            _note_peak_memory()
             length = parameters[0].size
             update = _random_update(length, context, int(config.get("server_round", 0)))
             return [update.astype(np.float32)], 100, {}
@@ -287,35 +362,62 @@ def legacy_main(grid: Grid, context: Context) -> None:
     Path(plan["out"]).write_text(json.dumps(results))
 
 
-def run_flower_legacy(num_sites: int, lengths: list[int], repeats: int) -> list[dict]:
+def run_flower_legacy(
+    num_sites: int, lengths: list[int], repeats: int, *, actors: int = 1
+) -> list[dict]:
     """Flower's own SecAgg+ on the legacy API, in its own simulation."""
-    return _simulate(num_sites, lengths, repeats, _legacy_client_app(), legacy_server_app)
+    return _simulate(
+        num_sites, lengths, repeats, _legacy_client_app(), legacy_server_app, actors=actors
+    )
 
 
-def run(num_sites: int, lengths: list[int], repeats: int) -> list[dict]:
-    return _simulate(num_sites, lengths, repeats, client_app, server_app)
+def run(num_sites: int, lengths: list[int], repeats: int, *, actors: int = 1) -> list[dict]:
+    """This project's SecAgg+ and plain FedAvg, alternating, in one simulation."""
+    return _simulate(num_sites, lengths, repeats, client_app, server_app, actors=actors)
 
 
 def _simulate(
-    num_sites: int, lengths: list[int], repeats: int, clients: ClientApp, server: ServerApp
+    num_sites: int,
+    lengths: list[int],
+    repeats: int,
+    clients: ClientApp,
+    server: ServerApp,
+    *,
+    actors: int,
 ) -> list[dict]:
     from common.federation_config import FederationConfig
     from simulations.local_simulation import SimulationSettings, run_local_simulation
 
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "results.json"
+        memory = Path(scratch) / "memory"
+        memory.mkdir()
         os.environ[PLAN_ENV] = json.dumps(
-            {"sites": num_sites, "lengths": lengths, "repeats": repeats, "out": str(out)}
+            {
+                "sites": num_sites,
+                "lengths": lengths,
+                "repeats": repeats,
+                "out": str(out),
+                "memory_dir": str(memory),
+            }
         )
-        os.environ.setdefault("FEDMM_SECAGG_SPILL_DIR", scratch)
+        # Each simulation gets its own spill root (a later one must not inherit a removed one).
+        os.environ[SPILL_DIR_ENV] = scratch
         config = FederationConfig.from_run_config({"out-dir": str(Path(scratch) / "run")})
         run_local_simulation(
             config,
-            SimulationSettings(num_sites=num_sites, num_cpus_per_site=2),
+            # Ray runs 2 CPUs / num_cpus_per_site actors.
+            SimulationSettings(num_sites=num_sites, num_cpus_per_site=max(1, 2 // actors)),
             client_app=clients,
             server_app=server,
         )
-        return json.loads(out.read_text())
+        rows = json.loads(out.read_text())
+        actor_kb = max((int(path.read_text()) for path in memory.iterdir()), default=0)
+        driver_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for row in rows:
+            row["peak_rss_mb"] = {"actor": actor_kb // 1024, "driver_so_far": driver_kb // 1024}
+            print(f"progress: {json.dumps(row)}", file=sys.stderr, flush=True)
+        return rows
 
 
 def cli() -> None:
@@ -324,15 +426,32 @@ def cli() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[100_000])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--actors",
+        type=int,
+        choices=[1, 2],
+        default=1,
+        help="Ray actors for the sites (1: the project's simulation default on 2 cores)",
+    )
+    parser.add_argument(
         "--flower-legacy", action="store_true", help="also run Flower's legacy SecAgg+"
     )
     args = parser.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     started = time.perf_counter()
-    rows = [row for n in args.sites for row in run(n, args.lengths, args.repeats)]
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    rows = [
+        row for n in args.sites for row in run(n, args.lengths, args.repeats, actors=args.actors)
+    ]
     if args.flower_legacy:
         for n in args.sites:
-            for legacy in run_flower_legacy(n, args.lengths, args.repeats):
+            try:
+                legacy_rows = run_flower_legacy(n, args.lengths, args.repeats, actors=args.actors)
+            except Exception as error:  # report it with the rest rather than lose the run
+                for row in rows:
+                    if row["sites"] == n:
+                        row["flower_legacy"] = {"error": f"{type(error).__name__}: {error}"}
+                continue
+            for legacy in legacy_rows:
                 row = next(r for r in rows if (r["sites"], r["length"]) == (n, legacy["length"]))
                 row["flower_legacy"] = legacy
                 row["secagg_vs_flower_legacy_time_ratio"] = round(
@@ -341,8 +460,11 @@ def cli() -> None:
     print(
         json.dumps(
             {
-                "benchmark": "secagg+ vs fedavg, Flower simulation runtime (Ray, one actor)",
+                "benchmark": "secagg+ vs fedavg, Flower simulation runtime (Ray)",
+                "actors": args.actors,
                 "cpu_count": os.cpu_count(),
+                "load_average_at_start": load_at_start,
+                "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
                 "results": rows,
                 "fixed_cost_10_sites_100k": next(
                     (
@@ -350,6 +472,7 @@ def cli() -> None:
                             "secagg_round_s": r["secagg_round_s"],
                             "fedavg_round_s": r["fedavg_round_s"],
                             "overhead_s": round(r["secagg_round_s"] - r["fedavg_round_s"], 3),
+                            "parts_s": r["secagg_parts_s_median"],
                         }
                         for r in rows
                         if r["sites"] == 10 and r["length"] == 100_000

@@ -175,7 +175,7 @@ def test_setup_keeps_the_update_in_a_private_file_not_in_state() -> None:
     grid.fault = lambda kind, node: "drop" if kind == MESSAGE_SHARE else None
     result = _run(grid, 1, SecAggPlusAggregation())
     assert result.aborted is not None and "threshold" in result.aborted
-    files = list(Path(os.environ[SPILL_DIR_ENV]).rglob("*.npz"))
+    files = list(Path(os.environ[SPILL_DIR_ENV]).rglob("pending-round-*"))
     assert len(files) == 3
     assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
     assert all(f.parent.stat().st_mode & 0o777 == 0o700 for f in files)

@@ -58,7 +58,7 @@ def setup(msg: Message, context: Context) -> Message:
     record = context.state.config_records.get(site.SECAGG_STATE_KEY)
     if record is not None and os.environ.get(DUMP_ENV):
         round_id = int(msg.content.config_records["config"]["server_round"])
-        target = Path(os.environ[DUMP_ENV]) / f"node-{context.node_id}-round-{round_id}.npz"
+        target = Path(os.environ[DUMP_ENV]) / f"node-{context.node_id}-round-{round_id}.npy"
         shutil.copyfile(str(record["pending-file"]), target)
     return reply
 
@@ -82,38 +82,43 @@ def unmask(msg: Message, context: Context) -> Message:
 
 
 class RecordingGrid:
-    """The real Grid; every reply the coordinator receives is kept (as plain data)."""
+    """The real Grid; every reply the coordinator pulls is kept (as plain data)."""
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
         self.received: list[dict] = []
+        self.sent: dict[str, Message] = {}
 
     def get_node_ids(self):
         return self.grid.get_node_ids()
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        sent = {m.metadata.message_id: m for m in messages}
+        ids = list(self.grid.push_messages(messages))
+        self.sent.update({m.metadata.message_id: m for m in messages})
+        return ids
+
+    def pull_messages(self, message_ids):
+        replies = list(self.grid.pull_messages(message_ids))
         for reply in replies:
-            request = sent.get(reply.metadata.reply_to_message_id)
-            entry = {
-                "type": request.metadata.message_type if request else "?",
-                "node": request.metadata.dst_node_id if request else None,
-                "error": reply.error.reason if reply.has_error() else None,
-                "configs": {},
-                "metrics": {},
-                "arrays": {},
-            }
-            if not reply.has_error():
-                content = reply.content
-                entry["configs"] = {k: dict(v) for k, v in content.config_records.items()}
-                entry["metrics"] = {k: dict(v) for k, v in content.metric_records.items()}
-                entry["arrays"] = {
-                    k: v.to_numpy_ndarrays() for k, v in content.array_records.items()
-                }
-            self.received.append(entry)
+            self._record(reply, self.sent.get(reply.metadata.reply_to_message_id))
         return replies
+
+    def _record(self, reply, request) -> None:
+        entry = {
+            "type": request.metadata.message_type if request else "?",
+            "node": request.metadata.dst_node_id if request else None,
+            "error": reply.error.reason if reply.has_error() else None,
+            "configs": {},
+            "metrics": {},
+            "arrays": {},
+        }
+        if not reply.has_error():
+            content = reply.content
+            entry["configs"] = {k: dict(v) for k, v in content.config_records.items()}
+            entry["metrics"] = {k: dict(v) for k, v in content.metric_records.items()}
+            entry["arrays"] = {k: v.to_numpy_ndarrays() for k, v in content.array_records.items()}
+        self.received.append(entry)
 
 
 class RecordingSecAgg(SecAggPlusAggregation):

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client.secagg.pending_update import load_pending_update
 from common.data.fashion_mnist import DEFAULT_DATA_DIR
 
 pytestmark = pytest.mark.skipif(
@@ -90,14 +91,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     with open(out / "recording.pkl", "rb") as handle:
         recording = pickle.load(handle)
     plain = {}
-    for path in dump.glob("node-*-round-*.npz"):
+    for path in dump.glob("node-*-round-*.npy"):
         _, node, _, round_id = path.stem.split("-")
-        with np.load(path) as data:
-            plain[(int(node), int(round_id))] = {
-                "update": data["update"],
-                "weight": int(data["weight"]),
-                "metrics": dict(zip(data["metric_names"], data["metric_values"], strict=True)),
-            }
+        pending = load_pending_update(path, round_id=int(round_id))
+        plain[(int(node), int(round_id))] = {
+            "update": pending.update,
+            "weight": pending.weight,
+            "metrics": pending.metrics,
+        }
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {
         "received": recording["received"],
@@ -205,4 +206,4 @@ def test_the_run_leaves_no_ray_process_and_no_waiting_update(run: dict) -> None:
     assert not run["leftover_ray"]
     # Updates are removed once masked; only the aborted round's survivors could keep one,
     # and they are discarded at the next setup.
-    assert not list(run["spill"].rglob("pending-round-*.npz"))
+    assert not list(run["spill"].rglob("pending-round-*"))

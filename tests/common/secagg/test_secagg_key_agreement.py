@@ -7,6 +7,7 @@ from common.secagg.key_agreement import (
     derive_channel_key,
     derive_pairwise_mask_seed,
     generate_private_key,
+    load_private_key,
     public_key_for,
 )
 
@@ -55,6 +56,21 @@ def test_both_sides_derive_the_same_keys() -> None:
     )
     assert channel_a == channel_b
     assert len(channel_a) == 32
+
+
+def test_a_loaded_private_key_derives_what_its_raw_bytes_derive() -> None:
+    alice, bob = generate_private_key(), generate_private_key()
+    from_loaded = derive_pairwise_mask_seed(
+        own_private_key=load_private_key(alice),
+        peer_public_key=public_key_for(bob),
+        round_id=1,
+        session_nonce=NONCE,
+        own_id=1,
+        peer_id=2,
+    )
+    assert from_loaded == _pair_seed(alice, public_key_for(bob), own_id=1, peer_id=2)
+    with pytest.raises(KeyAgreementError, match="32 bytes"):
+        load_private_key(b"short")
 
 
 def test_keys_are_bound_to_purpose_round_session_and_pair() -> None:

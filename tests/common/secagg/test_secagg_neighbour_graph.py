@@ -32,6 +32,17 @@ def test_graph_is_deterministic_in_the_seed_and_varies_with_it() -> None:
     assert first != neighbour_graph(site_ids=site_ids, degree=6, seed=os.urandom(32))
 
 
+def test_a_cached_graph_is_the_same_graph_and_callers_cannot_change_it() -> None:
+    seed = os.urandom(32)
+    sites = list(range(100, 140))
+    first = neighbour_graph(site_ids=sites, degree=6, seed=seed)
+    first[100] = frozenset()  # a caller's copy only
+    second = neighbour_graph(site_ids=tuple(sites), degree=6, seed=seed)
+    assert len(second[100]) == 6
+    assert second == neighbour_graph(site_ids=sites, degree=6, seed=bytes(seed))
+    assert second != neighbour_graph(site_ids=sites, degree=6, seed=os.urandom(32))
+
+
 def test_invalid_graphs_are_rejected() -> None:
     with pytest.raises(ValueError, match="odd degree"):
         neighbour_graph(site_ids=range(5), degree=3, seed=bytes(32))

@@ -95,3 +95,51 @@ def test_invalid_inputs_are_rejected() -> None:
         )
     with pytest.raises(ValueError, match="do not fit"):
         levels_with_headroom(bit_width=8, max_summands=300)
+
+
+def test_quantising_into_a_given_vector_writes_the_same_values_there() -> None:
+    value_range = QuantisationRange(lower=-2.0, upper=2.0, levels=1000)
+    values = np.random.default_rng(3).normal(0.0, 1.0, 5000)
+    fresh = quantise(
+        values=values, value_range=value_range, bit_width=16, rng=np.random.default_rng(9)
+    )
+    target = np.full(5002, 7, dtype=np.uint32)
+    written = quantise(
+        values=values,
+        value_range=value_range,
+        bit_width=16,
+        rng=np.random.default_rng(9),
+        out=target[1:-1],
+    )
+    assert np.array_equal(written, fresh) and np.array_equal(target[1:-1], fresh)
+    assert target[0] == target[-1] == 7
+    with pytest.raises(ValueError, match="out must be"):
+        quantise(
+            values=values,
+            value_range=value_range,
+            bit_width=16,
+            rng=np.random.default_rng(9),
+            out=np.empty(5000, dtype=np.uint64),
+        )
+
+
+def test_long_and_shaped_inputs_are_quantised_whole_and_non_finite_values_anywhere_fail() -> None:
+    value_range = QuantisationRange(lower=-1.0, upper=1.0, levels=1 << 20)
+    values = np.random.default_rng(4).uniform(-1.0, 1.0, (3, 40_000))  # several chunks
+    quantised = quantise(
+        values=values, value_range=value_range, bit_width=32, rng=np.random.default_rng(5)
+    )
+    assert quantised.shape == values.shape
+    restored = quantised * value_range.step + value_range.lower
+    assert np.abs(restored - values).max() <= value_range.step
+    values[2, 39_999] = np.nan  # in the last chunk
+    with pytest.raises(ValueError, match="finite"):
+        quantise(values=values, value_range=value_range, bit_width=32, rng=np.random.default_rng(5))
+    with pytest.raises(ValueError, match="contiguous"):
+        quantise(
+            values=np.zeros(4),
+            value_range=value_range,
+            bit_width=32,
+            rng=np.random.default_rng(5),
+            out=np.zeros(8, dtype=np.uint32)[::2],
+        )

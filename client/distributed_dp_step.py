@@ -1,0 +1,275 @@
+"""A site's part of one distributed-DP round: one DP-SGD step on the union of the sites' data.
+
+The coordinator sends the model and the run's ``DistributedDPPlan``. The site
+
+1. checks the plan against its own policy and lifetime ledger (it accounts with its own
+   trust assumption h: the Skellam variance of h shares; Agarwal, Kairouz, Liu, NeurIPS 2021),
+   and refuses, saying why, when the run or this round would exceed its budget;
+2. Poisson-samples its records at rate q with uniforms from ``os.urandom`` (Abadi et al., CCS
+   2016: every record of the federation joins the step independently with probability q);
+3. computes per-example gradients (Opacus ``GradSampleModule``), clips each to C, divides it
+   by the scale gamma = C / c, sums them and rounds the sum to integers at random (Kairouz,
+   Liu, Steinke, ICML 2021), so that one record moves the integer sum by at most D2 = c +
+   sqrt(d) in L2 and D1 in L1 (``common.distributed_dp.rounding``: the sensitivities the
+   accountant uses);
+4. adds its Skellam share (variance ``share_variance``, sampled from ``os.urandom`` by exact
+   inversion) and reduces the result into Z_(2^b) for SecAgg+.
+
+The guarantee: record-level (epsilon, delta)-DP with respect to adding or removing one record
+anywhere in the federation, for the sequence of revealed noisy sums (and so the model, by
+post-processing), provided at least h sites whose shares are in each sum are honest (follow
+the protocol and keep their noise secret from the coordinator) and SecAgg+ reveals only the
+sum. The number of records N and the count of sites are revealed (as DP-SGD implementations
+treat the dataset size as public); the sampled batch size and the training loss are not sent.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from client.privacy_ledger import PrivacyLedger
+from client.privacy_policy import PolicyRefusal, SitePrivacyPolicy, effective_privacy
+from client.training import MatchingDataset
+from common.data.dataset import ImageTextDataset
+from common.distributed_dp.plan import DistributedDPPlan
+from common.distributed_dp.rounding import new_rounding_generator, randomized_round
+from common.distributed_dp.skellam import RandomBytes, secure_uniforms, skellam_share
+from common.loss import matching_loss
+from common.model import CrossAttentionMatcher
+from common.tokenizer import HashingTokenizer
+from common.train_request import TrainRequest
+
+ACCOUNTANT = "RDP of the Poisson-subsampled Skellam mechanism (Zhu-Wang 2019 bound)"
+MICRO_BATCH = 128
+
+
+@dataclass
+class DistributedStepOutcome:
+    """The masked-to-be vector (``None`` when refused) and what the site reports."""
+
+    integers: np.ndarray | None  # uint64 entries in [0, 2^b), the global arrays' order
+    num_records: int = 0
+    epsilon: float = math.nan
+    honest_sites: int = 0
+    refusal: str | None = None
+
+
+def honest_sites_assumed(policy: SitePrivacyPolicy, plan: DistributedDPPlan) -> int:
+    """The site's own trust assumption h (its policy), else the run's."""
+    return policy.min_honest_sites or plan.min_honest_sites
+
+
+def check_budget(
+    *,
+    plan: DistributedDPPlan,
+    ledger: PrivacyLedger,
+    max_epsilon: float,
+    delta: float,
+    honest_sites: int,
+    first_round_of_run: bool,
+) -> tuple[str | None, float]:
+    """A refusal reason (None: go ahead) when the run (first round) or this round would
+    exceed the budget, and the epsilon after this round."""
+    trust = f"assuming {honest_sites} honest surviving sites"
+    if first_round_of_run:
+        planned = _with_rounds(ledger, plan, honest_sites, plan.num_rounds).epsilon(delta)
+        if planned > max_epsilon * (1 + 1e-9):
+            return (
+                f"privacy budget: the run's {plan.num_rounds} distributed-DP rounds would take "
+                f"epsilon to {planned:.3f} > {max_epsilon:g} (delta {delta:g}, record-level, "
+                f"{ACCOUNTANT}, {trust}); spent so far {ledger.epsilon(delta):.3f}"
+            ), planned
+    projected = _with_rounds(ledger, plan, honest_sites, 1).epsilon(delta)
+    if projected > max_epsilon * (1 + 1e-9):
+        return (
+            f"privacy budget: this round would take epsilon to {projected:.3f} > "
+            f"{max_epsilon:g} (delta {delta:g}, record-level, {ACCOUNTANT}, {trust})"
+        ), projected
+    return None, projected
+
+
+def _with_rounds(
+    ledger: PrivacyLedger, plan: DistributedDPPlan, honest_sites: int, rounds: int
+) -> PrivacyLedger:
+    copy = PrivacyLedger(history=list(ledger.history))
+    copy.distributed_history = list(ledger.distributed_history)
+    entry = plan.round_entry(honest_sites, rounds)
+    copy.add_distributed_round(
+        (
+            entry.variance,
+            entry.l1_sensitivity,
+            entry.l2_sensitivity,
+            entry.sample_rate,
+            entry.steps,
+        ),
+        honest_sites=honest_sites,
+    )
+    return copy
+
+
+def poisson_sample(num_records: int, rate: float, random_bytes: RandomBytes) -> np.ndarray:
+    """Indices of the records that join this step: each independently with probability q."""
+    uniforms, _ = secure_uniforms(num_records, random_bytes)
+    return np.flatnonzero(uniforms < rate)
+
+
+def integer_gradient_sum(
+    model: CrossAttentionMatcher,
+    data: ImageTextDataset,
+    *,
+    indices: np.ndarray,
+    keys: list[str],
+    plan: DistributedDPPlan,
+    clip_norm: float,
+    num_distractors: int,
+    tokenizer: HashingTokenizer,
+) -> np.ndarray:
+    """The randomly rounded sum over ``indices`` of each record's clipped gradient divided by
+    gamma (int64)."""
+    from opacus import GradSampleModule  # heavy import, only where gradients are computed
+
+    shapes = model.state_dict()
+    total = torch.zeros(sum(shapes[k].numel() for k in keys), dtype=torch.float64)
+    if indices.size == 0:
+        return total.to(torch.int64).numpy()
+    dataset = MatchingDataset(
+        data,
+        tokenizer=tokenizer,
+        num_distractors=num_distractors,
+        seed=int.from_bytes(os.urandom(8), "little"),
+    )
+    parameters = dict(model.named_parameters())
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    generator = new_rounding_generator()
+    model.train()
+    try:
+        for start in range(0, len(indices), MICRO_BATCH):
+            items = [dataset[int(i)] for i in indices[start : start + MICRO_BATCH]]
+            images = torch.stack([image for image, _ in items])
+            tokens = torch.stack([token for _, token in items])
+            wrapped.zero_grad(set_to_none=True)
+            matching_loss(wrapped(images, tokens)).sum().backward()
+            count = len(items)
+            per_example = torch.cat(
+                [_grad_sample(parameters.get(key), count, shapes[key].numel()) for key in keys],
+                dim=1,
+            )
+            norms = per_example.to(torch.float64).norm(dim=1)
+            # Clip to C * (1 - 1e-6): float rounding cannot push a record past C.
+            factor = torch.clamp(clip_norm * (1 - 1e-6) / (norms + 1e-12), max=1.0)
+            total += (factor / plan.scale) @ per_example.to(torch.float64)
+    finally:
+        wrapped._close()
+    return randomized_round(total, generator=generator).numpy()
+
+
+def _trainable_mask(model: CrossAttentionMatcher, keys: list[str]) -> np.ndarray:
+    """Which entries of the flattened state dict are trainable parameters."""
+    parameters = {name for name, p in model.named_parameters() if p.requires_grad}
+    state = model.state_dict()
+    return np.concatenate(
+        [np.full(state[key].numel(), key in parameters, dtype=bool) for key in keys]
+    )
+
+
+def _grad_sample(parameter: torch.nn.Parameter | None, count: int, size: int) -> torch.Tensor:
+    """Per-example gradients of one tensor, flattened; zeros for buffers and unused tensors."""
+    sample = None if parameter is None else getattr(parameter, "grad_sample", None)
+    if sample is None:
+        return torch.zeros(count, size)
+    return sample.reshape(count, -1)
+
+
+def run_distributed_dp_step(
+    *,
+    global_state: dict[str, torch.Tensor],
+    request: TrainRequest,
+    plan: DistributedDPPlan,
+    data: ImageTextDataset,
+    policy: SitePrivacyPolicy,
+    ledger: PrivacyLedger,
+    bit_width: int,
+    run_id: int = 0,
+    random_bytes: RandomBytes = os.urandom,
+) -> DistributedStepOutcome:
+    """One distributed-DP round at this site; ``ledger`` is updated in place when it takes
+    part. A refusal says why in plain words."""
+    ledger.start_run(run_id)
+    n = len(data)
+    if n == 0:
+        return DistributedStepOutcome(None, refusal="a site with no records cannot take part")
+    try:
+        privacy = effective_privacy(policy, request, num_records=n)
+    except PolicyRefusal as refusal:
+        return DistributedStepOutcome(None, refusal=str(refusal))
+    if not privacy.private:
+        return DistributedStepOutcome(None, refusal="distributed DP needs a finite epsilon")
+    if request.server_round in ledger.rounds:
+        return DistributedStepOutcome(None, refusal=f"round {request.server_round} already trained")
+    keys = list(global_state)
+    model = CrossAttentionMatcher(request.model_config())
+    model.load_state_dict(global_state)
+    trainable = _trainable_mask(model, keys)
+    dimension = int(trainable.sum())
+    if plan.dimension != dimension:
+        return DistributedStepOutcome(
+            None, refusal=f"plan dimension {plan.dimension} differs from the model's {dimension}"
+        )
+    honest = honest_sites_assumed(policy, plan)
+    if plan.noise_multiplier(honest) < privacy.noise_multiplier_floor:
+        return DistributedStepOutcome(
+            None,
+            refusal=(
+                f"noise multiplier {plan.noise_multiplier(honest):.3f} with {honest} honest "
+                f"shares is below this site's floor {privacy.noise_multiplier_floor:g}"
+            ),
+        )
+    delta = ledger.delta or privacy.delta
+    refusal, projected = check_budget(
+        plan=plan,
+        ledger=ledger,
+        max_epsilon=privacy.epsilon,
+        delta=delta,
+        honest_sites=honest,
+        first_round_of_run=not ledger.rounds,
+    )
+    if refusal is not None:
+        return DistributedStepOutcome(None, refusal=refusal)
+
+    tokenizer = HashingTokenizer(
+        max_len=model.config.max_len, num_buckets=model.config.vocab_buckets
+    )
+    indices = poisson_sample(n, plan.sample_rate, random_bytes)
+    summed = integer_gradient_sum(
+        model,
+        data,
+        indices=indices,
+        keys=keys,
+        plan=plan,
+        clip_norm=min(privacy.max_grad_norm, plan.clip_norm),
+        num_distractors=request.num_distractors,
+        tokenizer=tokenizer,
+    )
+    # Noise on the trainable coordinates only: buffers (fixed filters) get no gradient, and
+    # their entries stay exactly 0, so the coordinator leaves them unchanged.
+    summed[trainable] += skellam_share(plan.share_variance, dimension, random_bytes)
+    integers = np.mod(summed, 1 << bit_width).astype(np.uint64)
+
+    entry = plan.round_entry(honest, 1)
+    ledger.delta = delta
+    ledger.add_distributed_round(
+        (entry.variance, entry.l1_sensitivity, entry.l2_sensitivity, entry.sample_rate, 1),
+        honest_sites=honest,
+    )
+    ledger.rounds.append(request.server_round)
+    return DistributedStepOutcome(
+        integers=integers,
+        num_records=n,
+        epsilon=projected,
+        honest_sites=honest,
+    )

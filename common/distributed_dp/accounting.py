@@ -1,0 +1,176 @@
+"""RDP accounting of the Poisson-subsampled Skellam mechanism, composed over rounds.
+
+Mechanism: one round releases sum_{x in batch} round(clip(g(x)) / gamma) + Sk(mu), where the
+batch is a Poisson sample (rate q) of the union of the sites' records and Sk(mu) is the
+symmetric Skellam noise of variance mu per coordinate (Poisson(mu/2) - Poisson(mu/2)).
+
+- Skellam RDP (Agarwal, Kairouz, Liu, NeurIPS 2021, Theorem 3.5 / Corollary 3.6): for an
+  integer query with L1 and L2 sensitivities D1, D2 and integer order alpha > 1,
+
+      eps(alpha) <= alpha D2^2 / (2 mu) + min( ((2 alpha - 1) D2^2 + 6 D1) / (4 mu^2),
+                                                3 D1 / (2 mu) ).
+
+  The first term is the Gaussian mechanism's with variance mu; the rest is the discrete
+  surcharge, negligible when mu >> D2 (our integer scale makes D2 in the thousands).
+- Poisson subsampling: the general upper bound of Zhu and Wang, "Poisson Subsampled Renyi
+  Differential Privacy", ICML 2019, Theorem 6 (valid for any mechanism, both directions of
+  the add/remove relation, integer alpha), taking the minimum with the unsampled RDP. This is
+  exactly what google-research/federated's ``distributed_dp/accounting_utils.py`` does for
+  DDGauss and Skellam (``_compute_rdp_subsampled(upper_bound=True)``, orders 2..128 and 256).
+- Composition over T rounds adds RDP; conversion to (epsilon, delta) uses the bound of
+  Canonne, Kamath, Steinke (NeurIPS 2020, Prop. 12; Asoodeh et al. 2020), as Opacus and
+  dp-accounting do: eps = rdp - (log delta + log alpha) / (alpha - 1) + log((alpha - 1) / alpha).
+
+The unit is one record (add/remove one record anywhere in the federation).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import special
+
+#: Integer Renyi orders (as google-research/federated distributed_dp).
+RDP_ORDERS: tuple[int, ...] = (*range(2, 129), 256)
+
+
+@dataclass(frozen=True)
+class SkellamRound:
+    """One kind of round in a ledger: ``steps`` rounds of the same subsampled mechanism."""
+
+    variance: float  # mu: Skellam variance per coordinate guaranteed in the sum (integer units)
+    l1_sensitivity: float
+    l2_sensitivity: float
+    sample_rate: float
+    steps: int
+
+
+def skellam_rdp(order: int, *, variance: float, l1: float, l2: float) -> float:
+    """RDP of the multi-dimensional Skellam mechanism (Agarwal et al. 2021, Thm 3.5)."""
+    if order < 2 or int(order) != order:
+        raise ValueError("order must be an integer >= 2")
+    if not variance > 0:
+        raise ValueError("variance must be > 0")
+    a, mu = float(order), float(variance)
+    surcharge = min(((2 * a - 1) * l2**2 + 6 * l1) / (4 * mu**2), 3 * l1 / (2 * mu))
+    return a * l2**2 / (2 * mu) + surcharge
+
+
+def poisson_subsampled_rdp(order: int, *, sample_rate: float, rdp: Callable[[int], float]) -> float:
+    """Zhu and Wang (ICML 2019) Theorem 6: RDP of M after Poisson sampling at rate q.
+
+    1/(alpha-1) log[ (1-q)^(alpha-1) (alpha q - q + 1) + C(alpha,2) q^2 (1-q)^(alpha-2)
+    e^{eps(2)} + 3 sum_{l=3}^{alpha} C(alpha,l) (1-q)^(alpha-l) q^l e^{(l-1) eps(l)} ],
+    and never more than the unsampled ``rdp(order)``.
+    """
+    q, alpha = float(sample_rate), int(order)
+    if not 0 < q <= 1:
+        raise ValueError("sample rate must be in (0, 1]")
+    if q == 1:
+        return rdp(alpha)
+    ells = np.arange(2, alpha + 1)
+    eps = np.array([rdp(int(ell)) for ell in ells])
+    log_terms = (
+        _log_comb_array(alpha, ells)
+        + (alpha - ells) * math.log1p(-q)
+        + ells * math.log(q)
+        + (ells - 1) * eps
+    )
+    log_terms[1:] += math.log(3.0)  # l >= 3: Zhu and Wang's factor 3
+    first = (alpha - 1) * math.log1p(-q) + math.log(alpha * q - q + 1)
+    terms = np.concatenate([[first], log_terms])
+    top = float(terms.max())
+    bound = (top + math.log(float(np.exp(terms - top).sum()))) / (alpha - 1)
+    return min(bound, rdp(alpha))
+
+
+def rounds_rdp(rounds: Sequence[SkellamRound], orders: Sequence[int] = RDP_ORDERS) -> np.ndarray:
+    """RDP at each order of the composition of all ``rounds``."""
+    total = np.zeros(len(orders))
+    for entry in rounds:
+        if entry.steps <= 0:
+            continue
+        one_step = _step_rdp(
+            entry.variance,
+            entry.l1_sensitivity,
+            entry.l2_sensitivity,
+            entry.sample_rate,
+            tuple(orders),
+        )
+        total += entry.steps * np.asarray(one_step)
+    return total
+
+
+@functools.lru_cache(maxsize=64)
+def _step_rdp(
+    variance: float, l1: float, l2: float, sample_rate: float, orders: tuple[int, ...]
+) -> tuple[float, ...]:
+    """One round's RDP at each order (cached: a run repeats the same mechanism every round)."""
+    table = {
+        ell: skellam_rdp(ell, variance=variance, l1=l1, l2=l2) for ell in range(2, max(orders) + 1)
+    }
+    return tuple(
+        poisson_subsampled_rdp(a, sample_rate=sample_rate, rdp=table.__getitem__) for a in orders
+    )
+
+
+def epsilon_from_rdp(rdp: Sequence[float], orders: Sequence[float], delta: float) -> float:
+    """(epsilon, delta)-DP from RDP (Canonne, Kamath, Steinke 2020, Prop. 12)."""
+    if not 0 < delta < 1:
+        raise ValueError("delta must be in (0, 1)")
+    best = math.inf
+    for value, order in zip(rdp, orders, strict=True):
+        a = float(order)
+        if a <= 1 or not math.isfinite(value):
+            continue
+        eps = value - (math.log(delta) + math.log(a)) / (a - 1) + math.log((a - 1) / a)
+        best = min(best, max(eps, 0.0))
+    return best
+
+
+def skellam_epsilon(rounds: Sequence[SkellamRound], delta: float) -> float:
+    """Epsilon of ``rounds`` at ``delta`` (0 for no rounds)."""
+    if not any(entry.steps > 0 for entry in rounds):
+        return 0.0
+    return epsilon_from_rdp(rounds_rdp(rounds), RDP_ORDERS, delta)
+
+
+def calibrate_variance(
+    *,
+    epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    l1: float,
+    l2: float,
+    relative_tolerance: float = 1e-4,
+) -> float:
+    """The smallest Skellam variance (to ``relative_tolerance``) whose ``steps`` rounds stay
+    within ``epsilon``; bisection on the noise multiplier sqrt(variance) / l2."""
+
+    def eps_at(multiplier: float) -> float:
+        round_ = SkellamRound((multiplier * l2) ** 2, l1, l2, sample_rate, steps)
+        return skellam_epsilon([round_], delta)
+
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError("epsilon must be finite and > 0")
+    low, high = 0.05, 1.0
+    while eps_at(high) > epsilon:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ValueError(f"epsilon {epsilon:g} is out of reach")
+    while (high - low) / high > relative_tolerance:
+        middle = (low + high) / 2
+        if eps_at(middle) > epsilon:
+            low = middle
+        else:
+            high = middle
+    return (high * l2) ** 2
+
+
+def _log_comb_array(n: int, k: np.ndarray) -> np.ndarray:
+    return special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1)

@@ -1,0 +1,103 @@
+"""The coordinator's side of distributed DP: plan the noise, apply the revealed noisy step.
+
+Kairouz, Liu, Steinke (ICML 2021) and Agarwal, Kairouz, Liu (NeurIPS 2021): the coordinator
+fixes the public parameters (``common.distributed_dp.plan``), SecAgg+ reveals only the sum
+over sites of (integer gradient sum + Skellam share), and the coordinator rescales it into a
+gradient estimate. Everything here is post-processing of that sum: the SGD step on the noisy
+gradient, normalised by the expected batch q N (N: the total record count, revealed inside
+the masked vector), spends no privacy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from common.distributed_dp.plan import DistributedDPPlan, plan_distributed_dp, wrap_margin
+from common.federation_config import FederationConfig
+from server.secure_aggregation import SecAggSettings
+
+
+def honest_sites_of(config: FederationConfig, num_sites: int) -> int:
+    """h: the run's ``dp-min-honest-sites``, 0 meaning every site."""
+    return min(config.dp_min_honest_sites or num_sites, num_sites)
+
+
+def plan_run(config: FederationConfig, *, dimension: int, num_sites: int) -> DistributedDPPlan:
+    """Noise for ``num-server-rounds`` steps at rate q, epsilon and delta of the run."""
+    return plan_distributed_dp(
+        epsilon=config.epsilon,
+        delta=config.delta,
+        sample_rate=config.dp_sampling_rate,
+        num_rounds=config.num_server_rounds,
+        clip_norm=config.max_grad_norm,
+        dimension=dimension,
+        min_honest_sites=honest_sites_of(config, num_sites),
+    )
+
+
+def secagg_settings(settings: SecAggSettings, plan: DistributedDPPlan) -> SecAggSettings:
+    """SecAgg+ with integer inputs; discard a round with fewer than h survivors unmasked."""
+    return dataclasses.replace(settings, integer_update=True, min_survivors=plan.min_honest_sites)
+
+
+def noisy_gradient_step(
+    weights: Mapping[str, torch.Tensor],
+    summed: Mapping[str, np.ndarray],
+    *,
+    total_records: float,
+    plan: DistributedDPPlan,
+    learning_rate: float,
+    momentum: float = 0.0,
+    velocity: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """One SGD step on the revealed noisy gradient g = gamma * S / (q N), with heavy-ball
+    momentum as ``torch.optim.SGD`` (v <- momentum v + g; w <- w - lr v). ``velocity`` is
+    updated in place (post-processing of earlier sums only)."""
+    if not total_records > 0:
+        raise ValueError("no records in the sum")
+    factor = plan.scale / (plan.sample_rate * total_records)
+    velocity = {} if velocity is None else velocity
+    out = {}
+    for key, weight in weights.items():
+        gradient = factor * torch.from_numpy(np.asarray(summed[key])).to(weight.dtype)
+        if momentum and key in velocity:
+            gradient = momentum * velocity[key] + gradient
+        velocity[key] = gradient
+        out[key] = weight - learning_rate * gradient
+    return out
+
+
+def wrap_problem(
+    plan: DistributedDPPlan, *, total_records: float, num_summed: int, bit_width: int
+) -> str | None:
+    """A reason to discard the step when the sum could have wrapped modulo 2^b."""
+    margin = wrap_margin(
+        plan, total_records=int(total_records), num_summed=num_summed, bit_width=bit_width
+    )
+    if margin > 0:
+        return None
+    return (
+        f"the integer sum of {int(total_records)} records may wrap modulo 2^{bit_width}: "
+        "raise secagg-bit-width or lower the integer clip"
+    )
+
+
+def privacy_statement(plan: DistributedDPPlan, *, num_sites: int) -> str:
+    """The run's guarantee in plain words (report and summary)."""
+    h = plan.min_honest_sites
+    return (
+        f"distributed DP under SecAgg+: record-level (epsilon = {plan.run_epsilon(h):.3f}, "
+        f"delta = {plan.delta:g})-DP for any one record anywhere in the federation, for the "
+        f"whole run of {plan.num_rounds} rounds (one DP-SGD step per round, Poisson sampling "
+        f"at q = {plan.sample_rate:g}, clip {plan.clip_norm:g}, Skellam noise multiplier "
+        f"{plan.noise_multiplier(h):.3f}); accountant: RDP of the Poisson-subsampled Skellam "
+        "mechanism (Agarwal et al. 2021; Zhu and Wang 2019, Theorem 6). Trust: holds while "
+        f"at least {h} of the {num_sites} sites whose noise is in each sum are honest (follow "
+        "the protocol and do not collude with the coordinator) and SecAgg+ reveals only the "
+        "sum; each site checks this against its own policy and ledger, and a round with fewer "
+        f"than {h} survivors is discarded before unmasking."
+    )

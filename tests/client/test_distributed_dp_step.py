@@ -1,0 +1,165 @@
+"""A site's distributed-DP step: its own trust assumption and budget decide, and the vector it
+hands to SecAgg+ is the integer gradient sum plus its noise share, in Z_(2^b)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from client.distributed_dp_guard import TooFewSurvivors, require_enough_survivors
+from client.distributed_dp_step import run_distributed_dp_step
+from client.privacy_ledger import PrivacyLedger
+from client.privacy_policy import PolicyError, SitePrivacyPolicy
+from common.data.dataset import ImageTextDataset
+from common.distributed_dp.plan import plan_distributed_dp
+from common.federation_config import FederationConfig
+from common.model import CrossAttentionMatcher
+from common.train_request import TrainRequest, model_config_of
+
+CONFIG = FederationConfig.from_run_config(
+    {"model-width": 8, "model-heads": 2, "num-server-rounds": 20, "dp-mode": "distributed"}
+)
+
+
+def _data(n: int = 40) -> ImageTextDataset:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (n, 28, 56), dtype=np.uint8)
+    captions = ["a dark shirt on the left and a sandal on the right"] * n
+    return ImageTextDataset(images=images, captions=captions, labels=np.zeros(n, dtype=np.int64))
+
+
+def _state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return CrossAttentionMatcher(model_config_of(CONFIG)).state_dict()
+
+
+def _plan(state: dict[str, torch.Tensor], honest: int = 4):
+    return plan_distributed_dp(
+        epsilon=3.0,
+        delta=1e-5,
+        sample_rate=0.5,
+        num_rounds=CONFIG.num_server_rounds,
+        clip_norm=1.0,
+        dimension=sum(
+            p.numel() for p in CrossAttentionMatcher(model_config_of(CONFIG)).parameters()
+        ),
+        min_honest_sites=honest,
+    )
+
+
+def _step(policy: SitePrivacyPolicy, ledger: PrivacyLedger, server_round: int = 1, plan=None):
+    state = _state()
+    return run_distributed_dp_step(
+        global_state=state,
+        request=TrainRequest.for_round(CONFIG, server_round),
+        plan=plan or _plan(state),
+        data=_data(),
+        policy=policy,
+        ledger=ledger,
+        bit_width=32,
+    )
+
+
+def test_step_returns_a_ring_vector_and_records_the_round() -> None:
+    ledger = PrivacyLedger()
+    outcome = _step(SitePrivacyPolicy(), ledger)
+    assert outcome.refusal is None and outcome.integers is not None
+    assert outcome.integers.dtype == np.uint64 and np.all(outcome.integers < 2**32)
+    assert outcome.honest_sites == 4 and outcome.num_records == 40
+    assert sum(entry[4] for entry in ledger.distributed_history) == 1
+    assert outcome.epsilon == pytest.approx(ledger.epsilon(1e-5))
+    # The noise share dominates a 40-record step: entries are centred near 0, spread sqrt(var).
+    centred = np.where(
+        outcome.integers >= 2**31,
+        outcome.integers.astype(np.int64) - 2**32,
+        outcome.integers.astype(np.int64),
+    )
+    plan = _plan(_state())
+    assert abs(centred.std() / math.sqrt(plan.share_variance) - 1) < 0.1
+
+
+def test_site_accounts_with_its_own_trust_assumption_and_refuses_over_budget() -> None:
+    # The run sized shares for 4 honest sites; a site assuming only 2 sees twice the epsilon
+    # rate, so the planned run exceeds its budget of 3 at the first round.
+    outcome = _step(SitePrivacyPolicy(min_honest_sites=2), PrivacyLedger())
+    assert outcome.integers is None
+    assert "assuming 2 honest surviving sites" in (outcome.refusal or "")
+    assert "record-level" in (outcome.refusal or "")
+    # A site that assumes more honest sites than the run does accounts for more noise.
+    assert _step(SitePrivacyPolicy(min_honest_sites=8), PrivacyLedger()).refusal is None
+
+
+def test_lifetime_budget_counts_earlier_rounds() -> None:
+    ledger = PrivacyLedger(history=[(1.0, 0.5, 30)])  # an earlier site-local run
+    outcome = _step(SitePrivacyPolicy(max_epsilon=3.0), ledger)
+    assert outcome.integers is None and "privacy budget" in (outcome.refusal or "")
+
+
+def test_policy_key_and_unmask_guard() -> None:
+    assert SitePrivacyPolicy.from_mapping({"min-honest-sites": 5}, source="t").min_honest_sites == 5
+    with pytest.raises(PolicyError):
+        SitePrivacyPolicy.from_mapping({"min-honest-sites": 2.5}, source="t")
+    require_enough_survivors({"survivor_ids": [1, 2, 3], "num_survivors": 3}, min_survivors=3)
+    # The list names only this site's neighbours; the count is the round's.
+    require_enough_survivors({"survivor_ids": [1, 2], "num_survivors": 3}, min_survivors=3)
+    with pytest.raises(TooFewSurvivors):
+        require_enough_survivors({"survivor_ids": [1, 2], "num_survivors": 2}, min_survivors=3)
+
+
+def test_integer_sum_is_the_clipped_gradient_sum_up_to_rounding() -> None:
+    """With q = 1 and no noise, gamma * S equals the sum of per-record clipped gradients
+    (computed one record at a time with plain autograd) within the rounding, gamma sqrt(d)."""
+    from client.distributed_dp_step import integer_gradient_sum
+    from client.training import MatchingDataset
+    from common.loss import matching_loss
+    from common.tokenizer import HashingTokenizer
+
+    state = _state()
+    plan = _plan(state)
+    data = _data(6)
+    model = CrossAttentionMatcher(model_config_of(CONFIG))
+    model.load_state_dict(state)
+    tokenizer = HashingTokenizer(
+        max_len=model.config.max_len, num_buckets=model.config.vocab_buckets
+    )
+    keys = list(state)
+    # The same distractors on both sides: one distractor draw per record, fixed seed.
+    dataset = MatchingDataset(data, tokenizer=tokenizer, num_distractors=4, seed=5)
+    items = [dataset[i] for i in range(len(data))]
+    clip = 0.05  # small enough that every record is clipped
+    expected = torch.zeros(sum(v.numel() for v in state.values()), dtype=torch.float64)
+    for image, tokens in items:
+        model.zero_grad()
+        matching_loss(model(image[None], tokens[None])).sum().backward()
+        params = dict(model.named_parameters())
+        flat = torch.cat(
+            [
+                params[k].grad.reshape(-1) if k in params else torch.zeros(state[k].numel())
+                for k in keys
+            ]
+        ).double()
+        expected += flat * min(1.0, clip / float(flat.norm()))
+
+    import client.distributed_dp_step as step
+
+    original = step.MatchingDataset
+    step.MatchingDataset = lambda data, **kw: items  # the same distractor draws
+    try:
+        summed = integer_gradient_sum(
+            model,
+            data,
+            indices=np.arange(len(data)),
+            keys=keys,
+            plan=plan,
+            clip_norm=clip,
+            num_distractors=4,
+            tokenizer=tokenizer,
+        )
+    finally:
+        step.MatchingDataset = original
+    got = torch.from_numpy(summed).double() * plan.scale
+    assert float((got - expected).norm()) <= plan.scale * math.sqrt(len(expected))
+    assert float((got - expected).norm()) < 0.05 * float(expected.norm())

@@ -1,0 +1,62 @@
+"""Randomized rounding of a site's sum: unbiased, and one record moves it by at most
+D2 = c + sqrt(d) under the coupling the accounting relies on (same coins for both sums)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from common.distributed_dp.plan import DistributedDPPlan, skellam_tail_bound, wrap_margin
+from common.distributed_dp.rounding import randomized_round, rounded_l1_bound, rounded_l2_bound
+
+
+def _generator(seed: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def test_rounding_is_unbiased() -> None:
+    values = torch.tensor([0.25, -1.75, 3.5, 1e4 + 0.1])
+    draws = torch.stack([randomized_round(values, generator=_generator(s)) for s in range(4000)])
+    error = draws.to(torch.float64).mean(dim=0) - values.to(torch.float64)
+    assert torch.all(error.abs() < 4 * 0.5 / math.sqrt(4000))
+
+
+def test_one_record_moves_the_rounded_sum_by_at_most_the_sensitivity() -> None:
+    rng = np.random.default_rng(3)
+    d, c = 400, 64 * math.sqrt(400)
+    l2 = rounded_l2_bound(integer_clip=c, dimension=d)
+    l1 = rounded_l1_bound(l2_bound=l2, dimension=d)
+    worst_l2 = worst_l1 = 0.0
+    for seed in range(300):
+        others = torch.from_numpy(rng.normal(0, 3 * c, d))
+        record = torch.from_numpy(rng.normal(0, 1, d))
+        record *= c / record.norm()  # a record at the clip
+        with_record = randomized_round(others + record, generator=_generator(seed))
+        without = randomized_round(others, generator=_generator(seed))
+        shift = (with_record - without).to(torch.float64)
+        worst_l2 = max(worst_l2, float(shift.norm()))
+        worst_l1 = max(worst_l1, float(shift.abs().sum()))
+    assert worst_l2 <= l2 and worst_l1 <= l1
+    assert worst_l2 > c  # the bound is not vacuous: rounding does add to the record's norm
+
+
+def test_wrap_margin_and_noise_tail() -> None:
+    tail = skellam_tail_bound(variance=1e6, coordinates=50_000, failure=2.0**-40)
+    assert 7_000 < tail < 10_000  # about 8.5 standard deviations
+    plan = DistributedDPPlan(
+        sample_rate=0.05,
+        num_rounds=10,
+        clip_norm=1.0,
+        integer_clip=64 * math.sqrt(50_000),
+        dimension=50_000,
+        share_variance=1e6,
+        min_honest_sites=10,
+        epsilon=3.0,
+        delta=1e-5,
+    )
+    assert wrap_margin(plan, total_records=54_000, num_summed=10, bit_width=32) > 0
+    assert wrap_margin(plan, total_records=540_000, num_summed=10, bit_width=32) < 0

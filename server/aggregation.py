@@ -27,8 +27,11 @@ class SitesNotConnectedError(RuntimeError):
     """Fewer sites connected than a run needs, within the time allowed."""
 
 
-def wait_for_sites(grid: Grid, minimum: int, *, timeout: float = 120.0) -> list[int]:
-    """Node ids once at least ``minimum`` sites are connected (they register lazily)."""
+def wait_for_sites(
+    grid: Grid, minimum: int, *, timeout: float = 120.0, setting: str = "min-available-sites"
+) -> list[int]:
+    """Node ids once at least ``minimum`` sites are connected (they register lazily);
+    ``setting`` names what asked for ``minimum`` in the error."""
     deadline = time.monotonic() + timeout
     while True:
         node_ids = sorted(grid.get_node_ids())
@@ -37,7 +40,7 @@ def wait_for_sites(grid: Grid, minimum: int, *, timeout: float = 120.0) -> list[
         if time.monotonic() > deadline:
             raise SitesNotConnectedError(
                 f"only {len(node_ids)} site(s) connected after {timeout:.0f} s; "
-                f"min-train-sites is {minimum}"
+                f"{setting} asks for {minimum}: start more sites or lower it"
             )
         time.sleep(0.5)
 

@@ -77,7 +77,11 @@ def run_federation(
     tokenizer = HashingTokenizer(
         max_len=model.config.max_len, num_buckets=model.config.vocab_buckets
     )
-    node_ids = wait_for_sites(grid, max(config.min_available_sites, config.min_train_sites))
+    node_ids = wait_for_sites(
+        grid,
+        max(config.min_available_sites, config.min_train_sites),
+        setting="min-available-sites / min-train-sites",
+    )
     plan = None
     velocity: dict[str, torch.Tensor] = {}  # distributed: server momentum (not checkpointed)
     if config.dp_mode == "distributed":  # every site takes part in every round

@@ -186,7 +186,7 @@ def main(grid: Grid, context: Context) -> None:
 
     plan = json.loads(os.environ[PLAN_ENV])
     num_sites = plan["sites"]
-    nodes = wait_for_sites(grid, num_sites, timeout=120.0)[:num_sites]
+    nodes = wait_for_sites(grid, num_sites, timeout=120.0, setting="--sites")[:num_sites]
     counting = CountingGrid(grid)
     fast_polling = FastPollingGrid(counting)
     kinds = {
@@ -317,7 +317,7 @@ def legacy_main(grid: Grid, context: Context) -> None:
 
     plan = json.loads(os.environ[PLAN_ENV])
     num_sites = plan["sites"]
-    wait_for_sites(grid, num_sites, timeout=120.0)
+    wait_for_sites(grid, num_sites, timeout=120.0, setting="--sites")
     graph = default_graph_parameters(num_sites)
     _TimedFedAvg = _timed_fedavg_class()
     counting = CountingGrid(grid)

@@ -11,10 +11,15 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common.flower_commands import flower_environment
+
+FEDMM = str(Path(sys.executable).parent / "fedmm")
 
 
 def free_port() -> int:
@@ -187,3 +192,54 @@ def wait_until(predicate: Callable[[], object], *, timeout: float, interval: flo
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def run_command(env: dict[str, str], *argv: object, timeout: float = 300.0) -> str:
+    """Run ``argv`` to completion; its stdout, or ``RuntimeError`` with the exit code and
+    both outputs."""
+    done = subprocess.run(
+        [*map(str, argv)], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv}: exit {done.returncode}\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def loopback_environment(directory: Path) -> dict[str, str]:
+    """The environment of a loopback deployment: its own ``FLWR_HOME`` in ``directory``,
+    runtime dependency installation and telemetry off."""
+    return flower_environment(
+        {
+            "FLWR_HOME": str(directory / "flwr-home"),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+        }
+    )
+
+
+@dataclass
+class LoopbackSuperLink:
+    """A SuperLink with TLS and SuperNode authentication on ``127.0.0.1:port``."""
+
+    ca: Path
+    address: str
+    port: int
+    daemon: Daemon
+
+
+def start_loopback_superlink(directory: Path, group: DaemonGroup) -> LoopbackSuperLink:
+    """Through the ``fedmm coordinator`` commands: a CA in ``directory/ca``, the SuperLink's
+    certificate, the SuperLink (in ``group``, serving TLS), and the connection
+    ``coordinator`` to it in ``group.env``'s ``FLWR_HOME``."""
+    env, ca, port = group.env, directory / "ca", free_port()
+    address = f"127.0.0.1:{port}"
+    run_command(env, FEDMM, "coordinator", "init-ca", ca)
+    run_command(env, FEDMM, "coordinator", "issue-cert", ca, "--san", "127.0.0.1")
+    daemon = group.start(
+        "superlink", [FEDMM, "coordinator", "start-superlink", str(ca), "--address", address]
+    )
+    wait_for_tls(port, ca / "ca.crt", timeout=60, daemon=daemon)
+    group.remember_children()
+    run_command(env, FEDMM, "coordinator", "add-connection", "coordinator", "--address", address,
+                "--ca-cert", ca / "ca.crt")  # fmt: skip
+    return LoopbackSuperLink(ca, address, port, daemon)

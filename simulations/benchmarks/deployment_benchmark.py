@@ -34,11 +34,18 @@ from typing import Any
 
 import numpy as np
 
-from common.flower_commands import flower_environment
-from simulations.loopback_daemons import DaemonGroup, free_port, wait_for_tls, wait_until
+from simulations.loopback_daemons import (
+    FEDMM,
+    DaemonGroup,
+    free_port,
+    loopback_environment,
+    run_command,
+    start_loopback_superlink,
+    wait_until,
+)
 
 BIN = Path(sys.executable).parent
-FEDMM, FLWR = str(BIN / "fedmm"), str(BIN / "flwr")
+FLWR = str(BIN / "flwr")
 NON_TRAINING_TARGET_S = 2.0
 SITE_CONFIG = """[site]
 name = "{name}"
@@ -62,13 +69,6 @@ auth-private-key = "keys/site-auth-key"
 min-threshold = 2
 min-sites = 2
 """
-
-
-def _run(env: dict[str, str], *argv: object) -> str:
-    done = subprocess.run([*map(str, argv)], env=env, capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
-        raise RuntimeError(f"{argv[:3]}: exit {done.returncode}\n{done.stdout}\n{done.stderr}")
-    return done.stdout
 
 
 def write_site(root: Path, *, name: str, offset: int, count: int) -> Path:
@@ -138,39 +138,16 @@ def clientapp_imports() -> dict[str, Any]:
 def run_benchmark(
     directory: Path, *, sites: int, rounds: int, records: int, settings: list[str]
 ) -> dict[str, Any]:
-    env = flower_environment(
-        {
-            "FLWR_HOME": str(directory / "flwr-home"),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-        }
-    )
-    ca, port = directory / "ca", free_port()
-    address = f"127.0.0.1:{port}"
-    _run(env, FEDMM, "coordinator", "init-ca", ca)
-    _run(env, FEDMM, "coordinator", "issue-cert", ca, "--san", "127.0.0.1")
+    env = loopback_environment(directory)
     group = DaemonGroup(directory, env)
     try:
-        superlink = group.start(
-            "superlink", [FEDMM, "coordinator", "start-superlink", str(ca), "--address", address]
-        )
-        wait_for_tls(port, ca / "ca.crt", timeout=60, daemon=superlink)
-        _run(
-            env,
-            FEDMM,
-            "coordinator",
-            "add-connection",
-            "coordinator",
-            "--address",
-            address,
-            "--ca-cert",
-            ca / "ca.crt",
-        )
+        superlink = start_loopback_superlink(directory, group)
+        ca, address = superlink.ca, superlink.address
         for index in range(sites):
             name = f"site-{index}"
             config = write_site(directory / name, name=name, offset=index * records, count=records)
-            _run(env, FEDMM, "site", "keygen", directory / name / "keys")
-            _run(
+            run_command(env, FEDMM, "site", "keygen", directory / name / "keys")
+            run_command(
                 env,
                 FEDMM,
                 "coordinator",

@@ -24,8 +24,12 @@ import numpy as np
 import pytest
 
 from client.privacy_ledger import PrivacyLedger
-from common.flower_commands import flower_environment
 from server.certificate_authority import init_ca
+from simulations.loopback_daemons import (
+    loopback_environment,
+    run_command,
+    start_loopback_superlink,
+)
 from tests.client.site_fixtures import GOOD, make_site
 from tests.simulations.loopback_processes import (
     Daemon,
@@ -45,11 +49,7 @@ PROJECT = Path(__file__).resolve().parents[2]
 
 
 def _run(env: dict[str, str], *argv: object, timeout: float = 120) -> str:
-    done = subprocess.run(
-        [*map(str, argv)], env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert done.returncode == 0, f"{argv}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
-    return done.stdout
+    return run_command(env, *argv, timeout=timeout)
 
 
 @dataclass
@@ -111,34 +111,20 @@ class Coordinator:
 
 @pytest.fixture()
 def coordinator(tmp_path: Path):  # type: ignore[no-untyped-def]
-    env = flower_environment(
-        {
-            "FLWR_HOME": str(tmp_path / "flwr-home"),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-        }
-    )
-    ca, port = tmp_path / "ca", free_port()
-    address = f"127.0.0.1:{port}"
-    _run(env, FEDMM, "coordinator", "init-ca", ca)
-    _run(env, FEDMM, "coordinator", "issue-cert", ca, "--san", "127.0.0.1")
+    env = loopback_environment(tmp_path)
     group = DaemonGroup(tmp_path, env)
     state = None
+    port = None
     try:
-        superlink = group.start(
-            "superlink", [FEDMM, "coordinator", "start-superlink", str(ca), "--address", address]
-        )
-        wait_for_tls(port, ca / "ca.crt", timeout=60, daemon=superlink)
-        group.remember_children()
-        _run(env, FEDMM, "coordinator", "add-connection", "coordinator", "--address", address,
-             "--ca-cert", ca / "ca.crt")  # fmt: skip
+        link = start_loopback_superlink(tmp_path, group)
+        ca, address, port, superlink = link.ca, link.address, link.port, link.daemon
         state = Coordinator(env, ca, address, port, superlink, group, [])
         yield state
     finally:
         left = group.stop_all()
         assert left == [], f"processes still alive: {left}"
         assert all(not is_alive(d.pid) for d in group.daemons)
-        for used in (port, *(state.site_ports if state else [])):
+        for used in ([port] if port else []) + (state.site_ports if state else []):
             assert port_is_free(used), f"port {used} still in use"
 
 

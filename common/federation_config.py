@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from common.model_config import IMAGE_ENCODERS
+
 PARTITION_SCHEMES = ("iid", "dirichlet")
 OPTIMIZERS = ("sgd", "adam")
 DP_MODES = ("local", "distributed")
@@ -47,6 +49,7 @@ class FederationConfig:
     model_heads: int = 2
     model_image_layers: int = 1
     model_text_layers: int = 1
+    model_image_encoder: str = "patches"  # "patches" or "conv" (common.model)
     secure_aggregation: bool = True
     secagg_bit_width: int = 32
     secagg_update_clip: float = 1.0
@@ -80,6 +83,11 @@ class FederationConfig:
             (self.site_records_limit >= 0, "site-records-limit", "an integer >= 0 (0: all)"),
             (1 <= self.eval_single_items <= 10000, "eval-single-items", "in [1, 10000]"),
             (1 <= self.eval_scenes <= 5000, "eval-scenes", "in [1, 5000]"),
+            (
+                self.model_image_encoder in IMAGE_ENCODERS,
+                "model-image-encoder",
+                f"one of {IMAGE_ENCODERS}",
+            ),
             (8 <= self.secagg_bit_width <= 53, "secagg-bit-width", "an integer in [8, 53]"),
             (
                 math.isfinite(self.secagg_update_clip) and self.secagg_update_clip > 0,

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+
+IMAGE_ENCODERS = ("patches", "conv")
+CONV_STRIDE = 8  # the conv encoder halves the canvas three times
 
 
 @dataclass(frozen=True)
@@ -19,10 +23,25 @@ class ModelConfig:
     mlp_ratio: int = 2
     vocab_buckets: int = 768
     max_len: int = 12
+    image_encoder: str = "patches"  # "patches" (linear patch embedding) or "conv"
+
+    def __post_init__(self) -> None:
+        if self.image_encoder not in IMAGE_ENCODERS:
+            raise ValueError(
+                f"image_encoder must be one of {IMAGE_ENCODERS}, got {self.image_encoder!r}"
+            )
 
     @property
     def num_patches(self) -> int:
         return (self.image_height // self.patch_size) * (self.image_width // self.patch_size)
 
-    def to_dict(self) -> dict[str, int]:
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens the text attends to: one per patch, or one per conv output cell."""
+        if self.image_encoder == "conv":
+            rows = math.ceil(self.image_height / CONV_STRIDE)
+            return rows * math.ceil(self.image_width / CONV_STRIDE)
+        return self.num_patches
+
+    def to_dict(self) -> dict[str, int | str]:
         return asdict(self)

@@ -36,6 +36,7 @@ class TrainRequest:
     model_heads: int
     model_image_layers: int
     model_text_layers: int
+    model_image_encoder: str
 
     @classmethod
     def for_round(cls, config: FederationConfig, server_round: int) -> TrainRequest:
@@ -63,4 +64,5 @@ def model_config_of(source: FederationConfig | TrainRequest) -> ModelConfig:
         heads=source.model_heads,
         image_layers=source.model_image_layers,
         text_layers=source.model_text_layers,
+        image_encoder=source.model_image_encoder,
     )

@@ -26,3 +26,5 @@ def test_unknown_or_bad_keys_are_named() -> None:
         FederationConfig.from_run_config({"fraction-train": 1.5})
     with pytest.raises(ConfigError, match="num-server-rounds"):
         FederationConfig.from_run_config({"num-server-rounds": "many"})
+    with pytest.raises(ConfigError, match=r"model-image-encoder.*'patches', 'conv'"):
+        FederationConfig.from_run_config({"model-image-encoder": "resnet"})

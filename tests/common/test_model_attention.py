@@ -8,6 +8,7 @@ weights.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -47,8 +48,22 @@ def test_text_attention_with_padding_matches_torch_multihead_attention() -> None
     torch.testing.assert_close(attn(x, padding), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_model_scores_an_empty_batch() -> None:
+@pytest.mark.parametrize("encoder", ["patches", "conv"])
+def test_model_scores_an_empty_batch(encoder: str) -> None:
     """Poisson sampling draws empty batches; DP training runs the model on them."""
-    model = CrossAttentionMatcher(ModelConfig(width=16, heads=2))
+    model = CrossAttentionMatcher(ModelConfig(width=16, heads=2, image_encoder=encoder))
     scores = model(torch.zeros(0, 28, 56, dtype=torch.uint8), torch.ones(0, 3, 12).long())
     assert scores.shape == (0, 3)
+
+
+@pytest.mark.parametrize(("encoder", "tokens"), [("patches", 32), ("conv", 28)])
+def test_image_encoders_give_one_key_per_image_token(encoder: str, tokens: int) -> None:
+    config = ModelConfig(width=16, heads=2, image_encoder=encoder)
+    assert config.num_image_tokens == tokens
+    states = CrossAttentionMatcher(config).encode_images(torch.zeros(3, 28, 56))
+    assert states.keys.shape == (3, tokens, 2, 8) == states.values.shape
+
+
+def test_unknown_image_encoder_is_rejected_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="image_encoder must be one of"):
+        ModelConfig(image_encoder="resnet")

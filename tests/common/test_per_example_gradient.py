@@ -5,12 +5,13 @@ on a small ``CrossAttentionMatcher`` and the training loss ``matching_loss``: ch
 other examples of the batch leaves an example's per-sample gradient unchanged, changing
 the example changes it, and Opacus' per-sample gradient equals the plain autograd gradient
 of the model run on that example alone (so no layer mixes the batch and Opacus computes
-per-sample gradients for every parameter).
+per-sample gradients for every parameter). Both image encoders (patches and conv) are checked.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from common.tokenizer import PAD_ID
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 CONFIG = ModelConfig(width=16, heads=2)
+ENCODERS = ("patches", "conv")
 BATCH, CANDIDATES = 4, 3
 RTOL, ATOL = 1e-4, 1e-6
 
@@ -58,11 +60,11 @@ def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([e[0] for e in examples]), torch.stack([e[1] for e in examples])
 
 
-@pytest.fixture(scope="module")
-def models() -> tuple[GradSampleModule, CrossAttentionMatcher]:
+@pytest.fixture(scope="module", params=ENCODERS)
+def models(request) -> tuple[GradSampleModule, CrossAttentionMatcher]:
     """Opacus' wrapper around one model, and an unwrapped copy with the same weights."""
     torch.manual_seed(0)
-    model = CrossAttentionMatcher(CONFIG)
+    model = CrossAttentionMatcher(replace(CONFIG, image_encoder=request.param))
     plain = copy.deepcopy(model)
     gsm_class = get_gsm_class("hooks")  # what make_private(grad_sample_mode="hooks") uses
     assert gsm_class is GradSampleModule
@@ -98,19 +100,27 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
         torch.testing.assert_close(a[name], b[name], rtol=RTOL, atol=ATOL, msg=name)
 
 
-def test_model_passes_opacus_validation_strictly() -> None:
-    model = CrossAttentionMatcher(CONFIG)
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_model_passes_opacus_validation_strictly(encoder: str) -> None:
+    model = CrossAttentionMatcher(replace(CONFIG, image_encoder=encoder))
     assert ModuleValidator.validate(model, strict=False) == []
     ModuleValidator.validate(model, strict=True)  # raises on any unsupported module
     # The validator is not vacuous: it flags BatchNorm, which mixes examples.
     assert ModuleValidator.validate(nn.Sequential(nn.BatchNorm1d(4)), strict=False)
 
 
-def test_every_trainable_layer_has_an_opacus_hook_sampler() -> None:
+@pytest.mark.parametrize(
+    ("encoder", "layer_types"),
+    [
+        ("patches", {nn.Linear, nn.LayerNorm, nn.Embedding}),
+        ("conv", {nn.Linear, nn.LayerNorm, nn.Embedding, nn.Conv2d, nn.GroupNorm}),
+    ],
+)
+def test_every_trainable_layer_has_an_opacus_hook_sampler(encoder: str, layer_types) -> None:
     """No functorch fallback: each module owning parameters is a type Opacus' hooks know."""
-    model = CrossAttentionMatcher(CONFIG)
+    model = CrossAttentionMatcher(replace(CONFIG, image_encoder=encoder))
     owners = {type(m) for m in model.modules() if any(True for _ in m.parameters(recurse=False))}
-    assert owners == {nn.Linear, nn.LayerNorm, nn.Embedding}
+    assert owners == layer_types
     assert owners <= set(GradSampleModule.GRAD_SAMPLERS)
 
 

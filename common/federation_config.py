@@ -11,6 +11,7 @@ from common.model_config import IMAGE_ENCODERS
 
 PARTITION_SCHEMES = ("iid", "dirichlet")
 OPTIMIZERS = ("sgd", "adam")
+LEARNING_RATE_SCHEDULES = ("constant", "cosine")
 DP_MODES = ("local", "distributed")
 
 
@@ -33,6 +34,7 @@ class FederationConfig:
     learning_rate: float = 4.0
     momentum: float = 0.0
     optimizer: str = "sgd"
+    learning_rate_schedule: str = "constant"  # sites' learning rate by round; see below
     server_learning_rate: float = 1.0
     num_distractors: int = 4
     partition: str = "iid"
@@ -76,6 +78,11 @@ class FederationConfig:
             (self.batch_size >= 1, "batch-size", "an integer >= 1"),
             (self.learning_rate > 0, "learning-rate", "> 0"),
             (self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}"),
+            (
+                self.learning_rate_schedule in LEARNING_RATE_SCHEDULES,
+                "learning-rate-schedule",
+                f"one of {LEARNING_RATE_SCHEDULES}",
+            ),
             (self.num_distractors >= 1, "num-distractors", "an integer >= 1"),
             (self.partition in PARTITION_SCHEMES, "partition", f"one of {PARTITION_SCHEMES}"),
             (self.dirichlet_alpha > 0, "dirichlet-alpha", "> 0"),
@@ -116,6 +123,15 @@ class FederationConfig:
             if not ok:
                 value = getattr(self, key.replace("-", "_"))
                 raise ConfigError(f"run config '{key}' = {value!r} is invalid: use {allowed}")
+
+    def learning_rate_in_round(self, server_round: int) -> float:
+        """The sites' learning rate in ``server_round`` (1-based): ``learning-rate``
+        throughout, or decayed by half a cosine over ``num-server-rounds`` (Loshchilov and
+        Hutter, ICLR 2017, without restarts), from ``learning-rate`` in round 1 towards 0."""
+        if self.learning_rate_schedule == "constant":
+            return self.learning_rate
+        progress = (min(server_round, self.num_server_rounds) - 1) / self.num_server_rounds
+        return self.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     @property
     def private(self) -> bool:

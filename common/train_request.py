@@ -41,6 +41,7 @@ class TrainRequest:
     @classmethod
     def for_round(cls, config: FederationConfig, server_round: int) -> TrainRequest:
         shared = {f.name: getattr(config, f.name) for f in fields(cls) if f.name != "server_round"}
+        shared["learning_rate"] = config.learning_rate_in_round(server_round)
         return cls(server_round=server_round, **shared)
 
     def to_config(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.federation_config import ConfigError, FederationConfig
+from common.train_request import TrainRequest
 
 PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
 
@@ -28,3 +29,17 @@ def test_unknown_or_bad_keys_are_named() -> None:
         FederationConfig.from_run_config({"num-server-rounds": "many"})
     with pytest.raises(ConfigError, match=r"model-image-encoder.*'patches', 'conv'"):
         FederationConfig.from_run_config({"model-image-encoder": "resnet"})
+
+
+def test_cosine_schedule_decays_the_sites_learning_rate_over_the_rounds() -> None:
+    config = FederationConfig.from_run_config(
+        {"learning-rate": 0.01, "learning-rate-schedule": "cosine", "num-server-rounds": 4}
+    )
+    rates = [TrainRequest.for_round(config, r).learning_rate for r in (1, 2, 3, 4)]
+    assert rates == pytest.approx(
+        [0.01, 0.01 * (1 + 0.5**0.5) / 2, 0.005, 0.01 * (1 - 0.5**0.5) / 2]
+    )
+    constant = FederationConfig.from_run_config({"learning-rate": 0.01})
+    assert TrainRequest.for_round(constant, 4).learning_rate == 0.01
+    with pytest.raises(ConfigError, match="learning-rate-schedule"):
+        FederationConfig.from_run_config({"learning-rate-schedule": "step"})

@@ -23,7 +23,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from itertools import pairwise
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import pytest
 
 from client.secagg.pending_update import load_pending_update
 from common.data.fashion_mnist import DEFAULT_DATA_DIR
+from tests.simulations.marked_processes import new_marker, none_left
 
 pytestmark = pytest.mark.skipif(
     not DEFAULT_DATA_DIR.exists(), reason="needs apt-get install dataset-fashion-mnist"
@@ -42,24 +42,16 @@ FAULTS = {"2:secagg_masked": [2], "3:secagg_share": [0, 1]}
 RECORDS_PER_SITE = 100
 
 
-def _ray_processes() -> set[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return {
-        int(line.split()[0])
-        for line in out.splitlines()[1:]
-        if ("raylet" in line or "gcs_server" in line or "ray::" in line) and "<defunct>" not in line
-    }
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("secagg-sim")
     dump, spill, out = base / "site-updates", base / "spill", base / "run"
     dump.mkdir()
     spill.mkdir()
-    before = _ray_processes()
+    marker = new_marker()
     env = {
         **os.environ,
+        **marker,
         "FLWR_TELEMETRY_ENABLED": "0",
         "FEDMM_TEST_SITE_DUMP": str(dump),
         "FEDMM_TEST_FAULTS": json.dumps(FAULTS),
@@ -84,10 +76,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 0, log[-3000:]
-    deadline = time.monotonic() + 30
-    while _ray_processes() - before and time.monotonic() < deadline:
-        time.sleep(1)
-    leftover = _ray_processes() - before
+    leftover = not none_left(marker)
     with open(out / "recording.pkl", "rb") as handle:
         recording = pickle.load(handle)
     plain = {}

@@ -12,12 +12,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from common.data.fashion_mnist import DEFAULT_DATA_DIR
+from tests.simulations.marked_processes import new_marker, none_left
 
 pytestmark = pytest.mark.skipif(
     not DEFAULT_DATA_DIR.exists(), reason="needs apt-get install dataset-fashion-mnist"
@@ -36,27 +36,10 @@ SMALL = [
 ]
 
 
-def _ray_processes() -> set[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return {
-        int(line.split()[0])
-        for line in out.splitlines()[1:]
-        if ("raylet" in line or "gcs_server" in line or "ray::" in line)
-        and "<defunct>" not in line  # exited, waiting to be reaped by init
-    }
-
-
-def _no_new_ray_processes(before: set[int], *, wait_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        if _ray_processes() <= before:
-            return True
-        time.sleep(1.0)
-    return False
-
-
-def _simulate(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+def _simulate(
+    out: Path, *args: str, marker: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(marker or {})}
     return subprocess.run(
         [
             sys.executable,
@@ -83,9 +66,9 @@ def _rows(out: Path) -> list[dict]:
 
 
 def test_two_sites_two_rounds_then_resume_with_budget_refusal(tmp_path: Path) -> None:
-    before = _ray_processes()
+    marker = new_marker()
     out = tmp_path / "run"
-    first = _simulate(out, "--rounds", "2", "--epsilon", "3")
+    first = _simulate(out, "--rounds", "2", "--epsilon", "3", marker=marker)
     assert first.returncode == 0, first.stderr[-3000:]
     rows = _rows(out)
     assert [r["round"] for r in rows] == [1, 2]
@@ -107,7 +90,7 @@ def test_two_sites_two_rounds_then_resume_with_budget_refusal(tmp_path: Path) ->
     assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in ledgers)
     weights_after_2 = (out / "checkpoints" / "round-0002.safetensors").read_bytes()
 
-    resumed = _simulate(out, "--resume", "--rounds", "3")
+    resumed = _simulate(out, "--resume", "--rounds", "3", marker=marker)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = _rows(out)
     assert [r["round"] for r in rows] == [1, 2, 3]
@@ -117,7 +100,7 @@ def test_two_sites_two_rounds_then_resume_with_budget_refusal(tmp_path: Path) ->
     weights_after_3 = (out / "checkpoints" / "round-0003.safetensors").read_bytes()
     assert weights_after_3 == weights_after_2  # the model is unchanged by a refused round
     assert "privacy budget" in resumed.stderr + resumed.stdout
-    assert _no_new_ray_processes(before), "the simulation left Ray processes behind"
+    assert none_left(marker), "the simulation left processes (Ray's included) behind"
 
 
 def test_out_folder_with_a_run_needs_resume(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ class FederationConfig:
     learning_rate: float = 4.0
     momentum: float = 0.0
     optimizer: str = "sgd"
-    learning_rate_schedule: str = "constant"  # sites' learning rate by round; see below
+    learning_rate_schedule: str = "constant"  # learning rate by round; see below
     server_learning_rate: float = 1.0
     num_distractors: int = 4
     partition: str = "iid"
@@ -125,7 +125,8 @@ class FederationConfig:
                 raise ConfigError(f"run config '{key}' = {value!r} is invalid: use {allowed}")
 
     def learning_rate_in_round(self, server_round: int) -> float:
-        """The sites' learning rate in ``server_round`` (1-based): ``learning-rate``
+        """The learning rate of ``server_round`` (1-based; the sites' local one, or the
+        coordinator's step in distributed DP): ``learning-rate``
         throughout, or decayed by half a cosine over ``num-server-rounds`` (Loshchilov and
         Hutter, ICLR 2017, without restarts), from ``learning-rate`` in round 1 towards 0."""
         if self.learning_rate_schedule == "constant":

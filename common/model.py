@@ -3,9 +3,9 @@
 Image: the 28x56 canvas is cut into 7x7 patches and embedded linearly (``image_encoder =
 "patches"``, the default, cheap enough for DP-SGD on 2 cores), or passed through a small
 convolutional stem whose 4x7 output cells (each computed from a 17x17-pixel window, 8
-pixels apart) become the tokens (``"conv"``: about 3x the compute, better features; GroupNorm, so Opacus
-computes per-sample gradients for it). Tokens get learned position embeddings and are
-refined by pre-norm transformer blocks. Text: hashed word ids
+pixels apart) become the tokens (``"conv"``: about 3x the compute, better features;
+GroupNorm, so Opacus computes per-sample gradients for it). Tokens get learned position
+embeddings and are refined by pre-norm transformer blocks. Text: hashed word ids
 (``common.tokenizer``) with position embeddings and transformer blocks per caption.
 Cross-attention: every text token queries the image patches; a token's score is its readout
 vector dotted with the values it attended to, and a caption's score is the mean over its

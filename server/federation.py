@@ -147,7 +147,7 @@ def run_federation(
                     aggregate.weighted_update_sum,
                     total_records=aggregate.total_weight,
                     plan=plan,
-                    learning_rate=config.learning_rate,
+                    learning_rate=config.learning_rate_in_round(server_round),
                     momentum=config.momentum,
                     velocity=velocity,
                 )

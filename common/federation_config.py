@@ -125,14 +125,14 @@ class FederationConfig:
                 raise ConfigError(f"run config '{key}' = {value!r} is invalid: use {allowed}")
 
     def learning_rate_in_round(self, server_round: int) -> float:
-        """The learning rate of ``server_round`` (1-based; the sites' local one, or the
-        coordinator's step in distributed DP): ``learning-rate``
-        throughout, or decayed by half a cosine over ``num-server-rounds`` (Loshchilov and
-        Hutter, ICLR 2017, without restarts), from ``learning-rate`` in round 1 towards 0."""
-        if self.learning_rate_schedule == "constant":
-            return self.learning_rate
-        progress = (min(server_round, self.num_server_rounds) - 1) / self.num_server_rounds
-        return self.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+        """The learning rate of ``server_round`` (the sites' local one, or the coordinator's
+        step in distributed DP); see :func:`scheduled_learning_rate`."""
+        return scheduled_learning_rate(
+            self.learning_rate,
+            schedule=self.learning_rate_schedule,
+            server_round=server_round,
+            num_rounds=self.num_server_rounds,
+        )
 
     @property
     def private(self) -> bool:
@@ -159,6 +159,20 @@ class FederationConfig:
 
     def to_run_config(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+
+def scheduled_learning_rate(
+    base: float, *, schedule: str, server_round: int, num_rounds: int
+) -> float:
+    """The learning rate of ``server_round`` (1-based): ``base`` throughout (``constant``),
+    or decayed by half a cosine over ``num_rounds`` (``cosine``; Loshchilov and Hutter,
+    ICLR 2017, without restarts), from ``base`` in round 1 towards 0."""
+    if schedule == "constant":
+        return base
+    if schedule != "cosine":
+        raise ValueError(f"learning-rate schedule must be one of {LEARNING_RATE_SCHEDULES}")
+    progress = (min(server_round, num_rounds) - 1) / num_rounds
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _coerce(value: Any, kind: type) -> Any:

@@ -15,7 +15,7 @@ same global model in a round, as in the federated run.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,7 +28,7 @@ from client.training import (
     train_locally,
 )
 from common.data.dataset import ImageTextDataset
-from common.federation_config import FederationConfig
+from common.federation_config import FederationConfig, scheduled_learning_rate
 from common.model import CrossAttentionMatcher
 from common.model_config import ModelConfig
 from common.tokenizer import HashingTokenizer
@@ -43,6 +43,7 @@ class FederatedRecipe:
     local_epochs: int
     batch_size: int
     learning_rate: float
+    learning_rate_schedule: str
     momentum: float
     optimizer: str
     num_distractors: int
@@ -63,6 +64,7 @@ class FederatedRecipe:
             local_epochs=config.local_epochs,
             batch_size=config.batch_size,
             learning_rate=config.learning_rate,
+            learning_rate_schedule=config.learning_rate_schedule,
             momentum=config.momentum,
             optimizer=config.optimizer,
             num_distractors=config.num_distractors,
@@ -107,6 +109,15 @@ def train_shadow_federation(
     noise = [recipe.site_noise(len(data)) for data in sites]
     histories: list[list[tuple[float, float, int]]] = [[] for _ in sites]
     for server_round in range(1, recipe.rounds + 1):
+        round_recipe = replace(
+            recipe,
+            learning_rate=scheduled_learning_rate(
+                recipe.learning_rate,
+                schedule=recipe.learning_rate_schedule,
+                server_round=server_round,
+                num_rounds=recipe.rounds,
+            ),
+        )
         global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         summed = {k: torch.zeros_like(v) for k, v in global_state.items()}
         total_weight = 0.0
@@ -117,7 +128,7 @@ def train_shadow_federation(
                 local,
                 data,
                 recipe=TrainingRecipe.from_settings(
-                    recipe, seed=seed * 100_003 + server_round * 1_000 + index
+                    round_recipe, seed=seed * 100_003 + server_round * 1_000 + index
                 ),
                 dp=noise[index],
                 accountant_history=histories[index],

@@ -169,6 +169,7 @@ def _overfit_recipe(epsilon: float = math.inf) -> FederatedRecipe:
         local_epochs=40,
         batch_size=32,
         learning_rate=0.5,
+        learning_rate_schedule="constant",
         momentum=0.0,
         optimizer="sgd",
         num_distractors=4,

@@ -12,8 +12,6 @@ import math
 import os
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import pytest
 
 from common.data.fashion_mnist import DEFAULT_DATA_DIR
 from simulations.cli import main
+from tests.simulations.marked_processes import new_marker, none_left
 
 PROJECT_ROOT = Path(__file__).parents[2]
 
@@ -41,48 +40,20 @@ SMALL_SWEEP = [
 ]  # fmt: skip
 
 
-def _processes_marked(marker: str) -> set[int]:
-    """Live processes whose environment holds ``FEDMM_TEST_RUN=marker``: the sweep and all
-    it started (Ray's processes and the shadow workers inherit the environment), and
-    nothing else on a machine shared with other work."""
-    needle = f"FEDMM_TEST_RUN={marker}".encode()
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                state = (entry / "stat").read_text()
-                if state[state.rindex(")") + 2 :].split()[0] not in ("Z", "X"):
-                    found.add(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
-def _none_left(marker: str, *, wait_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        if not _processes_marked(marker):
-            return True
-        time.sleep(1.0)
-    return False
-
-
 @pytest.mark.skipif(not DEFAULT_DATA_DIR.exists(), reason="needs dataset-fashion-mnist")
 def test_small_sweep_end_to_end(tmp_path: Path) -> None:
-    marker = uuid.uuid4().hex
+    marker = new_marker()
     out = tmp_path / "sweep"
     result = subprocess.run(
         [sys.executable, "-m", "simulations.cli", "privacy-sweep", *SMALL_SWEEP, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=900,
-        env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FEDMM_TEST_RUN": marker},
+        env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **marker},
         cwd=PROJECT_ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert _none_left(marker), "the sweep left processes behind (Ray, shadow workers)"
+    assert none_left(marker), "the sweep left processes behind (Ray, shadow workers)"
 
     table = json.loads((out / "privacy-sweep.json").read_text())
     rows = {row["point"]: row for row in table["rows"]}

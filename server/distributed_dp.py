@@ -56,7 +56,8 @@ def noisy_gradient_step(
 ) -> dict[str, torch.Tensor]:
     """One SGD step on the revealed noisy gradient g = gamma * S / (q N), with heavy-ball
     momentum as ``torch.optim.SGD`` (v <- momentum v + g; w <- w - lr v). ``velocity`` is
-    updated in place (post-processing of earlier sums only)."""
+    updated in place when momentum is on (post-processing of earlier sums only; the
+    coordinator checkpoints it so a resumed run keeps it)."""
     if not total_records > 0:
         raise ValueError("no records in the sum")
     factor = plan.scale / (plan.sample_rate * total_records)
@@ -64,9 +65,10 @@ def noisy_gradient_step(
     out = {}
     for key, weight in weights.items():
         gradient = factor * torch.from_numpy(np.asarray(summed[key])).to(weight.dtype)
-        if momentum and key in velocity:
-            gradient = momentum * velocity[key] + gradient
-        velocity[key] = gradient
+        if momentum:
+            if key in velocity:
+                gradient = momentum * velocity[key] + gradient
+            velocity[key] = gradient
         out[key] = weight - learning_rate * gradient
     return out
 

@@ -63,9 +63,11 @@ def run_federation(
     torch.manual_seed(config.seed)
     model = CrossAttentionMatcher(model_config_of(config))
     start_round = 1
+    velocity: dict[str, torch.Tensor] = {}  # distributed DP: the coordinator's momentum
     checkpoint = load_latest_checkpoint(out_dir) if config.resume else None
     if checkpoint is not None:
         model.load_state_dict({k: torch.from_numpy(v) for k, v in checkpoint.weights.items()})
+        velocity = {k: torch.from_numpy(v) for k, v in checkpoint.server_state.items()}
         start_round = checkpoint.server_round + 1
         truncate_metrics(out_dir, after_round=checkpoint.server_round)
         logger.info("resuming after round %d from %s", checkpoint.server_round, out_dir)
@@ -83,7 +85,6 @@ def run_federation(
         setting="min-available-sites / min-train-sites",
     )
     plan = None
-    velocity: dict[str, torch.Tensor] = {}  # distributed: server momentum (not checkpointed)
     if config.dp_mode == "distributed":  # every site takes part in every round
         plan = distributed_dp.plan_run(
             config,
@@ -166,7 +167,10 @@ def run_federation(
             result = evaluate(model, test_set, tokenizer)
             row.update(result.to_dict())
         save_checkpoint(
-            out_dir, server_round, {k: v.numpy() for k, v in model.state_dict().items()}
+            out_dir,
+            server_round,
+            {k: v.numpy() for k, v in model.state_dict().items()},
+            server_state={k: v.numpy() for k, v in velocity.items()},
         )
         row["wall_s"] = round(time.monotonic() - started, 3)
         append_metrics(out_dir, row)

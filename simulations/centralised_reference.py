@@ -1,7 +1,8 @@
 """Centralised DP-SGD on the pooled benchmark data: the reference beside federated runs.
 
 Same model, loss, optimiser and DP-SGD as a site uses (``client.training.train_locally``),
-but one party holding all training records. Prints one JSON line per epoch and a final
+but one party holding all training records; ``learning-rate-schedule`` runs over epochs as
+it runs over rounds in a federation. Prints one JSON line per epoch and a final
 JSON summary. Usage:
     python -m simulations.centralised_reference --epochs 6 --epsilon 3 \
         --set model-width=32 --set learning-rate=4
@@ -26,7 +27,7 @@ from client.training import (
     train_locally,
 )
 from common.data.benchmark import benchmark_test_set, benchmark_train_records
-from common.federation_config import FederationConfig
+from common.federation_config import FederationConfig, scheduled_learning_rate
 from common.model import CrossAttentionMatcher
 from common.tokenizer import HashingTokenizer
 from common.train_request import model_config_of
@@ -61,8 +62,14 @@ def main() -> None:
     history: list[tuple[float, float, int]] = []
     started = time.monotonic()
     for epoch in range(1, args.epochs + 1):
+        learning_rate = scheduled_learning_rate(
+            config.learning_rate,
+            schedule=config.learning_rate_schedule,
+            server_round=epoch,
+            num_rounds=args.epochs,
+        )
         recipe = TrainingRecipe.from_settings(
-            replace(config, local_epochs=1), seed=config.seed + epoch
+            replace(config, local_epochs=1, learning_rate=learning_rate), seed=config.seed + epoch
         )
         result = train_locally(
             model, data, recipe=recipe, dp=dp, accountant_history=history, tokenizer=tokenizer
@@ -70,6 +77,7 @@ def main() -> None:
         history = result.accountant_history
         row = {
             "epoch": epoch,
+            "learning_rate": round(learning_rate, 6),
             "noise_multiplier": round(sigma, 4),
             "epsilon": epsilon_of(history, config.delta) if dp else math.inf,
             "delta": config.delta,

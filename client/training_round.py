@@ -42,7 +42,7 @@ def plan_noise(
     rate: float,
     total_steps: int,
 ) -> float:
-    """The ledger's sigma; calibrated for the whole run the first time it is needed."""
+    """The ledger's sigma; calibrated for the rest of the run the first time it is needed."""
     if ledger.noise_multiplier is None:
         sigma = calibrate_noise_multiplier(
             epsilon=epsilon, delta=delta, sample_rate=rate, steps=total_steps
@@ -50,6 +50,13 @@ def plan_noise(
         ledger.noise_multiplier = max(sigma, floor)
         ledger.delta = delta
     return ledger.noise_multiplier
+
+
+def rounds_left(request: TrainRequest) -> int:
+    """Rounds of the run from ``request``'s on, this one included: what a site calibrates
+    its noise for when a run first asks it to train (round 1 of a new run, or the round a
+    resumed run restarts at)."""
+    return max(1, request.num_server_rounds - request.server_round + 1)
 
 
 def run_training_round(
@@ -87,12 +94,13 @@ def run_training_round(
         try:
             sigma = plan_noise(
                 ledger,
-                # a new run gets what is left of the site's lifetime budget
+                # a new run gets what is left of the site's lifetime budget, spread over
+                # the rounds it can still be asked for (fewer when a run resumes midway)
                 epsilon=privacy.epsilon - spent,
                 delta=privacy.delta,
                 floor=privacy.noise_multiplier_floor,
                 rate=rate,
-                total_steps=round_steps * request.num_server_rounds,
+                total_steps=round_steps * rounds_left(request),
             )
         except ValueError:  # nothing (or too little) left to calibrate for
             return RoundOutcome(

@@ -245,3 +245,39 @@ def test_a_new_run_spends_what_is_left_of_the_lifetime_budget(data, global_state
     assert ledger.run_id == 12 and ledger.rounds == [1]
     assert ledger.noise_multiplier != sigma_first  # calibrated afresh for what is left
     assert spent_first < ledger.epsilon() <= 3.0
+
+
+def test_a_resumed_run_calibrates_for_the_rounds_it_has_left(data, global_state) -> None:
+    """A run resumed at round 3 of 4 asks for 2 more rounds: the site spreads what is left of
+    its budget over those 2, not over all 4 (which would add noise for nothing)."""
+    ledger = PrivacyLedger()
+    request = TrainRequest.for_round(config(num_server_rounds=4), 3)
+    outcome = run_training_round(
+        global_state=global_state,
+        request=request,
+        data=data,
+        policy=SitePrivacyPolicy(max_epsilon=3.0),
+        ledger=ledger,
+        run_id=21,
+    )
+    assert outcome.update is not None
+    rate = sample_rate(NUM_RECORDS, BATCH)
+    for_two = calibrate_noise_multiplier(
+        epsilon=3.0, delta=1e-5, sample_rate=rate, steps=2 * STEPS_PER_ROUND
+    )
+    for_four = calibrate_noise_multiplier(
+        epsilon=3.0, delta=1e-5, sample_rate=rate, steps=4 * STEPS_PER_ROUND
+    )
+    assert ledger.noise_multiplier == pytest.approx(for_two)
+    assert for_two < for_four
+    run_training_round(
+        global_state=global_state,
+        request=TrainRequest.for_round(config(num_server_rounds=4), 4),
+        data=data,
+        policy=SitePrivacyPolicy(max_epsilon=3.0),
+        ledger=ledger,
+        run_id=21,
+    )
+    assert ledger.rounds == [3, 4]
+    assert ledger.epsilon() == pytest.approx(3.0, rel=0.02)  # the budget used, not a third
+    assert ledger.epsilon() <= 3.0 * (1 + 1e-9)

@@ -69,13 +69,14 @@ def global_state() -> dict[str, torch.Tensor]:
     }
 
 
-def train(round_: int, data, global_state, *, ledger, policy=None, **overrides):
+def train(round_: int, data, global_state, *, ledger, policy=None, run_id=0, **overrides):
     return run_training_round(
         global_state=global_state,
         request=TrainRequest.for_round(config(**overrides), round_),
         data=data,
         policy=policy or SitePrivacyPolicy(),
         ledger=ledger,
+        run_id=run_id,
     )
 
 
@@ -214,33 +215,13 @@ def test_a_new_run_spends_what_is_left_of_the_lifetime_budget(data, global_state
     """A persisted ledger outlives a run: the next run's rounds are not "already trained",
     its noise is calibrated for the budget left, and the lifetime epsilon stays capped."""
     ledger = PrivacyLedger()
-    first = run_training_round(
-        global_state=global_state,
-        request=TrainRequest.for_round(config(epsilon=1.5), 1),
-        data=data,
-        policy=SitePrivacyPolicy(max_epsilon=3.0),
-        ledger=ledger,
-        run_id=11,
-    )
+    policy = SitePrivacyPolicy(max_epsilon=3.0)
+    first = train(1, data, global_state, ledger=ledger, policy=policy, run_id=11, epsilon=1.5)
     assert first.update is not None
     sigma_first, spent_first = ledger.noise_multiplier, ledger.epsilon()
-    replay = run_training_round(
-        global_state=global_state,
-        request=TrainRequest.for_round(config(epsilon=1.5), 1),
-        data=data,
-        policy=SitePrivacyPolicy(max_epsilon=3.0),
-        ledger=ledger,
-        run_id=11,
-    )
+    replay = train(1, data, global_state, ledger=ledger, policy=policy, run_id=11, epsilon=1.5)
     assert replay.update is None and "already trained" in (replay.refusal or "")
-    second = run_training_round(
-        global_state=global_state,
-        request=TrainRequest.for_round(config(epsilon=3.0), 1),
-        data=data,
-        policy=SitePrivacyPolicy(max_epsilon=3.0),
-        ledger=ledger,
-        run_id=12,
-    )
+    second = train(1, data, global_state, ledger=ledger, policy=policy, run_id=12)
     assert second.update is not None
     assert ledger.run_id == 12 and ledger.rounds == [1]
     assert ledger.noise_multiplier != sigma_first  # calibrated afresh for what is left
@@ -251,33 +232,21 @@ def test_a_resumed_run_calibrates_for_the_rounds_it_has_left(data, global_state)
     """A run resumed at round 3 of 4 asks for 2 more rounds: the site spreads what is left of
     its budget over those 2, not over all 4 (which would add noise for nothing)."""
     ledger = PrivacyLedger()
-    request = TrainRequest.for_round(config(num_server_rounds=4), 3)
-    outcome = run_training_round(
-        global_state=global_state,
-        request=request,
-        data=data,
-        policy=SitePrivacyPolicy(max_epsilon=3.0),
-        ledger=ledger,
-        run_id=21,
-    )
-    assert outcome.update is not None
+    policy = SitePrivacyPolicy(max_epsilon=3.0)
+    for round_ in (3, 4):
+        outcome = train(
+            round_, data, global_state, ledger=ledger, policy=policy, run_id=21, num_server_rounds=4
+        )
+        assert outcome.update is not None
     rate = sample_rate(NUM_RECORDS, BATCH)
-    for_two = calibrate_noise_multiplier(
-        epsilon=3.0, delta=1e-5, sample_rate=rate, steps=2 * STEPS_PER_ROUND
-    )
-    for_four = calibrate_noise_multiplier(
-        epsilon=3.0, delta=1e-5, sample_rate=rate, steps=4 * STEPS_PER_ROUND
+    for_two, for_four = (
+        calibrate_noise_multiplier(
+            epsilon=3.0, delta=1e-5, sample_rate=rate, steps=rounds * STEPS_PER_ROUND
+        )
+        for rounds in (2, 4)
     )
     assert ledger.noise_multiplier == pytest.approx(for_two)
     assert for_two < for_four
-    run_training_round(
-        global_state=global_state,
-        request=TrainRequest.for_round(config(num_server_rounds=4), 4),
-        data=data,
-        policy=SitePrivacyPolicy(max_epsilon=3.0),
-        ledger=ledger,
-        run_id=21,
-    )
     assert ledger.rounds == [3, 4]
     assert ledger.epsilon() == pytest.approx(3.0, rel=0.02)  # the budget used, not a third
     assert ledger.epsilon() <= 3.0 * (1 + 1e-9)

@@ -22,14 +22,9 @@ PLAN = DistributedDPPlan(
 )
 
 
-def test_step_matches_torch_sgd_with_momentum() -> None:
-    rng = np.random.default_rng(1)
-    weights = {"w": torch.randn(3, 4, dtype=torch.float64)}
-    parameter = torch.nn.Parameter(weights["w"].clone())
-    optimizer = torch.optim.SGD([parameter], lr=0.5, momentum=0.9)
-    velocity: dict[str, torch.Tensor] = {}
-    for _ in range(3):
-        summed = {"w": rng.integers(-5000, 5000, (3, 4)).astype(np.float64)}
+def momentum_steps(weights, velocity, sums):
+    """``noisy_gradient_step`` over ``sums`` (lr 0.5, momentum 0.9, 2,000 records)."""
+    for summed in sums:
         weights = noisy_gradient_step(
             weights,
             summed,
@@ -39,6 +34,18 @@ def test_step_matches_torch_sgd_with_momentum() -> None:
             momentum=0.9,
             velocity=velocity,
         )
+    return weights
+
+
+def test_step_matches_torch_sgd_with_momentum() -> None:
+    rng = np.random.default_rng(1)
+    weights = {"w": torch.randn(3, 4, dtype=torch.float64)}
+    parameter = torch.nn.Parameter(weights["w"].clone())
+    optimizer = torch.optim.SGD([parameter], lr=0.5, momentum=0.9)
+    velocity: dict[str, torch.Tensor] = {}
+    for _ in range(3):
+        summed = {"w": rng.integers(-5000, 5000, (3, 4)).astype(np.float64)}
+        weights = momentum_steps(weights, velocity, [summed])
         parameter.grad = torch.from_numpy(summed["w"] * PLAN.scale / (0.1 * 2000))
         optimizer.step()
     assert torch.allclose(weights["w"], parameter.detach(), atol=1e-12)
@@ -51,22 +58,9 @@ def test_momentum_survives_a_checkpoint_round_trip(tmp_path) -> None:
     sums = [{"w": rng.integers(-5000, 5000, (3, 4)).astype(np.float32)} for _ in range(4)]
     start = {"w": torch.randn(3, 4)}
 
-    def steps(weights, velocity, chunk):
-        for summed in chunk:
-            weights = noisy_gradient_step(
-                weights,
-                summed,
-                total_records=2000,
-                plan=PLAN,
-                learning_rate=0.5,
-                momentum=0.9,
-                velocity=velocity,
-            )
-        return weights
-
-    straight = steps(dict(start), {}, sums)
+    straight = momentum_steps(dict(start), {}, sums)
     velocity: dict[str, torch.Tensor] = {}
-    halfway = steps(dict(start), velocity, sums[:2])
+    halfway = momentum_steps(dict(start), velocity, sums[:2])
     save_checkpoint(
         tmp_path,
         2,
@@ -75,13 +69,13 @@ def test_momentum_survives_a_checkpoint_round_trip(tmp_path) -> None:
     )
     checkpoint = load_latest_checkpoint(tmp_path)
     assert checkpoint is not None and set(checkpoint.weights) == {"w"}
-    resumed = steps(
+    resumed = momentum_steps(
         {k: torch.from_numpy(v) for k, v in checkpoint.weights.items()},
         {k: torch.from_numpy(v) for k, v in checkpoint.server_state.items()},
         sums[2:],
     )
     assert torch.allclose(resumed["w"], straight["w"], atol=1e-6)
-    restarted = steps(dict(halfway), {}, sums[2:])  # what losing the velocity would give
+    restarted = momentum_steps(dict(halfway), {}, sums[2:])  # what losing the velocity would give
     assert not torch.allclose(restarted["w"], straight["w"], atol=1e-3)
 
 

@@ -27,7 +27,7 @@ from client.training import (
     train_locally,
 )
 from common.data.benchmark import benchmark_test_set, benchmark_train_records
-from common.federation_config import FederationConfig, scheduled_learning_rate
+from common.federation_config import FederationConfig
 from common.model import CrossAttentionMatcher
 from common.tokenizer import HashingTokenizer
 from common.train_request import model_config_of
@@ -43,6 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     overrides = dict(pair.split("=", 1) for pair in args.set)
     config = FederationConfig.from_run_config({**overrides, "epsilon": args.epsilon})
+    config = replace(config, num_server_rounds=args.epochs)  # an epoch plays a round's part
     torch.set_num_threads(args.threads)
     torch.manual_seed(config.seed)
     data = benchmark_train_records(config.data_dir or None)
@@ -62,12 +63,7 @@ def main() -> None:
     history: list[tuple[float, float, int]] = []
     started = time.monotonic()
     for epoch in range(1, args.epochs + 1):
-        learning_rate = scheduled_learning_rate(
-            config.learning_rate,
-            schedule=config.learning_rate_schedule,
-            server_round=epoch,
-            num_rounds=args.epochs,
-        )
+        learning_rate = config.learning_rate_in_round(epoch)
         recipe = TrainingRecipe.from_settings(
             replace(config, local_epochs=1, learning_rate=learning_rate), seed=config.seed + epoch
         )

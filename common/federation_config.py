@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from common.model_config import IMAGE_ENCODERS
+from common.model_config import ACTIVATIONS, IMAGE_ENCODERS
 
 PARTITION_SCHEMES = ("iid", "dirichlet")
 OPTIMIZERS = ("sgd", "adam")
@@ -52,6 +52,7 @@ class FederationConfig:
     model_image_layers: int = 1
     model_text_layers: int = 1
     model_image_encoder: str = "patches"  # "patches" or "conv" (common.model)
+    model_activation: str = "gelu"  # "gelu" or "tanh" (common.model)
     secure_aggregation: bool = True
     secagg_bit_width: int = 32
     secagg_update_clip: float = 1.0
@@ -95,6 +96,7 @@ class FederationConfig:
                 "model-image-encoder",
                 f"one of {IMAGE_ENCODERS}",
             ),
+            (self.model_activation in ACTIVATIONS, "model-activation", f"one of {ACTIVATIONS}"),
             (8 <= self.secagg_bit_width <= 53, "secagg-bit-width", "an integer in [8, 53]"),
             (
                 math.isfinite(self.secagg_update_clip) and self.secagg_update_clip > 0,

@@ -9,7 +9,9 @@ embeddings and are refined by pre-norm transformer blocks. Text: hashed word ids
 (``common.tokenizer``) with position embeddings and transformer blocks per caption.
 Cross-attention: every text token queries the image patches; a token's score is its readout
 vector dotted with the values it attended to, and a caption's score is the mean over its
-tokens.
+tokens. The hidden activations of the conv stem and the feed-forward layers are GELU, or tanh
+(``activation = "tanh"``: the tempered sigmoid of Papernot, Thakurta, Song, Chien, Erlingsson,
+"Tempered Sigmoid Activations for Deep Learning with Differential Privacy", AAAI 2021).
 
 The image blocks, the text blocks and the cross-attention use ``MultiHeadAttention``
 below, built from ``nn.Linear`` only (so Opacus computes per-sample gradients for it like
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.model_config import ModelConfig
+from common.model_config import ACTIVATIONS, ModelConfig
 from common.tokenizer import PAD_ID
 
 
@@ -58,25 +60,35 @@ class MultiHeadAttention(nn.Module):
         return self.out(attended.flatten(-2))
 
 
+def activation_layer(name: str) -> nn.Module:
+    """The hidden activation ``name`` (``ModelConfig.activation``); it has no parameters, so
+    checkpoints of either choice load into the other."""
+    layers: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "tanh": nn.Tanh}
+    if name not in layers:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+    return layers[name]()
+
+
 class FeedForward(nn.Module):
-    def __init__(self, width: int, ratio: int) -> None:
+    def __init__(self, width: int, ratio: int, activation: str = "gelu") -> None:
         super().__init__()
         self.up = nn.Linear(width, ratio * width)
+        self.act = activation_layer(activation)
         self.down = nn.Linear(ratio * width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(torch.nn.functional.gelu(self.up(x)))
+        return self.down(self.act(self.up(x)))
 
 
 class ImageBlock(nn.Module):
     """Pre-norm transformer block over image patches."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: int, activation: str = "gelu") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
         self.attn = MultiHeadAttention(width, heads)
         self.norm2 = nn.LayerNorm(width)
-        self.mlp = FeedForward(width, mlp_ratio)
+        self.mlp = FeedForward(width, mlp_ratio, activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), None)
@@ -86,12 +98,12 @@ class ImageBlock(nn.Module):
 class TextBlock(nn.Module):
     """Pre-norm transformer block over the tokens of each caption."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: int, activation: str = "gelu") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
         self.attn = MultiHeadAttention(width, heads)
         self.norm2 = nn.LayerNorm(width)
-        self.mlp = FeedForward(width, mlp_ratio)
+        self.mlp = FeedForward(width, mlp_ratio, activation)
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), key_padding)
@@ -100,9 +112,10 @@ class TextBlock(nn.Module):
 
 class ConvStem(nn.Module):
     """Canvas ``(N, 1, H, W)`` to tokens ``(N, ceil(H/8) * ceil(W/8), width)``: a 3x3
-    convolution at full resolution, then three stride-2 ones, each with GroupNorm and GELU."""
+    convolution at full resolution, then three stride-2 ones, each with GroupNorm and the
+    model's activation (GELU by default)."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, activation: str = "gelu") -> None:
         super().__init__()
         channels = (1, 16, 32, width, width)
         strides = (1, 2, 2, 2)  # overall CONV_STRIDE
@@ -111,7 +124,7 @@ class ConvStem(nn.Module):
             layers += [
                 nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1),
                 nn.GroupNorm(_groups(c_out), c_out),
-                nn.GELU(),
+                activation_layer(activation),
             ]
         self.layers = nn.Sequential(*layers)
 
@@ -151,18 +164,20 @@ class CrossAttentionMatcher(nn.Module):
             raise ValueError("image sides must be multiples of patch_size")
         w = config.width
         if config.image_encoder == "conv":
-            self.conv_stem = ConvStem(w)
+            self.conv_stem = ConvStem(w, config.activation)
         else:
             self.patch_embed = nn.Linear(config.patch_size**2, w)
         self.patch_position = nn.Embedding(config.num_image_tokens, w)
         self.image_blocks = nn.ModuleList(
-            ImageBlock(w, config.heads, config.mlp_ratio) for _ in range(config.image_layers)
+            ImageBlock(w, config.heads, config.mlp_ratio, config.activation)
+            for _ in range(config.image_layers)
         )
         self.image_norm = nn.LayerNorm(w)
         self.token_embed = nn.Embedding(config.vocab_buckets, w)
         self.token_position = nn.Embedding(config.max_len, w)
         self.text_blocks = nn.ModuleList(
-            TextBlock(w, config.heads, config.mlp_ratio) for _ in range(config.text_layers)
+            TextBlock(w, config.heads, config.mlp_ratio, config.activation)
+            for _ in range(config.text_layers)
         )
         self.text_norm = nn.LayerNorm(w)
         self.cross_query = nn.Linear(w, w)

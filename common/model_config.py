@@ -6,6 +6,10 @@ import math
 from dataclasses import asdict, dataclass
 
 IMAGE_ENCODERS = ("patches", "conv")
+#: Hidden activations: GELU, or tanh, the "tempered sigmoid" that Papernot et al. (AAAI 2021)
+#: found to train better under DP-SGD (bounded activations keep per-example gradients small,
+#: so clipping discards less of them).
+ACTIVATIONS = ("gelu", "tanh")
 CONV_STRIDE = 8  # the conv encoder halves the canvas three times
 
 
@@ -24,12 +28,15 @@ class ModelConfig:
     vocab_buckets: int = 768
     max_len: int = 12
     image_encoder: str = "patches"  # "patches" (linear patch embedding) or "conv"
+    activation: str = "gelu"  # of the conv stem and the feed-forward layers: ACTIVATIONS
 
     def __post_init__(self) -> None:
         if self.image_encoder not in IMAGE_ENCODERS:
             raise ValueError(
                 f"image_encoder must be one of {IMAGE_ENCODERS}, got {self.image_encoder!r}"
             )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
 
     @property
     def num_patches(self) -> int:

@@ -37,6 +37,7 @@ class TrainRequest:
     model_image_layers: int
     model_text_layers: int
     model_image_encoder: str
+    model_activation: str
 
     @classmethod
     def for_round(cls, config: FederationConfig, server_round: int) -> TrainRequest:
@@ -66,4 +67,5 @@ def model_config_of(source: FederationConfig | TrainRequest) -> ModelConfig:
         image_layers=source.model_image_layers,
         text_layers=source.model_text_layers,
         image_encoder=source.model_image_encoder,
+        activation=source.model_activation,
     )

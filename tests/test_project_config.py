@@ -29,6 +29,8 @@ def test_unknown_or_bad_keys_are_named() -> None:
         FederationConfig.from_run_config({"num-server-rounds": "many"})
     with pytest.raises(ConfigError, match=r"model-image-encoder.*'patches', 'conv'"):
         FederationConfig.from_run_config({"model-image-encoder": "resnet"})
+    with pytest.raises(ConfigError, match=r"model-activation.*'gelu', 'tanh'"):
+        FederationConfig.from_run_config({"model-activation": "relu"})
 
 
 def test_cosine_schedule_decays_the_sites_learning_rate_over_the_rounds() -> None:

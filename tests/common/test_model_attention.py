@@ -67,3 +67,25 @@ def test_image_encoders_give_one_key_per_image_token(encoder: str, tokens: int) 
 def test_unknown_image_encoder_is_rejected_with_the_choices() -> None:
     with pytest.raises(ValueError, match="image_encoder must be one of"):
         ModelConfig(image_encoder="resnet")
+
+
+def test_unknown_activation_is_rejected_with_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"activation must be one of \('gelu', 'tanh'\)"):
+        ModelConfig(activation="relu")
+
+
+def test_tanh_replaces_gelu_in_the_conv_stem_and_feed_forward_layers() -> None:
+    """Same weights (the activation has none, so a checkpoint loads into either model);
+    with tanh, every hidden activation of the conv stem and the feed-forward layers is tanh."""
+    torch.manual_seed(0)
+    gelu = CrossAttentionMatcher(ModelConfig(width=16, heads=2, image_encoder="conv"))
+    tanh = CrossAttentionMatcher(
+        ModelConfig(width=16, heads=2, image_encoder="conv", activation="tanh")
+    )
+    tanh.load_state_dict(gelu.state_dict())  # strict: the same parameter names and shapes
+    kinds = {type(m) for m in tanh.modules() if isinstance(m, (nn.GELU, nn.Tanh))}
+    assert kinds == {nn.Tanh}
+    assert sum(isinstance(m, nn.Tanh) for m in tanh.modules()) == 4 + 2  # stem + 2 blocks
+    images = torch.randint(0, 256, (2, 28, 56), dtype=torch.uint8)
+    tokens = torch.randint(1, 50, (2, 3, 12))
+    assert not torch.allclose(gelu(images, tokens), tanh(images, tokens))

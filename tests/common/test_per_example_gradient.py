@@ -5,7 +5,8 @@ on a small ``CrossAttentionMatcher`` and the training loss ``matching_loss``: ch
 other examples of the batch leaves an example's per-sample gradient unchanged, changing
 the example changes it, and Opacus' per-sample gradient equals the plain autograd gradient
 of the model run on that example alone (so no layer mixes the batch and Opacus computes
-per-sample gradients for every parameter). Both image encoders (patches and conv) are checked.
+per-sample gradients for every parameter). Both image encoders (patches and conv) are checked,
+and the conv model with tanh activations.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 CONFIG = ModelConfig(width=16, heads=2)
 ENCODERS = ("patches", "conv")
+#: (image encoder, activation) of the models whose per-sample gradients are checked
+VARIANTS = (("patches", "gelu"), ("conv", "gelu"), ("conv", "tanh"))
 BATCH, CANDIDATES = 4, 3
 RTOL, ATOL = 1e-4, 1e-6
 
@@ -60,11 +63,12 @@ def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([e[0] for e in examples]), torch.stack([e[1] for e in examples])
 
 
-@pytest.fixture(scope="module", params=ENCODERS)
+@pytest.fixture(scope="module", params=VARIANTS, ids="-".join)
 def models(request) -> tuple[GradSampleModule, CrossAttentionMatcher]:
     """Opacus' wrapper around one model, and an unwrapped copy with the same weights."""
     torch.manual_seed(0)
-    model = CrossAttentionMatcher(replace(CONFIG, image_encoder=request.param))
+    encoder, activation = request.param
+    model = CrossAttentionMatcher(replace(CONFIG, image_encoder=encoder, activation=activation))
     plain = copy.deepcopy(model)
     gsm_class = get_gsm_class("hooks")  # what make_private(grad_sample_mode="hooks") uses
     assert gsm_class is GradSampleModule

@@ -70,7 +70,7 @@ def activation_layer(name: str) -> nn.Module:
 
 
 class FeedForward(nn.Module):
-    def __init__(self, width: int, ratio: int, activation: str = "gelu") -> None:
+    def __init__(self, width: int, ratio: int, activation: str) -> None:
         super().__init__()
         self.up = nn.Linear(width, ratio * width)
         self.act = activation_layer(activation)
@@ -83,7 +83,7 @@ class FeedForward(nn.Module):
 class ImageBlock(nn.Module):
     """Pre-norm transformer block over image patches."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int, activation: str = "gelu") -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: int, activation: str) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
         self.attn = MultiHeadAttention(width, heads)
@@ -98,7 +98,7 @@ class ImageBlock(nn.Module):
 class TextBlock(nn.Module):
     """Pre-norm transformer block over the tokens of each caption."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int, activation: str = "gelu") -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: int, activation: str) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
         self.attn = MultiHeadAttention(width, heads)
@@ -113,9 +113,9 @@ class TextBlock(nn.Module):
 class ConvStem(nn.Module):
     """Canvas ``(N, 1, H, W)`` to tokens ``(N, ceil(H/8) * ceil(W/8), width)``: a 3x3
     convolution at full resolution, then three stride-2 ones, each with GroupNorm and the
-    model's activation (GELU by default)."""
+    model's activation."""
 
-    def __init__(self, width: int, activation: str = "gelu") -> None:
+    def __init__(self, width: int, activation: str) -> None:
         super().__init__()
         channels = (1, 16, 32, width, width)
         strides = (1, 2, 2, 2)  # overall CONV_STRIDE

@@ -51,7 +51,7 @@ class FederationConfig:
     model_heads: int = 2
     model_image_layers: int = 1
     model_text_layers: int = 1
-    model_image_encoder: str = "patches"  # "patches" or "conv" (common.model)
+    model_image_encoder: str = "patches"  # "patches", "conv" or "scatter" (common.model)
     model_activation: str = "gelu"  # "gelu" or "tanh" (common.model)
     secure_aggregation: bool = True
     secagg_bit_width: int = 32

@@ -4,7 +4,11 @@ Image: the 28x56 canvas is cut into 7x7 patches and embedded linearly (``image_e
 "patches"``, the default, cheap enough for DP-SGD on 2 cores), or passed through a small
 convolutional stem whose 4x7 output cells (each computed from a 17x17-pixel window, 8
 pixels apart) become the tokens (``"conv"``: about 3x the compute, better features;
-GroupNorm, so Opacus computes per-sample gradients for it). Tokens get learned position
+GroupNorm, so Opacus computes per-sample gradients for it), or taken from fixed scattering
+features (``common.scattering``, 81 channels on a 7x14 grid) by one trained stride-2
+convolution (``"scatter"``: Tramer and Boneh's ScatterNet front for DP-SGD, ICLR 2021; the
+best features under DP here, and about half the conv encoder's DP-SGD cost because the
+fixed transform is computed once per record). Tokens get learned position
 embeddings and are refined by pre-norm transformer blocks. Text: hashed word ids
 (``common.tokenizer``) with position embeddings and transformer blocks per caption.
 Cross-attention: every text token queries the image patches; a token's score is its readout
@@ -32,7 +36,11 @@ import torch
 from torch import nn
 
 from common.model_config import ACTIVATIONS, ModelConfig
+from common.scattering import CHANNELS as SCATTER_CHANNELS
+from common.scattering import scattering_features
 from common.tokenizer import PAD_ID
+
+SCATTER_GROUPS = 27
 
 
 class MultiHeadAttention(nn.Module):
@@ -132,6 +140,26 @@ class ConvStem(nn.Module):
         return self.layers(x).flatten(2).transpose(1, 2)
 
 
+class ScatterStem(nn.Module):
+    """Canvas ``(N, H, W)`` in [0, 1] to tokens ``(N, ceil(H/8) * ceil(W/8), width)``: the
+    fixed scattering features (``common.scattering``: 81 channels on a grid 4 times coarser
+    than the canvas), GroupNorm with 27 groups (Tramer and Boneh's data-independent
+    normalisation), then one stride-2 3x3 convolution with GroupNorm and the model's
+    activation (their "CNN on ScatterNet" front), whose cells are the tokens."""
+
+    def __init__(self, width: int, activation: str) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.GroupNorm(SCATTER_GROUPS, SCATTER_CHANNELS),
+            nn.Conv2d(SCATTER_CHANNELS, width, 3, stride=2, padding=1),
+            nn.GroupNorm(_groups(width), width),
+            activation_layer(activation),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(scattering_features(x).to(x.device)).flatten(2).transpose(1, 2)
+
+
 def _groups(channels: int) -> int:
     """4 GroupNorm groups where they divide the channels, else as many as do."""
     return math.gcd(channels, 4)
@@ -165,6 +193,8 @@ class CrossAttentionMatcher(nn.Module):
         w = config.width
         if config.image_encoder == "conv":
             self.conv_stem = ConvStem(w, config.activation)
+        elif config.image_encoder == "scatter":
+            self.scatter_stem = ScatterStem(w, config.activation)
         else:
             self.patch_embed = nn.Linear(config.patch_size**2, w)
         self.patch_position = nn.Embedding(config.num_image_tokens, w)
@@ -191,11 +221,13 @@ class CrossAttentionMatcher(nn.Module):
     def encode_images(self, images: torch.Tensor) -> ImageStates:
         """``images``: ``uint8`` or float ``(N, H, W)`` in [0, 255]."""
         c, p = self.config, self.config.patch_size
-        x = images.float() / 255.0 - 0.5
-        if c.image_encoder == "conv":
-            x = self.conv_stem(x[:, None])  # (N, tokens, w)
+        x = images.float() / 255.0
+        if c.image_encoder == "scatter":
+            x = self.scatter_stem(x)  # (N, tokens, w)
+        elif c.image_encoder == "conv":
+            x = self.conv_stem(x[:, None] - 0.5)  # (N, tokens, w)
         else:
-            x = x.unfold(1, p, p).unfold(2, p, p)  # (N, H/p, W/p, p, p)
+            x = (x - 0.5).unfold(1, p, p).unfold(2, p, p)  # (N, H/p, W/p, p, p)
             x = self.patch_embed(x.reshape(len(images), c.num_patches, p * p))
         positions = torch.arange(c.num_image_tokens).expand(len(images), -1).contiguous()
         x = x + self.patch_position(positions)

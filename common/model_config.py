@@ -5,12 +5,16 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-IMAGE_ENCODERS = ("patches", "conv")
+IMAGE_ENCODERS = ("patches", "conv", "scatter")
 #: Hidden activations: GELU, or tanh, the "tempered sigmoid" that Papernot et al. (AAAI 2021)
 #: found to train better under DP-SGD (bounded activations keep per-example gradients small,
 #: so clipping discards less of them).
 ACTIVATIONS = ("gelu", "tanh")
-CONV_STRIDE = 8  # the conv encoder halves the canvas three times
+SCATTER_SCALES = 2  # J of the scattering transform (common.scattering)
+SCATTER_STRIDE = 2**SCATTER_SCALES  # its grid is 2^J times coarser than the canvas
+#: Canvas pixels per token side: the conv encoder halves the canvas three times; the scatter
+#: encoder's convolution halves the scattering grid once.
+CONV_STRIDE = 8
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class ModelConfig:
     mlp_ratio: int = 2
     vocab_buckets: int = 768
     max_len: int = 12
-    image_encoder: str = "patches"  # "patches" (linear patch embedding) or "conv"
+    image_encoder: str = "patches"  # "patches" (linear patch embedding), "conv" or "scatter"
     activation: str = "gelu"  # of the conv stem and the feed-forward layers: ACTIVATIONS
 
     def __post_init__(self) -> None:
@@ -44,8 +48,9 @@ class ModelConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        """Image tokens the text attends to: one per patch, or one per conv output cell."""
-        if self.image_encoder == "conv":
+        """Image tokens the text attends to: one per patch, or one per output cell of the
+        conv or scatter encoder's last convolution."""
+        if self.image_encoder in ("conv", "scatter"):
             rows = math.ceil(self.image_height / CONV_STRIDE)
             return rows * math.ceil(self.image_width / CONV_STRIDE)
         return self.num_patches

@@ -3,7 +3,7 @@
 Prints JSON: samples/s for each, their ratio (measured side by side in one process, in
 alternating repetitions), and the process's peak RSS. Usage:
     python -m simulations.benchmarks.dp_throughput [--records 2048] [--repeats 3] \
-        [--image-encoder patches|conv]
+        [--image-encoder patches|conv|scatter]
 """
 
 from __future__ import annotations

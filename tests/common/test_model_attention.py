@@ -48,7 +48,7 @@ def test_text_attention_with_padding_matches_torch_multihead_attention() -> None
     torch.testing.assert_close(attn(x, padding), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("encoder", ["patches", "conv"])
+@pytest.mark.parametrize("encoder", ["patches", "conv", "scatter"])
 def test_model_scores_an_empty_batch(encoder: str) -> None:
     """Poisson sampling draws empty batches; DP training runs the model on them."""
     model = CrossAttentionMatcher(ModelConfig(width=16, heads=2, image_encoder=encoder))
@@ -56,7 +56,7 @@ def test_model_scores_an_empty_batch(encoder: str) -> None:
     assert scores.shape == (0, 3)
 
 
-@pytest.mark.parametrize(("encoder", "tokens"), [("patches", 32), ("conv", 28)])
+@pytest.mark.parametrize(("encoder", "tokens"), [("patches", 32), ("conv", 28), ("scatter", 28)])
 def test_image_encoders_give_one_key_per_image_token(encoder: str, tokens: int) -> None:
     config = ModelConfig(width=16, heads=2, image_encoder=encoder)
     assert config.num_image_tokens == tokens

@@ -5,8 +5,8 @@ on a small ``CrossAttentionMatcher`` and the training loss ``matching_loss``: ch
 other examples of the batch leaves an example's per-sample gradient unchanged, changing
 the example changes it, and Opacus' per-sample gradient equals the plain autograd gradient
 of the model run on that example alone (so no layer mixes the batch and Opacus computes
-per-sample gradients for every parameter). Both image encoders (patches and conv) are checked,
-and the conv model with tanh activations.
+per-sample gradients for every parameter). The three image encoders (patches, conv,
+scatter) are checked, and the conv and scatter models with tanh activations.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from common.tokenizer import PAD_ID
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 CONFIG = ModelConfig(width=16, heads=2)
-ENCODERS = ("patches", "conv")
+ENCODERS = ("patches", "conv", "scatter")
 #: (image encoder, activation) of the models whose per-sample gradients are checked
-VARIANTS = (("patches", "gelu"), ("conv", "gelu"), ("conv", "tanh"))
+VARIANTS = (("patches", "gelu"), ("conv", "gelu"), ("conv", "tanh"), ("scatter", "tanh"))
 BATCH, CANDIDATES = 4, 3
 RTOL, ATOL = 1e-4, 1e-6
 
@@ -118,6 +118,7 @@ def test_model_passes_opacus_validation_strictly(encoder: str) -> None:
     [
         ("patches", {nn.Linear, nn.LayerNorm, nn.Embedding}),
         ("conv", {nn.Linear, nn.LayerNorm, nn.Embedding, nn.Conv2d, nn.GroupNorm}),
+        ("scatter", {nn.Linear, nn.LayerNorm, nn.Embedding, nn.Conv2d, nn.GroupNorm}),
     ],
 )
 def test_every_trainable_layer_has_an_opacus_hook_sampler(encoder: str, layer_types) -> None:

@@ -61,10 +61,13 @@ def scattering_features(images: torch.Tensor) -> torch.Tensor:
         return out
     images = images.detach().float().contiguous()
     keys = [_key(image) for image in images]
-    missing = [i for i, key in enumerate(keys) if key not in _memo]
+    missing = []
     for i, key in enumerate(keys):
-        if key in _memo:
-            out[i] = _memo[key]
+        kept = _memo.get(key)
+        if kept is None:
+            missing.append(i)
+        else:
+            out[i] = kept
     if missing:
         with torch.no_grad():
             out[missing] = _transform(height, width)(images[missing])

@@ -44,7 +44,10 @@ from common.model import CrossAttentionMatcher
 from common.tokenizer import HashingTokenizer
 from common.train_request import TrainRequest
 
-ACCOUNTANT = "RDP of the Poisson-subsampled Skellam mechanism (Zhu-Wang 2019 bound)"
+ACCOUNTANT = (
+    "RDP of the Poisson-subsampled Skellam mechanism "
+    "(Agarwal et al. 2021; binomial subsampling bound, both directions)"
+)
 MICRO_BATCH = 128
 
 

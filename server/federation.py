@@ -175,7 +175,7 @@ def run_federation(
         row["wall_s"] = round(time.monotonic() - started, 3)
         append_metrics(out_dir, row)
         logger.info(
-            "round %d: accuracy %.4f, R@1 i2t %.3f t2i %.3f, epsilon_max %s, "
+            "round %d: accuracy %.4f, R@1 i2t %.3f t2i %.3f, epsilon_max %.3f, "
             "trained %d refused %d failed %d, %.1f s",
             server_round,
             row.get("accuracy", math.nan),

@@ -56,7 +56,12 @@ class SweepPoint:
 
 @dataclass(frozen=True)
 class OverfitSettings:
-    """The non-private point trained to overfit: few records per site, many local epochs."""
+    """The points trained to overfit: few records per site, many local epochs.
+
+    The non-private one (epsilon inf) shows that the attacks work; the same recipe at finite
+    epsilons shows whether DP-SGD suppresses the leak that recipe has (only DP changes
+    between them: same sites, records, epochs, batch size and learning rate).
+    """
 
     sites: int = 2  # FedAvg over many sites averages memorisation away
     records_per_site: int = 200
@@ -64,6 +69,12 @@ class OverfitSettings:
     rounds: int = 3
     batch_size: int = 32
     learning_rate: float = 0.5
+    epsilons: tuple[float, ...] = (math.inf,)
+
+    def __post_init__(self) -> None:
+        bad = [e for e in self.epsilons if not (e > 0 or math.isinf(e))]
+        if bad or not self.epsilons:
+            raise ValueError(f"overfit epsilons must be > 0 or inf, got {list(self.epsilons)}")
 
 
 @dataclass(frozen=True)
@@ -105,7 +116,7 @@ class SweepSettings:
             raise ValueError(f"{clash} are set by the sweep itself; use its own options")
 
     def points(self) -> list[SweepPoint]:
-        """The federated runs, in order: each partition at each epsilon, then the overfit."""
+        """The federated runs, in order: each partition at each epsilon, then the overfit ones."""
         points = [
             SweepPoint(
                 name=f"{partition}-eps-{_epsilon_name(epsilon)}",
@@ -124,11 +135,11 @@ class SweepSettings:
         ]
         if self.overfit is not None:
             o = self.overfit
-            points.append(
+            points += [
                 SweepPoint(
-                    name="overfit-iid-eps-inf",
+                    name=f"overfit-iid-eps-{_epsilon_name(epsilon)}",
                     partition="iid",
-                    epsilon=math.inf,
+                    epsilon=epsilon,
                     rounds=o.rounds,
                     records_per_site=o.records_per_site,
                     run_config={
@@ -140,7 +151,8 @@ class SweepSettings:
                     sites=o.sites,
                     overfit=True,
                 )
-            )
+                for epsilon in o.epsilons
+            ]
         return points
 
 

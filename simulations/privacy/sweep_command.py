@@ -43,8 +43,9 @@ def add_privacy_sweep_parser(commands: Any) -> None:
         "membership inference on the final global model against site --target-site's "
         "records: a global loss threshold and offline LiRA with --shadows shadow "
         "federations trained on held-out records of the other sites. Then a non-private "
-        "point trained to overfit. Writes privacy-sweep.md/.json and PNG plots to --out; "
-        "run again with the same --out to reuse finished points. See docs/privacy-report.md.",
+        "point trained to overfit, and the same recipe at any further --overfit-epsilons. "
+        "Writes privacy-sweep.md/.json and PNG plots to --out; run again with the same --out "
+        "to reuse finished points. See docs/privacy-report.md.",
     )
     sweep.add_argument(
         "--epsilons", nargs="+", type=_epsilon, default=None, help="(inf 8 3 1)", metavar="E"
@@ -75,6 +76,15 @@ def add_privacy_sweep_parser(commands: Any) -> None:
     )
     sweep.add_argument("--overfit-rounds", type=_positive, default=3, help="overfit point (3)")
     sweep.add_argument("--overfit-sites", type=_positive, default=2, help="overfit point (2)")
+    sweep.add_argument(
+        "--overfit-epsilons",
+        nargs="+",
+        type=_epsilon,
+        default=[math.inf],
+        metavar="E",
+        help="the overfit recipe at these epsilons (inf): e.g. inf 8 3 1 shows whether DP "
+        "suppresses the leak the non-private point has",
+    )
     sweep.add_argument(
         "--set",
         action="append",
@@ -125,6 +135,7 @@ def run_privacy_sweep(args: argparse.Namespace) -> int:
             local_epochs=args.overfit_local_epochs,
             rounds=args.overfit_rounds,
             sites=args.overfit_sites,
+            epsilons=tuple(args.overfit_epsilons),
         )
     try:
         settings = SweepSettings(

@@ -112,13 +112,21 @@ def _plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
     finite = [r["epsilon_target"] for r in rows if math.isfinite(r["epsilon_target"])]
     inf_x = 2.5 * max(finite) if finite else 10.0  # where "no DP" is drawn
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for partition in sorted({r["partition"] for r in rows if not r["point"].startswith("overfit")}):
+    overfit = [r for r in rows if r["point"].startswith("overfit")]
+    main = [r for r in rows if not r["point"].startswith("overfit")]
+    groups = [
+        (partition, [r for r in main if r["partition"] == partition])
+        for partition in sorted({r["partition"] for r in main})
+    ]
+    if overfit:
+        groups.append(("overfit recipe", overfit))
+    for label, members in groups:
         points = sorted(
             (r["epsilon_target"] if math.isfinite(r["epsilon_target"]) else inf_x, r["accuracy"])
-            for r in rows
-            if r["partition"] == partition and not r["point"].startswith("overfit")
+            for r in members
         )
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=partition)
+        style = "s--" if label == "overfit recipe" else "o-"
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
     ax.set_xscale("log")
     ticks = [*sorted(set(finite)), inf_x]
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks[:-1]] + ["inf\n(no DP)"])
@@ -126,8 +134,7 @@ def _plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("epsilon per site (record-level, delta = 1e-5)")
     ax.set_ylabel("caption-ranking accuracy")
     ax.grid(alpha=0.3)
-    if ax.lines:  # a partial sweep may hold the overfit point only
-        ax.legend()
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -143,7 +150,8 @@ def _plot_roc(results: list[dict[str, Any]], path: Path) -> None:
     overfit = [r for r in results if r["overfit"]]
     panels = [(g, [r for r in results if r["partition"] == g and not r["overfit"]]) for g in groups]
     if overfit:
-        panels.append(("overfit (non-private)", overfit))
+        private = any(math.isfinite(float(r["epsilon_target"])) for r in overfit)
+        panels.append(("overfit recipe" if private else "overfit (non-private)", overfit))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
     for ax, (title, members) in zip(axes[0], panels, strict=True):
         smallest = 1.0

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from common.data.fashion_mnist import DEFAULT_DATA_DIR
-from simulations.cli import main
+from simulations.cli import build_parser, main
 from tests.simulations.marked_processes import new_marker, none_left
 
 PROJECT_ROOT = Path(__file__).parents[2]
@@ -168,3 +168,53 @@ def test_sweep_points_cover_every_partition_and_epsilon_then_the_overfit_point()
         SweepSettings(epsilons=(0.0,))
     with pytest.raises(ValueError, match="partitions"):
         SweepSettings(partitions=("pathological",))
+
+
+def test_overfit_recipe_at_several_epsilons_differs_only_in_epsilon() -> None:
+    from simulations.privacy.sweep import OverfitSettings, SweepSettings
+
+    settings = SweepSettings(
+        epsilons=(3.0,), partitions=("iid",), overfit=OverfitSettings(epsilons=(math.inf, 8.0))
+    )
+    points = {p.name: p for p in settings.points()}
+    assert list(points) == ["iid-eps-3", "overfit-iid-eps-inf", "overfit-iid-eps-8"]
+    plain, private = points["overfit-iid-eps-inf"], points["overfit-iid-eps-8"]
+    assert math.isinf(plain.epsilon) and private.epsilon == 8.0
+    assert private.overfit and private.run_config == plain.run_config
+    assert (private.sites, private.rounds, private.records_per_site) == (
+        plain.sites,
+        plain.rounds,
+        plain.records_per_site,
+    )
+    with pytest.raises(ValueError, match="overfit epsilons"):
+        OverfitSettings(epsilons=(-1.0,))
+    with pytest.raises(ValueError, match="overfit epsilons"):
+        OverfitSettings(epsilons=())
+
+
+def test_overfit_epsilons_option_is_parsed_and_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["privacy-sweep", "--overfit-epsilons", "inf", "3"])
+    assert args.overfit_epsilons == [math.inf, 3.0]
+    assert build_parser().parse_args(["privacy-sweep"]).overfit_epsilons == [math.inf]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["privacy-sweep", "--overfit-epsilons", "0"])
+    assert exit_info.value.code == 2
+    assert "epsilon must be > 0" in capsys.readouterr().err
+
+
+def test_report_of_the_committed_overfit_points_at_four_epsilons(tmp_path: Path) -> None:
+    """The report reads finished points as their JSON holds them ("inf" as a string)."""
+    from simulations.privacy.sweep_report import write_sweep_report
+
+    points = PROJECT_ROOT / "docs" / "privacy-report" / "overfit-under-dp" / "points"
+    names = ["overfit-iid-eps-inf", "overfit-iid-eps-8", "overfit-iid-eps-3", "overfit-iid-eps-1"]
+    results = [json.loads((points / f"{name}.json").read_text()) for name in names]
+    assert results[0]["epsilon_target"] == "inf"  # what the report must cope with
+    paths = write_sweep_report(results, settings={}, out=tmp_path)
+    rows = json.loads(paths["json"].read_text())["rows"]
+    assert [r["point"] for r in rows] == names
+    assert [r["epsilon_target"] for r in rows] == ["inf", 8.0, 3.0, 1.0]
+    table = paths["markdown"].read_text()
+    assert all(f"| {name} |" in table for name in names)
+    for plot in ("accuracy_plot", "roc_plot"):
+        assert paths[plot].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -90,4 +90,6 @@ def reported_epsilon(epsilon: float) -> float:
     """A site's epsilon as reported in the clear: rounded up to the report grid."""
     if not math.isfinite(epsilon):
         return math.inf
-    return math.ceil(epsilon / EPSILON_REPORT_STEP - 1e-9) * EPSILON_REPORT_STEP
+    steps = math.ceil(epsilon / EPSILON_REPORT_STEP - 1e-9)
+    # round() drops the float noise of the product (0.7000000000000001 for 70 steps).
+    return round(steps * EPSILON_REPORT_STEP, 9)

@@ -6,12 +6,14 @@ import argparse
 import logging
 import math
 import sys
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.federation_config import PARTITION_SCHEMES
+
+if TYPE_CHECKING:
+    from simulations.privacy.sweep import SweepSettings
 
 
 def _epsilon(text: str) -> float:
@@ -28,6 +30,16 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -77,6 +89,15 @@ def add_privacy_sweep_parser(commands: Any) -> None:
     sweep.add_argument("--overfit-rounds", type=_positive, default=3, help="overfit point (3)")
     sweep.add_argument("--overfit-sites", type=_positive, default=2, help="overfit point (2)")
     sweep.add_argument(
+        "--overfit-batch-size", type=_positive, default=32, help="overfit point (32)"
+    )
+    sweep.add_argument(
+        "--overfit-learning-rate",
+        type=_positive_float,
+        default=0.5,
+        help="overfit point, DP or not (0.5)",
+    )
+    sweep.add_argument(
         "--overfit-epsilons",
         nargs="+",
         type=_epsilon,
@@ -113,51 +134,53 @@ def _pairs(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def run_privacy_sweep(args: argparse.Namespace) -> int:
-    """Run the sweep; 0 when the report is written, 2 on bad options."""
-    from simulations.privacy.sweep import OverfitSettings, SweepSettings, run_sweep
+def sweep_settings(args: argparse.Namespace) -> SweepSettings:
+    """The sweep's settings from the parsed options; ValueError names a bad option."""
+    from simulations.privacy.sweep import OverfitSettings, SweepSettings
 
-    try:
-        run_config = _pairs(args.set)
-        non_private = (
-            {"learning-rate": "0.5"}
-            if args.set_non_private is None
-            else _pairs(args.set_non_private)
-        )
-    except ValueError as error:
-        print(f"fedmm privacy-sweep: {error}", file=sys.stderr)
-        return 2
+    run_config = _pairs(args.set)
+    non_private = (
+        {"learning-rate": "0.5"} if args.set_non_private is None else _pairs(args.set_non_private)
+    )
     overfit = None
     if not args.no_overfit:
-        overfit = replace(
-            OverfitSettings(),
+        overfit = OverfitSettings(
             records_per_site=args.overfit_records_per_site,
             local_epochs=args.overfit_local_epochs,
             rounds=args.overfit_rounds,
             sites=args.overfit_sites,
+            batch_size=args.overfit_batch_size,
+            learning_rate=args.overfit_learning_rate,
             epsilons=tuple(args.overfit_epsilons),
         )
+    if args.shadows < 2:
+        raise ValueError(f"--shadows must be at least 2 (offline LiRA), got {args.shadows}")
+    if not 0 <= args.target_site < args.sites:
+        raise ValueError(f"--target-site must be in [0, {args.sites - 1}]")
+    return SweepSettings(
+        **({"epsilons": tuple(args.epsilons)} if args.epsilons else {}),
+        **({"partitions": tuple(args.partitions)} if args.partitions else {}),
+        sites=args.sites,
+        rounds=args.rounds,
+        records_per_site=args.records_per_site,
+        shadows=args.shadows,
+        queries=args.queries,
+        target_site=args.target_site,
+        max_targets=args.max_targets,
+        workers=args.workers,
+        seed=args.seed,
+        overfit=overfit,
+        run_config=run_config,
+        non_private_run_config=non_private,
+    )
+
+
+def run_privacy_sweep(args: argparse.Namespace) -> int:
+    """Run the sweep; 0 when the report is written, 2 on bad options."""
+    from simulations.privacy.sweep import run_sweep
+
     try:
-        settings = SweepSettings(
-            **({"epsilons": tuple(args.epsilons)} if args.epsilons else {}),
-            **({"partitions": tuple(args.partitions)} if args.partitions else {}),
-            sites=args.sites,
-            rounds=args.rounds,
-            records_per_site=args.records_per_site,
-            shadows=args.shadows,
-            queries=args.queries,
-            target_site=args.target_site,
-            max_targets=args.max_targets,
-            workers=args.workers,
-            seed=args.seed,
-            overfit=overfit,
-            run_config=run_config,
-            non_private_run_config=non_private,
-        )
-        if args.shadows < 2:
-            raise ValueError(f"--shadows must be at least 2 (offline LiRA), got {args.shadows}")
-        if not 0 <= args.target_site < args.sites:
-            raise ValueError(f"--target-site must be in [0, {args.sites - 1}]")
+        settings = sweep_settings(args)
     except ValueError as error:
         print(f"fedmm privacy-sweep: {error}", file=sys.stderr)
         return 2

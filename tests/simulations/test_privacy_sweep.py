@@ -192,14 +192,26 @@ def test_overfit_recipe_at_several_epsilons_differs_only_in_epsilon() -> None:
         OverfitSettings(epsilons=())
 
 
-def test_overfit_epsilons_option_is_parsed_and_checked(capsys: pytest.CaptureFixture[str]) -> None:
-    args = build_parser().parse_args(["privacy-sweep", "--overfit-epsilons", "inf", "3"])
-    assert args.overfit_epsilons == [math.inf, 3.0]
-    assert build_parser().parse_args(["privacy-sweep"]).overfit_epsilons == [math.inf]
-    with pytest.raises(SystemExit) as exit_info:
-        main(["privacy-sweep", "--overfit-epsilons", "0"])
-    assert exit_info.value.code == 2
-    assert "epsilon must be > 0" in capsys.readouterr().err
+def test_overfit_options_reach_the_sweep_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    from simulations.privacy.sweep_command import sweep_settings
+
+    default = sweep_settings(build_parser().parse_args(["privacy-sweep"])).overfit
+    assert default is not None and default.epsilons == (math.inf,)
+    options = "--overfit-epsilons inf 3 --overfit-batch-size 128 --overfit-learning-rate 2"
+    options += " --overfit-records-per-site 1000"
+    args = build_parser().parse_args(["privacy-sweep", *options.split()])
+    overfit = sweep_settings(args).overfit
+    assert overfit is not None and overfit.epsilons == (math.inf, 3.0)
+    assert (overfit.batch_size, overfit.learning_rate, overfit.records_per_site) == (128, 2, 1000)
+    points = {p.name: p for p in sweep_settings(args).points() if p.overfit}
+    assert points["overfit-iid-eps-3"].run_config["batch-size"] == "128"
+    assert points["overfit-iid-eps-3"].run_config["learning-rate"] == "2.0"
+    for bad, message in (("--overfit-epsilons", "epsilon must be > 0"),
+                         ("--overfit-learning-rate", "positive number")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            main(["privacy-sweep", bad, "0"])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 def test_report_of_the_committed_overfit_points_at_four_epsilons(tmp_path: Path) -> None:

@@ -40,6 +40,10 @@ DEFAULT_EPSILONS = (math.inf, 8.0, 3.0, 1.0)
 DEFAULT_PARTITIONS = ("iid", "dirichlet")
 
 
+# Run config keys the sweep sets itself, from its own options.
+SWEEP_RESERVED_KEYS = ("site-records-limit", "num-server-rounds", "epsilon", "partition")
+
+
 @dataclass(frozen=True)
 class SweepPoint:
     """One federated run of the sweep."""
@@ -70,11 +74,16 @@ class OverfitSettings:
     batch_size: int = 32
     learning_rate: float = 0.5
     epsilons: tuple[float, ...] = (math.inf,)
+    run_config: dict[str, str] = field(default_factory=dict)  # --set-overfit pairs
 
     def __post_init__(self) -> None:
         bad = [e for e in self.epsilons if not (e > 0 or math.isinf(e))]
         if bad or not self.epsilons:
             raise ValueError(f"overfit epsilons must be > 0 or inf, got {list(self.epsilons)}")
+        reserved = {"local-epochs", "batch-size", "learning-rate", *SWEEP_RESERVED_KEYS}
+        clash = sorted(reserved & set(self.run_config))
+        if clash:
+            raise ValueError(f"{clash} are set by the overfit options; use those instead")
 
 
 @dataclass(frozen=True)
@@ -110,8 +119,9 @@ class SweepSettings:
             raise ValueError(f"the sweep needs at least 2 sites, got {self.sites}")
         if self.rounds < 1 or self.records_per_site < 1:
             raise ValueError("rounds and records_per_site must be at least 1")
-        reserved = {"site-records-limit", "num-server-rounds", "epsilon", "partition"}
-        clash = sorted(reserved & (set(self.run_config) | set(self.non_private_run_config)))
+        clash = sorted(
+            set(SWEEP_RESERVED_KEYS) & (set(self.run_config) | set(self.non_private_run_config))
+        )
         if clash:
             raise ValueError(f"{clash} are set by the sweep itself; use its own options")
 
@@ -147,6 +157,7 @@ class SweepSettings:
                         "local-epochs": str(o.local_epochs),
                         "batch-size": str(o.batch_size),
                         "learning-rate": str(o.learning_rate),
+                        **o.run_config,
                     },
                     sites=o.sites,
                     overfit=True,

@@ -121,6 +121,14 @@ def add_privacy_sweep_parser(commands: Any) -> None:
         help="a run config key for the epsilon = inf points only (learning-rate=0.5: "
         "unclipped SGD at the DP learning rate diverges)",
     )
+    sweep.add_argument(
+        "--set-overfit",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run config key for the overfit points only, after --set (e.g. "
+        "model-image-encoder=scatter)",
+    )
     sweep.add_argument("--out", type=Path, help="output folder (runs/privacy-sweep-<UTC time>)")
 
 
@@ -152,6 +160,7 @@ def sweep_settings(args: argparse.Namespace) -> SweepSettings:
             batch_size=args.overfit_batch_size,
             learning_rate=args.overfit_learning_rate,
             epsilons=tuple(args.overfit_epsilons),
+            run_config=_pairs(args.set_overfit),
         )
     if args.shadows < 2:
         raise ValueError(f"--shadows must be at least 2 (offline LiRA), got {args.shadows}")

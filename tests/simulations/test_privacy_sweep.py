@@ -128,6 +128,8 @@ def _members_are_what_site_0_trained_on(run: Path, *, sites: int) -> None:
         (["--set", "novalue"], "KEY=VALUE"),
         (["--set", "site-records-limit=5"], "set by the sweep itself"),
         (["--sites", "2", "--target-site", "2"], "--target-site"),
+        (["--set-overfit", "batch-size=8"], "set by the overfit options"),
+        (["--set-overfit", "epsilon=1"], "set by the overfit options"),
     ],
 )
 def test_bad_options_exit_2_before_any_run(
@@ -198,7 +200,7 @@ def test_overfit_options_reach_the_sweep_settings(capsys: pytest.CaptureFixture[
     default = sweep_settings(build_parser().parse_args(["privacy-sweep"])).overfit
     assert default is not None and default.epsilons == (math.inf,)
     options = "--overfit-epsilons inf 3 --overfit-batch-size 128 --overfit-learning-rate 2"
-    options += " --overfit-records-per-site 1000"
+    options += " --overfit-records-per-site 1000 --set-overfit model-image-encoder=scatter"
     args = build_parser().parse_args(["privacy-sweep", *options.split()])
     overfit = sweep_settings(args).overfit
     assert overfit is not None and overfit.epsilons == (math.inf, 3.0)
@@ -206,6 +208,9 @@ def test_overfit_options_reach_the_sweep_settings(capsys: pytest.CaptureFixture[
     points = {p.name: p for p in sweep_settings(args).points() if p.overfit}
     assert points["overfit-iid-eps-3"].run_config["batch-size"] == "128"
     assert points["overfit-iid-eps-3"].run_config["learning-rate"] == "2.0"
+    assert points["overfit-iid-eps-inf"].run_config["model-image-encoder"] == "scatter"
+    main_points = [p for p in sweep_settings(args).points() if not p.overfit]
+    assert all("model-image-encoder" not in p.run_config for p in main_points)
     for bad, message in (("--overfit-epsilons", "epsilon must be > 0"),
                          ("--overfit-learning-rate", "positive number")):  # fmt: skip
         with pytest.raises(SystemExit) as exit_info:

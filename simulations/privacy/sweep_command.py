@@ -16,11 +16,15 @@ if TYPE_CHECKING:
     from simulations.privacy.sweep import SweepSettings
 
 
-def _epsilon(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _epsilon(text: str) -> float:
+    value = _number(text)
     if not (value > 0 or math.isinf(value)):
         raise argparse.ArgumentTypeError("epsilon must be > 0, or inf for no DP")
     return value
@@ -34,10 +38,7 @@ def _positive(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _number(text)
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value

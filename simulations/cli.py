@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import threading
 import time
@@ -14,25 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from common.federation_config import PARTITION_SCHEMES, ConfigError, FederationConfig
+from simulations.cli_arguments import epsilon, key_value_pairs
 
 RUN_CONFIG_FILE = "run-config.json"
-
-
-def _parse_set(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {pair!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def _epsilon(text: str) -> float:
-    value = float(text)
-    if not (value > 0 or math.isinf(value)):
-        raise argparse.ArgumentTypeError("epsilon must be > 0, or inf to turn DP off")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--rounds", type=int, help="server rounds (default 14)")
     sim.add_argument("--sites", type=int, default=10, help="number of simulated sites (10)")
-    sim.add_argument("--epsilon", type=_epsilon, help="target epsilon per site; inf = DP off (3)")
+    sim.add_argument("--epsilon", type=epsilon, help="target epsilon per site; inf = DP off (3)")
     sim.add_argument("--partition", choices=PARTITION_SCHEMES, help="iid or dirichlet (iid)")
     sim.add_argument("--dirichlet-alpha", type=float, help="Dirichlet concentration (0.3)")
     sim.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX .gz files")
@@ -59,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="any run config key of pyproject.toml, e.g. --set batch-size=512",
     )
-    sim.add_argument("--site-max-epsilon", type=_epsilon, help="simulated sites' own budget")
+    sim.add_argument("--site-max-epsilon", type=epsilon, help="simulated sites' own budget")
     sim.add_argument(
         "--dp",
         choices=("local", "distributed"),
@@ -212,7 +195,7 @@ def _add_site_commands(commands: Any) -> None:
 
 
 def _simulation_config(args: argparse.Namespace) -> tuple[FederationConfig, Path]:
-    overrides: dict[str, Any] = _parse_set(args.set)
+    overrides: dict[str, Any] = key_value_pairs(args.set, option="--set")
     for key, value in (
         ("num-server-rounds", args.rounds),
         ("epsilon", args.epsilon),

@@ -44,6 +44,13 @@ DEFAULT_PARTITIONS = ("iid", "dirichlet")
 SWEEP_RESERVED_KEYS = ("site-records-limit", "num-server-rounds", "epsilon", "partition")
 
 
+def _check_epsilons(epsilons: tuple[float, ...], *, what: str) -> None:
+    """At least one epsilon, each > 0 or inf; ValueError names ``what`` and the bad values."""
+    bad = [e for e in epsilons if not (e > 0 or math.isinf(e))]
+    if bad or not epsilons:
+        raise ValueError(f"{what} must be > 0 or inf, got {bad or list(epsilons)}")
+
+
 @dataclass(frozen=True)
 class SweepPoint:
     """One federated run of the sweep."""
@@ -77,9 +84,7 @@ class OverfitSettings:
     run_config: dict[str, str] = field(default_factory=dict)  # --set-overfit pairs
 
     def __post_init__(self) -> None:
-        bad = [e for e in self.epsilons if not (e > 0 or math.isinf(e))]
-        if bad or not self.epsilons:
-            raise ValueError(f"overfit epsilons must be > 0 or inf, got {list(self.epsilons)}")
+        _check_epsilons(self.epsilons, what="overfit epsilons")
         reserved = {"local-epochs", "batch-size", "learning-rate", *SWEEP_RESERVED_KEYS}
         clash = sorted(reserved & set(self.run_config))
         if clash:
@@ -109,9 +114,7 @@ class SweepSettings:
     def __post_init__(self) -> None:
         if not self.epsilons:
             raise ValueError("the sweep needs at least one epsilon")
-        bad = [e for e in self.epsilons if not (e > 0 or math.isinf(e))]
-        if bad:
-            raise ValueError(f"epsilons must be > 0 or inf, got {bad}")
+        _check_epsilons(self.epsilons, what="epsilons")
         unknown = [p for p in self.partitions if p not in PARTITION_SCHEMES]
         if unknown or not self.partitions:
             raise ValueError(f"partitions must be among {PARTITION_SCHEMES}, got {unknown}")

@@ -11,23 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.federation_config import PARTITION_SCHEMES
+from simulations.cli_arguments import epsilon, key_value_pairs, number
 
 if TYPE_CHECKING:
     from simulations.privacy.sweep import SweepSettings
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-
-
-def _epsilon(text: str) -> float:
-    value = _number(text)
-    if not (value > 0 or math.isinf(value)):
-        raise argparse.ArgumentTypeError("epsilon must be > 0, or inf for no DP")
-    return value
 
 
 def _positive(text: str) -> int:
@@ -38,7 +25,7 @@ def _positive(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
-    value = _number(text)
+    value = number(text)
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
@@ -61,7 +48,7 @@ def add_privacy_sweep_parser(commands: Any) -> None:
         "to reuse finished points. See docs/privacy-report.md.",
     )
     sweep.add_argument(
-        "--epsilons", nargs="+", type=_epsilon, default=None, help="(inf 8 3 1)", metavar="E"
+        "--epsilons", nargs="+", type=epsilon, default=None, help="(inf 8 3 1)", metavar="E"
     )
     sweep.add_argument(
         "--partitions", nargs="+", choices=PARTITION_SCHEMES, default=None, help="(iid dirichlet)"
@@ -101,7 +88,7 @@ def add_privacy_sweep_parser(commands: Any) -> None:
     sweep.add_argument(
         "--overfit-epsilons",
         nargs="+",
-        type=_epsilon,
+        type=epsilon,
         default=[math.inf],
         metavar="E",
         help="the overfit recipe at these epsilons (inf): e.g. inf 8 3 1 shows whether DP "
@@ -133,23 +120,15 @@ def add_privacy_sweep_parser(commands: Any) -> None:
     sweep.add_argument("--out", type=Path, help="output folder (runs/privacy-sweep-<UTC time>)")
 
 
-def _pairs(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def sweep_settings(args: argparse.Namespace) -> SweepSettings:
     """The sweep's settings from the parsed options; ValueError names a bad option."""
     from simulations.privacy.sweep import OverfitSettings, SweepSettings
 
-    run_config = _pairs(args.set)
+    run_config = key_value_pairs(args.set, option="--set")
     non_private = (
-        {"learning-rate": "0.5"} if args.set_non_private is None else _pairs(args.set_non_private)
+        {"learning-rate": "0.5"}
+        if args.set_non_private is None
+        else key_value_pairs(args.set_non_private, option="--set-non-private")
     )
     overfit = None
     if not args.no_overfit:
@@ -161,7 +140,7 @@ def sweep_settings(args: argparse.Namespace) -> SweepSettings:
             batch_size=args.overfit_batch_size,
             learning_rate=args.overfit_learning_rate,
             epsilons=tuple(args.overfit_epsilons),
-            run_config=_pairs(args.set_overfit),
+            run_config=key_value_pairs(args.set_overfit, option="--set-overfit"),
         )
     if args.shadows < 2:
         raise ValueError(f"--shadows must be at least 2 (offline LiRA), got {args.shadows}")

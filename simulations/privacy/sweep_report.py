@@ -115,17 +115,16 @@ def _plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
     overfit = [r for r in rows if r["point"].startswith("overfit")]
     main = [r for r in rows if not r["point"].startswith("overfit")]
     groups = [
-        (partition, [r for r in main if r["partition"] == partition])
+        (partition, [r for r in main if r["partition"] == partition], "o-")
         for partition in sorted({r["partition"] for r in main})
     ]
     if overfit:
-        groups.append(("overfit recipe", overfit))
-    for label, members in groups:
+        groups.append(("overfit recipe", overfit, "s--"))
+    for label, members, style in groups:
         points = sorted(
             (r["epsilon_target"] if math.isfinite(r["epsilon_target"]) else inf_x, r["accuracy"])
             for r in members
         )
-        style = "s--" if label == "overfit recipe" else "o-"
         ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
     ax.set_xscale("log")
     ticks = [*sorted(set(finite)), inf_x]

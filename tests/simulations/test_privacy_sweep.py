@@ -129,6 +129,7 @@ def _members_are_what_site_0_trained_on(run: Path, *, sites: int) -> None:
         (["--set", "site-records-limit=5"], "set by the sweep itself"),
         (["--sites", "2", "--target-site", "2"], "--target-site"),
         (["--set-overfit", "batch-size=8"], "set by the overfit options"),
+        (["--set-overfit", "novalue"], "--set-overfit expects KEY=VALUE"),
         (["--set-overfit", "epsilon=1"], "set by the overfit options"),
     ],
 )

@@ -1,0 +1,35 @@
+"""Argument parsers shared by the ``fedmm`` commands: numbers, epsilons, KEY=VALUE pairs."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from common.federation_config import ConfigError
+
+
+def number(text: str) -> float:
+    """A float option; a clear argparse error when ``text`` is not a number."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def epsilon(text: str) -> float:
+    """An epsilon option: > 0, or inf for no DP."""
+    value = number(text)
+    if not (value > 0 or math.isinf(value)):
+        raise argparse.ArgumentTypeError("epsilon must be > 0, or inf for no DP")
+    return value
+
+
+def key_value_pairs(pairs: list[str], *, option: str) -> dict[str, str]:
+    """``KEY=VALUE`` strings of ``option`` as a dict; ConfigError names the option."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{option} expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out

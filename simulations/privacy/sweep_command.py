@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.federation_config import PARTITION_SCHEMES
+from common.federation_config import OPTIMIZERS, PARTITION_SCHEMES
 from simulations.cli_arguments import epsilon, key_value_pairs, number
 
 if TYPE_CHECKING:
@@ -74,16 +74,19 @@ def add_privacy_sweep_parser(commands: Any) -> None:
     sweep.add_argument(
         "--overfit-local-epochs", type=_positive, default=20, help="overfit point (20)"
     )
-    sweep.add_argument("--overfit-rounds", type=_positive, default=3, help="overfit point (3)")
+    sweep.add_argument("--overfit-rounds", type=_positive, default=10, help="overfit point (10)")
     sweep.add_argument("--overfit-sites", type=_positive, default=2, help="overfit point (2)")
     sweep.add_argument(
         "--overfit-batch-size", type=_positive, default=32, help="overfit point (32)"
     )
     sweep.add_argument(
+        "--overfit-optimizer", choices=OPTIMIZERS, default="adam", help="overfit point (adam)"
+    )
+    sweep.add_argument(
         "--overfit-learning-rate",
         type=_positive_float,
-        default=0.5,
-        help="overfit point, DP or not (0.5)",
+        default=0.005,
+        help="overfit point, DP or not (0.005)",
     )
     sweep.add_argument(
         "--overfit-epsilons",
@@ -138,6 +141,7 @@ def sweep_settings(args: argparse.Namespace) -> SweepSettings:
             rounds=args.overfit_rounds,
             sites=args.overfit_sites,
             batch_size=args.overfit_batch_size,
+            optimizer=args.overfit_optimizer,
             learning_rate=args.overfit_learning_rate,
             epsilons=tuple(args.overfit_epsilons),
             run_config=key_value_pairs(args.set_overfit, option="--set-overfit"),

@@ -196,12 +196,15 @@ def test_overfit_recipe_at_several_epsilons_differs_only_in_epsilon() -> None:
 
 
 def test_overfit_options_reach_the_sweep_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    from simulations.privacy.sweep import OverfitSettings
     from simulations.privacy.sweep_command import sweep_settings
 
     default = sweep_settings(build_parser().parse_args(["privacy-sweep"])).overfit
-    assert default is not None and default.epsilons == (math.inf,)
+    assert default == OverfitSettings()  # the command's defaults are the settings' defaults
+    assert default.epsilons == (math.inf,) and default.optimizer == "adam"
     options = "--overfit-epsilons inf 3 --overfit-batch-size 128 --overfit-learning-rate 2"
     options += " --overfit-records-per-site 1000 --set-overfit model-image-encoder=scatter"
+    options += " --overfit-optimizer sgd"
     args = build_parser().parse_args(["privacy-sweep", *options.split()])
     overfit = sweep_settings(args).overfit
     assert overfit is not None and overfit.epsilons == (math.inf, 3.0)
@@ -209,15 +212,21 @@ def test_overfit_options_reach_the_sweep_settings(capsys: pytest.CaptureFixture[
     points = {p.name: p for p in sweep_settings(args).points() if p.overfit}
     assert points["overfit-iid-eps-3"].run_config["batch-size"] == "128"
     assert points["overfit-iid-eps-3"].run_config["learning-rate"] == "2.0"
+    assert points["overfit-iid-eps-3"].run_config["optimizer"] == "sgd"
     assert points["overfit-iid-eps-inf"].run_config["model-image-encoder"] == "scatter"
     main_points = [p for p in sweep_settings(args).points() if not p.overfit]
     assert all("model-image-encoder" not in p.run_config for p in main_points)
     for bad, message in (("--overfit-epsilons", "epsilon must be > 0"),
-                         ("--overfit-learning-rate", "positive number")):  # fmt: skip
+                         ("--overfit-learning-rate", "positive number"),
+                         ("--overfit-optimizer", "invalid choice: '0'")):  # fmt: skip
         with pytest.raises(SystemExit) as exit_info:
             main(["privacy-sweep", bad, "0"])
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="set by the overfit options"):
+        OverfitSettings(run_config={"optimizer": "sgd"})
+    with pytest.raises(ValueError, match="overfit optimizer must be one of"):
+        OverfitSettings(optimizer="rmsprop")
 
 
 def test_report_of_the_committed_overfit_points_at_four_epsilons(tmp_path: Path) -> None:

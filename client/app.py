@@ -65,6 +65,7 @@ from common.secure_round import (
     reported_epsilon,
     weighted_metrics,
 )
+from common.site_refusal import RefusalCode, SiteRefusal, status_payload
 from common.train_request import TrainRequest
 
 if TYPE_CHECKING:  # torch: imported only by the handlers that train
@@ -133,13 +134,13 @@ def train(msg: Message, context: Context) -> Message:
     request = TrainRequest.from_config(dict(msg.content.config_records["config"]))
     outcome = _train_at_site(request, msg.content.array_records["arrays"], context)
     if outcome.update is None:
-        status = ConfigRecord({"refused": True, "reason": outcome.refusal or ""})
-        return Message(RecordDict({"status": status}), reply_to=msg)
+        refusal = outcome.refusal or SiteRefusal(RefusalCode.BAD_REQUEST)
+        return Message(RecordDict({"status": ConfigRecord(status_payload(refusal))}), reply_to=msg)
     content = RecordDict(
         {
             "update": ArrayRecord(outcome.update),
             "metrics": MetricRecord(outcome.metrics),
-            "status": ConfigRecord({"refused": False, "reason": ""}),
+            "status": ConfigRecord(status_payload(None)),
         }
     )
     return Message(content, reply_to=msg)
@@ -163,16 +164,18 @@ class LocalUpdate:
     epsilon: float
 
 
-#: A trainer: (train request, setup message, context) -> the update, or a refusal reason.
-Trainer = Callable[[TrainRequest, Message, Context], "LocalUpdate | str"]
+#: A trainer: (train request, setup message, context) -> the update, or a refusal.
+Trainer = Callable[[TrainRequest, Message, Context], "LocalUpdate | SiteRefusal"]
 
 
-def train_with_dp(request: TrainRequest, msg: Message, context: Context) -> LocalUpdate | str:
+def train_with_dp(
+    request: TrainRequest, msg: Message, context: Context
+) -> LocalUpdate | SiteRefusal:
     """DP-SGD on the site's data (``client.training_round``); torch is imported here only."""
     arrays = msg.content.array_records["arrays"]
     outcome = _train_at_site(request, arrays, context)
     if outcome.update is None:
-        return outcome.refusal or "refused"
+        return outcome.refusal or SiteRefusal(RefusalCode.BAD_REQUEST)
     keys = list(arrays.keys())
     return LocalUpdate(
         update=flatten_update({k: v.numpy() for k, v in outcome.update.items()}, keys),
@@ -194,7 +197,7 @@ def secagg_setup(msg: Message, context: Context) -> Message:
 
 def train_distributed_dp(
     request: TrainRequest, msg: Message, context: Context
-) -> LocalUpdate | str:
+) -> LocalUpdate | SiteRefusal:
     """One distributed-DP step (``client.distributed_dp_step``): the integer gradient sum
     plus this site's Skellam share, in Z_(2^b); torch is imported here only."""
     import torch
@@ -208,9 +211,9 @@ def train_distributed_dp(
         plan = DistributedDPPlan.from_config(dict(msg.content.config_records["config"]))
         bit_width = int(msg.content.config_records[RECORD_SECAGG]["bit_width"])
     except (KeyError, TypeError, ValueError) as error:
-        return f"distributed-DP request rejected: {error}"
+        return SiteRefusal(RefusalCode.BAD_REQUEST, f"distributed-DP request rejected: {error}")
     if plan is None:
-        return "distributed-DP request has no plan"
+        return SiteRefusal(RefusalCode.BAD_REQUEST, "distributed-DP request has no plan")
     arrays = msg.content.array_records["arrays"]
     ledger = _load_ledger(context)
     outcome = run_distributed_dp_step(
@@ -224,7 +227,7 @@ def train_distributed_dp(
         run_id=context.run_id,
     )
     if outcome.integers is None:
-        return outcome.refusal or "refused"
+        return outcome.refusal or SiteRefusal(RefusalCode.BAD_REQUEST)
     _save_ledger(context, ledger)
     context.state.config_records[GUARD_KEY] = ConfigRecord(
         {"round": request.server_round, "min-survivors": outcome.honest_sites}
@@ -244,7 +247,7 @@ def secagg_share(msg: Message, context: Context) -> Message:
         state, request = _stage_input(msg, context)
         state, reply = client_share_keys(state=state, request=request)
     except (ValueError, KeyError) as refusal:
-        return _refuse(msg, str(refusal))
+        return _refuse(msg, _as_refusal(refusal))
     _store_state(context, state)
     return _secagg_reply(msg, reply)
 
@@ -254,7 +257,10 @@ def secagg_masked(msg: Message, context: Context) -> Message:
     try:
         state, request = _stage_input(msg, context)
         if state.stage != STAGE_SHARE_KEYS:
-            raise SecAggRefusal(f"masked-input request out of order (last stage {state.stage!r})")
+            raise SecAggRefusal(
+                f"masked-input request out of order (last stage {state.stage!r})",
+                code=RefusalCode.OUT_OF_ORDER,
+            )
         require_tag(request, round_id=state.config.round_id, stage=STAGE_MASKED_INPUT)
         record = context.state.config_records[SECAGG_STATE_KEY]
         pending = load_pending_update(
@@ -268,7 +274,7 @@ def secagg_masked(msg: Message, context: Context) -> Message:
             metrics=pending.metrics,
         )
     except (ValueError, KeyError) as refusal:  # refusals, stale state, unusable local input
-        return _refuse(msg, str(refusal))
+        return _refuse(msg, _as_refusal(refusal))
     # Masked: the plain update is no longer needed, nor (when empty) its directory.
     pending_file = Path(str(record["pending-file"]))
     pending_file.unlink(missing_ok=True)
@@ -290,9 +296,9 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
         _state, reply = client_unmask(state=state, request=request)
     except TooFewSurvivors as refusal:  # distributed DP: this round is dead at this site
         context.state.config_records.pop(SECAGG_STATE_KEY, None)
-        return _refuse(msg, str(refusal))
+        return _refuse(msg, refusal.refusal())
     except (ValueError, KeyError) as refusal:
-        return _refuse(msg, str(refusal))
+        return _refuse(msg, _as_refusal(refusal))
     # Unmasking runs once per round: drop the state (and its secrets) now, so a second
     # request for the other secret of a site finds nothing to answer from.
     del context.state.config_records[SECAGG_STATE_KEY]
@@ -305,7 +311,7 @@ def run_secagg_setup(msg: Message, context: Context, *, train: Trainer) -> Messa
         payload = dict(msg.content.config_records[RECORD_SECAGG])
         request = TrainRequest.from_config(dict(msg.content.config_records["config"]))
     except (KeyError, TypeError, ValueError) as error:
-        return _refuse(msg, f"setup request rejected: {error}")
+        return _refuse(msg, SiteRefusal(RefusalCode.BAD_REQUEST, f"setup request: {error}"))
     last = context.state.config_records.get(SECAGG_LAST_ROUND_KEY)
     try:
         if payload.get("round") != request.server_round:
@@ -317,7 +323,7 @@ def run_secagg_setup(msg: Message, context: Context, *, train: Trainer) -> Messa
             previous_round=None if last is None else int(last["round"]),
         )
     except SecAggRefusal as refusal:
-        return _refuse(msg, str(refusal))
+        return _refuse(msg, refusal.refusal())
     config = state.config
     spill = context.state.config_records.get(SECAGG_SPILL_KEY)
     directory = node_spill_dir(
@@ -329,23 +335,29 @@ def run_secagg_setup(msg: Message, context: Context, *, train: Trainer) -> Messa
     context.state.config_records.pop(SECAGG_STATE_KEY, None)
     discard_pending_updates(directory)
     trained = train(request, msg, context)
-    if isinstance(trained, str) or trained.update.shape != (config.update_length,):
+    if isinstance(trained, SiteRefusal) or trained.update.shape != (config.update_length,):
         _release_spill_dir(context, directory)
-        reason = (
+        refusal = (
             trained
-            if isinstance(trained, str)
-            else "the trained update does not match the round's update length"
+            if isinstance(trained, SiteRefusal)
+            else SiteRefusal(
+                RefusalCode.BAD_REQUEST,
+                "the trained update does not match the round's update length",
+            )
         )
-        logger.warning("site refuses round %s: %s", request.server_round, reason)
-        return _refuse(msg, reason)
+        return _refuse(msg, refusal)
     weight = min(int(trained.num_examples), config.max_weight)
     if weight < trained.num_examples:
         logger.warning("weight capped at secagg max weight %d", config.max_weight)
     if config.integer_update != np.issubdtype(trained.update.dtype, np.unsignedinteger):
         _release_spill_dir(context, directory)
-        reason = "integer (distributed-DP) and real updates do not mix: round config differs"
-        logger.warning("site refuses round %s: %s", request.server_round, reason)
-        return _refuse(msg, reason)
+        return _refuse(
+            msg,
+            SiteRefusal(
+                RefusalCode.BAD_REQUEST,
+                "integer (distributed-DP) and real updates do not mix: round config differs",
+            ),
+        )
     clipped = 0
     if not config.integer_update:
         clipped = int(np.count_nonzero(np.abs(trained.update) > config.update_clip))
@@ -395,7 +407,10 @@ def _stage_input(msg: Message, context: Context) -> tuple[ClientSecAggState, dic
     """This round's state and the request; a refusal when either is missing."""
     record = context.state.config_records.get(SECAGG_STATE_KEY)
     if record is None:
-        raise SecAggRefusal("no secure-aggregation round in progress (late or replayed message)")
+        raise SecAggRefusal(
+            "no secure-aggregation round in progress (late or replayed message)",
+            code=RefusalCode.OUT_OF_ORDER,
+        )
     if RECORD_SECAGG not in msg.content.config_records:
         raise SecAggRefusal("request has no secagg record")
     return client_state_from_record(dict(record)), dict(msg.content.config_records[RECORD_SECAGG])
@@ -415,14 +430,23 @@ def _secagg_reply(msg: Message, payload: dict[str, Any]) -> Message:
         RecordDict(
             {
                 RECORD_SECAGG: ConfigRecord(payload),
-                RECORD_STATUS: ConfigRecord({"refused": False, "reason": ""}),
+                RECORD_STATUS: ConfigRecord(status_payload(None)),
             }
         ),
         reply_to=msg,
     )
 
 
-def _refuse(msg: Message, reason: str) -> Message:
-    logger.warning("secagg %s refused: %s", msg.metadata.message_type, reason)
-    status = ConfigRecord({"refused": True, "reason": reason})
+def _as_refusal(error: Exception) -> SiteRefusal:
+    """A stage's exception as a refusal: a ``SecAggRefusal`` keeps its code; anything else
+    (stale state, unusable local input) is a bad request."""
+    if isinstance(error, SecAggRefusal):
+        return error.refusal()
+    return SiteRefusal(RefusalCode.BAD_REQUEST, f"{type(error).__name__}: {error}")
+
+
+def _refuse(msg: Message, refusal: SiteRefusal) -> Message:
+    """The reply to a refused request: only the code goes out, the detail is logged here."""
+    logger.warning("site refuses %s: %s", msg.metadata.message_type, refusal)
+    status = ConfigRecord(status_payload(refusal))
     return Message(RecordDict({RECORD_STATUS: status}), reply_to=msg)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from client.secagg.stages import SecAggRefusal
+from common.site_refusal import RefusalCode
 
 #: ``context.state`` record: the round and the honest survivors this site requires.
 GUARD_KEY = "ddp-guard"
@@ -31,5 +32,6 @@ def require_enough_survivors(request: Mapping[str, Any], *, min_survivors: int) 
     if survivors < min_survivors:
         raise TooFewSurvivors(
             f"{survivors} sites survived, fewer than the {min_survivors} honest survivors this "
-            "site's distributed-DP noise assumes; refusing to unmask (round discarded)"
+            "site's distributed-DP noise assumes; refusing to unmask (round discarded)",
+            code=RefusalCode.TOO_FEW_SITES,
         )

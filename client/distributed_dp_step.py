@@ -41,6 +41,7 @@ from common.distributed_dp.rounding import new_rounding_generator, randomized_ro
 from common.distributed_dp.skellam import RandomBytes, secure_uniforms, skellam_share
 from common.loss import matching_loss
 from common.model import CrossAttentionMatcher
+from common.site_refusal import RefusalCode, SiteRefusal
 from common.tokenizer import HashingTokenizer
 from common.train_request import TrainRequest
 
@@ -59,7 +60,7 @@ class DistributedStepOutcome:
     num_records: int = 0
     epsilon: float = math.nan
     honest_sites: int = 0
-    refusal: str | None = None
+    refusal: SiteRefusal | None = None
 
 
 def honest_sites_assumed(policy: SitePrivacyPolicy, plan: DistributedDPPlan) -> int:
@@ -75,23 +76,25 @@ def check_budget(
     delta: float,
     honest_sites: int,
     first_round_of_run: bool,
-) -> tuple[str | None, float]:
-    """A refusal reason (None: go ahead) when the run (first round) or this round would
+) -> tuple[SiteRefusal | None, float]:
+    """A refusal (None: go ahead) when the run (first round) or this round would
     exceed the budget, and the epsilon after this round."""
     trust = f"assuming {honest_sites} honest surviving sites"
     if first_round_of_run:
         planned = _with_rounds(ledger, plan, honest_sites, plan.num_rounds).epsilon(delta)
         if planned > max_epsilon * (1 + 1e-9):
-            return (
+            return SiteRefusal(
+                RefusalCode.PRIVACY_BUDGET,
                 f"privacy budget: the run's {plan.num_rounds} distributed-DP rounds would take "
                 f"epsilon to {planned:.3f} > {max_epsilon:g} (delta {delta:g}, record-level, "
-                f"{ACCOUNTANT}, {trust}); spent so far {ledger.epsilon(delta):.3f}"
+                f"{ACCOUNTANT}, {trust}); spent so far {ledger.epsilon(delta):.3f}",
             ), planned
     projected = _with_rounds(ledger, plan, honest_sites, 1).epsilon(delta)
     if projected > max_epsilon * (1 + 1e-9):
-        return (
+        return SiteRefusal(
+            RefusalCode.PRIVACY_BUDGET,
             f"privacy budget: this round would take epsilon to {projected:.3f} > "
-            f"{max_epsilon:g} (delta {delta:g}, record-level, {ACCOUNTANT}, {trust})"
+            f"{max_epsilon:g} (delta {delta:g}, record-level, {ACCOUNTANT}, {trust})",
         ), projected
     return None, projected
 
@@ -205,15 +208,27 @@ def run_distributed_dp_step(
     ledger.start_run(run_id)
     n = len(data)
     if n == 0:
-        return DistributedStepOutcome(None, refusal="a site with no records cannot take part")
+        return DistributedStepOutcome(None, refusal=SiteRefusal(RefusalCode.NO_DATA, "no records"))
     try:
         privacy = effective_privacy(policy, request, num_records=n)
     except PolicyRefusal as refusal:
-        return DistributedStepOutcome(None, refusal=str(refusal))
+        return DistributedStepOutcome(
+            None, refusal=SiteRefusal(RefusalCode.PRIVACY_POLICY, str(refusal))
+        )
     if not privacy.private:
-        return DistributedStepOutcome(None, refusal="distributed DP needs a finite epsilon")
+        return DistributedStepOutcome(
+            None,
+            refusal=SiteRefusal(
+                RefusalCode.PRIVACY_POLICY, "distributed DP needs a finite epsilon"
+            ),
+        )
     if request.server_round in ledger.rounds:
-        return DistributedStepOutcome(None, refusal=f"round {request.server_round} already trained")
+        return DistributedStepOutcome(
+            None,
+            refusal=SiteRefusal(
+                RefusalCode.ALREADY_TRAINED, f"round {request.server_round} already trained"
+            ),
+        )
     keys = list(global_state)
     model = CrossAttentionMatcher(request.model_config())
     model.load_state_dict(global_state)
@@ -221,15 +236,20 @@ def run_distributed_dp_step(
     dimension = int(trainable.sum())
     if plan.dimension != dimension:
         return DistributedStepOutcome(
-            None, refusal=f"plan dimension {plan.dimension} differs from the model's {dimension}"
+            None,
+            refusal=SiteRefusal(
+                RefusalCode.BAD_REQUEST,
+                f"plan dimension {plan.dimension} differs from the model's {dimension}",
+            ),
         )
     honest = honest_sites_assumed(policy, plan)
     if plan.noise_multiplier(honest) < privacy.noise_multiplier_floor:
         return DistributedStepOutcome(
             None,
-            refusal=(
+            refusal=SiteRefusal(
+                RefusalCode.PRIVACY_POLICY,
                 f"noise multiplier {plan.noise_multiplier(honest):.3f} with {honest} honest "
-                f"shares is below this site's floor {privacy.noise_multiplier_floor:g}"
+                f"shares is below this site's floor {privacy.noise_multiplier_floor:g}",
             ),
         )
     delta = ledger.delta or privacy.delta

@@ -19,6 +19,7 @@ from client.training import (
 )
 from common.data.dataset import ImageTextDataset
 from common.model import CrossAttentionMatcher
+from common.site_refusal import RefusalCode, SiteRefusal
 from common.train_request import TrainRequest
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class RoundOutcome:
 
     update: dict[str, torch.Tensor] | None
     metrics: dict[str, float] = field(default_factory=dict)
-    refusal: str | None = None
+    refusal: SiteRefusal | None = None
 
 
 def plan_noise(
@@ -78,9 +79,16 @@ def run_training_round(
     try:
         privacy = effective_privacy(policy, request, num_records=n)
     except PolicyRefusal as refusal:
-        return RoundOutcome(update=None, refusal=str(refusal))
+        return RoundOutcome(
+            update=None, refusal=SiteRefusal(RefusalCode.PRIVACY_POLICY, str(refusal))
+        )
     if request.server_round in ledger.rounds:
-        return RoundOutcome(update=None, refusal=f"round {request.server_round} already trained")
+        return RoundOutcome(
+            update=None,
+            refusal=SiteRefusal(
+                RefusalCode.ALREADY_TRAINED, f"round {request.server_round} already trained"
+            ),
+        )
 
     recipe = TrainingRecipe.from_settings(
         request, seed=request.seed * 100_003 + request.server_round
@@ -105,19 +113,21 @@ def run_training_round(
         except ValueError:  # nothing (or too little) left to calibrate for
             return RoundOutcome(
                 update=None,
-                refusal=(
+                refusal=SiteRefusal(
+                    RefusalCode.PRIVACY_BUDGET,
                     f"privacy budget: {spent:.3f} of epsilon {privacy.epsilon:g} already "
-                    f"spent (delta {delta:g}, record-level, RDP accountant)"
+                    f"spent (delta {delta:g}, record-level, RDP accountant)",
                 ),
             )
         projected = epsilon_of([*ledger.history, (sigma, rate, round_steps)], delta)
         if projected > privacy.epsilon * (1 + 1e-9):
             return RoundOutcome(
                 update=None,
-                refusal=(
+                refusal=SiteRefusal(
+                    RefusalCode.PRIVACY_BUDGET,
                     f"privacy budget: round {request.server_round} would take epsilon to "
                     f"{projected:.3f} > {privacy.epsilon:g} (delta {delta:g}, record-level, "
-                    f"RDP accountant); spent so far {spent:.3f}"
+                    f"RDP accountant); spent so far {spent:.3f}",
                 ),
             )
         dp = DPSGDSettings(noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm)

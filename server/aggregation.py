@@ -20,6 +20,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from common.site_refusal import refusal_code_of
+
 logger = logging.getLogger(__name__)
 
 
@@ -48,8 +50,8 @@ def wait_for_sites(
 @dataclass
 class SiteOutcome:
     node_id: int
-    status: str  # "trained", "refused", "failed"
-    reason: str = ""
+    status: str  # "trained", "refused", "failed", "aborted"
+    reason: str = ""  # a refusal: the site's code (``common.site_refusal``), never its text
 
 
 @dataclass
@@ -88,9 +90,9 @@ def _reply_outcome(reply: Message, node_id: int) -> SiteOutcome:
     if reply.has_error():
         error = reply.error
         return SiteOutcome(node_id, "failed", f"error code {error.code}: {error.reason}")
-    status = reply.content.config_records.get("status")
-    if status is not None and bool(status.get("refused", False)):
-        return SiteOutcome(node_id, "refused", str(status.get("reason", "")))
+    code = refusal_code_of(reply.content.config_records.get("status"))
+    if code is not None:
+        return SiteOutcome(node_id, "refused", code)
     if "update" not in reply.content.array_records or "metrics" not in reply.content.metric_records:
         return SiteOutcome(node_id, "failed", "reply has no update or no metrics")
     return SiteOutcome(node_id, "trained")

@@ -46,6 +46,7 @@ from common.secure_round import (
     metric_ranges,
     unflatten_update,
 )
+from common.site_refusal import refusal_code_of
 from server.aggregation import RoundAggregate, SiteOutcome
 from server.secagg.stages import (
     ServerSecAggState,
@@ -193,10 +194,10 @@ class SecAggPlusAggregation:
         epsilon_max = 0.0
         keys: dict[int, dict[str, Any]] = {}
         for node, reply in setup.replies.items():
-            status = reply.content.config_records.get(RECORD_STATUS)
-            if status is not None and bool(status.get("refused", False)):
-                outcomes[node] = SiteOutcome(node, "refused", str(status.get("reason", "")))
-                logger.warning("site %s refused round %d: %s", node, round_id, status["reason"])
+            code = refusal_code_of(reply.content.config_records.get(RECORD_STATUS))
+            if code is not None:
+                outcomes[node] = SiteOutcome(node, "refused", code)
+                logger.warning("site %s refused round %d: %s", node, round_id, code)
                 continue
             payload = _payload(reply)
             if payload is None:
@@ -308,13 +309,9 @@ class SecAggPlusAggregation:
             elif reply.metadata.src_node_id != node:
                 stage.dropped[node] = f"{message_type}: reply from another node"
             else:
-                status = reply.content.config_records.get(RECORD_STATUS)
-                if (
-                    message_type != MESSAGE_SETUP
-                    and status is not None
-                    and bool(status.get("refused", False))
-                ):
-                    stage.dropped[node] = f"{message_type}: site refused: {status.get('reason')}"
+                code = refusal_code_of(reply.content.config_records.get(RECORD_STATUS))
+                if message_type != MESSAGE_SETUP and code is not None:
+                    stage.dropped[node] = f"{message_type}: site refused: {code}"
                 elif (
                     message_type != MESSAGE_SETUP
                     and RECORD_SECAGG not in reply.content.config_records

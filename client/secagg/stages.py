@@ -66,10 +66,22 @@ from common.secagg.share_cipher import (
     open_share_bundle,
     seal_share_bundle,
 )
+from common.site_refusal import RefusalCode, SiteRefusal
 
 
 class SecAggRefusal(check.InvalidPayloadError):
-    """The site refuses a request; the reason names what was wrong, never a secret."""
+    """The site refuses a request; the reason names what was wrong, never a secret.
+
+    ``code`` is what the coordinator is told (``common.site_refusal``); the message stays in
+    the site's log.
+    """
+
+    def __init__(self, message: str, *, code: RefusalCode = RefusalCode.BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def refusal(self) -> SiteRefusal:
+        return SiteRefusal(self.code, str(self))
 
 
 @dataclass(frozen=True)
@@ -128,18 +140,25 @@ def client_setup(
         raise SecAggRefusal(f"setup request rejected: {error}") from None
     if previous_round is not None and config.round_id <= previous_round:
         raise SecAggRefusal(
-            f"setup for round {config.round_id} replays or precedes round {previous_round}"
+            f"setup for round {config.round_id} replays or precedes round {previous_round}",
+            code=RefusalCode.OUT_OF_ORDER,
         )
     if site_id not in config.site_ids:
         raise SecAggRefusal("this site is not among the round's sites")
     if config.threshold < policy.min_threshold:
         raise SecAggRefusal(
-            f"threshold {config.threshold} is below this site's minimum {policy.min_threshold}"
+            f"threshold {config.threshold} is below this site's minimum {policy.min_threshold}",
+            code=RefusalCode.SECAGG_POLICY,
         )
     if config.num_sites < policy.min_sites:
-        raise SecAggRefusal(f"{config.num_sites} sites is below this site's minimum")
+        raise SecAggRefusal(
+            f"{config.num_sites} sites is below this site's minimum",
+            code=RefusalCode.TOO_FEW_SITES,
+        )
     if config.update_length > policy.max_update_length:
-        raise SecAggRefusal("update length exceeds this site's maximum")
+        raise SecAggRefusal(
+            "update length exceeds this site's maximum", code=RefusalCode.SECAGG_POLICY
+        )
     state = ClientSecAggState(
         site_id=site_id,
         config=config,
@@ -394,7 +413,8 @@ def _require_stage(
 ) -> None:
     if state.stage != previous:
         raise SecAggRefusal(
-            f"{stage} request out of order: this site's last stage was {state.stage!r}"
+            f"{stage} request out of order: this site's last stage was {state.stage!r}",
+            code=RefusalCode.OUT_OF_ORDER,
         )
     try:
         require_tag(request, round_id=state.config.round_id, stage=stage)

@@ -17,6 +17,7 @@ from common.data.dataset import ImageTextDataset
 from common.distributed_dp.plan import plan_distributed_dp
 from common.federation_config import FederationConfig
 from common.model import CrossAttentionMatcher
+from common.site_refusal import RefusalCode
 from common.train_request import TrainRequest, model_config_of
 
 CONFIG = FederationConfig.from_run_config(
@@ -86,8 +87,9 @@ def test_site_accounts_with_its_own_trust_assumption_and_refuses_over_budget() -
     # rate, so the planned run exceeds its budget of 3 at the first round.
     outcome = _step(SitePrivacyPolicy(min_honest_sites=2), PrivacyLedger())
     assert outcome.integers is None
-    assert "assuming 2 honest surviving sites" in (outcome.refusal or "")
-    assert "record-level" in (outcome.refusal or "")
+    assert outcome.refusal is not None and outcome.refusal.code == RefusalCode.PRIVACY_BUDGET
+    assert "assuming 2 honest surviving sites" in outcome.refusal.detail
+    assert "record-level" in outcome.refusal.detail
     # A site that assumes more honest sites than the run does accounts for more noise.
     assert _step(SitePrivacyPolicy(min_honest_sites=8), PrivacyLedger()).refusal is None
 
@@ -95,7 +97,8 @@ def test_site_accounts_with_its_own_trust_assumption_and_refuses_over_budget() -
 def test_lifetime_budget_counts_earlier_rounds() -> None:
     ledger = PrivacyLedger(history=[(1.0, 0.5, 30)])  # an earlier site-local run
     outcome = _step(SitePrivacyPolicy(max_epsilon=3.0), ledger)
-    assert outcome.integers is None and "privacy budget" in (outcome.refusal or "")
+    assert outcome.integers is None and outcome.refusal is not None
+    assert outcome.refusal.code == RefusalCode.PRIVACY_BUDGET
 
 
 def test_policy_key_and_unmask_guard() -> None:

@@ -19,6 +19,7 @@ from client.training_round import run_training_round
 from common.data.benchmark import benchmark_train_records
 from common.federation_config import FederationConfig
 from common.model import CrossAttentionMatcher
+from common.site_refusal import RefusalCode
 from common.train_request import TrainRequest
 
 pytestmark = [
@@ -112,11 +113,12 @@ def test_trains_every_planned_round_within_budget_then_refuses(data, global_stat
     before = copy.deepcopy(ledger)
     refused = train(ROUNDS + 1, data, global_state, ledger=ledger)
     assert refused.update is None and refused.metrics == {}
-    assert "privacy budget" in refused.refusal
+    assert refused.refusal is not None and refused.refusal.code == RefusalCode.PRIVACY_BUDGET
     assert ledger == before
     # The same round twice is refused too.
     again = train(2, data, global_state, ledger=ledger)
-    assert again.update is None and "already trained" in again.refusal
+    assert again.update is None and again.refusal is not None
+    assert again.refusal.code == RefusalCode.ALREADY_TRAINED
     assert ledger == before
 
 
@@ -131,7 +133,8 @@ def test_refuses_when_the_ledger_has_spent_the_budget(data, global_state) -> Non
     outcome = train(2, data, global_state, ledger=ledger)
 
     assert outcome.update is None and outcome.metrics == {}
-    reason = outcome.refusal
+    assert outcome.refusal is not None and outcome.refusal.code == RefusalCode.PRIVACY_BUDGET
+    reason = outcome.refusal.detail
     assert reason.startswith("privacy budget")
     assert f"{projected:.3f}" in reason and f"{spent:.3f}" in reason
     assert "> 3 " in reason and "delta 1e-05" in reason
@@ -143,7 +146,8 @@ def test_refuses_a_delta_not_below_one_over_n(data, global_state) -> None:
     outcome = train(
         1, data, global_state, ledger=ledger, policy=SitePrivacyPolicy(delta=0.05), delta=0.1
     )
-    assert outcome.update is None and "delta" in outcome.refusal
+    assert outcome.update is None and outcome.refusal is not None
+    assert outcome.refusal.code == RefusalCode.PRIVACY_POLICY and "delta" in outcome.refusal.detail
     assert ledger == PrivacyLedger()
 
 
@@ -220,7 +224,8 @@ def test_a_new_run_spends_what_is_left_of_the_lifetime_budget(data, global_state
     assert first.update is not None
     sigma_first, spent_first = ledger.noise_multiplier, ledger.epsilon()
     replay = train(1, data, global_state, ledger=ledger, policy=policy, run_id=11, epsilon=1.5)
-    assert replay.update is None and "already trained" in (replay.refusal or "")
+    assert replay.update is None and replay.refusal is not None
+    assert replay.refusal.code == RefusalCode.ALREADY_TRAINED
     second = train(1, data, global_state, ledger=ledger, policy=policy, run_id=12)
     assert second.update is not None
     assert ledger.run_id == 12 and ledger.rounds == [1]

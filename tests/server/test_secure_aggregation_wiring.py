@@ -32,6 +32,7 @@ from common.secure_round import (
     RECORD_STATUS,
     flatten_update,
 )
+from common.site_refusal import RefusalCode, SiteRefusal
 from server.secure_aggregation import SecAggPlusAggregation, SecAggSettings
 
 SHAPES = {"a.weight": (30, 20), "a.bias": (20,), "b": (7, 3, 5)}
@@ -89,7 +90,7 @@ def _numpy_trainer(
     def train(request, msg: Message, context: Context):
         node = context.node_id
         if node in refuse:
-            return "privacy budget: test refusal"
+            return SiteRefusal(RefusalCode.PRIVACY_BUDGET, "test refusal: 2.99 of 3 spent")
         keys = list(msg.content.array_records["arrays"].keys())
         rng = np.random.default_rng([node, request.server_round])
         update = {k: rng.normal(0, 0.05, SHAPES[k]) for k in keys}
@@ -226,7 +227,9 @@ def test_budget_refusal_at_setup_means_the_site_does_not_take_part() -> None:
     result = _run(grid, 1, SecAggPlusAggregation())
     assert result.aborted is None
     (refused,) = [o for o in result.outcomes if o.status == "refused"]
-    assert refused.node_id == NODES[0] and "privacy budget" in refused.reason
+    assert refused.node_id == NODES[0] and refused.reason == "privacy-budget"
+    # Only the code reaches the coordinator: the site's detail stays in the site's log.
+    assert "2.99" not in refused.reason
     assert result.total_weight == sum(weights[n] for n in NODES[1:])
 
 

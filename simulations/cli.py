@@ -14,6 +14,7 @@ from typing import Any
 
 from common.federation_config import PARTITION_SCHEMES, ConfigError, FederationConfig
 from simulations.cli_arguments import epsilon, key_value_pairs
+from simulations.run_log import RUN_LOG, log_tail, terminal_to_log
 
 RUN_CONFIG_FILE = "run-config.json"
 
@@ -56,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="Ray CPUs per site actor; 1 on 2 cores runs two sites at once",
     )
-    sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    sim.add_argument("--quiet", action="store_true", help="no progress bar or round lines")
+    sim.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show every library's and site's log output on the terminal (by default it goes "
+        "to run.log in the output folder)",
+    )
     deid = commands.add_parser(
         "deidentify",
         help="de-identify an imagefolder dataset (faces, personal data in captions)",
@@ -220,32 +227,51 @@ def _simulation_config(args: argparse.Namespace) -> tuple[FederationConfig, Path
     return config, out
 
 
-def _watch_progress(out: Path, total: int, stop: threading.Event) -> None:
+def round_line(row: dict[str, Any], total: int) -> str:
+    """One terminal line for a finished round of ``metrics.jsonl``."""
+    parts = [f"round {row.get('round', '?')}/{total}"]
+    if "accuracy" in row:
+        parts.append(f"accuracy {float(row['accuracy']):.3f}")
+    if "r_at_1_i2t" in row and "r_at_1_t2i" in row:
+        parts.append(f"R@1 i2t {float(row['r_at_1_i2t']):.3f} t2i {float(row['r_at_1_t2i']):.3f}")
+    for key in sorted(k for k in row if k.startswith("epsilon")):
+        parts.append(f"{key} {row[key]}")
+    parts.append(
+        f"sites trained {row.get('sites_trained', 0)} refused {row.get('sites_refused', 0)} "
+        f"failed {row.get('sites_failed', 0)}"
+    )
+    if "wall_s" in row:
+        parts.append(f"{float(row['wall_s']):.1f} s")
+    line = ", ".join(parts)
+    return f"{line} (model unchanged: {row['aborted']})" if row.get("aborted") else line
+
+
+def _watch_progress(out: Path, total: int, stop: threading.Event, terminal: Any) -> None:
+    """A progress bar and one line per finished round, on ``terminal``."""
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from server.run_report import read_metrics
 
+    shown = 0
     with Progress(
         TextColumn("[bold]rounds"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.description}"),
         TimeElapsedColumn(),
+        console=Console(file=terminal),
     ) as progress:
         task = progress.add_task("", total=total)
-        while not stop.is_set():
+        while True:
+            finished = stop.is_set()
             rows = read_metrics(out)
-            if rows:
-                last = rows[-1]
-                progress.update(
-                    task,
-                    completed=len(rows),
-                    description=(
-                        f"acc {float(last.get('accuracy', 0)):.3f} eps {last.get('epsilon_max')}"
-                    ),
-                )
+            for row in rows[shown:]:
+                progress.console.print(round_line(row, total), highlight=False, soft_wrap=True)
+            shown = len(rows)
+            progress.update(task, completed=shown)
+            if finished:
+                break
             stop.wait(1.0)
-        progress.update(task, completed=len(read_metrics(out)))
 
 
 def _print_summary(out: Path) -> None:
@@ -284,32 +310,45 @@ def simulate(args: argparse.Namespace) -> int:
         json.dumps({**config.to_run_config(), "resume": False}, indent=2)
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    stop = threading.Event()
-    watcher = None
-    if not args.quiet:
-        watcher = threading.Thread(
-            target=_watch_progress, args=(out, config.num_server_rounds, stop), daemon=True
-        )
-        watcher.start()
+    log_path = out / RUN_LOG
     started = time.monotonic()
-    try:
-        run_local_simulation(
-            config,
-            SimulationSettings(
-                num_sites=args.sites,
-                site_max_epsilon=args.site_max_epsilon,
-                num_cpus_per_site=args.cpus_per_site,
-            ),
-        )
-    finally:
-        stop.set()
-        if watcher is not None:
-            watcher.join(timeout=5)
+    with terminal_to_log(log_path, verbose=args.verbose) as terminal:
+        stop = threading.Event()
+        watcher = None
+        if not args.quiet:
+            watcher = threading.Thread(
+                target=_watch_progress,
+                args=(out, config.num_server_rounds, stop, terminal),
+                daemon=True,
+            )
+            watcher.start()
+        try:
+            run_local_simulation(
+                config,
+                SimulationSettings(
+                    num_sites=args.sites,
+                    site_max_epsilon=args.site_max_epsilon,
+                    num_cpus_per_site=args.cpus_per_site,
+                ),
+            )
+        except BaseException:
+            logging.getLogger(__name__).exception("the simulation failed")
+            raise
+        finally:
+            stop.set()
+            if watcher is not None:
+                watcher.join(timeout=10)
     if not (out / "summary.json").exists():
-        print(f"the run did not finish; outputs so far are in {out}", file=sys.stderr)
+        tail = "" if args.verbose else log_tail(log_path)
+        print(
+            f"the run did not finish; outputs so far are in {out}"
+            + (f"; the end of {log_path}:\n{tail}" if tail else ""),
+            file=sys.stderr,
+        )
         return 1
     _print_summary(out)
-    print(f"outputs in {out} ({time.monotonic() - started:.0f} s)")
+    where = "" if args.verbose else f"; log in {log_path}"
+    print(f"outputs in {out} ({time.monotonic() - started:.0f} s{where})")
     return 0
 
 

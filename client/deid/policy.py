@@ -34,7 +34,8 @@ from client.deid.pseudonymise import TextAction
 from client.deid.text_pii import PiiType
 
 #: Weakest blur a policy may ask for: at 0.1 a 150 px face gets sigma 15, the strength that
-#: no longer matched the original identity in our check (shared/NOTES.md).
+#: no longer matched the original identity in a check with a dlib face embedding (sigma 5
+#: still matched: distance 0.58 below the 0.6 threshold).
 MIN_BLUR_SCALE = 0.1
 
 

@@ -21,7 +21,8 @@ Three kinds of round, side by side:
 
 With ``--flower-legacy``, Flower's own SecAgg+ (``SecAggPlusWorkflow`` + ``secaggplus_mod``)
 runs too, in its own simulation after ours: it works only on the legacy API (NumPyClient,
-LegacyContext, DefaultWorkflow; see NOTES). Its clients return the same kind of random
+LegacyContext, DefaultWorkflow: with the Message API's FedAvg every node fails with
+``KeyError 'secaggplus_configs'``). Its clients return the same kind of random
 update; ``num_shares`` = k + 1 and ``reconstruction_threshold`` = t of our defaults. Its
 round time is the median gap between successive ``aggregate_fit`` calls.
 

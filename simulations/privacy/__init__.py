@@ -1,2 +1,2 @@
 """Privacy evaluation: membership inference against the trained global model and the
-privacy-utility sweep (issue 6)."""
+privacy-utility sweep."""

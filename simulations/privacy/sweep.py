@@ -1,5 +1,5 @@
 """The privacy-utility sweep: federated runs at several epsilons and partitions, each
-attacked by membership inference (issue 6).
+attacked by membership inference.
 
 For every (partition, epsilon) point, ``fedmm simulate`` trains the global model with every
 site capped at ``records_per_site`` records (the rest of each partition is held out of all

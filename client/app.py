@@ -18,10 +18,10 @@ Two ways to take part in a round:
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
-import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,8 +31,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.distributed_dp_guard import GUARD_KEY, TooFewSurvivors, require_enough_survivors
-from client.privacy_ledger import LEDGER_KEY, PrivacyLedger
+from client.privacy_ledger import LEDGER_KEY, PrivacyLedger, ledger_file_session
 from client.privacy_policy import SitePrivacyPolicy
+from client.reply_padding import pad_training_replies
 from client.secagg.pending_update import (
     PendingUpdate,
     discard_pending_updates,
@@ -57,6 +58,9 @@ from common.secure_round import (
     ACTION_SETUP,
     ACTION_SHARE,
     ACTION_UNMASK,
+    METRIC_EPSILON_BOUND,
+    METRIC_NUM_EXAMPLES,
+    METRIC_STEPS,
     RECORD_MASKED,
     RECORD_PRIVACY,
     RECORD_SECAGG,
@@ -74,7 +78,8 @@ if TYPE_CHECKING:  # torch: imported only by the handlers that train
 logger = logging.getLogger(__name__)
 LEDGER_DIR_ENV = "FEDMM_LEDGER_DIR"
 
-app = ClientApp()
+#: Every training reply is padded to the site policy's ``min-reply-seconds``.
+app = ClientApp(mods=[pad_training_replies])
 
 
 def _ledger_file(context: Context) -> Path | None:
@@ -88,44 +93,50 @@ def _ledger_file(context: Context) -> Path | None:
     return None
 
 
-def _load_ledger(context: Context) -> PrivacyLedger:
+@contextlib.contextmanager
+def _ledger_session(context: Context) -> Iterator[PrivacyLedger]:
+    """The site's ledger for one training message, saved when the block changed it: from
+    its file (locked from load to save, so two handler processes never spend one state), or
+    from this run's node state when the site names no ledger file."""
     path = _ledger_file(context)
     if path is not None:
-        return PrivacyLedger.load(path)
-    if LEDGER_KEY in context.state.config_records:
-        return PrivacyLedger.from_record(context.state.config_records[LEDGER_KEY])
-    return PrivacyLedger()
-
-
-def _save_ledger(context: Context, ledger: PrivacyLedger) -> None:
-    context.state.config_records[LEDGER_KEY] = ledger.to_record()
-    path = _ledger_file(context)
-    if path is not None:
-        ledger.save(path)
+        with ledger_file_session(path) as ledger:
+            before = copy.deepcopy(ledger)
+            yield ledger
+            if ledger != before:
+                ledger.save(path)
+                context.state.config_records[LEDGER_KEY] = ledger.to_record()
+        return
+    record = context.state.config_records.get(LEDGER_KEY)
+    ledger = PrivacyLedger() if record is None else PrivacyLedger.from_record(record)
+    before = copy.deepcopy(ledger)
+    yield ledger
+    if ledger != before:
+        context.state.config_records[LEDGER_KEY] = ledger.to_record()
 
 
 def _train_at_site(request: TrainRequest, arrays: ArrayRecord, context: Context) -> RoundOutcome:
     """The site's data, policy and ledger, then ``run_training_round``; the ledger is saved
-    when the site trained. torch is imported here only (deployment: a process a message)."""
+    when it changed (the site trained, or drew its noisy count). torch is imported here only
+    (deployment: a process a message)."""
     import torch
 
     from client.site_data import load_site_data
     from client.training_round import run_training_round
 
     torch.set_num_threads(int(os.environ.get("FEDMM_TORCH_THREADS", "1")))
-    ledger = _load_ledger(context)
-    outcome = run_training_round(
-        global_state=arrays.to_torch_state_dict(),
-        request=request,
-        data=load_site_data(context.node_config, request),
-        policy=SitePrivacyPolicy.for_site(context.node_config),
-        ledger=ledger,
-        run_id=context.run_id,
-    )
+    with _ledger_session(context) as ledger:
+        outcome = run_training_round(
+            global_state=arrays.to_torch_state_dict(),
+            request=request,
+            data=load_site_data(context.node_config, request),
+            policy=SitePrivacyPolicy.for_site(context.node_config),
+            ledger=ledger,
+            run_id=context.run_id,
+            persistent_ledger=_ledger_file(context) is not None,
+        )
     if outcome.update is None:
         logger.warning("site refuses round %s: %s", request.server_round, outcome.refusal)
-    else:
-        _save_ledger(context, ledger)
     return outcome
 
 
@@ -158,10 +169,9 @@ class LocalUpdate:
     """What local training hands to secure aggregation."""
 
     update: np.ndarray  # flat, in the global arrays' order
-    num_examples: int
-    train_loss: float
+    num_examples: int  # the site's public (noisy) record count
     steps: int
-    epsilon: float
+    epsilon_bound: float  # the bound the site commits to, not its exact spend
 
 
 #: A trainer: (train request, setup message, context) -> the update, or a refusal.
@@ -179,10 +189,9 @@ def train_with_dp(
     keys = list(arrays.keys())
     return LocalUpdate(
         update=flatten_update({k: v.numpy() for k, v in outcome.update.items()}, keys),
-        num_examples=int(outcome.metrics["num-examples"]),
-        train_loss=float(outcome.metrics["train-loss"]),
-        steps=int(outcome.metrics["steps"]),
-        epsilon=float(outcome.metrics["epsilon"]),
+        num_examples=int(outcome.metrics[METRIC_NUM_EXAMPLES]),
+        steps=int(outcome.metrics[METRIC_STEPS]),
+        epsilon_bound=float(outcome.metrics[METRIC_EPSILON_BOUND]),
     )
 
 
@@ -215,29 +224,28 @@ def train_distributed_dp(
     if plan is None:
         return SiteRefusal(RefusalCode.BAD_REQUEST, "distributed-DP request has no plan")
     arrays = msg.content.array_records["arrays"]
-    ledger = _load_ledger(context)
-    outcome = run_distributed_dp_step(
-        global_state=arrays.to_torch_state_dict(),
-        request=request,
-        plan=plan,
-        data=load_site_data(context.node_config, request),
-        policy=SitePrivacyPolicy.for_site(context.node_config),
-        ledger=ledger,
-        bit_width=bit_width,
-        run_id=context.run_id,
-    )
+    with _ledger_session(context) as ledger:
+        outcome = run_distributed_dp_step(
+            global_state=arrays.to_torch_state_dict(),
+            request=request,
+            plan=plan,
+            data=load_site_data(context.node_config, request),
+            policy=SitePrivacyPolicy.for_site(context.node_config),
+            ledger=ledger,
+            bit_width=bit_width,
+            run_id=context.run_id,
+            persistent_ledger=_ledger_file(context) is not None,
+        )
     if outcome.integers is None:
         return outcome.refusal or SiteRefusal(RefusalCode.BAD_REQUEST)
-    _save_ledger(context, ledger)
     context.state.config_records[GUARD_KEY] = ConfigRecord(
         {"round": request.server_round, "min-survivors": outcome.honest_sites}
     )
     return LocalUpdate(
         update=outcome.integers,
         num_examples=outcome.num_records,
-        train_loss=math.nan,  # not sent: the batch loss is not differentially private
         steps=1,
-        epsilon=outcome.epsilon,
+        epsilon_bound=outcome.epsilon_bound,
     )
 
 
@@ -374,16 +382,14 @@ def run_secagg_setup(msg: Message, context: Context, *, train: Trainer) -> Messa
             round_id=config.round_id,
             update=trained.update,
             weight=weight,
-            metrics=weighted_metrics(
-                weight=weight, train_loss=trained.train_loss, steps=trained.steps
-            ),
+            metrics=weighted_metrics(weight=weight, steps=trained.steps),
         ),
     )
     _store_state(context, state, pending_file=str(path))
     context.state.config_records[SECAGG_LAST_ROUND_KEY] = ConfigRecord({"round": config.round_id})
     out = _secagg_reply(msg, reply)
     out.content.metric_records[RECORD_PRIVACY] = MetricRecord(
-        {"epsilon": reported_epsilon(trained.epsilon)}
+        {"epsilon": reported_epsilon(trained.epsilon_bound)}
     )
     return out
 

@@ -11,16 +11,19 @@ The coordinator sends the model and the run's ``DistributedDPPlan``. The site
    by the scale gamma = C / c, sums them and rounds the sum to integers at random (Kairouz,
    Liu, Steinke, ICML 2021), so that one record moves the integer sum by at most D2 = c +
    sqrt(d) in L2 and D1 in L1 (``common.distributed_dp.rounding``: the sensitivities the
-   accountant uses);
+   accountant uses), then clips each entry to the plan's public bound [-L, L] (1-Lipschitz
+   per entry: the sensitivities still hold; no sum can wrap mod 2^b);
 4. adds its Skellam share (variance ``share_variance``, sampled from ``os.urandom`` by exact
    inversion) and reduces the result into Z_(2^b) for SecAgg+.
 
+Its record count goes into the SecAgg+ weight slot only as its noisy count (drawn and charged
+once per run, ``client.record_count``), so the coordinator learns N = sum of noisy counts.
+
 The guarantee: record-level (epsilon, delta)-DP with respect to adding or removing one record
-anywhere in the federation, for the sequence of revealed noisy sums (and so the model, by
-post-processing), provided at least h sites whose shares are in each sum are honest (follow
-the protocol and keep their noise secret from the coordinator) and SecAgg+ reveals only the
-sum. The number of records N and the count of sites are revealed (as DP-SGD implementations
-treat the dataset size as public); the sampled batch size and the training loss are not sent.
+anywhere in the federation, for the sequence of revealed noisy sums and noisy counts (and so
+the model, by post-processing), provided at least h sites whose shares are in each sum are
+honest (follow the protocol and keep their noise secret from the coordinator) and SecAgg+
+reveals only the sum. The sampled batch size and the training loss are not sent.
 """
 
 from __future__ import annotations
@@ -33,14 +36,22 @@ import numpy as np
 import torch
 
 from client.privacy_ledger import PrivacyLedger
-from client.privacy_policy import PolicyRefusal, SitePrivacyPolicy, effective_privacy
+from client.privacy_policy import (
+    PolicyRefusal,
+    SitePrivacyPolicy,
+    effective_privacy,
+    require_delta_below_one_over,
+)
+from client.record_count import public_count
 from client.training import MatchingDataset
+from client.training_round import release_noisy_count, unknown_run_refusal
 from common.data.dataset import ImageTextDataset
 from common.distributed_dp.plan import DistributedDPPlan
 from common.distributed_dp.rounding import new_rounding_generator, randomized_round
-from common.distributed_dp.skellam import RandomBytes, secure_uniforms, skellam_share
+from common.distributed_dp.skellam import RandomBytes, skellam_share
 from common.loss import matching_loss
 from common.model import CrossAttentionMatcher
+from common.secure_random import bernoulli_indices
 from common.site_refusal import RefusalCode, SiteRefusal
 from common.tokenizer import HashingTokenizer
 from common.train_request import TrainRequest
@@ -57,8 +68,9 @@ class DistributedStepOutcome:
     """The masked-to-be vector (``None`` when refused) and what the site reports."""
 
     integers: np.ndarray | None  # uint64 entries in [0, 2^b), the global arrays' order
-    num_records: int = 0
-    epsilon: float = math.nan
+    num_records: int = 0  # the public (noisy) record count: the weight slot
+    epsilon: float = math.nan  # the exact spend after this round: the site's log only
+    epsilon_bound: float = math.nan  # the bound the site commits to (sent)
     honest_sites: int = 0
     refusal: SiteRefusal | None = None
 
@@ -76,10 +88,14 @@ def check_budget(
     delta: float,
     honest_sites: int,
     first_round_of_run: bool,
+    count_noise: float | None = None,
 ) -> tuple[SiteRefusal | None, float]:
     """A refusal (None: go ahead) when the run (first round) or this round would
-    exceed the budget, and the epsilon after this round."""
+    exceed the budget, and the epsilon after this round. ``count_noise``: a noisy record
+    count still to be charged this run (None when the ledger holds it already)."""
     trust = f"assuming {honest_sites} honest surviving sites"
+    if count_noise is not None:
+        ledger = _with_count(ledger, count_noise)
     if first_round_of_run:
         planned = _with_rounds(ledger, plan, honest_sites, plan.num_rounds).epsilon(delta)
         if planned > max_epsilon * (1 + 1e-9):
@@ -97,6 +113,13 @@ def check_budget(
             f"{max_epsilon:g} (delta {delta:g}, record-level, {ACCOUNTANT}, {trust})",
         ), projected
     return None, projected
+
+
+def _with_count(ledger: PrivacyLedger, count_noise: float) -> PrivacyLedger:
+    copy = PrivacyLedger(history=list(ledger.history))
+    copy.distributed_history = list(ledger.distributed_history)
+    copy.charge_noisy_count(0.0, count_noise=count_noise)
+    return copy
 
 
 def _with_rounds(
@@ -120,8 +143,7 @@ def _with_rounds(
 
 def poisson_sample(num_records: int, rate: float, random_bytes: RandomBytes) -> np.ndarray:
     """Indices of the records that join this step: each independently with probability q."""
-    uniforms, _ = secure_uniforms(num_records, random_bytes)
-    return np.flatnonzero(uniforms < rate)
+    return bernoulli_indices(num_records, rate, random_bytes)
 
 
 def integer_gradient_sum(
@@ -136,7 +158,7 @@ def integer_gradient_sum(
     tokenizer: HashingTokenizer,
 ) -> np.ndarray:
     """The randomly rounded sum over ``indices`` of each record's clipped gradient divided by
-    gamma (int64)."""
+    gamma, each entry clipped to the plan's [-L, L] (int64)."""
     from opacus import GradSampleModule  # heavy import, only where gradients are computed
 
     shapes = model.state_dict()
@@ -171,7 +193,8 @@ def integer_gradient_sum(
             total += (factor / plan.scale) @ per_example.to(torch.float64)
     finally:
         wrapped._close()
-    return randomized_round(total, generator=generator).numpy()
+    rounded = randomized_round(total, generator=generator).numpy()
+    return np.clip(rounded, -plan.site_sum_bound, plan.site_sum_bound)
 
 
 def _trainable_mask(model: CrossAttentionMatcher, keys: list[str]) -> np.ndarray:
@@ -201,20 +224,25 @@ def run_distributed_dp_step(
     ledger: PrivacyLedger,
     bit_width: int,
     run_id: int = 0,
+    persistent_ledger: bool = True,
     random_bytes: RandomBytes = os.urandom,
 ) -> DistributedStepOutcome:
     """One distributed-DP round at this site; ``ledger`` is updated in place when it takes
-    part. A refusal says why in plain words."""
+    part, and when it draws the run's noisy count (the caller saves it whenever it changed).
+    A refusal's detail is for the site's log; only its code is sent."""
+    unknown = unknown_run_refusal(
+        ledger,
+        run_id=run_id,
+        server_round=request.server_round,
+        persistent_ledger=persistent_ledger,
+    )
+    if unknown is not None:
+        return DistributedStepOutcome(None, refusal=unknown)
     ledger.start_run(run_id)
     n = len(data)
     if n == 0:
         return DistributedStepOutcome(None, refusal=SiteRefusal(RefusalCode.NO_DATA, "no records"))
-    try:
-        privacy = effective_privacy(policy, request, num_records=n)
-    except PolicyRefusal as refusal:
-        return DistributedStepOutcome(
-            None, refusal=SiteRefusal(RefusalCode.PRIVACY_POLICY, str(refusal))
-        )
+    privacy = effective_privacy(policy, request)
     if not privacy.private:
         return DistributedStepOutcome(
             None,
@@ -252,7 +280,8 @@ def run_distributed_dp_step(
                 f"shares is below this site's floor {privacy.noise_multiplier_floor:g}",
             ),
         )
-    delta = ledger.delta or privacy.delta
+    delta = ledger.budget_delta(privacy.delta)
+    count_noise = max(policy.record_count_noise, plan.count_noise)
     refusal, projected = check_budget(
         plan=plan,
         ledger=ledger,
@@ -260,9 +289,28 @@ def run_distributed_dp_step(
         delta=delta,
         honest_sites=honest,
         first_round_of_run=not ledger.rounds,
+        count_noise=count_noise if ledger.noisy_count is None else None,
     )
     if refusal is not None:
         return DistributedStepOutcome(None, refusal=refusal)
+    refusal = release_noisy_count(
+        ledger,
+        num_records=n,
+        count_noise=count_noise,
+        max_epsilon=privacy.epsilon,
+        delta=delta,
+        random_bytes=random_bytes,
+        accountant=ACCOUNTANT,
+    )
+    if refusal is not None:
+        return DistributedStepOutcome(None, refusal=refusal)
+    count = public_count(ledger.noisy_count or 0.0)
+    try:
+        require_delta_below_one_over(count, delta)
+    except PolicyRefusal as error:
+        return DistributedStepOutcome(
+            None, refusal=SiteRefusal(RefusalCode.PRIVACY_POLICY, str(error))
+        )
 
     tokenizer = HashingTokenizer(
         max_len=model.config.max_len, num_buckets=model.config.vocab_buckets
@@ -292,7 +340,8 @@ def run_distributed_dp_step(
     ledger.rounds.append(request.server_round)
     return DistributedStepOutcome(
         integers=integers,
-        num_records=n,
+        num_records=count,
         epsilon=projected,
+        epsilon_bound=privacy.epsilon,
         honest_sites=honest,
     )

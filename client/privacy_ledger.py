@@ -3,9 +3,17 @@
 The ledger holds the RDP accountant's history (noise multiplier, sample rate, steps per
 entry) and the noise multiplier calibrated at the site's first round, so epsilon is
 cumulative: it is recomputed from the whole history every time, never reset per round.
-It lives in ``context.state`` and, when the site names a ledger file, on disk as JSON.
+It lives in ``context.state`` and, when the site names a ledger file, on disk as JSON; a
+ledger file is locked (``fcntl.flock`` on ``<file>.lock``) from load to save
+(:func:`ledger_file_session`), so two handler processes cannot both spend one state.
 The accountant is Opacus' RDP accountant (Mironov, CSF 2017; Mironov, Talwar, Zhang 2019
 for the sampled Gaussian mechanism).
+
+The noisy record count of a run (``client.record_count``: n + N(0, sigma_c^2), the only form
+in which a site releases its count) is kept with the run (``noisy_count``) and charged once
+per run as the entry (sigma_c, 1.0, 1) of ``history``: the Gaussian mechanism of L2
+sensitivity 1 has exactly the RDP of a sampled Gaussian step with q = 1 and multiplier
+sigma_c (Mironov 2017, Prop. 7).
 
 Distributed-DP rounds (``dp-mode = "distributed"``) are kept apart in
 ``distributed_history``: (Skellam variance the site assumes is in the sum, L1 and L2
@@ -16,9 +24,12 @@ both is added at integer orders and converted once, so the lifetime epsilon cove
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,8 +41,9 @@ ACCOUNTANT = "rdp"
 
 @dataclass
 class PrivacyLedger:
-    """``history`` is the site's lifetime spend (every run); ``run_id``, ``rounds`` and
-    ``noise_multiplier`` belong to the current run and are reset when a new run starts."""
+    """``history`` is the site's lifetime spend (every run); ``run_id``, ``rounds``,
+    ``noise_multiplier`` and ``noisy_count`` belong to the current run and are reset when a
+    new run starts. ``count_releases`` counts the noisy counts charged in ``history``."""
 
     noise_multiplier: float | None = None
     delta: float | None = None
@@ -42,17 +54,45 @@ class PrivacyLedger:
     distributed_history: list[tuple[float, float, float, float, int]] = field(default_factory=list)
     #: The trust assumption of the latest distributed-DP round: honest sites assumed.
     distributed_honest_sites: int = 0
+    #: This run's noisy record count (drawn once per run, charged in ``history``).
+    noisy_count: float | None = None
+    #: How many noisy counts ``history`` charges (one per run that drew one).
+    count_releases: int = 0
+
+    def knows_run(self, run_id: int) -> bool:
+        """Whether this ledger holds state of run ``run_id`` (a round, a count or a sigma)."""
+        return self.run_id == run_id and bool(
+            self.rounds or self.noisy_count is not None or self.noise_multiplier is not None
+        )
 
     def start_run(self, run_id: int) -> None:
-        """Enter ``run_id``: a new run gets its own calibration and round list."""
+        """Enter ``run_id``: a new run gets its own calibration, round list and count."""
         if run_id != self.run_id:
             self.run_id, self.noise_multiplier, self.rounds = run_id, None, []
+            self.noisy_count = None
+
+    def budget_delta(self, policy_delta: float) -> float:
+        """The delta budgets are checked at: the smaller of the ledger's and the policy's."""
+        return policy_delta if self.delta is None else min(self.delta, policy_delta)
+
+    def charge_noisy_count(self, noisy_count: float, *, count_noise: float) -> None:
+        """Keep this run's noisy count and charge its Gaussian mechanism (sensitivity 1)."""
+        self.noisy_count = float(noisy_count)
+        self.history.append(count_charge(count_noise))
+        self.count_releases += 1
 
     def epsilon(self, delta: float | None = None) -> float:
+        return self.epsilon_with([], delta)
+
+    def epsilon_with(
+        self, steps: list[tuple[float, float, int]], delta: float | None = None
+    ) -> float:
+        """Lifetime epsilon if the sampled-Gaussian ``steps`` were added to the ledger."""
         delta = delta if delta is not None else self.delta or 1e-5
+        history = [*self.history, *steps]
         if not self.distributed_history:
-            return epsilon_of(self.history, delta)
-        return combined_epsilon(self.history, self.distributed_history, delta)
+            return epsilon_of(history, delta)
+        return combined_epsilon(history, self.distributed_history, delta)
 
     def describe(self, delta: float | None = None) -> str:
         """What the ledger holds, in plain words (written into the ledger file)."""
@@ -60,8 +100,12 @@ class PrivacyLedger:
         if not self.history and not self.distributed_history:
             return "nothing spent yet"
         parts = []
-        if self.history:
-            steps = sum(n for _, _, n in self.history)
+        if self.count_releases:
+            parts.append(
+                f"{self.count_releases} noisy record count(s) (Gaussian mechanism, sensitivity 1)"
+            )
+        steps = sum(n for _, _, n in self.history) - self.count_releases
+        if steps > 0:
             parts.append(
                 f"{steps} site-local DP-SGD steps (record-level DP for this site's records; "
                 "RDP accountant of the sampled Gaussian mechanism)"
@@ -111,12 +155,16 @@ class PrivacyLedger:
                 "ddp-sample-rates": [float(e[3]) for e in self.distributed_history],
                 "ddp-steps": [int(e[4]) for e in self.distributed_history],
                 "ddp-honest-sites": self.distributed_honest_sites,
+                # a list: empty when no count was drawn (a noisy count may be negative)
+                "noisy-count": [] if self.noisy_count is None else [float(self.noisy_count)],
+                "count-releases": self.count_releases,
             }
         )
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> PrivacyLedger:
         sigma, delta = float(record["noise-multiplier"]), float(record["delta"])
+        noisy = [float(v) for v in record.get("noisy-count", [])]  # type: ignore[union-attr]
         history = list(
             zip(record["sigmas"], record["sample-rates"], record["steps"], strict=True)  # type: ignore[arg-type]
         )
@@ -138,6 +186,8 @@ class PrivacyLedger:
                 )
             ],
             distributed_honest_sites=int(record.get("ddp-honest-sites", 0)),  # type: ignore[arg-type]
+            noisy_count=noisy[0] if noisy else None,
+            count_releases=int(record.get("count-releases", 0)),  # type: ignore[arg-type]
         )
 
     def save(self, path: Path) -> None:
@@ -168,7 +218,37 @@ class PrivacyLedger:
                 for v, a, b, q, n in data.get("distributed_history", [])
             ],
             distributed_honest_sites=int(data.get("distributed_honest_sites", 0)),
+            noisy_count=data.get("noisy_count"),
+            count_releases=int(data.get("count_releases", 0)),
         )
+
+
+@contextlib.contextmanager
+def ledger_file_session(path: Path) -> Iterator[PrivacyLedger]:
+    """The ledger in ``path``, with an exclusive lock held until the block ends.
+
+    Load, decide, train and save inside one ``with`` block: a second process that opens the
+    same ledger waits until the first has saved, so it never trains on a stale state. The
+    lock is ``fcntl.flock`` on ``<path>.lock`` (the ledger itself is replaced atomically on
+    save, so its own inode cannot carry the lock); the kernel releases it if the process
+    dies.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield PrivacyLedger.load(path)
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def count_charge(count_noise: float) -> tuple[float, float, int]:
+    """The history entry of one noisy count: Gaussian noise of standard deviation
+    ``count_noise`` on a count of sensitivity 1 (add/remove one record)."""
+    if not (math.isfinite(count_noise) and count_noise > 0):
+        raise ValueError(f"count noise must be finite and > 0, got {count_noise}")
+    return (float(count_noise), 1.0, 1)
 
 
 def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
@@ -208,19 +288,34 @@ def combined_epsilon(
 
 
 def calibrate_noise_multiplier(
-    *, epsilon: float, delta: float, sample_rate: float, steps: int
+    *,
+    epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    spent: PrivacyLedger | None = None,
+    relative_tolerance: float = 1e-3,
 ) -> float:
-    """Sigma such that ``steps`` steps at ``sample_rate`` spend at most ``epsilon``."""
+    """The smallest sigma (to ``relative_tolerance``) such that the ledger ``spent`` (every
+    entry of both kinds) followed by ``steps`` steps at ``sample_rate`` stays within
+    ``epsilon`` (RDP composition, converted once). Raises ``ValueError`` when no sigma up
+    to 1e4 does (the budget is spent)."""
     if not math.isfinite(epsilon):
         return 0.0
-    from opacus.accountants.utils import get_noise_multiplier
+    ledger = spent or PrivacyLedger()
 
-    return float(
-        get_noise_multiplier(
-            target_epsilon=epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=ACCOUNTANT,
-        )
-    )
+    def total(sigma: float) -> float:
+        return ledger.epsilon_with([(sigma, sample_rate, steps)], delta)
+
+    low, high = 0.0, 1.0
+    while total(high) > epsilon:
+        low, high = high, 2 * high
+        if high > 1e4:
+            raise ValueError(f"epsilon {epsilon:g} cannot be met: the ledger has spent it")
+    while (high - low) > relative_tolerance * high:
+        middle = (low + high) / 2
+        if total(middle) > epsilon:
+            low = middle
+        else:
+            high = middle
+    return high

@@ -24,6 +24,8 @@ _KEYS = {
     "min-noise-multiplier": "min_noise_multiplier",
     "max-grad-norm": "max_grad_norm",
     "min-honest-sites": "min_honest_sites",
+    "record-count-noise": "record_count_noise",
+    "min-reply-seconds": "min_reply_seconds",
 }
 
 
@@ -43,6 +45,11 @@ class SitePrivacyPolicy:
     ``min_honest_sites``: distributed DP only: the number h of honest sites whose noise
     shares this site assumes are in every sum (it refuses to unmask a round with fewer
     survivors, and accounts with h shares); 0 accepts the run's ``dp-min-honest-sites``.
+    ``record_count_noise``: sigma_c, the standard deviation (in records) of the Gaussian
+    noise on the record count the site releases once per run (``client.record_count``);
+    charged to the ledger. ``min_reply_seconds``: a training reply leaves no earlier than
+    this many seconds after the request arrived (``client.reply_padding``), so that its
+    timing does not reveal how much work the site did; 0 (no padding) in simulation.
     """
 
     max_epsilon: float = 3.0
@@ -50,6 +57,8 @@ class SitePrivacyPolicy:
     min_noise_multiplier: float = 0.0
     max_grad_norm: float | None = None
     min_honest_sites: int = 0
+    record_count_noise: float = 20.0
+    min_reply_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.max_epsilon > 0:
@@ -65,6 +74,15 @@ class SitePrivacyPolicy:
         if self.min_honest_sites < 0 or int(self.min_honest_sites) != self.min_honest_sites:
             raise PolicyError(
                 f"min-honest-sites must be an integer >= 0, got {self.min_honest_sites}"
+            )
+        if not (math.isfinite(self.record_count_noise) and self.record_count_noise > 0):
+            raise PolicyError(
+                "record-count-noise must be a finite number of records > 0 (the noise on "
+                f"the count this site releases), got {self.record_count_noise}"
+            )
+        if not (math.isfinite(self.min_reply_seconds) and self.min_reply_seconds >= 0):
+            raise PolicyError(
+                f"min-reply-seconds must be a finite number >= 0, got {self.min_reply_seconds}"
             )
 
     @classmethod
@@ -138,22 +156,23 @@ class PolicyRefusal(Exception):
     """The site will not train under this request; the message says why."""
 
 
-def effective_privacy(
-    policy: SitePrivacyPolicy, request: TrainRequest, *, num_records: int
-) -> EffectivePrivacy:
-    """The more private of the site's policy and the request, checked against the data."""
-    epsilon = min(policy.max_epsilon, float(request.epsilon))
-    delta = min(policy.delta, float(request.delta))
-    if math.isfinite(epsilon) and delta >= 1.0 / num_records:
-        raise PolicyRefusal(
-            f"delta {delta:g} is not below 1/n = {1.0 / num_records:g} for this site's "
-            f"{num_records} records; lower delta in the site policy or the run config"
-        )
+def effective_privacy(policy: SitePrivacyPolicy, request: TrainRequest) -> EffectivePrivacy:
+    """The more private of the site's policy and the request."""
     return EffectivePrivacy(
-        epsilon=epsilon,
-        delta=delta,
+        epsilon=min(policy.max_epsilon, float(request.epsilon)),
+        delta=min(policy.delta, float(request.delta)),
         noise_multiplier_floor=max(
             policy.min_noise_multiplier, float(request.noise_multiplier_floor)
         ),
         max_grad_norm=policy.max_grad_norm or float(request.max_grad_norm),
     )
+
+
+def require_delta_below_one_over(count: int, delta: float) -> None:
+    """Raise :class:`PolicyRefusal` unless delta < 1/``count`` (the site's public, noisy
+    record count: the check itself must not depend on the true count)."""
+    if delta >= 1.0 / count:
+        raise PolicyRefusal(
+            f"delta {delta:g} is not below 1/n = {1.0 / count:g} for this site's noisy "
+            f"record count {count}; lower delta in the site policy or the run config"
+        )

@@ -1,17 +1,18 @@
 """Local training at a site: DP-SGD with Opacus, or plain SGD when DP is off.
 
-DP-SGD (Abadi et al., CCS 2016) as implemented by Opacus (Yousefpour et al., 2021):
-Poisson sampling of each batch (every record independently with rate q), per-example
-gradient clipping to ``max_grad_norm`` and Gaussian noise of standard deviation
-``noise_multiplier * max_grad_norm``. The RDP accountant's history is passed in and
-returned, so epsilon accumulates over every round the site takes part in.
+DP-SGD (Abadi et al., CCS 2016) with Opacus' per-example gradients and clipping (Yousefpour
+et al., 2021): Poisson sampling of each batch (every record independently with rate q),
+per-example gradient clipping to ``max_grad_norm`` and Gaussian noise of standard deviation
+``noise_multiplier * max_grad_norm``, both drawn from a CSPRNG (``client.secure_dp_sgd``).
+The sampling rate, the steps and the expected batch follow from ``DPSGDSettings.record_count``
+(a site passes its noisy, accounted record count). The RDP accountant's history is passed in
+and returned, so epsilon accumulates over every round the site takes part in.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from common.data.dataset import ImageTextDataset
 from common.loss import candidate_tokens, matching_loss
 from common.model import CrossAttentionMatcher
+from common.secure_random import RandomBytes, fresh_random_bytes
 from common.tokenizer import HashingTokenizer
 
 logger = logging.getLogger(__name__)
@@ -55,10 +57,17 @@ class TrainingRecipe:
 
 @dataclass(frozen=True)
 class DPSGDSettings:
-    """The noise and clipping of DP-SGD."""
+    """The noise and clipping of DP-SGD, and the record count its sampling follows.
+
+    ``record_count`` sets the Poisson rate q = 1 / ceil(count / batch), the steps per epoch
+    ceil(count / batch) and the expected batch q * count. A site passes its noisy record
+    count, so that none of these is a function of its true count; ``None`` uses the true
+    count (only where the count is public, e.g. a centralised reference run).
+    """
 
     noise_multiplier: float
     max_grad_norm: float
+    record_count: int | None = None
 
 
 @dataclass(frozen=True)
@@ -128,13 +137,6 @@ def _run_epochs(
         for images, tokens in loader:
             optimizer.zero_grad(set_to_none=True)
             losses = matching_loss(model(images, tokens))
-            if len(images) == 0:  # Poisson sampling can draw an empty batch:
-                # backward still runs, so Opacus has its (empty) per-sample gradients
-                # and takes a noise-only step; that keeps the accounting exact.
-                losses.sum().backward()
-                optimizer.step()
-                steps += 1
-                continue
             losses.mean().backward()
             optimizer.step()
             total_loss += float(losses.detach().sum())
@@ -151,46 +153,52 @@ def train_locally(
     dp: DPSGDSettings | None,
     accountant_history: AccountantHistory,
     tokenizer: HashingTokenizer | None = None,
+    random_bytes: RandomBytes | None = None,
 ) -> LocalTrainingResult:
-    """Train ``model`` in place on ``data``; DP-SGD when ``dp`` is given."""
+    """Train ``model`` in place on ``data``; DP-SGD when ``dp`` is given.
+
+    Under DP every random draw (Poisson batches, noise, the distractors' seed) comes from
+    ``random_bytes`` (default: a fresh AES-CTR keystream keyed by ``os.urandom``), never from
+    torch's global generator or the request's ``seed``, which the coordinator chooses: seeded
+    from it, the noise could be replayed and subtracted from the update. Without DP the run
+    is reproducible from ``recipe.seed``.
+    """
     if len(data) == 0:
         raise ValueError("a site with no records cannot train")
-    # Under DP the noise, the Poisson sample and the distractors must come from randomness
-    # the coordinator cannot know. It sends ``recipe.seed``: seeded from it, the noise could
-    # be replayed and subtracted from the update. Opacus draws both from torch's global RNG.
-    seed = recipe.seed if dp is None else int.from_bytes(os.urandom(8), "little")
-    torch.manual_seed(seed)
-    dataset = MatchingDataset(
-        data,
-        tokenizer=tokenizer or HashingTokenizer(),
-        num_distractors=recipe.num_distractors,
-        seed=seed,
-    )
-    loader = DataLoader(dataset, batch_size=recipe.batch_size, shuffle=True)
+    tokenizer = tokenizer or HashingTokenizer()
     optimizer = make_optimizer(model, recipe)
     model.train()
     if dp is None:
+        torch.manual_seed(recipe.seed)
+        dataset = MatchingDataset(
+            data, tokenizer=tokenizer, num_distractors=recipe.num_distractors, seed=recipe.seed
+        )
+        loader = DataLoader(dataset, batch_size=recipe.batch_size, shuffle=True)
         mean_loss, steps = _run_epochs(model, loader, optimizer, recipe.local_epochs)
         return LocalTrainingResult(len(data), mean_loss, steps, list(accountant_history))
 
-    from opacus import PrivacyEngine  # heavy import, only where DP training happens
+    from client.secure_dp_sgd import train_dp_sgd  # heavy import, only where DP training happens
 
-    engine = PrivacyEngine(accountant="rdp")
-    engine.accountant.history = list(accountant_history)
-    private_model, private_optimizer, private_loader = engine.make_private(
-        module=model,
+    stream = random_bytes or fresh_random_bytes()
+    dataset = MatchingDataset(
+        data,
+        tokenizer=tokenizer,
+        num_distractors=recipe.num_distractors,
+        seed=int.from_bytes(stream(8), "little"),
+    )
+    count = dp.record_count if dp.record_count is not None else len(data)
+    rate = sample_rate(count, recipe.batch_size)
+    steps = recipe.local_epochs * steps_per_epoch(count, recipe.batch_size)
+    mean_loss, history = train_dp_sgd(
+        model,
+        dataset,
         optimizer=optimizer,
-        data_loader=loader,
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
-        poisson_sampling=True,
-        grad_sample_mode="hooks",
+        sample_rate=rate,
+        steps=steps,
+        expected_batch_size=rate * count,
+        accountant_history=accountant_history,
+        random_bytes=stream,
     )
-    try:
-        mean_loss, steps = _run_epochs(
-            private_model, private_loader, private_optimizer, recipe.local_epochs
-        )
-    finally:
-        private_model._close()  # remove Opacus hooks; ``model`` holds the trained weights
-    history = [(float(s), float(q), int(n)) for s, q, n in engine.accountant.history]
     return LocalTrainingResult(len(data), mean_loss, steps, history)

@@ -1,4 +1,13 @@
-"""One round at a site: check the policy and budget, train, and return the update."""
+"""One round at a site: check the policy and budget, train, and return the update.
+
+What a site sends (``RoundOutcome.metrics``) is public by construction: its public record
+count max(1, round(n~)) (``client.record_count``: the noisy count, charged to its ledger once
+per run), the number of DP-SGD steps (a function of that count and the request), and the
+epsilon bound it committed to (the smaller of its policy's ``max-epsilon`` and the run's
+``epsilon``; a site that trains is within it). Its exact spend (``RoundOutcome.epsilon``) is
+a function of its record count and stays in its ledger and log, as does the train loss of
+its private batches, which no accountant covers.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +17,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from client.privacy_ledger import PrivacyLedger, calibrate_noise_multiplier, epsilon_of
-from client.privacy_policy import PolicyRefusal, SitePrivacyPolicy, effective_privacy
+from client.privacy_ledger import PrivacyLedger, calibrate_noise_multiplier
+from client.privacy_policy import (
+    EffectivePrivacy,
+    PolicyRefusal,
+    SitePrivacyPolicy,
+    effective_privacy,
+    require_delta_below_one_over,
+)
+from client.record_count import draw_noisy_count, public_count
 from client.training import (
     DPSGDSettings,
     TrainingRecipe,
@@ -19,19 +35,29 @@ from client.training import (
 )
 from common.data.dataset import ImageTextDataset
 from common.model import CrossAttentionMatcher
+from common.secure_random import RandomBytes, fresh_random_bytes
+from common.secure_round import METRIC_EPSILON_BOUND, METRIC_NUM_EXAMPLES, METRIC_STEPS
 from common.site_refusal import RefusalCode, SiteRefusal
 from common.train_request import TrainRequest
 
 logger = logging.getLogger(__name__)
 
+ACCOUNTANT = "RDP accountant"
+
 
 @dataclass
 class RoundOutcome:
-    """The update (``None`` when refused) and the aggregate metrics of one round."""
+    """The update (``None`` when refused), what the site sends with it, and its exact spend
+    (``epsilon``: for its own log, never sent)."""
 
     update: dict[str, torch.Tensor] | None
     metrics: dict[str, float] = field(default_factory=dict)
     refusal: SiteRefusal | None = None
+    epsilon: float = math.nan
+
+
+def _refused(code: RefusalCode, detail: str) -> RoundOutcome:
+    return RoundOutcome(update=None, refusal=SiteRefusal(code, detail))
 
 
 def plan_noise(
@@ -43,13 +69,18 @@ def plan_noise(
     rate: float,
     total_steps: int,
 ) -> float:
-    """The ledger's sigma; calibrated for the rest of the run the first time it is needed."""
+    """The ledger's sigma; calibrated the first time a run needs it, so that the whole
+    ledger (earlier runs, this run's noisy count, and the ``total_steps`` the run can still
+    ask for) stays within ``epsilon``."""
     if ledger.noise_multiplier is None:
         sigma = calibrate_noise_multiplier(
-            epsilon=epsilon, delta=delta, sample_rate=rate, steps=total_steps
+            epsilon=epsilon,
+            delta=delta,
+            sample_rate=rate,
+            steps=total_steps,
+            spent=ledger,
         )
         ledger.noise_multiplier = max(sigma, floor)
-        ledger.delta = delta
     return ledger.noise_multiplier
 
 
@@ -60,6 +91,54 @@ def rounds_left(request: TrainRequest) -> int:
     return max(1, request.num_server_rounds - request.server_round + 1)
 
 
+def unknown_run_refusal(
+    ledger: PrivacyLedger, *, run_id: int, server_round: int, persistent_ledger: bool
+) -> SiteRefusal | None:
+    """A site whose ledger lives only in this run's node state cannot tell a run resumed
+    midway (whose earlier rounds it may have trained under another run id, now forgotten)
+    from a fresh one: it refuses any round after the first of a run it has no state for."""
+    if persistent_ledger or server_round <= 1 or ledger.knows_run(run_id):
+        return None
+    return SiteRefusal(
+        RefusalCode.LEDGER_UNKNOWN,
+        f"round {server_round} of a run this site holds no ledger state for: it cannot know "
+        "what earlier rounds spent (a resumed run?); name a persistent ledger in node "
+        "config 'ledger-file' to take part in resumed runs",
+    )
+
+
+def release_noisy_count(
+    ledger: PrivacyLedger,
+    *,
+    num_records: int,
+    count_noise: float,
+    max_epsilon: float,
+    delta: float,
+    random_bytes: RandomBytes,
+    accountant: str = ACCOUNTANT,
+) -> SiteRefusal | None:
+    """Draw and charge this run's noisy count, unless the run already has one; a refusal
+    when the charge alone would exceed the budget (decided on the ledger only)."""
+    if ledger.noisy_count is not None:
+        return None
+    projected = PrivacyLedger(
+        history=list(ledger.history), distributed_history=list(ledger.distributed_history)
+    )
+    projected.charge_noisy_count(0.0, count_noise=count_noise)
+    epsilon = projected.epsilon(delta)
+    if epsilon > max_epsilon * (1 + 1e-9):
+        return SiteRefusal(
+            RefusalCode.PRIVACY_BUDGET,
+            f"privacy budget: releasing the noisy record count would take epsilon to "
+            f"{epsilon:.3f} > {max_epsilon:g} (delta {delta:g}, record-level, {accountant}); "
+            f"spent so far {ledger.epsilon(delta):.3f}",
+        )
+    noisy = draw_noisy_count(num_records, count_noise=count_noise, random_bytes=random_bytes)
+    ledger.charge_noisy_count(noisy, count_noise=count_noise)
+    ledger.delta = delta
+    return None
+
+
 def run_training_round(
     *,
     global_state: dict[str, torch.Tensor],
@@ -68,82 +147,137 @@ def run_training_round(
     policy: SitePrivacyPolicy,
     ledger: PrivacyLedger,
     run_id: int = 0,
+    persistent_ledger: bool = True,
+    random_bytes: RandomBytes | None = None,
 ) -> RoundOutcome:
     """Train on ``data`` from ``global_state`` unless the site's policy says no.
 
-    ``ledger`` is updated in place when the site trains (``run_id`` tells a new run from a
-    round of the current one). A refusal says why in plain words.
+    ``ledger`` is updated in place: when the site trains, and when it draws the run's noisy
+    record count (charged even if the site then refuses, since the refusal may depend on
+    it); the caller saves it whenever it changed. ``run_id`` tells a new run from a round of
+    the current one; ``persistent_ledger`` says whether the ledger outlives the run (a
+    file). Every random draw comes from ``random_bytes`` (default: a fresh CSPRNG). A
+    refusal's detail is for the site's log; only its code is sent.
     """
+    refusal = unknown_run_refusal(
+        ledger,
+        run_id=run_id,
+        server_round=request.server_round,
+        persistent_ledger=persistent_ledger,
+    )
+    if refusal is not None:
+        return RoundOutcome(update=None, refusal=refusal)
     ledger.start_run(run_id)
-    n = len(data)
-    try:
-        privacy = effective_privacy(policy, request, num_records=n)
-    except PolicyRefusal as refusal:
-        return RoundOutcome(
-            update=None, refusal=SiteRefusal(RefusalCode.PRIVACY_POLICY, str(refusal))
-        )
     if request.server_round in ledger.rounds:
-        return RoundOutcome(
-            update=None,
-            refusal=SiteRefusal(
-                RefusalCode.ALREADY_TRAINED, f"round {request.server_round} already trained"
-            ),
+        return _refused(
+            RefusalCode.ALREADY_TRAINED, f"round {request.server_round} already trained"
         )
+    if len(data) == 0:
+        return _refused(RefusalCode.NO_DATA, "no records")
+    privacy = effective_privacy(policy, request)
+    stream = random_bytes or fresh_random_bytes()
+    dp: DPSGDSettings | None = None
+    count = len(data)  # DP off (site and run both allow it): nothing is claimed
+    if privacy.private:
+        planned = _plan_private_round(
+            ledger, request=request, privacy=privacy, policy=policy, n=len(data), stream=stream
+        )
+        if isinstance(planned, SiteRefusal):
+            return RoundOutcome(update=None, refusal=planned)
+        dp = planned
+        count = int(dp.record_count or 1)
 
     recipe = TrainingRecipe.from_settings(
         request, seed=request.seed * 100_003 + request.server_round
     )
-    dp: DPSGDSettings | None = None
-    if privacy.private:
-        rate = sample_rate(n, request.batch_size)
-        round_steps = request.local_epochs * steps_per_epoch(n, request.batch_size)
-        delta = ledger.delta or privacy.delta
-        spent = ledger.epsilon(delta)
-        try:
-            sigma = plan_noise(
-                ledger,
-                # a new run gets what is left of the site's lifetime budget, spread over
-                # the rounds it can still be asked for (fewer when a run resumes midway)
-                epsilon=privacy.epsilon - spent,
-                delta=privacy.delta,
-                floor=privacy.noise_multiplier_floor,
-                rate=rate,
-                total_steps=round_steps * rounds_left(request),
-            )
-        except ValueError:  # nothing (or too little) left to calibrate for
-            return RoundOutcome(
-                update=None,
-                refusal=SiteRefusal(
-                    RefusalCode.PRIVACY_BUDGET,
-                    f"privacy budget: {spent:.3f} of epsilon {privacy.epsilon:g} already "
-                    f"spent (delta {delta:g}, record-level, RDP accountant)",
-                ),
-            )
-        projected = epsilon_of([*ledger.history, (sigma, rate, round_steps)], delta)
-        if projected > privacy.epsilon * (1 + 1e-9):
-            return RoundOutcome(
-                update=None,
-                refusal=SiteRefusal(
-                    RefusalCode.PRIVACY_BUDGET,
-                    f"privacy budget: round {request.server_round} would take epsilon to "
-                    f"{projected:.3f} > {privacy.epsilon:g} (delta {delta:g}, record-level, "
-                    f"RDP accountant); spent so far {spent:.3f}",
-                ),
-            )
-        dp = DPSGDSettings(noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm)
-
     model = CrossAttentionMatcher(request.model_config())
     model.load_state_dict(global_state)
-    result = train_locally(model, data, recipe=recipe, dp=dp, accountant_history=ledger.history)
+    result = train_locally(
+        model,
+        data,
+        recipe=recipe,
+        dp=dp,
+        accountant_history=ledger.history,
+        random_bytes=stream,
+    )
     ledger.history = result.accountant_history
     ledger.rounds.append(request.server_round)
     trained = model.state_dict()
     update = {k: trained[k] - global_state[k] for k in global_state}
+    epsilon = ledger.epsilon(ledger.delta) if dp else math.inf
+    logger.info(
+        "round %d trained: %d steps, epsilon %.4f spent (delta %g), train loss %.4f "
+        "(site log only)",
+        request.server_round,
+        result.steps,
+        epsilon,
+        ledger.delta or privacy.delta,
+        result.mean_loss,
+    )
     metrics = {
-        "num-examples": int(result.num_examples),
-        "train-loss": result.mean_loss,
-        "epsilon": ledger.epsilon(ledger.delta) if dp else math.inf,
-        "noise-multiplier": dp.noise_multiplier if dp else 0.0,
-        "steps": int(result.steps),
+        METRIC_NUM_EXAMPLES: int(count),
+        METRIC_STEPS: int(result.steps),
+        METRIC_EPSILON_BOUND: privacy.epsilon,
     }
-    return RoundOutcome(update=update, metrics=metrics)
+    return RoundOutcome(update=update, metrics=metrics, epsilon=epsilon)
+
+
+def _plan_private_round(
+    ledger: PrivacyLedger,
+    *,
+    request: TrainRequest,
+    privacy: EffectivePrivacy,
+    policy: SitePrivacyPolicy,
+    n: int,
+    stream: RandomBytes,
+) -> DPSGDSettings | SiteRefusal:
+    """The noisy count (drawn and charged once per run), then sigma and the budget check,
+    all derived from the noisy count; or a refusal."""
+    delta = ledger.budget_delta(privacy.delta)
+    refusal = release_noisy_count(
+        ledger,
+        num_records=n,
+        count_noise=policy.record_count_noise,
+        max_epsilon=privacy.epsilon,
+        delta=delta,
+        random_bytes=stream,
+    )
+    if refusal is not None:
+        return refusal
+    count = public_count(ledger.noisy_count or 0.0)
+    try:
+        require_delta_below_one_over(count, delta)
+    except PolicyRefusal as error:
+        return SiteRefusal(RefusalCode.PRIVACY_POLICY, str(error))
+    rate = sample_rate(count, request.batch_size)
+    round_steps = request.local_epochs * steps_per_epoch(count, request.batch_size)
+    spent = ledger.epsilon(delta)
+    try:
+        sigma = plan_noise(
+            ledger,
+            # a new run gets what is left of the site's lifetime budget, spread over the
+            # rounds it can still be asked for (fewer when a run resumes midway)
+            epsilon=privacy.epsilon,
+            delta=delta,
+            floor=privacy.noise_multiplier_floor,
+            rate=rate,
+            total_steps=round_steps * rounds_left(request),
+        )
+    except ValueError:  # nothing (or too little) left to calibrate for
+        return SiteRefusal(
+            RefusalCode.PRIVACY_BUDGET,
+            f"privacy budget: {spent:.3f} of epsilon {privacy.epsilon:g} already spent "
+            f"(delta {delta:g}, record-level, {ACCOUNTANT})",
+        )
+    projected = ledger.epsilon_with([(sigma, rate, round_steps)], delta)
+    if projected > privacy.epsilon * (1 + 1e-9):
+        return SiteRefusal(
+            RefusalCode.PRIVACY_BUDGET,
+            f"privacy budget: round {request.server_round} would take epsilon to "
+            f"{projected:.3f} > {privacy.epsilon:g} (delta {delta:g}, record-level, "
+            f"{ACCOUNTANT}); spent so far {spent:.3f}",
+        )
+    ledger.delta = delta
+    return DPSGDSettings(
+        noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm, record_count=count
+    )

@@ -13,9 +13,11 @@ coordinator (``server.secure_aggregation``) and the site (``client.app``) use th
 
 The model update travels as one flat float vector in the state-dict order of the global
 arrays (:func:`flatten_update`, :func:`unflatten_update`). Next to it, in the same masked
-vector, go the FedAvg weight and the summed metrics named in :data:`SUMMED_METRICS`, each
-multiplied by the weight so that their sum over sites divided by the summed weight is the
-weighted mean (what plain FedAvg reports).
+vector, go the FedAvg weight (the site's public, noisy record count) and the summed metrics
+named in :data:`SUMMED_METRICS`, each multiplied by the weight so that their sum over sites
+divided by the summed weight is the weighted mean (what plain FedAvg reports). Only metrics
+that are functions of the noisy count and the request are summed: the train loss of a site's
+private batches is covered by no accountant and is never sent.
 """
 
 from __future__ import annotations
@@ -38,11 +40,21 @@ MESSAGE_UNMASK = f"train.{ACTION_UNMASK}"
 RECORD_SECAGG = "secagg"  # ConfigRecord: the protocol payload of the stage
 RECORD_MASKED = "masked"  # ArrayRecord: the masked vector (masked-input replies only)
 RECORD_STATUS = "status"  # ConfigRecord: refused (bool), reason (str)
-RECORD_PRIVACY = "privacy"  # MetricRecord: the site's own cumulative epsilon (setup reply)
+#: MetricRecord of the setup reply: under key "epsilon", the epsilon *bound* the site commits
+#: to (the smaller of its policy's max-epsilon and the run's epsilon; a site that replies is
+#: within it), never its exact spend, which is a function of its record count.
+RECORD_PRIVACY = "privacy"
+
+#: A training reply's metrics (plain FedAvg's MetricRecord; SecAgg+ sums the count as the
+#: weight and the steps inside the masked vector): the site's public (noisy) record count,
+#: its DP-SGD steps, and its epsilon bound (the same bound as in ``RECORD_PRIVACY``).
+METRIC_NUM_EXAMPLES = "num-examples"
+METRIC_STEPS = "steps"
+METRIC_EPSILON_BOUND = "epsilon-bound"
 
 #: Metrics summed inside the masked vector, each as weight * value.
-SUMMED_METRICS = ("train-loss", "steps")
-#: Epsilon is reported in the clear, rounded up to this grid (see docs/secure-aggregation.md).
+SUMMED_METRICS = (METRIC_STEPS,)
+#: The epsilon bound is reported in the clear, rounded up to this grid.
 EPSILON_REPORT_STEP = 0.01
 
 
@@ -70,24 +82,18 @@ def unflatten_update(
     return out
 
 
-def weighted_metrics(*, weight: int, train_loss: float, steps: int) -> dict[str, float]:
-    """The summed metrics of one site: weight * mean train loss, weight * steps."""
-    loss = float(train_loss) if math.isfinite(train_loss) else 0.0
-    return {"train-loss": weight * loss, "steps": float(weight * int(steps))}
+def weighted_metrics(*, weight: int, steps: int) -> dict[str, float]:
+    """The summed metrics of one site: weight * steps (both from its noisy count)."""
+    return {METRIC_STEPS: float(weight * int(steps))}
 
 
-def metric_ranges(
-    *, max_weight: int, loss_bound: float, max_steps: int
-) -> dict[str, tuple[float, float]]:
+def metric_ranges(*, max_weight: int, max_steps: int) -> dict[str, tuple[float, float]]:
     """Quantisation ranges of the summed metrics (values outside are clipped)."""
-    return {
-        "train-loss": (0.0, float(max_weight) * loss_bound),
-        "steps": (0.0, float(max_weight) * max(1, max_steps)),
-    }
+    return {METRIC_STEPS: (0.0, float(max_weight) * max(1, max_steps))}
 
 
 def reported_epsilon(epsilon: float) -> float:
-    """A site's epsilon as reported in the clear: rounded up to the report grid."""
+    """A site's epsilon bound as reported in the clear: rounded up to the report grid."""
     if not math.isfinite(epsilon):
         return math.inf
     steps = math.ceil(epsilon / EPSILON_REPORT_STEP - 1e-9)

@@ -2,9 +2,10 @@
 
 ``RoundAggregation.run_round`` sends the round's training requests, collects what the
 sites return and hands back only the aggregate: the example-weighted sum of updates, the
-total weight, and summed metrics. ``FedAvgAggregation`` is plain FedAvg (McMahan et al.,
-AISTATS 2017) in one message exchange; a secure-aggregation implementation runs several
-exchanges and never sees a single site's update.
+total weight (the sum of the sites' noisy record counts), and summed metrics.
+``FedAvgAggregation`` is plain FedAvg (McMahan et al., AISTATS 2017) in one message
+exchange; a secure-aggregation implementation runs several exchanges and never sees a
+single site's update.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from common.secure_round import METRIC_EPSILON_BOUND, METRIC_NUM_EXAMPLES, SUMMED_METRICS
 from common.site_refusal import refusal_code_of
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,8 @@ class RoundAggregate:
     weighted_update_sum: dict[str, np.ndarray] | None
     total_weight: float
     metric_sums: dict[str, float] = field(default_factory=dict)
+    #: The largest epsilon *bound* a site that replied committed to (its policy's
+    #: max-epsilon capped by the run's epsilon), never a site's exact spend.
     epsilon_max: float = 0.0
     outcomes: list[SiteOutcome] = field(default_factory=list)
     aborted: str | None = None
@@ -152,7 +156,7 @@ class FedAvgAggregation:
     ) -> SiteOutcome:
         update = reply.content.array_records["update"]
         metrics = reply.content.metric_records["metrics"]
-        weight = float(metrics.get("num-examples", 0))
+        weight = float(metrics.get(METRIC_NUM_EXAMPLES, 0))
         if set(update.keys()) != expected_keys or not weight > 0:
             return SiteOutcome(outcome.node_id, "failed", "malformed update (keys or weight)")
         arrays = {k: update[k].numpy() for k in expected_keys}
@@ -164,11 +168,11 @@ class FedAvgAggregation:
         for k, value in arrays.items():
             aggregate.weighted_update_sum[k] += weight * value
         aggregate.total_weight += weight
-        for key in ("train-loss", "steps"):
+        for key in SUMMED_METRICS:
             aggregate.metric_sums[key] = aggregate.metric_sums.get(key, 0.0) + weight * float(
                 metrics.get(key, 0.0)
             )
-        epsilon = float(metrics.get("epsilon", 0.0))
+        epsilon = float(metrics.get(METRIC_EPSILON_BOUND, 0.0))
         aggregate.epsilon_max = max(
             aggregate.epsilon_max, epsilon if not math.isnan(epsilon) else 0
         )

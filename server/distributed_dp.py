@@ -16,27 +16,51 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from common.distributed_dp.plan import DistributedDPPlan, plan_distributed_dp, wrap_margin
-from common.federation_config import FederationConfig
+from common.distributed_dp.plan import DistributedDPPlan, PlanError, plan_distributed_dp
+from common.federation_config import ConfigError, FederationConfig
+from common.secagg.neighbour_graph import default_graph_parameters
 from server.secure_aggregation import SecAggSettings
 
 
 def honest_sites_of(config: FederationConfig, num_sites: int) -> int:
-    """h: the run's ``dp-min-honest-sites``, 0 meaning every site."""
-    return min(config.dp_min_honest_sites or num_sites, num_sites)
+    """h: the run's ``dp-min-honest-sites``; 0 (the default) means what SecAgg+ already
+    tolerates, h = n - t + 1 with t the round's Shamir threshold (``secagg-threshold``, or
+    the default for n sites): fewer than t sites colluding with the coordinator leave at
+    least n - t + 1 honest ones, and a round survives up to t - 1 dropouts.
+
+    The trade: each share carries 1/h of the calibrated variance, so with all n sites in the
+    sum the noise is n/h times what the guarantee needs (h = n: exactly central DP-SGD's
+    noise, but one colluding or dropped site voids the guarantee or the round); a smaller h
+    trusts fewer sites and tolerates more dropouts for more noise."""
+    if config.dp_min_honest_sites:
+        return min(config.dp_min_honest_sites, num_sites)
+    if num_sites < 2:  # no secure aggregation to speak of: every site
+        return max(1, num_sites)
+    threshold = config.secagg_threshold or default_graph_parameters(num_sites).threshold
+    return max(1, num_sites - min(threshold, num_sites) + 1)
 
 
 def plan_run(config: FederationConfig, *, dimension: int, num_sites: int) -> DistributedDPPlan:
-    """Noise for ``num-server-rounds`` steps at rate q, epsilon and delta of the run."""
-    return plan_distributed_dp(
-        epsilon=config.epsilon,
-        delta=config.delta,
-        sample_rate=config.dp_sampling_rate,
-        num_rounds=config.num_server_rounds,
-        clip_norm=config.max_grad_norm,
-        dimension=dimension,
-        min_honest_sites=honest_sites_of(config, num_sites),
-    )
+    """Noise for ``num-server-rounds`` steps at rate q, epsilon and delta of the run (with
+    each site's noisy record count), and the per-site clip that rules out a wrap mod 2^b;
+    a run that cannot be planned is a config error naming the key to change."""
+    try:
+        return plan_distributed_dp(
+            epsilon=config.epsilon,
+            delta=config.delta,
+            sample_rate=config.dp_sampling_rate,
+            num_rounds=config.num_server_rounds,
+            clip_norm=config.max_grad_norm,
+            dimension=dimension,
+            min_honest_sites=honest_sites_of(config, num_sites),
+            num_sites=num_sites,
+            bit_width=config.secagg_bit_width,
+        )
+    except PlanError as error:
+        raise ConfigError(
+            f"run config 'secagg-bit-width' = {config.secagg_bit_width} is too small for "
+            f"distributed DP: {error}"
+        ) from error
 
 
 def secagg_settings(settings: SecAggSettings, plan: DistributedDPPlan) -> SecAggSettings:
@@ -73,32 +97,19 @@ def noisy_gradient_step(
     return out
 
 
-def wrap_problem(
-    plan: DistributedDPPlan, *, total_records: float, num_summed: int, bit_width: int
-) -> str | None:
-    """A reason to discard the step when the sum could have wrapped modulo 2^b."""
-    margin = wrap_margin(
-        plan, total_records=int(total_records), num_summed=num_summed, bit_width=bit_width
-    )
-    if margin > 0:
-        return None
-    return (
-        f"the integer sum of {int(total_records)} records may wrap modulo 2^{bit_width}: "
-        "raise secagg-bit-width or lower the integer clip"
-    )
-
-
 def privacy_statement(plan: DistributedDPPlan, *, num_sites: int) -> str:
     """The run's guarantee in plain words (report and summary)."""
     h = plan.min_honest_sites
     return (
         f"distributed DP under SecAgg+: record-level (epsilon = {plan.run_epsilon(h):.3f}, "
-        f"delta = {plan.delta:g})-DP for any one record anywhere in the federation, for the "
-        f"whole run of {plan.num_rounds} rounds (one DP-SGD step per round, Poisson sampling "
-        f"at q = {plan.sample_rate:g}, clip {plan.clip_norm:g}, Skellam noise multiplier "
-        f"{plan.noise_multiplier(h):.3f}); accountant: RDP of the Poisson-subsampled Skellam "
-        "mechanism (Agarwal et al. 2021 Skellam RDP; binomial subsampling bound for symmetric "
-        "shifts, common/distributed_dp/accounting.py). Trust: holds while "
+        f"delta = {plan.delta:g})-DP under add/remove of any one record anywhere in the "
+        f"federation, for the whole run of {plan.num_rounds} rounds (one DP-SGD step per "
+        f"round, Poisson sampling at q = {plan.sample_rate:g}, clip {plan.clip_norm:g}, "
+        f"Skellam noise multiplier {plan.noise_multiplier(h):.3f}) and each site's noisy "
+        f"record count (Gaussian, sigma >= {plan.count_noise:g} records); accountant: RDP of "
+        "the Poisson-subsampled Skellam mechanism (Agarwal et al. 2021 Skellam RDP; binomial "
+        "subsampling bound for symmetric shifts, common/distributed_dp/accounting.py) "
+        "composed with the Gaussian mechanism of the count. Trust: holds while "
         f"at least {h} of the {num_sites} sites whose noise is in each sum are honest (follow "
         "the protocol and do not collude with the coordinator) and SecAgg+ reveals only the "
         "sum; each site checks this against its own policy and ledger, and a round with fewer "

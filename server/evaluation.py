@@ -4,6 +4,11 @@ Caption ranking: each test image is scored against the 10 canonical class captio
 best one must be its class (comparable to classification accuracy). Retrieval: image->text
 and text->image over the held-out two-item scenes; a hit is an item whose ordered pair of
 classes (left, right) equals the query's, so position matters and synonyms do not.
+
+Loss: ``eval_loss`` is the cross-entropy of that caption ranking (the true class caption
+among the 10), the same kind of loss the sites train on, computed on the coordinator's own
+held-out data. It is the run's loss curve: the sites' train loss, computed on their private
+batches and covered by no accountant, is never sent.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from torch.nn import functional
 
 from common.data.benchmark import BenchmarkTestSet
 from common.data.captions import CLASS_NAMES, canonical_caption
@@ -26,6 +32,7 @@ class EvaluationResult:
     r_at_5_i2t: float
     r_at_1_t2i: float
     r_at_5_t2i: float
+    eval_loss: float
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -60,6 +67,9 @@ def evaluate(
     )
     ranking = model.score_all_pairs(_encode_images(model, test.singles), class_texts)
     accuracy = float((ranking.argmax(1).numpy() == test.single_labels).mean())
+    loss = float(
+        functional.cross_entropy(ranking, torch.as_tensor(test.single_labels, dtype=torch.long))
+    )
 
     scene_texts = model.encode_texts(torch.from_numpy(tokenizer.encode_batch(test.scene_captions)))
     scores = model.score_all_pairs(_encode_images(model, test.scenes), scene_texts).numpy()
@@ -71,4 +81,5 @@ def evaluate(
         r_at_5_i2t=recall_at_k(scores, relevant, 5),
         r_at_1_t2i=recall_at_k(scores.T, relevant.T, 1),
         r_at_5_t2i=recall_at_k(scores.T, relevant.T, 5),
+        eval_loss=loss,
     )

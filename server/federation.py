@@ -40,9 +40,13 @@ def privacy_note(config: FederationConfig) -> str:
     if not config.private:
         return "DP off (epsilon = inf): no formal privacy guarantee for the model."
     return (
-        f"record-level DP at each site: epsilon <= {config.epsilon:g} requested, "
-        f"delta = {config.delta:g}, Opacus RDP accountant, cumulative over the run; "
-        "a site's own policy may make it stricter (epsilon_max is the largest reported)."
+        f"record-level (epsilon, delta)-DP at each site under add/remove of one record, "
+        f"epsilon <= {config.epsilon:g} requested, delta <= {config.delta:g}, Opacus RDP "
+        "accountant, cumulative over the site's ledger (DP-SGD with Poisson sampling and "
+        "Gaussian noise from a CSPRNG, and the site's noisy record count); a site's own "
+        "policy may make it stricter. epsilon_bound_max is the largest bound a site "
+        "committed to (sites report their bound, not their exact spend, which is a function "
+        "of their record count; each site's exact epsilon is in its ledger)."
     )
 
 
@@ -123,20 +127,13 @@ def run_federation(
             "sites_trained": aggregate.count("trained"),
             "sites_refused": aggregate.count("refused"),
             "sites_failed": aggregate.count("failed"),
-            "epsilon_max": aggregate.epsilon_max if config.private else math.inf,
+            # the largest epsilon bound a site committed to (not its spend): every site
+            # that trained is within its bound
+            "epsilon_bound_max": aggregate.epsilon_max if config.private else math.inf,
         }
         if isinstance(aggregation, SecAggPlusAggregation):  # wall time of each exchange
             exchanges = aggregation.last_round.exchange_seconds
             row["secagg_stage_s"] = {k: round(v, 3) for k, v in exchanges.items()}
-        if plan is not None and not aggregate.aborted and mean_update is not None:
-            wrap = distributed_dp.wrap_problem(
-                plan,
-                total_records=aggregate.total_weight,
-                num_summed=aggregate.count("trained"),
-                bit_width=config.secagg_bit_width,
-            )
-            if wrap is not None:
-                aggregate.aborted = wrap
         if mean_update is None or aggregate.aborted:
             reason = aggregate.aborted or "no site trained this round"
             logger.warning("round %d: model unchanged (%s)", server_round, reason)
@@ -159,9 +156,6 @@ def run_federation(
                 for k in weights
             }
             model.load_state_dict(new_weights)
-            row["train_loss"] = (
-                aggregate.metric_sums.get("train-loss", 0.0) / aggregate.total_weight
-            )
         evaluated = server_round % config.eval_every == 0
         if evaluated or server_round == config.num_server_rounds:
             result = evaluate(model, test_set, tokenizer)
@@ -175,13 +169,13 @@ def run_federation(
         row["wall_s"] = round(time.monotonic() - started, 3)
         append_metrics(out_dir, row)
         logger.info(
-            "round %d: accuracy %.4f, R@1 i2t %.3f t2i %.3f, epsilon_max %.3f, "
+            "round %d: accuracy %.4f, R@1 i2t %.3f t2i %.3f, epsilon bound %.3f, "
             "trained %d refused %d failed %d, %.1f s",
             server_round,
             row.get("accuracy", math.nan),
             row.get("r_at_1_i2t", math.nan),
             row.get("r_at_1_t2i", math.nan),
-            row["epsilon_max"],
+            row["epsilon_bound_max"],
             row["sites_trained"],
             row["sites_refused"],
             row["sites_failed"],

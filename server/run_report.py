@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,36 +72,78 @@ def write_summary_and_report(
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     has_acc = _plot(rows, "accuracy", "caption-ranking accuracy", out_dir / "accuracy.png")
-    has_eps = _plot(rows, "epsilon_max", "epsilon (max over sites)", out_dir / "epsilon.png")
+    has_loss = _plot(
+        rows, "eval_loss", "loss on the held-out test split", out_dir / "eval-loss.png"
+    )
+    has_eps = _plot(
+        rows, "epsilon_bound_max", "epsilon bound (max over sites)", out_dir / "epsilon.png"
+    )
     lines = [
         "# Run report",
         "",
         f"Privacy: {privacy_note}",
         "",
-        "| round | accuracy | R@1 i2t | R@1 t2i | R@5 i2t | R@5 t2i | epsilon max "
-        "| trained | refused | failed | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| round | accuracy | R@1 i2t | R@1 t2i | R@5 i2t | R@5 t2i | eval loss "
+        "| epsilon bound | trained | refused | failed | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in read_metrics(out_dir):
         if r.get("aborted"):
-            lines.append(f"| {r['round']} | aborted: {r['aborted']} |||||||||")
+            lines.append(f"| {r['round']} | aborted: {r['aborted']} ||||||||||")
             continue
         if "accuracy" not in r:  # evaluated every eval-every rounds only
             lines.append(
-                f"| {r['round']} | not evaluated |||||{r['epsilon_max']} | {r['sites_trained']} "
-                f"| {r['sites_refused']} | {r['sites_failed']} | {float(r['wall_s']):.1f} |"
+                f"| {r['round']} | not evaluated ||||||{r['epsilon_bound_max']} | "
+                f"{r['sites_trained']} | {r['sites_refused']} | {r['sites_failed']} | "
+                f"{float(r['wall_s']):.1f} |"
             )
             continue
         lines.append(
             f"| {r['round']} | {float(r['accuracy']):.4f} | {float(r['r_at_1_i2t']):.3f} | "
             f"{float(r['r_at_1_t2i']):.3f} | {float(r['r_at_5_i2t']):.3f} | "
-            f"{float(r['r_at_5_t2i']):.3f} | {r['epsilon_max']} | {r['sites_trained']} | "
+            f"{float(r['r_at_5_t2i']):.3f} | {float(r['eval_loss']):.4f} | "
+            f"{r['epsilon_bound_max']} | {r['sites_trained']} | "
             f"{r['sites_refused']} | {r['sites_failed']} | {float(r['wall_s']):.1f} |"
         )
     lines.append("")
     if has_acc:
         lines.append("![accuracy by round](accuracy.png)")
+    if has_loss:
+        lines.append("![loss of the global model on the held-out split](eval-loss.png)")
     if has_eps:
-        lines.append("![epsilon by round](epsilon.png)")
+        lines.append("![epsilon bound by round](epsilon.png)")
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     return summary
+
+
+SITE_EPSILONS_HEADING = "## Each site's exact epsilon"
+
+
+def add_site_epsilons(out_dir: Path, epsilons: Mapping[str, tuple[float, float]]) -> None:
+    """Put each site's exact epsilon (site -> (epsilon, delta)) into ``summary.json``
+    (``site_epsilons``) and ``report.md``. Only a runner that owns the sites' ledgers (a
+    simulation) can: deployed sites report only their bound."""
+    summary_path = out_dir / "summary.json"
+    if not summary_path.exists() or not epsilons:
+        return
+    summary = json.loads(summary_path.read_text())
+    summary["site_epsilons"] = {
+        site: {"epsilon": _jsonable(eps), "delta": delta}
+        for site, (eps, delta) in sorted(epsilons.items())
+    }
+    summary_path.write_text(json.dumps(summary, indent=2))
+    report = out_dir / "report.md"
+    text = report.read_text() if report.exists() else ""
+    text = text.split(SITE_EPSILONS_HEADING)[0].rstrip("\n") + "\n\n"
+    lines = [
+        SITE_EPSILONS_HEADING,
+        "",
+        "Read by the simulation runner from the simulated sites' ledgers (whole ledger: every "
+        "run, the noisy record counts included). The coordinator itself receives only each "
+        "site's bound.",
+        "",
+        "| site | epsilon | delta |",
+        "|---|---|---|",
+        *(f"| {site} | {eps:.4f} | {delta:g} |" for site, (eps, delta) in sorted(epsilons.items())),
+    ]
+    report.write_text(text + "\n".join(lines) + "\n")

@@ -161,11 +161,7 @@ class SecAggPlusAggregation:
                 update_length=length,
                 update_clip=settings.update_clip,
                 max_weight=settings.max_weight,
-                metric_ranges=metric_ranges(
-                    max_weight=settings.max_weight,
-                    loss_bound=settings.loss_bound,
-                    max_steps=max_steps,
-                ),
+                metric_ranges=metric_ranges(max_weight=settings.max_weight, max_steps=max_steps),
                 bit_width=settings.bit_width,
                 degree=settings.degree,
                 threshold=settings.threshold,

@@ -290,12 +290,18 @@ def _print_summary(out: Path) -> None:
         "r_at_1_t2i",
         "r_at_5_i2t",
         "r_at_5_t2i",
-        "epsilon_max",
+        "eval_loss",
+        "epsilon_bound_max",
         "sites_trained",
         "sites_refused",
     ):
         if key in final:
             table.add_row(key, str(final[key]))
+    sites = summary.get("site_epsilons", {})
+    if sites:  # the exact spend, read from the simulated sites' ledgers
+        worst = max(sites.values(), key=lambda entry: float(entry["epsilon"]))
+        exact = f"{float(worst['epsilon']):.4f} at delta {worst['delta']:g}"
+        table.add_row("site epsilon (max, exact)", exact)
     table.add_row("wall time (s)", f"{summary['wall_s_total']:.0f}")
     table.add_row("privacy", summary["privacy"])
     Console().print(table)

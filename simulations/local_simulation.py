@@ -3,7 +3,10 @@
 Sites are Flower virtual SuperNodes; each loads only its own partition of the built-in
 benchmark. Simulated sites share one privacy policy, written to ``<out>/site-policy.toml``
 and named to the ClientApps by ``$FEDMM_SITE_POLICY``; their privacy ledgers persist in
-``<out>/site-ledgers/`` so that ``--resume`` continues epsilon where it stopped.
+``<out>/site-ledgers/`` so that ``--resume`` continues epsilon where it stopped. Sites report
+only their epsilon bound to the coordinator; after the run this runner, which owns the
+simulated sites' ledgers, adds each site's exact epsilon to ``summary.json`` and
+``report.md``.
 
 De-identification is on: the built-in captions carry synthetic personal data
 (``common.data.synthetic_pii``), and every simulated site de-identifies its partition before
@@ -107,3 +110,23 @@ def run_local_simulation(
         backend_config=backend_config,
         server_app_context=context,
     )
+    report_site_epsilons(out_dir, default_delta=config.delta)
+
+
+def site_epsilons(ledger_dir: Path, *, default_delta: float) -> dict[str, tuple[float, float]]:
+    """Each simulated site's exact lifetime epsilon and its delta, from its ledger file."""
+    from client.privacy_ledger import PrivacyLedger
+
+    epsilons = {}
+    for path in sorted(ledger_dir.glob("site-*.json")):
+        ledger = PrivacyLedger.load(path)
+        delta = ledger.delta or default_delta
+        epsilons[path.stem] = (ledger.epsilon(delta), delta)
+    return epsilons
+
+
+def report_site_epsilons(out_dir: Path, *, default_delta: float) -> None:
+    """Add the simulated sites' exact epsilons to the run's summary and report."""
+    from server.run_report import add_site_epsilons
+
+    add_site_epsilons(out_dir, site_epsilons(out_dir / "site-ledgers", default_delta=default_delta))

@@ -161,11 +161,26 @@ def epsilon_from_rdp(rdp: Sequence[float], orders: Sequence[float], delta: float
     return best
 
 
-def skellam_epsilon(rounds: Sequence[SkellamRound], delta: float) -> float:
-    """Epsilon of ``rounds`` at ``delta`` (0 for no rounds)."""
-    if not any(entry.steps > 0 for entry in rounds):
+def skellam_epsilon(
+    rounds: Sequence[SkellamRound], delta: float, *, count_noise: float | None = None
+) -> float:
+    """Epsilon of ``rounds`` at ``delta`` (0 for no rounds), composed with one noisy record
+    count of standard deviation ``count_noise`` when given."""
+    if not any(entry.steps > 0 for entry in rounds) and count_noise is None:
         return 0.0
-    return epsilon_from_rdp(rounds_rdp(rounds), RDP_ORDERS, delta)
+    rdp = rounds_rdp(rounds)
+    if count_noise is not None:
+        rdp = rdp + gaussian_rdp(count_noise)
+    return epsilon_from_rdp(rdp, RDP_ORDERS, delta)
+
+
+def gaussian_rdp(noise_multiplier: float, orders: Sequence[int] = RDP_ORDERS) -> np.ndarray:
+    """RDP of the Gaussian mechanism with sensitivity 1 and standard deviation
+    ``noise_multiplier`` at each order: alpha / (2 sigma^2) (Mironov 2017, Prop. 7); a site's
+    noisy record count."""
+    if not noise_multiplier > 0:
+        raise ValueError("noise multiplier must be > 0")
+    return np.asarray(orders, dtype=float) / (2.0 * noise_multiplier**2)
 
 
 def calibrate_variance(
@@ -176,14 +191,16 @@ def calibrate_variance(
     steps: int,
     l1: float,
     l2: float,
+    count_noise: float | None = None,
     relative_tolerance: float = 1e-4,
 ) -> float:
-    """The smallest Skellam variance (to ``relative_tolerance``) whose ``steps`` rounds stay
-    within ``epsilon``; bisection on the noise multiplier sqrt(variance) / l2."""
+    """The smallest Skellam variance (to ``relative_tolerance``) whose ``steps`` rounds, with
+    one noisy record count of standard deviation ``count_noise`` when given, stay within
+    ``epsilon``; bisection on the noise multiplier sqrt(variance) / l2."""
 
     def eps_at(multiplier: float) -> float:
         round_ = SkellamRound((multiplier * l2) ** 2, l1, l2, sample_rate, steps)
-        return skellam_epsilon([round_], delta)
+        return skellam_epsilon([round_], delta, count_noise=count_noise)
 
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise ValueError("epsilon must be finite and > 0")

@@ -10,11 +10,19 @@ plan with every train request (keys ``ddp-*`` of the config record); a site reco
 sensitivities and its own epsilon from it and its own trust assumption, never trusting the
 coordinator's arithmetic.
 
+Each site also releases its record count once per run as a noisy count (Gaussian noise of
+standard deviation ``count_noise`` records, at least; ``client.record_count``); the plan is
+calibrated so that the run's rounds and that count together stay within ``epsilon``.
+
 Modular wrap (Kairouz et al. ICML 2021; Agarwal et al. NeurIPS 2021, "modular clipping"):
 wrapping is a deterministic function of the integer sum, so it cannot weaken the guarantee;
-it would only corrupt the step. :func:`wrap_margin` bounds the largest |entry| of the true
-sum: N c + n for N records and n sites (|scaled entries| <= c, one rounding a site) plus a Chernoff
-tail of the noise with failure probability 2^-40 over all coordinates.
+it would only corrupt the step. It is ruled out when the run is planned, from public numbers
+only: every site clips each entry of its rounded sum to [-L, L] with L = ``site_sum_bound``
+before adding its noise (clipping entry-wise is 1-Lipschitz in every coordinate, so one
+record still moves a site's vector by at most D2 in L2 and D1 in L1), and L is chosen so that
+n L plus a Chernoff tail of the summed noise (failure probability 2^-40 over all
+coordinates) stays below 2^(b-1) for n sites (:func:`site_sum_bound`). No round has to be
+discarded after the sites have been charged for it.
 """
 
 from __future__ import annotations
@@ -31,6 +39,13 @@ CONFIG_PREFIX = "ddp-"
 #: to the sensitivity D2 = c + sqrt(d) (1.6% more noise than unrounded DP-SGD).
 INTEGER_CLIP_PER_ROOT_D = 64.0
 WRAP_FAILURE_PROBABILITY = 2.0**-40
+#: The record-count noise (standard deviation, records) a plan budgets for by default; the
+#: same as a site policy's default ``record-count-noise``.
+DEFAULT_COUNT_NOISE = 20.0
+
+
+class PlanError(ValueError):
+    """The run cannot be planned; the message names the setting to change."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,8 @@ class DistributedDPPlan:
     min_honest_sites: int  # h the shares are sized for
     epsilon: float  # the run's target epsilon (record-level, whole run)
     delta: float
+    count_noise: float = DEFAULT_COUNT_NOISE  # sigma_c the plan budgets for (records)
+    site_sum_bound: int = 2**30  # L: each entry of a site's rounded sum is clipped to [-L, L]
 
     def __post_init__(self) -> None:
         if not 0 < self.sample_rate <= 1:
@@ -54,6 +71,10 @@ class DistributedDPPlan:
             raise ValueError("rounds, dimension and honest sites must be >= 1")
         if not (self.clip_norm > 0 and self.integer_clip > 0 and self.share_variance > 0):
             raise ValueError("clip norms and share variance must be > 0")
+        if not (math.isfinite(self.count_noise) and self.count_noise > 0):
+            raise ValueError("count noise must be finite and > 0")
+        if self.site_sum_bound < 1:
+            raise ValueError("site sum bound must be >= 1")
 
     @property
     def scale(self) -> float:
@@ -79,8 +100,13 @@ class DistributedDPPlan:
         )
 
     def run_epsilon(self, honest_sites: int) -> float:
-        """Epsilon of the whole planned run when ``honest_sites`` shares are in every sum."""
-        return skellam_epsilon([self.round_entry(honest_sites, self.num_rounds)], self.delta)
+        """Epsilon of the whole planned run (its rounds and one noisy record count at
+        ``count_noise``) when ``honest_sites`` shares are in every sum."""
+        return skellam_epsilon(
+            [self.round_entry(honest_sites, self.num_rounds)],
+            self.delta,
+            count_noise=self.count_noise,
+        )
 
     def noise_multiplier(self, honest_sites: int) -> float:
         """sqrt(guaranteed variance) / D2: comparable to DP-SGD's sigma."""
@@ -116,10 +142,16 @@ def plan_distributed_dp(
     clip_norm: float,
     dimension: int,
     min_honest_sites: int,
+    num_sites: int | None = None,
+    bit_width: int = 32,
+    count_noise: float = DEFAULT_COUNT_NOISE,
     integer_clip: float | None = None,
 ) -> DistributedDPPlan:
-    """Calibrate the noise: the smallest variance whose run stays within ``epsilon`` when
-    ``min_honest_sites`` shares are summed, split into equal shares."""
+    """Calibrate the noise: the smallest variance whose run (and one noisy record count at
+    ``count_noise``) stays within ``epsilon`` when ``min_honest_sites`` shares are summed,
+    split into equal shares; and the per-site clip L that rules out a wrap mod 2^b for
+    ``num_sites`` sites (default: ``min_honest_sites``). Raises :class:`PlanError` when no
+    L fits one record's contribution."""
     c = integer_clip or INTEGER_CLIP_PER_ROOT_D * math.sqrt(dimension)
     l2 = rounded_l2_bound(integer_clip=c, dimension=dimension)
     variance = calibrate_variance(
@@ -129,17 +161,30 @@ def plan_distributed_dp(
         steps=num_rounds,
         l1=rounded_l1_bound(l2_bound=l2, dimension=dimension),
         l2=l2,
+        count_noise=count_noise,
     )
+    sites = num_sites or min_honest_sites
+    share_variance = variance / min_honest_sites
+    bound = site_sum_bound(
+        num_sites=sites, bit_width=bit_width, share_variance=share_variance, dimension=dimension
+    )
+    if bound < math.ceil(c) + 1:
+        raise PlanError(
+            f"a {bit_width}-bit ring leaves each of {sites} sites entries up to {bound}, less "
+            f"than one record's integer clip {c:.0f}: raise secagg-bit-width"
+        )
     return DistributedDPPlan(
         sample_rate=sample_rate,
         num_rounds=num_rounds,
         clip_norm=clip_norm,
         integer_clip=c,
         dimension=dimension,
-        share_variance=variance / min_honest_sites,
+        share_variance=share_variance,
         min_honest_sites=min_honest_sites,
         epsilon=epsilon,
         delta=delta,
+        count_noise=count_noise,
+        site_sum_bound=bound,
     )
 
 
@@ -161,14 +206,24 @@ def skellam_tail_bound(*, variance: float, coordinates: int, failure: float) -> 
     return high
 
 
-def wrap_margin(
-    plan: DistributedDPPlan, *, total_records: int, num_summed: int, bit_width: int
-) -> float:
-    """2^(b-1) minus the bound on |entry| of the true integer sum; > 0 means no wrap (but
-    with probability 2^-40)."""
+def site_sum_bound(*, num_sites: int, bit_width: int, share_variance: float, dimension: int) -> int:
+    """L: the largest per-site entry bound with num_sites * L + t < 2^(b-1), where t bounds
+    the summed noise of ``num_sites`` shares on every coordinate except with probability
+    2^-40. Then the centred sum never wraps (but with that probability)."""
+    noise = skellam_tail_bound(
+        variance=num_sites * share_variance,
+        coordinates=dimension,
+        failure=WRAP_FAILURE_PROBABILITY,
+    )
+    return max(0, math.floor((2.0 ** (bit_width - 1) - 1 - noise) / num_sites))
+
+
+def wrap_margin(plan: DistributedDPPlan, *, num_summed: int, bit_width: int) -> float:
+    """2^(b-1) minus the bound on |entry| of the centred sum of ``num_summed`` sites' clipped
+    vectors and noise; > 0 means no wrap (but with probability 2^-40)."""
     noise = skellam_tail_bound(
         variance=num_summed * plan.share_variance,
         coordinates=plan.dimension,
         failure=WRAP_FAILURE_PROBABILITY,
     )
-    return 2.0 ** (bit_width - 1) - (total_records * plan.integer_clip + num_summed + noise)
+    return 2.0 ** (bit_width - 1) - (num_summed * plan.site_sum_bound + noise)

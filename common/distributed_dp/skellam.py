@@ -7,58 +7,34 @@ Kairouz, Liu, "The Skellam Mechanism for Differentially Private Federated Learni
 NeurIPS 2021, Section 3).
 
 Randomness: uniform bits from ``os.urandom`` (or, for reproducible tests, an AES-256-CTR
-keystream from ``cryptography``); never numpy's generators and never a seed the coordinator
-knows. Each uniform u = (2m + 1) / 2^53 with m a 52-bit integer, so u and 1 - u are both
-exact in float64. A Poisson(lam) sample is the exact inverse of the CDF, X = min{k : F(k) >=
-u}, where F is scipy's regularised incomplete gamma (``scipy.special.pdtr``) in the lower
-half and its complement (``pdtrc``, compared with 1 - u) in the upper half, so that tail
-probabilities keep their relative precision. A Cornish-Fisher guess puts k within one step
-almost always; the search then moves each entry until the inverse-CDF condition holds, so the
-result does not depend on the guess.
+keystream from ``cryptography``; both in ``common.secure_random``); never numpy's generators
+and never a seed the coordinator knows. Each uniform u = (2m + 1) / 2^53 with m a 52-bit
+integer, so u and 1 - u are both exact in float64. A Poisson(lam) sample is the exact
+inverse of the CDF, X = min{k : F(k) >= u}, where F is scipy's regularised incomplete gamma
+(``scipy.special.pdtr``) in the lower half and its complement (``pdtrc``, compared with
+1 - u) in the upper half, so that tail probabilities keep their relative precision. A
+Cornish-Fisher guess puts k within one step almost always; the search then moves each entry
+until the inverse-CDF condition holds, so the result does not depend on the guess.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from scipy import special
 
-#: A source of uniform random bytes: ``random_bytes(n)`` returns n bytes.
-RandomBytes = Callable[[int], bytes]
+from common.secure_random import RandomBytes, aes_ctr_random_bytes, secure_uniforms
 
-_MANTISSA_BITS = 52
-_SCALE = 2.0 ** (_MANTISSA_BITS + 1)
+__all__ = [
+    "RandomBytes",
+    "aes_ctr_random_bytes",
+    "poisson_by_inversion",
+    "secure_uniforms",
+    "skellam_share",
+]
+
 _MAX_SEARCH_STEPS = 100_000
-
-
-def aes_ctr_random_bytes(key: bytes) -> RandomBytes:
-    """An AES-256-CTR keystream under ``key`` (32 bytes), read in order.
-
-    With a key from ``os.urandom`` this is a CSPRNG; with a fixed key it makes statistical
-    tests reproducible through the same code path.
-    """
-    if len(key) != 32:
-        raise ValueError("AES-256 key must be 32 bytes")
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-
-    def random_bytes(count: int) -> bytes:
-        return encryptor.update(bytes(count))
-
-    return random_bytes
-
-
-def secure_uniforms(
-    count: int, random_bytes: RandomBytes = os.urandom
-) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` uniforms u in (0, 1) and their exact complements 1 - u (float64)."""
-    raw = np.frombuffer(random_bytes(8 * count), dtype="<u8") >> np.uint64(64 - _MANTISSA_BITS)
-    odd = 2 * raw + 1  # odd integers below 2^53: exact in float64, never 0 or 2^53
-    lower = odd.astype(np.float64) / _SCALE
-    upper = (np.uint64(1 << (_MANTISSA_BITS + 1)) - odd).astype(np.float64) / _SCALE
-    return lower, upper
 
 
 def poisson_by_inversion(

@@ -83,7 +83,7 @@ def main() -> None:
             "command": " ".join(command[1:]),
             "final_accuracy": summary["final"].get("accuracy"),
             "best_accuracy": summary["best_accuracy"],
-            "epsilon_max_reported": summary["final"].get("epsilon_max"),
+            "epsilon_bound_reported": summary["final"].get("epsilon_bound_max"),
             "rounds_aborted": sum(1 for row in rows if row.get("aborted")),
             "wall_s": round(wall, 1),
             "privacy": summary["privacy"],

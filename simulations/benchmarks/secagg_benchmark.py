@@ -87,7 +87,7 @@ def plain_train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "update": ArrayRecord({"model": Array(update)}),
-            "metrics": MetricRecord({"num-examples": 100, "train-loss": 1.0, "steps": 1}),
+            "metrics": MetricRecord({"num-examples": 100, "steps": 1, "epsilon-bound": 1.0}),
         }
     )
     return Message(content, reply_to=msg)
@@ -98,9 +98,8 @@ def _dummy_trainer(request, msg: Message, context: Context) -> site.LocalUpdate:
     return site.LocalUpdate(
         update=_random_update(length, context, request.server_round),
         num_examples=100,
-        train_loss=1.0,
         steps=1,
-        epsilon=1.0,
+        epsilon_bound=1.0,
     )
 
 

@@ -88,7 +88,7 @@ def main() -> None:
             "rounds": len(rows),
             "round_wall_s": [r.get("wall_s") for r in rows],
             "final_accuracy": rows[-1].get("accuracy") if rows else None,
-            "final_epsilon_max": rows[-1].get("epsilon_max") if rows else None,
+            "final_epsilon_bound_max": rows[-1].get("epsilon_bound_max") if rows else None,
             "peak_memory_mb_pss": round(peak),
             "targets": {
                 "default_wall_s_at_most": 600,

@@ -11,8 +11,9 @@ import torch
 
 from client.distributed_dp_guard import TooFewSurvivors, require_enough_survivors
 from client.distributed_dp_step import run_distributed_dp_step
-from client.privacy_ledger import PrivacyLedger
+from client.privacy_ledger import PrivacyLedger, count_charge
 from client.privacy_policy import PolicyError, SitePrivacyPolicy
+from client.record_count import public_count
 from common.data.dataset import ImageTextDataset
 from common.distributed_dp.plan import plan_distributed_dp
 from common.federation_config import FederationConfig
@@ -51,7 +52,15 @@ def _plan(state: dict[str, torch.Tensor], honest: int = 4):
     )
 
 
-def _step(policy: SitePrivacyPolicy, ledger: PrivacyLedger, server_round: int = 1, plan=None):
+def _step(
+    policy: SitePrivacyPolicy,
+    ledger: PrivacyLedger,
+    server_round: int = 1,
+    plan=None,
+    *,
+    run_id: int = 0,
+    persistent_ledger: bool = True,
+):
     state = _state()
     return run_distributed_dp_step(
         global_state=state,
@@ -61,6 +70,8 @@ def _step(policy: SitePrivacyPolicy, ledger: PrivacyLedger, server_round: int = 
         policy=policy,
         ledger=ledger,
         bit_width=32,
+        run_id=run_id,
+        persistent_ledger=persistent_ledger,
     )
 
 
@@ -69,9 +80,13 @@ def test_step_returns_a_ring_vector_and_records_the_round() -> None:
     outcome = _step(SitePrivacyPolicy(), ledger)
     assert outcome.refusal is None and outcome.integers is not None
     assert outcome.integers.dtype == np.uint64 and np.all(outcome.integers < 2**32)
-    assert outcome.honest_sites == 4 and outcome.num_records == 40
+    # The weight slot carries the noisy count, drawn and charged once for the run.
+    assert outcome.honest_sites == 4
+    assert outcome.num_records == public_count(ledger.noisy_count)
+    assert ledger.count_releases == 1 and ledger.history == [count_charge(20.0)]
     assert sum(entry[4] for entry in ledger.distributed_history) == 1
     assert outcome.epsilon == pytest.approx(ledger.epsilon(1e-5))
+    assert outcome.epsilon_bound == 3.0  # what the site sends: its bound, not its spend
     # The noise share dominates a 40-record step: entries are centred near 0, spread sqrt(var).
     centred = np.where(
         outcome.integers >= 2**31,
@@ -92,6 +107,33 @@ def test_site_accounts_with_its_own_trust_assumption_and_refuses_over_budget() -
     assert "record-level" in outcome.refusal.detail
     # A site that assumes more honest sites than the run does accounts for more noise.
     assert _step(SitePrivacyPolicy(min_honest_sites=8), PrivacyLedger()).refusal is None
+
+
+def test_the_count_is_drawn_once_per_run_and_the_plan_budgets_for_it() -> None:
+    ledger = PrivacyLedger()
+    first = _step(SitePrivacyPolicy(), ledger, 1, run_id=4)
+    noisy = ledger.noisy_count
+    second = _step(SitePrivacyPolicy(), ledger, 2, run_id=4)
+    assert first.refusal is None and second.refusal is None
+    assert ledger.noisy_count == noisy and ledger.count_releases == 1
+    assert first.num_records == second.num_records == public_count(noisy)
+    # The whole planned run, count included, meets the run's epsilon with the plan's h.
+    plan = _plan(_state())
+    assert plan.run_epsilon(4) == pytest.approx(3.0, rel=1e-3)
+    # A site that insists on more count noise than the plan is charged its own (less).
+    cautious = PrivacyLedger()
+    assert _step(SitePrivacyPolicy(record_count_noise=50.0), cautious).refusal is None
+    assert cautious.history == [count_charge(50.0)]
+
+
+def test_a_resumed_run_without_a_persistent_ledger_is_refused() -> None:
+    ledger = PrivacyLedger()
+    outcome = _step(SitePrivacyPolicy(), ledger, 5, run_id=8, persistent_ledger=False)
+    assert outcome.integers is None and outcome.refusal is not None
+    assert outcome.refusal.code == RefusalCode.LEDGER_UNKNOWN
+    assert "ledger-file" in outcome.refusal.detail
+    assert ledger == PrivacyLedger()
+    assert _step(SitePrivacyPolicy(), ledger, 5, run_id=8).refusal is None  # with a file
 
 
 def test_lifetime_budget_counts_earlier_rounds() -> None:

@@ -72,3 +72,60 @@ def test_overwriting_a_world_readable_ledger_makes_it_owner_only(tmp_path: Path)
     spent_ledger().save(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert PrivacyLedger.load(path) == spent_ledger()
+
+
+def _spend_in_a_handler(ledger_file: str, round_: int, loaded, proceed, wait_s: float) -> None:
+    """What a training handler process does with a persistent ledger: load it (through the
+    ClientApp's own session), signal, maybe wait, record a round; the session saves it."""
+    from flwr.app import Context, RecordDict
+
+    from client.app import _ledger_session
+
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"ledger-file": ledger_file},
+        state=RecordDict(),
+        run_config={},
+    )
+    with _ledger_session(context) as ledger:
+        loaded.set()
+        proceed.wait(wait_s)
+        ledger.rounds.append(round_)
+
+
+def test_two_handler_processes_never_spend_one_ledger_state(tmp_path: Path) -> None:
+    """The first process holds the ledger from load to save; the second, started while the
+    first holds it, must load the first's saved state, not the stale one: both rounds land.
+    Without the lock the second loads the empty ledger and one of the two rounds is lost."""
+    import multiprocessing
+
+    path = tmp_path / "ledger.json"
+    PrivacyLedger(run_id=1).save(path)
+    context = multiprocessing.get_context("fork")
+    first_loaded, second_loaded, go = context.Event(), context.Event(), context.Event()
+    go.set()
+    first = context.Process(
+        target=_spend_in_a_handler, args=(str(path), 1, first_loaded, second_loaded, 2.0)
+    )
+    first.start()
+    assert first_loaded.wait(60)
+    second = context.Process(
+        target=_spend_in_a_handler, args=(str(path), 2, second_loaded, go, 0.0)
+    )
+    second.start()
+    first.join(60)
+    second.join(60)
+    assert first.exitcode == 0 and second.exitcode == 0
+    assert PrivacyLedger.load(path).rounds == [1, 2]
+
+
+def test_the_noisy_count_survives_both_stores(tmp_path: Path) -> None:
+    for noisy in (-3.5, 0.0, 6012.25):
+        ledger = PrivacyLedger(history=[(20.0, 1.0, 1)], noisy_count=noisy, count_releases=1)
+        assert PrivacyLedger.from_record(ledger.to_record()) == ledger
+        ledger.save(tmp_path / "ledger.json")
+        assert PrivacyLedger.load(tmp_path / "ledger.json") == ledger
+    ledger.start_run(ledger.run_id + 1)  # a new run draws its own count
+    assert ledger.noisy_count is None and ledger.count_releases == 1
+    assert "1 noisy record count(s)" in ledger.describe()

@@ -14,6 +14,7 @@ from client.privacy_policy import (
     PolicyRefusal,
     SitePrivacyPolicy,
     effective_privacy,
+    require_delta_below_one_over,
 )
 from common.federation_config import FederationConfig
 from common.train_request import TrainRequest
@@ -28,7 +29,7 @@ def test_stricter_of_policy_and_request_wins_knob_by_knob() -> None:
         max_epsilon=3.0, delta=1e-5, min_noise_multiplier=0.5, max_grad_norm=0.7
     )
     asked = request(epsilon=5.0, delta=1e-6, noise_multiplier_floor=0.8, max_grad_norm=1.2)
-    effective = effective_privacy(policy, asked, num_records=1000)
+    effective = effective_privacy(policy, asked)
     assert effective.epsilon == 3.0  # the site's budget, not the looser 5
     assert effective.delta == 1e-6  # the request's, stricter than the site's
     assert effective.noise_multiplier_floor == 0.8
@@ -36,7 +37,7 @@ def test_stricter_of_policy_and_request_wins_knob_by_knob() -> None:
     assert effective.private
 
     asked = request(epsilon=1.0, delta=1e-3, noise_multiplier_floor=0.1, max_grad_norm=0.5)
-    effective = effective_privacy(policy, asked, num_records=50_000)
+    effective = effective_privacy(policy, asked)
     assert effective.epsilon == 1.0
     assert effective.delta == 1e-5
     assert effective.noise_multiplier_floor == 0.5
@@ -45,14 +46,14 @@ def test_stricter_of_policy_and_request_wins_knob_by_knob() -> None:
 def test_site_clipping_norm_wins_and_otherwise_the_request_sets_it() -> None:
     asked = request(max_grad_norm=0.3)
     assert effective_privacy(
-        SitePrivacyPolicy(max_grad_norm=2.0), asked, num_records=1000
+        SitePrivacyPolicy(max_grad_norm=2.0), asked
     ).max_grad_norm == pytest.approx(2.0)
-    assert effective_privacy(SitePrivacyPolicy(), asked, num_records=1000).max_grad_norm == 0.3
+    assert effective_privacy(SitePrivacyPolicy(), asked).max_grad_norm == 0.3
 
 
 def test_coordinator_cannot_turn_dp_off_for_a_site_with_a_finite_budget() -> None:
     asked = request(epsilon=math.inf)
-    effective = effective_privacy(SitePrivacyPolicy(max_epsilon=2.0), asked, num_records=1000)
+    effective = effective_privacy(SitePrivacyPolicy(max_epsilon=2.0), asked)
     assert effective.private
     assert effective.epsilon == 2.0
     assert effective.delta == 1e-5
@@ -60,22 +61,23 @@ def test_coordinator_cannot_turn_dp_off_for_a_site_with_a_finite_budget() -> Non
 
 def test_dp_is_off_only_when_both_site_and_run_allow_it() -> None:
     open_site = SitePrivacyPolicy(max_epsilon=math.inf)
-    assert not effective_privacy(open_site, request(epsilon=math.inf), num_records=10).private
-    assert effective_privacy(open_site, request(epsilon=4.0), num_records=1000).epsilon == 4.0
+    assert not effective_privacy(open_site, request(epsilon=math.inf)).private
+    assert effective_privacy(open_site, request(epsilon=4.0)).epsilon == 4.0
 
 
 @pytest.mark.parametrize("delta", [1e-3, 5e-3])
 def test_delta_not_below_one_over_n_is_refused(delta: float) -> None:
-    policy = SitePrivacyPolicy(delta=delta)
+    effective = effective_privacy(SitePrivacyPolicy(delta=delta), request(delta=0.5))
     with pytest.raises(PolicyRefusal, match="delta") as refusal:
-        effective_privacy(policy, request(delta=0.5), num_records=1000)
-    assert "1000 records" in str(refusal.value)
+        require_delta_below_one_over(1000, effective.delta)
+    assert "noisy record count 1000" in str(refusal.value)
     # Just below 1/n is accepted.
-    below = effective_privacy(SitePrivacyPolicy(delta=9.9e-4), request(), num_records=1000)
+    below = effective_privacy(SitePrivacyPolicy(delta=9.9e-4), request())
     assert below.delta == pytest.approx(1e-5)
-    assert effective_privacy(
-        SitePrivacyPolicy(delta=9.9e-4), request(delta=0.1), num_records=1000
-    ).delta == pytest.approx(9.9e-4)
+    require_delta_below_one_over(1000, below.delta)
+    relaxed = effective_privacy(SitePrivacyPolicy(delta=9.9e-4), request(delta=0.1))
+    assert relaxed.delta == pytest.approx(9.9e-4)
+    require_delta_below_one_over(1000, relaxed.delta)
 
 
 def test_policy_file_with_privacy_table(tmp_path: Path) -> None:
@@ -179,10 +181,11 @@ def test_defaults_are_private() -> None:
     policy = SitePrivacyPolicy()
     assert math.isfinite(policy.max_epsilon) and policy.delta < 1e-4
     assert dataclasses.is_dataclass(policy)
-    effective = effective_privacy(policy, request(epsilon=math.inf), num_records=6000)
+    effective = effective_privacy(policy, request(epsilon=math.inf))
     assert effective.private and effective.epsilon == policy.max_epsilon
 
 
 def test_delta_of_exactly_one_over_n_is_refused() -> None:
     with pytest.raises(PolicyRefusal, match="delta"):
-        effective_privacy(SitePrivacyPolicy(), request(), num_records=100_000)
+        delta = effective_privacy(SitePrivacyPolicy(), request()).delta
+        require_delta_below_one_over(100_000, delta)

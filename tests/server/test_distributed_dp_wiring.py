@@ -83,9 +83,8 @@ def _integer_trainer(sums: dict[int, np.ndarray]) -> client_app.Trainer:
         return client_app.LocalUpdate(
             update=np.mod(signed, 2**32).astype(np.uint64),
             num_examples=1000 + context.node_id % 97,
-            train_loss=float("nan"),
             steps=1,
-            epsilon=0.5,
+            epsilon_bound=0.5,
         )
 
     return train
@@ -151,7 +150,7 @@ def test_sites_refuse_to_unmask_below_their_honest_count() -> None:
 
 def test_a_real_update_is_refused_in_an_integer_round() -> None:
     def float_trainer(request, msg, context):
-        return client_app.LocalUpdate(np.zeros(LENGTH), 100, 1.0, 1, 0.5)
+        return client_app.LocalUpdate(np.zeros(LENGTH), 100, 1, 0.5)
 
     grid = InProcessGrid(float_trainer)
     aggregation = SecAggPlusAggregation(SecAggSettings(integer_update=True))

@@ -99,9 +99,8 @@ def _numpy_trainer(
         return client_app.LocalUpdate(
             update=updates[node],
             num_examples=weights[node],
-            train_loss=1.5,
             steps=3,
-            epsilon=0.1 * (node % 7) + 0.123,
+            epsilon_bound=0.1 * (node % 7) + 0.123,
         )
 
     return train
@@ -152,7 +151,8 @@ def test_round_decodes_the_weighted_mean_and_reveals_no_update() -> None:
     assert mean is not None
     for key in SHAPES:
         assert np.abs(mean[key] - plain[key]).max() <= bound
-    assert math.isclose(result.metric_sums["train-loss"] / result.total_weight, 1.5, rel_tol=1e-3)
+    assert math.isclose(result.metric_sums["steps"] / result.total_weight, 3.0, rel_tol=1e-3)
+    assert "train-loss" not in result.metric_sums  # no site sends its train loss
     assert math.isclose(result.epsilon_max, max(0.1 * (n % 7) + 0.13 for n in NODES), abs_tol=1e-9)
     # Nothing a site sent carries its update, weight or metrics in the clear.
     for reply in grid.received:

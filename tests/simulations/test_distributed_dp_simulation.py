@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from client.privacy_ledger import PrivacyLedger
+from client.privacy_ledger import PrivacyLedger, count_charge
 from common.data.fashion_mnist import DEFAULT_DATA_DIR
 from common.secure_round import MESSAGE_MASKED, MESSAGE_SETUP, MESSAGE_UNMASK
 
@@ -118,7 +118,8 @@ def test_ledgers_name_the_distributed_rounds_and_stay_within_budget(run: dict) -
     assert len(ledgers) == 3
     for path in ledgers:
         ledger = PrivacyLedger.load(path)
-        assert ledger.history == []  # no site-local DP-SGD
+        # no site-local DP-SGD: only the run's noisy record count, charged once
+        assert ledger.history == [count_charge(20.0)] and ledger.count_releases == 1
         assert sum(entry[4] for entry in ledger.distributed_history) == 3  # every step counts
         assert ledger.distributed_honest_sites == 3
         assert 0 < ledger.epsilon(1e-5) <= 3.0 + 1e-9

@@ -72,14 +72,14 @@ def test_round_line_names_what_a_user_needs() -> None:
         "accuracy": 0.61234,
         "r_at_1_i2t": 0.2,
         "r_at_1_t2i": 0.1,
-        "epsilon_max": 2.5,
+        "epsilon_bound_max": 3.0,
         "sites_trained": 9,
         "sites_refused": 1,
         "sites_failed": 0,
         "wall_s": 21.44,
     }
     assert round_line(row, 14) == (
-        "round 3/14, accuracy 0.612, R@1 i2t 0.200 t2i 0.100, epsilon_max 2.5, "
+        "round 3/14, accuracy 0.612, R@1 i2t 0.200 t2i 0.100, epsilon_bound_max 3.0, "
         "sites trained 9 refused 1 failed 0, 21.4 s"
     )
     aborted = round_line({"round": 4, "aborted": "no site trained this round"}, 14)

@@ -80,7 +80,13 @@ def test_two_sites_two_rounds_then_resume_with_budget_refusal(tmp_path: Path) ->
     rows = _rows(out)
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["sites_trained"] == 2 and r["sites_refused"] == 0 for r in rows), rows
-    assert 0 < float(rows[0]["epsilon_max"]) < float(rows[1]["epsilon_max"]) <= 3.0
+    assert [float(r["epsilon_bound_max"]) for r in rows] == [3.0, 3.0]  # the bound, not spend
+    assert all("train_loss" not in r and float(r["eval_loss"]) > 0 for r in rows)
+    # The runner owns the simulated sites' ledgers: their exact spend is in the summary.
+    sites = json.loads((out / "summary.json").read_text())["site_epsilons"]
+    assert sorted(sites) == ["site-0", "site-1"]
+    assert all(0 < float(s["epsilon"]) <= 3.0 and s["delta"] == 1e-5 for s in sites.values())
+    assert "Each site's exact epsilon" in (out / "report.md").read_text()
     for key in ("accuracy", "r_at_1_i2t", "r_at_1_t2i", "r_at_5_i2t", "r_at_5_t2i", "wall_s"):
         assert 0 <= float(rows[-1][key]) <= (1 if key != "wall_s" else 600)
     for name in (

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from common.distributed_dp.plan import DistributedDPPlan, skellam_tail_bound, wrap_margin
+from common.distributed_dp.plan import skellam_tail_bound
 from common.distributed_dp.rounding import randomized_round, rounded_l1_bound, rounded_l2_bound
 
 
@@ -44,19 +44,29 @@ def test_one_record_moves_the_rounded_sum_by_at_most_the_sensitivity() -> None:
     assert worst_l2 > c  # the bound is not vacuous: rounding does add to the record's norm
 
 
-def test_wrap_margin_and_noise_tail() -> None:
+def test_noise_tail_bound() -> None:
     tail = skellam_tail_bound(variance=1e6, coordinates=50_000, failure=2.0**-40)
     assert 7_000 < tail < 10_000  # about 8.5 standard deviations
-    plan = DistributedDPPlan(
-        sample_rate=0.05,
-        num_rounds=10,
-        clip_norm=1.0,
-        integer_clip=64 * math.sqrt(50_000),
-        dimension=50_000,
-        share_variance=1e6,
-        min_honest_sites=10,
-        epsilon=3.0,
-        delta=1e-5,
-    )
-    assert wrap_margin(plan, total_records=54_000, num_summed=10, bit_width=32) > 0
-    assert wrap_margin(plan, total_records=540_000, num_summed=10, bit_width=32) < 0
+
+
+def test_clipping_a_rounded_sum_entry_wise_keeps_the_sensitivity() -> None:
+    """Sites clip their rounded sums to [-L, L] (no wrap, decided at planning time): entry-wise
+    clipping is 1-Lipschitz, so one record still moves the vector by at most D2 and D1."""
+    rng = np.random.default_rng(5)
+    d, c = 400, 64 * math.sqrt(400)
+    l2 = rounded_l2_bound(integer_clip=c, dimension=d)
+    l1 = rounded_l1_bound(l2_bound=l2, dimension=d)
+    bound = int(2 * c)  # tight: many entries of the sum are clipped
+    clipped_entries = 0
+    for seed in range(200):
+        others = torch.from_numpy(rng.normal(0, 3 * c, d))
+        record = torch.from_numpy(rng.normal(0, 1, d))
+        record *= c / record.norm()
+        with_record = randomized_round(others + record, generator=_generator(seed))
+        without = randomized_round(others, generator=_generator(seed))
+        clipped_with = with_record.clamp(-bound, bound)
+        clipped_without = without.clamp(-bound, bound)
+        clipped_entries += int((with_record.abs() > bound).sum())
+        shift = (clipped_with - clipped_without).to(torch.float64)
+        assert float(shift.norm()) <= l2 and float(shift.abs().sum()) <= l1
+    assert clipped_entries > 0

@@ -1,0 +1,147 @@
+"""DP-SGD steps whose randomness comes from a CSPRNG, at an explicit sampling rate.
+
+DP-SGD (Abadi et al., CCS 2016) with Opacus' per-example gradients and clipping (Yousefpour
+et al., 2021: ``GradSampleModule`` in hooks mode, ``DPOptimizer.clip_and_accumulate``). Two
+parts of Opacus 1.6 are replaced, because they draw from torch's Mersenne Twister (its
+``secure_mode`` needs torchcsprng, which has no torch 2 builds) and because its data loader
+derives the sampling rate from the true record count:
+
+- **Poisson sampling**: Opacus' ``DPDataLoader`` samples each step with q = 1/len(loader), a
+  function of the site's true record count, using torch's generator. Here record i joins a
+  step when u_i < q, with q given explicitly (a site derives it from its noisy, accounted
+  record count) and u_i from the CSPRNG (``common.secure_random.bernoulli_indices``).
+- **Noise**: ``DPOptimizer.add_noise`` draws ``torch.normal``; :class:`SecureNoiseDPOptimizer`
+  adds N(0, (sigma C)^2) per coordinate from Box-Muller deviates of the CSPRNG
+  (``common.secure_random.standard_normals``), then Opacus divides by the expected batch.
+
+Accounting: Opacus' ``RDPAccountant`` (Mironov, Talwar, Zhang 2019, the sampled Gaussian
+mechanism), stepped by the optimizer's hook with that same explicit q, exactly as
+``PrivacyEngine`` attaches it. An empty Poisson batch still takes a noise-only step, so every
+step the accountant counts happened.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.validators import ModuleValidator
+from torch.utils.data import Dataset
+
+from common.loss import matching_loss
+from common.secure_random import RandomBytes, bernoulli_indices, standard_normals
+
+AccountantHistory = list[tuple[float, float, int]]  # (noise_multiplier, sample_rate, steps)
+
+
+class SecureNoiseDPOptimizer(DPOptimizer):
+    """Opacus' ``DPOptimizer`` with its Gaussian noise drawn from ``random_bytes``."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: float,
+        random_bytes: RandomBytes,
+    ) -> None:
+        super().__init__(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,  # type: ignore[arg-type]
+            loss_reduction="mean",
+        )
+        self.random_bytes = random_bytes
+
+    def add_noise(self) -> None:
+        """``p.grad`` = clipped sum + N(0, (noise_multiplier * max_grad_norm)^2), one draw of
+        the CSPRNG for all parameters of the step."""
+        params = self.params
+        for p in params:
+            _check_processed_flag(p.summed_grad)
+        std = self.noise_multiplier * self.max_grad_norm
+        total = sum(p.summed_grad.numel() for p in params)
+        noise = torch.from_numpy(standard_normals(total, self.random_bytes) * std)
+        offset = 0
+        for p in params:
+            size = p.summed_grad.numel()
+            chunk = noise[offset : offset + size].view_as(p.summed_grad)
+            offset += size
+            p.grad = (p.summed_grad + chunk.to(p.summed_grad.dtype)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+def poisson_batch(
+    dataset: Dataset, *, sample_rate: float, random_bytes: RandomBytes
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Poisson batch of ``(image, candidate tokens)`` items; every record joins with
+    probability ``sample_rate``. An empty batch keeps the item shapes (zero rows)."""
+    size = len(dataset)  # type: ignore[arg-type]
+    indices = bernoulli_indices(size, sample_rate, random_bytes)
+    if indices.size == 0:
+        image, tokens = dataset[0]
+        return (
+            torch.zeros((0, *image.shape), dtype=image.dtype),
+            torch.zeros((0, *tokens.shape), dtype=tokens.dtype),
+        )
+    items = [dataset[int(i)] for i in indices]
+    return torch.stack([image for image, _ in items]), torch.stack([t for _, t in items])
+
+
+def train_dp_sgd(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    optimizer: torch.optim.Optimizer,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    sample_rate: float,
+    steps: int,
+    expected_batch_size: float,
+    accountant_history: AccountantHistory,
+    random_bytes: RandomBytes,
+) -> tuple[float, AccountantHistory]:
+    """``steps`` DP-SGD steps on ``model`` (trained in place); the mean loss over the sampled
+    records (for the site's own log: it is not differentially private) and the accountant's
+    history after ``accountant_history``."""
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
+    ModuleValidator.validate(model, strict=True)
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    wrapped.forbid_grad_accumulation()
+    private = SecureNoiseDPOptimizer(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        random_bytes=random_bytes,
+    )
+    accountant = RDPAccountant()
+    accountant.history = list(accountant_history)
+    private.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    total_loss, total_items = 0.0, 0
+    wrapped.train()
+    try:
+        for _ in range(steps):
+            images, tokens = poisson_batch(
+                dataset, sample_rate=sample_rate, random_bytes=random_bytes
+            )
+            private.zero_grad(set_to_none=True)
+            losses = matching_loss(wrapped(images, tokens))
+            if len(images) == 0:
+                # Backward still runs, so Opacus has its (empty) per-sample gradients and
+                # takes a noise-only step: the accountant's step happened.
+                losses.sum().backward()
+            else:
+                losses.mean().backward()
+                total_loss += float(losses.detach().sum())
+                total_items += len(images)
+            private.step()
+    finally:
+        wrapped._close()  # remove Opacus' hooks; ``model`` holds the trained weights
+    history = [(float(s), float(q), int(n)) for s, q, n in accountant.history]
+    return total_loss / max(total_items, 1), history

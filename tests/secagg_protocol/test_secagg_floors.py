@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from client.secagg.policy import ClientSecAggPolicy
-from common.secagg.neighbour_graph import graph_parameters
+from common.secagg.neighbour_graph import default_graph_parameters, graph_parameters
 from common.site_refusal import RefusalCode
 from server.secagg.stages import ABORTED, FINISHED
 from tests.secagg_protocol.test_secagg_in_process import assert_matches_plain_sum, run_round
@@ -95,20 +95,22 @@ def test_sites_refuse_to_unmask_below_their_minimum_when_the_coordinator_does_no
 
 
 def test_the_graph_is_drawn_over_the_sites_that_finished_setup() -> None:
-    """Three of ten sites lost at setup: the share-keys request names the seven others, and
-    the degree and threshold are those for seven sites, so every participant keeps its full
-    degree of neighbours (a graph over all ten would leave some with fewer)."""
+    """Five of ten sites lost at setup: the share-keys request names the five others, and the
+    degree and threshold are those for five participants (the complete graph, t = 3), not
+    those for ten (degree 4, t = 2), so every participant keeps all its neighbours and the
+    threshold fits the one colluder that may be among so few."""
     sites = _sites(10, seed=16)
-    lost = set(sites[:3])
+    lost = set(sites[:5])
     outcome = run_round(num_sites=10, length=300, seed=16, drop={"setup": lost})
     assert_matches_plain_sum(outcome)
     participants = [site for site in sites if site not in lost]
-    expected = graph_parameters(7, colluding=1, dropouts=2)
+    expected = graph_parameters(5, colluding=1, dropouts=1)
+    assert (expected.degree, expected.threshold) == (4, 3)
+    assert default_graph_parameters(10) != expected  # a graph fixed for the sampled sites
     for site, request in outcome.requests["share_keys"].items():
         assert request["participant_ids"] == participants
-        assert (request["degree"], request["threshold"]) == (expected.degree, expected.threshold)
-        assert len(request["site_ids"]) == expected.degree
-        assert set(request["site_ids"]) <= set(participants) - {site}
+        assert (request["degree"], request["threshold"]) == (4, 3)
+        assert set(request["site_ids"]) == set(participants) - {site}
 
 
 def test_every_site_refuses_a_threshold_below_its_policy() -> None:

@@ -252,7 +252,9 @@ def test_four_sites_two_rounds_secure_dp_exhausted_site_and_resume_after_coordin
         submit += ["--set", setting]
     first = coordinator.group.start("submit", submit)
     latest = out / "checkpoints" / "latest.json"
-    assert wait_until(lambda: latest.exists() or first.process.poll() is not None, timeout=240), (
+    # Four sites: each message starts a fresh ClientApp process at each site, so a round
+    # takes minutes on 2 shared cores.
+    assert wait_until(lambda: latest.exists() or first.process.poll() is not None, timeout=480), (
         first.output()[-3000:]
     )
     assert json.loads(latest.read_text())["round"] == 1, first.output()[-3000:]
@@ -263,7 +265,7 @@ def test_four_sites_two_rounds_secure_dp_exhausted_site_and_resume_after_coordin
     assert wait_until(lambda: coordinator.online() == 4, timeout=90, interval=2)
 
     done = subprocess.run(
-        [*submit[:7], "--resume"], env=coordinator.env, capture_output=True, text=True, timeout=300
+        [*submit[:7], "--resume"], env=coordinator.env, capture_output=True, text=True, timeout=600
     )
     coordinator.group.remember_children()
     log = done.stdout + done.stderr

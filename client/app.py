@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,10 +32,10 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.distributed_dp_guard import GUARD_KEY, TooFewSurvivors, require_enough_survivors
 from client.privacy_ledger import LEDGER_KEY, PrivacyLedger, ledger_file_session
 from client.privacy_policy import SitePrivacyPolicy
 from client.reply_padding import pad_training_replies
+from client.secagg.aggregation_floor import TooFewSites
 from client.secagg.pending_update import (
     PendingUpdate,
     discard_pending_updates,
@@ -41,10 +43,10 @@ from client.secagg.pending_update import (
     node_spill_dir,
     save_pending_update,
 )
+from client.secagg.policy import ClientSecAggPolicy, SecAggPolicyError
+from client.secagg.refusal import SecAggRefusal
 from client.secagg.stages import (
-    ClientSecAggPolicy,
     ClientSecAggState,
-    SecAggRefusal,
     client_masked_input,
     client_setup,
     client_share_keys,
@@ -172,6 +174,9 @@ class LocalUpdate:
     num_examples: int  # the site's public (noisy) record count
     steps: int
     epsilon_bound: float  # the bound the site commits to, not its exact spend
+    #: Distributed DP: the honest sites whose noise shares this site assumes in every sum
+    #: (h); the site then refuses to go on with fewer (``client.secagg.aggregation_floor``).
+    honest_sites: int = 0
 
 
 #: A trainer: (train request, setup message, context) -> the update, or a refusal.
@@ -200,7 +205,10 @@ def secagg_setup(msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get("config")
     distributed = config is not None and "ddp-sample-rate" in config
     return run_secagg_setup(
-        msg, context, train=train_distributed_dp if distributed else train_with_dp
+        msg,
+        context,
+        train=train_distributed_dp if distributed else train_with_dp,
+        integer_update=distributed,
     )
 
 
@@ -238,14 +246,12 @@ def train_distributed_dp(
         )
     if outcome.integers is None:
         return outcome.refusal or SiteRefusal(RefusalCode.BAD_REQUEST)
-    context.state.config_records[GUARD_KEY] = ConfigRecord(
-        {"round": request.server_round, "min-survivors": outcome.honest_sites}
-    )
     return LocalUpdate(
         update=outcome.integers,
         num_examples=outcome.num_records,
         steps=1,
         epsilon_bound=outcome.epsilon_bound,
+        honest_sites=outcome.honest_sites,
     )
 
 
@@ -296,13 +302,10 @@ def secagg_masked(msg: Message, context: Context) -> Message:
 
 @app.train(ACTION_UNMASK)
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    guard = context.state.config_records.get(GUARD_KEY)
     try:
         state, request = _stage_input(msg, context)
-        if guard is not None and int(guard["round"]) == state.config.round_id:
-            require_enough_survivors(request, min_survivors=int(guard["min-survivors"]))
         _state, reply = client_unmask(state=state, request=request)
-    except TooFewSurvivors as refusal:  # distributed DP: this round is dead at this site
+    except TooFewSites as refusal:  # below this site's minimum: the round is dead here
         context.state.config_records.pop(SECAGG_STATE_KEY, None)
         return _refuse(msg, refusal.refusal())
     except (ValueError, KeyError) as refusal:
@@ -313,26 +316,53 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
     return _secagg_reply(msg, reply)
 
 
-def run_secagg_setup(msg: Message, context: Context, *, train: Trainer) -> Message:
-    """Check the round config, train with ``train``, keep the update waiting, advertise keys."""
+def run_secagg_setup(
+    msg: Message, context: Context, *, train: Trainer, integer_update: bool | None = None
+) -> Message:
+    """Check the round config, train with ``train``, keep the update waiting, advertise keys.
+
+    Everything that can be checked before training is: the round config against the site's
+    policy, the update length against the global arrays, and (``integer_update``, when
+    given) the kind of update the round expects; a bad request costs no privacy budget. The
+    round is marked as this site's last before training, so a replayed setup never trains
+    twice.
+    """
     try:
         payload = dict(msg.content.config_records[RECORD_SECAGG])
         request = TrainRequest.from_config(dict(msg.content.config_records["config"]))
+        arrays = msg.content.array_records["arrays"]
+        global_length = sum(math.prod(arrays[key].shape) for key in arrays)
     except (KeyError, TypeError, ValueError) as error:
         return _refuse(msg, SiteRefusal(RefusalCode.BAD_REQUEST, f"setup request: {error}"))
     last = context.state.config_records.get(SECAGG_LAST_ROUND_KEY)
+    try:
+        policy = _secagg_policy(context.node_config)
+    except SecAggPolicyError as error:  # the site's own configuration: fix it, then rejoin
+        return _refuse(msg, SiteRefusal(RefusalCode.SECAGG_POLICY, str(error)))
     try:
         if payload.get("round") != request.server_round:
             raise SecAggRefusal("setup request: secagg round differs from the training round")
         state, reply = client_setup(
             site_id=context.node_id,
             request=payload,
-            policy=_secagg_policy(context.node_config),
+            policy=policy,
             previous_round=None if last is None else int(last["round"]),
         )
+        if state.config.update_length != global_length:
+            raise SecAggRefusal(
+                f"setup request: update length {state.config.update_length} differs from the "
+                f"{global_length} entries of the global model"
+            )
+        if integer_update is not None and state.config.integer_update != integer_update:
+            raise SecAggRefusal(
+                "setup request: integer (distributed-DP) and real updates do not mix: the "
+                "round config and the train request differ"
+            )
     except SecAggRefusal as refusal:
         return _refuse(msg, refusal.refusal())
     config = state.config
+    # From here on this round is taken: a replay of this setup is refused, trained or not.
+    context.state.config_records[SECAGG_LAST_ROUND_KEY] = ConfigRecord({"round": config.round_id})
     spill = context.state.config_records.get(SECAGG_SPILL_KEY)
     directory = node_spill_dir(
         existing=None if spill is None else str(spill["dir"]),
@@ -366,6 +396,8 @@ def run_secagg_setup(msg: Message, context: Context, *, train: Trainer) -> Messa
                 "integer (distributed-DP) and real updates do not mix: round config differs",
             ),
         )
+    if trained.honest_sites:  # distributed DP: h joins this site's floor for the round
+        state = dataclasses.replace(state, honest_sites=int(trained.honest_sites))
     clipped = 0
     if not config.integer_update:
         clipped = int(np.count_nonzero(np.abs(trained.update) > config.update_clip))
@@ -386,7 +418,6 @@ def run_secagg_setup(msg: Message, context: Context, *, train: Trainer) -> Messa
         ),
     )
     _store_state(context, state, pending_file=str(path))
-    context.state.config_records[SECAGG_LAST_ROUND_KEY] = ConfigRecord({"round": config.round_id})
     out = _secagg_reply(msg, reply)
     out.content.metric_records[RECORD_PRIVACY] = MetricRecord(
         {"epsilon": reported_epsilon(trained.epsilon_bound)}
@@ -402,11 +433,9 @@ def _release_spill_dir(context: Context, directory: Path) -> None:
 
 
 def _secagg_policy(node_config: Any) -> ClientSecAggPolicy:
-    """The site's own minimums (node config ``secagg-min-threshold``, ``secagg-min-sites``)."""
-    return ClientSecAggPolicy(
-        min_threshold=int(node_config.get("secagg-min-threshold", 2)),
-        min_sites=int(node_config.get("secagg-min-sites", 2)),
-    )
+    """The site's own secure-aggregation policy (``client.secagg.policy``: its policy file's
+    ``[secure-aggregation]`` table and node config ``secagg-*``)."""
+    return ClientSecAggPolicy.for_site(node_config)
 
 
 def _stage_input(msg: Message, context: Context) -> tuple[ClientSecAggState, dict[str, Any]]:

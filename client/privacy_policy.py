@@ -18,6 +18,8 @@ from typing import Any
 from common.train_request import TrainRequest
 
 POLICY_FILE_ENV = "FEDMM_SITE_POLICY"
+#: The policy file's table for secure aggregation (``client.secagg.policy``).
+SECURE_AGGREGATION_TABLE = "secure-aggregation"
 _KEYS = {
     "max-epsilon": "max_epsilon",
     "delta": "delta",
@@ -111,14 +113,17 @@ class SitePrivacyPolicy:
 
     @classmethod
     def from_file(cls, path: Path) -> SitePrivacyPolicy:
-        """Read ``[privacy]`` (or top-level keys) from a TOML file."""
+        """Read ``[privacy]`` (or top-level keys) from a TOML file; its
+        ``[secure-aggregation]`` table is the site's secure-aggregation policy
+        (``client.secagg.policy``), not read here."""
         try:
             document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError as err:
             raise PolicyError(f"privacy policy file {path} does not exist") from err
         except tomllib.TOMLDecodeError as err:
             raise PolicyError(f"privacy policy file {path} is not valid TOML: {err}") from err
-        return cls.from_mapping(document.get("privacy", document), source=str(path))
+        top_level = {k: v for k, v in document.items() if k != SECURE_AGGREGATION_TABLE}
+        return cls.from_mapping(document.get("privacy", top_level), source=str(path))
 
     @classmethod
     def for_site(cls, node_config: Mapping[str, Any]) -> SitePrivacyPolicy:

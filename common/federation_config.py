@@ -59,6 +59,9 @@ class FederationConfig:
     secagg_max_weight: int = 100_000
     secagg_degree: int = 0  # 0: Bell et al.'s default for the number of sampled sites
     secagg_threshold: int = 0  # 0: the default that goes with the degree
+    secagg_min_sites: int = 3  # fewest sites in a released sum (with the colluding fraction)
+    secagg_colluding_fraction: float = 0.1  # gamma: sampled sites assumed to collude
+    secagg_dropout_fraction: float = 0.2  # delta: sites assumed to drop out after setup
     secagg_stage_timeout: float = 600.0
     dp_mode: str = "local"  # "local": DP-SGD at each site; "distributed": common/distributed_dp
     dp_sampling_rate: float = 0.04  # distributed: q, each record's chance to join a round
@@ -109,6 +112,26 @@ class FederationConfig:
                 self.secagg_threshold == 0 or self.secagg_threshold >= 2,
                 "secagg-threshold",
                 "0 (default) or an integer >= 2",
+            ),
+            (
+                self.secagg_min_sites >= 3,
+                "secagg-min-sites",
+                "an integer >= 3 (a sum over two sites reveals each site's update to the other)",
+            ),
+            (
+                0 <= self.secagg_colluding_fraction < 1,
+                "secagg-colluding-fraction",
+                "a number in [0, 1)",
+            ),
+            (
+                0 <= self.secagg_dropout_fraction < 1,
+                "secagg-dropout-fraction",
+                "a number in [0, 1)",
+            ),
+            (
+                self.secagg_colluding_fraction + self.secagg_dropout_fraction < 1,
+                "secagg-dropout-fraction",
+                "a number below 1 - secagg-colluding-fraction",
             ),
             (self.secagg_stage_timeout > 0, "secagg-stage-timeout", "> 0 seconds"),
             (self.dp_mode in DP_MODES, "dp-mode", f"one of {DP_MODES}"),

@@ -13,8 +13,9 @@ it; the others: ``stage_timeout``). Replies are matched to requests by
 ``metadata.reply_to_message_id`` (ids exist only after ``send_and_receive`` pushed the
 messages). An error reply, a missing reply, a refusal or a malformed payload at any stage
 makes the site a dropout; a refusal at setup (the site's privacy budget or policy) means the
-site does not take part. Below the threshold the round is aborted and ``RoundAggregate``
-carries the reason; the model is left unchanged by the caller.
+site does not take part. When fewer sites than the threshold or than the minimum aggregation
+size (``common.secagg.aggregation_size``) are left at any stage, the round is aborted and
+``RoundAggregate`` carries the reason; the model is left unchanged by the caller.
 
 What the coordinator learns per round: the masked sum over the survivors of weight * update,
 of the weights and of weight * metric (train loss, steps), which sites dropped out and when,
@@ -34,6 +35,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from common.secagg.aggregation_size import MIN_AGGREGATION_SIZE
+from common.secagg.neighbour_graph import DEFAULT_ADVERSARIAL_RATE, DEFAULT_DROPOUT_RATE
 from common.secure_round import (
     MESSAGE_MASKED,
     MESSAGE_SETUP,
@@ -67,10 +70,15 @@ class SecAggSettings:
     bit_width: int = 32
     update_clip: float = 1.0
     max_weight: int = 100_000
-    degree: int | None = None  # None: Bell et al.'s default for the number of sites
+    degree: int | None = None  # None: Bell et al.'s default for the sites that finished setup
     threshold: int | None = None
     stage_timeout: float = 600.0
     loss_bound: float = 50.0  # largest mean train loss a site can report (clipped above)
+    #: The minimum aggregation size is max(min_sites, ceil(colluding_fraction x sampled) + 2,
+    #: min_survivors); the graph defaults assume colluding_fraction and dropout_fraction.
+    min_sites: int = MIN_AGGREGATION_SIZE
+    colluding_fraction: float = DEFAULT_ADVERSARIAL_RATE
+    dropout_fraction: float = DEFAULT_DROPOUT_RATE
     #: Distributed DP: sites send integer vectors (``SecAggRoundConfig.integer_update``), and
     #: the round is discarded before unmasking when fewer than ``min_survivors`` survive.
     integer_update: bool = False
@@ -85,6 +93,9 @@ class SecAggSettings:
             degree=config.secagg_degree or None,
             threshold=config.secagg_threshold or None,
             stage_timeout=config.secagg_stage_timeout,
+            min_sites=config.secagg_min_sites,
+            colluding_fraction=config.secagg_colluding_fraction,
+            dropout_fraction=config.secagg_dropout_fraction,
         )
 
 
@@ -165,11 +176,16 @@ class SecAggPlusAggregation:
                 bit_width=settings.bit_width,
                 degree=settings.degree,
                 threshold=settings.threshold,
+                adversarial_rate=settings.colluding_fraction,
+                dropout_rate=settings.dropout_fraction,
+                min_sites=settings.min_sites,
+                honest_sites=settings.min_survivors,
                 integer_update=settings.integer_update,
             )
         except ValueError as error:
             return finish(f"secure aggregation cannot start: {error}")
-        report.degree, report.threshold = state.config.degree, state.config.threshold
+        if state.aborted:  # fewer sites sampled than the minimum: nobody trains
+            return finish(state.abort_reason)
 
         # Stage 0: setup. The sites train here and answer with their public keys.
         setup = self._exchange(
@@ -215,8 +231,9 @@ class SecAggPlusAggregation:
         state, requests = server_collect_keys(state=state, replies=keys)
         self._drop_rejected(outcomes, set(keys) - set(state.advertised_ids), "setup", state)
         report.stage_sites["setup"] = list(state.advertised_ids)
-        if state.aborted:
+        if state.aborted or state.graph is None:
             return finish(state.abort_reason, _with_epsilon(epsilon_max))
+        report.degree, report.threshold = state.graph.degree, state.graph.threshold
 
         # Stage 1: share keys.
         share = self._exchange(
@@ -246,15 +263,8 @@ class SecAggPlusAggregation:
         self._drop_rejected(outcomes, set(inputs) - set(state.survivor_ids), "masked_input", state)
         report.stage_sites["masked_input"] = list(state.survivor_ids)
         report.survivors = list(state.survivor_ids)
-        if state.aborted:
+        if state.aborted:  # below the threshold or the minimum: nothing is unmasked
             return finish(state.abort_reason, _with_epsilon(epsilon_max))
-        if len(state.survivor_ids) < settings.min_survivors:  # nothing is unmasked
-            return finish(
-                f"{len(state.survivor_ids)} sites survived the masked stage, fewer than the "
-                f"{settings.min_survivors} honest survivors the distributed-DP noise assumes; "
-                "round discarded before unmasking",
-                _with_epsilon(epsilon_max),
-            )
 
         # Stage 3: unmask. A survivor that does not answer is still in the sum.
         unmask = self._exchange(

@@ -2,13 +2,15 @@
 
 Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS 2020;
 Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine Learning",
-CCS 2017. See ``client.secagg.stages``.
+CCS 2017. See ``client.secagg.stages``; the site's own limits are in ``client.secagg.policy``
+and its minimum aggregation size in ``client.secagg.aggregation_floor``.
 """
 
+from client.secagg.aggregation_floor import SiteAggregationFloor, TooFewSites
+from client.secagg.policy import ClientSecAggPolicy, SecAggPolicyError
+from client.secagg.refusal import SecAggRefusal
 from client.secagg.stages import (
-    ClientSecAggPolicy,
     ClientSecAggState,
-    SecAggRefusal,
     client_masked_input,
     client_setup,
     client_share_keys,
@@ -20,7 +22,10 @@ from client.secagg.stages import (
 __all__ = [
     "ClientSecAggPolicy",
     "ClientSecAggState",
+    "SecAggPolicyError",
     "SecAggRefusal",
+    "SiteAggregationFloor",
+    "TooFewSites",
     "client_masked_input",
     "client_setup",
     "client_share_keys",

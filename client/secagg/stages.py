@@ -6,11 +6,13 @@ Aggregation for Privacy-Preserving Machine Learning", CCS 2017. Each stage takes
 and the coordinator's request (a plain dict) and returns the new state and the reply (a plain
 dict of ints, bytes, lists and numpy arrays, ready for a Flower ConfigRecord/ArrayRecord):
 
-1. :func:`client_setup`: validate the round config, make fresh X25519 channel and mask key
-   pairs, advertise the public keys.
-2. :func:`client_share_keys`: given the neighbours' public keys, draw a fresh self-mask seed,
-   Shamir-share it and the mask private key among the neighbours and itself, and seal each
-   neighbour's shares with AES-GCM under the pairwise channel key.
+1. :func:`client_setup`: validate the round config against the site's policy, make fresh
+   X25519 channel and mask key pairs, advertise the public keys.
+2. :func:`client_share_keys`: given the neighbour graph over the sites that finished setup
+   (U1; ``common.secagg.round_graph``) and the neighbours' public keys, check the graph's
+   degree and threshold against the site's own policy (``client.secagg.policy``), draw a
+   fresh self-mask seed, Shamir-share it and the mask private key among the neighbours and
+   itself, and seal each neighbour's shares with AES-GCM under the pairwise channel key.
 3. :func:`client_masked_input`: open the neighbours' sealed shares, encode (weight * update,
    weight, metrics) into Z_(2^b), add the self mask and the signed pairwise masks.
 4. :func:`client_unmask`: reveal the self-mask-seed shares of surviving neighbours and the
@@ -19,9 +21,16 @@ dict of ints, bytes, lists and numpy arrays, ready for a Flower ConfigRecord/Arr
 An honest site refuses (raises :class:`SecAggRefusal`, a subclass of
 ``InvalidPayloadError``) anything malformed or hostile: a request out of round or stage
 order (a replay), keys or shares from sites that are not its neighbours, duplicated senders,
-ciphertexts that fail authentication, too few participants for the threshold, or a request
-to reveal both secrets of a site. A refusal leaves the previous state valid; to the
-coordinator the site has dropped out. Secrets are never logged or put in error messages.
+ciphertexts that fail authentication, too few participants for the threshold, a degree or
+threshold weaker than its policy, fewer sites than its minimum aggregation size (at share
+keys: the sites that finished setup; at unmask: the survivors;
+``client.secagg.aggregation_floor``), or a request to reveal both secrets of a site. A refusal
+leaves the previous state valid; to the coordinator the site has dropped out. Secrets are
+never logged or put in error messages.
+
+Departures from the papers: the graph is fixed after setup, over U1 (``round_graph`` says
+why), and the minimum aggregation size is this project's addition
+(``common.secagg.aggregation_size``).
 
 No torch here: these stages run in a fresh process per message in deployment.
 """
@@ -37,6 +46,9 @@ from typing import Any
 
 import numpy as np
 
+from client.secagg.aggregation_floor import SiteAggregationFloor
+from client.secagg.policy import ClientSecAggPolicy
+from client.secagg.refusal import SecAggRefusal
 from common.secagg import payload_validation as check
 from common.secagg.input_encoding import encode_site_input
 from common.secagg.key_agreement import (
@@ -59,6 +71,7 @@ from common.secagg.protocol_stages import (
 )
 from common.secagg.quantisation import new_rounding_generator
 from common.secagg.round_config import MAX_SITES, SecAggRoundConfig
+from common.secagg.round_graph import RoundGraph
 from common.secagg.shamir import SHARE_BYTES, split_secret
 from common.secagg.share_cipher import (
     SEALED_SHARE_BUNDLE_BYTES,
@@ -66,31 +79,19 @@ from common.secagg.share_cipher import (
     open_share_bundle,
     seal_share_bundle,
 )
-from common.site_refusal import RefusalCode, SiteRefusal
+from common.site_refusal import RefusalCode
 
-
-class SecAggRefusal(check.InvalidPayloadError):
-    """The site refuses a request; the reason names what was wrong, never a secret.
-
-    ``code`` is what the coordinator is told (``common.site_refusal``); the message stays in
-    the site's log.
-    """
-
-    def __init__(self, message: str, *, code: RefusalCode = RefusalCode.BAD_REQUEST) -> None:
-        super().__init__(message)
-        self.code = code
-
-    def refusal(self) -> SiteRefusal:
-        return SiteRefusal(self.code, str(self))
-
-
-@dataclass(frozen=True)
-class ClientSecAggPolicy:
-    """The site's own limits; nothing the coordinator sends can weaken them."""
-
-    min_threshold: int = 2
-    min_sites: int = 2
-    max_update_length: int = 1 << 30
+__all__ = [
+    "ClientSecAggPolicy",
+    "ClientSecAggState",
+    "SecAggRefusal",
+    "client_masked_input",
+    "client_setup",
+    "client_share_keys",
+    "client_state_from_record",
+    "client_state_to_record",
+    "client_unmask",
+]
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,10 @@ class ClientSecAggState:
     stage: str
     channel_private_key: bytes
     mask_private_key: bytes
+    policy: ClientSecAggPolicy = field(default_factory=ClientSecAggPolicy)
+    #: Distributed DP: the honest sites this site's noise share assumes in every sum (h).
+    honest_sites: int = 0
+    graph: RoundGraph | None = None
     self_mask_seed: bytes = b""
     peer_channel_keys: Mapping[int, bytes] = field(default_factory=dict)
     peer_mask_keys: Mapping[int, bytes] = field(default_factory=dict)
@@ -117,22 +122,32 @@ class ClientSecAggState:
         )
 
     @property
-    def neighbours(self) -> frozenset[int]:
-        return self.config.neighbours[self.site_id]
+    def floor(self) -> SiteAggregationFloor:
+        """This site's minimum aggregation size for the round (policy and h)."""
+        return self.policy.floor(honest_sites=self.honest_sites)
+
+    @property
+    def threshold(self) -> int:
+        if self.graph is None:
+            raise SecAggRefusal("no neighbour graph yet", code=RefusalCode.OUT_OF_ORDER)
+        return self.graph.threshold
 
 
 def client_setup(
     *,
     site_id: int,
     request: Mapping[str, Any],
-    policy: ClientSecAggPolicy = ClientSecAggPolicy(),
+    policy: ClientSecAggPolicy | None = None,
     previous_round: int | None = None,
 ) -> tuple[ClientSecAggState, dict[str, Any]]:
     """Stage 1: check the round config against the site's policy and advertise fresh keys.
 
     ``previous_round`` is the last round this site took part in; a request for that round or
-    an earlier one is a replay and is refused.
+    an earlier one is a replay and is refused. A round that samples fewer sites than the
+    site's minimum aggregation size is refused here, before the site trains. ``policy``:
+    the site's own (default: :class:`ClientSecAggPolicy`'s defaults).
     """
+    policy = ClientSecAggPolicy() if policy is None else policy
     try:
         config = SecAggRoundConfig.from_payload(request)
         require_tag(request, round_id=config.round_id, stage=STAGE_SETUP)
@@ -145,16 +160,9 @@ def client_setup(
         )
     if site_id not in config.site_ids:
         raise SecAggRefusal("this site is not among the round's sites")
-    if config.threshold < policy.min_threshold:
-        raise SecAggRefusal(
-            f"threshold {config.threshold} is below this site's minimum {policy.min_threshold}",
-            code=RefusalCode.SECAGG_POLICY,
-        )
-    if config.num_sites < policy.min_sites:
-        raise SecAggRefusal(
-            f"{config.num_sites} sites is below this site's minimum",
-            code=RefusalCode.TOO_FEW_SITES,
-        )
+    policy.floor().require(
+        config.num_sites, num_sampled=config.num_sites, what="sites sampled for the round"
+    )
     if config.update_length > policy.max_update_length:
         raise SecAggRefusal(
             "update length exceeds this site's maximum", code=RefusalCode.SECAGG_POLICY
@@ -165,6 +173,7 @@ def client_setup(
         stage=STAGE_SETUP,
         channel_private_key=generate_private_key(),
         mask_private_key=generate_private_key(),
+        policy=policy,
     )
     reply = tag(round_id=config.round_id, stage=STAGE_SETUP) | {
         "channel_public_key": public_key_for(state.channel_private_key),
@@ -176,10 +185,16 @@ def client_setup(
 def client_share_keys(
     *, state: ClientSecAggState, request: Mapping[str, Any]
 ) -> tuple[ClientSecAggState, dict[str, Any]]:
-    """Stage 2: share the self-mask seed and mask key among neighbours; seal their shares."""
+    """Stage 2: check the graph over U1, then share the self-mask seed and the mask key among
+    the neighbours and seal their shares.
+
+    The request carries U1 (``participant_ids``), the degree and threshold fixed for |U1|,
+    and the public keys of exactly this site's neighbours in that graph.
+    """
     config = state.config
     _require_stage(state, request, previous=STAGE_SETUP, stage=STAGE_SHARE_KEYS)
     try:
+        graph = RoundGraph.from_payload(request, config=config)
         peer_ids = check.require_list(request, "site_ids", item_type=int, max_length=MAX_SITES)
         channel_keys = check.require_list(
             request, "channel_public_keys", item_type=bytes, max_length=MAX_SITES
@@ -190,11 +205,22 @@ def client_share_keys(
         check.require_distinct_ids(peer_ids, name="site_ids")
     except check.InvalidPayloadError as error:
         raise SecAggRefusal(f"share-keys request rejected: {error}") from None
+    if state.site_id not in graph.participant_ids:
+        raise SecAggRefusal("share-keys request does not list this site among the participants")
+    state.floor.require(
+        graph.num_participants, num_sampled=config.num_sites, what="sites finished setup"
+    )
+    state.policy.require_graph(graph, num_sampled=config.num_sites)
     if not len(peer_ids) == len(channel_keys) == len(mask_keys):
         raise SecAggRefusal("share-keys request: one channel and one mask key per site")
-    strangers = set(peer_ids) - state.neighbours
+    neighbours = graph.neighbours[state.site_id]
+    strangers = set(peer_ids) - neighbours
     if strangers:
         raise SecAggRefusal(f"share-keys request names non-neighbours {sorted(strangers)}")
+    if set(peer_ids) != neighbours:
+        raise SecAggRefusal(
+            f"share-keys request lacks the keys of {len(neighbours - set(peer_ids))} neighbours"
+        )
     if any(len(key) != PUBLIC_KEY_BYTES for key in channel_keys + mask_keys):
         raise SecAggRefusal(f"public keys must be {PUBLIC_KEY_BYTES} bytes")
     own_keys = {public_key_for(state.channel_private_key), public_key_for(state.mask_private_key)}
@@ -202,19 +228,14 @@ def client_share_keys(
         peer_ids
     ):
         raise SecAggRefusal("share-keys request repeats a public key")
-    if len(peer_ids) + 1 < config.threshold:
-        raise SecAggRefusal(
-            f"{len(peer_ids)} neighbours advertised keys; threshold {config.threshold} needs "
-            f"at least {config.threshold - 1}"
-        )
     holders = sorted([*peer_ids, state.site_id])
     xs = {site: config.share_x(site) for site in holders}
     self_mask_seed = os.urandom(SEED_BYTES)
     seed_shares = split_secret(
-        secret=self_mask_seed, threshold=config.threshold, share_xs=list(xs.values())
+        secret=self_mask_seed, threshold=graph.threshold, share_xs=list(xs.values())
     )
     key_shares = split_secret(
-        secret=state.mask_private_key, threshold=config.threshold, share_xs=list(xs.values())
+        secret=state.mask_private_key, threshold=graph.threshold, share_xs=list(xs.values())
     )
     sealed_bundles = []
     try:
@@ -245,6 +266,7 @@ def client_share_keys(
     new_state = dataclasses.replace(
         state,
         stage=STAGE_SHARE_KEYS,
+        graph=graph,
         self_mask_seed=self_mask_seed,
         peer_channel_keys=dict(zip(peer_ids, channel_keys, strict=True)),
         peer_mask_keys=dict(zip(peer_ids, mask_keys, strict=True)),
@@ -293,10 +315,10 @@ def client_masked_input(
         raise SecAggRefusal(
             f"masked-input request holds shares from non-neighbours {sorted(strangers)}"
         )
-    if len(sender_ids) + 1 < config.threshold:
+    if len(sender_ids) + 1 < state.threshold:
         raise SecAggRefusal(
-            f"shares from {len(sender_ids)} neighbours; threshold {config.threshold} needs "
-            f"at least {config.threshold - 1}"
+            f"shares from {len(sender_ids)} neighbours; threshold {state.threshold} needs "
+            f"at least {state.threshold - 1}"
         )
     seed_shares = dict(state.held_seed_shares)
     key_shares = dict(state.held_key_shares)
@@ -362,9 +384,11 @@ def client_unmask(
 ) -> tuple[ClientSecAggState, dict[str, Any]]:
     """Stage 4: reveal seed shares of surviving and key shares of dropped neighbours.
 
-    Refuses a request that lists a site both as survivor and as dropped, that calls this
-    site dropped, or that reports fewer survivors than the threshold. The stage runs once
-    per round, so a later request cannot obtain the other secret of a site.
+    Refuses a request that reports fewer survivors than this site's minimum aggregation size
+    (:class:`~client.secagg.aggregation_floor.TooFewSites`: the round is dead for this site),
+    that lists a site both as survivor and as dropped, that calls this site dropped, or that
+    reports fewer survivors than the threshold. The stage runs once per round, so a later
+    request cannot obtain the other secret of a site.
     """
     config = state.config
     _require_stage(state, request, previous=STAGE_MASKED_INPUT, stage=STAGE_UNMASK)
@@ -378,6 +402,7 @@ def client_unmask(
         check.require_distinct_ids(dropped, name="dropped_ids")
     except check.InvalidPayloadError as error:
         raise SecAggRefusal(f"unmask request rejected: {error}") from None
+    state.floor.require(num_survivors, num_sampled=config.num_sites, what="sites survived")
     both = set(survivors) & set(dropped)
     if both:
         raise SecAggRefusal(
@@ -385,9 +410,9 @@ def client_unmask(
         )
     if state.site_id in dropped or state.site_id not in survivors:
         raise SecAggRefusal("unmask request does not list this site as a survivor")
-    if num_survivors < config.threshold or num_survivors < len(survivors):
+    if num_survivors < state.threshold or num_survivors < len(survivors):
         raise SecAggRefusal(
-            f"{num_survivors} survivors is below threshold {config.threshold} or inconsistent"
+            f"{num_survivors} survivors is below threshold {state.threshold} or inconsistent"
         )
     unknown = (set(survivors) | set(dropped)) - set(config.site_ids)
     if unknown:
@@ -436,6 +461,9 @@ def client_state_to_record(state: ClientSecAggState) -> dict[str, Any]:
         "stage": state.stage,
         "channel_private_key": state.channel_private_key,
         "mask_private_key": state.mask_private_key,
+        "policy": _policy_blob(state.policy),
+        "honest_sites": state.honest_sites,
+        "graph": b"" if state.graph is None else _graph_blob(state.graph),
         "self_mask_seed": state.self_mask_seed,
         "peer_ids": peers,
         "peer_channel_keys": [state.peer_channel_keys[site] for site in peers],
@@ -461,6 +489,9 @@ def client_state_from_record(record: Mapping[str, Any]) -> ClientSecAggState:
         stage=str(record["stage"]),
         channel_private_key=bytes(record["channel_private_key"]),
         mask_private_key=bytes(record["mask_private_key"]),
+        policy=ClientSecAggPolicy(**json.loads(bytes(record["policy"]).decode())),
+        honest_sites=int(record["honest_sites"]),
+        graph=_graph_from_blob(bytes(record["graph"]), config=config),
         self_mask_seed=bytes(record["self_mask_seed"]),
         peer_channel_keys=dict(zip(peers, record["peer_channel_keys"], strict=True)),
         peer_mask_keys=dict(zip(peers, record["peer_mask_keys"], strict=True)),
@@ -486,3 +517,17 @@ def _config_from_blob(blob: bytes) -> dict[str, Any]:
     payload["metric_upper"] = [float(value) for value in payload["metric_upper"]]
     payload["update_clip"] = float(payload["update_clip"])
     return payload
+
+
+def _policy_blob(policy: ClientSecAggPolicy) -> bytes:
+    return json.dumps(dataclasses.asdict(policy), sort_keys=True).encode()
+
+
+def _graph_blob(graph: RoundGraph) -> bytes:
+    return json.dumps(graph.to_payload(), sort_keys=True).encode()
+
+
+def _graph_from_blob(blob: bytes, *, config: SecAggRoundConfig) -> RoundGraph | None:
+    if not blob:
+        return None
+    return RoundGraph.from_payload(json.loads(blob.decode()), config=config)

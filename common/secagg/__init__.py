@@ -13,8 +13,11 @@ One concern per module:
 - ``mask_expansion``: a 32-byte seed expanded into a mask vector with AES-256-CTR.
 - ``ring``: vectors in Z_(2^b).
 - ``quantisation``: clipping and unbiased stochastic rounding into Z_(2^b), with headroom.
-- ``neighbour_graph``: the public random k-regular graph and default (k, t) for n sites.
-- ``round_config``: the public parameters of one round, sent by the coordinator.
+- ``neighbour_graph``: the public random k-regular graph, default (k, t) for n sites, and
+  the threshold and connectivity bounds a site checks them against.
+- ``round_config``: the public parameters of one round, sent by the coordinator at setup.
+- ``round_graph``: the graph fixed after setup over the sites that finished it (U1).
+- ``aggregation_size``: the fewest sites a released sum may cover.
 - ``protocol_stages``: stage names and the round/stage tag every payload carries.
 - ``input_encoding``: the layout of the vector a site masks (update, weight, metrics).
 - ``payload_validation``: checks on inbound payloads, raising ``InvalidPayloadError``.

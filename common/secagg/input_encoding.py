@@ -15,6 +15,12 @@ wants a weighted mean sends w * metric and the coordinator divides by the summed
 For m summed sites the per-entry errors are below m * 2 c W / L (update), m * (upper -
 lower) / L (metric) and zero (weight), relative to the clipped values.
 
+Range check on decoding: m honest encodings sum to at most m * L in every quantised entry and
+to at most m * W in the weight entry. A larger entry means that a mask was not removed or
+that a site encoded a value outside its range (the masks make that invisible until the sum is
+unmasked); :func:`decode_aggregate` then raises :class:`SumOutOfRangeError` instead of
+returning a corrupt weight or metric.
+
 Integer updates (``config.integer_update``, distributed DP): the site hands an integer vector
 already reduced into Z_(2^b) (its integer gradient sum plus its Skellam share, see
 ``common.distributed_dp``); it is summed exactly and the sum is read back centred, in
@@ -35,6 +41,10 @@ from common.secagg.quantisation import (
     quantise,
 )
 from common.secagg.round_config import SecAggRoundConfig
+
+
+class SumOutOfRangeError(ValueError):
+    """The unmasked sum has an entry no ``num_summed`` honest encodings can reach."""
 
 
 @dataclass(frozen=True)
@@ -96,9 +106,11 @@ def encode_site_input(
 def decode_aggregate(
     *, config: SecAggRoundConfig, summed: np.ndarray, num_summed: int
 ) -> DecodedAggregate:
-    """Dequantise the unmasked sum of ``num_summed`` encoded vectors."""
+    """Dequantise the unmasked sum of ``num_summed`` encoded vectors; raise
+    :class:`SumOutOfRangeError` when an entry is out of its range (module doc)."""
     if summed.shape != (config.masked_length,):
         raise ValueError("summed vector has the wrong length")
+    check_sum_in_range(config=config, summed=summed, num_summed=num_summed)
     if config.integer_update:
         update_sum = centred_integers(summed[: config.update_length], bit_width=config.bit_width)
     else:
@@ -134,6 +146,29 @@ def decode_aggregate(
             for index, name in enumerate(config.metric_names)
         },
     )
+
+
+def check_sum_in_range(*, config: SecAggRoundConfig, summed: np.ndarray, num_summed: int) -> None:
+    """Raise :class:`SumOutOfRangeError` unless the weight entry is in [0, m W] and every
+    quantised entry (update unless it is an integer update, metrics) in [0, m L], m =
+    ``num_summed``. The message names the segment, never a value."""
+    if num_summed < 1:
+        raise SumOutOfRangeError("a sum needs at least one summed site")
+    length = config.update_length
+    top = num_summed * config.levels
+    if not config.integer_update and length and int(summed[:length].max()) > top:
+        raise SumOutOfRangeError(
+            f"the weighted update sum exceeds what {num_summed} sites can send"
+        )
+    if int(summed[length]) > num_summed * config.max_weight:
+        raise SumOutOfRangeError(
+            f"the weight sum exceeds {num_summed} sites x max weight {config.max_weight}"
+        )
+    for index, name in enumerate(config.metric_names):
+        if int(summed[length + 1 + index]) > top:
+            raise SumOutOfRangeError(
+                f"the sum of metric {name!r} exceeds what {num_summed} sites can send"
+            )
 
 
 def _ring_integers(vector: np.ndarray, *, bit_width: int) -> np.ndarray:

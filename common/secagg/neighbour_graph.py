@@ -104,46 +104,104 @@ def default_graph_parameters(
         raise ValueError("rates must be in [0, 1)")
     if adversarial_rate + dropout_rate > 0.9:
         raise ValueError("adversarial_rate + dropout_rate must not exceed 0.9")
+    return graph_parameters(
+        num_sites,
+        colluding=_rounded_up(adversarial_rate * num_sites),
+        dropouts=_rounded_up(dropout_rate * num_sites),
+    )
+
+
+def graph_parameters(num_sites: int, *, colluding: int, dropouts: int) -> GraphParameters:
+    """Degree and threshold for a graph over ``num_sites`` sites of which ``colluding`` may
+    collude with the coordinator and ``dropouts`` may drop out later (counts, not rates).
+
+    The smallest even k < n - 1 that keeps the honest survivors connected and admits a
+    threshold that is both secure and correct (module doc); else the complete graph with a
+    strict majority threshold (Bonawitz et al.), raised above ``colluding`` if need be.
+    """
+    if num_sites < 2:
+        raise ValueError("secure aggregation needs at least two sites")
+    if colluding < 0 or dropouts < 0:
+        raise ValueError("colluding and dropout counts must be >= 0")
     for degree in range(2, num_sites - 1, 2):
         threshold = _threshold_for_degree(
-            num_sites=num_sites,
-            degree=degree,
-            adversarial_rate=adversarial_rate,
-            dropout_rate=dropout_rate,
+            num_sites=num_sites, degree=degree, colluding=colluding, dropouts=dropouts
         )
         if threshold is not None:
             return GraphParameters(degree=degree, threshold=threshold)
-    return GraphParameters(degree=num_sites - 1, threshold=max(2, num_sites // 2 + 1))
+    complete = num_sites - 1
+    return GraphParameters(
+        degree=complete, threshold=threshold_for_degree(num_sites, complete, colluding=colluding)
+    )
+
+
+def threshold_for_degree(num_sites: int, degree: int, *, colluding: int) -> int:
+    """The default threshold for a given degree: :func:`required_threshold`, and for the
+    complete graph at least a strict majority of the n share holders (Bonawitz et al.)."""
+    secure = required_threshold(num_sites, degree, colluding=colluding)
+    if degree < num_sites - 1:
+        return secure
+    return min(num_sites, max(secure, num_sites // 2 + 1))
+
+
+def required_threshold(num_sites: int, degree: int, *, colluding: int) -> int:
+    """The smallest threshold t >= 2 that keeps a site's secrets from the colluders.
+
+    With ``colluding`` of the ``num_sites`` sites colluding, a site's ``degree`` neighbours
+    hold at least t colluders with probability at most 2^-(sigma+1) / n (hypergeometric tail,
+    union bound over the sites; Bell et al.). For the complete graph that is colluding + 1:
+    with t shares needed, the colluders' shares alone never reach t (Bonawitz et al.).
+    """
+    if not 1 <= degree <= num_sites - 1:
+        raise ValueError(f"degree must be in [1, {num_sites - 1}], got {degree}")
+    return max(_likely_colluding_neighbours(num_sites, degree, colluding=colluding) + 1, 2)
+
+
+def _likely_colluding_neighbours(num_sites: int, degree: int, *, colluding: int) -> int:
+    """t1: the fewest colluding neighbours a site exceeds only with negligible probability."""
+    colluding = min(max(colluding, 0), num_sites)
+    per_site_security = -(SECURITY_BITS + 1) * math.log(2) - math.log(num_sites)
+    t1 = 0
+    while (
+        _log_upper_tail(n=num_sites, marked=colluding, draws=degree, above=t1) > per_site_security
+    ):
+        t1 += 1
+    return t1
+
+
+def stays_connected(num_sites: int, degree: int, *, removed: int) -> bool:
+    """Whether the random Harary graph of ``degree`` stays connected, except with probability
+    2^-(sigma+1), after ``removed`` random sites (colluders and dropouts) are taken out. The
+    complete graph always does."""
+    if not 1 <= degree <= num_sites - 1:
+        raise ValueError(f"degree must be in [1, {num_sites - 1}], got {degree}")
+    if degree == num_sites - 1:
+        return True
+    log_security = -(SECURITY_BITS + 1) * math.log(2)
+    return _log_prob_disconnected(n=num_sites, degree=degree, bad=removed) < log_security
+
+
+def _rounded_up(value: float) -> int:
+    # A positive rate means at least one colluding (dropped) site.
+    return math.ceil(value - 1e-9)
 
 
 def _threshold_for_degree(
-    *, num_sites: int, degree: int, adversarial_rate: float, dropout_rate: float
+    *, num_sites: int, degree: int, colluding: int, dropouts: int
 ) -> int | None:
     n = num_sites
-    # Rounded up: a positive rate means at least one colluding (dropped) site.
-    adversarial = math.ceil(adversarial_rate * n - 1e-9)
-    dropped = math.ceil(dropout_rate * n - 1e-9)
-    log_security = -(SECURITY_BITS + 1) * math.log(2)
-    if _log_prob_disconnected(n=n, degree=degree, bad=adversarial + dropped) >= log_security:
+    if not stays_connected(n, degree, removed=colluding + dropouts):
         return None
-    per_site_security = log_security - math.log(n)
+    secure = _likely_colluding_neighbours(n, degree, colluding=colluding) + 1
     per_site_correctness = -CORRECTNESS_BITS * math.log(2) - math.log(n)
-    # t1: Pr[more than t1 colluding neighbours] is small enough.
-    t1 = 0
-    while _log_upper_tail(n=n, marked=adversarial, draws=degree, above=t1) > per_site_security:
-        t1 += 1
-    # t2: Pr[fewer than t2 surviving neighbours] is small enough.
-    survivors = n - dropped
-    t2 = 0
-    while (
-        _log_lower_tail(n=n, marked=survivors, draws=degree, below=t2 + 1) <= per_site_correctness
+    # Correctness: Pr[fewer than t surviving neighbours] is small enough.
+    survivors = max(n - dropouts, 0)
+    if (
+        secure > degree
+        or _log_lower_tail(n=n, marked=survivors, draws=degree, below=secure) > per_site_correctness
     ):
-        t2 += 1
-        if t2 > degree:
-            break
-    if t2 <= t1:
         return None
-    return max(t1 + 1, 2)
+    return max(secure, 2)
 
 
 def _log_prob_disconnected(*, n: int, degree: int, bad: int) -> float:

@@ -1,25 +1,25 @@
 """The public parameters of one secure-aggregation round, chosen by the coordinator.
 
-The coordinator fixes, per round, the participating sites, a fresh 32-byte session nonce (it
-also seeds the neighbour graph and is bound into every derived key and ciphertext), the graph
-degree k and Shamir threshold t (Bell et al., "Secure Single-Server Aggregation with
-(Poly)Logarithmic Overhead", CCS 2020; k = n - 1 is Bonawitz et al., "Practical Secure
-Aggregation for Privacy-Preserving Machine Learning", CCS 2017), the ring size 2^b, and the
-clipping ranges of the encoded input (see ``input_encoding``). It is sent to every site in
-the setup stage as a plain payload; each site validates it before taking part.
+The coordinator fixes, per round, the sampled sites, a fresh 32-byte session nonce (it also
+seeds the neighbour graph and is bound into every derived key and ciphertext), the ring size
+2^b, and the clipping ranges of the encoded input (see ``input_encoding``). It is sent to every
+site in the setup stage as a plain payload; each site validates it before taking part.
+
+The neighbour graph's degree k and Shamir threshold t (Bell et al., "Secure Single-Server
+Aggregation with (Poly)Logarithmic Overhead", CCS 2020; k = n - 1 is Bonawitz et al.,
+"Practical Secure Aggregation for Privacy-Preserving Machine Learning", CCS 2017) are not
+part of it: they are fixed after setup, for the sites that finished it (``round_graph``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 from common.secagg import payload_validation as check
-from common.secagg.neighbour_graph import neighbour_graph
 from common.secagg.quantisation import QuantisationRange, levels_with_headroom
 from common.secagg.ring import MAX_BIT_WIDTH, MIN_BIT_WIDTH, check_bit_width, ring_dtype
 
@@ -38,8 +38,6 @@ class SecAggRoundConfig:
     round_id: int
     session_nonce: bytes
     site_ids: tuple[int, ...]
-    degree: int
-    threshold: int
     bit_width: int
     update_length: int
     update_clip: float
@@ -62,10 +60,6 @@ class SecAggRoundConfig:
             raise ValueError(f"need 2 to {MAX_SITES} sites, got {len(self.site_ids)}")
         if any(not 0 <= site <= MAX_SITE_ID for site in self.site_ids):
             raise ValueError("site ids must be unsigned 64-bit integers")
-        if not 1 <= self.degree <= self.num_sites - 1:
-            raise ValueError(f"degree {self.degree} must be in [1, {self.num_sites - 1}]")
-        if not 2 <= self.threshold <= self.degree + 1:
-            raise ValueError(f"threshold {self.threshold} must be in [2, degree + 1]")
         check_bit_width(self.bit_width)
         if not 1 <= self.update_length <= MAX_UPDATE_LENGTH:
             raise ValueError("update length out of range")
@@ -83,8 +77,6 @@ class SecAggRoundConfig:
             raise ValueError("one lower and one upper bound per metric")
         for low, high in zip(self.metric_lower, self.metric_upper, strict=True):
             QuantisationRange(lower=low, upper=high, levels=1)
-        # The graph must be buildable (odd degree needs an even number of sites).
-        _ = self.neighbours
 
     @property
     def num_sites(self) -> int:
@@ -120,11 +112,6 @@ class SecAggRoundConfig:
             lower=self.metric_lower[index], upper=self.metric_upper[index], levels=self.levels
         )
 
-    @cached_property
-    def neighbours(self) -> dict[int, frozenset[int]]:
-        """The round's neighbour graph, derived from the session nonce."""
-        return neighbour_graph(site_ids=self.site_ids, degree=self.degree, seed=self.session_nonce)
-
     def share_x(self, site_id: int) -> int:
         """The Shamir x-coordinate of a site's shares: its 1-based position in ``site_ids``."""
         return self.site_ids.index(site_id) + 1
@@ -135,8 +122,6 @@ class SecAggRoundConfig:
             "round": self.round_id,
             "session_nonce": self.session_nonce,
             "site_ids": list(self.site_ids),
-            "degree": self.degree,
-            "threshold": self.threshold,
             "bit_width": self.bit_width,
             "update_length": self.update_length,
             "update_clip": float(self.update_clip),
@@ -158,8 +143,6 @@ class SecAggRoundConfig:
                 site_ids=tuple(
                     check.require_list(payload, "site_ids", item_type=int, max_length=MAX_SITES)
                 ),
-                degree=check.require_int(payload, "degree", minimum=1, maximum=MAX_SITES),
-                threshold=check.require_int(payload, "threshold", minimum=2, maximum=MAX_SITES),
                 bit_width=check.require_int(
                     payload, "bit_width", minimum=MIN_BIT_WIDTH, maximum=MAX_BIT_WIDTH
                 ),

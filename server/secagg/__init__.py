@@ -6,6 +6,7 @@ CCS 2017. See ``server.secagg.stages``.
 """
 
 from server.secagg.stages import (
+    CoordinatorGraphRules,
     ServerSecAggState,
     server_collect_keys,
     server_collect_masked_inputs,
@@ -15,6 +16,7 @@ from server.secagg.stages import (
 )
 
 __all__ = [
+    "CoordinatorGraphRules",
     "ServerSecAggState",
     "server_collect_keys",
     "server_collect_masked_inputs",

@@ -6,27 +6,35 @@ Privacy-Preserving Machine Learning", CCS 2017 (k = n - 1). Each function takes 
 the replies of one exchange and returns the new state and the requests of the next
 (``{site_id: payload}``); the last returns the decoded aggregate:
 
-- :func:`server_start_round`: fix the public round config; setup requests for all sites.
-- :func:`server_collect_keys`: U1 = sites with valid public keys; share-keys requests carry
-  each site's neighbours' keys.
-- :func:`server_route_shares`: U2 = sites that sealed shares for exactly their neighbours in
-  U1; masked-input requests route each site its neighbours' sealed bundles.
+- :func:`server_start_round`: fix the public round config; setup requests for all sampled
+  sites (U0).
+- :func:`server_collect_keys`: U1 = sites with valid public keys; fix the neighbour graph
+  over U1 with k and t chosen for |U1| (``common.secagg.round_graph``); share-keys requests
+  carry U1, k, t and each site's neighbours' keys.
+- :func:`server_route_shares`: U2 = sites that sealed shares for exactly their neighbours;
+  masked-input requests route each site its neighbours' sealed bundles.
 - :func:`server_collect_masked_inputs`: U3 = sites with a valid masked vector (the
   survivors); their sum is accumulated; unmask requests name survivors and dropped sites.
 - :func:`server_unmask`: rebuild survivors' self-mask seeds and dropped sites' mask keys from
-  the shares, remove all masks, dequantise the sum.
+  the shares, remove all masks, dequantise the sum and check it is in range.
 
 A reply that is malformed, duplicated, unexpected or for another round/stage is dropped with
-a logged reason and its site counts as dropped out. When fewer than t sites remain at any
-stage, or a needed secret cannot be rebuilt from t shares, the round is aborted:
-``state.abort_reason`` says why, and later stages return nothing. No function raises on
-inbound data, and no secret is logged.
+a logged reason and its site counts as dropped out. The round is aborted (``state.abort_reason``
+says why, later stages return nothing) when the sites still in it at any stage (U0, U1, U2,
+U3) are fewer than max(t, the minimum aggregation size), when a needed secret cannot be
+rebuilt from t shares, when the survivors' graph is disconnected, or when the decoded sum is
+out of its range. No function raises on inbound data, and no secret is logged.
+
+Departures from the papers: the graph is fixed after setup, over U1 (``round_graph`` says
+why), and a sum is never released over fewer sites than the minimum aggregation size
+(``common.secagg.aggregation_size``), which the papers' threshold t alone does not ensure.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -35,7 +43,13 @@ from typing import Any
 import numpy as np
 
 from common.secagg import payload_validation as check
-from common.secagg.input_encoding import DecodedAggregate, decode_aggregate
+from common.secagg.aggregation_size import (
+    MIN_AGGREGATION_SIZE,
+    colluding_sites,
+    describe_minimum,
+    minimum_aggregation_size,
+)
+from common.secagg.input_encoding import DecodedAggregate, SumOutOfRangeError, decode_aggregate
 from common.secagg.key_agreement import (
     PUBLIC_KEY_BYTES,
     KeyAgreementError,
@@ -46,7 +60,8 @@ from common.secagg.mask_expansion import add_masks_in_place
 from common.secagg.neighbour_graph import (
     DEFAULT_ADVERSARIAL_RATE,
     DEFAULT_DROPOUT_RATE,
-    default_graph_parameters,
+    graph_parameters,
+    threshold_for_degree,
 )
 from common.secagg.protocol_stages import (
     STAGE_MASKED_INPUT,
@@ -58,6 +73,7 @@ from common.secagg.protocol_stages import (
 )
 from common.secagg.ring import add_in_place, zeros
 from common.secagg.round_config import MAX_SITES, SESSION_NONCE_BYTES, SecAggRoundConfig
+from common.secagg.round_graph import RoundGraph
 from common.secagg.shamir import SHARE_BYTES, ShamirError, reconstruct_secret
 from common.secagg.share_cipher import SEALED_SHARE_BUNDLE_BYTES
 
@@ -75,12 +91,87 @@ FINISHED = "finished"
 ABORTED = "aborted"
 
 
+@dataclass(frozen=True)
+class CoordinatorGraphRules:
+    """How the coordinator fixes the graph after setup, and the fewest sites it sums.
+
+    ``degree`` and ``threshold``: overrides (None: Bell et al.'s defaults for the sites that
+    finished setup). A degree above |U1| - 1 means the complete graph over U1.
+    ``adversarial_rate``, ``dropout_rate``: the colluding fraction of the sampled sites and
+    the dropout fraction of U1 the defaults assume. ``min_sites`` and ``honest_sites``
+    (distributed DP's h) feed the minimum aggregation size.
+    """
+
+    degree: int | None = None
+    threshold: int | None = None
+    adversarial_rate: float = DEFAULT_ADVERSARIAL_RATE
+    dropout_rate: float = DEFAULT_DROPOUT_RATE
+    min_sites: int = MIN_AGGREGATION_SIZE
+    honest_sites: int = 0
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.adversarial_rate < 1 and 0 <= self.dropout_rate < 1):
+            raise ValueError("adversarial and dropout rates must be in [0, 1)")
+        if self.min_sites < 2:
+            raise ValueError(f"min_sites must be at least 2, got {self.min_sites}")
+        if self.degree is not None and self.degree < 1:
+            raise ValueError(f"degree must be at least 1, got {self.degree}")
+        if self.threshold is not None and self.threshold < 2:
+            raise ValueError(f"threshold must be at least 2, got {self.threshold}")
+        if self.honest_sites < 0:
+            raise ValueError(f"honest_sites must be >= 0, got {self.honest_sites}")
+
+    def min_aggregation_size(self, num_sampled: int) -> int:
+        return minimum_aggregation_size(
+            num_sampled=num_sampled,
+            colluding_fraction=self.adversarial_rate,
+            min_sites=self.min_sites,
+            honest_sites=self.honest_sites,
+        )
+
+    def describe_minimum(self, num_sampled: int) -> str:
+        return describe_minimum(
+            num_sampled=num_sampled,
+            colluding_fraction=self.adversarial_rate,
+            min_sites=self.min_sites,
+            honest_sites=self.honest_sites,
+        )
+
+    def graph_for(
+        self, participants: Iterable[int], *, num_sampled: int, session_nonce: bytes
+    ) -> RoundGraph:
+        """The graph over ``participants`` (U1); raises ``ValueError`` if k, t cannot fit."""
+        sites = tuple(sorted(participants))
+        n = len(sites)
+        if n < 2:
+            raise ValueError("a neighbour graph needs at least two participants")
+        # Colluders are counted over the sampled sites: they do not drop out at setup.
+        colluding = min(
+            colluding_sites(fraction=self.adversarial_rate, num_sampled=num_sampled), n - 1
+        )
+        if self.degree is None:
+            defaults = graph_parameters(
+                n, colluding=colluding, dropouts=math.ceil(self.dropout_rate * n - 1e-9)
+            )
+            degree, threshold = defaults.degree, defaults.threshold
+        else:
+            degree = min(self.degree, n - 1)
+            threshold = threshold_for_degree(n, degree, colluding=colluding)
+        if self.threshold is not None:
+            threshold = self.threshold
+        return RoundGraph(
+            participant_ids=sites, degree=degree, threshold=threshold, session_nonce=session_nonce
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class ServerSecAggState:
     """The coordinator's view of one round; holds no site's plain input."""
 
     config: SecAggRoundConfig
     stage: str
+    rules: CoordinatorGraphRules = field(default_factory=CoordinatorGraphRules)
+    graph: RoundGraph | None = None
     abort_reason: str | None = None
     channel_public_keys: Mapping[int, bytes] = field(default_factory=dict)
     mask_public_keys: Mapping[int, bytes] = field(default_factory=dict)
@@ -104,6 +195,19 @@ class ServerSecAggState:
         """U2: sites whose sealed shares were accepted and routed."""
         return tuple(sorted(self.share_senders))
 
+    def too_few(self, count: int, what: str, *, threshold: int | None) -> str | None:
+        """Why ``count`` sites are not enough to go on (None when they are): fewer than the
+        threshold or than the minimum aggregation size."""
+        num_sampled = self.config.num_sites
+        needed = max(self.rules.min_aggregation_size(num_sampled), threshold or 0)
+        if count >= needed:
+            return None
+        threshold_part = "" if threshold is None else f"threshold {threshold}; "
+        return (
+            f"{count} sites {what}, fewer than {needed} ({threshold_part}"
+            f"{self.rules.describe_minimum(num_sampled)})"
+        )
+
 
 def server_start_round(
     *,
@@ -118,6 +222,8 @@ def server_start_round(
     threshold: int | None = None,
     adversarial_rate: float = DEFAULT_ADVERSARIAL_RATE,
     dropout_rate: float = DEFAULT_DROPOUT_RATE,
+    min_sites: int = MIN_AGGREGATION_SIZE,
+    honest_sites: int = 0,
     integer_update: bool = False,
 ) -> tuple[ServerSecAggState, dict[int, Payload]]:
     """Fix the round's public config and build the setup request for every site.
@@ -125,13 +231,28 @@ def server_start_round(
     ``integer_update``: the sites send integer vectors in Z_(2^b) (distributed DP), summed
     as is and centred on decoding.
 
-    ``degree`` and ``threshold`` default to :func:`default_graph_parameters` for the number
-    of sites (Bell et al.'s guidance; the complete graph for small n). Raises ``ValueError``
-    for an invalid configuration (a programming error, not inbound data).
+    ``degree`` and ``threshold`` are fixed only after setup, for the sites that finished it
+    (:class:`CoordinatorGraphRules`); overrides must fit the sampled sites. ``min_sites``
+    and ``honest_sites`` (distributed DP's h) feed the minimum aggregation size: a sample
+    below it returns an aborted state and no request. Raises ``ValueError`` for an invalid
+    configuration (a programming error, not inbound data).
     """
     sites = tuple(sorted({int(site) for site in site_ids}))
-    defaults = default_graph_parameters(
-        len(sites), adversarial_rate=adversarial_rate, dropout_rate=dropout_rate
+    if degree is not None and not 1 <= degree <= len(sites) - 1:
+        raise ValueError(f"degree {degree} must be in [1, {len(sites) - 1}] for {len(sites)} sites")
+    if threshold is not None and not 2 <= threshold <= (
+        len(sites) if degree is None else degree + 1
+    ):
+        raise ValueError(
+            f"threshold {threshold} cannot be met by {len(sites)} sites (degree {degree})"
+        )
+    rules = CoordinatorGraphRules(
+        degree=degree,
+        threshold=threshold,
+        adversarial_rate=adversarial_rate,
+        dropout_rate=dropout_rate,
+        min_sites=min_sites,
+        honest_sites=honest_sites,
     )
     metric_ranges = dict(metric_ranges or {})
     names = tuple(sorted(metric_ranges))
@@ -139,8 +260,6 @@ def server_start_round(
         round_id=round_id,
         session_nonce=os.urandom(SESSION_NONCE_BYTES),
         site_ids=sites,
-        degree=defaults.degree if degree is None else degree,
-        threshold=defaults.threshold if threshold is None else threshold,
         bit_width=bit_width,
         update_length=update_length,
         update_clip=float(update_clip),
@@ -150,23 +269,26 @@ def server_start_round(
         metric_upper=tuple(float(metric_ranges[name][1]) for name in names),
         integer_update=integer_update,
     )
-    payload = config.to_payload() | tag(round_id=round_id, stage=STAGE_SETUP)
-    state = ServerSecAggState(config=config, stage=AWAITING_KEYS)
+    state = ServerSecAggState(config=config, stage=AWAITING_KEYS, rules=rules)
+    problem = state.too_few(len(sites), "sampled", threshold=threshold)
+    if problem is not None:
+        return _abort(state, problem)
     logger.info(
-        "secagg round %d: %d sites, degree %d, threshold %d, %d-bit ring",
+        "secagg round %d: %d sites sampled, %d-bit ring, minimum aggregation size %d",
         round_id,
         len(sites),
-        config.degree,
-        config.threshold,
         bit_width,
+        rules.min_aggregation_size(len(sites)),
     )
+    payload = config.to_payload() | tag(round_id=round_id, stage=STAGE_SETUP)
     return state, {site: dict(payload) for site in sites}
 
 
 def server_collect_keys(
     *, state: ServerSecAggState, replies: Replies
 ) -> tuple[ServerSecAggState, dict[int, Payload]]:
-    """Accept the advertised public keys (U1) and send each site its neighbours' keys."""
+    """Accept the advertised public keys (U1), fix the graph over U1 and send each site U1,
+    the degree and threshold, and its neighbours' keys."""
     if state.stage != AWAITING_KEYS:
         return _wrong_stage(state, "collect_keys")
     config = state.config
@@ -205,18 +327,36 @@ def server_collect_keys(
         mask_public_keys=mask_keys,
         rejections=state.rejections + tuple(rejections),
     )
-    if len(mask_keys) < config.threshold:
-        return _abort(
-            state, f"{len(mask_keys)} sites advertised keys, threshold {config.threshold}"
+    problem = state.too_few(len(mask_keys), "advertised keys", threshold=state.rules.threshold)
+    if problem is not None:
+        return _abort(state, problem)
+    try:
+        graph = state.rules.graph_for(
+            mask_keys, num_sampled=config.num_sites, session_nonce=config.session_nonce
         )
+    except ValueError as error:
+        return _abort(state, f"cannot fix the neighbour graph for {len(mask_keys)} sites: {error}")
+    state = dataclasses.replace(state, graph=graph)
+    logger.info(
+        "secagg round %d: %d of %d sites finished setup; degree %d, threshold %d",
+        config.round_id,
+        graph.num_participants,
+        config.num_sites,
+        graph.degree,
+        graph.threshold,
+    )
     requests = {}
-    for site in sorted(mask_keys):
-        peers = sorted(config.neighbours[site] & mask_keys.keys())
-        requests[site] = tag(round_id=config.round_id, stage=STAGE_SHARE_KEYS) | {
-            "site_ids": peers,
-            "channel_public_keys": [channel_keys[peer] for peer in peers],
-            "mask_public_keys": [mask_keys[peer] for peer in peers],
-        }
+    for site in graph.participant_ids:
+        peers = sorted(graph.neighbours[site])
+        requests[site] = (
+            tag(round_id=config.round_id, stage=STAGE_SHARE_KEYS)
+            | graph.to_payload()
+            | {
+                "site_ids": peers,
+                "channel_public_keys": [channel_keys[peer] for peer in peers],
+                "mask_public_keys": [mask_keys[peer] for peer in peers],
+            }
+        )
     return state, requests
 
 
@@ -224,9 +364,9 @@ def server_route_shares(
     *, state: ServerSecAggState, replies: Replies
 ) -> tuple[ServerSecAggState, dict[int, Payload]]:
     """Accept sealed share bundles (U2) and route each site the bundles addressed to it."""
-    if state.stage != AWAITING_SHARES:
+    if state.stage != AWAITING_SHARES or state.graph is None:
         return _wrong_stage(state, "route_shares")
-    config = state.config
+    config, graph = state.config, state.graph
     advertised = set(state.mask_public_keys)
     accepted, rejections = _unique_replies(replies, expected=advertised, stage=STAGE_SHARE_KEYS)
     outgoing: dict[int, dict[int, bytes]] = {}
@@ -242,10 +382,8 @@ def server_route_shares(
             check.require_distinct_ids(receivers, name="receiver_ids")
             if len(receivers) != len(bundles):
                 raise check.InvalidPayloadError("one sealed bundle per receiver")
-            if set(receivers) != config.neighbours[site] & advertised:
-                raise check.InvalidPayloadError(
-                    "receivers are not exactly its advertised neighbours"
-                )
+            if set(receivers) != graph.neighbours[site]:
+                raise check.InvalidPayloadError("receivers are not exactly its neighbours")
             if any(len(bundle) != SEALED_SHARE_BUNDLE_BYTES for bundle in bundles):
                 raise check.InvalidPayloadError("sealed bundle has the wrong length")
         except check.InvalidPayloadError as error:
@@ -254,7 +392,7 @@ def server_route_shares(
         outgoing[site] = dict(zip(receivers, bundles, strict=True))
     shared = set(outgoing)
     share_senders = {
-        site: tuple(sorted(config.neighbours[site] & shared)) for site in sorted(shared)
+        site: tuple(sorted(graph.neighbours[site] & shared)) for site in sorted(shared)
     }
     state = dataclasses.replace(
         state,
@@ -262,8 +400,9 @@ def server_route_shares(
         share_senders=share_senders,
         rejections=state.rejections + tuple(rejections),
     )
-    if len(shared) < config.threshold:
-        return _abort(state, f"{len(shared)} sites shared keys, threshold {config.threshold}")
+    problem = state.too_few(len(shared), "shared keys", threshold=graph.threshold)
+    if problem is not None:
+        return _abort(state, problem)
     requests = {}
     for site, senders in share_senders.items():
         requests[site] = tag(round_id=config.round_id, stage=STAGE_MASKED_INPUT) | {
@@ -277,9 +416,9 @@ def server_collect_masked_inputs(
     *, state: ServerSecAggState, replies: Replies
 ) -> tuple[ServerSecAggState, dict[int, Payload]]:
     """Sum the valid masked vectors (survivors U3) and ask survivors for the shares needed."""
-    if state.stage != AWAITING_MASKED_INPUTS:
+    if state.stage != AWAITING_MASKED_INPUTS or state.graph is None:
         return _wrong_stage(state, "collect_masked_inputs")
-    config = state.config
+    config, graph = state.config, state.graph
     shared = set(state.share_senders)
     accepted, rejections = _unique_replies(replies, expected=shared, stage=STAGE_MASKED_INPUT)
     masked_sum = zeros(config.masked_length, bit_width=config.bit_width)
@@ -309,10 +448,9 @@ def server_collect_masked_inputs(
         masked_sum=masked_sum,
         rejections=state.rejections + tuple(rejections),
     )
-    if len(survivors) < config.threshold:
-        return _abort(
-            state, f"{len(survivors)} sites sent masked inputs, threshold {config.threshold}"
-        )
+    problem = state.too_few(len(survivors), "sent masked inputs", threshold=graph.threshold)
+    if problem is not None:
+        return _abort(state, f"{problem}; round discarded before unmasking")
     components = _survivor_components(state.share_senders, survivor_set)
     if components > 1:
         # Unmasking now would reveal the sum of each component separately (Bell et al.).
@@ -332,10 +470,10 @@ def server_unmask(
     *, state: ServerSecAggState, replies: Replies
 ) -> tuple[ServerSecAggState, DecodedAggregate | None]:
     """Rebuild the needed secrets, remove every mask and return the dequantised sum."""
-    if state.stage != AWAITING_UNMASK or state.masked_sum is None:
+    if state.stage != AWAITING_UNMASK or state.masked_sum is None or state.graph is None:
         aborted_or_wrong, _ = _wrong_stage(state, "unmask")
         return aborted_or_wrong, None
-    config = state.config
+    config, threshold = state.config, state.graph.threshold
     survivors = set(state.survivor_ids)
     dropped = set(state.dropped_ids)
     accepted, rejections = _unique_replies(replies, expected=survivors, stage=STAGE_UNMASK)
@@ -362,9 +500,9 @@ def server_unmask(
         for site, share in zip(key_ids, keys, strict=True):
             key_shares[site][x] = share
     state = dataclasses.replace(state, rejections=state.rejections + tuple(rejections))
-    if responders < config.threshold:
+    if responders < threshold:
         aborted, _ = _abort(
-            state, f"{responders} sites answered the unmask request, threshold {config.threshold}"
+            state, f"{responders} sites answered the unmask request, threshold {threshold}"
         )
         return aborted, None
     total = state.masked_sum.copy()
@@ -374,15 +512,13 @@ def server_unmask(
     subtract_seeds: list[bytes] = []
     try:
         for site in sorted(survivors):
-            subtract_seeds.append(
-                reconstruct_secret(shares=seed_shares[site], threshold=config.threshold)
-            )
+            subtract_seeds.append(reconstruct_secret(shares=seed_shares[site], threshold=threshold))
         for site in sorted(dropped):
             partners = sorted(set(state.share_senders[site]) & survivors)
             if not partners:
                 continue
             mask_key = load_private_key(
-                reconstruct_secret(shares=key_shares[site], threshold=config.threshold)
+                reconstruct_secret(shares=key_shares[site], threshold=threshold)
             )
             for partner in partners:
                 seed = derive_pairwise_mask_seed(
@@ -400,7 +536,11 @@ def server_unmask(
     add_masks_in_place(
         total, add_seeds=add_seeds, subtract_seeds=subtract_seeds, bit_width=config.bit_width
     )
-    aggregate = decode_aggregate(config=config, summed=total, num_summed=len(survivors))
+    try:
+        aggregate = decode_aggregate(config=config, summed=total, num_summed=len(survivors))
+    except SumOutOfRangeError as error:
+        aborted, _ = _abort(state, f"decoded sum out of range: {error}; round discarded")
+        return aborted, None
     logger.info(
         "secagg round %d: summed %d sites (%d dropped after sharing keys)",
         config.round_id,

@@ -67,7 +67,7 @@ auth-private-key = "keys/site-auth-key"
 
 [secure-aggregation]
 min-threshold = 2
-min-sites = 2
+min-sites = 3
 """
 
 

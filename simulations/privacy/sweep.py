@@ -79,6 +79,9 @@ class OverfitSettings:
     """
 
     sites: int = 2  # FedAvg over many sites averages memorisation away
+    # Two sites cannot run secure aggregation (a sum over two reveals each to the other), and
+    # the point measures what the released model memorises, which secure aggregation does not
+    # change: its runs use plain FedAvg unless --set-overfit secure-aggregation=true.
     records_per_site: int = 200
     local_epochs: int = 20
     rounds: int = 10
@@ -172,6 +175,7 @@ class SweepSettings:
                     records_per_site=o.records_per_site,
                     run_config={
                         **self.run_config,
+                        "secure-aggregation": "false",
                         "local-epochs": str(o.local_epochs),
                         "batch-size": str(o.batch_size),
                         "optimizer": o.optimizer,

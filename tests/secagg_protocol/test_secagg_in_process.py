@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from client.secagg.policy import ClientSecAggPolicy
 from client.secagg.stages import (
     ClientSecAggState,
     SecAggRefusal,
@@ -46,8 +47,10 @@ class RoundOutcome:
     updates: dict[int, np.ndarray]
     weights: dict[int, int]
     losses: dict[int, float]
-    refusals: dict[int, str]
+    refusals: dict[int, SecAggRefusal]
     masked_inputs: dict[int, np.ndarray]
+    requests: dict[str, dict[int, dict]]
+    replies: dict[str, dict[int, dict]]
 
     def plain_weighted_sum(self, sites: tuple[int, ...]) -> np.ndarray:
         return sum(self.weights[site] * np.clip(self.updates[site], -1.0, 1.0) for site in sites)
@@ -58,24 +61,34 @@ def run_round(
     num_sites: int,
     length: int,
     drop: dict[str, set[int]] | None = None,
+    late: dict[str, set[int]] | None = None,
     tamper: Tamper | None = None,
+    alter_reply: Tamper | None = None,
+    policy: ClientSecAggPolicy | None = None,
     seed: int = 0,
     **round_options: object,
 ) -> RoundOutcome:
-    """Run one round; sites in ``drop[stage]`` never answer that stage's request."""
+    """Run one round; sites in ``drop[stage]`` never answer that stage's request, sites in
+    ``late[stage]`` answer it too late (their reply is recorded but never delivered).
+    ``tamper`` changes a request on its way to a site, ``alter_reply`` a reply on its way
+    back. ``policy``: every site's own secure-aggregation policy (default: the defaults)."""
     drop = drop or {}
+    late = late or {}
     rng = np.random.default_rng(seed)
     site_ids = sorted({int(rng.integers(0, 2**62)) * 2 + 1 for _ in range(num_sites)})
     site_ids[0] = 2**64 - 5  # Flower node ids can exceed 2^63
     updates = {site: rng.normal(0.0, 0.6, length) for site in site_ids}
     weights = {site: int(rng.integers(1, 5000)) for site in site_ids}
     losses = {site: float(rng.uniform(0, 3)) for site in site_ids}
-    refusals: dict[int, str] = {}
+    refusals: dict[int, SecAggRefusal] = {}
     masked_inputs: dict[int, np.ndarray] = {}
     clients: dict[int, ClientSecAggState] = {}
+    sent: dict[str, dict[int, dict]] = {}
+    answered: dict[str, dict[int, dict]] = {}
 
     def deliver(stage: str, requests: dict[int, dict], answer: Callable) -> dict[int, dict]:
         replies = {}
+        sent[stage] = requests
         for site, request in requests.items():
             if site in drop.get(stage, set()):
                 continue
@@ -84,8 +97,12 @@ def run_round(
             try:
                 clients[site], replies[site] = answer(site, request)
             except SecAggRefusal as refusal:
-                refusals[site] = str(refusal)
-        return replies
+                refusals[site] = refusal
+                continue
+            if alter_reply is not None:
+                replies[site] = alter_reply(stage, site, replies[site])
+        answered[stage] = replies
+        return {site: reply for site, reply in replies.items() if site not in late.get(stage, ())}
 
     server, requests = server_start_round(
         round_id=5,
@@ -96,7 +113,9 @@ def run_round(
         metric_ranges={"loss_times_weight": (0.0, 15_000.0)},
         **round_options,  # type: ignore[arg-type]
     )
-    replies = deliver("setup", requests, lambda s, r: client_setup(site_id=s, request=r))
+    replies = deliver(
+        "setup", requests, lambda s, r: client_setup(site_id=s, request=r, policy=policy)
+    )
     server, requests = server_collect_keys(state=server, replies=replies)
     replies = deliver(
         "share_keys", requests, lambda s, r: client_share_keys(state=clients[s], request=r)
@@ -118,7 +137,9 @@ def run_round(
     server, requests = server_collect_masked_inputs(state=server, replies=replies)
     replies = deliver("unmask", requests, lambda s, r: client_unmask(state=clients[s], request=r))
     server, aggregate = server_unmask(state=server, replies=replies)
-    return RoundOutcome(server, aggregate, updates, weights, losses, refusals, masked_inputs)
+    return RoundOutcome(
+        server, aggregate, updates, weights, losses, refusals, masked_inputs, sent, answered
+    )
 
 
 def assert_matches_plain_sum(outcome: RoundOutcome) -> None:
@@ -137,7 +158,7 @@ def assert_matches_plain_sum(outcome: RoundOutcome) -> None:
     )
 
 
-@pytest.mark.parametrize("num_sites", [2, 3, 4, 7, 10, 20, 33, 50])
+@pytest.mark.parametrize("num_sites", [3, 4, 7, 10, 20, 33, 50])
 def test_masked_sum_equals_plain_weighted_sum(num_sites: int) -> None:
     outcome = run_round(num_sites=num_sites, length=2000, seed=num_sites)
     assert_matches_plain_sum(outcome)
@@ -189,7 +210,7 @@ def test_dropouts_below_the_threshold_abort_cleanly(stage: str) -> None:
 def test_dropouts_at_every_stage_of_one_sparse_round() -> None:
     # 40 sites with the default sparse graph; a few sites lost at each stage.
     probe = run_round(num_sites=40, length=1000, seed=8)
-    assert probe.server.config.degree < 39  # SecAgg+, not the complete graph
+    assert probe.server.graph.degree < 39  # SecAgg+, not the complete graph
     sites = sorted(probe.server.config.site_ids)
     drop = {
         "setup": {sites[0]},
@@ -215,7 +236,7 @@ def test_tampered_ciphertext_turns_the_receiver_into_a_dropout() -> None:
         return request | {"sealed_bundles": [bytes(bundle), *request["sealed_bundles"][1:]]}
 
     outcome = run_round(num_sites=8, length=200, seed=4, tamper=flip_a_bit)
-    assert "authentication" in outcome.refusals[victim]
+    assert "authentication" in str(outcome.refusals[victim])
     assert victim in outcome.server.dropped_ids
     assert_matches_plain_sum(outcome)
 
@@ -230,7 +251,7 @@ def test_request_for_both_secrets_is_refused_and_the_sum_stays_hidden() -> None:
         return request
 
     outcome = run_round(num_sites=6, length=200, seed=6, degree=5, threshold=4, tamper=ask_for_both)
-    assert all("both secrets" in outcome.refusals[site] for site in outcome.refusals)
+    assert all("both secrets" in str(outcome.refusals[site]) for site in outcome.refusals)
     assert len(outcome.refusals) == 5
     assert outcome.aggregate is None and outcome.server.stage == ABORTED
 

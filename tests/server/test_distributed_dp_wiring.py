@@ -17,7 +17,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.supercore.task_identity import TaskIdentity
 
 from client import app as client_app
-from client.distributed_dp_guard import GUARD_KEY
 from client.secagg.pending_update import SPILL_DIR_ENV
 from common.federation_config import FederationConfig
 from common.secure_round import MESSAGE_MASKED, MESSAGE_SETUP, MESSAGE_SHARE, MESSAGE_UNMASK
@@ -77,14 +76,12 @@ def _integer_trainer(sums: dict[int, np.ndarray]) -> client_app.Trainer:
         rng = np.random.default_rng([context.node_id % 2**32, request.server_round])
         signed = rng.integers(-(10**6), 10**6, LENGTH)
         sums[context.node_id] = signed
-        context.state.config_records[GUARD_KEY] = ConfigRecord(
-            {"round": request.server_round, "min-survivors": HONEST}
-        )
         return client_app.LocalUpdate(
             update=np.mod(signed, 2**32).astype(np.uint64),
             num_examples=1000 + context.node_id % 97,
             steps=1,
             epsilon_bound=0.5,
+            honest_sites=HONEST,
         )
 
     return train

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import numpy as np
@@ -42,9 +43,20 @@ Fault = Callable[[str, int], str | None]  # (message type, node) -> "drop" | "er
 class InProcessGrid:
     """Delivers each message to the node's ClientApp handler; records every reply."""
 
-    def __init__(self, node_ids: list[int], trainer: client_app.Trainer) -> None:
+    def __init__(
+        self,
+        node_ids: list[int],
+        trainer: client_app.Trainer,
+        node_config: dict[str, Any] | None = None,
+    ) -> None:
         self.contexts = {
-            node: Context(run_id=7, node_id=node, node_config={}, state=RecordDict(), run_config={})
+            node: Context(
+                run_id=7,
+                node_id=node,
+                node_config=dict(node_config or {}),
+                state=RecordDict(),
+                run_config={},
+            )
             for node in node_ids
         }
         self.trainer = trainer
@@ -234,10 +246,10 @@ def test_budget_refusal_at_setup_means_the_site_does_not_take_part() -> None:
 
 
 def test_every_site_refusing_leaves_no_site_trained() -> None:
-    grid = InProcessGrid(NODES[:2], _numpy_trainer({}, {}, refuse=set(NODES[:2])))
+    grid = InProcessGrid(NODES[:3], _numpy_trainer({}, {}, refuse=set(NODES[:3])))
     result = _run(grid, 1, SecAggPlusAggregation())
     assert result.aborted is not None and "no site trained" in result.aborted
-    assert result.count("refused") == 2
+    assert result.count("refused") == 3
     assert not list(Path(os.environ[SPILL_DIR_ENV]).iterdir())  # no directory left behind
 
 
@@ -310,3 +322,132 @@ def test_an_impossible_graph_aborts_the_round_instead_of_the_run() -> None:
     result = _run(grid, 1, SecAggPlusAggregation(SecAggSettings(degree=7)))
     assert result.aborted is not None and "cannot start" in result.aborted
     assert not grid.received  # nothing was sent
+
+
+def _codes(grid: InProcessGrid, message_type: str) -> list[str]:
+    return [
+        reply.content.config_records[RECORD_STATUS]["code"]
+        for reply in grid.received
+        if reply.metadata.message_type == message_type
+        and reply.content.config_records[RECORD_STATUS]["refused"]
+    ]
+
+
+def _message_types(grid: InProcessGrid) -> set[str]:
+    return {reply.metadata.message_type for reply in grid.received}
+
+
+TEN = [3 + 10 * i for i in range(10)]
+
+
+def test_budget_refusals_that_leave_two_sites_abort_the_round() -> None:
+    """Defaults for 10 sites (degree 4, t = 2): 8 sites refuse on their budget. Two sites
+    would reveal each other's update, so no sum is released and nobody is asked for keys."""
+    updates: dict[int, np.ndarray] = {}
+    grid = InProcessGrid(TEN, _numpy_trainer(updates, {}, refuse=set(TEN[:8])))
+    result = _run(grid, 1, SecAggPlusAggregation())
+    assert result.aborted is not None
+    assert "2 sites advertised keys, fewer than 3" in result.aborted
+    assert result.weighted_update_sum is None and result.mean_update() is None
+    assert result.count("refused") == 8 and result.count("aborted") == 2
+    assert _message_types(grid) == {MESSAGE_SETUP}
+
+
+def test_a_threshold_override_below_the_sites_policy_is_refused_by_every_site() -> None:
+    """``secagg-threshold = 2`` on 20 sites (the default is degree 8, t = 3)."""
+    grid = InProcessGrid([5 + 7 * i for i in range(20)], _numpy_trainer({}, {}))
+    result = _run(grid, 1, SecAggPlusAggregation(SecAggSettings(threshold=2)))
+    assert result.aborted is not None and result.weighted_update_sum is None
+    assert _codes(grid, MESSAGE_SHARE) == [RefusalCode.SECAGG_POLICY.value] * 20
+    assert MESSAGE_MASKED not in _message_types(grid)
+
+
+def test_a_site_below_its_own_minimum_refuses_before_training() -> None:
+    """The site's node config asks for at least 6 sites in a sum; 5 are sampled."""
+    trained: list[int] = []
+
+    def train(request, msg: Message, context: Context):
+        trained.append(context.node_id)
+        raise AssertionError("the site must not train")
+
+    grid = InProcessGrid(NODES, train, node_config={"secagg-min-sites": 6})
+    result = _run(grid, 1, SecAggPlusAggregation())
+    assert result.aborted is not None and trained == []
+    assert _codes(grid, MESSAGE_SETUP) == [RefusalCode.TOO_FEW_SITES.value] * 5
+
+
+def test_a_bad_site_policy_refuses_before_training() -> None:
+    grid = InProcessGrid(NODES, _numpy_trainer({}, {}), node_config={"secagg-min-sites": 2})
+    result = _run(grid, 1, SecAggPlusAggregation())
+    assert result.aborted is not None and "no site trained" in result.aborted
+    assert _codes(grid, MESSAGE_SETUP) == [RefusalCode.SECAGG_POLICY.value] * 5
+
+
+def _setup_message(server_round: int, arrays: ArrayRecord, sites: list[int]) -> Message:
+    from server.secagg.stages import server_start_round
+
+    _, requests = server_start_round(
+        round_id=server_round,
+        site_ids=sites,
+        update_length=sum(math.prod(s) for s in SHAPES.values()),
+        update_clip=1.0,
+        max_weight=1000,
+    )
+    content = RecordDict(
+        {
+            "arrays": arrays,
+            "config": _train_config(server_round),
+            RECORD_SECAGG: ConfigRecord(requests[sites[0]]),
+        }
+    )
+    msg = Message(content, dst_node_id=sites[0], message_type=MESSAGE_SETUP, ttl=10)
+    msg.metadata.__dict__["_message_id"] = uuid4().hex
+    return msg
+
+
+def test_an_update_length_that_differs_from_the_global_model_costs_no_training() -> None:
+    """The coordinator's round config claims a longer update than the global arrays hold:
+    the site refuses before it trains (training would spend privacy budget for nothing)."""
+    trained: list[int] = []
+    arrays = _global_arrays()
+    shorter = ArrayRecord({k: arrays[k] for k in list(SHAPES)[:2]})
+
+    def train(request, msg, ctx):
+        trained.append(ctx.node_id)
+        return SiteRefusal(RefusalCode.PRIVACY_BUDGET)
+
+    msg = _setup_message(1, shorter, sorted(NODES[:3]))
+    context = Context(
+        run_id=7,
+        node_id=msg.metadata.dst_node_id,
+        node_config={},
+        state=RecordDict(),
+        run_config={},
+    )
+    reply = client_app.run_secagg_setup(msg, context, train=train)
+    assert reply.content.config_records[RECORD_STATUS]["code"] == RefusalCode.BAD_REQUEST.value
+    assert trained == []
+
+
+def test_a_replayed_setup_never_trains_a_site_twice() -> None:
+    """The first setup's training ends in a refusal (for example no usable records); the
+    same setup, replayed, is refused as out of order instead of training again."""
+    trained: list[int] = []
+
+    def train(request, msg, ctx):
+        trained.append(ctx.node_id)
+        return SiteRefusal(RefusalCode.NO_DATA, "no usable records")
+
+    msg = _setup_message(4, _global_arrays(), sorted(NODES[:3]))
+    context = Context(
+        run_id=7,
+        node_id=msg.metadata.dst_node_id,
+        node_config={},
+        state=RecordDict(),
+        run_config={},
+    )
+    first = client_app.run_secagg_setup(msg, context, train=train)
+    assert first.content.config_records[RECORD_STATUS]["code"] == RefusalCode.NO_DATA.value
+    replay = client_app.run_secagg_setup(msg, context, train=train)
+    assert replay.content.config_records[RECORD_STATUS]["code"] == RefusalCode.OUT_OF_ORDER.value
+    assert trained == [msg.metadata.dst_node_id]

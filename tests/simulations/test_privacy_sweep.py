@@ -37,6 +37,9 @@ SMALL_SWEEP = [
     "--set", "eval-single-items=300",
     "--set", "eval-scenes=50",
     "--set", "batch-size=32",
+    # Two sites cannot run secure aggregation (each would learn the other's update), and the
+    # attacks measure what the released model memorises, which it does not change.
+    "--set", "secure-aggregation=false",
 ]  # fmt: skip
 
 
@@ -164,6 +167,7 @@ def test_sweep_points_cover_every_partition_and_epsilon_then_the_overfit_point()
     overfit = by_name["overfit-iid-eps-inf"]
     assert overfit.sites == OverfitSettings().sites and overfit.overfit
     assert overfit.run_config["batch-size"] == "32" and overfit.run_config["local-epochs"] == "20"
+    assert overfit.run_config["secure-aggregation"] == "false"  # two sites: plain FedAvg
     assert all(p.sites == 10 for p in points if not p.overfit)
     with pytest.raises(ValueError, match="set by the sweep itself"):
         SweepSettings(non_private_run_config={"epsilon": "1"})

@@ -1,11 +1,12 @@
 """SecAgg+ through Flower's simulation runtime: real Messages, real ClientApps, real DP-SGD.
 
-One 3-site, 4-round run (``secagg_simulation_driver.py``, in a subprocess so Ray cannot
-outlive the test) with faults injected by the test-only ClientApp wrapper:
+One 4-site, 4-round run (``secagg_simulation_driver.py``, in a subprocess so Ray cannot
+outlive the test) with faults injected by the test-only ClientApp wrapper. Four sites: the
+complete graph with t = 3, and a minimum aggregation size of 3, so one dropout is tolerated:
 
 - round 1: every site healthy;
-- round 2: one site raises in the masked-input stage: the round completes with 2 >= t = 2;
-- round 3: two sites raise in the share-keys stage: 1 < t, the round aborts cleanly;
+- round 2: one site raises in the masked-input stage: the round completes with 3 survivors;
+- round 3: two sites raise in the share-keys stage: 2 < 3, the round aborts cleanly;
 - round 4: every site healthy again: the run goes on from the unchanged model.
 
 The coordinator's Grid records every reply it receives; the sites' plain updates come from a
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 DRIVER = Path(__file__).with_name("secagg_simulation_driver.py")
+SITES = 4
 FAULTS = {"2:secagg_masked": [2], "3:secagg_share": [0, 1]}
 RECORDS_PER_SITE = 100
 
@@ -57,7 +59,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "FEDMM_SECAGG_SPILL_DIR": str(spill),
     }
     process = subprocess.Popen(
-        [sys.executable, str(DRIVER), str(out), "3", "4"],
+        [sys.executable, str(DRIVER), str(out), str(SITES), "4"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -114,7 +116,7 @@ def test_masked_vectors_are_uniform_and_uncorrelated_with_every_plain_update(run
     from scipy.stats import chisquare
 
     masked = _masked_replies(run)
-    assert len(masked) == 3 + 2 + 3  # rounds 1, 2 (one site failed), 4
+    assert len(masked) == 4 + 3 + 4  # rounds 1, 2 (one site failed), 4
     for round_id, _node, vector in masked:
         assert vector.dtype == np.uint32
         updates = [v["update"] for (_, r), v in run["plain"].items() if r == round_id]
@@ -176,7 +178,7 @@ def test_the_masked_sum_decodes_to_the_plain_weighted_sum_within_the_bound(run: 
 def test_a_dropout_above_the_threshold_is_tolerated(run: dict) -> None:
     row = run["rows"][1]
     assert row["round"] == 2 and "aborted" not in row
-    assert row["sites_trained"] == 2 and row["sites_failed"] == 1
+    assert row["sites_trained"] == 3 and row["sites_failed"] == 1
     failed = [o for o in run["rounds"][2]["outcomes"] if o[1] == "failed"]
     assert len(failed) == 1 and "train.secagg_masked" in failed[0][2]
     # No site's train loss reaches the coordinator: the loss curve is the global model's on
@@ -187,8 +189,9 @@ def test_a_dropout_above_the_threshold_is_tolerated(run: dict) -> None:
 def test_below_the_threshold_the_round_aborts_and_the_next_round_runs(run: dict) -> None:
     rows = run["rows"]
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
-    assert "threshold 2" in rows[2]["aborted"] and rows[2]["sites_failed"] == 2
-    assert "aborted" not in rows[3] and rows[3]["sites_trained"] == 3
+    assert "2 sites shared keys, fewer than 3" in rows[2]["aborted"]
+    assert rows[2]["sites_failed"] == 2
+    assert "aborted" not in rows[3] and rows[3]["sites_trained"] == 4
     # The aborted round left the model unchanged: round 4 started from round 3's model.
     assert run["rounds"][4]["model_digest"] == run["rounds"][3]["model_digest"]
     assert run["rounds"][3]["model_digest"] != run["rounds"][2]["model_digest"]

@@ -1,4 +1,7 @@
-"""A real 2-site, 2-round run through Flower's simulation runtime, then a resume.
+"""A real 3-site, 2-round run through Flower's simulation runtime, then a resume.
+
+Three sites, the fewest whose sum secure aggregation (on by default) releases: a sum over two
+would reveal each site's update to the other.
 
 Runs ``fedmm simulate`` as a subprocess (Ray backend, real ClientApps with Opacus) on a small
 slice of the benchmark. The resumed run asks for a third round that the sites' ledgers,
@@ -46,7 +49,7 @@ def _simulate(
             "simulations.cli",
             "simulate",
             "--sites",
-            "2",
+            "3",
             "--out",
             str(out),
             *args,
@@ -65,7 +68,7 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_sites_two_rounds_then_resume_with_budget_refusal(tmp_path: Path) -> None:
+def test_three_sites_two_rounds_then_resume_with_budget_refusal(tmp_path: Path) -> None:
     marker = new_marker()
     out = tmp_path / "run"
     first = _simulate(out, "--rounds", "2", "--epsilon", "3", marker=marker, quiet=False)
@@ -79,12 +82,12 @@ def test_two_sites_two_rounds_then_resume_with_budget_refusal(tmp_path: Path) ->
     assert "DEBUG flwr" in (out / "run.log").read_text()
     rows = _rows(out)
     assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["sites_trained"] == 2 and r["sites_refused"] == 0 for r in rows), rows
+    assert all(r["sites_trained"] == 3 and r["sites_refused"] == 0 for r in rows), rows
     assert [float(r["epsilon_bound_max"]) for r in rows] == [3.0, 3.0]  # the bound, not spend
     assert all("train_loss" not in r and float(r["eval_loss"]) > 0 for r in rows)
     # The runner owns the simulated sites' ledgers: their exact spend is in the summary.
     sites = json.loads((out / "summary.json").read_text())["site_epsilons"]
-    assert sorted(sites) == ["site-0", "site-1"]
+    assert sorted(sites) == ["site-0", "site-1", "site-2"]
     assert all(0 < float(s["epsilon"]) <= 3.0 and s["delta"] == 1e-5 for s in sites.values())
     assert "Each site's exact epsilon" in (out / "report.md").read_text()
     for key in ("accuracy", "r_at_1_i2t", "r_at_1_t2i", "r_at_5_i2t", "r_at_5_t2i", "wall_s"):
@@ -99,7 +102,7 @@ def test_two_sites_two_rounds_then_resume_with_budget_refusal(tmp_path: Path) ->
     ):
         assert (out / name).exists(), name
     ledgers = sorted((out / "site-ledgers").glob("site-*.json"))
-    assert len(ledgers) == 2
+    assert len(ledgers) == 3
     assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in ledgers)
     weights_after_2 = (out / "checkpoints" / "round-0002.safetensors").read_bytes()
 
@@ -108,7 +111,7 @@ def test_two_sites_two_rounds_then_resume_with_budget_refusal(tmp_path: Path) ->
     rows = _rows(out)
     assert [r["round"] for r in rows] == [1, 2, 3]
     third = rows[-1]
-    assert third["sites_refused"] == 2 and third["sites_trained"] == 0
+    assert third["sites_refused"] == 3 and third["sites_trained"] == 0
     assert "no site trained" in third["aborted"]
     weights_after_3 = (out / "checkpoints" / "round-0003.safetensors").read_bytes()
     assert weights_after_3 == weights_after_2  # the model is unchanged by a refused round

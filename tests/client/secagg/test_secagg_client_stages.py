@@ -25,6 +25,8 @@ from server.secagg.stages import (
 
 SITES = [11, 22, 33, 44, 55, 66]
 LENGTH = 8
+#: Sites that assume no colluders and no dropouts accept a sparse ring over six sites.
+TRUSTING = ClientSecAggPolicy(colluding_fraction=0.0, dropout_fraction=0.0)
 
 
 def _start(degree: int | None = 5, threshold: int | None = 3, sites: list[int] = SITES):
@@ -40,12 +42,12 @@ def _start(degree: int | None = 5, threshold: int | None = 3, sites: list[int] =
     )
 
 
-def _through_share_keys(**kwargs: object):
+def _through_share_keys(policy: ClientSecAggPolicy | None = None, **kwargs: object):
     server, requests = _start(**kwargs)  # type: ignore[arg-type]
     clients: dict[int, ClientSecAggState] = {}
     replies = {}
     for site, request in requests.items():
-        clients[site], replies[site] = client_setup(site_id=site, request=request)
+        clients[site], replies[site] = client_setup(site_id=site, request=request, policy=policy)
     server, requests = server_collect_keys(state=server, replies=replies)
     replies = {}
     share_requests = requests
@@ -85,7 +87,8 @@ def test_setup_makes_fresh_keys_and_advertises_only_public_keys() -> None:
     [
         ({"stage": "unmask"}, ClientSecAggPolicy(), "stage"),
         ({"site_ids": [22, 33, 44, 55, 66, 77]}, ClientSecAggPolicy(), "not among"),
-        ({}, ClientSecAggPolicy(min_threshold=4), "below this site's minimum"),
+        ({}, ClientSecAggPolicy(min_sites=7), "fewer than this site's minimum aggregation size"),
+        ({}, ClientSecAggPolicy(max_update_length=LENGTH - 1), "update length"),
         ({"bit_width": "32"}, ClientSecAggPolicy(), "bit_width"),
     ],
 )
@@ -105,11 +108,11 @@ def test_share_keys_refuses_non_neighbours_duplicates_and_replays() -> None:
     server, requests = _start(degree=2, threshold=2)
     clients, replies = {}, {}
     for site, request in requests.items():
-        clients[site], replies[site] = client_setup(site_id=site, request=request)
+        clients[site], replies[site] = client_setup(site_id=site, request=request, policy=TRUSTING)
     server, requests = server_collect_keys(state=server, replies=replies)
     site = 11
     stranger = next(
-        other for other in SITES if other != site and other not in clients[site].neighbours
+        other for other in SITES if other != site and other not in server.graph.neighbours[site]
     )
     request = requests[site]
     hostile = dict(request)
@@ -136,25 +139,20 @@ def test_share_keys_refuses_non_neighbours_duplicates_and_replays() -> None:
         client_share_keys(state=state, request=request)
 
 
-def test_share_keys_refuses_too_few_neighbours_for_the_threshold() -> None:
-    server, requests = _start(degree=5, threshold=4)
+def test_share_keys_refuses_a_request_that_leaves_out_a_neighbour() -> None:
+    server, requests = _start(degree=2, threshold=2)
     clients, replies = {}, {}
     for site, request in requests.items():
-        clients[site], replies[site] = client_setup(site_id=site, request=request)
-    server, requests = server_collect_keys(state=server, replies={s: replies[s] for s in SITES[:3]})
-    assert server.abort_reason is not None  # 3 < 4: the coordinator aborts too
-    request = {
-        "round": 2,
-        "stage": "share_keys",
-        "site_ids": [22, 33],
-        "channel_public_keys": [
-            replies[22]["channel_public_key"],
-            replies[33]["channel_public_key"],
-        ],
-        "mask_public_keys": [replies[22]["mask_public_key"], replies[33]["mask_public_key"]],
+        clients[site], replies[site] = client_setup(site_id=site, request=request, policy=TRUSTING)
+    server, requests = server_collect_keys(state=server, replies=replies)
+    request = requests[11]
+    short = request | {
+        "site_ids": request["site_ids"][1:],
+        "channel_public_keys": request["channel_public_keys"][1:],
+        "mask_public_keys": request["mask_public_keys"][1:],
     }
-    with pytest.raises(SecAggRefusal, match="threshold"):
-        client_share_keys(state=clients[11], request=request)
+    with pytest.raises(SecAggRefusal, match="lacks the keys of 1 neighbours"):
+        client_share_keys(state=clients[11], request=short)
 
 
 def test_masked_input_refuses_tampered_foreign_and_replayed_bundles() -> None:
@@ -196,10 +194,10 @@ def test_masked_input_refuses_tampered_foreign_and_replayed_bundles() -> None:
 
 
 def test_masked_input_refuses_bundles_from_non_neighbours() -> None:
-    _, clients, _, requests = _through_share_keys(degree=2, threshold=2)
+    server, clients, _, requests = _through_share_keys(TRUSTING, degree=2, threshold=2)
     site = 11
     request = requests[site]
-    stranger = next(s for s in SITES if s != site and s not in clients[site].neighbours)
+    stranger = next(s for s in SITES if s != site and s not in server.graph.neighbours[site])
     hostile = request | {
         "sender_ids": [*request["sender_ids"], stranger],
         "sealed_bundles": [*request["sealed_bundles"], request["sealed_bundles"][0]],
@@ -246,7 +244,8 @@ def test_unmask_refuses_a_request_for_both_secrets_of_a_site() -> None:
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        ({"num_survivors": 2}, "below threshold"),
+        ({"num_survivors": 2}, "fewer than this site's minimum aggregation size"),
+        ({"num_survivors": 3, "survivor_ids": [11, 22, 33, 44]}, "inconsistent"),
         ({"survivor_ids": [22]}, "survivor"),
         ({"dropped_ids": [11]}, "both secrets|survivor"),
         ({"survivor_ids": [11, 11]}, "repeats"),

@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from common.secagg.input_encoding import decode_aggregate, encode_site_input
+from common.secagg.input_encoding import SumOutOfRangeError, decode_aggregate, encode_site_input
 from common.secagg.payload_validation import InvalidPayloadError, require_ring_vector
 from common.secagg.ring import add_in_place, zeros
 from common.secagg.round_config import SecAggRoundConfig
@@ -14,8 +14,6 @@ def _config(**overrides: object) -> SecAggRoundConfig:
         round_id=4,
         session_nonce=os.urandom(32),
         site_ids=(3, 5, 9, 11),
-        degree=3,
-        threshold=3,
         bit_width=32,
         update_length=6,
         update_clip=0.5,
@@ -37,13 +35,12 @@ def test_payload_round_trip() -> None:
     ("field", "value", "reason"),
     [
         ("site_ids", [3, 3, 5], "distinct"),
-        ("threshold", 1, "threshold"),
-        ("threshold", 9, "threshold"),
+        ("site_ids", [3], "need 2"),
         ("bit_width", 64, "bit_width"),
         ("session_nonce", b"short", "32 bytes"),
         ("max_weight", 1 << 31, "max weight"),
         ("update_clip", float("inf"), "finite"),
-        ("degree", True, "int"),
+        ("update_length", True, "int"),
         ("metric_lower", [0.0], "one lower"),
     ],
 )
@@ -74,6 +71,48 @@ def test_encoding_carries_weight_and_metrics_and_decodes_the_weighted_sum() -> N
     assert aggregate.weight_sum == sum(weight for _, weight, _ in inputs)
     assert abs(aggregate.metric_sums["loss"] - 12.0) <= aggregate.metric_error_bounds["loss"]
     assert abs(aggregate.metric_sums["accuracy"] - 3.0) <= aggregate.metric_error_bounds["accuracy"]
+
+
+def _encoded_sum(config: SecAggRoundConfig, count: int) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    total = zeros(config.masked_length, bit_width=config.bit_width)
+    for _ in range(count):
+        encoded = encode_site_input(
+            config=config,
+            update=rng.uniform(-1, 1, config.update_length),
+            weight=config.max_weight,
+            metrics={"loss": 50.0 * config.max_weight, "accuracy": 1000.0},
+            rng=rng,
+        )
+        add_in_place(total, encoded, bit_width=config.bit_width)
+    return total
+
+
+@pytest.mark.parametrize(
+    ("entry", "reason"), [(6, "weight sum"), (7, "metric 'accuracy'"), (8, "metric 'loss'")]
+)
+def test_a_sum_beyond_what_the_summed_sites_can_send_is_refused(entry: int, reason: str) -> None:
+    """Three sites at their largest weight and metrics decode; one unit more in the weight
+    or a metric entry (an unremoved mask, or a site that encoded out of range) does not."""
+    config = _config()
+    total = _encoded_sum(config, 3)
+    aggregate = decode_aggregate(config=config, summed=total, num_summed=3)
+    assert aggregate.weight_sum == 3 * config.max_weight
+    beyond = total.copy()
+    beyond[entry] += 1
+    with pytest.raises(SumOutOfRangeError, match=reason):
+        decode_aggregate(config=config, summed=beyond, num_summed=3)
+    # The same sum is out of range for fewer summed sites.
+    with pytest.raises(SumOutOfRangeError):
+        decode_aggregate(config=config, summed=total, num_summed=2)
+
+
+def test_an_update_entry_beyond_the_summed_sites_is_refused() -> None:
+    config = _config()
+    total = _encoded_sum(config, 3)
+    total[0] = 3 * config.levels + 1
+    with pytest.raises(SumOutOfRangeError, match="weighted update"):
+        decode_aggregate(config=config, summed=total, num_summed=3)
 
 
 @pytest.mark.parametrize(

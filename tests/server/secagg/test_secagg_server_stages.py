@@ -6,12 +6,14 @@ import logging
 import numpy as np
 import pytest
 
+from client.secagg.policy import ClientSecAggPolicy
 from client.secagg.stages import (
     client_masked_input,
     client_setup,
     client_share_keys,
     client_unmask,
 )
+from common.secagg.round_graph import RoundGraph
 from server.secagg.stages import (
     ABORTED,
     FINISHED,
@@ -25,6 +27,8 @@ from server.secagg.stages import (
 
 SITES = [101, 202, 303, 404, 505]
 LENGTH = 16
+#: Sites that assume no colluders and no dropouts accept a sparse ring.
+TRUSTING = ClientSecAggPolicy(colluding_fraction=0.0, dropout_fraction=0.0)
 
 
 def _start(threshold: int = 3) -> tuple[ServerSecAggState, dict]:
@@ -39,10 +43,10 @@ def _start(threshold: int = 3) -> tuple[ServerSecAggState, dict]:
     )
 
 
-def _setup_replies(requests: dict) -> tuple[dict, dict]:
+def _setup_replies(requests: dict, policy: ClientSecAggPolicy | None = None) -> tuple[dict, dict]:
     clients, replies = {}, {}
     for site, request in requests.items():
-        clients[site], replies[site] = client_setup(site_id=site, request=request)
+        clients[site], replies[site] = client_setup(site_id=site, request=request, policy=policy)
     return clients, replies
 
 
@@ -70,9 +74,14 @@ def test_start_round_picks_defaults_and_a_fresh_session() -> None:
         round_id=1, site_ids=SITES, update_length=4, update_clip=1.0, max_weight=10
     )
     assert first.config.session_nonce != second.config.session_nonce
-    assert first.config.degree == 4  # five sites: the complete graph
     assert set(requests) == set(SITES)
     assert requests[101]["stage"] == "setup"
+    assert "degree" not in requests[101] and "threshold" not in requests[101]  # fixed later
+    _, replies = _setup_replies(requests)
+    first, share_requests = server_collect_keys(state=first, replies=replies)
+    assert first.graph is not None
+    assert (first.graph.degree, first.graph.threshold) == (4, 3)  # five sites: complete graph
+    assert share_requests[101]["participant_ids"] == SITES
 
 
 def test_malformed_and_unexpected_key_replies_are_dropped_with_reasons(
@@ -151,7 +160,15 @@ def test_out_of_range_entries_are_rejected_for_narrow_rings() -> None:
     vector = np.zeros(server.config.masked_length, dtype=np.uint32)
     vector[0] = 1 << 20
     # Skip to the masked-input stage with site 101 as the only site that shared keys.
-    server = dataclasses.replace(server, stage="awaiting_masked_inputs", share_senders={101: ()})
+    graph = RoundGraph(
+        participant_ids=tuple(SITES),
+        degree=4,
+        threshold=3,
+        session_nonce=server.config.session_nonce,
+    )
+    server = dataclasses.replace(
+        server, stage="awaiting_masked_inputs", graph=graph, share_senders={101: ()}
+    )
     server, _ = server_collect_masked_inputs(
         state=server, replies={101: {"round": 1, "stage": "masked_input", "masked_input": vector}}
     )
@@ -213,7 +230,9 @@ def test_survivors_split_into_disconnected_groups_abort_before_unmasking() -> No
         degree=2,
         threshold=2,
     )
-    graph = server.config.neighbours  # a ring of six sites
+    clients, replies = _setup_replies(requests, policy=TRUSTING)
+    server, requests = server_collect_keys(state=server, replies=replies)
+    graph = server.graph.neighbours  # a ring of six sites
     first = 1
     opposite = next(
         site
@@ -222,8 +241,6 @@ def test_survivors_split_into_disconnected_groups_abort_before_unmasking() -> No
         and site not in graph[first]
         and not any(site in graph[peer] for peer in graph[first])
     )
-    clients, replies = _setup_replies(requests)
-    server, requests = server_collect_keys(state=server, replies=replies)
     replies = {}
     for site, request in requests.items():
         clients[site], replies[site] = client_share_keys(state=clients[site], request=request)

@@ -33,6 +33,7 @@ def test_good_config_gives_absolute_node_config_for_the_client_app(tmp_path: Pat
         "policy-file": str(root / "privacy-policy.toml"),
         "secagg-min-threshold": 3,
         "secagg-min-sites": 3,
+        "secagg-spill-dir": str(root / "spill"),
     }
     policy = config.privacy_policy()
     assert (policy.max_epsilon, policy.delta) == (2.0, 1e-6)

@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s fedmm-site-runner %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for chatty in ("httpx", "httpcore"):  # a line per Runtime API request otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     token = sys.stdin.readline().strip()
     if not token:
         parser.error("no task token on standard input")

@@ -279,6 +279,130 @@ def _rows(out: Path) -> list[dict[str, object]]:
     return [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
 
 
+def _tampered_release(directory: Path, *, marker: Path, victim: Path) -> Path:
+    """A copy of the installed release (same name and version) whose ClientApp, once
+    imported, reads a site's metadata and writes it out to ``marker``."""
+    from client.release_pin import release_directory, release_files
+
+    source, target = release_directory(), directory / "fedmm"
+    for name in [*release_files(source), ".gitignore"]:
+        origin = source / name
+        if name == "pyproject.toml" or origin.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            (target / name).write_bytes(origin.read_bytes())
+    app = target / "client" / "app.py"
+    exfiltrate = (
+        f"\nimport pathlib as _p\n_p.Path({str(marker)!r}).write_bytes("
+        f"_p.Path({str(victim)!r}).read_bytes())\n"
+    )
+    app.write_text(app.read_text() + exfiltrate)
+    return target
+
+
+SMALL_RUN = (
+    "num-server-rounds=1",
+    "min-available-sites=2",
+    "min-train-sites=2",
+    "epsilon=8.0",
+    "batch-size=30",
+    "learning-rate=1.0",
+    "eval-single-items=100",
+    "eval-scenes=50",
+    "model-width=16",
+    "model-heads=2",
+    "round-timeout=240.0",
+    "secagg-stage-timeout=120.0",
+)
+
+
+@pytest.mark.slow
+def test_sites_refuse_a_tampered_app_and_send_codes_not_error_text(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    """A run whose app is not the sites' pinned release (same name and version, a ClientApp
+    that would copy a site's metadata out) is refused by every site before any of it runs:
+    no copy is made, no record is read (no de-identification cache), no ledger is written,
+    and the coordinator gets the code ``untrusted-app``. The genuine release then runs
+    (site-a trains: its ledger spends), and site-b, whose data vanished, fails with an
+    exception whose text, naming its files, stays in its own log: the coordinator gets
+    ``site-error``. Neither run trained a round: ``submit`` says so and exits 3."""
+    sites = {}
+    for index, name in enumerate(("site-a", "site-b")):
+        text = GOOD.replace("min-threshold = 3", "min-threshold = 2")
+        config = make_site(tmp_path / name, text.replace("min-sites = 3", "min-sites = 2"))
+        (tmp_path / name / "data" / "metadata.jsonl").unlink()
+        (tmp_path / name / "data").rmdir()
+        _write_imagefolder(tmp_path / name / "data", offset=100 * index, count=40)
+        coordinator.register(tmp_path / name / "keys" / "site-auth-key.pub", name)
+        sites[name] = coordinator.start_site(name, config)
+    assert wait_until(lambda: coordinator.online() == 2, timeout=120, interval=2), (
+        coordinator.nodes()
+    )
+    marker = tmp_path / "exfiltrated.jsonl"
+    tampered = _tampered_release(
+        tmp_path / "tampered", marker=marker, victim=tmp_path / "site-a" / "data" / "metadata.jsonl"
+    )
+    submit = [FEDMM, "coordinator", "submit", "--connection", "coordinator"]
+    for setting in SMALL_RUN:
+        submit += ["--set", setting]
+    done = subprocess.run(
+        [*submit, "--out-dir", str(tmp_path / "tampered-run"), "--app", str(tampered)],
+        env=coordinator.env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    coordinator.group.remember_children()
+    log = done.stdout + done.stderr
+    assert done.returncode == 3, log[-4000:]
+    assert "sites trained in 0 of the 1 rounds" in log, log[-4000:]
+    assert "(site-a) refused round 1: untrusted-app" in log, log[-4000:]
+    assert "(site-b) refused round 1: untrusted-app" in log, log[-4000:]
+    assert not (tmp_path / "tampered-run" / "model.safetensors").exists()
+    assert not marker.exists()  # the tampered code never ran at a site
+    for name, daemon in sites.items():
+        assert "refused run" in daemon.output() and "untrusted-app" in daemon.output()
+        assert not (tmp_path / name / "cache").exists()  # no record was read
+        assert not (tmp_path / name / "state" / "privacy-ledger.json").exists()
+
+    (tmp_path / "site-b" / "data" / "metadata.jsonl").unlink()
+    genuine = tmp_path / "genuine-run"
+    done = subprocess.run(
+        [*submit, "--out-dir", str(genuine)],
+        env=coordinator.env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    coordinator.group.remember_children()
+    log = done.stdout + done.stderr
+    assert done.returncode == 3, log[-4000:]
+    assert "site-error" in log, log[-4000:]
+    assert str(tmp_path / "site-b") not in log  # the site's paths stay at the site
+    assert "Traceback" in sites["site-b"].output()
+    assert str(tmp_path / "site-b" / "data") in sites["site-b"].output()
+    spent = PrivacyLedger.load(tmp_path / "site-a" / "state" / "privacy-ledger.json")
+    assert spent.rounds == [1] and spent.history, "site-a ran the genuine release and trained"
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_killed_supernode_is_started_again_until_the_superlink_takes_it_back(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    """A SuperNode that dies without deactivating is refused by the SuperLink (code 2004)
+    for as long as the SuperLink keeps its old session; ``fedmm site start`` says why,
+    starts it again with growing delays, and the site comes back online."""
+    config = make_site(tmp_path / "site-a")
+    coordinator.register(tmp_path / "site-a" / "keys" / "site-auth-key.pub", "site-a")
+    site = coordinator.start_site("site-a", config)
+    assert wait_until(lambda: coordinator.online() == 1, timeout=120, interval=2), site.output()
+    coordinator.group.remember_children()
+    supernode = daemon_child(site, "flower-supernode")
+    os.kill(supernode, signal.SIGKILL)
+    assert wait_until(lambda: "starting the SuperNode again" in site.output(), timeout=60)
+    assert wait_until(lambda: site.output().count("SuperNode ID:") >= 2, timeout=300, interval=2), (
+        site.output()[-3000:]
+    )
+    coordinator.group.remember_children()
+    assert not is_alive(supernode) and site.process.poll() is None
+    assert wait_until(lambda: coordinator.online() == 1, timeout=60, interval=2)
+
+
 @pytest.mark.slow
 def test_three_sites_two_rounds_secure_dp_exhausted_site_and_resume_after_coordinator_stop(
     coordinator: Coordinator, tmp_path: Path

@@ -240,3 +240,18 @@ def test_resume_continues_the_submitted_run_after_its_last_checkpoint(
     assert main(resume) == 2
     assert "already finished all 2 rounds" in capsys.readouterr().err
     assert main([*resume, "--set", "num-server-rounds=3"]) == 0  # train longer
+
+
+def test_release_digest_prints_the_pin_for_the_site_config(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from client.release_pin import installed_release
+
+    release = installed_release()
+    assert main(["site", "release-digest"]) == 0
+    out = capsys.readouterr().out
+    assert f'[release]\nversion = "{release.version}"\ndigest = "{release.digest}"' in out
+    assert main(["site", "release-digest", "--files"]) == 0
+    files = capsys.readouterr().out.split()
+    assert "client/site_runner.py" in files and "pyproject.toml" in files
+    assert not any(name.endswith(".pyc") for name in files)

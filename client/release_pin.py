@@ -102,8 +102,10 @@ def app_identity(directory: Path) -> tuple[str, str]:
         ) from err
 
 
+@lru_cache(maxsize=2)
 def release_fab(directory: Path) -> bytes:
-    """The FAB that ``flwr run``/``flwr build`` make of ``directory`` (Flower's own build)."""
+    """The FAB that ``flwr run``/``flwr build`` make of ``directory`` (Flower's own build;
+    a few seconds, so it is kept for the process)."""
     from flwr.cli.build import build_fab_from_disk
 
     try:

@@ -165,7 +165,7 @@ def test_registered_site_connects_and_unregistered_or_plaintext_clients_are_refu
     site_a, site_b = make_site(tmp_path / "site-a"), make_site(tmp_path / "site-b")
     coordinator.register(tmp_path / "site-a" / "keys" / "site-auth-key.pub", "site-a")
     node_a = coordinator.start_site("site-a", site_a)
-    node_b = coordinator.start_site("site-b", site_b, "--max-wait-time", "20")
+    node_b = coordinator.start_site("site-b", site_b, "--max-wait-time", "8")
 
     # Flower's own client without TLS, and one that trusts another CA.
     plain = coordinator.start_daemon(

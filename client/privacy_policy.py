@@ -29,6 +29,8 @@ _KEYS = {
     "record-count-noise": "record_count_noise",
     "min-reply-seconds": "min_reply_seconds",
 }
+#: The policy's keys, as the ``[privacy]`` table and node config ``privacy-<key>`` name them.
+POLICY_KEYS = tuple(_KEYS)
 
 
 class PolicyError(ValueError):

@@ -22,10 +22,16 @@ The file says where everything of the site lives; relative paths are relative to
 
     [secure-aggregation]                     # optional: the site's own minimums
     min-threshold = 2
-    min-sites = 2
-    spill-dir = "/var/tmp/fedmm"
+    min-sites = 3                            # at least 3 (client/secagg/policy.py)
+    spill-dir = "/var/lib/fedmm/spill"       # 0700; made by `fedmm site start`
 
-:func:`check_site_config` reports every problem at once, each naming the key and the fix.
+    [release]                                # required: the only code this site runs
+    version = "0.1.0"
+    digest = "sha256:..."                    # `fedmm site release-digest`
+
+:func:`check_site_config` reports every problem at once, each naming the key and the fix,
+and checks every path the site will use (readable, writable or creatable, private).
+:func:`prepare_site_folders` makes the site's own folders (0700) before the SuperNode starts.
 :meth:`SiteConfig.node_config` gives the ``--node-config`` keys ``client/app.py`` reads.
 """
 
@@ -41,6 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client.privacy_policy import POLICY_KEYS as _PRIVACY_POLICY_KEYS
+from client.release_pin import ReleaseError, ReleasePin, normalise_digest
+from client.secagg.policy import POLICY_KEYS as _SECAGG_POLICY_KEYS
+
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "site": {"name": str},
     "data": {"imagefolder": str},
@@ -52,13 +62,16 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "privacy": {
         "policy-file": str,
         "ledger-file": str,
-        "max-epsilon": (int, float),
-        "delta": (int, float),
-        "min-noise-multiplier": (int, float),
-        "max-grad-norm": (int, float),
+        # Inline policy keys: the same as the policy file's [privacy] table.
+        **{key: int if key == "min-honest-sites" else (int, float) for key in _PRIVACY_POLICY_KEYS},
     },
     "supernode": {"auth-private-key": str},
-    "secure-aggregation": {"min-threshold": int, "min-sites": int, "spill-dir": str},
+    "secure-aggregation": {
+        "spill-dir": str,
+        # The policy file's [secure-aggregation] keys, checked by client.secagg.policy.
+        **{key: int if kind is int else (int, float) for key, kind in _SECAGG_POLICY_KEYS.items()},
+    },
+    "release": {"version": str, "digest": str},
 }
 _TYPE_NAMES: dict[Any, str] = {
     str: "a string",
@@ -70,8 +83,10 @@ _REQUIRED = (
     ("data", "imagefolder"),
     ("privacy", "ledger-file"),
     ("supernode", "auth-private-key"),
+    ("release", "version"),
+    ("release", "digest"),
 )
-_INLINE_PRIVACY = ("max-epsilon", "delta", "min-noise-multiplier", "max-grad-norm")
+_INLINE_PRIVACY = tuple(_PRIVACY_POLICY_KEYS)
 _PATH_KEYS = {
     ("data", "imagefolder"),
     ("deidentification", "policy"),
@@ -114,6 +129,10 @@ class SiteConfig:
     def ledger_file(self) -> Path:
         return Path(self.values["privacy"]["ledger-file"])
 
+    @property
+    def release_pin(self) -> ReleasePin:
+        return ReleasePin(self.values["release"]["version"], self.values["release"]["digest"])
+
     def node_config(self) -> dict[str, str | int | float]:
         """The SuperNode's node config: the keys ``client/app.py`` and ``site_data`` read."""
         out: dict[str, str | int | float] = {
@@ -132,14 +151,10 @@ class SiteConfig:
         for key in _INLINE_PRIVACY:
             if self.get("privacy", key) is not None:
                 out[f"privacy-{key}"] = float(self.get("privacy", key))
-        for key, node_key in (
-            ("min-threshold", "secagg-min-threshold"),
-            ("min-sites", "secagg-min-sites"),
-            ("spill-dir", "secagg-spill-dir"),
-        ):
+        for key in (*_SECAGG_POLICY_KEYS, "spill-dir"):
             value = self.get("secure-aggregation", key)
             if value is not None:
-                out[node_key] = value if isinstance(value, int) else str(value)
+                out[f"secagg-{key}"] = value if isinstance(value, int | float) else str(value)
         return out
 
     def privacy_policy(self) -> Any:
@@ -209,6 +224,12 @@ def load_site_config(path: Path) -> SiteConfig:
                         "newlines (they cannot pass through flower-supernode --node-config)"
                     )
                     continue
+            if (section, key) == ("release", "digest"):
+                try:
+                    value = normalise_digest(value)
+                except ReleaseError as err:
+                    problems.append(f"[release] digest: {err}")
+                    continue
             values[section][key] = value
     for section, key in _REQUIRED:
         if key not in values.get(section, {}) and f"[{section}] {key}" not in " ".join(problems):
@@ -231,6 +252,9 @@ _HELP = {
     'e.g. "state/privacy-ledger.json"',
     ("supernode", "auth-private-key"): "the private key from `fedmm site keygen DIR`, "
     'e.g. "keys/site-auth-key"',
+    ("release", "version"): 'the fedmm version this site runs, e.g. "0.1.0"',
+    ("release", "digest"): "the digest of the release this site reviewed and installed; "
+    "`fedmm site release-digest` prints it",
 }
 
 
@@ -266,6 +290,8 @@ def check_site_config(path: Path) -> SiteConfig:
     assert root is not None
     if not root.is_dir():
         problems.append(f"[data] imagefolder: {root} is not a folder")
+    elif not os.access(root, os.R_OK | os.X_OK):
+        problems.append(f"[data] imagefolder: {root} is not readable by this user")
     elif not (root / "metadata.jsonl").is_file():
         problems.append(
             f"[data] imagefolder: {root} has no metadata.jsonl (one JSON object per line "
@@ -294,13 +320,71 @@ def check_site_config(path: Path) -> SiteConfig:
             except ValueError as err:
                 problems.append(f"[supernode] auth-private-key: {err}")
 
-    for key in ("min-threshold", "min-sites"):
-        value = config.get("secure-aggregation", key)
-        if value is not None and value < 2:
-            problems.append(f"[secure-aggregation] {key}: must be at least 2, got {value}")
+    problems += _check_secure_aggregation_policy(config)
+    spill = config.path("secure-aggregation", "spill-dir")
+    if spill is None:
+        warnings.append(
+            "[secure-aggregation] no spill-dir: trained updates wait in the system's temporary "
+            "folder (a private subfolder); name a folder of the site for a service"
+        )
+    else:
+        problem = _folder_problem(spill, "[secure-aggregation] spill-dir")
+        if problem:
+            problems.append(problem)
+    problems += _check_release(config)
     if problems:
         raise SiteConfigError(config.source, problems)
     return SiteConfig(config.source, config.values, tuple(warnings))
+
+
+def _check_secure_aggregation_policy(config: SiteConfig) -> list[str]:
+    """The site's secure-aggregation policy as the site will read it at every round."""
+    from client.privacy_policy import PolicyError
+    from client.secagg.policy import ClientSecAggPolicy, SecAggPolicyError
+
+    try:
+        ClientSecAggPolicy.for_site(config.node_config())
+    except (SecAggPolicyError, PolicyError) as err:
+        return [f"[secure-aggregation] {err}"]
+    return []
+
+
+def _check_release(config: SiteConfig) -> list[str]:
+    """The installed release is the pinned one (computing its digest takes a few seconds)."""
+    from client.release_pin import installed_release, pin_problems
+
+    try:
+        return pin_problems(config.release_pin, installed_release())
+    except ReleaseError as err:
+        return [f"[release] {err}"]
+
+
+def _folder_problem(path: Path, key: str) -> str | None:
+    """A site folder: an existing one is a private directory this user can write in; a
+    missing one can be created (``fedmm site start`` makes it, 0700)."""
+    if not path.exists():
+        return _writable_parent_problem(path, key)
+    if not path.is_dir():
+        return f"{key}: {path} is not a folder"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{key}: {path} is not writable by this user"
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        return f"{key}: {path} is open to other users (mode {mode:04o}); fix: chmod 700 {path}"
+    return None
+
+
+def prepare_site_folders(config: SiteConfig) -> list[Path]:
+    """Make the site's own folders that do not exist yet (0700): the spill folder and the
+    ledger's folder. (The de-identification cache and the site secret's folder are made
+    0700 where they are first used.) Returns the folders made."""
+    made = []
+    folders = [config.path("secure-aggregation", "spill-dir"), config.ledger_file.parent]
+    for folder in folders:
+        if folder is not None and not folder.exists():
+            folder.mkdir(mode=0o700, parents=True)
+            made.append(folder)
+    return made
 
 
 def _check_deidentification(
@@ -347,6 +431,10 @@ def _check_deidentification(
             f"[deidentification] cache-dir: {cache} is inside the imagefolder {root}; "
             "choose a folder outside it"
         )
+    elif cache is not None:
+        problem = _folder_problem(cache, "[deidentification] cache-dir")
+        if problem:
+            problems.append(problem)
     return problems
 
 

@@ -3,9 +3,12 @@
 
 ``flower-supernode`` connects out to the coordinator's SuperLink over TLS (verified with the
 coordinator's CA certificate), signs every request with the site's authentication key, and
-starts a fresh ClientApp process for every message. Its own Runtime API (``--port``, on
-127.0.0.1) serves those processes: every SuperNode on one machine needs its own port.
-Runtime dependency installation is off on SuperNodes unless asked for; it stays off.
+queues a task for every message. It runs with ``--isolation process``: it starts no app
+process itself, so the ClientApp of the FAB a run ships never runs here; the site's executor
+(:mod:`client.site_service`) runs the installed release for each task instead. Its Runtime
+API (``--port``, on 127.0.0.1) is where the executor claims the tasks: every SuperNode on
+one machine needs its own port. Runtime dependency installation is off unless asked for; it
+stays off.
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ SUPEREXEC_POLL_SECONDS = "0.25"
 def supernode_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """Variables ``flower-supernode`` gets on top of ``environ`` (its SuperExec's poll)."""
     return {} if SUPEREXEC_POLL_ENV in environ else {SUPEREXEC_POLL_ENV: SUPEREXEC_POLL_SECONDS}
+
+
+RUNTIME_API_HOST = "127.0.0.1"
+
+
+def runtime_api_address(port: int) -> str:
+    """Where the site's executor reaches the SuperNode's Runtime API."""
+    return f"{RUNTIME_API_HOST}:{port}"
 
 
 class SiteLaunchError(ValueError):
@@ -64,6 +75,10 @@ def supernode_argv(
         str(ca_cert),
         "--auth-supernode-private-key",
         str(config.auth_private_key),
+        "--isolation",
+        "process",
+        "--host",
+        RUNTIME_API_HOST,
         "--port",
         str(port),
         "--node-config",
@@ -117,7 +132,7 @@ class LedgerStatus:
 
 def ledger_status(config: SiteConfig) -> LedgerStatus:
     """What the site's ledger file says it has spent (RDP accountant, at the ledger's delta,
-    else the policy's)."""
+    else the policy's). Import-light: no torch (see :func:`ledger_epsilon`)."""
     from client.privacy_ledger import ACCOUNTANT, PrivacyLedger
 
     path = config.ledger_file
@@ -132,10 +147,62 @@ def ledger_status(config: SiteConfig) -> LedgerStatus:
         exists=path.exists(),
         accountant=ACCOUNTANT,
         delta=delta,
-        epsilon=ledger.epsilon(delta) if ledger.history else 0.0,
+        epsilon=ledger_epsilon(ledger, delta),
         noise_multiplier=ledger.noise_multiplier,
         rounds=list(ledger.rounds),
         entries=len(ledger.history),
         steps=sum(n for _s, _q, n in ledger.history),
         max_epsilon=policy.max_epsilon if policy else None,
     )
+
+
+def ledger_epsilon(ledger: Any, delta: float | None) -> float:
+    """The ledger's epsilon as :meth:`PrivacyLedger.epsilon` computes it, without importing
+    torch for a site-local (sampled Gaussian) history: Opacus's ``RDPAccountant`` is a sum
+    of ``compute_rdp`` over the history converted by ``get_privacy_spent`` at its default
+    orders, and those functions live in a module that needs only numpy and scipy, while
+    importing the ``opacus`` package imports torch (seconds). Other histories use the
+    ledger's own method."""
+    if not ledger.history and not getattr(ledger, "distributed_history", None):
+        return 0.0
+    if getattr(ledger, "distributed_history", None):
+        return float(ledger.epsilon(delta))
+    rdp_analysis = _opacus_rdp_analysis()
+    total = None
+    for sigma, rate, steps in ledger.history:
+        rdp = rdp_analysis.compute_rdp(
+            q=rate, noise_multiplier=sigma, steps=steps, orders=RDP_ACCOUNTANT_ORDERS
+        )
+        total = rdp if total is None else total + rdp
+    epsilon, _order = rdp_analysis.get_privacy_spent(
+        orders=RDP_ACCOUNTANT_ORDERS,
+        rdp=total,
+        delta=delta if delta is not None else ledger.delta or 1e-5,
+    )
+    return float(epsilon)
+
+
+#: ``opacus.accountants.RDPAccountant.DEFAULT_ALPHAS`` (Opacus 1.6), the orders the ledger's
+#: accountant converts at; a test checks that both give the same epsilon.
+RDP_ACCOUNTANT_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
+
+def _opacus_rdp_analysis() -> Any:
+    """``opacus/accountants/analysis/rdp.py`` loaded as a module of its own (numpy and scipy
+    only), not through the ``opacus`` package, whose ``__init__`` imports torch."""
+    import importlib.util
+    import sys
+
+    name = "_fedmm_opacus_rdp_analysis"
+    if name in sys.modules:
+        return sys.modules[name]
+    package = importlib.util.find_spec("opacus")  # a top-level spec: nothing is imported
+    if package is None or package.origin is None:
+        raise ModuleNotFoundError("opacus is not installed")
+    path = Path(package.origin).parent / "accountants" / "analysis" / "rdp.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module

@@ -35,6 +35,10 @@ class RefusalCode(StrEnum):
     BAD_REQUEST = "bad-request"
     #: The site has no usable records for this request.
     NO_DATA = "no-data"
+    #: The run's app is not the release the site installed and pinned: nothing of it ran.
+    UNTRUSTED_APP = "untrusted-app"
+    #: The site's code failed on this request; the error stays in the site's log.
+    SITE_ERROR = "site-error"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shlex
 import tempfile
@@ -124,11 +125,24 @@ def check_connection(name: str) -> dict[str, Any]:
     return entry
 
 
-def check_out_dir(out_dir: Path) -> Path:
-    """Make ``out_dir`` (0700 when new) and prove it writable; returns its absolute path."""
+def check_out_dir(out_dir: Path, *, create: bool = True) -> Path:
+    """Make ``out_dir`` (0700 when new) and prove it writable; returns its absolute path.
+    With ``create=False`` (a dry run) nothing is made: a missing directory must be
+    creatable (its nearest existing parent writable)."""
     out_dir = Path(out_dir).expanduser().absolute()
     if out_dir.exists() and not out_dir.is_dir():
         raise SubmissionError(f"--out-dir {out_dir} is a file: name a directory")
+    if not create:
+        existing = out_dir
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise SubmissionError(
+                f"--out-dir {out_dir} is not writable ({existing} is not a writable "
+                "directory): name a directory the SuperLink's user can write, or fix its "
+                "permissions"
+            )
+        return out_dir
     try:
         out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-check-"):
@@ -209,6 +223,7 @@ def prepare_submission(
     resume: bool = False,
     app_dir: Path | None = None,
     stream: bool = True,
+    dry_run: bool = False,
 ) -> RunSubmission:
     """Check the connection, the out dir and the settings; build the ``flwr run`` command.
 
@@ -218,7 +233,7 @@ def prepare_submission(
     app_dir = Path(app_dir).resolve() if app_dir else default_app_directory()
     defaults = app_run_config_defaults(app_dir)
     check_connection(connection)
-    out_dir = check_out_dir(out_dir)
+    out_dir = check_out_dir(out_dir, create=not dry_run)
     requested = _typed(settings, defaults)
     changes = {key: requested[key] for key in settings}
     if resume:
@@ -233,7 +248,7 @@ def prepare_submission(
             )
         run_config = {**base, **changes}
     else:
-        leftovers = sorted(p.name for p in out_dir.iterdir())
+        leftovers = sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else []
         if leftovers:
             hint = (
                 "it holds a run: continue it with --resume, or name a new --out-dir"
@@ -281,6 +296,33 @@ def write_submitted_config(submission: RunSubmission) -> Path:
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(submission.config_file)
     return submission.config_file
+
+
+def training_shortfall(out_dir: Path, *, num_server_rounds: int) -> str | None:
+    """Why a finished run trained fewer rounds than asked (a round in which no site trained
+    leaves the model as it was), or ``None`` when every round trained."""
+    metrics = out_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    rows = [json.loads(line) for line in lines if line]
+    trained = [r for r in rows if int(r.get("sites_trained", 0)) > 0 and not r.get("aborted")]
+    if len(trained) >= num_server_rounds:
+        return None
+    untrained = [r for r in rows if r not in trained]
+    reasons = "; ".join(
+        f"round {r.get('round')}: "
+        + (
+            str(r["aborted"])
+            if r.get("aborted")
+            else f"{r.get('sites_refused', 0)} refused, {r.get('sites_failed', 0)} failed"
+        )
+        for r in untrained[:5]
+    )
+    return (
+        f"sites trained in {len(trained)} of the {num_server_rounds} rounds asked"
+        + (f" ({reasons})" if reasons else "")
+        + ". The sites' refusal and error codes are in the run's log above (each site keeps "
+        "the details in its own log)"
+    )
 
 
 def run_id_in(line: str) -> int | None:

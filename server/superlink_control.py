@@ -75,20 +75,50 @@ class SuperLinkLaunch:
         return f"{prefix} {shlex.join(self.argv)}".strip()
 
 
+def is_loopback(host: str) -> bool:
+    """``host`` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def superlink_launch(
     directory: Path,
     *,
     address: str,
     database: Path | None = None,
     log_file: Path | None = None,
+    public_address: str | None = None,
+    expose_control_api: bool = False,
 ) -> SuperLinkLaunch:
     """``flower-superlink`` with TLS from DIR (ca.crt, superlink.crt/.key) and node auth.
 
     ``database`` (default ``DIR/superlink-state.db``) keeps registered sites and runs
     across restarts; without it a restarted SuperLink forgets every registration.
+    The SuperLink's port also serves the Control API, which has no authentication: it must
+    bind to loopback, with the sites reaching ``public_address`` through the Fleet-only
+    proxy (``server.fleet_proxy``), unless ``expose_control_api`` accepts the risk.
     """
     directory = Path(directory).resolve()
     host, port = split_address(address)
+    if not is_loopback(host) and not expose_control_api:
+        raise DeploymentError(
+            f"--address {address}: the SuperLink's port also serves the Control API (flwr run, "
+            "flwr supernode register), which has no authentication; bind it to loopback "
+            "(--address 127.0.0.1:9092) and give the sites --public-address HOST:PORT, where "
+            "a TLS proxy forwards only the Fleet API (or pass --expose-control-api to accept "
+            "that anyone reaching the port can submit runs and register sites)"
+        )
+    if public_address is not None:
+        public_host, public_port = split_address(public_address)
+        if public_port == port and (is_loopback(public_host) or public_host in ("0.0.0.0", "::")):
+            raise DeploymentError(
+                f"--public-address {public_address} and --address {address} share port {port}: "
+                "give the proxy and the SuperLink different ports"
+            )
     ca, cert, key = directory / CA_CERT, directory / SERVER_CERT, directory / SERVER_KEY
     for path, fix in (
         (ca, f"fedmm coordinator init-ca {directory}"),
@@ -101,11 +131,17 @@ def superlink_launch(
     except ValueError as err:
         raise DeploymentError(str(err)) from err
     names = certificate_names(cert)
-    if not _host_covered(host, names):
-        raise DeploymentError(
-            f"the certificate {cert} is not valid for {host} (its names: {', '.join(names)}); "
-            f"issue a new one with --san {host} (move the old superlink.* files away first)"
-        )
+    needed = [host]
+    if public_address is not None:
+        public_host = split_address(public_address)[0]
+        needed += ["localhost"] + ([] if public_host in ("0.0.0.0", "::") else [public_host])
+    for name in needed:
+        if not _host_covered(name, names):
+            raise DeploymentError(
+                f"the certificate {cert} is not valid for {name} (its names: "
+                f"{', '.join(names)}); issue a new one with --san {name} (move the old "
+                "superlink.* files away first)"
+            )
     argv = [
         flower_executable("flower-superlink"),
         "--ssl-ca-certfile",

@@ -122,10 +122,28 @@ def _add_coordinator_commands(commands: Any) -> None:
     )
     start = steps.add_parser(
         "start-superlink",
-        help="exec flower-superlink with TLS and SuperNode authentication",
+        help="run flower-superlink (TLS, SuperNode authentication) behind a Fleet-only proxy",
+        description="Run the SuperLink on loopback (--address: its Control API, for flwr on "
+        "this machine) and nginx on --public-address, which forwards only the Fleet API to "
+        "it; restart either after a crash, stopping what it left running.",
     )
     start.add_argument("dir", type=Path, metavar="DIR", help="the CA's folder")
-    start.add_argument("--address", required=True, metavar="HOST:PORT")
+    start.add_argument(
+        "--address",
+        required=True,
+        metavar="HOST:PORT",
+        help="the SuperLink's own address, on loopback (e.g. 127.0.0.1:9092)",
+    )
+    start.add_argument(
+        "--public-address",
+        metavar="HOST:PORT",
+        help="where sites connect (e.g. 0.0.0.0:9093): TLS, Fleet API only",
+    )
+    start.add_argument(
+        "--expose-control-api",
+        action="store_true",
+        help="allow a non-loopback --address (anyone reaching it can submit runs)",
+    )
     start.add_argument("--database", type=Path, help="state file (DIR/superlink-state.db)")
     start.add_argument("--log-file", type=Path, help="also log to this file")
     start.add_argument("--dry-run", action="store_true", help="print the command only")
@@ -185,7 +203,18 @@ def _add_site_commands(commands: Any) -> None:
     keygen.add_argument("--comment", default="fedmm-site", help="comment in the .pub file")
     check = steps.add_parser("check", help="check a site config and every file it names")
     check.add_argument("config", type=Path, metavar="CONFIG")
-    start = steps.add_parser("start", help="check the config, then exec flower-supernode")
+    digest = steps.add_parser(
+        "release-digest",
+        help="the digest of the installed fedmm release, for [release] in the site config",
+        description="SHA-256 of the FAB that `flwr run` builds from the release (the same "
+        "value the coordinator submits and `flwr build` names).",
+    )
+    digest.add_argument("--app", type=Path, metavar="DIR", help="another release checkout")
+    digest.add_argument("--files", action="store_true", help="list the files it covers")
+    start = steps.add_parser(
+        "start",
+        help="check the config, then run the SuperNode and the site's own ClientApp runner",
+    )
     start.add_argument("config", type=Path, metavar="CONFIG")
     start.add_argument("--superlink", required=True, metavar="HOST:PORT")
     start.add_argument("--ca-cert", required=True, type=Path, metavar="FILE")
@@ -193,7 +222,10 @@ def _add_site_commands(commands: Any) -> None:
         "--port", required=True, type=int, help="this SuperNode's own local Runtime API port"
     )
     start.add_argument(
-        "--max-wait-time", type=float, help="give up connecting after this many seconds"
+        "--max-wait-time",
+        type=float,
+        help="give up connecting, and restarting a refused SuperNode, after this many "
+        "seconds (default: retry refusals for 300 s)",
     )
     start.add_argument("--dry-run", action="store_true", help="print the command only")
     status = steps.add_parser("status", help="show the site's privacy ledger")

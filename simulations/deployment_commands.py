@@ -2,8 +2,9 @@
 
 The logic lives in ``server/`` (CA, SuperLink) and ``client/`` (keys, site config,
 SuperNode); these functions print what they do and exit 2 on anything the user must fix.
-``start-superlink`` and ``site start`` replace this process with the Flower daemon (exec),
-so the daemon's PID is the one the operator started and signals reach it directly.
+``start-superlink`` and ``site start`` supervise the Flower daemons they start (restarts
+with a delay, and cleanup of everything the daemons leave behind: ``server.coordinator_service``,
+``client.site_service``); a SIGTERM to the PID the operator started stops them all.
 """
 
 from __future__ import annotations
@@ -15,25 +16,18 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from common.flower_commands import FlowerCommandNotFoundError
 
 USER_ERROR = 2
+#: ``submit``: the run ended, but sites trained in fewer rounds than asked.
+TRAINED_TOO_LITTLE = 3
 
 
 def _fail(prefix: str, message: str) -> int:
     print(f"{prefix}: {message}", file=sys.stderr)
     return USER_ERROR
-
-
-def _exec(argv: list[str], env: dict[str, str]) -> int:
-    """Replace this process with ``argv``; files the daemon creates (the SuperLink's
-    database and logs, the SuperNode's app copies) are private to its user (umask 077)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.umask(0o077)
-    os.execve(argv[0], argv, env)
-    return 1  # not reached
 
 
 def run_coordinator_step(args: argparse.Namespace) -> int:
@@ -77,15 +71,58 @@ def _issue_cert(args: argparse.Namespace) -> int:
 
 def _start_superlink(args: argparse.Namespace) -> int:
     from common.flower_commands import flower_environment
-    from server.superlink_control import superlink_launch
+    from server.certificate_authority import CA_CERT, SERVER_CERT, SERVER_KEY
+    from server.coordinator_service import CoordinatorService, run_coordinator_service
+    from server.fleet_proxy import fleet_proxy
+    from server.superlink_control import split_address, superlink_launch
 
     launch = superlink_launch(
-        args.dir, address=args.address, database=args.database, log_file=args.log_file
+        args.dir,
+        address=args.address,
+        database=args.database,
+        log_file=args.log_file,
+        public_address=args.public_address,
+        expose_control_api=args.expose_control_api,
     )
+    proxy = None
+    if args.public_address is not None:
+        directory = args.dir.resolve()
+        public_host, public_port = split_address(args.public_address)
+        proxy = fleet_proxy(
+            directory,
+            public_host=public_host,
+            public_port=public_port,
+            superlink_port=split_address(args.address)[1],
+            certificate=directory / SERVER_CERT,
+            key=directory / SERVER_KEY,
+            ca_certificate=directory / CA_CERT,
+        )
     print(launch.shell_line(), flush=True)
+    if proxy is not None:
+        print(shlex.join(proxy.argv))
+        print(
+            f"sites connect to {args.public_address} (TLS; only the Fleet API is forwarded, "
+            f"config {proxy.config_file}); flwr connects to {args.address} on this machine",
+            flush=True,
+        )
     if args.dry_run:
         return 0
-    return _exec(launch.argv, flower_environment(launch.env))
+    os.umask(0o077)  # the SuperLink's database and logs, the proxy's files: private
+    if proxy is not None:
+        proxy.write()
+        tested = subprocess.run(proxy.test_argv, capture_output=True, text=True, check=False)
+        if tested.returncode != 0:
+            return _fail(
+                "fedmm coordinator start-superlink",
+                f"nginx refuses its config {proxy.config_file}:\n{tested.stderr.strip()}",
+            )
+    service = CoordinatorService(
+        superlink_argv=launch.argv,
+        env=flower_environment(launch.env),
+        cwd=args.dir.resolve(),
+        proxy_argv=proxy.argv if proxy is not None else None,
+    )
+    return run_coordinator_service(service)
 
 
 def _add_connection(args: argparse.Namespace) -> int:
@@ -119,6 +156,7 @@ def _register_site(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from client.release_pin import release_identity
     from common.flower_commands import flower_environment
     from server.run_submission import (
         check_superlink_reachable,
@@ -128,8 +166,10 @@ def _submit(args: argparse.Namespace) -> int:
         run_id_in,
         run_progress,
         stop_active_runs,
+        training_shortfall,
         write_submitted_config,
     )
+    from server.site_names import name_node_ids
 
     submission = prepare_submission(
         connection=args.connection,
@@ -138,6 +178,7 @@ def _submit(args: argparse.Namespace) -> int:
         resume=args.resume,
         app_dir=args.app,
         stream=not args.detach,
+        dry_run=args.dry_run,
     )
     out = submission.out_dir
     if args.resume:
@@ -147,6 +188,12 @@ def _submit(args: argparse.Namespace) -> int:
             if after
             else f"no checkpoint in {out} yet: the run starts again at round 1"
         )
+    app = release_identity(Path(submission.argv[2]))
+    print(
+        f"app {app.fab_id} {app.version}, release digest {app.digest} (sites run a run only "
+        "when it is the release they pinned)",
+        file=sys.stderr,
+    )
     print(submission.shell_line(), flush=True)
     if args.dry_run:
         return 0
@@ -155,6 +202,7 @@ def _submit(args: argparse.Namespace) -> int:
     if args.resume:
         for run_id in stop_active_runs(out, args.connection, env):
             print(f"stopped the earlier run {run_id} of {out}: it was still running")
+    names = _site_names(args.connection, out)
     write_submitted_config(submission)
     process = subprocess.Popen(
         submission.argv,
@@ -168,7 +216,7 @@ def _submit(args: argparse.Namespace) -> int:
     run_id = None
     try:
         for line in process.stdout:
-            sys.stdout.write(line)
+            sys.stdout.write(name_node_ids(line, names))
             if run_id is None and (run_id := run_id_in(line)) is not None:
                 record_submission(
                     out, run_id=run_id, connection=args.connection, resume=args.resume
@@ -191,8 +239,17 @@ def _submit(args: argparse.Namespace) -> int:
         return 0
     progress = run_progress(out, num_server_rounds=submission.num_server_rounds)
     if progress.finished:
-        print(f"run {run_id} finished {submission.num_server_rounds} rounds; outputs in {out}")
-        return 0
+        _add_sites_to_report(out, names)
+        shortfall = training_shortfall(out, num_server_rounds=submission.num_server_rounds)
+        if shortfall is None:
+            print(f"run {run_id} finished {submission.num_server_rounds} rounds; outputs in {out}")
+            return 0
+        print(f"run {run_id} ended but {shortfall}.", file=sys.stderr)
+        if shortfall.startswith("sites trained in 0 "):
+            untrained = out / "model-untrained.safetensors"
+            (out / "model.safetensors").replace(untrained)
+            print(f"the model is the initial one: kept as {untrained}", file=sys.stderr)
+        return TRAINED_TOO_LITTLE
     last = progress.last_checkpoint
     print(
         f"run {run_id} did not finish (flwr run exit {code}; last checkpoint: "
@@ -203,10 +260,36 @@ def _submit(args: argparse.Namespace) -> int:
     return 1
 
 
+def _site_names(connection: str, out: Path) -> dict[int, str]:
+    """The registered sites' names (printed, and kept in the out dir's ``sites.json``)."""
+    from server.site_names import registered_site_names, write_sites_file
+
+    try:
+        names = registered_site_names(connection)
+    except Exception as err:  # the run does not depend on names
+        print(f"could not read the sites' names from the SuperLink: {err}", file=sys.stderr)
+        return {}
+    listed = ", ".join(f"{name} (node {node})" for node, name in sorted(names.items()))
+    print(f"registered sites: {listed or 'none named'}")
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_sites_file(out, names)
+    return names
+
+
+def _add_sites_to_report(out: Path, names: dict[int, str]) -> None:
+    from server.site_names import sites_section
+
+    report = out / "report.md"
+    if names and report.exists():
+        with report.open("a", encoding="utf-8") as handle:
+            handle.write(sites_section(names))
+
+
 def run_site_step(args: argparse.Namespace) -> int:
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "keygen": _keygen,
         "check": _check,
+        "release-digest": _release_digest,
         "start": _start,
         "status": _status,
     }
@@ -233,19 +316,47 @@ def _keygen(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from client.site_config import check_site_config
 
+    print("checking (the installed release's digest takes a few seconds)...", file=sys.stderr)
     config = check_site_config(args.config)
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{config.source}: ok")
+    pin = config.release_pin
+    print(f"  runs only fedmm {pin.version}, {pin.digest} (installed)")
     for key, value in config.node_config().items():
         print(f"  {key} = {value}")
     return 0
 
 
-def _start(args: argparse.Namespace) -> int:
-    from client.site_config import check_site_config
-    from client.supernode_launch import shell_line, supernode_argv, supernode_environment
+def _release_digest(args: argparse.Namespace) -> int:
+    from client.release_pin import release_directory, release_files, release_identity
 
+    directory = args.app.resolve() if args.app else release_directory()
+    print(f"building the FAB of {directory} (as flwr run does)...", file=sys.stderr)
+    identity = release_identity(directory)
+    if args.files:
+        for name in release_files(directory):
+            print(name)
+        return 0
+    print(f"{identity.fab_id} {identity.version} in {identity.directory}")
+    print(f'[release]\nversion = "{identity.version}"\ndigest = "{identity.digest}"')
+    return 0
+
+
+def _start(args: argparse.Namespace) -> int:
+    from client.site_config import check_site_config, prepare_site_folders
+    from client.site_executor import runner_argv
+    from client.site_service import DEFAULT_RETRY_SECONDS, SiteService, run_site_service
+    from client.supernode_launch import (
+        SUPEREXEC_POLL_ENV,
+        runtime_api_address,
+        shell_line,
+        supernode_argv,
+        supernode_environment,
+    )
+    from common.flower_commands import flower_environment
+
+    print("checking the site config and the installed release...", file=sys.stderr)
     config = check_site_config(args.config)
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -257,12 +368,26 @@ def _start(args: argparse.Namespace) -> int:
         max_wait_time=args.max_wait_time,
     )
     extra = supernode_environment(os.environ)
+    address = runtime_api_address(args.port)
     print(shell_line(argv, extra), flush=True)
+    runner = shlex.join(runner_argv(runtime_api_address=address, pin=config.release_pin))
+    print(f"for each message: {runner} (task token on stdin)", flush=True)
     if args.dry_run:
         return 0
-    from common.flower_commands import flower_environment
-
-    return _exec(argv, flower_environment(extra))
+    os.umask(0o077)  # files the SuperNode and the runners create are private
+    for folder in prepare_site_folders(config):
+        print(f"created {folder} (0700)", file=sys.stderr)
+    env = flower_environment(extra)
+    service = SiteService(
+        supernode_argv=argv,
+        env=env,
+        runtime_api_address=address,
+        pin=config.release_pin,
+        cwd=config.source.resolve().parent,
+        retry_for=args.max_wait_time if args.max_wait_time is not None else DEFAULT_RETRY_SECONDS,
+        poll_interval=float(env.get(SUPEREXEC_POLL_ENV, "0.25")),
+    )
+    return run_site_service(service)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -219,27 +219,35 @@ def loopback_environment(directory: Path) -> dict[str, str]:
 
 @dataclass
 class LoopbackSuperLink:
-    """A SuperLink with TLS and SuperNode authentication on ``127.0.0.1:port``."""
+    """A SuperLink with TLS and SuperNode authentication on ``127.0.0.1:control_port`` (its
+    Control API, for ``flwr``), behind the Fleet proxy on ``127.0.0.1:port`` (the sites')."""
 
     ca: Path
-    address: str
+    address: str  # where sites connect: the proxy
     port: int
-    daemon: Daemon
+    daemon: Daemon  # the supervisor (fedmm coordinator start-superlink)
+    control_address: str
+    control_port: int
 
 
 def start_loopback_superlink(directory: Path, group: DaemonGroup) -> LoopbackSuperLink:
     """Through the ``fedmm coordinator`` commands: a CA in ``directory/ca``, the SuperLink's
-    certificate, the SuperLink (in ``group``, serving TLS), and the connection
-    ``coordinator`` to it in ``group.env``'s ``FLWR_HOME``."""
-    env, ca, port = group.env, directory / "ca", free_port()
-    address = f"127.0.0.1:{port}"
+    certificate, the SuperLink and its Fleet proxy (in ``group``, both serving TLS), and
+    the connection ``coordinator`` to the SuperLink's own address in ``group.env``'s
+    ``FLWR_HOME``."""
+    env, ca = group.env, directory / "ca"
+    port, control_port = free_port(), free_port()
+    address, control = f"127.0.0.1:{port}", f"127.0.0.1:{control_port}"
     run_command(env, FEDMM, "coordinator", "init-ca", ca)
     run_command(env, FEDMM, "coordinator", "issue-cert", ca, "--san", "127.0.0.1")
     daemon = group.start(
-        "superlink", [FEDMM, "coordinator", "start-superlink", str(ca), "--address", address]
-    )
-    wait_for_tls(port, ca / "ca.crt", timeout=60, daemon=daemon)
+        "superlink",
+        [FEDMM, "coordinator", "start-superlink", str(ca), "--address", control,
+         "--public-address", address],
+    )  # fmt: skip
+    wait_for_tls(control_port, ca / "ca.crt", timeout=60, daemon=daemon)
+    wait_for_tls(port, ca / "ca.crt", timeout=30, daemon=daemon)
     group.remember_children()
-    run_command(env, FEDMM, "coordinator", "add-connection", "coordinator", "--address", address,
+    run_command(env, FEDMM, "coordinator", "add-connection", "coordinator", "--address", control,
                 "--ca-cert", ca / "ca.crt")  # fmt: skip
-    return LoopbackSuperLink(ca, address, port, daemon)
+    return LoopbackSuperLink(ca, address, port, daemon, control, control_port)

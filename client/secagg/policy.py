@@ -206,6 +206,14 @@ class ClientSecAggPolicy:
         return cls.from_mapping(values, source=f"secure-aggregation policy ({source})")
 
 
+#: The policy's keys, as the ``[secure-aggregation]`` table and node config ``secagg-<key>``
+#: name them, with the type of each value.
+POLICY_KEYS: dict[str, type] = {
+    f.name.replace("_", "-"): type(getattr(ClientSecAggPolicy, f.name))
+    for f in fields(ClientSecAggPolicy)
+}
+
+
 def _policy_refusal(message: str) -> SecAggRefusal:
     return SecAggRefusal(f"share-keys request refused: {message}", code=RefusalCode.SECAGG_POLICY)
 

@@ -86,8 +86,12 @@ def write_site(root: Path, *, name: str, offset: int, count: int) -> Path:
         Image.fromarray(np.asarray(records.images[i])).save(data / file_name)
         lines.append(json.dumps({"file_name": file_name, "text": records.captions[i]}))
     (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    from client.release_pin import installed_release
+
+    release = installed_release()  # the site runs only the release installed here
+    pin = f'\n[release]\nversion = "{release.version}"\ndigest = "{release.digest}"\n'
     config = root / "site.toml"
-    config.write_text(SITE_CONFIG.format(name=name))
+    config.write_text(SITE_CONFIG.format(name=name) + pin)
     return config
 
 

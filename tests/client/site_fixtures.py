@@ -29,11 +29,21 @@ auth-private-key = "keys/site-auth-key"
 [secure-aggregation]
 min-threshold = 3
 min-sites = 3
+spill-dir = "spill"
 """
 
 
+def release_section() -> str:
+    """``[release]`` pinning the installed release (its digest is computed once a process)."""
+    from client.release_pin import installed_release
+
+    release = installed_release()
+    return f'\n[release]\nversion = "{release.version}"\ndigest = "{release.digest}"\n'
+
+
 def make_site(root: Path, text: str = GOOD) -> Path:
-    """A complete site under ``root``: data, policies, key, config; returns the config."""
+    """A complete site under ``root``: data, policies, key, config; returns the config.
+    A config without ``[release]`` gets one pinning the installed release."""
     (root / "data").mkdir(parents=True)
     (root / "data" / "metadata.jsonl").write_text(
         json.dumps({"file_name": "a.png", "text": "a bag"}) + "\n"
@@ -42,5 +52,5 @@ def make_site(root: Path, text: str = GOOD) -> Path:
     (root / "privacy-policy.toml").write_text("[privacy]\nmax-epsilon = 2.0\ndelta = 1e-6\n")
     generate_site_key_pair(root / "keys")
     config = root / "site.toml"
-    config.write_text(text)
+    config.write_text(text if "[release]" in text else text + release_section())
     return config

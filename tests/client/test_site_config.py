@@ -15,6 +15,7 @@ from client.site_config import (
     check_site_config,
     load_site_config,
     node_config_argument,
+    prepare_site_folders,
 )
 from client.supernode_launch import ledger_status, supernode_argv
 from tests.client.site_fixtures import GOOD, make_site
@@ -33,6 +34,7 @@ def test_good_config_gives_absolute_node_config_for_the_client_app(tmp_path: Pat
         "policy-file": str(root / "privacy-policy.toml"),
         "secagg-min-threshold": 3,
         "secagg-min-sites": 3,
+        "secagg-spill-dir": str(root / "spill"),
     }
     policy = config.privacy_policy()
     assert (policy.max_epsilon, policy.delta) == (2.0, 1e-6)
@@ -137,6 +139,7 @@ def test_supernode_command_carries_tls_auth_port_and_node_config(tmp_path: Path)
     assert flags["--root-certificates"] == str(ca.resolve())
     assert flags["--auth-supernode-private-key"] == str(config.auth_private_key)
     assert flags["--port"] == "9201"
+    assert (flags["--isolation"], flags["--host"]) == ("process", "127.0.0.1")  # runs no app
     assert parse_config_args([flags["--node-config"]]) == config.node_config()
     assert "--insecure" not in argv
 
@@ -154,3 +157,85 @@ def test_status_reads_the_ledger_file(tmp_path: Path) -> None:
     assert status.epsilon == pytest.approx(ledger.epsilon(1e-6))
     assert (status.rounds, status.steps, status.entries, status.delta) == ([1, 2], 40, 2, 1e-6)
     assert status.remaining == pytest.approx(max(0.0, 2.0 - status.epsilon))
+
+
+def test_the_release_pin_is_required_and_must_be_the_installed_release(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    make_site(tmp_path / "site")
+    text = (tmp_path / "site" / "site.toml").read_text()
+    path.write_text(text[: text.index("[release]")])
+    with pytest.raises(SiteConfigError) as caught:
+        load_site_config(path)
+    problems = "\n".join(caught.value.problems)
+    assert "[release] version is required" in problems
+    assert "[release] digest is required" in problems and "release-digest" in problems
+    other = "sha256:" + "0" * 64
+    mismatched = make_site(
+        tmp_path / "other", GOOD + f'\n[release]\nversion = "0.1.0"\ndigest = "{other}"\n'
+    )
+    with pytest.raises(SiteConfigError, match=f"the pin is {other} but the installed release"):
+        check_site_config(mismatched)
+    bad = make_site(tmp_path / "bad", GOOD + '\n[release]\nversion = "0.1.0"\ndigest = "abc"\n')
+    with pytest.raises(SiteConfigError, match=r"\[release\] digest: 'abc' is not a SHA-256"):
+        load_site_config(bad)
+
+
+def test_site_folders_are_checked_and_made_private(tmp_path: Path) -> None:
+    path = make_site(tmp_path / "site")
+    config = check_site_config(path)
+    spill = tmp_path / "site" / "spill"
+    assert not spill.exists()  # checking makes nothing
+    made = prepare_site_folders(config)
+    assert spill.resolve() in made and oct(spill.stat().st_mode & 0o777) == "0o700"
+    assert oct(config.ledger_file.parent.stat().st_mode & 0o777) == "0o700"
+    assert prepare_site_folders(config) == []
+    os.chmod(spill, 0o755)
+    (tmp_path / "site" / "cache").mkdir(mode=0o777)
+    os.chmod(tmp_path / "site" / "cache", 0o777)
+    with pytest.raises(SiteConfigError) as caught:
+        check_site_config(path)
+    problems = "\n".join(caught.value.problems)
+    assert f"[secure-aggregation] spill-dir: {spill.resolve()} is open to other users" in problems
+    assert f"chmod 700 {spill.resolve()}" in problems
+    assert "[deidentification] cache-dir" in problems
+    os.chmod(spill, 0o700)
+    spill.rmdir()
+    spill.write_text("")
+    with pytest.raises(SiteConfigError, match=r"spill-dir: .* is not a folder"):
+        check_site_config(path)
+
+
+def test_status_imports_no_torch(tmp_path: Path) -> None:
+    """``fedmm site status`` answers in well under a second: no torch (or opacus) import."""
+    import subprocess
+    import sys
+
+    config = make_site(tmp_path / "site")
+    ledger = PrivacyLedger(noise_multiplier=1.1, delta=1e-6, history=[(1.1, 0.1, 10)], rounds=[4])
+    ledger.save(tmp_path / "site" / "state" / "privacy-ledger.json")
+    code = (
+        "import sys\n"
+        "from simulations.cli import main\n"
+        f"assert main(['site', 'status', {str(config)!r}]) == 0\n"
+        "print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"epsilon spent     {ledger.epsilon():.4f}" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_site_check_reads_the_secure_aggregation_policy_as_every_round_will(
+    tmp_path: Path,
+) -> None:
+    """A minimum aggregation size below 3 would make the site refuse every round: the check
+    says so up front, naming the key (the policy's own parser, not a second copy of it)."""
+    config = make_site(tmp_path / "site", GOOD.replace("min-sites = 3", "min-sites = 2"))
+    with pytest.raises(SiteConfigError) as caught:
+        check_site_config(config)
+    text = "\n".join(caught.value.problems)
+    assert "[secure-aggregation]" in text and "min-sites" in text and "3" in text
+    good = make_site(tmp_path / "other", GOOD + "colluding-fraction = 0.2\nmax-degree = 20\n")
+    node_config = check_site_config(good).node_config()
+    assert node_config["secagg-colluding-fraction"] == 0.2
+    assert node_config["secagg-max-degree"] == 20

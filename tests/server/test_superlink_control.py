@@ -33,7 +33,7 @@ def _flag(argv: list[str], name: str) -> str:
 def test_superlink_command_turns_on_tls_and_node_auth_and_off_runtime_installs(
     ca_dir: Path,
 ) -> None:
-    launch = superlink_launch(ca_dir, address="10.0.0.5:9093")
+    launch = superlink_launch(ca_dir, address="127.0.0.1:9092", public_address="10.0.0.5:9093")
     argv = launch.argv
     assert Path(argv[0]).name == "flower-superlink"
     assert _flag(argv, "--ssl-ca-certfile") == str(ca_dir.resolve() / "ca.crt")
@@ -42,24 +42,31 @@ def test_superlink_command_turns_on_tls_and_node_auth_and_off_runtime_installs(
     assert "--enable-supernode-auth" in argv
     assert "--disable-runtime-dependency-installation" in argv
     assert "--insecure" not in argv
-    assert (_flag(argv, "--host"), _flag(argv, "--port")) == ("10.0.0.5", "9093")
+    assert (_flag(argv, "--host"), _flag(argv, "--port")) == ("127.0.0.1", "9092")
     assert _flag(argv, "--database") == str(ca_dir.resolve() / "superlink-state.db")
     assert launch.env == {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in launch.shell_line()
-    # Bind-all: the SuperLink's own processes then use 127.0.0.1, which the cert names.
-    assert _flag(superlink_launch(ca_dir, address="0.0.0.0:9093").argv, "--host") == "0.0.0.0"
+    # Only with the risk accepted does the SuperLink's own port leave loopback.
+    exposed = superlink_launch(ca_dir, address="0.0.0.0:9093", expose_control_api=True)
+    assert _flag(exposed.argv, "--host") == "0.0.0.0"
 
 
 def test_superlink_command_refuses_what_would_fail_later(ca_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(DeploymentError, match="no authentication; bind it to loopback"):
+        superlink_launch(ca_dir, address="10.0.0.5:9093")
     with pytest.raises(DeploymentError, match=r"--san 10\.9\.9\.9"):
-        superlink_launch(ca_dir, address="10.9.9.9:9093")
+        superlink_launch(ca_dir, address="127.0.0.1:9092", public_address="10.9.9.9:9093")
+    with pytest.raises(DeploymentError, match=r"--san 10\.9\.9\.9"):
+        superlink_launch(ca_dir, address="10.9.9.9:9093", expose_control_api=True)
+    with pytest.raises(DeploymentError, match="different ports"):
+        superlink_launch(ca_dir, address="127.0.0.1:9093", public_address="0.0.0.0:9093")
     with pytest.raises(DeploymentError, match="HOST:PORT"):
-        superlink_launch(ca_dir, address="10.0.0.5")
+        superlink_launch(ca_dir, address="127.0.0.1")
     with pytest.raises(DeploymentError, match="init-ca"):
         superlink_launch(tmp_path / "empty", address="127.0.0.1:9093")
     os.chmod(ca_dir / "superlink.key", 0o644)
     with pytest.raises(DeploymentError, match="chmod 600"):
-        superlink_launch(ca_dir, address="10.0.0.5:9093")
+        superlink_launch(ca_dir, address="127.0.0.1:9092")
 
 
 def test_split_address() -> None:

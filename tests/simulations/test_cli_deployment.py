@@ -23,16 +23,24 @@ def test_coordinator_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "10.0.0.5, 127.0.0.1, localhost" in out
     assert main(["coordinator", "init-ca", str(ca)]) == 2
     assert "never overwritten" in capsys.readouterr().err
-    command = ["coordinator", "start-superlink", str(ca), "--address", "10.0.0.5:9093"]
-    assert main([*command, "--dry-run"]) == 0
-    line = capsys.readouterr().out.strip()
-    words = shlex.split(line)
+    command = ["coordinator", "start-superlink", str(ca), "--address", "127.0.0.1:9092"]
+    assert main([*command, "--public-address", "10.0.0.5:9093", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    words = shlex.split(lines[0])
     assert words[0] == "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1"
     assert Path(words[1]).name == "flower-superlink"
     assert "--enable-supernode-auth" in words and "--insecure" not in words
-    bad = ["coordinator", "start-superlink", str(ca), "--address", "10.0.0.6:9093"]
+    assert words[words.index("--host") + 1] == "127.0.0.1"
+    proxy = shlex.split(lines[1])
+    assert Path(proxy[0]).name == "nginx" and proxy[-2:] == ["-g", "daemon off;"]
+    assert "only the Fleet API" in lines[2]
+    assert not (ca / "proxy").exists()  # a dry run writes nothing
+    bad = [*command, "--public-address", "10.0.0.6:9093"]
     assert main([*bad, "--dry-run"]) == 2
     assert "--san 10.0.0.6" in capsys.readouterr().err
+    exposed = ["coordinator", "start-superlink", str(ca), "--address", "10.0.0.5:9093"]
+    assert main([*exposed, "--dry-run"]) == 2
+    assert "Control API" in capsys.readouterr().err
 
 
 def test_site_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,7 +114,7 @@ def test_submit_dry_run_names_the_out_dir_and_turns_dependency_installation_off(
     assert words[4] == "coordinator" and "--stream" in words
     out = tmp_path / "runs" / "a"  # a relative --out-dir is made absolute for the ServerApp
     assert words[words.index("--run-config") + 1] == str(out / "submitted-run-config.toml")
-    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    assert not out.exists()  # a dry run creates nothing
 
 
 def test_submitted_run_config_reads_back_in_flwr_as_written(
@@ -232,3 +240,18 @@ def test_resume_continues_the_submitted_run_after_its_last_checkpoint(
     assert main(resume) == 2
     assert "already finished all 2 rounds" in capsys.readouterr().err
     assert main([*resume, "--set", "num-server-rounds=3"]) == 0  # train longer
+
+
+def test_release_digest_prints_the_pin_for_the_site_config(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from client.release_pin import installed_release
+
+    release = installed_release()
+    assert main(["site", "release-digest"]) == 0
+    out = capsys.readouterr().out
+    assert f'[release]\nversion = "{release.version}"\ndigest = "{release.digest}"' in out
+    assert main(["site", "release-digest", "--files"]) == 0
+    files = capsys.readouterr().out.split()
+    assert "client/site_runner.py" in files and "pyproject.toml" in files
+    assert not any(name.endswith(".pyc") for name in files)

@@ -1,12 +1,21 @@
 """Deployment on loopback with real Flower daemons, started through the ``fedmm`` commands:
-a SuperLink with TLS and SuperNode authentication and SuperNodes of registered and
-unregistered sites. Every process started is stopped by PID, and its ports are free after.
+a SuperLink with TLS and SuperNode authentication behind its Fleet-only nginx proxy, and
+sites (``fedmm site start``: a SuperNode with ``--isolation process`` and the site's own
+runner). Every process started is stopped by PID, and its ports are free after.
 
-- default: the unregistered SuperNode is refused (exit 305), a plaintext client gets no
-  answer, the registered one is online;
+- default: the unregistered site is refused (exit 305) and gives up after its retry window,
+  plaintext clients get no answer, the registered one is online; at the public port the
+  Control API is refused (``flwr supernode register``, ``flwr ls``, ``flwr run``) while the
+  operator's ``flwr`` on loopback works;
+- slow: a tampered app (same name and version) is refused by every site before any of it
+  runs, and a site's exception reaches the coordinator as a code only;
+- slow: a SuperNode killed at a site is started again by ``fedmm site start`` until the
+  SuperLink takes it back;
 - slow: four registered sites run 2 rounds (``flwr run``) with SecAgg+ and DP; one site's
   ledger is exhausted, it refuses, and the rounds go on with the other three (the fewest
-  whose sum secure aggregation releases).
+  whose sum secure aggregation releases); the SuperLink
+  is killed mid-run, its supervisor stops the orphaned ServerApp and starts it again, and
+  ``submit --resume`` finishes the run.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import http.client
 import json
 import os
 import signal
+import ssl
 import stat
 import subprocess
 import sys
@@ -25,6 +35,8 @@ import numpy as np
 import pytest
 
 from client.privacy_ledger import PrivacyLedger
+from client.site_keys import generate_site_key_pair
+from common.process_supervision import command_name, descendants
 from server.certificate_authority import init_ca
 from simulations.loopback_daemons import (
     loopback_environment,
@@ -57,9 +69,10 @@ def _run(env: dict[str, str], *argv: object, timeout: float = 120) -> str:
 class Coordinator:
     env: dict[str, str]
     ca: Path
-    address: str
+    address: str  # the public (proxy) address sites use
     port: int
-    superlink: Daemon
+    control_port: int  # the SuperLink's own port on loopback (flwr)
+    superlink: Daemon  # the supervisor: fedmm coordinator start-superlink
     group: DaemonGroup
     site_ports: list[int]
 
@@ -70,18 +83,12 @@ class Coordinator:
         )  # fmt: skip
         assert "registered: node id" in out
 
-    def restart_superlink(self, sig: int) -> None:
-        """Stop the SuperLink with ``sig`` and start it again on the same port and
-        database (its registrations and runs survive)."""
-        self.group.remember_children()  # its SuperExec and ServerApp outlive a SIGKILL
-        os.kill(self.superlink.pid, sig)
-        assert wait_until(lambda: self.superlink.process.poll() is not None, timeout=90)
-        self.superlink = self.group.start(
-            f"superlink-{len(self.group.daemons)}",
-            [FEDMM, "coordinator", "start-superlink", str(self.ca), "--address", self.address],
-        )
-        wait_for_tls(self.port, self.ca / "ca.crt", timeout=60, daemon=self.superlink)
+    def kill_superlink(self) -> int:
+        """SIGKILL the SuperLink under its supervisor (a crash); its PID."""
         self.group.remember_children()
+        pid = daemon_child(self.superlink, "flower-superlink")
+        os.kill(pid, signal.SIGKILL)
+        return pid
 
     def start_site(self, name: str, config: Path, *extra: str) -> Daemon:
         port = free_port()
@@ -118,19 +125,29 @@ def coordinator(tmp_path: Path):  # type: ignore[no-untyped-def]
     port = None
     try:
         link = start_loopback_superlink(tmp_path, group)
-        ca, address, port, superlink = link.ca, link.address, link.port, link.daemon
-        state = Coordinator(env, ca, address, port, superlink, group, [])
+        state = Coordinator(
+            env, link.ca, link.address, link.port, link.control_port, link.daemon, group, []
+        )
+        port = link.port
         yield state
     finally:
         left = group.stop_all()
         assert left == [], f"processes still alive: {left}"
         assert all(not is_alive(d.pid) for d in group.daemons)
-        for used in ([port] if port else []) + (state.site_ports if state else []):
+        ports = [port, state.control_port] if state else []
+        for used in ports + (state.site_ports if state else []):
             assert port_is_free(used), f"port {used} still in use"
 
 
+def daemon_child(daemon: Daemon, name: str) -> int:
+    """The PID of the process called ``name`` below ``daemon`` (one must exist)."""
+    found = [pid for pid in descendants(daemon.pid) if command_name(pid) == name]
+    assert found, f"no {name} below {daemon.name}:\n{daemon.output()[-2000:]}"
+    return found[0]
+
+
 def _plaintext_request(port: int) -> str:
-    """What a client without TLS gets from the SuperLink's port."""
+    """What a client without TLS gets from a port."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
         connection.request("POST", "/v1/control/list-nodes", body=b"")
@@ -144,11 +161,12 @@ def _plaintext_request(port: int) -> str:
 def test_registered_site_connects_and_unregistered_or_plaintext_clients_are_refused(
     coordinator: Coordinator, tmp_path: Path
 ) -> None:
-    assert _plaintext_request(coordinator.port).startswith("failed")
+    assert _plaintext_request(coordinator.control_port).startswith("failed")
+    assert _plaintext_request(coordinator.port) == "HTTP 400"  # nginx: not TLS, not forwarded
     site_a, site_b = make_site(tmp_path / "site-a"), make_site(tmp_path / "site-b")
     coordinator.register(tmp_path / "site-a" / "keys" / "site-auth-key.pub", "site-a")
     node_a = coordinator.start_site("site-a", site_a)
-    node_b = coordinator.start_site("site-b", site_b, "--max-wait-time", "20")
+    node_b = coordinator.start_site("site-b", site_b, "--max-wait-time", "8")
 
     # Flower's own client without TLS, and one that trusts another CA.
     plain = coordinator.start_daemon(
@@ -162,18 +180,22 @@ def test_registered_site_connects_and_unregistered_or_plaintext_clients_are_refu
     ]  # fmt: skip
     wrong_ca = coordinator.start_daemon("wrong-ca", other_ca)
 
-    assert wait_until(lambda: node_b.process.poll() is not None, timeout=60), node_b.output()
-    # flwr 1.41 logs exit code 305 but the process (uvicorn around it) ends with 1.
-    assert node_b.process.returncode != 0, node_b.output()
+    assert wait_until(lambda: node_b.process.poll() is not None, timeout=90), node_b.output()
+    # flwr 1.41 logs exit code 305 but the process (uvicorn around it) ends with 1; the
+    # site retried for its --max-wait-time, saying why, then gave up.
+    assert node_b.process.returncode == 1, node_b.output()
     assert f"Exit Code: {CONNECTION_REFUSED_EXIT}" in node_b.output()
     assert "Failed to activate SuperNode" in node_b.output()
+    assert "starting the SuperNode again" in node_b.output()
+    assert "its key is not registered" in node_b.output()
+    assert "not retrying" in node_b.output()
     assert wait_until(lambda: coordinator.online() == 1, timeout=60, interval=2), (
         f"{coordinator.nodes()}\n{node_a.output()[-3000:]}"
     )
     assert node_a.process.poll() is None, node_a.output()
     coordinator.group.remember_children()
     for daemon, reason in (
-        (plain, "Server disconnected without sending a response"),
+        (plain, "400 Bad Request"),  # nginx: plain HTTP on its TLS port
         (wrong_ca, "CERTIFICATE_VERIFY_FAILED"),
     ):
         assert wait_until(lambda d=daemon: d.process.poll() is not None, timeout=60)
@@ -182,6 +204,59 @@ def test_registered_site_connects_and_unregistered_or_plaintext_clients_are_refu
     assert coordinator.online() == 1
     # The daemons' files are private (umask 077 before exec): the SuperLink's database.
     assert stat.S_IMODE((coordinator.ca / "superlink-state.db").stat().st_mode) == 0o600
+
+
+def _https_status(port: int, ca: Path, method: str, path: str) -> int:
+    """The HTTP status a TLS client that trusts ``ca`` gets for ``method path``."""
+    context = ssl.create_default_context(cafile=str(ca))
+    connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+    try:
+        connection.request(method, path, body=b"" if method == "POST" else None)
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_the_control_api_is_refused_at_the_public_port_and_works_on_loopback(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    """Everyone who reaches the public port (every site has the CA certificate) is refused
+    the Control and Runtime APIs: no key registered, no run submitted, no run listed. The
+    operator's ``flwr`` on the coordinator machine reaches the SuperLink on loopback."""
+    env, ca = coordinator.env, coordinator.ca / "ca.crt"
+    _run(env, FEDMM, "coordinator", "add-connection", "public", "--address", coordinator.address,
+         "--ca-cert", ca)  # fmt: skip
+    intruder = generate_site_key_pair(tmp_path / "intruder")
+    attempts = {
+        "register": [FLWR, "supernode", "register", str(intruder.public_key), "public"],
+        "list nodes": [FLWR, "supernode", "list", "public", "--format", "json"],
+        "list runs": [FLWR, "ls", "public", "--format", "json"],
+        "run": [FLWR, "run", str(PROJECT), "public"],
+    }
+    for what, argv in attempts.items():
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
+        said = done.stdout + done.stderr
+        failed = done.returncode != 0 or '"success": false' in said  # --format json: exit 0
+        assert failed and "403 Forbidden" in said, (what, said)
+    assert coordinator.nodes() == []  # on loopback: nothing was registered
+    listed = _run(env, FLWR, "ls", "coordinator", "--format", "json")
+    assert json.loads(listed[listed.find("{") :])["runs"] == []  # and nothing submitted
+    port = coordinator.port
+    for path in (
+        "/v1/control/list-nodes",
+        "/v1/control/register-node",
+        "/v1/control/start-run",
+        "/v1/runtime/acquire-task",
+        "/v1/fleet/register-node",  # self-registration: only for SuperNodes without a key
+        "/v1/fleet/../control/list-nodes",
+        "/v1/fleet/get-run/../../control/list-nodes",
+        "/",
+    ):
+        assert _https_status(port, ca, "POST", path) == 403, path
+    assert _https_status(port, ca, "GET", "/v1/fleet/get-run") == 403
+    # A Fleet call is forwarded: the SuperLink itself answers (unauthenticated: not 200).
+    assert _https_status(port, ca, "POST", "/v1/fleet/get-run") not in (200, 403)
+    assert _https_status(coordinator.control_port, ca, "POST", "/v1/control/list-nodes") != 403
 
 
 def _write_imagefolder(root: Path, *, offset: int, count: int) -> None:
@@ -203,6 +278,131 @@ def _write_imagefolder(root: Path, *, offset: int, count: int) -> None:
 def _rows(out: Path) -> list[dict[str, object]]:
     metrics = out / "metrics.jsonl"
     return [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+
+
+def _tampered_release(directory: Path, *, marker: Path, victim: Path) -> Path:
+    """A copy of the installed release (same name and version) whose ClientApp, once
+    imported, reads a site's metadata and writes it out to ``marker``."""
+    from client.release_pin import release_directory, release_files
+
+    source, target = release_directory(), directory / "fedmm"
+    for name in [*release_files(source), ".gitignore"]:
+        origin = source / name
+        if name == "pyproject.toml" or origin.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            (target / name).write_bytes(origin.read_bytes())
+    app = target / "client" / "app.py"
+    exfiltrate = (
+        f"\nimport pathlib as _p\n_p.Path({str(marker)!r}).write_bytes("
+        f"_p.Path({str(victim)!r}).read_bytes())\n"
+    )
+    app.write_text(app.read_text() + exfiltrate)
+    return target
+
+
+SMALL_RUN = (
+    "num-server-rounds=1",
+    "min-available-sites=2",
+    "min-train-sites=2",
+    "epsilon=8.0",
+    "batch-size=30",
+    "learning-rate=1.0",
+    "eval-single-items=100",
+    "eval-scenes=50",
+    "model-width=16",
+    "model-heads=2",
+    "round-timeout=240.0",
+    "secagg-stage-timeout=120.0",
+)
+
+
+@pytest.mark.slow
+def test_sites_refuse_a_tampered_app_and_send_codes_not_error_text(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    """A run whose app is not the sites' pinned release (same name and version, a ClientApp
+    that would copy a site's metadata out) is refused by every site before any of it runs:
+    no copy is made, no record is read (no de-identification cache), no ledger is written,
+    and the coordinator gets the code ``untrusted-app``. The genuine release then runs
+    (site-a trains: its ledger spends), and site-b, whose data vanished, fails with an
+    exception whose text, naming its files, stays in its own log: the coordinator gets
+    ``site-error``. Neither run trained a round: ``submit`` says so and exits 3."""
+    sites = {}
+    for index, name in enumerate(("site-a", "site-b")):
+        config = make_site(tmp_path / name)
+        (tmp_path / name / "data" / "metadata.jsonl").unlink()
+        (tmp_path / name / "data").rmdir()
+        _write_imagefolder(tmp_path / name / "data", offset=100 * index, count=40)
+        coordinator.register(tmp_path / name / "keys" / "site-auth-key.pub", name)
+        sites[name] = coordinator.start_site(name, config)
+    assert wait_until(lambda: coordinator.online() == 2, timeout=120, interval=2), (
+        coordinator.nodes()
+    )
+    marker = tmp_path / "exfiltrated.jsonl"
+    tampered = _tampered_release(
+        tmp_path / "tampered", marker=marker, victim=tmp_path / "site-a" / "data" / "metadata.jsonl"
+    )
+    # Plain FedAvg: two sites are fewer than any secure sum may cover, and what is tested
+    # here (which code runs at a site, what reaches the coordinator) is the same either way.
+    submit = [FEDMM, "coordinator", "submit", "--connection", "coordinator"]
+    for setting in [*SMALL_RUN, "secure-aggregation=false"]:
+        submit += ["--set", setting]
+    done = subprocess.run(
+        [*submit, "--out-dir", str(tmp_path / "tampered-run"), "--app", str(tampered)],
+        env=coordinator.env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    coordinator.group.remember_children()
+    log = done.stdout + done.stderr
+    assert done.returncode == 3, log[-4000:]
+    assert "sites trained in 0 of the 1 rounds" in log, log[-4000:]
+    assert "(site-a) refused round 1: untrusted-app" in log, log[-4000:]
+    assert "(site-b) refused round 1: untrusted-app" in log, log[-4000:]
+    assert not (tmp_path / "tampered-run" / "model.safetensors").exists()
+    assert not marker.exists()  # the tampered code never ran at a site
+    for name, daemon in sites.items():
+        assert "refused run" in daemon.output() and "untrusted-app" in daemon.output()
+        assert not (tmp_path / name / "cache").exists()  # no record was read
+        assert not (tmp_path / name / "state" / "privacy-ledger.json").exists()
+
+    (tmp_path / "site-b" / "data" / "metadata.jsonl").unlink()
+    genuine = tmp_path / "genuine-run"
+    done = subprocess.run(
+        [*submit, "--out-dir", str(genuine)],
+        env=coordinator.env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    coordinator.group.remember_children()
+    log = done.stdout + done.stderr
+    assert done.returncode == 3, log[-4000:]
+    assert "site-error" in log, log[-4000:]
+    assert str(tmp_path / "site-b") not in log  # the site's paths stay at the site
+    assert "Traceback" in sites["site-b"].output()
+    assert str(tmp_path / "site-b" / "data") in sites["site-b"].output()
+    spent = PrivacyLedger.load(tmp_path / "site-a" / "state" / "privacy-ledger.json")
+    assert spent.rounds == [1] and spent.history, "site-a ran the genuine release and trained"
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_killed_supernode_is_started_again_until_the_superlink_takes_it_back(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    """A SuperNode that dies without deactivating is refused by the SuperLink (code 2004)
+    for as long as the SuperLink keeps its old session; ``fedmm site start`` says why,
+    starts it again with growing delays, and the site comes back online."""
+    config = make_site(tmp_path / "site-a")
+    coordinator.register(tmp_path / "site-a" / "keys" / "site-auth-key.pub", "site-a")
+    site = coordinator.start_site("site-a", config)
+    assert wait_until(lambda: coordinator.online() == 1, timeout=120, interval=2), site.output()
+    coordinator.group.remember_children()
+    supernode = daemon_child(site, "flower-supernode")
+    os.kill(supernode, signal.SIGKILL)
+    assert wait_until(lambda: "starting the SuperNode again" in site.output(), timeout=60)
+    assert wait_until(lambda: site.output().count("SuperNode ID:") >= 2, timeout=300, interval=2), (
+        site.output()[-3000:]
+    )
+    coordinator.group.remember_children()
+    assert not is_alive(supernode) and site.process.poll() is None
+    assert wait_until(lambda: coordinator.online() == 1, timeout=60, interval=2)
 
 
 @pytest.mark.slow
@@ -258,7 +458,16 @@ def test_four_sites_two_rounds_secure_dp_exhausted_site_and_resume_after_coordin
         first.output()[-3000:]
     )
     assert json.loads(latest.read_text())["round"] == 1, first.output()[-3000:]
-    coordinator.restart_superlink(signal.SIGKILL)  # mid-run: round 2 has started
+    serverapp = daemon_child(coordinator.superlink, "flwr-serverapp")
+    killed = coordinator.kill_superlink()  # mid-run: round 2 has started
+    # The supervisor stops what the dead SuperLink left (its ServerApp would otherwise wait
+    # on a SuperLink that is gone) and starts the SuperLink again.
+    assert wait_until(lambda: "starting it again" in coordinator.superlink.output(), timeout=90)
+    assert not is_alive(killed) and not is_alive(serverapp), coordinator.superlink.output()
+    assert "flwr-serverapp" in coordinator.superlink.output()
+    ca_file = coordinator.ca / "ca.crt"
+    wait_for_tls(coordinator.control_port, ca_file, timeout=90, daemon=coordinator.superlink)
+    coordinator.group.remember_children()
     assert wait_until(lambda: first.process.poll() is not None, timeout=90)
     assert first.process.returncode == 1 and "--resume" in first.output(), first.output()
     assert len(_rows(out)) == 1
@@ -294,6 +503,11 @@ def test_four_sites_two_rounds_secure_dp_exhausted_site_and_resume_after_coordin
     runs = [json.loads(x) for x in (out / "submissions.jsonl").read_text().splitlines()]
     assert [run["resume"] for run in runs] == [False, True]
     assert "privacy budget" in daemons["site-c"].output()
+    # Sites by their registered names, in the coordinator's log and report.
+    assert "(site-c) refused round 2: privacy-budget" in log, log
+    names = json.loads((out / "sites.json").read_text())
+    assert sorted(names.values()) == ["site-a", "site-b", "site-c", "site-d"]
+    assert "| site-c |" in (out / "report.md").read_text()
     assert ledger_c.read_bytes() == before
     for name, config in [site for site in sites if site[0] != "site-c"]:
         status = json.loads(_run(coordinator.env, FEDMM, "site", "status", config, "--json"))

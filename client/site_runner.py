@@ -1,0 +1,154 @@
+"""One message at a site, run by the site's own installed code.
+
+``python -I -m client.site_runner`` (one process a message).
+
+This replaces Flower's ``flwr-clientapp`` at a deployed site. ``flower-supernode
+--isolation process`` starts no app process itself; :mod:`client.site_executor` claims each
+task from the SuperNode's Runtime API and starts this module for it. Here, as in
+``flwr-clientapp``, the task's message, context, run and FAB are pulled through Flower's
+Runtime API client, and the reply is pushed back. What differs:
+
+- the FAB is never unpacked, installed or imported: its SHA-256 is compared with the
+  site's pinned release (:mod:`client.release_pin`); another app is refused with the code
+  ``untrusted-app`` before anything else happens, and the reason goes to the site's log;
+- the ClientApp is ``client.app:app`` of the installed release, imported from
+  site-packages (``-I``: neither the working directory nor ``PYTHONPATH`` is on
+  ``sys.path``);
+- an exception in the ClientApp reaches the coordinator as the code ``site-error`` (error
+  code 2, "ClientApp raised"), while its text, which may name the site's files, stays in
+  the site's log (``flwr-clientapp`` would send the text).
+
+The task token arrives on standard input, not on the command line (which other local users
+can read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import TYPE_CHECKING
+
+from client.release_pin import ReleasePin, check_run_app, normalise_digest
+from common.site_refusal import RefusalCode, SiteRefusal, status_payload
+
+if TYPE_CHECKING:
+    from flwr.app import Message
+
+logger = logging.getLogger("fedmm.site_runner")
+RECORD_STATUS = "status"  # common.secure_round.RECORD_STATUS, without its numpy import
+
+
+def refusal_reply(message: Message, refusal: SiteRefusal) -> Message:
+    """A reply that carries only the refusal's code (``common.site_refusal``)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    status = ConfigRecord(status_payload(refusal))
+    return Message(RecordDict({RECORD_STATUS: status}), reply_to=message)
+
+
+def error_reply(message: Message) -> Message:
+    """The reply to a message the site's code failed on: a code, never the error's text."""
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.common.constant import ErrorCode
+
+    error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=RefusalCode.SITE_ERROR.value)
+    return Message(error, reply_to=message)
+
+
+def run_task(*, runtime_api_address: str, token: str, pin: ReleasePin) -> int:
+    """Pull the task, check its app, run the installed ClientApp, push the reply; 0 when a
+    reply (answer, refusal or error code) was delivered."""
+    from flwr.common.constant import SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+    )
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime.run_clientapp import (
+        pull_task_input,
+        push_message,
+        push_task_output,
+    )
+
+    retry = make_simple_http_retry_invoker()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address,
+        insecure=True,  # the SuperNode's Runtime API on this machine's loopback
+        root_certificates=None,
+        interceptors=[
+            RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+            RuntimeTokenHttpInterceptor(token),
+        ],
+        retry_invoker=retry,
+    )
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    message = context = reply = None
+    sub_status, details, status = SubStatus.FAILED, RefusalCode.SITE_ERROR.value, 1
+    try:
+        message, context, run, fab = pull_task_input(client)
+        refusal = check_run_app(
+            pin=pin, fab_content=fab.content, fab_id=run.fab_id, fab_version=run.fab_version
+        )
+        if refusal is not None:
+            logger.error("refused run %s (%s): %s", run.run_id, refusal.code, refusal.detail)
+            reply, details = refusal_reply(message, refusal), refusal.code.value
+        else:
+            from client.app import app  # the installed release, never the FAB
+
+            reply, details = app(message=message, context=context), ""
+        sub_status = SubStatus.COMPLETED
+    except Exception:
+        logger.exception("the site's ClientApp failed; the coordinator gets only 'site-error'")
+        if message is not None:
+            reply = error_reply(message)
+        context = None  # a handler that raised leaves the node's state as it was
+    finally:
+        try:
+            if reply is not None and message is not None:
+                push_message(client, reply, message_context(context, message))
+                status = 0
+        except Exception:
+            logger.exception("could not deliver the reply to the SuperNode")
+        retry.max_tries = 1
+        push_task_output(client=client, context=context, sub_status=sub_status, details=details)
+        heartbeat.stop()
+        client.close()
+    return status
+
+
+def message_context(context: object, message: Message) -> object:
+    """The context :func:`push_message` needs (it reads ``node_id`` and ``run_id``)."""
+    if context is not None:
+        return context
+    from types import SimpleNamespace
+
+    return SimpleNamespace(node_id=message.metadata.dst_node_id, run_id=message.metadata.run_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client.site_runner", description=__doc__)
+    parser.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT")
+    parser.add_argument("--release-version", required=True)
+    parser.add_argument("--release-digest", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s fedmm-site-runner %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for chatty in ("httpx", "httpcore"):  # a line per Runtime API request otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    token = sys.stdin.readline().strip()
+    if not token:
+        parser.error("no task token on standard input")
+    pin = ReleasePin(args.release_version, normalise_digest(args.release_digest))
+    return run_task(runtime_api_address=args.runtime_api_address, token=token, pin=pin)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -251,6 +251,16 @@ def count_charge(count_noise: float) -> tuple[float, float, int]:
     return (float(count_noise), 1.0, 1)
 
 
+def is_count_charge(entry: tuple[float, float, int]) -> bool:
+    """Whether a history entry is a noisy-count release (sampling rate 1), not DP-SGD steps."""
+    return float(entry[1]) == 1.0
+
+
+def dp_sgd_history(history: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """The DP-SGD entries of a history (what reports call the site's steps)."""
+    return [entry for entry in history if not is_count_charge(entry)]
+
+
 def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
     """Epsilon of a history of sampled-Gaussian steps under the RDP accountant."""
     if not history:

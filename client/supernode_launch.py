@@ -105,7 +105,8 @@ class LedgerStatus:
     noise_multiplier: float | None
     rounds: list[int]
     entries: int
-    steps: int
+    steps: int  # DP-SGD steps (noisy-count releases are counted apart)
+    count_releases: int
     max_epsilon: float | None
 
     @property
@@ -127,13 +128,14 @@ class LedgerStatus:
             "rounds": self.rounds,
             "accountant_entries": self.entries,
             "dp_sgd_steps": self.steps,
+            "noisy_count_releases": self.count_releases,
         }
 
 
 def ledger_status(config: SiteConfig) -> LedgerStatus:
     """What the site's ledger file says it has spent (RDP accountant, at the ledger's delta,
     else the policy's). Import-light: no torch (see :func:`ledger_epsilon`)."""
-    from client.privacy_ledger import ACCOUNTANT, PrivacyLedger
+    from client.privacy_ledger import ACCOUNTANT, PrivacyLedger, dp_sgd_history
 
     path = config.ledger_file
     ledger = PrivacyLedger.load(path)
@@ -151,7 +153,8 @@ def ledger_status(config: SiteConfig) -> LedgerStatus:
         noise_multiplier=ledger.noise_multiplier,
         rounds=list(ledger.rounds),
         entries=len(ledger.history),
-        steps=sum(n for _s, _q, n in ledger.history),
+        steps=sum(n for _s, _q, n in dp_sgd_history(ledger.history)),
+        count_releases=len(ledger.history) - len(dp_sgd_history(ledger.history)),
         max_epsilon=policy.max_epsilon if policy else None,
     )
 

@@ -409,4 +409,5 @@ def _status(args: argparse.Namespace) -> int:
     print(f"  noise multiplier  {sigma}")
     print(f"  rounds trained    {len(status.rounds)} {status.rounds}")
     print(f"  DP-SGD steps      {status.steps} in {status.entries} accountant entries")
+    print(f"  noisy counts      {status.count_releases} released (one a run)")
     return 0

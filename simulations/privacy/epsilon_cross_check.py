@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.privacy_ledger import epsilon_of
+from client.privacy_ledger import dp_sgd_history, epsilon_of
 
 RTOL = 0.01
 
@@ -100,9 +100,10 @@ def cross_check_history(
     result = SiteEpsilon(
         site=site,
         delta=delta,
-        noise_multiplier=max(s for s, _, _ in history),
-        sample_rate=max(q for _, q, _ in history),
-        steps=sum(int(n) for _, _, n in history),
+        # The DP-SGD part for display (the noisy-count releases are in the epsilons).
+        noise_multiplier=max(s for s, _, _ in dp_sgd_history(history) or history),
+        sample_rate=max(q for _, q, _ in dp_sgd_history(history) or history),
+        steps=sum(int(n) for _, _, n in dp_sgd_history(history)),
         opacus_rdp=epsilon_of(history, delta),
         dp_accounting_rdp_same_orders=same_epsilon,
         dp_accounting_rdp=own_epsilon,

@@ -149,13 +149,17 @@ def test_status_reads_the_ledger_file(tmp_path: Path) -> None:
     fresh = ledger_status(config)
     assert (fresh.exists, fresh.epsilon, fresh.rounds, fresh.max_epsilon) == (False, 0.0, [], 2.0)
     ledger = PrivacyLedger(
-        noise_multiplier=1.2, delta=1e-6, history=[(1.2, 0.05, 20), (1.2, 0.05, 20)], rounds=[1, 2]
+        noise_multiplier=1.2,
+        delta=1e-6,
+        history=[(20.0, 1.0, 1), (1.2, 0.05, 20), (1.2, 0.05, 20)],  # noisy count, then DP-SGD
+        rounds=[1, 2],
     )
     ledger.save(config.ledger_file)
     status = ledger_status(config)
     assert status.exists and status.accountant == "rdp"
     assert status.epsilon == pytest.approx(ledger.epsilon(1e-6))
-    assert (status.rounds, status.steps, status.entries, status.delta) == ([1, 2], 40, 2, 1e-6)
+    assert (status.rounds, status.steps, status.entries, status.delta) == ([1, 2], 40, 3, 1e-6)
+    assert status.count_releases == 1  # the noisy count is not a DP-SGD step
     assert status.remaining == pytest.approx(max(0.0, 2.0 - status.epsilon))
 
 

@@ -35,8 +35,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from client.privacy_budget import budget_refusal
 from client.privacy_ledger import PrivacyLedger
 from client.privacy_policy import (
+    EffectivePrivacy,
     PolicyRefusal,
     SitePrivacyPolicy,
     effective_privacy,
@@ -84,40 +86,39 @@ def check_budget(
     *,
     plan: DistributedDPPlan,
     ledger: PrivacyLedger,
-    max_epsilon: float,
+    privacy: EffectivePrivacy,
     delta: float,
     honest_sites: int,
     first_round_of_run: bool,
     count_noise: float | None = None,
 ) -> tuple[SiteRefusal | None, float]:
-    """A refusal (None: go ahead) when the run (first round) or this round would
-    exceed the budget, and the epsilon after this round. ``count_noise``: a noisy record
-    count still to be charged this run (None when the ledger holds it already)."""
-    trust = f"assuming {honest_sites} honest surviving sites"
+    """A refusal (None: go ahead) when the run (first round) or this round would exceed the
+    run's epsilon or the site's lifetime budget (``client.privacy_budget``), and the lifetime
+    epsilon after this round. ``count_noise``: a noisy record count still to be charged this
+    run (None when the ledger holds it already)."""
+    accountant = f"{ACCOUNTANT}, assuming {honest_sites} honest surviving sites"
     if count_noise is not None:
         ledger = _with_count(ledger, count_noise)
+    checks = [(1, "this round")]
     if first_round_of_run:
-        planned = _with_rounds(ledger, plan, honest_sites, plan.num_rounds).epsilon(delta)
-        if planned > max_epsilon * (1 + 1e-9):
-            return SiteRefusal(
-                RefusalCode.PRIVACY_BUDGET,
-                f"privacy budget: the run's {plan.num_rounds} distributed-DP rounds would take "
-                f"epsilon to {planned:.3f} > {max_epsilon:g} (delta {delta:g}, record-level, "
-                f"{ACCOUNTANT}, {trust}); spent so far {ledger.epsilon(delta):.3f}",
-            ), planned
-    projected = _with_rounds(ledger, plan, honest_sites, 1).epsilon(delta)
-    if projected > max_epsilon * (1 + 1e-9):
-        return SiteRefusal(
-            RefusalCode.PRIVACY_BUDGET,
-            f"privacy budget: this round would take epsilon to {projected:.3f} > "
-            f"{max_epsilon:g} (delta {delta:g}, record-level, {ACCOUNTANT}, {trust})",
-        ), projected
-    return None, projected
+        checks.insert(0, (plan.num_rounds, f"the run's {plan.num_rounds} distributed-DP rounds"))
+    for rounds, what in checks:
+        projected = _with_rounds(ledger, plan, honest_sites, rounds)
+        refusal = budget_refusal(
+            projected,
+            run_epsilon=privacy.epsilon,
+            lifetime_epsilon=privacy.lifetime_epsilon,
+            delta=delta,
+            what=what,
+            accountant=accountant,
+        )
+        if refusal is not None:
+            return refusal, projected.epsilon(delta)
+    return None, projected.epsilon(delta)
 
 
 def _with_count(ledger: PrivacyLedger, count_noise: float) -> PrivacyLedger:
-    copy = PrivacyLedger(history=list(ledger.history))
-    copy.distributed_history = list(ledger.distributed_history)
+    copy = ledger.projected()
     copy.charge_noisy_count(0.0, count_noise=count_noise)
     return copy
 
@@ -125,8 +126,7 @@ def _with_count(ledger: PrivacyLedger, count_noise: float) -> PrivacyLedger:
 def _with_rounds(
     ledger: PrivacyLedger, plan: DistributedDPPlan, honest_sites: int, rounds: int
 ) -> PrivacyLedger:
-    copy = PrivacyLedger(history=list(ledger.history))
-    copy.distributed_history = list(ledger.distributed_history)
+    copy = ledger.projected()
     entry = plan.round_entry(honest_sites, rounds)
     copy.add_distributed_round(
         (
@@ -285,7 +285,7 @@ def run_distributed_dp_step(
     refusal, projected = check_budget(
         plan=plan,
         ledger=ledger,
-        max_epsilon=privacy.epsilon,
+        privacy=privacy,
         delta=delta,
         honest_sites=honest,
         first_round_of_run=not ledger.rounds,
@@ -297,7 +297,7 @@ def run_distributed_dp_step(
         ledger,
         num_records=n,
         count_noise=count_noise,
-        max_epsilon=privacy.epsilon,
+        privacy=privacy,
         delta=delta,
         random_bytes=random_bytes,
         accountant=ACCOUNTANT,

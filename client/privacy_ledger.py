@@ -25,6 +25,7 @@ both is added at integer orders and converted once, so the lifetime epsilon cove
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import math
@@ -58,6 +59,10 @@ class PrivacyLedger:
     noisy_count: float | None = None
     #: How many noisy counts ``history`` charges (one per run that drew one).
     count_releases: int = 0
+    #: Where the current run's entries begin in ``history`` and ``distributed_history``:
+    #: the run's own budget covers those, the site's lifetime budget covers all.
+    run_start: int = 0
+    run_distributed_start: int = 0
 
     def knows_run(self, run_id: int) -> bool:
         """Whether this ledger holds state of run ``run_id`` (a round, a count or a sigma)."""
@@ -70,6 +75,25 @@ class PrivacyLedger:
         if run_id != self.run_id:
             self.run_id, self.noise_multiplier, self.rounds = run_id, None, []
             self.noisy_count = None
+            self.run_start = len(self.history)
+            self.run_distributed_start = len(self.distributed_history)
+
+    def projected(self) -> PrivacyLedger:
+        """A copy to add planned entries to (the run markers kept), for budget checks."""
+        return dataclasses.replace(
+            self,
+            history=list(self.history),
+            rounds=list(self.rounds),
+            distributed_history=list(self.distributed_history),
+        )
+
+    def this_run(self) -> PrivacyLedger:
+        """A ledger of the current run's entries only (what the run's own budget covers)."""
+        return PrivacyLedger(
+            delta=self.delta,
+            history=list(self.history[self.run_start :]),
+            distributed_history=list(self.distributed_history[self.run_distributed_start :]),
+        )
 
     def budget_delta(self, policy_delta: float) -> float:
         """The delta budgets are checked at: the smaller of the ledger's and the policy's."""
@@ -130,7 +154,9 @@ class PrivacyLedger:
     ) -> None:
         """Record distributed-DP rounds; repeats of the same mechanism share one entry."""
         variance, l1, l2, rate, steps = entry
-        last = self.distributed_history[-1] if self.distributed_history else None
+        # Merge only within the current run, so the run's entries stay apart from earlier ones.
+        in_run = len(self.distributed_history) > self.run_distributed_start
+        last = self.distributed_history[-1] if in_run else None
         if last is not None and tuple(last[:4]) == (variance, l1, l2, rate):
             self.distributed_history[-1] = (variance, l1, l2, rate, int(last[4]) + int(steps))
         else:
@@ -158,6 +184,8 @@ class PrivacyLedger:
                 # a list: empty when no count was drawn (a noisy count may be negative)
                 "noisy-count": [] if self.noisy_count is None else [float(self.noisy_count)],
                 "count-releases": self.count_releases,
+                "run-start": self.run_start,
+                "run-distributed-start": self.run_distributed_start,
             }
         )
 
@@ -188,6 +216,8 @@ class PrivacyLedger:
             distributed_honest_sites=int(record.get("ddp-honest-sites", 0)),  # type: ignore[arg-type]
             noisy_count=noisy[0] if noisy else None,
             count_releases=int(record.get("count-releases", 0)),  # type: ignore[arg-type]
+            run_start=int(record.get("run-start", 0)),  # type: ignore[arg-type]
+            run_distributed_start=int(record.get("run-distributed-start", 0)),  # type: ignore[arg-type]
         )
 
     def save(self, path: Path) -> None:
@@ -220,6 +250,9 @@ class PrivacyLedger:
             distributed_honest_sites=int(data.get("distributed_honest_sites", 0)),
             noisy_count=data.get("noisy_count"),
             count_releases=int(data.get("count_releases", 0)),
+            # Ledgers written before runs were told apart: the whole history is the run's.
+            run_start=int(data.get("run_start", 0)),
+            run_distributed_start=int(data.get("run_distributed_start", 0)),
         )
 
 

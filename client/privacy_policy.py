@@ -147,12 +147,17 @@ class SitePrivacyPolicy:
 
 @dataclass(frozen=True)
 class EffectivePrivacy:
-    """What this site actually uses this run: never weaker than its policy."""
+    """What this site actually uses this run: never weaker than its policy.
+
+    ``epsilon``: what this run may spend (the run's request, never more than the site's
+    lifetime cap); ``lifetime_epsilon``: the site's cap over its ledger's life (every run).
+    """
 
     epsilon: float
     delta: float
     noise_multiplier_floor: float
     max_grad_norm: float
+    lifetime_epsilon: float = math.inf
 
     @property
     def private(self) -> bool:
@@ -172,6 +177,7 @@ def effective_privacy(policy: SitePrivacyPolicy, request: TrainRequest) -> Effec
             policy.min_noise_multiplier, float(request.noise_multiplier_floor)
         ),
         max_grad_norm=policy.max_grad_norm or float(request.max_grad_norm),
+        lifetime_epsilon=policy.max_epsilon,
     )
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from client.privacy_budget import budget_refusal
 from client.privacy_ledger import PrivacyLedger, calibrate_noise_multiplier
 from client.privacy_policy import (
     EffectivePrivacy,
@@ -63,24 +64,42 @@ def _refused(code: RefusalCode, detail: str) -> RoundOutcome:
 def plan_noise(
     ledger: PrivacyLedger,
     *,
-    epsilon: float,
+    privacy: EffectivePrivacy,
     delta: float,
-    floor: float,
     rate: float,
     total_steps: int,
-) -> float:
-    """The ledger's sigma; calibrated the first time a run needs it, so that the whole
-    ledger (earlier runs, this run's noisy count, and the ``total_steps`` the run can still
-    ask for) stays within ``epsilon``."""
-    if ledger.noise_multiplier is None:
-        sigma = calibrate_noise_multiplier(
-            epsilon=epsilon,
-            delta=delta,
-            sample_rate=rate,
-            steps=total_steps,
-            spent=ledger,
-        )
-        ledger.noise_multiplier = max(sigma, floor)
+) -> float | SiteRefusal:
+    """The run's sigma; calibrated the first time a run needs it, so that the run's entries
+    (its noisy count and the ``total_steps`` it can still ask for) stay within the run's
+    epsilon and the whole ledger (every earlier run too) within the site's lifetime
+    max-epsilon: the larger of the two sigmas, never below the floor. A refusal names the
+    budget that no noise can meet."""
+    if ledger.noise_multiplier is not None:
+        return ledger.noise_multiplier
+    sigmas = []
+    for epsilon, spent, code, budget in (
+        (privacy.epsilon, ledger.this_run(), RefusalCode.PRIVACY_BUDGET, "the run's epsilon"),
+        (
+            privacy.lifetime_epsilon,
+            ledger,
+            RefusalCode.LIFETIME_BUDGET,
+            "the site's lifetime max-epsilon (its own policy)",
+        ),
+    ):
+        try:
+            sigmas.append(
+                calibrate_noise_multiplier(
+                    epsilon=epsilon, delta=delta, sample_rate=rate, steps=total_steps, spent=spent
+                )
+            )
+        except ValueError:  # nothing (or too little) left to calibrate for
+            return SiteRefusal(
+                code,
+                f"privacy budget: {spent.epsilon(delta):.3f} of {budget} {epsilon:g} already "
+                f"spent; no noise fits {total_steps} more steps (delta {delta:g}, "
+                f"record-level, {ACCOUNTANT})",
+            )
+    ledger.noise_multiplier = max(*sigmas, privacy.noise_multiplier_floor)
     return ledger.noise_multiplier
 
 
@@ -112,27 +131,28 @@ def release_noisy_count(
     *,
     num_records: int,
     count_noise: float,
-    max_epsilon: float,
+    privacy: EffectivePrivacy,
     delta: float,
     random_bytes: RandomBytes,
     accountant: str = ACCOUNTANT,
 ) -> SiteRefusal | None:
     """Draw and charge this run's noisy count, unless the run already has one; a refusal
-    when the charge alone would exceed the budget (decided on the ledger only)."""
+    when the charge alone would exceed the run's or the site's lifetime budget (decided on
+    the ledger only)."""
     if ledger.noisy_count is not None:
         return None
-    projected = PrivacyLedger(
-        history=list(ledger.history), distributed_history=list(ledger.distributed_history)
-    )
+    projected = ledger.projected()
     projected.charge_noisy_count(0.0, count_noise=count_noise)
-    epsilon = projected.epsilon(delta)
-    if epsilon > max_epsilon * (1 + 1e-9):
-        return SiteRefusal(
-            RefusalCode.PRIVACY_BUDGET,
-            f"privacy budget: releasing the noisy record count would take epsilon to "
-            f"{epsilon:.3f} > {max_epsilon:g} (delta {delta:g}, record-level, {accountant}); "
-            f"spent so far {ledger.epsilon(delta):.3f}",
-        )
+    refusal = budget_refusal(
+        projected,
+        run_epsilon=privacy.epsilon,
+        lifetime_epsilon=privacy.lifetime_epsilon,
+        delta=delta,
+        what="releasing the noisy record count",
+        accountant=accountant,
+    )
+    if refusal is not None:
+        return refusal
     noisy = draw_noisy_count(num_records, count_noise=count_noise, random_bytes=random_bytes)
     ledger.charge_noisy_count(noisy, count_noise=count_noise)
     ledger.delta = delta
@@ -238,7 +258,7 @@ def _plan_private_round(
         ledger,
         num_records=n,
         count_noise=policy.record_count_noise,
-        max_epsilon=privacy.epsilon,
+        privacy=privacy,
         delta=delta,
         random_bytes=stream,
     )
@@ -251,32 +271,29 @@ def _plan_private_round(
         return SiteRefusal(RefusalCode.PRIVACY_POLICY, str(error))
     rate = sample_rate(count, request.batch_size)
     round_steps = request.local_epochs * steps_per_epoch(count, request.batch_size)
-    spent = ledger.epsilon(delta)
-    try:
-        sigma = plan_noise(
-            ledger,
-            # a new run gets what is left of the site's lifetime budget, spread over the
-            # rounds it can still be asked for (fewer when a run resumes midway)
-            epsilon=privacy.epsilon,
-            delta=delta,
-            floor=privacy.noise_multiplier_floor,
-            rate=rate,
-            total_steps=round_steps * rounds_left(request),
-        )
-    except ValueError:  # nothing (or too little) left to calibrate for
-        return SiteRefusal(
-            RefusalCode.PRIVACY_BUDGET,
-            f"privacy budget: {spent:.3f} of epsilon {privacy.epsilon:g} already spent "
-            f"(delta {delta:g}, record-level, {ACCOUNTANT})",
-        )
-    projected = ledger.epsilon_with([(sigma, rate, round_steps)], delta)
-    if projected > privacy.epsilon * (1 + 1e-9):
-        return SiteRefusal(
-            RefusalCode.PRIVACY_BUDGET,
-            f"privacy budget: round {request.server_round} would take epsilon to "
-            f"{projected:.3f} > {privacy.epsilon:g} (delta {delta:g}, record-level, "
-            f"{ACCOUNTANT}); spent so far {spent:.3f}",
-        )
+    sigma = plan_noise(
+        ledger,
+        # a new run gets what it may spend (and what is left of the site's lifetime budget),
+        # spread over the rounds it can still be asked for (fewer when a run resumes midway)
+        privacy=privacy,
+        delta=delta,
+        rate=rate,
+        total_steps=round_steps * rounds_left(request),
+    )
+    if isinstance(sigma, SiteRefusal):
+        return sigma
+    projected = ledger.projected()
+    projected.history.append((sigma, rate, round_steps))
+    refusal = budget_refusal(
+        projected,
+        run_epsilon=privacy.epsilon,
+        lifetime_epsilon=privacy.lifetime_epsilon,
+        delta=delta,
+        what=f"round {request.server_round}",
+        accountant=ACCOUNTANT,
+    )
+    if refusal is not None:
+        return refusal
     ledger.delta = delta
     return DPSGDSettings(
         noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm, record_count=count

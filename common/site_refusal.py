@@ -17,8 +17,12 @@ from typing import Any
 class RefusalCode(StrEnum):
     """The public reason of a refusal (what the coordinator's logs and reports show)."""
 
-    #: The run or this round would take the site past its privacy budget.
+    #: This round would take the run past the epsilon the run asked for (the coordinator
+    #: may ask for more epsilon or fewer rounds).
     PRIVACY_BUDGET = "privacy-budget"
+    #: This round would take the site past its lifetime budget (its policy's max-epsilon
+    #: over every run: only the site's own operator can change that).
+    LIFETIME_BUDGET = "lifetime-budget"
     #: The request conflicts with the site's privacy policy (delta, noise floor, DP mode).
     PRIVACY_POLICY = "privacy-policy"
     #: The site's ledger cannot tell what this run already spent (no persistent ledger).

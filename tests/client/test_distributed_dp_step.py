@@ -137,9 +137,11 @@ def test_a_resumed_run_without_a_persistent_ledger_is_refused() -> None:
 
 def test_lifetime_budget_counts_earlier_rounds() -> None:
     ledger = PrivacyLedger(history=[(1.0, 0.5, 30)])  # an earlier site-local run
-    outcome = _step(SitePrivacyPolicy(max_epsilon=3.0), ledger)
+    outcome = _step(SitePrivacyPolicy(max_epsilon=3.0), ledger, run_id=1)
     assert outcome.integers is None and outcome.refusal is not None
-    assert outcome.refusal.code == RefusalCode.PRIVACY_BUDGET
+    # This run has spent nothing: it is the site's lifetime cap that has no room left.
+    assert outcome.refusal.code == RefusalCode.LIFETIME_BUDGET
+    assert "max-epsilon 3" in outcome.refusal.detail
 
 
 def test_policy_key() -> None:

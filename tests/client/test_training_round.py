@@ -181,9 +181,9 @@ def test_refuses_when_the_ledger_has_spent_the_budget(data, global_state) -> Non
     assert outcome.update is None and outcome.metrics == {}
     assert outcome.refusal is not None and outcome.refusal.code == RefusalCode.PRIVACY_BUDGET
     reason = outcome.refusal.detail
-    assert reason.startswith("privacy budget")
-    assert f"{projected:.3f}" in reason and f"{spent:.3f}" in reason
-    assert "> 3 " in reason and "delta 1e-05" in reason
+    assert reason.startswith("run privacy budget: round 2")
+    assert f"{projected:.3f}" in reason and "> the 3 the run may spend" in reason
+    assert "delta 1e-05" in reason and "larger epsilon or fewer rounds" in reason
     assert ledger == before
 
 
@@ -193,7 +193,7 @@ def test_a_spent_budget_refuses_before_drawing_the_count(data, global_state) -> 
     ledger = PrivacyLedger(delta=1e-5, history=[(0.9, 0.25, 40)])
     before = copy.deepcopy(ledger)
     outcome = train(1, data, global_state, ledger=ledger, run_id=5)
-    assert outcome.refusal is not None and outcome.refusal.code == RefusalCode.PRIVACY_BUDGET
+    assert outcome.refusal is not None and outcome.refusal.code == RefusalCode.LIFETIME_BUDGET
     assert "noisy record count" in outcome.refusal.detail
     assert ledger.noisy_count is None and ledger.history == before.history
 
@@ -377,3 +377,54 @@ def test_budget_is_checked_at_the_smaller_of_the_ledger_and_policy_delta(
     outcome = train(2, data, global_state, ledger=ledger, policy=policy, run_id=40)
     assert outcome.refusal is not None and outcome.refusal.code == RefusalCode.PRIVACY_BUDGET
     assert "delta 1e-08" in outcome.refusal.detail
+
+
+def test_the_run_asks_for_what_it_may_spend_and_the_policy_caps_the_lifetime(
+    data, global_state
+) -> None:
+    """Two runs at the run epsilon 1.5 on a site whose policy caps its lifetime at 4: each run
+    spends at most 1.5 of its own, the second is not refused for what the first spent, and
+    together they stay within 4. A third run no longer fits the lifetime cap: the refusal
+    names that limit (the site's own), not the run's."""
+    ledger = PrivacyLedger()
+    policy = SitePrivacyPolicy(max_epsilon=4.0)
+    for run_id in (31, 32):
+        for round_ in (1, 2):
+            outcome = train(
+                round_,
+                data,
+                global_state,
+                ledger=ledger,
+                policy=policy,
+                run_id=run_id,
+                epsilon=1.5,
+                num_server_rounds=2,
+            )
+            assert outcome.update is not None, outcome.refusal
+            assert outcome.metrics["epsilon-bound"] == 1.5
+        assert ledger.this_run().epsilon(1e-5) <= 1.5 * (1 + 1e-9)
+    assert 1.5 < ledger.epsilon(1e-5) <= 4.0
+    # The run's entries start at its own noisy count: the first run's are not in it.
+    assert ledger.history[ledger.run_start] == count_charge(COUNT_NOISE)
+    assert ledger.this_run().epsilon(1e-5) < ledger.epsilon(1e-5)
+
+    # The site's operator lowers its cap to just above what it has spent: the next run's
+    # own budget is untouched, but the site's lifetime has no room left.
+    spent = ledger.epsilon(1e-5)
+    tight = SitePrivacyPolicy(max_epsilon=round(spent * 1.001, 4))
+    third = train(1, data, global_state, ledger=ledger, policy=tight, run_id=33, epsilon=1.5)
+    assert third.update is None and third.refusal is not None
+    assert third.refusal.code == RefusalCode.LIFETIME_BUDGET
+    assert "max-epsilon" in third.refusal.detail and "site's own policy" in third.refusal.detail
+
+
+def test_the_run_markers_survive_both_stores(tmp_path) -> None:
+    ledger = PrivacyLedger(history=[(1.0, 0.1, 5), (20.0, 1.0, 1)], delta=1e-5, run_id=7)
+    ledger.run_start, ledger.run_distributed_start = 1, 0
+    ledger.save(tmp_path / "ledger.json")
+    for loaded in (
+        PrivacyLedger.load(tmp_path / "ledger.json"),
+        PrivacyLedger.from_record(ledger.to_record()),
+    ):
+        assert (loaded.run_start, loaded.run_distributed_start) == (1, 0)
+        assert loaded.this_run().history == [(20.0, 1.0, 1)]

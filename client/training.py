@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from common.data.dataset import ImageTextDataset
-from common.loss import candidate_tokens, matching_loss
+from common.distractors import DistractorSampler, DistractorSettings
+from common.loss import matching_loss
 from common.model import CrossAttentionMatcher
 from common.tokenizer import HashingTokenizer
 
@@ -40,16 +41,22 @@ class TrainingRecipe:
     optimizer: str = "sgd"  # "sgd" or "adam"
     num_distractors: int = 4
     seed: int = 0
+    #: word lists and caption bank of the distractors (common.distractors)
+    distractors: DistractorSettings = field(default_factory=DistractorSettings)
 
     @classmethod
     def from_settings(cls, settings: Any, *, seed: int) -> TrainingRecipe:
         """The recipe named by any object with the same fields (a ``TrainRequest``, a
-        ``FederationConfig``, a shadow run's recipe), with this ``seed``."""
+        ``FederationConfig``, a shadow run's recipe), with this ``seed``; its distractor
+        settings (a train request's caption bank checked against its digest) when it has
+        them."""
         names = ("local_epochs", "batch_size", "learning_rate", "momentum", "optimizer")
+        distractor_settings = getattr(settings, "distractor_settings", None)
         return cls(
             **{name: getattr(settings, name) for name in names},
             num_distractors=settings.num_distractors,
             seed=seed,
+            distractors=distractor_settings() if distractor_settings else DistractorSettings(),
         )
 
 
@@ -70,7 +77,8 @@ class LocalTrainingResult:
 
 
 class MatchingDataset(Dataset):
-    """Items ``(image uint8 (H, W), candidate tokens (C, T))`` with fresh distractors."""
+    """Items ``(image uint8 (H, W[, 3]), candidate tokens (C, T))`` with fresh distractors
+    (``common.distractors``: public word swaps and caption bank, never another record)."""
 
     def __init__(
         self,
@@ -79,22 +87,24 @@ class MatchingDataset(Dataset):
         tokenizer: HashingTokenizer,
         num_distractors: int,
         seed: int,
+        distractors: DistractorSettings | None = None,
     ) -> None:
         self.data = data
         self.tokenizer = tokenizer
         self.num_distractors = num_distractors
+        self.sampler = DistractorSampler(
+            distractors or DistractorSettings(),
+            tokenizer=tokenizer,
+            num_distractors=num_distractors,
+        )
+        self.sampler.check_captions(data.captions)
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = candidate_tokens(
-            self.data.captions[index],
-            num_distractors=self.num_distractors,
-            tokenizer=self.tokenizer,
-            rng=self.rng,
-        )
+        tokens = self.sampler.candidate_tokens(self.data.captions[index], self.rng)
         return torch.from_numpy(self.data.images[index]), torch.from_numpy(tokens)
 
 
@@ -162,9 +172,10 @@ def train_locally(
     torch.manual_seed(seed)
     dataset = MatchingDataset(
         data,
-        tokenizer=tokenizer or HashingTokenizer(),
+        tokenizer=tokenizer or HashingTokenizer.for_model(model.config),
         num_distractors=recipe.num_distractors,
         seed=seed,
+        distractors=recipe.distractors,
     )
     loader = DataLoader(dataset, batch_size=recipe.batch_size, shuffle=True)
     optimizer = make_optimizer(model, recipe)

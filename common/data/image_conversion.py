@@ -72,8 +72,8 @@ def to_channels(image: Image.Image, channels: int) -> tuple[Image.Image, list[Pi
     if image.mode in _SIXTEEN_BIT_GRAY_MODES:
         image = _sixteen_bit_to_eight(image)
         steps.append(PixelConversion.SIXTEEN_BIT_SCALED)
-    elif _has_transparency(image):
-        image, composited = _composite_on_background(image)
+    elif has_transparency(image):
+        image, composited = flatten_transparency(image)
         if composited:
             steps.append(PixelConversion.TRANSPARENCY_COMPOSITED)
     elif image.mode in _OTHER_COLOUR_MODES:
@@ -93,15 +93,18 @@ def _palette_is_gray(image: Image.Image) -> bool:
     return all(r == g == b for r, g, b in triples)
 
 
-def _has_transparency(image: Image.Image) -> bool:
+def has_transparency(image: Image.Image) -> bool:
+    """Whether ``image`` has an alpha channel or a transparent colour (it may still be
+    fully opaque)."""
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         return True
     return image.mode == "P" and image.palette is not None and image.palette.mode == "RGBA"
 
 
-def _composite_on_background(image: Image.Image) -> tuple[Image.Image, bool]:
+def flatten_transparency(image: Image.Image) -> tuple[Image.Image, bool]:
     """``image`` over an opaque white background, as RGB; and whether any pixel was not
-    fully opaque (so the composite changed something)."""
+    fully opaque (so the composite changed something). Anything that writes images for the
+    model (a de-identified copy, say) should flatten this way rather than drop alpha."""
     rgba = image.convert("RGBA")
     alpha_min, _ = rgba.getchannel("A").getextrema()
     background = Image.new("RGBA", rgba.size, (TRANSPARENCY_BACKGROUND,) * 3 + (255,))

@@ -6,8 +6,8 @@ never come from another private record: each is either
 - a word swap of the record's own caption with public word lists
   (``common.data.word_lists``: "left lower lobe" -> "right lower lobe"), where a list
   mentions a word of the caption; or
-- a caption of the run's public caption bank (``common.data.caption_bank``), drawn uniformly
-  without replacement for each example.
+- a caption of the run's public caption bank (``common.data.caption_bank``), drawn for each
+  example in proportion to how often the bank holds it, without repeats.
 
 With a bank, ``K // 2`` distractors are word swaps when any apply and the rest come from the
 bank; without one, all ``K`` are word swaps, and every caption must have a swappable word.
@@ -34,6 +34,7 @@ from common.data.word_lists import has_swappable_words, lexicons_of, swapped_wor
 from common.tokenizer import HashingTokenizer
 
 DEFAULT_WORD_LISTS = ("fashion",)
+_BANK_DRAW_ROUNDS = 16  # rounds of line draws before the fallback to distinct captions
 
 
 class DistractorError(ValueError):
@@ -65,27 +66,23 @@ class DistractorSampler:
         self.num_distractors = num_distractors
         self.lexicons = lexicons_of(settings.word_lists)
         self._benchmark_draws = settings.bank is None and settings.word_lists == ("fashion",)
-        self._bank_tokens = self._distinct_bank_tokens(settings.bank)
-
-    def _distinct_bank_tokens(self, bank: CaptionBank | None) -> np.ndarray | None:
-        if bank is None:
-            return None
-        tokens = np.unique(self.tokenizer.encode_batch(list(bank.captions)), axis=0)
-        if len(tokens) < self.num_distractors + 1:
-            raise CaptionBankError(
-                f"caption bank sha256:{bank.sha256[:12]} has {len(tokens)} distinct captions "
-                f"as the tokenizer sees them; num-distractors = {self.num_distractors} needs "
-                f"at least {self.num_distractors + 1}: ship a larger bank or lower "
-                "num-distractors"
-            )
-        return tokens
+        self._bank_tokens: np.ndarray | None = None  # one row per bank line
+        self._distinct_tokens = np.zeros((0, tokenizer.max_len), dtype=np.int64)
+        if settings.bank is not None:
+            self._bank_tokens = tokenizer.encode_batch(list(settings.bank.captions))
+            self._distinct_tokens = np.unique(self._bank_tokens, axis=0)
+            if len(self._distinct_tokens) < num_distractors + 1:
+                raise CaptionBankError(
+                    f"caption bank sha256:{settings.bank.sha256[:12]} has "
+                    f"{len(self._distinct_tokens)} distinct captions as the tokenizer sees "
+                    f"them; num-distractors = {num_distractors} needs at least "
+                    f"{num_distractors + 1}: ship a larger bank or lower num-distractors"
+                )
 
     @property
     def bank_tokens(self) -> np.ndarray:
         """The bank's distinct token rows ``(B, T)`` (empty without a bank)."""
-        if self._bank_tokens is None:
-            return np.zeros((0, self.tokenizer.max_len), dtype=np.int64)
-        return self._bank_tokens
+        return self._distinct_tokens
 
     def check_captions(self, captions: Sequence[str]) -> None:
         """Raise :class:`DistractorError` when some caption can get no distractor: no bank,
@@ -137,12 +134,27 @@ class DistractorSampler:
     def _bank_draw(
         self, taken: np.ndarray, count: int, rng: np.random.Generator
     ) -> list[np.ndarray]:
-        """``count`` bank captions whose tokens differ from every row of ``taken``."""
+        """``count`` distinct bank captions, each line equally likely (so a caption in
+        proportion to its lines), whose tokens differ from every row of ``taken``."""
         bank = self._bank_tokens
         assert bank is not None
-        # At most len(taken) bank rows equal a taken row (bank rows are distinct), and the
-        # bank has at least K + 1 rows: drawing count + len(taken) always leaves enough.
-        size = min(len(bank), count + len(taken))
-        drawn = bank[rng.choice(len(bank), size=size, replace=False)]
-        fresh = ~(drawn[:, None, :] == taken[None, :, :]).all(-1).any(-1)
-        return list(drawn[fresh][:count])
+        seen = {row.tobytes() for row in taken}
+        out: list[np.ndarray] = []
+        for _ in range(_BANK_DRAW_ROUNDS):
+            for line in rng.integers(len(bank), size=2 * (count + len(taken))):
+                key = bank[line].tobytes()
+                if key not in seen:
+                    seen.add(key)
+                    out.append(bank[line])
+                    if len(out) == count:
+                        return out
+        # A bank dominated by the taken captions: finish from its distinct captions. There
+        # are at least K + 1 of them, and at most 1 + K - count are taken.
+        for index in rng.permutation(len(self._distinct_tokens)):
+            row = self._distinct_tokens[index]
+            if row.tobytes() not in seen:
+                seen.add(row.tobytes())
+                out.append(row)
+                if len(out) == count:
+                    break
+        return out

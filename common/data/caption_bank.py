@@ -4,7 +4,12 @@ The matching loss (``common.loss``) ranks each record's caption against distract
 them from other records of the batch would make one record's gradient depend on another's
 private caption; taking them from this bank, which is public and the same for every site,
 does not. The bank is a UTF-8 text file, one caption per line (run config ``caption-bank``);
-blank lines are ignored, surrounding whitespace is stripped and repeated lines count once.
+blank lines are ignored and surrounding whitespace is stripped. A caption that appears on
+several lines is drawn as often as it appears: when the bank's caption frequencies follow the
+data's, how common a caption is tells the model nothing, and the loss learns how much more
+likely a caption is given the image than without it (noise-contrastive estimation with the
+data distribution as noise: Gutmann and Hyvarinen, AISTATS 2010), which is what ranking
+captions for an image needs. A bank of distinct lines weights every caption alike.
 
 Its identity is the SHA-256 of the file's bytes, as ``sha256sum`` prints it (run config
 ``caption-bank-sha256``, recorded in the run's summary). On the wire the file travels
@@ -30,7 +35,8 @@ class CaptionBankError(ValueError):
 
 @dataclass(frozen=True)
 class CaptionBank:
-    """The distinct captions of a bank file, in file order, and the file's digest."""
+    """The captions of a bank file, one per non-blank line in file order (repeats kept),
+    and the file's digest."""
 
     captions: tuple[str, ...]
     sha256: str  # hex digest of the file's bytes
@@ -51,7 +57,7 @@ class CaptionBank:
                 f"caption bank {source} is not UTF-8 text (byte {err.start}): save it as "
                 "UTF-8, one caption per line"
             ) from None
-        captions = tuple(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
+        captions = tuple(line.strip() for line in text.splitlines() if line.strip())
         if not captions:
             raise CaptionBankError(
                 f"caption bank {source} holds no caption: write one public caption per line"

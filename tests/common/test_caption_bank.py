@@ -26,9 +26,17 @@ def bank_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_bank_keeps_distinct_stripped_lines_and_the_file_digest(bank_file: Path) -> None:
+def test_bank_keeps_stripped_lines_with_their_repeats_and_the_file_digest(
+    bank_file: Path,
+) -> None:
     bank = CaptionBank.from_file(bank_file)
-    assert bank.captions == ("a red apple", "stick man", "flag of brazil", "road sign: stop")
+    assert bank.captions == (
+        "a red apple",
+        "stick man",
+        "flag of brazil",
+        "a red apple",  # drawn twice as often as the others
+        "road sign: stop",
+    )
     assert bank.sha256 == hashlib.sha256(bank_file.read_bytes()).hexdigest()
 
 

@@ -71,6 +71,21 @@ def test_no_distractor_equals_the_caption_as_the_model_sees_it() -> None:
     assert seen == bank_rows - {own}  # every other bank caption is drawn, nothing else
 
 
+def test_bank_captions_are_drawn_as_often_as_the_bank_holds_them() -> None:
+    """A caption on 8 of 14 lines is the single distractor about 8 / 14 of the time."""
+    lines = ["a red apple"] * 8 + ["stick man", "flag", "a sun", "a boat", "a sign", "a card"]
+    bank = CaptionBank.from_bytes("\n".join(lines).encode(), source="test")
+    sampler = _sampler(bank=bank, k=1)
+    apple = tuple(TOKENIZER.encode("a red apple"))
+    rng = np.random.default_rng(5)
+    draws = [_rows(sampler.candidate_tokens("Chinese flag", rng))[1] for _ in range(2000)]
+    share = sum(row == apple for row in draws) / len(draws)
+    assert abs(share - 8 / 14) < 0.04  # 4 standard errors
+    # the record's own caption is never drawn, however common in the bank
+    own_apple = [_rows(sampler.candidate_tokens("A red apple!", rng))[1] for _ in range(300)]
+    assert apple not in own_apple
+
+
 def test_word_swaps_come_first_and_the_bank_fills_the_rest() -> None:
     sampler = _sampler(word_lists=("positions",), k=4)
     caption = "left lower lobe consolidation"

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from common.data.caption_bank import CaptionBank
+from common.data.word_lists import parse_word_lists
 from common.distractors import DistractorSettings
 from common.federation_config import FederationConfig
 from common.model_config import ModelConfig, model_config_from_settings
@@ -85,8 +86,6 @@ class TrainRequest:
 
     def distractor_settings(self) -> DistractorSettings:
         """Where this round's distractors come from (``common.distractors``)."""
-        from common.data.word_lists import parse_word_lists
-
         return DistractorSettings(
             word_lists=parse_word_lists(self.distractor_word_lists), bank=self.caption_bank()
         )

@@ -45,9 +45,10 @@ from client.privacy_policy import (
     require_delta_below_one_over,
 )
 from client.record_count import public_count
-from client.training import MatchingDataset
+from client.training import MatchingDataset, check_distractors
 from client.training_round import release_noisy_count, unknown_run_refusal
 from common.data.dataset import ImageTextDataset
+from common.distractors import DistractorSettings
 from common.distributed_dp.plan import DistributedDPPlan
 from common.distributed_dp.rounding import new_rounding_generator, randomized_round
 from common.distributed_dp.skellam import RandomBytes, skellam_share
@@ -156,6 +157,7 @@ def integer_gradient_sum(
     clip_norm: float,
     num_distractors: int,
     tokenizer: HashingTokenizer,
+    distractors: DistractorSettings | None = None,
 ) -> np.ndarray:
     """The randomly rounded sum over ``indices`` of each record's clipped gradient divided by
     gamma, each entry clipped to the plan's [-L, L] (int64)."""
@@ -170,6 +172,7 @@ def integer_gradient_sum(
         tokenizer=tokenizer,
         num_distractors=num_distractors,
         seed=int.from_bytes(os.urandom(8), "little"),
+        distractors=distractors,
     )
     parameters = dict(model.named_parameters())
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
@@ -270,6 +273,16 @@ def run_distributed_dp_step(
                 f"plan dimension {plan.dimension} differs from the model's {dimension}",
             ),
         )
+    tokenizer = HashingTokenizer.for_model(model.config)
+    try:  # the caption bank's digest and every caption's distractors, before any spend
+        distractors = request.distractor_settings()
+        check_distractors(
+            data, distractors, tokenizer=tokenizer, num_distractors=request.num_distractors
+        )
+    except ValueError as error:  # CaptionBankError, DistractorError
+        return DistributedStepOutcome(
+            None, refusal=SiteRefusal(RefusalCode.BAD_REQUEST, f"distractors: {error}")
+        )
     honest = honest_sites_assumed(policy, plan)
     if plan.noise_multiplier(honest) < privacy.noise_multiplier_floor:
         return DistributedStepOutcome(
@@ -312,9 +325,6 @@ def run_distributed_dp_step(
             None, refusal=SiteRefusal(RefusalCode.PRIVACY_POLICY, str(error))
         )
 
-    tokenizer = HashingTokenizer(
-        max_len=model.config.max_len, num_buckets=model.config.vocab_buckets
-    )
     indices = poisson_sample(n, plan.sample_rate, random_bytes)
     summed = integer_gradient_sum(
         model,
@@ -325,6 +335,7 @@ def run_distributed_dp_step(
         clip_norm=min(privacy.max_grad_norm, plan.clip_norm),
         num_distractors=request.num_distractors,
         tokenizer=tokenizer,
+        distractors=distractors,
     )
     # Noise on the trainable coordinates only: buffers (fixed filters) get no gradient, and
     # their entries stay exactly 0, so the coordinator leaves them unchanged.

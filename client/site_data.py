@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from common.data.benchmark import CANVAS_SHAPE, benchmark_train_records
 from common.data.dataset import ImageTextDataset
 from common.data.partitioning import partition_indices
+from common.model_config import ModelConfig
 from common.train_request import TrainRequest
 
 if TYPE_CHECKING:  # the de-identification tools load only when used
@@ -204,9 +205,26 @@ def deidentified_records(
     return _remember(memo_key, raw, data)
 
 
-def deidentified_imagefolder(root: Path, *, settings: SiteDeidSettings) -> ImageTextDataset:
+@dataclass(frozen=True)
+class ImageGeometry:
+    """How a site's images are loaded: the model's size and channels, and the caption length
+    it reads (longer captions are counted in the load report)."""
+
+    image_size: tuple[int, int] = CANVAS_SHAPE
+    channels: int = 1
+    caption_words: int | None = None
+
+    @classmethod
+    def of_model(cls, config: ModelConfig) -> ImageGeometry:
+        return cls(config.image_size, config.image_channels, config.max_len)
+
+
+def deidentified_imagefolder(
+    root: Path, *, settings: SiteDeidSettings, geometry: ImageGeometry | None = None
+) -> ImageTextDataset:
     """The site's imagefolder de-identified at full resolution (faces are found before the
-    images are scaled down), then loaded; cached like :func:`deidentified_records`."""
+    images are scaled down), then loaded at the model's ``geometry``; cached like
+    :func:`deidentified_records`."""
     from client.deid.audit import tool_versions
     from client.deid.cache import (
         DeidCache,
@@ -221,6 +239,12 @@ def deidentified_imagefolder(root: Path, *, settings: SiteDeidSettings) -> Image
     from client.deid.site_secret import load_or_create_site_secret
     from common.data.imagefolder import load_imagefolder
 
+    geometry = geometry or ImageGeometry()
+    loading = {
+        "image_size": geometry.image_size,
+        "channels": geometry.channels,
+        "caption_words": geometry.caption_words,
+    }
     root = Path(root).resolve()
     cache_dir = settings.cache_dir.resolve()
     if cache_dir == root or root in cache_dir.parents:
@@ -230,7 +254,14 @@ def deidentified_imagefolder(root: Path, *, settings: SiteDeidSettings) -> Image
         )
     policy = settings.load_policy()
     secret = load_or_create_site_secret(settings.secret_file)
-    memo_key = ("imagefolder", str(root), policy, secret_fingerprint(secret), settings.cache_dir)
+    memo_key = (
+        "imagefolder",
+        str(root),
+        geometry,
+        policy,
+        secret_fingerprint(secret),
+        settings.cache_dir,
+    )
     signature = folder_signature(root)
     hit = _recall(memo_key, signature)
     if hit is not None:
@@ -245,7 +276,7 @@ def deidentified_imagefolder(root: Path, *, settings: SiteDeidSettings) -> Image
     entry = cache.lookup(slot, key)
     if entry is not None:
         try:
-            data, _report = load_imagefolder(entry / "imagefolder", image_size=CANVAS_SHAPE)
+            data, _report = load_imagefolder(entry / "imagefolder", **loading)
             return _remember(memo_key, signature, data)
         except (OSError, ValueError):
             logger.warning("unreadable de-identification cache entry %s: rebuilding", entry.name)
@@ -263,22 +294,35 @@ def deidentified_imagefolder(root: Path, *, settings: SiteDeidSettings) -> Image
     )
     if reports:
         _log_built(str(root), reports[0], time.monotonic() - started, entry)
-    data, _report = load_imagefolder(entry / "imagefolder", image_size=CANVAS_SHAPE)
+    data, _report = load_imagefolder(entry / "imagefolder", **loading)
     return _remember(memo_key, signature, data)
 
 
 def load_site_data(node_config: Mapping[str, Any], request: TrainRequest) -> ImageTextDataset:
     """A site's training records, de-identified under the site's policy.
 
-    ``imagefolder`` in the node config: the site's own folder (deployment). Otherwise
-    ``partition-id`` and ``num-partitions`` (set by Flower's simulation): that partition of
-    the built-in benchmark (its first ``site-records-limit`` records when that is set);
-    the node config's ``data-dir`` wins over the run's.
+    ``imagefolder`` in the node config: the site's own folder (deployment), loaded at the
+    run's ``image-size`` and ``image-channels``. Otherwise ``partition-id`` and
+    ``num-partitions`` (set by Flower's simulation): that partition of the built-in
+    benchmark (its first ``site-records-limit`` records when that is set), whose images are
+    28x56 grayscale; the node config's ``data-dir`` wins over the run's.
     """
     settings = site_deid_settings(node_config)
+    model = request.model_config()
     if "imagefolder" in node_config:
-        return deidentified_imagefolder(Path(str(node_config["imagefolder"])), settings=settings)
+        return deidentified_imagefolder(
+            Path(str(node_config["imagefolder"])),
+            settings=settings,
+            geometry=ImageGeometry.of_model(model),
+        )
     if "partition-id" in node_config and "num-partitions" in node_config:
+        if model.record_image_shape != CANVAS_SHAPE:
+            raise SiteDataError(
+                f"the built-in benchmark's images are {CANVAS_SHAPE[0]}x{CANVAS_SHAPE[1]} "
+                f"grayscale, but the run asks for image-size = '{request.image_size}' and "
+                f"image-channels = {request.image_channels}: set image-size = '28x56' and "
+                "image-channels = 1, or give the site an imagefolder (node config imagefolder)"
+            )
         params = (
             str(node_config.get("data-dir", request.data_dir)),
             int(node_config["num-partitions"]),

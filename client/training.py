@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from common.data.dataset import ImageTextDataset
-from common.loss import candidate_tokens, matching_loss
+from common.distractors import DistractorSampler, DistractorSettings
+from common.loss import matching_loss
 from common.model import CrossAttentionMatcher
 from common.secure_random import RandomBytes, fresh_random_bytes
 from common.tokenizer import HashingTokenizer
@@ -42,16 +43,22 @@ class TrainingRecipe:
     optimizer: str = "sgd"  # "sgd" or "adam"
     num_distractors: int = 4
     seed: int = 0
+    #: word lists and caption bank of the distractors (common.distractors)
+    distractors: DistractorSettings = field(default_factory=DistractorSettings)
 
     @classmethod
     def from_settings(cls, settings: Any, *, seed: int) -> TrainingRecipe:
         """The recipe named by any object with the same fields (a ``TrainRequest``, a
-        ``FederationConfig``, a shadow run's recipe), with this ``seed``."""
+        ``FederationConfig``, a shadow run's recipe), with this ``seed``; its distractor
+        settings (a train request's caption bank checked against its digest) when it has
+        them."""
         names = ("local_epochs", "batch_size", "learning_rate", "momentum", "optimizer")
+        distractor_settings = getattr(settings, "distractor_settings", None)
         return cls(
             **{name: getattr(settings, name) for name in names},
             num_distractors=settings.num_distractors,
             seed=seed,
+            distractors=distractor_settings() if distractor_settings else DistractorSettings(),
         )
 
 
@@ -79,7 +86,8 @@ class LocalTrainingResult:
 
 
 class MatchingDataset(Dataset):
-    """Items ``(image uint8 (H, W), candidate tokens (C, T))`` with fresh distractors."""
+    """Items ``(image uint8 (H, W[, 3]), candidate tokens (C, T))`` with fresh distractors
+    (``common.distractors``: public word swaps and caption bank, never another record)."""
 
     def __init__(
         self,
@@ -88,23 +96,39 @@ class MatchingDataset(Dataset):
         tokenizer: HashingTokenizer,
         num_distractors: int,
         seed: int,
+        distractors: DistractorSettings | None = None,
     ) -> None:
         self.data = data
         self.tokenizer = tokenizer
         self.num_distractors = num_distractors
+        self.sampler = DistractorSampler(
+            distractors or DistractorSettings(),
+            tokenizer=tokenizer,
+            num_distractors=num_distractors,
+        )
+        self.sampler.check_captions(data.captions)
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = candidate_tokens(
-            self.data.captions[index],
-            num_distractors=self.num_distractors,
-            tokenizer=self.tokenizer,
-            rng=self.rng,
-        )
+        tokens = self.sampler.candidate_tokens(self.data.captions[index], self.rng)
         return torch.from_numpy(self.data.images[index]), torch.from_numpy(tokens)
+
+
+def check_distractors(
+    data: ImageTextDataset,
+    distractors: DistractorSettings,
+    *,
+    tokenizer: HashingTokenizer,
+    num_distractors: int,
+) -> None:
+    """Raise ``DistractorError`` (a ``ValueError``) when some caption of ``data`` cannot get
+    its distractors from ``distractors``: checked before a round spends any privacy."""
+    DistractorSampler(
+        distractors, tokenizer=tokenizer, num_distractors=num_distractors
+    ).check_captions(data.captions)
 
 
 def sample_rate(num_examples: int, batch_size: int) -> float:
@@ -165,13 +189,17 @@ def train_locally(
     """
     if len(data) == 0:
         raise ValueError("a site with no records cannot train")
-    tokenizer = tokenizer or HashingTokenizer()
+    tokenizer = tokenizer or HashingTokenizer.for_model(model.config)
     optimizer = make_optimizer(model, recipe)
     model.train()
     if dp is None:
         torch.manual_seed(recipe.seed)
         dataset = MatchingDataset(
-            data, tokenizer=tokenizer, num_distractors=recipe.num_distractors, seed=recipe.seed
+            data,
+            tokenizer=tokenizer,
+            num_distractors=recipe.num_distractors,
+            seed=recipe.seed,
+            distractors=recipe.distractors,
         )
         loader = DataLoader(dataset, batch_size=recipe.batch_size, shuffle=True)
         mean_loss, steps = _run_epochs(model, loader, optimizer, recipe.local_epochs)
@@ -185,6 +213,7 @@ def train_locally(
         tokenizer=tokenizer,
         num_distractors=recipe.num_distractors,
         seed=int.from_bytes(stream(8), "little"),
+        distractors=recipe.distractors,
     )
     count = dp.record_count if dp.record_count is not None else len(data)
     rate = sample_rate(count, recipe.batch_size)

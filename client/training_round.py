@@ -30,6 +30,7 @@ from client.record_count import draw_noisy_count, public_count
 from client.training import (
     DPSGDSettings,
     TrainingRecipe,
+    check_distractors,
     sample_rate,
     steps_per_epoch,
     train_locally,
@@ -39,6 +40,7 @@ from common.model import CrossAttentionMatcher
 from common.secure_random import RandomBytes, fresh_random_bytes
 from common.secure_round import METRIC_EPSILON_BOUND, METRIC_NUM_EXAMPLES, METRIC_STEPS
 from common.site_refusal import RefusalCode, SiteRefusal
+from common.tokenizer import HashingTokenizer
 from common.train_request import TrainRequest
 
 logger = logging.getLogger(__name__)
@@ -194,6 +196,18 @@ def run_training_round(
         )
     if len(data) == 0:
         return _refused(RefusalCode.NO_DATA, "no records")
+    try:  # the caption bank's digest and every caption's distractors, before any spend
+        recipe = TrainingRecipe.from_settings(
+            request, seed=request.seed * 100_003 + request.server_round
+        )
+        check_distractors(
+            data,
+            recipe.distractors,
+            tokenizer=HashingTokenizer.for_model(request.model_config()),
+            num_distractors=recipe.num_distractors,
+        )
+    except ValueError as error:  # CaptionBankError, DistractorError
+        return _refused(RefusalCode.BAD_REQUEST, f"distractors: {error}")
     privacy = effective_privacy(policy, request)
     stream = random_bytes or fresh_random_bytes()
     dp: DPSGDSettings | None = None
@@ -207,9 +221,6 @@ def run_training_round(
         dp = planned
         count = int(dp.record_count or 1)
 
-    recipe = TrainingRecipe.from_settings(
-        request, seed=request.seed * 100_003 + request.server_round
-    )
     model = CrossAttentionMatcher(request.model_config())
     model.load_state_dict(global_state)
     result = train_locally(

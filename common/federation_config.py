@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
 
-from common.model_config import ACTIVATIONS, IMAGE_ENCODERS
+from common.data.caption_bank import CaptionBank, CaptionBankError
+from common.data.word_lists import parse_word_lists
+from common.model_config import ACTIVATIONS, IMAGE_ENCODERS, model_config_from_settings
+
+if TYPE_CHECKING:
+    from common.distractors import DistractorSettings
 
 PARTITION_SCHEMES = ("iid", "dirichlet")
 OPTIMIZERS = ("sgd", "adam")
 LEARNING_RATE_SCHEDULES = ("constant", "cosine")
 DP_MODES = ("local", "distributed")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class ConfigError(ValueError):
@@ -53,6 +60,14 @@ class FederationConfig:
     model_text_layers: int = 1
     model_image_encoder: str = "patches"  # "patches", "conv" or "scatter" (common.model)
     model_activation: str = "gelu"  # "gelu" or "tanh" (common.model)
+    image_size: str = "28x56"  # "HEIGHTxWIDTH" of the model's images (common.model_config)
+    image_channels: int = 1  # 1: grayscale, 3: RGB
+    model_patch_size: int = 7  # pixels per patch side of the "patches" encoder
+    model_vocab_buckets: int = 768  # hash buckets of the tokenizer (common.tokenizer)
+    model_caption_words: int = 12  # words of a caption the model reads
+    distractor_word_lists: str = "fashion"  # public word lists for swaps (common.data)
+    caption_bank: str = ""  # public caption file shipped to the sites ("" = none)
+    caption_bank_sha256: str = ""  # its SHA-256; filled in from the file when empty
     secure_aggregation: bool = True
     secagg_bit_width: int = 32
     secagg_update_clip: float = 1.0
@@ -148,6 +163,57 @@ class FederationConfig:
             if not ok:
                 value = getattr(self, key.replace("-", "_"))
                 raise ConfigError(f"run config '{key}' = {value!r} is invalid: use {allowed}")
+        self._check_model_and_distractors()
+
+    def _check_model_and_distractors(self) -> None:
+        """The image and text geometry and the distractor sources; errors name the key."""
+        try:
+            model_config_from_settings(self)
+            parse_word_lists(self.distractor_word_lists)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if self.caption_bank_sha256 and not _SHA256_HEX.fullmatch(self.caption_bank_sha256):
+            raise ConfigError(
+                f"run config 'caption-bank-sha256' = {self.caption_bank_sha256!r} is invalid: "
+                "use the 64 lower-case hex digits sha256sum prints, or '' to take the file's"
+            )
+        if self.caption_bank_sha256 and not self.caption_bank:
+            raise ConfigError(
+                "run config 'caption-bank-sha256' is set but 'caption-bank' is not: name the "
+                "caption bank file, or clear the digest"
+            )
+
+    def caption_bank_file(self) -> CaptionBank | None:
+        """The run's caption bank, read from its file and checked against
+        ``caption-bank-sha256`` when that is set; None when the run has none."""
+        if not self.caption_bank:
+            return None
+        try:
+            bank = CaptionBank.from_file(self.caption_bank)
+        except CaptionBankError as err:
+            raise ConfigError(str(err)) from None
+        if self.caption_bank_sha256 and bank.sha256 != self.caption_bank_sha256:
+            raise ConfigError(
+                f"caption bank {self.caption_bank} has SHA-256 {bank.sha256}, but run config "
+                f"'caption-bank-sha256' pins {self.caption_bank_sha256}: the file changed; "
+                "restore it, or set the new digest (or '' to take the file's)"
+            )
+        return bank
+
+    def with_caption_bank_digest(self) -> FederationConfig:
+        """This config with ``caption-bank-sha256`` set to the bank file's digest (checked
+        against a pinned one), so that the run's summary records which bank it used."""
+        bank = self.caption_bank_file()
+        return self if bank is None else replace(self, caption_bank_sha256=bank.sha256)
+
+    def distractor_settings(self) -> DistractorSettings:
+        """Where distractors come from in this run (``common.distractors``)."""
+        from common.distractors import DistractorSettings
+
+        return DistractorSettings(
+            word_lists=parse_word_lists(self.distractor_word_lists),
+            bank=self.caption_bank_file(),
+        )
 
     def learning_rate_in_round(self, server_round: int) -> float:
         """The learning rate of ``server_round`` (the sites' local one, or the coordinator's
@@ -180,7 +246,7 @@ class FederationConfig:
                 raise ConfigError(
                     f"run config '{key}' = {value!r} is not a {kind.__name__}"
                 ) from err
-        return cls(**values)
+        return cls(**values).with_caption_bank_digest()
 
     def to_run_config(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}

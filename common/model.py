@@ -1,16 +1,18 @@
 """A cross-attention image-text matching model that Opacus can train by construction.
 
-Image: the 28x56 canvas is cut into 7x7 patches and embedded linearly (``image_encoder =
-"patches"``, the default, cheap enough for DP-SGD on 2 cores), or passed through a small
-convolutional stem whose 4x7 output cells (each computed from a 17x17-pixel window, 8
-pixels apart) become the tokens (``"conv"``: about 3x the compute, better features;
-GroupNorm, so Opacus computes per-sample gradients for it), or taken from fixed scattering
-features (``common.scattering``, 81 channels on a 7x14 grid) by one trained stride-2
-convolution (``"scatter"``: Tramer and Boneh's ScatterNet front for DP-SGD, ICLR 2021; the
-best features under DP here, and about half the conv encoder's DP-SGD cost because the
-fixed transform is computed once per record). Tokens get learned position
-embeddings and are refined by pre-norm transformer blocks. Text: hashed word ids
-(``common.tokenizer``) with position embeddings and transformer blocks per caption.
+Image: ``(N, H, W)`` grayscale or ``(N, H, W, 3)`` RGB, of the size and channels the config
+names (anything else is refused with an error naming both shapes). The image is cut into
+patches and embedded linearly (``image_encoder = "patches"``, the default, cheap enough for
+DP-SGD on 2 cores; on the built-in 28x56 canvas 7x7 patches), or passed through a small
+convolutional stem whose output cells (each computed from a 17x17-pixel window, 8 pixels
+apart) become the tokens (``"conv"``: about 3x the compute, better features; GroupNorm, so
+Opacus computes per-sample gradients for it), or taken from fixed scattering features
+(``common.scattering``, 81 channels per image channel on a grid 4 times coarser than the
+image) by one trained stride-2 convolution (``"scatter"``: Tramer and Boneh's ScatterNet
+front for DP-SGD, ICLR 2021; the best features under DP here, and about half the conv
+encoder's DP-SGD cost because the fixed transform is computed once per record). Tokens get
+learned position embeddings and are refined by pre-norm transformer blocks. Text: hashed word
+ids (``common.tokenizer``) with position embeddings and transformer blocks per caption.
 Cross-attention: every text token queries the image patches; a token's score is its readout
 vector dotted with the values it attended to, and a caption's score is the mean over its
 tokens. The hidden activations of the conv stem and the feed-forward layers are GELU, or tanh
@@ -40,7 +42,28 @@ from common.scattering import CHANNELS as SCATTER_CHANNELS
 from common.scattering import scattering_features
 from common.tokenizer import PAD_ID
 
+#: GroupNorm groups over the scattering channels (81 per image channel), as Tramer and Boneh
+#: normalise them (27 groups, also for their 243 channels of CIFAR-10 colour images).
 SCATTER_GROUPS = 27
+
+
+class ImageShapeError(ValueError):
+    """Images whose shape is not the one the model was configured (and trained) for."""
+
+
+def check_image_batch(shape: tuple[int, ...], config: ModelConfig) -> None:
+    """Raise :class:`ImageShapeError` unless ``shape`` is ``(N, *config.record_image_shape)``."""
+    expected = config.record_image_shape
+    if len(shape) == 1 + len(expected) and tuple(shape[1:]) == expected:
+        return
+    kind = "grayscale (N, H, W)" if config.image_channels == 1 else "RGB (N, H, W, 3)"
+    raise ImageShapeError(
+        f"images of shape {tuple(shape)} do not fit this model, which takes {kind} images "
+        f"of {config.image_height}x{config.image_width} (model config image_height, "
+        f"image_width, image_channels): load the data with image-size = "
+        f"'{config.image_height}x{config.image_width}' and image-channels = "
+        f"{config.image_channels}"
+    )
 
 
 class MultiHeadAttention(nn.Module):
@@ -119,13 +142,13 @@ class TextBlock(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """Canvas ``(N, 1, H, W)`` to tokens ``(N, ceil(H/8) * ceil(W/8), width)``: a 3x3
+    """Images ``(N, C, H, W)`` to tokens ``(N, ceil(H/8) * ceil(W/8), width)``: a 3x3
     convolution at full resolution, then three stride-2 ones, each with GroupNorm and the
     model's activation."""
 
-    def __init__(self, width: int, activation: str) -> None:
+    def __init__(self, width: int, activation: str, in_channels: int = 1) -> None:
         super().__init__()
-        channels = (1, 16, 32, width, width)
+        channels = (in_channels, 16, 32, width, width)
         strides = (1, 2, 2, 2)  # overall CONV_STRIDE
         layers: list[nn.Module] = []
         for c_in, c_out, stride in zip(channels[:-1], channels[1:], strides, strict=True):
@@ -141,17 +164,18 @@ class ConvStem(nn.Module):
 
 
 class ScatterStem(nn.Module):
-    """Canvas ``(N, H, W)`` in [0, 1] to tokens ``(N, ceil(H/8) * ceil(W/8), width)``: the
-    fixed scattering features (``common.scattering``: 81 channels on a grid 4 times coarser
-    than the canvas), GroupNorm with 27 groups (Tramer and Boneh's data-independent
-    normalisation), then one stride-2 3x3 convolution with GroupNorm and the model's
-    activation (their "CNN on ScatterNet" front), whose cells are the tokens."""
+    """Images ``(N, C, H, W)`` in [0, 1] to tokens ``(N, ceil(H/8) * ceil(W/8), width)``: the
+    fixed scattering features (``common.scattering``: 81 channels per image channel on a grid
+    4 times coarser than the image), GroupNorm with 27 groups (Tramer and Boneh's
+    data-independent normalisation), then one stride-2 3x3 convolution with GroupNorm and the
+    model's activation (their "CNN on ScatterNet" front), whose cells are the tokens."""
 
-    def __init__(self, width: int, activation: str) -> None:
+    def __init__(self, width: int, activation: str, in_channels: int = 1) -> None:
         super().__init__()
+        features = SCATTER_CHANNELS * in_channels
         self.layers = nn.Sequential(
-            nn.GroupNorm(SCATTER_GROUPS, SCATTER_CHANNELS),
-            nn.Conv2d(SCATTER_CHANNELS, width, 3, stride=2, padding=1),
+            nn.GroupNorm(SCATTER_GROUPS, features),
+            nn.Conv2d(features, width, 3, stride=2, padding=1),
             nn.GroupNorm(_groups(width), width),
             activation_layer(activation),
         )
@@ -163,6 +187,18 @@ class ScatterStem(nn.Module):
 def _groups(channels: int) -> int:
     """4 GroupNorm groups where they divide the channels, else as many as do."""
     return math.gcd(channels, 4)
+
+
+def check_token_batch(tokens: torch.Tensor, config: ModelConfig) -> None:
+    """Raise a ValueError unless ``tokens`` fit the model's text geometry."""
+    low, high = (int(tokens.min()), int(tokens.max())) if tokens.numel() else (0, 0)
+    if tokens.shape[-1] > config.max_len or low < 0 or high >= config.vocab_buckets:
+        raise ValueError(
+            f"caption tokens of shape {tuple(tokens.shape)} with ids in [{low}, {high}] do "
+            "not fit this model "
+            f"({config.max_len} words, {config.vocab_buckets} buckets): tokenize with "
+            "HashingTokenizer.for_model(model.config)"
+        )
 
 
 @dataclass
@@ -188,15 +224,13 @@ class CrossAttentionMatcher(nn.Module):
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or ModelConfig()
-        if config.image_height % config.patch_size or config.image_width % config.patch_size:
-            raise ValueError("image sides must be multiples of patch_size")
-        w = config.width
+        w, channels = config.width, config.image_channels
         if config.image_encoder == "conv":
-            self.conv_stem = ConvStem(w, config.activation)
+            self.conv_stem = ConvStem(w, config.activation, channels)
         elif config.image_encoder == "scatter":
-            self.scatter_stem = ScatterStem(w, config.activation)
+            self.scatter_stem = ScatterStem(w, config.activation, channels)
         else:
-            self.patch_embed = nn.Linear(config.patch_size**2, w)
+            self.patch_embed = nn.Linear(channels * config.patch_size**2, w)
         self.patch_position = nn.Embedding(config.num_image_tokens, w)
         self.image_blocks = nn.ModuleList(
             ImageBlock(w, config.heads, config.mlp_ratio, config.activation)
@@ -219,16 +253,23 @@ class CrossAttentionMatcher(nn.Module):
         return x.unflatten(-1, (self.config.heads, -1))
 
     def encode_images(self, images: torch.Tensor) -> ImageStates:
-        """``images``: ``uint8`` or float ``(N, H, W)`` in [0, 255]."""
+        """``images``: ``uint8`` or float in [0, 255], ``(N, H, W)`` grayscale or
+        ``(N, H, W, 3)`` RGB, as the config says (:class:`ImageShapeError` otherwise)."""
         c, p = self.config, self.config.patch_size
+        check_image_batch(tuple(images.shape), c)
         x = images.float() / 255.0
+        # (N, C, H, W), contiguous: a channels-last tensor makes the convolutions' outputs
+        # channels-last too, and Opacus 1.6's per-sample gradients of Conv2d are then wrong
+        # (tests/common/test_per_example_gradient.py, conv-rgb)
+        x = x[:, None] if c.image_channels == 1 else x.permute(0, 3, 1, 2).contiguous()
         if c.image_encoder == "scatter":
             x = self.scatter_stem(x)  # (N, tokens, w)
         elif c.image_encoder == "conv":
-            x = self.conv_stem(x[:, None] - 0.5)  # (N, tokens, w)
+            x = self.conv_stem(x - 0.5)  # (N, tokens, w)
         else:
-            x = (x - 0.5).unfold(1, p, p).unfold(2, p, p)  # (N, H/p, W/p, p, p)
-            x = self.patch_embed(x.reshape(len(images), c.num_patches, p * p))
+            x = (x - 0.5).unfold(2, p, p).unfold(3, p, p)  # (N, C, H/p, W/p, p, p)
+            x = x.permute(0, 2, 3, 1, 4, 5)  # (N, H/p, W/p, C, p, p)
+            x = self.patch_embed(x.reshape(len(images), c.num_patches, c.image_channels * p * p))
         positions = torch.arange(c.num_image_tokens).expand(len(images), -1).contiguous()
         x = x + self.patch_position(positions)
         for block in self.image_blocks:
@@ -239,6 +280,7 @@ class CrossAttentionMatcher(nn.Module):
     def encode_texts(self, tokens: torch.Tensor) -> TextStates:
         """``tokens``: ``int64 (..., T)`` from ``HashingTokenizer``."""
         tokens = tokens.contiguous()
+        check_token_batch(tokens, self.config)
         valid = tokens != PAD_ID
         valid[..., 0] = True  # an empty caption still has one position to attend from
         positions = torch.arange(tokens.shape[-1]).expand_as(tokens).contiguous()
@@ -289,7 +331,7 @@ class CrossAttentionMatcher(nn.Module):
         return torch.cat(rows)
 
     def forward(self, images: torch.Tensor, candidate_tokens: torch.Tensor) -> torch.Tensor:
-        """Scores ``(B, C)`` for images ``(B, H, W)`` and tokens ``(B, C, T)``."""
+        """Scores ``(B, C)`` for images ``(B, H, W[, 3])`` and tokens ``(B, C, T)``."""
         return self.score_candidates(
             self.encode_images(images), self.encode_texts(candidate_tokens)
         )

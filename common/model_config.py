@@ -1,20 +1,66 @@
-"""Sizes of the cross-attention model (torch-free, so messages can carry it)."""
+"""Sizes of the cross-attention model (torch-free, so messages can carry it).
+
+The image geometry (height, width, channels) and the text geometry (hash buckets, words per
+caption) are part of the model: they are saved with every checkpoint and model
+(``model-config.json``) and checked whenever images or captions reach it.
+
+Allowed image geometry, and why:
+
+- ``image_channels`` is 1 (grayscale) or 3 (RGB).
+- Each side is between ``MIN_IMAGE_SIDE`` and ``MAX_IMAGE_SIDE`` pixels, and the image gives
+  at most ``MAX_IMAGE_TOKENS`` tokens: image self-attention costs the square of the token
+  count per example, and DP-SGD keeps every example's activations for its per-example
+  gradient, so the token count bounds memory and time (a 16x16 token grid).
+- ``patches``: both sides are multiples of ``patch_size`` (one token per patch).
+- ``conv``: any side; tokens are the ``ceil(H/8) x ceil(W/8)`` cells of its stride-8 stem.
+- ``scatter``: both sides are multiples of 4, the grid step of the scattering transform
+  (J = 2); tokens as for ``conv``.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 IMAGE_ENCODERS = ("patches", "conv", "scatter")
 #: Hidden activations: GELU, or tanh, the "tempered sigmoid" that Papernot et al. (AAAI 2021)
 #: found to train better under DP-SGD (bounded activations keep per-example gradients small,
 #: so clipping discards less of them).
 ACTIVATIONS = ("gelu", "tanh")
+IMAGE_CHANNELS = (1, 3)
 SCATTER_SCALES = 2  # J of the scattering transform (common.scattering)
 SCATTER_STRIDE = 2**SCATTER_SCALES  # its grid is 2^J times coarser than the canvas
 #: Canvas pixels per token side: the conv encoder halves the canvas three times; the scatter
 #: encoder's convolution halves the scattering grid once.
 CONV_STRIDE = 8
+MIN_IMAGE_SIDE = 8
+MAX_IMAGE_SIDE = 512
+MAX_IMAGE_TOKENS = 256
+MAX_CAPTION_WORDS = 64
+#: The built-in benchmark's canvas (common.data.benchmark): the default geometry.
+BENCHMARK_IMAGE_SIZE = (28, 56)
+
+_IMAGE_SIZE = re.compile(r"\s*(\d+)\s*[xX]\s*(\d+)\s*")
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``"HEIGHTxWIDTH"`` (e.g. ``"64x64"``) to ``(height, width)``; a ValueError names the
+    run-config key and the expected form."""
+    match = _IMAGE_SIZE.fullmatch(str(text))
+    if match is None:
+        raise ValueError(
+            f"run config 'image-size' = {text!r} is invalid: use HEIGHTxWIDTH in pixels, "
+            f"e.g. '64x64' (the built-in benchmark is '28x56')"
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
+def format_image_size(height: int, width: int) -> str:
+    """``(height, width)`` as the run config writes it, ``"HEIGHTxWIDTH"``."""
+    return f"{height}x{width}"
 
 
 @dataclass(frozen=True)
@@ -24,13 +70,14 @@ class ModelConfig:
     width: int = 32
     heads: int = 2
     patch_size: int = 7
-    image_height: int = 28
-    image_width: int = 56
+    image_height: int = BENCHMARK_IMAGE_SIZE[0]
+    image_width: int = BENCHMARK_IMAGE_SIZE[1]
+    image_channels: int = 1  # 1: grayscale (N, H, W) images; 3: RGB (N, H, W, 3)
     image_layers: int = 1
     text_layers: int = 1
     mlp_ratio: int = 2
-    vocab_buckets: int = 768
-    max_len: int = 12
+    vocab_buckets: int = 768  # hash buckets of the tokenizer (common.tokenizer)
+    max_len: int = 12  # words per caption; longer captions are cut
     image_encoder: str = "patches"  # "patches" (linear patch embedding), "conv" or "scatter"
     activation: str = "gelu"  # of the conv stem and the feed-forward layers: ACTIVATIONS
 
@@ -41,6 +88,76 @@ class ModelConfig:
             )
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        problem = self.image_geometry_problem() or self.text_geometry_problem()
+        if problem:
+            raise ValueError(problem)
+
+    def image_geometry_problem(self) -> str | None:
+        """Why this image geometry cannot be used (naming the run-config keys and the fix),
+        or None."""
+        h, w, c = self.image_height, self.image_width, self.image_channels
+        size = f"image size {format_image_size(h, w)} (run config 'image-size')"
+        if c not in IMAGE_CHANNELS:
+            return (
+                f"image channels {c!r} (run config 'image-channels') is invalid: use 1 for "
+                "grayscale or 3 for colour (RGB)"
+            )
+        if not all(isinstance(s, int) and MIN_IMAGE_SIDE <= s <= MAX_IMAGE_SIDE for s in (h, w)):
+            return f"{size} is invalid: each side must be in [{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}]"
+        if self.image_encoder == "patches":
+            p = self.patch_size
+            if p < 1 or h % p or w % p:
+                fitting = [
+                    d
+                    for d in range(max(p, 2), 65)
+                    if h % d == 0 and w % d == 0 and (h // d) * (w // d) <= MAX_IMAGE_TOKENS
+                ]
+                hint = f"e.g. {fitting[0]}" if fitting else "none up to 64 does"
+                return (
+                    f"{size} is not a multiple of the patch size {p} (run config "
+                    f"'model-patch-size'): use a patch size that divides both sides ({hint}), "
+                    f"or another image size"
+                )
+        elif self.image_encoder == "scatter" and (h % SCATTER_STRIDE or w % SCATTER_STRIDE):
+            return (
+                f"{size} does not suit the scatter encoder: both sides must be multiples of "
+                f"{SCATTER_STRIDE} (the scattering grid), e.g. "
+                f"{format_image_size(_round_to(h, SCATTER_STRIDE), _round_to(w, SCATTER_STRIDE))}"
+            )
+        if self.num_image_tokens > MAX_IMAGE_TOKENS:
+            return (
+                f"{size} gives {self.num_image_tokens} image tokens with the "
+                f"{self.image_encoder!r} encoder, above {MAX_IMAGE_TOKENS} (self-attention "
+                "grows with the square of the token count): use a smaller image size"
+                + (" or a larger model-patch-size" if self.image_encoder == "patches" else "")
+            )
+        return None
+
+    def text_geometry_problem(self) -> str | None:
+        """Why this text geometry cannot be used, or None."""
+        if not 2 <= self.vocab_buckets <= 2**20:
+            return (
+                f"vocabulary buckets {self.vocab_buckets} (run config 'model-vocab-buckets') "
+                f"is invalid: use an integer in [2, {2**20}]"
+            )
+        if not 1 <= self.max_len <= MAX_CAPTION_WORDS:
+            return (
+                f"caption length {self.max_len} words (run config 'model-caption-words') is "
+                f"invalid: use an integer in [1, {MAX_CAPTION_WORDS}]"
+            )
+        return None
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the images the model takes."""
+        return self.image_height, self.image_width
+
+    @property
+    def record_image_shape(self) -> tuple[int, ...]:
+        """The shape of one record's image: ``(H, W)`` for grayscale, ``(H, W, C)`` else."""
+        if self.image_channels == 1:
+            return self.image_size
+        return (*self.image_size, self.image_channels)
 
     @property
     def num_patches(self) -> int:
@@ -57,3 +174,40 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, int | str]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
+        """The config saved by :meth:`to_dict` (``model-config.json``); keys a file from an
+        older release lacks take their defaults (images were 28x56 grayscale then)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"model config has unknown key(s) {unknown}: it was written by another "
+                f"release of fedmm; known keys: {sorted(known)}"
+            )
+        return cls(**dict(values))
+
+
+def model_config_from_settings(source: Any) -> ModelConfig:
+    """The model a run's ``model-*`` and ``image-*`` settings name, from any object with
+    those fields (``FederationConfig``, ``TrainRequest``); a ValueError names the key."""
+    height, width = parse_image_size(source.image_size)
+    return ModelConfig(
+        width=source.model_width,
+        heads=source.model_heads,
+        patch_size=source.model_patch_size,
+        image_height=height,
+        image_width=width,
+        image_channels=source.image_channels,
+        image_layers=source.model_image_layers,
+        text_layers=source.model_text_layers,
+        vocab_buckets=source.model_vocab_buckets,
+        max_len=source.model_caption_words,
+        image_encoder=source.model_image_encoder,
+        activation=source.model_activation,
+    )
+
+
+def _round_to(value: int, step: int) -> int:
+    return max(step, round(value / step) * step)

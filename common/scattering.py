@@ -1,20 +1,22 @@
-"""Fixed scattering features of canvases, memoised by content.
+"""Fixed scattering features of images, memoised by content.
 
 A 2-D scattering transform (Mallat, "Group Invariant Scattering", CPAM 2012; Bruna, Mallat,
 "Invariant Scattering Convolution Networks", TPAMI 2013) with J = 2 scales and L = 8
 orientations: 1 + J*L + L^2 * J(J-1)/2 = 81 channels on a grid 2^J = 4 times coarser than
-the canvas. Its filters are fixed Morlet wavelets, so the features depend on no data and cost
-no privacy; Tramer and Boneh ("Differentially Private Learning Needs Better Features (or
-Much More Data)", ICLR 2021) showed that DP-SGD on top of them beats end-to-end CNNs on
-Fashion-MNIST at epsilon 3. The transform comes from kymatio (Andreux et al., JMLR 2020),
+the image, for each image channel (a colour image gives 3 x 81 = 243 channels, as Tramer and
+Boneh's CIFAR-10 features). Its filters are fixed Morlet wavelets, so the features depend on
+no data and cost no privacy; Tramer and Boneh ("Differentially Private Learning Needs Better
+Features (or Much More Data)", ICLR 2021) showed that DP-SGD on top of them beats end-to-end
+CNNs on Fashion-MNIST at epsilon 3. The transform comes from kymatio (Andreux et al., JMLR 2020),
 the reference implementation from the authors' group, rather than a hand-written filter bank.
 
 The transform costs about 1.6 ms a 28x56 canvas on one core, more than the DP-SGD step on
 the scatter model (about 1.25 ms a record: ``simulations.benchmarks.dp_throughput
 --image-encoder scatter``), and its result never changes: ``scattering_features`` keeps the
-features of every canvas it has computed, keyed by a 128-bit BLAKE2b hash of the pixels, so
-a site's records are transformed once per process, not once per step. (A deployed site
-starts a process per message, so it transforms each round's sample again.)
+features of every image it has computed, keyed by a 128-bit BLAKE2b hash of the pixels and
+their shape, so a site's records are transformed once per process, not once per step, up to
+``MEMO_BYTES`` of features (then the memo starts afresh). (A deployed site starts a process
+per message, so it transforms each round's sample again.)
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from common.model_config import SCATTER_STRIDE as STRIDE
 
 ORIENTATIONS = 8  # L
 CHANNELS = 1 + SCALES * ORIENTATIONS + ORIENTATIONS**2 * SCALES * (SCALES - 1) // 2
-MEMO_LIMIT = 100_000  # canvases (28x56: 31.8 kB of features each, 3.2 GB at the limit)
+#: Features kept in memory: 100,000 canvases of 28x56 (31.8 kB each); 3,200 RGB images of
+#: 128x128 (995 kB each).
+MEMO_BYTES = 3_200_000_000
 
 _memo: dict[bytes, torch.Tensor] = {}
 
@@ -44,19 +48,24 @@ def _transform(height: int, width: int):  # -> kymatio ScatteringTorch2D
 
 
 def _key(image: torch.Tensor) -> bytes:
-    return hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest()
+    digest = hashlib.blake2b(image.numpy().tobytes(), digest_size=16)
+    digest.update(repr(tuple(image.shape)).encode())
+    return digest.digest()
 
 
 def scattering_features(images: torch.Tensor) -> torch.Tensor:
-    """``images`` ``(N, H, W)`` in [0, 1] to features ``(N, 81, H/4, W/4)``; H and W must be
-    multiples of 4."""
-    if images.dim() != 3 or images.shape[1] % STRIDE or images.shape[2] % STRIDE:
+    """``images`` ``(N, C, H, W)`` in [0, 1] to features ``(N, 81 C, H/4, W/4)``, the 81
+    channels of each image channel together; ``(N, H, W)`` is taken as one channel. H and W
+    must be multiples of 4."""
+    if images.dim() not in (3, 4) or images.shape[-2] % STRIDE or images.shape[-1] % STRIDE:
         raise ValueError(
-            f"scattering needs canvases (N, H, W) with H and W multiples of {STRIDE}, "
-            f"got shape {tuple(images.shape)}"
+            f"scattering needs images (N, C, H, W) or (N, H, W) with H and W multiples of "
+            f"{STRIDE}, got shape {tuple(images.shape)}"
         )
-    n, height, width = images.shape
-    out = torch.empty(n, CHANNELS, height // STRIDE, width // STRIDE)
+    if images.dim() == 3:
+        images = images[:, None]
+    n, channels, height, width = images.shape
+    out = torch.empty(n, channels * CHANNELS, height // STRIDE, width // STRIDE)
     if n == 0:
         return out
     images = images.detach().float().contiguous()
@@ -70,9 +79,12 @@ def scattering_features(images: torch.Tensor) -> torch.Tensor:
             out[i] = kept
     if missing:
         with torch.no_grad():
-            out[missing] = _transform(height, width)(images[missing])
-        if len(_memo) + len(missing) > MEMO_LIMIT:
+            features = _transform(height, width)(images[missing])  # (M, C, 81, H/4, W/4)
+            out[missing] = features.flatten(1, 2)
+        per_record = out[0].numel() * out.element_size()
+        limit = max(1, MEMO_BYTES // per_record)
+        if len(_memo) + len(missing) > limit:
             _memo.clear()
-        for i in missing[:MEMO_LIMIT]:
+        for i in missing[:limit]:
             _memo[keys[i]] = out[i].clone()
     return out

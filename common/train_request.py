@@ -9,8 +9,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from common.data.caption_bank import CaptionBank
+from common.data.word_lists import parse_word_lists
+from common.distractors import DistractorSettings
 from common.federation_config import FederationConfig
-from common.model_config import ModelConfig
+from common.model_config import ModelConfig, model_config_from_settings
 
 
 @dataclass(frozen=True)
@@ -38,12 +41,28 @@ class TrainRequest:
     model_text_layers: int
     model_image_encoder: str
     model_activation: str
+    image_size: str  # "HEIGHTxWIDTH"
+    image_channels: int
+    model_patch_size: int
+    model_vocab_buckets: int
+    model_caption_words: int
+    distractor_word_lists: str
+    caption_bank_sha256: str  # "" when the run has no caption bank
+    caption_bank_zlib: bytes  # the bank file, zlib-compressed (common.data.caption_bank)
 
     @classmethod
     def for_round(cls, config: FederationConfig, server_round: int) -> TrainRequest:
-        shared = {f.name: getattr(config, f.name) for f in fields(cls) if f.name != "server_round"}
+        """The request of ``server_round``; the run's caption bank file is read (and checked
+        against ``caption-bank-sha256``) to travel with it."""
+        own = {"server_round", "caption_bank_zlib"}
+        shared = {f.name: getattr(config, f.name) for f in fields(cls) if f.name not in own}
         shared["learning_rate"] = config.learning_rate_in_round(server_round)
-        return cls(server_round=server_round, **shared)
+        bank = config.caption_bank_file()
+        return cls(
+            server_round=server_round,
+            caption_bank_zlib=bank.to_wire() if bank is not None else b"",
+            **shared,
+        )
 
     def to_config(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,14 +77,20 @@ class TrainRequest:
     def model_config(self) -> ModelConfig:
         return model_config_of(self)
 
+    def caption_bank(self) -> CaptionBank | None:
+        """The caption bank this request carries, checked against the digest it names
+        (``CaptionBankError`` when it does not match), or None."""
+        if not self.caption_bank_sha256 and not self.caption_bank_zlib:
+            return None
+        return CaptionBank.from_wire(self.caption_bank_zlib, sha256=self.caption_bank_sha256)
+
+    def distractor_settings(self) -> DistractorSettings:
+        """Where this round's distractors come from (``common.distractors``)."""
+        return DistractorSettings(
+            word_lists=parse_word_lists(self.distractor_word_lists), bank=self.caption_bank()
+        )
+
 
 def model_config_of(source: FederationConfig | TrainRequest) -> ModelConfig:
-    """The model both sides build from the run's ``model-*`` settings."""
-    return ModelConfig(
-        width=source.model_width,
-        heads=source.model_heads,
-        image_layers=source.model_image_layers,
-        text_layers=source.model_text_layers,
-        image_encoder=source.model_image_encoder,
-        activation=source.model_activation,
-    )
+    """The model both sides build from the run's ``model-*`` and ``image-*`` settings."""
+    return model_config_from_settings(source)

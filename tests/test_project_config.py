@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from common.federation_config import ConfigError, FederationConfig
-from common.train_request import TrainRequest
+from common.model_config import ModelConfig
+from common.train_request import TrainRequest, model_config_of
 
 PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
 
@@ -45,3 +46,41 @@ def test_cosine_schedule_decays_the_sites_learning_rate_over_the_rounds() -> Non
     assert TrainRequest.for_round(constant, 4).learning_rate == 0.01
     with pytest.raises(ConfigError, match="learning-rate-schedule"):
         FederationConfig.from_run_config({"learning-rate-schedule": "step"})
+
+
+def test_image_and_text_geometry_come_from_the_run_config() -> None:
+    config = FederationConfig.from_run_config(
+        {
+            "image-size": "64x48",
+            "image-channels": 3,
+            "model-patch-size": 8,
+            "model-vocab-buckets": 4096,
+            "model-caption-words": 24,
+        }
+    )
+    request = TrainRequest.for_round(config, 1)
+    model = request.model_config()
+    assert model == model_config_of(config)
+    assert (model.image_height, model.image_width, model.image_channels) == (64, 48, 3)
+    assert (model.patch_size, model.vocab_buckets, model.max_len) == (8, 4096, 24)
+    default = model_config_of(FederationConfig())
+    assert default == ModelConfig()  # the benchmark's 28x56 grayscale model
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"image-size": "64"}, r"'image-size' = '64' is invalid: use HEIGHTxWIDTH"),
+        ({"image-channels": 4}, r"'image-channels'\) is invalid: use 1 for grayscale or 3"),
+        ({"image-size": "64x64"}, r"patch size 7 \(run config 'model-patch-size'\).*e\.g\. 8"),
+        (
+            {"image-size": "30x30", "model-image-encoder": "scatter"},
+            r"'image-size'\) does not suit the scatter encoder",
+        ),
+        ({"model-caption-words": 100}, r"'model-caption-words'\) is invalid"),
+        ({"distractor-word-lists": "smells"}, r"'distractor-word-lists'.*\['smells'\]"),
+    ],
+)
+def test_bad_geometry_in_the_run_config_names_the_key(overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        FederationConfig.from_run_config(overrides)

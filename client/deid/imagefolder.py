@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from client.deid.face_detection import Box, FaceDetector, build_face_detector
 from client.deid.policy import DeidPolicy
 from client.deid.pseudonymise import replace_spans
 from client.deid.text_pii import PiiSpan, find_pii
+from common.data.image_conversion import flatten_transparency
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 METADATA_NAME = "metadata.jsonl"
@@ -69,6 +71,11 @@ def _deidentify_image_file(
         if upright.mode.startswith("I;16"):
             mode = "I;16"  # 16-bit greyscale (scans) keeps its depth
             pixels = np.asarray(upright).astype(np.uint16)
+        elif _has_transparency(upright):
+            # Composited on the background the model's loader uses: dropping alpha would
+            # turn most transparent drawings into black squares.
+            mode = "RGB"
+            pixels = np.asarray(flatten_transparency(upright)[0])
         else:
             mode = "L" if upright.mode in ("L", "1") else "RGB"
             pixels = np.asarray(upright.convert(mode))
@@ -81,6 +88,11 @@ def _deidentify_image_file(
         fresh.save(dst, quality=95, optimize=False)
     else:
         fresh.save(dst)
+
+
+def _has_transparency(image: Any) -> bool:
+    """RGBA, LA, PA, or a palette/greyscale/RGB image with a transparency entry."""
+    return image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
 
 
 def _deidentify_metadata_file(

@@ -20,11 +20,17 @@ label gets ``NO_LABEL``.
 
 Images are decoded with Pillow (PNG, JPEG, BMP, GIF, TIFF, WebP, PNM only: formats with
 external interpreters, such as EPS, are never opened), turned upright by their EXIF
-orientation, converted to 8-bit grayscale (16-bit grayscale is scaled, not clipped), and
-letterboxed to ``image_size``: scaled to fit inside it with the aspect ratio kept, then
-padded with black on the two short sides. Letterboxing rather than centre-cropping keeps
-every part of the image, so a caption that mentions something near an edge stays true,
-and black padding matches the black background of the built-in Fashion-MNIST source.
+orientation, converted to 8-bit grayscale (``channels = 1``, the default) or RGB
+(``channels = 3``) and letterboxed to ``image_size``: scaled to fit inside it with the
+aspect ratio kept, then padded with black on the two short sides
+(``common.data.image_conversion``: transparency is composited on white, 16-bit samples are
+scaled rather than clipped, CMYK becomes RGB; the report counts each such conversion).
+Letterboxing rather than centre-cropping keeps every part of the image, so a caption that
+mentions something near an edge stays true, and black padding matches the black background
+of the built-in Fashion-MNIST source.
+
+Captions longer than the model reads (``caption_words``, the tokenizer's word count) are
+kept whole and counted in the report: the model sees their first ``caption_words`` words.
 
 A record that cannot be used is skipped and counted by reason in a :class:`LoadReport`;
 loading goes on with the rest. The report lists a few file names per reason (never caption
@@ -46,6 +52,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common.data.dataset import NO_LABEL, ImageTextDataset
+from common.data.image_conversion import PixelConversion, to_model_pixels
+from common.tokenizer import split_words
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +64,6 @@ MAX_EXAMPLES_PER_REASON = 5
 
 # Raster formats decoded in-process by Pillow; anything else counts as not an image.
 SUPPORTED_IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
-
-_SIXTEEN_BIT_GRAY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
-_PAD_COLOR = 0
 
 
 class SkipReason(StrEnum):
@@ -89,6 +94,9 @@ class LoadReport:
     examples: dict[str, list[str]] = field(default_factory=dict)
     label_names: list[str] | None = None
     max_examples: int = MAX_EXAMPLES_PER_REASON
+    conversions: dict[str, int] = field(default_factory=dict)  # loaded images, by kind
+    caption_words: int | None = None  # words the model reads; None: not checked
+    captions_truncated: int = 0  # loaded captions longer than caption_words
 
     @property
     def total_skipped(self) -> int:
@@ -102,11 +110,27 @@ class LoadReport:
         if len(examples) < self.max_examples:
             examples.append(where)
 
+    def record_conversions(self, conversions: list[PixelConversion]) -> None:
+        """Count the pixel conversions of one loaded image."""
+        for conversion in conversions:
+            self.conversions[conversion.value] = self.conversions.get(conversion.value, 0) + 1
+
     def summary(self) -> str:
-        """One line: loaded and skipped counts, the skips by reason."""
+        """One line: loaded and skipped counts, the skips by reason, conversions and
+        truncated captions."""
         by_reason = ", ".join(f"{reason}={count}" for reason, count in sorted(self.skipped.items()))
         skipped = f"skipped {self.total_skipped}" + (f" ({by_reason})" if by_reason else "")
-        return f"loaded {self.loaded} records, {skipped}"
+        line = f"loaded {self.loaded} records, {skipped}"
+        if self.conversions:
+            line += "; images converted: " + ", ".join(
+                f"{kind}={count}" for kind, count in sorted(self.conversions.items())
+            )
+        if self.caption_words is not None:
+            line += (
+                f"; {self.captions_truncated} captions longer than {self.caption_words} words "
+                "(the model reads the first ones)"
+            )
+        return line
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy: counts, example file names per reason, label names."""
@@ -116,6 +140,9 @@ class LoadReport:
             "skipped": dict(sorted(self.skipped.items())),
             "examples": {reason: list(names) for reason, names in sorted(self.examples.items())},
             "label_names": None if self.label_names is None else list(self.label_names),
+            "conversions": dict(sorted(self.conversions.items())),
+            "caption_words": self.caption_words,
+            "captions_truncated": self.captions_truncated,
         }
 
 
@@ -141,37 +168,59 @@ def load_imagefolder(
     root: Path,
     *,
     image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
+    channels: int = 1,
     max_side: int = DEFAULT_MAX_SIDE,
     label_names: Sequence[str] | None = None,
+    caption_words: int | None = None,
 ) -> tuple[ImageTextDataset, LoadReport]:
     """Load every usable record of an imagefolder directory, and report the rest.
 
     Args:
         root: the directory holding ``metadata.jsonl`` and the images.
         image_size: ``(height, width)`` of the returned images.
+        channels: 1 for grayscale images ``(H, W)``, 3 for RGB ``(H, W, 3)``.
         max_side: images whose width or height exceeds this are skipped unread.
         label_names: class names in index order; a name label maps to its position.
+        caption_words: the words of a caption the model reads; longer captions are
+            counted in the report (None: not counted).
 
     Returns:
-        The records in ``metadata.jsonl`` order (grayscale ``uint8`` images of shape
-        ``image_size``) and the :class:`LoadReport`.
+        The records in ``metadata.jsonl`` order (``uint8`` images of ``image_size`` with
+        ``channels``) and the :class:`LoadReport`.
 
     Raises:
         FileNotFoundError: ``root`` or ``root/metadata.jsonl`` does not exist.
         NotADirectoryError: ``root`` is not a directory.
-        ValueError: ``image_size``, ``max_side`` or ``label_names`` is invalid.
+        ValueError: ``image_size``, ``channels``, ``max_side``, ``label_names`` or
+            ``caption_words`` is invalid.
     """
     root = Path(root)
-    _check_load_arguments(image_size=image_size, max_side=max_side, label_names=label_names)
+    _check_load_arguments(
+        image_size=image_size,
+        channels=channels,
+        max_side=max_side,
+        label_names=label_names,
+        caption_words=caption_words,
+    )
     metadata_path = _metadata_path(root)
-    report = LoadReport()
+    report = LoadReport(caption_words=caption_words)
     records = _drop_duplicate_file_names(_read_metadata(metadata_path, report), report)
     vocabulary = _label_vocabulary(records, label_names)
     report.label_names = vocabulary
 
     dataset = _load_records(
-        root, records, vocabulary, report, image_size=image_size, max_side=max_side
+        root,
+        records,
+        vocabulary,
+        report,
+        image_size=image_size,
+        channels=channels,
+        max_side=max_side,
     )
+    if caption_words is not None:
+        report.captions_truncated = sum(
+            len(split_words(caption)) > caption_words for caption in dataset.captions
+        )
     _log_summary(root, report)
     return dataset, report
 
@@ -183,6 +232,7 @@ def _load_records(
     report: LoadReport,
     *,
     image_size: tuple[int, int],
+    channels: int,
     max_side: int,
 ) -> ImageTextDataset:
     """The records whose label and image are usable; the others go to the report."""
@@ -192,29 +242,40 @@ def _load_records(
     for record in records:
         try:
             label = _resolve_label(record.raw_label, vocabulary)
-            pixels = _load_grayscale_image(
-                root / record.file_name, image_size=image_size, max_side=max_side
+            pixels, conversions = _load_image(
+                root / record.file_name, image_size=image_size, channels=channels, max_side=max_side
             )
         except _Skipped as skipped:
             report.record_skip(skipped.reason, record.file_name)
             continue
+        report.record_conversions(conversions)
         images.append(pixels)
         captions.append(record.caption)
         labels.append(label)
     report.loaded = len(captions)
+    empty_shape = (0, *image_size) if channels == 1 else (0, *image_size, channels)
     return ImageTextDataset(
-        images=np.stack(images) if images else np.zeros((0, *image_size), dtype=np.uint8),
+        images=np.stack(images) if images else np.zeros(empty_shape, dtype=np.uint8),
         captions=captions,
         labels=np.asarray(labels, dtype=np.int64),
     )
 
 
 def _check_load_arguments(
-    *, image_size: tuple[int, int], max_side: int, label_names: Sequence[str] | None
+    *,
+    image_size: tuple[int, int],
+    channels: int,
+    max_side: int,
+    label_names: Sequence[str] | None,
+    caption_words: int | None,
 ) -> None:
     """Raise a ValueError for arguments that no folder could satisfy."""
     if len(image_size) != 2 or not all(isinstance(s, int) and s > 0 for s in image_size):
         raise ValueError(f"image_size must be (height, width) of positive ints, got {image_size}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    if caption_words is not None and (not isinstance(caption_words, int) or caption_words < 1):
+        raise ValueError(f"caption_words must be a positive int or None, got {caption_words!r}")
     if not isinstance(max_side, int) or max_side <= 0:
         raise ValueError(f"max_side must be a positive int, got {max_side!r}")
     if label_names is not None:
@@ -357,8 +418,11 @@ def _resolve_label(raw_label: object, vocabulary: list[str] | None) -> int:
     raise _Skipped(SkipReason.BAD_LABEL)
 
 
-def _load_grayscale_image(path: Path, *, image_size: tuple[int, int], max_side: int) -> np.ndarray:
-    """The image at ``path`` as letterboxed ``uint8`` grayscale, or ``_Skipped``."""
+def _load_image(
+    path: Path, *, image_size: tuple[int, int], channels: int, max_side: int
+) -> tuple[np.ndarray, list[PixelConversion]]:
+    """The image at ``path`` as letterboxed ``uint8`` pixels with ``channels``, and the
+    conversions it took; or ``_Skipped``."""
     _check_image_file(path)
     try:
         stream = path.open("rb")
@@ -370,8 +434,10 @@ def _load_grayscale_image(path: Path, *, image_size: tuple[int, int], max_side: 
         try:
             with Image.open(stream, formats=SUPPORTED_IMAGE_FORMATS) as image:
                 _check_dimensions(image.size, max_side)
-                image.draft("L", (image_size[1], image_size[0]))  # JPEG: decode smaller
-                return _letterboxed_grayscale(image, image_size)
+                # JPEG: decode smaller (and straight to gray for a grayscale model)
+                image.draft("L" if channels == 1 else "RGB", (image_size[1], image_size[0]))
+                upright = ImageOps.exif_transpose(image)
+                return to_model_pixels(upright, image_size=image_size, channels=channels)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise _Skipped(SkipReason.DECOMPRESSION_BOMB) from None
         except UnidentifiedImageError:
@@ -398,23 +464,6 @@ def _check_dimensions(size: tuple[int, int], max_side: int) -> None:
     width, height = size
     if min(width, height) <= 0 or max(width, height) > max_side:
         raise _Skipped(SkipReason.BAD_DIMENSIONS)
-
-
-def _letterboxed_grayscale(image: Image.Image, image_size: tuple[int, int]) -> np.ndarray:
-    """Upright, grayscale, fitted inside ``image_size`` (height, width) and padded black."""
-    upright = ImageOps.exif_transpose(image)
-    gray = _to_grayscale(upright)
-    height, width = image_size
-    boxed = ImageOps.pad(gray, (width, height), method=Image.Resampling.LANCZOS, color=_PAD_COLOR)
-    return np.asarray(boxed, dtype=np.uint8)
-
-
-def _to_grayscale(image: Image.Image) -> Image.Image:
-    """8-bit grayscale; 16-bit grayscale is scaled to 0..255 rather than clipped at 255."""
-    if image.mode in _SIXTEEN_BIT_GRAY_MODES:
-        sixteen_bit = np.asarray(image, dtype=np.uint32)
-        return Image.fromarray((sixteen_bit // 257).astype(np.uint8))
-    return image.convert("L")
 
 
 def _log_summary(root: Path, report: LoadReport) -> None:

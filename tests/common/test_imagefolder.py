@@ -370,4 +370,32 @@ def test_report_keeps_at_most_max_examples_per_reason() -> None:
         "skipped": {"missing_file": 3},
         "examples": {"missing_file": ["a", "b"]},
         "label_names": None,
+        "conversions": {},
+        "caption_words": None,
+        "captions_truncated": 0,
     }
+
+
+def test_captions_longer_than_the_model_reads_are_counted_not_cut(tmp_path: Path) -> None:
+    """Words as the tokenizer counts them: stopwords ("a", "the", "of") do not count."""
+    for name in "abc":
+        save_gray(tmp_path / f"{name}.png", 9)
+    long_caption = "left lower lobe consolidation with a small effusion on the right side"
+    write_metadata(
+        tmp_path,
+        [
+            {"file_name": "a.png", "text": long_caption},
+            {"file_name": "b.png", "text": "a photo of the left lower lobe"},
+            {"file_name": "c.png", "text": "one two three four five"},
+        ],
+    )
+    data, report = load_imagefolder(tmp_path, caption_words=5)
+
+    assert data.captions[0] == long_caption  # kept whole: the tokenizer cuts
+    assert report.captions_truncated == 1
+    assert "1 captions longer than 5 words" in report.summary()
+    assert long_caption not in json.dumps(report.to_dict())
+    with pytest.raises(ValueError, match="caption_words"):
+        load_imagefolder(tmp_path, caption_words=0)
+    with pytest.raises(ValueError, match="channels"):
+        load_imagefolder(tmp_path, channels=4)

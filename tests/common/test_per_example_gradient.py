@@ -6,7 +6,8 @@ other examples of the batch leaves an example's per-sample gradient unchanged, c
 the example changes it, and Opacus' per-sample gradient equals the plain autograd gradient
 of the model run on that example alone (so no layer mixes the batch and Opacus computes
 per-sample gradients for every parameter). The three image encoders (patches, conv,
-scatter) are checked, and the conv and scatter models with tanh activations.
+scatter) are checked on the benchmark's 28x56 grayscale canvas, the conv and scatter models
+with tanh activations, and each encoder on RGB images of other sizes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
@@ -21,18 +23,34 @@ from opacus.grad_sample.utils import get_gsm_class
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from common.data.caption_bank import CaptionBank
+from common.distractors import DistractorSampler, DistractorSettings
 from common.loss import matching_loss
 from common.model import CrossAttentionMatcher
 from common.model_config import ModelConfig
-from common.tokenizer import PAD_ID
+from common.tokenizer import PAD_ID, HashingTokenizer
 
 # Opacus' full backward hooks fire on module outputs here (inputs are integer ids/pixels).
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 CONFIG = ModelConfig(width=16, heads=2)
 ENCODERS = ("patches", "conv", "scatter")
-#: (image encoder, activation) of the models whose per-sample gradients are checked
-VARIANTS = (("patches", "gelu"), ("conv", "gelu"), ("conv", "tanh"), ("scatter", "tanh"))
+#: The models whose per-sample gradients are checked, by name
+VARIANTS = {
+    "patches-gelu": CONFIG,
+    "conv-gelu": replace(CONFIG, image_encoder="conv"),
+    "conv-tanh": replace(CONFIG, image_encoder="conv", activation="tanh"),
+    "scatter-tanh": replace(CONFIG, image_encoder="scatter", activation="tanh"),
+    "patches-rgb-32x32": replace(
+        CONFIG, image_height=32, image_width=32, image_channels=3, patch_size=8
+    ),
+    "conv-rgb-40x24": replace(
+        CONFIG, image_encoder="conv", image_height=40, image_width=24, image_channels=3
+    ),
+    "scatter-rgb-32x32": replace(
+        CONFIG, image_encoder="scatter", image_height=32, image_width=32, image_channels=3
+    ),
+}
 BATCH, CANDIDATES = 4, 3
 RTOL, ATOL = 1e-4, 1e-6
 
@@ -46,9 +64,12 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def _example(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image ``(28, 56)`` uint8 and its candidates ``(C, T)`` with some padding."""
-    image = torch.randint(0, 256, (CONFIG.image_height, CONFIG.image_width), generator=generator)
+def _example(
+    generator: torch.Generator, config: ModelConfig = CONFIG
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image (``(28, 56)`` uint8 for the default config) and its candidates ``(C, T)``
+    with some padding."""
+    image = torch.randint(0, 256, config.record_image_shape, generator=generator)
     tokens = torch.randint(
         1, CONFIG.vocab_buckets, (CANDIDATES, CONFIG.max_len), generator=generator
     )
@@ -57,18 +78,17 @@ def _example(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return image.to(torch.uint8), tokens
 
 
-def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(seed: int, config: ModelConfig = CONFIG) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    examples = [_example(generator) for _ in range(BATCH)]
+    examples = [_example(generator, config) for _ in range(BATCH)]
     return torch.stack([e[0] for e in examples]), torch.stack([e[1] for e in examples])
 
 
-@pytest.fixture(scope="module", params=VARIANTS, ids="-".join)
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
 def models(request) -> tuple[GradSampleModule, CrossAttentionMatcher]:
     """Opacus' wrapper around one model, and an unwrapped copy with the same weights."""
     torch.manual_seed(0)
-    encoder, activation = request.param
-    model = CrossAttentionMatcher(replace(CONFIG, image_encoder=encoder, activation=activation))
+    model = CrossAttentionMatcher(VARIANTS[request.param])
     plain = copy.deepcopy(model)
     gsm_class = get_gsm_class("hooks")  # what make_private(grad_sample_mode="hooks") uses
     assert gsm_class is GradSampleModule
@@ -130,12 +150,12 @@ def test_every_trainable_layer_has_an_opacus_hook_sampler(encoder: str, layer_ty
 
 
 def test_other_examples_do_not_change_an_examples_gradient(models) -> None:
-    wrapped, _ = models
-    images, tokens = _batch(seed=1)
+    wrapped, plain = models
+    images, tokens = _batch(seed=1, config=plain.config)
     before = _row(_per_sample_grads(wrapped, images, tokens), 0)
     assert _max_abs_diff(before, {k: torch.zeros_like(v) for k, v in before.items()}) > 1e-4
 
-    other_images, other_tokens = _batch(seed=2)
+    other_images, other_tokens = _batch(seed=2, config=plain.config)
     changed_images, changed_tokens = images.clone(), tokens.clone()
     changed_images[1:], changed_tokens[1:] = other_images[1:], other_tokens[1:]
     _assert_close(_row(_per_sample_grads(wrapped, changed_images, changed_tokens), 0), before)
@@ -149,10 +169,10 @@ def test_other_examples_do_not_change_an_examples_gradient(models) -> None:
 
 
 def test_changing_the_example_itself_changes_its_gradient(models) -> None:
-    wrapped, _ = models
-    images, tokens = _batch(seed=1)
+    wrapped, plain = models
+    images, tokens = _batch(seed=1, config=plain.config)
     before = _row(_per_sample_grads(wrapped, images, tokens), 0)
-    other_images, other_tokens = _batch(seed=2)
+    other_images, other_tokens = _batch(seed=2, config=plain.config)
 
     image_changed = images.clone()
     image_changed[0] = other_images[0]
@@ -167,7 +187,7 @@ def test_changing_the_example_itself_changes_its_gradient(models) -> None:
 
 def test_opacus_per_sample_gradient_equals_gradient_on_the_example_alone(models) -> None:
     wrapped, plain = models
-    images, tokens = _batch(seed=3)
+    images, tokens = _batch(seed=3, config=plain.config)
     per_sample = _per_sample_grads(wrapped, images, tokens)
     for i in range(BATCH):
         plain.zero_grad(set_to_none=True)
@@ -180,15 +200,76 @@ def test_opacus_per_sample_gradient_equals_gradient_on_the_example_alone(models)
 def test_the_check_detects_a_loss_that_uses_other_records(models) -> None:
     """Control: negatives taken from another record of the batch (as in-batch contrastive
     losses do) make example 0's gradient depend on example 1, and the check sees it."""
-    wrapped, _ = models
-    images, tokens = _batch(seed=1)
+    wrapped, plain = models
+    images, tokens = _batch(seed=1, config=plain.config)
 
     def with_neighbour_negative(tok: torch.Tensor) -> torch.Tensor:
         return torch.cat([tok, tok.roll(-1, dims=0)[:, :1]], dim=1)  # + next record's caption
 
     before = _row(_per_sample_grads(wrapped, images, with_neighbour_negative(tokens)), 0)
-    _, other_tokens = _batch(seed=2)
+    _, other_tokens = _batch(seed=2, config=plain.config)
     changed_tokens = tokens.clone()
     changed_tokens[1] = other_tokens[1]
     after = _row(_per_sample_grads(wrapped, images, with_neighbour_negative(changed_tokens)), 0)
     assert _max_abs_diff(after, before) > 1e-4
+
+
+BANK = CaptionBank.from_bytes(
+    "\n".join(
+        [
+            "a red apple on a table",
+            "stick man waving",
+            "flag of brazil",
+            "a playing card, the nine of hearts",
+            "computer icon of a printer",
+            "a small sailing boat",
+            "road sign: stop",
+            "a smiling sun",
+        ]
+    ).encode(),
+    source="test bank",
+)
+
+
+def _bank_candidates(
+    captions: list[str], config: ModelConfig, *, seed: int
+) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """Candidates of each caption from word swaps and the bank, each example drawing from
+    its own random stream (as one record's draws depend on its own caption only)."""
+    sampler = DistractorSampler(
+        DistractorSettings(word_lists=("colours", "positions"), bank=BANK),
+        tokenizer=HashingTokenizer.for_model(config),
+        num_distractors=CANDIDATES - 1,
+    )
+    rows = [
+        sampler.candidate_tokens(c, np.random.default_rng([seed, i]))
+        for i, c in enumerate(captions)
+    ]
+    return torch.from_numpy(np.stack(rows)), rows
+
+
+def test_bank_distractors_keep_each_examples_gradient_its_own(models) -> None:
+    """The caption bank extends the loss without mixing records: replacing example 1 (its
+    image and caption) changes neither example 0's candidates nor its gradient."""
+    wrapped, plain = models
+    images, _ = _batch(seed=4, config=plain.config)
+    captions = [
+        "left lower lobe consolidation",
+        "a red apple on the left",
+        "Chinese flag (correct)",
+        "stick man",
+    ]
+    tokens, rows = _bank_candidates(captions, plain.config, seed=7)
+    before = _row(_per_sample_grads(wrapped, images, tokens), 0)
+
+    other_images, _ = _batch(seed=5, config=plain.config)
+    changed_images = images.clone()
+    changed_images[1] = other_images[1]
+    changed = [captions[0], "a blue boat below a smiling sun", *captions[2:]]
+    changed_tokens, changed_rows = _bank_candidates(changed, plain.config, seed=7)
+    assert np.array_equal(changed_rows[0], rows[0])
+    assert not np.array_equal(changed_rows[1], rows[1])
+    _assert_close(_row(_per_sample_grads(wrapped, changed_images, changed_tokens), 0), before)
+    # and the change did reach example 1's own gradient
+    after_one = _row(_per_sample_grads(wrapped, changed_images, changed_tokens), 1)
+    assert _max_abs_diff(after_one, _row(_per_sample_grads(wrapped, images, tokens), 1)) > 1e-4

@@ -66,7 +66,7 @@ def test_the_memo_is_keyed_by_content_not_by_position() -> None:
 
 
 def test_the_memo_stays_within_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scattering, "MEMO_LIMIT", 3)
+    monkeypatch.setattr(scattering, "MEMO_BYTES", 3 * CHANNELS * 7 * 14 * 4)  # 3 canvases
     batch = _canvases(5, 3)
     first = scattering_features(batch)
     assert len(scattering._memo) == 3
@@ -77,8 +77,31 @@ def test_the_memo_stays_within_its_limit(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_bad_shapes_are_rejected_naming_the_requirement() -> None:
     with pytest.raises(ValueError, match=r"multiples of 4, got shape \(2, 30, 56\)"):
         scattering_features(torch.zeros(2, 30, 56))
-    with pytest.raises(ValueError, match="canvases"):
-        scattering_features(torch.zeros(2, 1, 28, 56))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\) or \(N, H, W\)"):
+        scattering_features(torch.zeros(2, 1, 1, 28, 56))
+
+
+def test_colour_images_get_81_channels_per_colour_channel() -> None:
+    """Each colour channel is transformed alone: the features of an RGB image are those of
+    its three planes, one after the other."""
+    images = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(4))
+    features = scattering_features(images)
+    assert features.shape == (2, 3 * CHANNELS, 4, 6)
+    scattering._memo.clear()
+    for channel in range(3):
+        plane = scattering_features(images[:, channel])
+        block = features[:, channel * CHANNELS : (channel + 1) * CHANNELS]
+        torch.testing.assert_close(block, plane, rtol=1e-5, atol=1e-6)
+
+
+def test_the_memo_tells_shapes_apart() -> None:
+    """The same pixel bytes as a 28x56 canvas and as a 56x28 one are different images."""
+    canvas = _canvases(1, 5)
+    wide = scattering_features(canvas)
+    tall = scattering_features(canvas.reshape(1, 56, 28))
+    assert tall.shape == (1, CHANNELS, 14, 7) and wide.shape == (1, CHANNELS, 7, 14)
+    scattering._memo.clear()
+    torch.testing.assert_close(scattering_features(canvas.reshape(1, 56, 28)), tall)
 
 
 def test_the_filter_bank_stays_out_of_the_model_state() -> None:

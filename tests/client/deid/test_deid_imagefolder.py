@@ -119,3 +119,21 @@ def test_sixteen_bit_greyscale_keeps_its_depth(tmp_path: Path) -> None:
     untouched = np.ones(grey.shape, bool)
     untouched[:200, 150:320] = False
     assert np.array_equal(out[untouched], grey[untouched])
+
+
+def test_transparency_is_composited_on_white_not_dropped(tmp_path: Path) -> None:
+    """Clipart is mostly transparent: dropping alpha would leave the drawing's hidden colour
+    (often black) everywhere. The de-identified copy composites on the model loader's white."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rgba = np.zeros((32, 32, 4), np.uint8)  # transparent black everywhere
+    rgba[8:24, 8:24] = [200, 0, 0, 255]  # an opaque red square
+    Image.fromarray(rgba, mode="RGBA").save(src / "drawing.png")
+    palette = Image.fromarray(rgba[..., :3]).convert("P", palette=Image.Palette.ADAPTIVE)
+    palette.info["transparency"] = palette.getpixel((0, 0))
+    palette.save(src / "palette.png", transparency=palette.getpixel((0, 0)))
+    deidentify_imagefolder(src, tmp_path / "dst", DeidPolicy(), SECRET)
+    for name in ("drawing.png", "palette.png"):
+        out = np.asarray(Image.open(tmp_path / "dst" / name).convert("RGB"))
+        assert out[0, 0].tolist() == [255, 255, 255], name
+        assert out[16, 16].tolist() == [200, 0, 0], name

@@ -26,7 +26,8 @@ Instead each site signs its current node id together with its round keys in ever
 The file is JSON (``to_json``/``from_json``): format, federation, sites (name and hex
 signing key), signatures (name -> hex). Functions here are what the site and coordinator
 commands call: :func:`create_roster`, :func:`add_site`, :func:`sign_roster`,
-:func:`verify_roster`, :func:`describe_roster`, :func:`load_roster`, :func:`save_roster`.
+:func:`merge_signatures`, :func:`verify_roster`, :func:`describe_roster`,
+:func:`load_roster`, :func:`save_roster`.
 Every error names the input and what to do about it.
 """
 
@@ -288,6 +289,29 @@ def sign_roster(roster: Roster, *, private_key: Ed25519PrivateKey) -> Roster:
         sites=roster.sites,
         signatures={**roster.signatures, name: signature},
     )
+
+
+def merge_signatures(rosters: list[Roster]) -> Roster:
+    """One roster with every signature from copies that each site signed separately. All
+    copies must list exactly the same sites (the same digest)."""
+    if not rosters:
+        raise RosterError("no roster to merge: give the signed copies")
+    digest = rosters[0].digest
+    for index, other in enumerate(rosters[1:], start=1):
+        if other.digest != digest:
+            raise RosterError(
+                f"copy {index + 1} lists other sites or keys (digest {format_digest(other.digest)}"
+                f", not {format_digest(digest)}): every site must sign the same roster"
+            )
+    signatures: dict[str, bytes] = {}
+    for copy in rosters:
+        for name, signature in copy.signatures.items():
+            if signatures.setdefault(name, signature) != signature:
+                raise RosterError(
+                    f"two copies carry different signatures of {name!r}: ask that site which "
+                    "one it made"
+                )
+    return Roster(federation=rosters[0].federation, sites=rosters[0].sites, signatures=signatures)
 
 
 def verify_roster(roster: Roster, *, pinned_digest: bytes | None = None) -> VerifiedRoster:

@@ -22,6 +22,7 @@ from common.secagg.roster import (
     fingerprint,
     format_digest,
     load_roster,
+    merge_signatures,
     parse_digest,
     roster_fingerprints,
     save_roster,
@@ -228,3 +229,19 @@ def test_the_file_lists_names_keys_and_signatures_only() -> None:
     document = json.loads(roster.to_json())
     assert set(document) == {"format", "federation", "sites", "signatures"}
     assert set(document["signatures"]) == {"a", "b"}
+
+
+def test_copies_signed_separately_merge_into_one_signed_roster() -> None:
+    keys = {name: _key() for name in ("a", "b", "c")}
+    roster = create_roster("hospitals")
+    for name, key in keys.items():
+        roster = add_site(roster, name=name, signing_key=_public(key))
+    copies = [sign_roster(roster, private_key=key) for key in keys.values()]
+    merged = merge_signatures(copies)
+    verify_roster(merged, pinned_digest=roster.digest)
+    other = add_site(roster, name="d", signing_key=_public(_key()))
+    with pytest.raises(RosterError, match="copy 2 lists other sites or keys"):
+        merge_signatures([copies[0], sign_roster(other, private_key=keys["b"])])
+    with pytest.raises(RosterError, match="different signatures of 'a'"):
+        forged = Roster(roster.federation, roster.sites, {"a": bytes(64)})
+        merge_signatures([copies[0], forged])

@@ -69,7 +69,10 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "secure-aggregation": {
         "spill-dir": str,
         # The policy file's [secure-aggregation] keys, checked by client.secagg.policy.
-        **{key: int if kind is int else (int, float) for key, kind in _SECAGG_POLICY_KEYS.items()},
+        **{
+            key: kind if kind in (int, bool, str) else (int, float)
+            for key, kind in _SECAGG_POLICY_KEYS.items()
+        },
     },
     "release": {"version": str, "digest": str},
 }

@@ -11,6 +11,11 @@ coordinator (``server.secure_aggregation``) and the site (``client.app``) use th
 - ``train.secagg_masked``: neighbours' sealed shares in, the masked vector out.
 - ``train.secagg_unmask``: survivor/dropped lists in, the requested shares out.
 
+In active-coordinator mode (``common.secagg.active_parameters``) a fifth exchange runs
+between masked input and unmask:
+
+- ``train.secagg_consistency``: the survivor set in, the site's signature over it out.
+
 The model update travels as one flat float vector in the state-dict order of the global
 arrays (:func:`flatten_update`, :func:`unflatten_update`). Next to it, in the same masked
 vector, go the FedAvg weight (the site's public, noisy record count) and the summed metrics
@@ -31,10 +36,12 @@ ACTION_SETUP = "secagg_setup"
 ACTION_SHARE = "secagg_share"
 ACTION_MASKED = "secagg_masked"
 ACTION_UNMASK = "secagg_unmask"
+ACTION_CONSISTENCY = "secagg_consistency"
 MESSAGE_SETUP = f"train.{ACTION_SETUP}"
 MESSAGE_SHARE = f"train.{ACTION_SHARE}"
 MESSAGE_MASKED = f"train.{ACTION_MASKED}"
 MESSAGE_UNMASK = f"train.{ACTION_UNMASK}"
+MESSAGE_CONSISTENCY = f"train.{ACTION_CONSISTENCY}"
 
 #: Record names inside the messages' RecordDicts.
 RECORD_SECAGG = "secagg"  # ConfigRecord: the protocol payload of the stage

@@ -37,6 +37,10 @@ class RefusalCode(StrEnum):
     OUT_OF_ORDER = "out-of-order"
     #: A malformed or inconsistent request.
     BAD_REQUEST = "bad-request"
+    #: Keys, signatures or a roster the site cannot authenticate (active-coordinator mode):
+    #: an unknown or unsigned site, a substituted or replayed key, a survivor set too few
+    #: sites signed.
+    UNAUTHENTICATED = "unauthenticated"
     #: The site has no usable records for this request.
     NO_DATA = "no-data"
     #: The run's app is not the release the site installed and pinned: nothing of it ran.

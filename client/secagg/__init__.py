@@ -3,7 +3,10 @@
 Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS 2020;
 Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine Learning",
 CCS 2017. See ``client.secagg.stages``; the site's own limits are in ``client.secagg.policy``
-and its minimum aggregation size in ``client.secagg.aggregation_floor``.
+and its minimum aggregation size in ``client.secagg.aggregation_floor``. Active-coordinator
+mode: the site's roster signing key (``client.secagg.site_signing_key``), its identity in the
+roster (``client.secagg.site_identity``) and the checks of each stage
+(``client.secagg.active_checks``).
 """
 
 from client.secagg.aggregation_floor import SiteAggregationFloor, TooFewSites
@@ -11,6 +14,7 @@ from client.secagg.policy import ClientSecAggPolicy, SecAggPolicyError
 from client.secagg.refusal import SecAggRefusal
 from client.secagg.stages import (
     ClientSecAggState,
+    client_consistency,
     client_masked_input,
     client_setup,
     client_share_keys,
@@ -26,6 +30,7 @@ __all__ = [
     "SecAggRefusal",
     "SiteAggregationFloor",
     "TooFewSites",
+    "client_consistency",
     "client_masked_input",
     "client_setup",
     "client_share_keys",

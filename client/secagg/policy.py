@@ -18,6 +18,12 @@ refuses (``RefusalCode.SECAGG_POLICY``):
 
 It also holds the site's minimum aggregation size (``client.secagg.aggregation_floor``).
 
+Active-coordinator mode (Bonawitz et al. section 6; ``common.secagg.active_parameters``):
+``require-active-coordinator = true`` makes the site refuse every round that does not run in
+that mode, and ``roster-digest`` pins the federation roster (64 hex digits) whose sites it
+accepts. In active mode ``colluding-fraction`` is the fraction of the *roster* the site
+assumes corrupt: it refuses a round that assumes fewer corrupt sites, c = ceil(gamma N).
+
 Where the policy comes from, in this order (a setting given twice is an error: keep one):
 
 - the ``[secure-aggregation]`` table of the site's policy file, the TOML file named by node
@@ -27,7 +33,8 @@ Where the policy comes from, in this order (a setting given twice is an error: k
 - the defaults below.
 
 Keys: ``min-sites``, ``min-threshold``, ``colluding-fraction``, ``dropout-fraction``,
-``max-degree``, ``max-update-length``. No torch here.
+``max-degree``, ``max-update-length``, ``require-active-coordinator``, ``roster-digest``. No
+torch here.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from typing import Any
 from client.privacy_policy import POLICY_FILE_ENV, SECURE_AGGREGATION_TABLE
 from client.secagg.aggregation_floor import SiteAggregationFloor
 from client.secagg.refusal import SecAggRefusal
+from common.secagg.active_parameters import corrupt_sites
 from common.secagg.aggregation_size import MIN_AGGREGATION_SIZE, colluding_sites
 from common.secagg.neighbour_graph import (
     DEFAULT_ADVERSARIAL_RATE,
@@ -50,6 +58,7 @@ from common.secagg.neighbour_graph import (
     required_threshold,
     stays_connected,
 )
+from common.secagg.roster import RosterError, parse_digest
 from common.secagg.round_graph import RoundGraph
 from common.site_refusal import RefusalCode
 
@@ -77,7 +86,9 @@ class ClientSecAggPolicy:
     the coordinator (gamma in Bell et al.). ``dropout_fraction``: the fraction of the sites
     that finished setup it assumes may drop out later (delta).
     ``max_degree``: the most neighbours it accepts. ``max_update_length``: the longest
-    update vector it accepts.
+    update vector it accepts. ``require_active_coordinator``: refuse every round not in
+    active-coordinator mode. ``roster_digest``: the pinned roster (64 hex digits; empty:
+    none, so no active-mode round).
     """
 
     min_sites: int = MIN_AGGREGATION_SIZE
@@ -86,6 +97,8 @@ class ClientSecAggPolicy:
     dropout_fraction: float = DEFAULT_DROPOUT_RATE
     max_degree: int = DEFAULT_MAX_DEGREE
     max_update_length: int = MAX_UPDATE_LENGTH
+    require_active_coordinator: bool = False
+    roster_digest: str = ""
 
     def __post_init__(self) -> None:
         problems = []
@@ -120,8 +133,37 @@ class ClientSecAggPolicy:
                 f"max-update-length = {self.max_update_length!r}: use an integer in "
                 f"[1, {MAX_UPDATE_LENGTH}]"
             )
+        if not isinstance(self.require_active_coordinator, bool):
+            problems.append(
+                f"require-active-coordinator = {self.require_active_coordinator!r}: use true "
+                "or false"
+            )
+        if not isinstance(self.roster_digest, str):
+            problems.append(f"roster-digest = {self.roster_digest!r}: use a string")
+        elif self.roster_digest:
+            try:
+                parse_digest(self.roster_digest, source="roster-digest")
+            except RosterError as error:
+                problems.append(str(error))
+        elif self.require_active_coordinator:
+            problems.append(
+                "require-active-coordinator = true needs roster-digest: pin the digest of the "
+                "roster every site signed (64 hex digits)"
+            )
         if problems:
             raise SecAggPolicyError("secure-aggregation policy: " + "; ".join(problems))
+
+    @property
+    def pinned_roster_digest(self) -> bytes | None:
+        """The pinned roster digest, or None when this site has not pinned a roster."""
+        if not self.roster_digest:
+            return None
+        return parse_digest(self.roster_digest, source="roster-digest")
+
+    def corrupt_sites(self, roster_size: int) -> int:
+        """c for active mode: the sites of an ``roster_size``-site roster this site assumes
+        corrupt (its colluding fraction of the roster, rounded up)."""
+        return corrupt_sites(fraction=self.colluding_fraction, roster_size=roster_size)
 
     def floor(self, *, honest_sites: int = 0) -> SiteAggregationFloor:
         """This site's minimum aggregation size; ``honest_sites``: distributed DP's h."""
@@ -240,7 +282,18 @@ def _read_table(path: Path) -> dict[str, Any]:
 
 
 def _coerce(value: Any, kind: type, *, key: str, source: str) -> Any:
-    """An int or float setting from TOML or node config (node config values may be text)."""
+    """An int, float, bool or str setting from TOML or node config (node config values may
+    be text)."""
+    if kind is str:
+        if not isinstance(value, str):
+            raise SecAggPolicyError(f"{source}: '{key}' = {value!r} is not a string")
+        return value
+    if kind is bool:
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            raise SecAggPolicyError(f"{source}: '{key}' = {value!r} is not true or false")
+        return value
     if isinstance(value, str):
         try:
             value = float(value) if kind is float else int(value)

@@ -1,4 +1,4 @@
-"""The four site-side stages of SecAgg+, as pure functions over ``ClientSecAggState``.
+"""The site-side stages of SecAgg+, as pure functions over ``ClientSecAggState``.
 
 Protocol: Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead",
 CCS 2020 (SecAgg+), whose complete-graph case is Bonawitz et al., "Practical Secure
@@ -17,6 +17,18 @@ dict of ints, bytes, lists and numpy arrays, ready for a Flower ConfigRecord/Arr
    weight, metrics) into Z_(2^b), add the self mask and the signed pairwise masks.
 4. :func:`client_unmask`: reveal the self-mask-seed shares of surviving neighbours and the
    mask-key shares of dropped ones, never both for one site.
+
+Active-coordinator mode (the round config names a roster; Bonawitz et al. section 6;
+``client.secagg.active_checks``, ``common.secagg.active_parameters``): setup signs the two
+public keys with the site's roster key, over the round's parameter digest; share keys
+verifies every participant's signed keys and derives the graph from their hash; every derived
+key and sealed bundle is bound to the parameters, the graph and both public keys
+(``common.secagg.round_binding``); masked input needs k - D partners; a fifth stage,
+:func:`client_consistency`, signs the survivor set before unmasking, and
+:func:`client_unmask` then reveals shares only once t_cc survivors signed that same set, and
+takes survivors and dropouts from it, not from the coordinator. The roster identity
+(``client.secagg.site_identity``) is passed to each stage that signs or verifies; the
+honest-but-curious mode is unchanged when the config names no roster.
 
 An honest site refuses (raises :class:`SecAggRefusal`, a subclass of
 ``InvalidPayloadError``) anything malformed or hostile: a request out of round or stage
@@ -46,13 +58,18 @@ from typing import Any
 
 import numpy as np
 
+from client.secagg import active_checks
 from client.secagg.aggregation_floor import SiteAggregationFloor
 from client.secagg.policy import ClientSecAggPolicy
 from client.secagg.refusal import SecAggRefusal
+from client.secagg.site_identity import SiteIdentity
 from common.secagg import payload_validation as check
+from common.secagg.active_parameters import ActiveGraphParameters
 from common.secagg.input_encoding import encode_site_input
 from common.secagg.key_agreement import (
     PUBLIC_KEY_BYTES,
+    PURPOSE_CHANNEL,
+    PURPOSE_PAIRWISE_MASK,
     KeyAgreementError,
     derive_channel_key,
     derive_pairwise_mask_seed,
@@ -62,6 +79,7 @@ from common.secagg.key_agreement import (
 )
 from common.secagg.mask_expansion import SEED_BYTES, add_masks_in_place
 from common.secagg.protocol_stages import (
+    STAGE_CONSISTENCY,
     STAGE_MASKED_INPUT,
     STAGE_SETUP,
     STAGE_SHARE_KEYS,
@@ -70,8 +88,10 @@ from common.secagg.protocol_stages import (
     tag,
 )
 from common.secagg.quantisation import new_rounding_generator
+from common.secagg.round_binding import pair_binding, session_digest
 from common.secagg.round_config import MAX_SITES, SecAggRoundConfig
 from common.secagg.round_graph import RoundGraph
+from common.secagg.round_signatures import round_keys_message, sign, survivor_set_message
 from common.secagg.shamir import SHARE_BYTES, split_secret
 from common.secagg.share_cipher import (
     SEALED_SHARE_BUNDLE_BYTES,
@@ -85,6 +105,7 @@ __all__ = [
     "ClientSecAggPolicy",
     "ClientSecAggState",
     "SecAggRefusal",
+    "client_consistency",
     "client_masked_input",
     "client_setup",
     "client_share_keys",
@@ -113,6 +134,10 @@ class ClientSecAggState:
     held_seed_shares: Mapping[int, bytes] = field(default_factory=dict)
     held_key_shares: Mapping[int, bytes] = field(default_factory=dict)
     mask_partners: tuple[int, ...] = ()
+    #: Active mode: the roster names of the participants (verified at share keys) and the
+    #: survivor set this site signed in the consistency check.
+    participant_names: Mapping[int, str] = field(default_factory=dict)
+    agreed_survivors: tuple[int, ...] = ()
 
     def __repr__(self) -> str:  # never print key material
         return (
@@ -132,6 +157,50 @@ class ClientSecAggState:
             raise SecAggRefusal("no neighbour graph yet", code=RefusalCode.OUT_OF_ORDER)
         return self.graph.threshold
 
+    @property
+    def active_parameters(self) -> ActiveGraphParameters:
+        """Active mode: the graph and thresholds of the round's signed parameters."""
+        if self.graph is None:
+            raise SecAggRefusal("no neighbour graph yet", code=RefusalCode.OUT_OF_ORDER)
+        return active_checks.round_parameters(self.config, self.graph.num_participants)
+
+    def pair_bindings(self) -> PairBindings:
+        """What this site's keys with each peer are bound to (active mode; empty bindings in
+        the honest-but-curious mode, which keeps its keys exactly as before)."""
+        if not self.config.active or self.graph is None:
+            return PairBindings(session=b"", site_id=self.site_id, own_public_keys={})
+        return PairBindings(
+            session=session_digest(
+                parameters_digest=self.config.digest(), graph_digest=self.graph.digest()
+            ),
+            site_id=self.site_id,
+            own_public_keys={
+                PURPOSE_CHANNEL: public_key_for(self.channel_private_key),
+                PURPOSE_PAIRWISE_MASK: public_key_for(self.mask_private_key),
+            },
+        )
+
+
+@dataclass(frozen=True)
+class PairBindings:
+    """The pair binding (``common.secagg.round_binding``) of one site's keys, per peer."""
+
+    session: bytes
+    site_id: int
+    own_public_keys: Mapping[str, bytes]
+
+    def __call__(self, *, purpose: str, peer: int, peer_public_key: bytes) -> bytes:
+        if not self.session:
+            return b""
+        return pair_binding(
+            session=self.session,
+            purpose=purpose,
+            site_a=self.site_id,
+            public_key_a=self.own_public_keys[purpose],
+            site_b=peer,
+            public_key_b=peer_public_key,
+        )
+
 
 def client_setup(
     *,
@@ -139,13 +208,17 @@ def client_setup(
     request: Mapping[str, Any],
     policy: ClientSecAggPolicy | None = None,
     previous_round: int | None = None,
+    identity: SiteIdentity | None = None,
 ) -> tuple[ClientSecAggState, dict[str, Any]]:
     """Stage 1: check the round config against the site's policy and advertise fresh keys.
 
     ``previous_round`` is the last round this site took part in; a request for that round or
     an earlier one is a replay and is refused. A round that samples fewer sites than the
     site's minimum aggregation size is refused here, before the site trains. ``policy``:
-    the site's own (default: :class:`ClientSecAggPolicy`'s defaults).
+    the site's own (default: :class:`ClientSecAggPolicy`'s defaults). ``identity``: the
+    site's roster name and signing key, needed in active-coordinator mode, where the reply
+    also carries ``site_name`` and ``key_signature`` (the keys signed over the round's
+    parameter digest and this site's node id).
     """
     policy = ClientSecAggPolicy() if policy is None else policy
     try:
@@ -160,9 +233,18 @@ def client_setup(
         )
     if site_id not in config.site_ids:
         raise SecAggRefusal("this site is not among the round's sites")
-    policy.floor().require(
-        config.num_sites, num_sampled=config.num_sites, what="sites sampled for the round"
-    )
+    if policy.require_active_coordinator and not config.active:
+        raise SecAggRefusal(
+            "this site's policy requires active-coordinator mode (signed keys, roster, "
+            "consistency check); the round does not run in it",
+            code=RefusalCode.SECAGG_POLICY,
+        )
+    if config.active:
+        identity = active_checks.check_active_setup(config, policy, identity)
+    else:
+        policy.floor().require(
+            config.num_sites, num_sampled=config.num_sites, what="sites sampled for the round"
+        )
     if config.update_length > policy.max_update_length:
         raise SecAggRefusal(
             "update length exceeds this site's maximum", code=RefusalCode.SECAGG_POLICY
@@ -175,24 +257,134 @@ def client_setup(
         mask_private_key=generate_private_key(),
         policy=policy,
     )
+    channel_public_key = public_key_for(state.channel_private_key)
+    mask_public_key = public_key_for(state.mask_private_key)
     reply = tag(round_id=config.round_id, stage=STAGE_SETUP) | {
-        "channel_public_key": public_key_for(state.channel_private_key),
-        "mask_public_key": public_key_for(state.mask_private_key),
+        "channel_public_key": channel_public_key,
+        "mask_public_key": mask_public_key,
     }
+    if identity is not None and config.active:
+        reply["site_name"] = identity.name
+        reply["key_signature"] = sign(
+            identity.signing_key,
+            round_keys_message(
+                parameters_digest=config.digest(),
+                site_id=site_id,
+                site_name=identity.name,
+                channel_public_key=channel_public_key,
+                mask_public_key=mask_public_key,
+            ),
+        )
     return state, reply
 
 
 def client_share_keys(
-    *, state: ClientSecAggState, request: Mapping[str, Any]
+    *,
+    state: ClientSecAggState,
+    request: Mapping[str, Any],
+    identity: SiteIdentity | None = None,
 ) -> tuple[ClientSecAggState, dict[str, Any]]:
     """Stage 2: check the graph over U1, then share the self-mask seed and the mask key among
     the neighbours and seal their shares.
 
     The request carries U1 (``participant_ids``), the degree and threshold fixed for |U1|,
-    and the public keys of exactly this site's neighbours in that graph.
+    and the public keys of exactly this site's neighbours in that graph. In active mode it
+    carries the signed keys of every participant instead (``participant_names``,
+    ``channel_public_keys``, ``mask_public_keys``, ``key_signatures``, aligned with
+    ``site_ids`` = ``participant_ids``): the site verifies them all against the roster and
+    derives the graph from their hash (``identity`` is needed).
     """
     config = state.config
     _require_stage(state, request, previous=STAGE_SETUP, stage=STAGE_SHARE_KEYS)
+    names: dict[int, str] = {}
+    if config.active:
+        identity = active_checks.require_identity(identity)
+        verified = active_checks.verified_share_keys(
+            config=config,
+            policy=state.policy,
+            identity=identity,
+            request=request,
+            site_id=state.site_id,
+            own_channel_public_key=public_key_for(state.channel_private_key),
+            own_mask_public_key=public_key_for(state.mask_private_key),
+        )
+        graph = verified.graph
+        active_checks.require_active_floor(
+            config,
+            state.policy,
+            graph.num_participants,
+            what="sites finished setup",
+            honest_sites=state.honest_sites,
+        )
+        active_checks.check_active_graph_policy(verified.parameters, state.policy)
+        names = verified.names
+        peer_ids = sorted(graph.neighbours[state.site_id])
+        channel_keys = [verified.channel_public_keys[peer] for peer in peer_ids]
+        mask_keys = [verified.mask_public_keys[peer] for peer in peer_ids]
+    else:
+        graph, peer_ids, channel_keys, mask_keys = _neighbour_keys(state, request)
+    holders = sorted([*peer_ids, state.site_id])
+    xs = {site: config.share_x(site) for site in holders}
+    self_mask_seed = os.urandom(SEED_BYTES)
+    seed_shares = split_secret(
+        secret=self_mask_seed, threshold=graph.threshold, share_xs=list(xs.values())
+    )
+    key_shares = split_secret(
+        secret=state.mask_private_key, threshold=graph.threshold, share_xs=list(xs.values())
+    )
+    with_graph = dataclasses.replace(state, graph=graph)
+    bindings = with_graph.pair_bindings()
+    sealed_bundles = []
+    try:
+        own_channel_key = load_private_key(state.channel_private_key)
+        for peer, channel_key in zip(peer_ids, channel_keys, strict=True):
+            binding = bindings(purpose=PURPOSE_CHANNEL, peer=peer, peer_public_key=channel_key)
+            key = derive_channel_key(
+                own_private_key=own_channel_key,
+                peer_public_key=channel_key,
+                round_id=config.round_id,
+                session_nonce=config.session_nonce,
+                own_id=state.site_id,
+                peer_id=peer,
+                binding=binding,
+            )
+            sealed_bundles.append(
+                seal_share_bundle(
+                    key=key,
+                    self_mask_seed_share=seed_shares[xs[peer]],
+                    mask_key_share=key_shares[xs[peer]],
+                    sender_id=state.site_id,
+                    receiver_id=peer,
+                    round_id=config.round_id,
+                    session_nonce=config.session_nonce,
+                    binding=binding,
+                )
+            )
+    except KeyAgreementError as error:
+        raise SecAggRefusal(f"share-keys request: {error}") from None
+    own_x = xs[state.site_id]
+    new_state = dataclasses.replace(
+        with_graph,
+        stage=STAGE_SHARE_KEYS,
+        self_mask_seed=self_mask_seed,
+        peer_channel_keys=dict(zip(peer_ids, channel_keys, strict=True)),
+        peer_mask_keys=dict(zip(peer_ids, mask_keys, strict=True)),
+        held_seed_shares={state.site_id: seed_shares[own_x]},
+        held_key_shares={state.site_id: key_shares[own_x]},
+        participant_names=names,
+    )
+    reply = tag(round_id=config.round_id, stage=STAGE_SHARE_KEYS) | {
+        "receiver_ids": list(peer_ids),
+        "sealed_bundles": sealed_bundles,
+    }
+    return new_state, reply
+
+
+def _neighbour_keys(
+    state: ClientSecAggState, request: Mapping[str, Any]
+) -> tuple[RoundGraph, list[int], list[bytes], list[bytes]]:
+    """Honest-but-curious mode: the graph over U1 and exactly the neighbours' keys."""
+    config = state.config
     try:
         graph = RoundGraph.from_payload(request, config=config)
         peer_ids = check.require_list(request, "site_ids", item_type=int, max_length=MAX_SITES)
@@ -228,56 +420,7 @@ def client_share_keys(
         peer_ids
     ):
         raise SecAggRefusal("share-keys request repeats a public key")
-    holders = sorted([*peer_ids, state.site_id])
-    xs = {site: config.share_x(site) for site in holders}
-    self_mask_seed = os.urandom(SEED_BYTES)
-    seed_shares = split_secret(
-        secret=self_mask_seed, threshold=graph.threshold, share_xs=list(xs.values())
-    )
-    key_shares = split_secret(
-        secret=state.mask_private_key, threshold=graph.threshold, share_xs=list(xs.values())
-    )
-    sealed_bundles = []
-    try:
-        own_channel_key = load_private_key(state.channel_private_key)
-        for peer, channel_key in zip(peer_ids, channel_keys, strict=True):
-            key = derive_channel_key(
-                own_private_key=own_channel_key,
-                peer_public_key=channel_key,
-                round_id=config.round_id,
-                session_nonce=config.session_nonce,
-                own_id=state.site_id,
-                peer_id=peer,
-            )
-            sealed_bundles.append(
-                seal_share_bundle(
-                    key=key,
-                    self_mask_seed_share=seed_shares[xs[peer]],
-                    mask_key_share=key_shares[xs[peer]],
-                    sender_id=state.site_id,
-                    receiver_id=peer,
-                    round_id=config.round_id,
-                    session_nonce=config.session_nonce,
-                )
-            )
-    except KeyAgreementError as error:
-        raise SecAggRefusal(f"share-keys request: {error}") from None
-    own_x = xs[state.site_id]
-    new_state = dataclasses.replace(
-        state,
-        stage=STAGE_SHARE_KEYS,
-        graph=graph,
-        self_mask_seed=self_mask_seed,
-        peer_channel_keys=dict(zip(peer_ids, channel_keys, strict=True)),
-        peer_mask_keys=dict(zip(peer_ids, mask_keys, strict=True)),
-        held_seed_shares={state.site_id: seed_shares[own_x]},
-        held_key_shares={state.site_id: key_shares[own_x]},
-    )
-    reply = tag(round_id=config.round_id, stage=STAGE_SHARE_KEYS) | {
-        "receiver_ids": list(peer_ids),
-        "sealed_bundles": sealed_bundles,
-    }
-    return new_state, reply
+    return graph, peer_ids, channel_keys, mask_keys
 
 
 def client_masked_input(
@@ -296,7 +439,8 @@ def client_masked_input(
     and metrics are masked like the update. ``rng`` drives stochastic rounding only (default:
     seeded from ``os.urandom``). A local input that does not fit the round's config (wrong
     length, weight above ``max_weight``, missing metric, non-finite values) raises a plain
-    ``ValueError``: the caller's mistake, not the coordinator's.
+    ``ValueError``: the caller's mistake, not the coordinator's. In active mode the site
+    needs shares from at least k - D neighbours (``active_parameters``).
     """
     config = state.config
     _require_stage(state, request, previous=STAGE_SHARE_KEYS, stage=STAGE_MASKED_INPUT)
@@ -320,12 +464,18 @@ def client_masked_input(
             f"shares from {len(sender_ids)} neighbours; threshold {state.threshold} needs "
             f"at least {state.threshold - 1}"
         )
+    if config.active:
+        active_checks.check_partners(state.active_parameters, sender_ids)
     seed_shares = dict(state.held_seed_shares)
     key_shares = dict(state.held_key_shares)
     own_channel_key = load_private_key(state.channel_private_key)
+    bindings = state.pair_bindings()
     for sender, sealed in zip(sender_ids, sealed_bundles, strict=True):
         if len(sealed) != SEALED_SHARE_BUNDLE_BYTES:
             raise SecAggRefusal(f"sealed bundle from site {sender} has the wrong length")
+        binding = bindings(
+            purpose=PURPOSE_CHANNEL, peer=sender, peer_public_key=state.peer_channel_keys[sender]
+        )
         try:
             key = derive_channel_key(
                 own_private_key=own_channel_key,
@@ -334,6 +484,7 @@ def client_masked_input(
                 session_nonce=config.session_nonce,
                 own_id=state.site_id,
                 peer_id=sender,
+                binding=binding,
             )
             seed_shares[sender], key_shares[sender] = open_share_bundle(
                 key=key,
@@ -342,6 +493,7 @@ def client_masked_input(
                 receiver_id=state.site_id,
                 round_id=config.round_id,
                 session_nonce=config.session_nonce,
+                binding=binding,
             )
         except (ShareCipherError, KeyAgreementError) as error:
             raise SecAggRefusal(f"sealed bundle from site {sender}: {error}") from None
@@ -363,6 +515,11 @@ def client_masked_input(
             session_nonce=config.session_nonce,
             own_id=state.site_id,
             peer_id=partner,
+            binding=bindings(
+                purpose=PURPOSE_PAIRWISE_MASK,
+                peer=partner,
+                peer_public_key=state.peer_mask_keys[partner],
+            ),
         )
         (add_seeds if state.site_id < partner else subtract_seeds).append(seed)
     add_masks_in_place(
@@ -379,8 +536,65 @@ def client_masked_input(
     return new_state, reply
 
 
+def client_consistency(
+    *,
+    state: ClientSecAggState,
+    request: Mapping[str, Any],
+    identity: SiteIdentity | None,
+) -> tuple[ClientSecAggState, dict[str, Any]]:
+    """Active mode, between masked input and unmask: sign the survivor set (Bonawitz et al.,
+    section 6, ConsistencyCheck).
+
+    The request carries ``survivor_ids``: U3, every site whose masked input the coordinator
+    says it summed. The site signs it (``survivor_signature``) only when it lists this site,
+    is a subset of the participants, misses at most the D dropouts the round allows, and is
+    at least this site's minimum aggregation size and the t_cc signatures the unmask stage
+    will need. It runs once per round: a site signs one survivor set only.
+    """
+    config = state.config
+    if not config.active:
+        raise SecAggRefusal(
+            "consistency request for a round that does not run in active-coordinator mode"
+        )
+    identity = active_checks.require_identity(identity)
+    _require_stage(state, request, previous=STAGE_MASKED_INPUT, stage=STAGE_CONSISTENCY)
+    try:
+        survivors = check.require_list(request, "survivor_ids", item_type=int, max_length=MAX_SITES)
+    except check.InvalidPayloadError as error:
+        raise SecAggRefusal(f"consistency request rejected: {error}") from None
+    if state.graph is None:  # set at share keys, which this stage follows
+        raise SecAggRefusal("no neighbour graph yet", code=RefusalCode.OUT_OF_ORDER)
+    active_checks.check_survivor_set(
+        config=config,
+        policy=state.policy,
+        parameters=state.active_parameters,
+        graph=state.graph,
+        site_id=state.site_id,
+        survivors=survivors,
+        honest_sites=state.honest_sites,
+    )
+    signature = sign(
+        identity.signing_key,
+        survivor_set_message(
+            parameters_digest=config.digest(),
+            graph_digest=state.graph.digest(),
+            survivor_ids=survivors,
+        ),
+    )
+    new_state = dataclasses.replace(
+        state, stage=STAGE_CONSISTENCY, agreed_survivors=tuple(survivors)
+    )
+    reply = tag(round_id=config.round_id, stage=STAGE_CONSISTENCY) | {
+        "survivor_signature": signature
+    }
+    return new_state, reply
+
+
 def client_unmask(
-    *, state: ClientSecAggState, request: Mapping[str, Any]
+    *,
+    state: ClientSecAggState,
+    request: Mapping[str, Any],
+    identity: SiteIdentity | None = None,
 ) -> tuple[ClientSecAggState, dict[str, Any]]:
     """Stage 4: reveal seed shares of surviving and key shares of dropped neighbours.
 
@@ -389,7 +603,13 @@ def client_unmask(
     that lists a site both as survivor and as dropped, that calls this site dropped, or that
     reports fewer survivors than the threshold. The stage runs once per round, so a later
     request cannot obtain the other secret of a site.
+
+    Active mode: the request carries ``signer_ids`` and ``survivor_signatures``; the site
+    reveals only when t_cc distinct survivors signed the survivor set it signed itself, and
+    it takes survivors and dropped partners from that set, not from the coordinator.
     """
+    if state.config.active:
+        return _active_unmask(state=state, request=request, identity=identity)
     config = state.config
     _require_stage(state, request, previous=STAGE_MASKED_INPUT, stage=STAGE_UNMASK)
     try:
@@ -422,9 +642,44 @@ def client_unmask(
         raise SecAggRefusal(
             f"unmask request asks for mask keys of non-partners {sorted(dropped_strangers)}"
         )
+    return _reveal(state, survivors=survivors, dropped=dropped)
+
+
+def _active_unmask(
+    *, state: ClientSecAggState, request: Mapping[str, Any], identity: SiteIdentity | None
+) -> tuple[ClientSecAggState, dict[str, Any]]:
+    identity = active_checks.require_identity(identity)
+    _require_stage(state, request, previous=STAGE_CONSISTENCY, stage=STAGE_UNMASK)
+    if state.graph is None:  # set at share keys
+        raise SecAggRefusal("no neighbour graph yet", code=RefusalCode.OUT_OF_ORDER)
+    survivors = state.agreed_survivors
+    active_checks.require_active_floor(
+        state.config,
+        state.policy,
+        len(survivors),
+        what="sites survived",
+        honest_sites=state.honest_sites,
+    )
+    active_checks.check_survivor_signatures(
+        identity=identity,
+        config=state.config,
+        graph=state.graph,
+        parameters=state.active_parameters,
+        names=state.participant_names,
+        survivors=survivors,
+        request=request,
+    )
+    dropped = [partner for partner in state.mask_partners if partner not in set(survivors)]
+    return _reveal(state, survivors=list(survivors), dropped=dropped)
+
+
+def _reveal(
+    state: ClientSecAggState, *, survivors: list[int], dropped: list[int]
+) -> tuple[ClientSecAggState, dict[str, Any]]:
+    """The unmask reply: seed shares of surviving holders' owners, key shares of dropped."""
     seed_share_ids = sorted(site for site in survivors if site in state.held_seed_shares)
     key_share_ids = sorted(dropped)
-    reply = tag(round_id=config.round_id, stage=STAGE_UNMASK) | {
+    reply = tag(round_id=state.config.round_id, stage=STAGE_UNMASK) | {
         "seed_share_site_ids": seed_share_ids,
         "seed_shares": [state.held_seed_shares[site] for site in seed_share_ids],
         "key_share_site_ids": key_share_ids,
@@ -473,6 +728,19 @@ def client_state_to_record(state: ClientSecAggState) -> dict[str, Any]:
         "key_share_site_ids": key_holders,
         "key_shares": [state.held_key_shares[site] for site in key_holders],
         "mask_partners": list(state.mask_partners),
+    } | _active_record(state)
+
+
+def _active_record(state: ClientSecAggState) -> dict[str, Any]:
+    """Active mode only (the honest-but-curious record is unchanged): U1's roster names and
+    the signed survivor set."""
+    if not state.config.active:
+        return {}
+    named = sorted(state.participant_names)
+    return {
+        "named_site_ids": named,
+        "site_names": [state.participant_names[site] for site in named],
+        "agreed_survivors": list(state.agreed_survivors),
     }
 
 
@@ -498,6 +766,14 @@ def client_state_from_record(record: Mapping[str, Any]) -> ClientSecAggState:
         held_seed_shares=dict(zip(seed_holders, record["seed_shares"], strict=True)),
         held_key_shares=dict(zip(key_holders, record["key_shares"], strict=True)),
         mask_partners=tuple(int(site) for site in record["mask_partners"]),
+        participant_names=dict(
+            zip(
+                [int(site) for site in record.get("named_site_ids", [])],
+                [str(name) for name in record.get("site_names", [])],
+                strict=True,
+            )
+        ),
+        agreed_survivors=tuple(int(site) for site in record.get("agreed_survivors", [])),
     )
     if any(len(share) != SHARE_BYTES for share in state.held_seed_shares.values()):
         raise ValueError("stored share has the wrong length")
@@ -507,6 +783,8 @@ def client_state_from_record(record: Mapping[str, Any]) -> ClientSecAggState:
 def _config_blob(config: SecAggRoundConfig) -> bytes:
     payload = config.to_payload()
     payload["session_nonce"] = payload["session_nonce"].hex()
+    if config.active:
+        payload["roster_digest"] = payload["roster_digest"].hex()
     return json.dumps(payload, sort_keys=True).encode()
 
 
@@ -516,6 +794,8 @@ def _config_from_blob(blob: bytes) -> dict[str, Any]:
     payload["metric_lower"] = [float(value) for value in payload["metric_lower"]]
     payload["metric_upper"] = [float(value) for value in payload["metric_upper"]]
     payload["update_clip"] = float(payload["update_clip"])
+    if "roster_digest" in payload:
+        payload["roster_digest"] = bytes.fromhex(payload["roster_digest"])
     return payload
 
 
@@ -524,10 +804,13 @@ def _policy_blob(policy: ClientSecAggPolicy) -> bytes:
 
 
 def _graph_blob(graph: RoundGraph) -> bytes:
-    return json.dumps(graph.to_payload(), sort_keys=True).encode()
+    payload = graph.to_payload() | ({"seed": graph.seed.hex()} if graph.seed else {})
+    return json.dumps(payload, sort_keys=True).encode()
 
 
 def _graph_from_blob(blob: bytes, *, config: SecAggRoundConfig) -> RoundGraph | None:
     if not blob:
         return None
-    return RoundGraph.from_payload(json.loads(blob.decode()), config=config)
+    payload = json.loads(blob.decode())
+    seed = bytes.fromhex(payload.pop("seed", ""))
+    return RoundGraph.from_payload(payload, config=config, seed=seed)

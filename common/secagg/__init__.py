@@ -21,4 +21,13 @@ One concern per module:
 - ``protocol_stages``: stage names and the round/stage tag every payload carries.
 - ``input_encoding``: the layout of the vector a site masks (update, weight, metrics).
 - ``payload_validation``: checks on inbound payloads, raising ``InvalidPayloadError``.
+
+Active-coordinator mode (Bonawitz et al., section 6; Bell et al.'s malicious-server variant):
+
+- ``roster``: the federation's sites and their Ed25519 signing keys, signed by every site.
+- ``round_signatures``: signed round keys and signed survivor sets, checked against it.
+- ``active_parameters``: t = c + 1, the consistency threshold, the dropout allowance, k.
+- ``graph_seed``: the ring seed from the hash of the signed round keys, and why grinding it
+  does not matter.
+- ``round_binding``: parameters, graph and public keys bound into HKDF and AES-GCM.
 """

@@ -9,7 +9,9 @@ for Privacy-Preserving Machine Learning", CCS 2017, section 4: keys (c, s); Bell
 A raw Diffie-Hellman output is never used as a key: HKDF-SHA256 turns it into a 32-byte key
 whose ``info`` string names the protocol version, the purpose, the round number, the round's
 session nonce and the (ordered) pair of site ids, so keys of different purposes, rounds or
-pairs are independent.
+pairs are independent. In active-coordinator mode the ``info`` also carries a *binding*
+(``round_binding``): a hash of the round's parameter digest, the graph the site derived and
+both public keys, so a key agreed under one view of the round is unrelated to any other.
 """
 
 from __future__ import annotations
@@ -50,19 +52,27 @@ def public_key_for(private_key: bytes) -> bytes:
 
 
 def derivation_info(
-    *, purpose: str, round_id: int, session_nonce: bytes, site_a: int, site_b: int
+    *,
+    purpose: str,
+    round_id: int,
+    session_nonce: bytes,
+    site_a: int,
+    site_b: int,
+    binding: bytes = b"",
 ) -> bytes:
-    """The HKDF ``info`` string binding a key to purpose, round, session and site pair."""
+    """The HKDF ``info`` string binding a key to purpose, round, session and site pair (and,
+    in active mode, to ``binding``: parameters, graph and both public keys)."""
     low, high = sorted((site_a, site_b))
-    return b"|".join(
-        [
-            PROTOCOL_LABEL,
-            purpose.encode(),
-            f"round={round_id}".encode(),
-            b"session=" + session_nonce.hex().encode(),
-            f"pair={low},{high}".encode(),
-        ]
-    )
+    parts = [
+        PROTOCOL_LABEL,
+        purpose.encode(),
+        f"round={round_id}".encode(),
+        b"session=" + session_nonce.hex().encode(),
+        f"pair={low},{high}".encode(),
+    ]
+    if binding:
+        parts.append(b"binding=" + binding.hex().encode())
+    return b"|".join(parts)
 
 
 def agree_and_derive(
@@ -74,6 +84,7 @@ def agree_and_derive(
     session_nonce: bytes,
     own_id: int,
     peer_id: int,
+    binding: bytes = b"",
 ) -> bytes:
     """X25519 between the two sites, then HKDF-SHA256 into a 32-byte key for ``purpose``.
 
@@ -99,6 +110,7 @@ def agree_and_derive(
             session_nonce=session_nonce,
             site_a=own_id,
             site_b=peer_id,
+            binding=binding,
         ),
     ).derive(shared)
 
@@ -111,6 +123,7 @@ def derive_channel_key(
     session_nonce: bytes,
     own_id: int,
     peer_id: int,
+    binding: bytes = b"",
 ) -> bytes:
     """The AES-256-GCM key of the share channel between two sites in one round."""
     return agree_and_derive(
@@ -121,6 +134,7 @@ def derive_channel_key(
         session_nonce=session_nonce,
         own_id=own_id,
         peer_id=peer_id,
+        binding=binding,
     )
 
 
@@ -132,6 +146,7 @@ def derive_pairwise_mask_seed(
     session_nonce: bytes,
     own_id: int,
     peer_id: int,
+    binding: bytes = b"",
 ) -> bytes:
     """The 32-byte seed of the pairwise mask between two sites in one round."""
     return agree_and_derive(
@@ -142,4 +157,5 @@ def derive_pairwise_mask_seed(
         session_nonce=session_nonce,
         own_id=own_id,
         peer_id=peer_id,
+        binding=binding,
     )

@@ -1,11 +1,13 @@
-"""Names of the four message exchanges of one round, and the round/stage tag on payloads.
+"""Names of the message exchanges of one round, and the round/stage tag on payloads.
 
-Setup (advertise keys), share keys, masked input and unmask are the rounds 0-3 of Bonawitz
-et al., "Practical Secure Aggregation for Privacy-Preserving Machine Learning", CCS 2017
-(without the consistency check, which only matters against an actively malicious
-coordinator), as used by SecAgg+ (Bell et al., "Secure Single-Server Aggregation with
-(Poly)Logarithmic Overhead", CCS 2020). Every payload in either direction carries ``round``
-and ``stage`` so a stale or replayed message from another round or stage is rejected.
+Setup (advertise keys), share keys, masked input and unmask are the rounds 0, 1, 2 and 4 of
+Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine Learning",
+CCS 2017, as used by SecAgg+ (Bell et al., "Secure Single-Server Aggregation with
+(Poly)Logarithmic Overhead", CCS 2020). Their round 3, the consistency check (sites sign the
+survivor set they were told of; section 6), runs between masked input and unmask in
+active-coordinator mode only: it matters only against a coordinator that lies. Every payload
+in either direction carries ``round`` and ``stage`` so a stale or replayed message from
+another round or stage is rejected.
 """
 
 from __future__ import annotations
@@ -19,8 +21,18 @@ from common.secagg.round_config import MAX_ROUND
 STAGE_SETUP = "setup"
 STAGE_SHARE_KEYS = "share_keys"
 STAGE_MASKED_INPUT = "masked_input"
+STAGE_CONSISTENCY = "consistency"
 STAGE_UNMASK = "unmask"
+#: The exchanges of a round in the honest-but-curious mode.
 STAGES = (STAGE_SETUP, STAGE_SHARE_KEYS, STAGE_MASKED_INPUT, STAGE_UNMASK)
+#: The exchanges of a round in active-coordinator mode: one more, the consistency check.
+ACTIVE_STAGES = (
+    STAGE_SETUP,
+    STAGE_SHARE_KEYS,
+    STAGE_MASKED_INPUT,
+    STAGE_CONSISTENCY,
+    STAGE_UNMASK,
+)
 
 
 def tag(*, round_id: int, stage: str) -> dict[str, Any]:

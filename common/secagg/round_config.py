@@ -9,12 +9,21 @@ The neighbour graph's degree k and Shamir threshold t (Bell et al., "Secure Sing
 Aggregation with (Poly)Logarithmic Overhead", CCS 2020; k = n - 1 is Bonawitz et al.,
 "Practical Secure Aggregation for Privacy-Preserving Machine Learning", CCS 2017) are not
 part of it: they are fixed after setup, for the sites that finished it (``round_graph``).
+
+Active-coordinator mode (Bonawitz et al. section 6; ``active_parameters``) adds the digest of
+the federation's roster, the corrupt sites c the round assumes, the dropouts d it allows
+after setup and the degree and threshold overrides; with them, k and t follow from |U1|
+alone, so :meth:`SecAggRoundConfig.digest`, which every site signs its round keys under,
+binds the sites, degree, threshold, ring and ranges of the round.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -29,6 +38,7 @@ MAX_SITES = 10_000
 MAX_UPDATE_LENGTH = 1 << 30
 MAX_METRICS = 64
 MAX_ROUND = (1 << 63) - 1
+ROSTER_DIGEST_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,14 @@ class SecAggRoundConfig:
     #: Distributed DP (``common.distributed_dp``): the update segment is the site's own integer
     #: vector in Z_(2^b), summed as is (no clipping, no quantisation) and centred on decoding.
     integer_update: bool = False
+    #: Active-coordinator mode: the SHA-256 digest of the roster every site signed (empty:
+    #: the honest-but-curious mode), the corrupt sites c assumed over the roster, the sites d
+    #: that may drop out after setup, and the degree and threshold overrides (0: derived).
+    roster_digest: bytes = b""
+    corrupt_sites: int = 0
+    dropout_sites: int = 0
+    graph_degree: int = 0
+    graph_threshold: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.round_id <= MAX_ROUND:
@@ -77,6 +95,37 @@ class SecAggRoundConfig:
             raise ValueError("one lower and one upper bound per metric")
         for low, high in zip(self.metric_lower, self.metric_upper, strict=True):
             QuantisationRange(lower=low, upper=high, levels=1)
+        if self.roster_digest and len(self.roster_digest) != ROSTER_DIGEST_BYTES:
+            raise ValueError(f"roster digest must be {ROSTER_DIGEST_BYTES} bytes")
+        active_counts = (
+            self.corrupt_sites,
+            self.dropout_sites,
+            self.graph_degree,
+            self.graph_threshold,
+        )
+        if any(not 0 <= value <= MAX_SITES for value in active_counts):
+            raise ValueError(f"corrupt, dropout, degree and threshold must be in [0, {MAX_SITES}]")
+        if not self.roster_digest and any(active_counts):
+            raise ValueError("corrupt, dropout, degree and threshold need the active mode")
+
+    @property
+    def active(self) -> bool:
+        """Whether the round runs in active-coordinator mode (signed keys, roster)."""
+        return bool(self.roster_digest)
+
+    def digest(self) -> bytes:
+        """SHA-256 of every public parameter of the round (round id and session included):
+        what each site signs its round keys under in active mode."""
+        return self._digest
+
+    @cached_property
+    def _digest(self) -> bytes:
+        payload = self.to_payload()
+        payload["session_nonce"] = self.session_nonce.hex()
+        if self.active:
+            payload["roster_digest"] = self.roster_digest.hex()
+        encoded = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(b"fedmm/secagg+/v1|round-parameters|" + encoded).digest()
 
     @property
     def num_sites(self) -> int:
@@ -118,18 +167,33 @@ class SecAggRoundConfig:
 
     def to_payload(self) -> dict[str, Any]:
         """The config as a ConfigRecord-compatible dict."""
+        return (
+            {
+                "round": self.round_id,
+                "session_nonce": self.session_nonce,
+                "site_ids": list(self.site_ids),
+                "bit_width": self.bit_width,
+                "update_length": self.update_length,
+                "update_clip": float(self.update_clip),
+                "max_weight": self.max_weight,
+                "metric_names": list(self.metric_names),
+                "metric_lower": [float(value) for value in self.metric_lower],
+                "metric_upper": [float(value) for value in self.metric_upper],
+            }
+            | ({"integer_update": True} if self.integer_update else {})
+            | self._active_payload()
+        )
+
+    def _active_payload(self) -> dict[str, Any]:
+        if not self.active:
+            return {}
         return {
-            "round": self.round_id,
-            "session_nonce": self.session_nonce,
-            "site_ids": list(self.site_ids),
-            "bit_width": self.bit_width,
-            "update_length": self.update_length,
-            "update_clip": float(self.update_clip),
-            "max_weight": self.max_weight,
-            "metric_names": list(self.metric_names),
-            "metric_lower": [float(value) for value in self.metric_lower],
-            "metric_upper": [float(value) for value in self.metric_upper],
-        } | ({"integer_update": True} if self.integer_update else {})
+            "roster_digest": self.roster_digest,
+            "corrupt_sites": self.corrupt_sites,
+            "dropout_sites": self.dropout_sites,
+            "graph_degree": self.graph_degree,
+            "graph_threshold": self.graph_threshold,
+        }
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> SecAggRoundConfig:
@@ -169,11 +233,23 @@ class SecAggRoundConfig:
                     )
                 ),
                 integer_update=_optional_bool(payload, "integer_update"),
+                **_active_fields(payload),
             )
         except check.InvalidPayloadError:
             raise
         except ValueError as error:
             raise check.InvalidPayloadError(f"invalid round config: {error}") from None
+
+
+def _active_fields(payload: Mapping[str, Any]) -> dict[str, Any]:
+    if "roster_digest" not in payload:
+        return {}
+    fields = {
+        "roster_digest": check.require_bytes(payload, "roster_digest", length=ROSTER_DIGEST_BYTES)
+    }
+    for name in ("corrupt_sites", "dropout_sites", "graph_degree", "graph_threshold"):
+        fields[name] = check.require_int(payload, name, minimum=0, maximum=MAX_SITES)
+    return fields
 
 
 def _optional_bool(payload: Mapping[str, Any], key: str) -> bool:

@@ -13,28 +13,39 @@ participants (``client.secagg.policy``). The graph is still a random Harary grap
 the round's session nonce (``neighbour_graph``); with k = |U1| - 1 it is the complete graph of
 Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine Learning",
 CCS 2017.
+
+In active-coordinator mode the ring is seeded instead by a hash of the participants' signed
+round keys (``graph_seed``), which the coordinator cannot name; k and t then follow from the
+round's signed parameters (``active_parameters``).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 from common.secagg import payload_validation as check
+from common.secagg.key_agreement import PROTOCOL_LABEL
 from common.secagg.neighbour_graph import neighbour_graph
 from common.secagg.round_config import MAX_SITES, SecAggRoundConfig
 
 
 @dataclass(frozen=True)
 class RoundGraph:
-    """U1 (sorted), the degree k and threshold t fixed for |U1|, and the graph they give."""
+    """U1 (sorted), the degree k and threshold t fixed for |U1|, and the graph they give.
+
+    ``seed`` (active mode): the ring seed from the signed round keys (``graph_seed``); empty
+    means the session nonce seeds the ring (honest-but-curious mode).
+    """
 
     participant_ids: tuple[int, ...]
     degree: int
     threshold: int
     session_nonce: bytes
+    seed: bytes = b""
 
     def __post_init__(self) -> None:
         if list(self.participant_ids) != sorted(set(self.participant_ids)):
@@ -56,12 +67,28 @@ class RoundGraph:
     def complete(self) -> bool:
         return self.degree == self.num_participants - 1
 
+    @property
+    def ring_seed(self) -> bytes:
+        return self.seed or self.session_nonce
+
     @cached_property
     def neighbours(self) -> dict[int, frozenset[int]]:
-        """Every participant's neighbours, derived from the session nonce."""
+        """Every participant's neighbours, derived from the ring seed."""
         return neighbour_graph(
-            site_ids=self.participant_ids, degree=self.degree, seed=self.session_nonce
+            site_ids=self.participant_ids, degree=self.degree, seed=self.ring_seed
         )
+
+    def digest(self) -> bytes:
+        """SHA-256 of the ring seed, the participants, k and t: the graph as one site sees
+        it, bound into every key and signature of the round's later stages in active mode."""
+        ids = ",".join(str(site) for site in self.participant_ids).encode()
+        return hashlib.sha256(
+            PROTOCOL_LABEL
+            + b"|graph|"
+            + self.ring_seed
+            + f"|k={self.degree}|t={self.threshold}|".encode()
+            + ids
+        ).digest()
 
     def to_payload(self) -> dict[str, Any]:
         """The fields the share-keys request carries (ConfigRecord-compatible)."""
@@ -72,7 +99,9 @@ class RoundGraph:
         }
 
     @classmethod
-    def from_payload(cls, payload: Mapping[str, Any], *, config: SecAggRoundConfig) -> RoundGraph:
+    def from_payload(
+        cls, payload: Mapping[str, Any], *, config: SecAggRoundConfig, seed: bytes = b""
+    ) -> RoundGraph:
         """Parse the graph of a share-keys request; raise ``InvalidPayloadError`` unless the
         participants are sampled sites of ``config`` and k, t make a valid graph."""
         participants = check.require_list(
@@ -91,6 +120,7 @@ class RoundGraph:
                 degree=degree,
                 threshold=threshold,
                 session_nonce=config.session_nonce,
+                seed=seed,
             )
         except ValueError as error:
             raise check.InvalidPayloadError(f"invalid neighbour graph: {error}") from None

@@ -8,6 +8,7 @@ CCS 2017. See ``server.secagg.stages``.
 from server.secagg.stages import (
     CoordinatorGraphRules,
     ServerSecAggState,
+    server_collect_consistency,
     server_collect_keys,
     server_collect_masked_inputs,
     server_route_shares,
@@ -18,6 +19,7 @@ from server.secagg.stages import (
 __all__ = [
     "CoordinatorGraphRules",
     "ServerSecAggState",
+    "server_collect_consistency",
     "server_collect_keys",
     "server_collect_masked_inputs",
     "server_route_shares",

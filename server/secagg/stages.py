@@ -18,6 +18,16 @@ the replies of one exchange and returns the new state and the requests of the ne
 - :func:`server_unmask`: rebuild survivors' self-mask seeds and dropped sites' mask keys from
   the shares, remove all masks, dequantise the sum and check it is in range.
 
+Active-coordinator mode (``server_start_round(roster=...)``; Bonawitz et al. section 6,
+``common.secagg.active_parameters``): the config names the roster and the corrupt and
+dropout counts; :func:`server_collect_keys` keeps only keys that a distinct roster site
+signed for this round, seeds the graph with their hash (``common.secagg.graph_seed``) and
+sends every participant all participants' signed keys; :func:`server_collect_masked_inputs`
+asks the survivors to sign the survivor set instead of unmasking, and
+:func:`server_collect_consistency` forwards the signatures with the unmask request. An honest
+coordinator checks everything the sites check, so that a round fails here with a reason
+rather than at the sites with a refusal.
+
 A reply that is malformed, duplicated, unexpected or for another round/stage is dropped with
 a logged reason and its site counts as dropped out. The round is aborted (``state.abort_reason``
 says why, later stages return nothing) when the sites still in it at any stage (U0, U1, U2,
@@ -43,15 +53,24 @@ from typing import Any
 import numpy as np
 
 from common.secagg import payload_validation as check
+from common.secagg.active_parameters import (
+    ActiveGraphParameters,
+    active_graph_parameters,
+    corrupt_sites,
+    dropout_sites,
+    minimum_active_aggregation_size,
+)
 from common.secagg.aggregation_size import (
     MIN_AGGREGATION_SIZE,
     colluding_sites,
     describe_minimum,
     minimum_aggregation_size,
 )
+from common.secagg.graph_seed import graph_seed
 from common.secagg.input_encoding import DecodedAggregate, SumOutOfRangeError, decode_aggregate
 from common.secagg.key_agreement import (
     PUBLIC_KEY_BYTES,
+    PURPOSE_PAIRWISE_MASK,
     KeyAgreementError,
     derive_pairwise_mask_seed,
     load_private_key,
@@ -64,6 +83,7 @@ from common.secagg.neighbour_graph import (
     threshold_for_degree,
 )
 from common.secagg.protocol_stages import (
+    STAGE_CONSISTENCY,
     STAGE_MASKED_INPUT,
     STAGE_SETUP,
     STAGE_SHARE_KEYS,
@@ -72,8 +92,16 @@ from common.secagg.protocol_stages import (
     tag,
 )
 from common.secagg.ring import add_in_place, zeros
+from common.secagg.roster import SIGNATURE_BYTES, VerifiedRoster
+from common.secagg.round_binding import pair_binding, session_digest
 from common.secagg.round_config import MAX_SITES, SESSION_NONCE_BYTES, SecAggRoundConfig
 from common.secagg.round_graph import RoundGraph
+from common.secagg.round_signatures import (
+    SignatureError,
+    survivor_set_message,
+    verify_round_keys,
+    verify_signed_by,
+)
 from common.secagg.shamir import SHARE_BYTES, ShamirError, reconstruct_secret
 from common.secagg.share_cipher import SEALED_SHARE_BUNDLE_BYTES
 
@@ -86,6 +114,7 @@ Replies = Mapping[int, Mapping[str, Any]] | Iterable[tuple[int, Mapping[str, Any
 AWAITING_KEYS = "awaiting_keys"
 AWAITING_SHARES = "awaiting_shares"
 AWAITING_MASKED_INPUTS = "awaiting_masked_inputs"
+AWAITING_CONSISTENCY = "awaiting_consistency"
 AWAITING_UNMASK = "awaiting_unmask"
 FINISHED = "finished"
 ABORTED = "aborted"
@@ -108,6 +137,9 @@ class CoordinatorGraphRules:
     dropout_rate: float = DEFAULT_DROPOUT_RATE
     min_sites: int = MIN_AGGREGATION_SIZE
     honest_sites: int = 0
+    #: Active-coordinator mode: the verified federation roster (None: honest-but-curious).
+    #: ``adversarial_rate`` is then the corrupt fraction of the roster.
+    roster: VerifiedRoster | None = None
 
     def __post_init__(self) -> None:
         if not (0 <= self.adversarial_rate < 1 and 0 <= self.dropout_rate < 1):
@@ -121,7 +153,18 @@ class CoordinatorGraphRules:
         if self.honest_sites < 0:
             raise ValueError(f"honest_sites must be >= 0, got {self.honest_sites}")
 
+    @property
+    def corrupt_sites(self) -> int:
+        """Active mode: c, the corrupt sites assumed among the roster's N."""
+        if self.roster is None:
+            return 0
+        return corrupt_sites(fraction=self.adversarial_rate, roster_size=self.roster.size)
+
     def min_aggregation_size(self, num_sampled: int) -> int:
+        if self.roster is not None:
+            return minimum_active_aggregation_size(
+                corrupt=self.corrupt_sites, min_sites=self.min_sites, honest_sites=self.honest_sites
+            )
         return minimum_aggregation_size(
             num_sampled=num_sampled,
             colluding_fraction=self.adversarial_rate,
@@ -130,6 +173,14 @@ class CoordinatorGraphRules:
         )
 
     def describe_minimum(self, num_sampled: int) -> str:
+        if self.roster is not None:
+            return (
+                f"minimum aggregation size {self.min_aggregation_size(num_sampled)} = "
+                f"max(min-sites {self.min_sites}, c + 2 = {self.corrupt_sites + 2} with c = "
+                f"ceil({self.adversarial_rate:g} x {self.roster.size} roster sites)"
+                + (f", {self.honest_sites} honest sites" if self.honest_sites else "")
+                + ")"
+            )
         return describe_minimum(
             num_sampled=num_sampled,
             colluding_fraction=self.adversarial_rate,
@@ -180,6 +231,11 @@ class ServerSecAggState:
     dropped_ids: tuple[int, ...] = ()
     masked_sum: np.ndarray | None = None
     rejections: tuple[str, ...] = ()
+    #: Active mode: the participants' roster names and key signatures, and the survivors'
+    #: signatures over the survivor set.
+    site_names: Mapping[int, str] = field(default_factory=dict)
+    key_signatures: Mapping[int, bytes] = field(default_factory=dict)
+    survivor_signatures: Mapping[int, bytes] = field(default_factory=dict)
 
     @property
     def aborted(self) -> bool:
@@ -194,6 +250,13 @@ class ServerSecAggState:
     def shared_ids(self) -> tuple[int, ...]:
         """U2: sites whose sealed shares were accepted and routed."""
         return tuple(sorted(self.share_senders))
+
+    @property
+    def active_parameters(self) -> ActiveGraphParameters:
+        """Active mode: the graph and thresholds the signed parameters give for U1."""
+        if self.graph is None:
+            raise ValueError("no graph yet")
+        return _active_parameters(self.config, self.graph.num_participants)
 
     def too_few(self, count: int, what: str, *, threshold: int | None) -> str | None:
         """Why ``count`` sites are not enough to go on (None when they are): fewer than the
@@ -225,8 +288,14 @@ def server_start_round(
     min_sites: int = MIN_AGGREGATION_SIZE,
     honest_sites: int = 0,
     integer_update: bool = False,
+    roster: VerifiedRoster | None = None,
 ) -> tuple[ServerSecAggState, dict[int, Payload]]:
     """Fix the round's public config and build the setup request for every site.
+
+    ``roster``: active-coordinator mode. The config then names the roster's digest,
+    c = ceil(adversarial_rate x N) corrupt sites over the roster's N, d =
+    ceil(dropout_rate x n) dropouts after setup, and ``degree`` and ``threshold`` as
+    overrides (0: derived, ``common.secagg.active_parameters``).
 
     ``integer_update``: the sites send integer vectors in Z_(2^b) (distributed DP), summed
     as is and centred on decoding.
@@ -253,8 +322,18 @@ def server_start_round(
         dropout_rate=dropout_rate,
         min_sites=min_sites,
         honest_sites=honest_sites,
+        roster=roster,
     )
     metric_ranges = dict(metric_ranges or {})
+    active_fields: dict[str, Any] = {}
+    if roster is not None:
+        active_fields = {
+            "roster_digest": roster.digest,
+            "corrupt_sites": rules.corrupt_sites,
+            "dropout_sites": dropout_sites(fraction=dropout_rate, num_sampled=len(sites)),
+            "graph_degree": degree or 0,
+            "graph_threshold": threshold or 0,
+        }
     names = tuple(sorted(metric_ranges))
     config = SecAggRoundConfig(
         round_id=round_id,
@@ -268,6 +347,7 @@ def server_start_round(
         metric_lower=tuple(float(metric_ranges[name][0]) for name in names),
         metric_upper=tuple(float(metric_ranges[name][1]) for name in names),
         integer_update=integer_update,
+        **active_fields,
     )
     state = ServerSecAggState(config=config, stage=AWAITING_KEYS, rules=rules)
     problem = state.too_few(len(sites), "sampled", threshold=threshold)
@@ -288,52 +368,87 @@ def server_collect_keys(
     *, state: ServerSecAggState, replies: Replies
 ) -> tuple[ServerSecAggState, dict[int, Payload]]:
     """Accept the advertised public keys (U1), fix the graph over U1 and send each site U1,
-    the degree and threshold, and its neighbours' keys."""
+    the degree and threshold, and its neighbours' keys (active mode: every participant's
+    signed keys, and the graph seeded by their hash)."""
     if state.stage != AWAITING_KEYS:
         return _wrong_stage(state, "collect_keys")
     config = state.config
+    roster = state.rules.roster
+    parameters_digest = config.digest() if config.active else b""
     accepted, rejections = _unique_replies(
         replies, expected=set(config.site_ids), stage=STAGE_SETUP
     )
     channel_keys: dict[int, bytes] = {}
     mask_keys: dict[int, bytes] = {}
+    names: dict[int, str] = {}
+    signatures: dict[int, bytes] = {}
     for site, payload in accepted.items():
         try:
             require_tag(payload, round_id=config.round_id, stage=STAGE_SETUP)
             channel = check.require_bytes(payload, "channel_public_key", length=PUBLIC_KEY_BYTES)
             mask = check.require_bytes(payload, "mask_public_key", length=PUBLIC_KEY_BYTES)
-        except check.InvalidPayloadError as error:
+            if roster is not None:
+                names[site] = check.require_str(payload, "site_name")
+                signatures[site] = check.require_bytes(
+                    payload, "key_signature", length=SIGNATURE_BYTES
+                )
+                verify_round_keys(
+                    roster,
+                    parameters_digest=parameters_digest,
+                    site_id=site,
+                    site_name=names[site],
+                    channel_public_key=channel,
+                    mask_public_key=mask,
+                    signature=signatures[site],
+                )
+        except (check.InvalidPayloadError, SignatureError) as error:
             rejections.append(_reject(site, STAGE_SETUP, str(error)))
+            names.pop(site, None)
+            signatures.pop(site, None)
             continue
         channel_keys[site], mask_keys[site] = channel, mask
-    # A public key seen twice (within or across sites) is a replay or a copy: drop its owners.
+    # A public key seen twice (within or across sites) is a replay or a copy, and a roster
+    # site behind two node ids a Sybil: drop every site involved.
     owners: dict[bytes, set[int]] = {}
     for site in channel_keys:
         for key in (channel_keys[site], mask_keys[site]):
             owners.setdefault(key, set()).add(site)
+    name_owners: dict[str, set[int]] = {}
+    for site, name in names.items():
+        name_owners.setdefault(name, set()).add(site)
     copied = set()
     for site in channel_keys:
-        if channel_keys[site] == mask_keys[site] or any(
-            len(owners[key]) > 1 for key in (channel_keys[site], mask_keys[site])
+        if (
+            channel_keys[site] == mask_keys[site]
+            or any(len(owners[key]) > 1 for key in (channel_keys[site], mask_keys[site]))
+            or (site in names and len(name_owners[names[site]]) > 1)
         ):
             copied.add(site)
     for site in sorted(copied):
-        rejections.append(_reject(site, STAGE_SETUP, "public key repeated"))
+        rejections.append(_reject(site, STAGE_SETUP, "public key or roster name repeated"))
         del channel_keys[site], mask_keys[site]
+        names.pop(site, None)
+        signatures.pop(site, None)
     state = dataclasses.replace(
         state,
         stage=AWAITING_SHARES,
         channel_public_keys=channel_keys,
         mask_public_keys=mask_keys,
+        site_names=names,
+        key_signatures=signatures,
         rejections=state.rejections + tuple(rejections),
     )
-    problem = state.too_few(len(mask_keys), "advertised keys", threshold=state.rules.threshold)
+    threshold = None if config.active else state.rules.threshold
+    problem = state.too_few(len(mask_keys), "advertised keys", threshold=threshold)
     if problem is not None:
         return _abort(state, problem)
     try:
-        graph = state.rules.graph_for(
-            mask_keys, num_sampled=config.num_sites, session_nonce=config.session_nonce
-        )
+        if config.active:
+            graph = _active_graph(state)
+        else:
+            graph = state.rules.graph_for(
+                mask_keys, num_sampled=config.num_sites, session_nonce=config.session_nonce
+            )
     except ValueError as error:
         return _abort(state, f"cannot fix the neighbour graph for {len(mask_keys)} sites: {error}")
     state = dataclasses.replace(state, graph=graph)
@@ -346,18 +461,60 @@ def server_collect_keys(
         graph.threshold,
     )
     requests = {}
+    if config.active:
+        everyone = list(graph.participant_ids)
+        signed_keys = {
+            "site_ids": everyone,
+            "participant_names": [names[site] for site in everyone],
+            "channel_public_keys": [channel_keys[site] for site in everyone],
+            "mask_public_keys": [mask_keys[site] for site in everyone],
+            "key_signatures": [signatures[site] for site in everyone],
+        }
     for site in graph.participant_ids:
-        peers = sorted(graph.neighbours[site])
-        requests[site] = (
-            tag(round_id=config.round_id, stage=STAGE_SHARE_KEYS)
-            | graph.to_payload()
-            | {
+        if config.active:
+            keys = dict(signed_keys)
+        else:
+            peers = sorted(graph.neighbours[site])
+            keys = {
                 "site_ids": peers,
                 "channel_public_keys": [channel_keys[peer] for peer in peers],
                 "mask_public_keys": [mask_keys[peer] for peer in peers],
             }
+        requests[site] = (
+            tag(round_id=config.round_id, stage=STAGE_SHARE_KEYS) | graph.to_payload() | keys
         )
     return state, requests
+
+
+def _active_graph(state: ServerSecAggState) -> RoundGraph:
+    """Active mode: the graph over U1 from the signed parameters, seeded by the keys' hash."""
+    config = state.config
+    participants = tuple(sorted(state.mask_public_keys))
+    parameters = _active_parameters(config, len(participants))
+    seed = graph_seed(
+        parameters_digest=config.digest(),
+        participant_ids=participants,
+        names=state.site_names,
+        channel_public_keys=state.channel_public_keys,
+        mask_public_keys=state.mask_public_keys,
+    )
+    return RoundGraph(
+        participant_ids=participants,
+        degree=parameters.degree,
+        threshold=parameters.threshold,
+        session_nonce=config.session_nonce,
+        seed=seed,
+    )
+
+
+def _active_parameters(config: SecAggRoundConfig, num_participants: int) -> ActiveGraphParameters:
+    return active_graph_parameters(
+        num_participants,
+        corrupt=config.corrupt_sites,
+        dropouts=config.dropout_sites,
+        degree=config.graph_degree,
+        threshold=config.graph_threshold,
+    )
 
 
 def server_route_shares(
@@ -401,6 +558,8 @@ def server_route_shares(
         rejections=state.rejections + tuple(rejections),
     )
     problem = state.too_few(len(shared), "shared keys", threshold=graph.threshold)
+    if problem is None and config.active:
+        problem = _beyond_dropout_allowance(state, len(shared), "shared keys")
     if problem is not None:
         return _abort(state, problem)
     requests = {}
@@ -449,12 +608,26 @@ def server_collect_masked_inputs(
         rejections=state.rejections + tuple(rejections),
     )
     problem = state.too_few(len(survivors), "sent masked inputs", threshold=graph.threshold)
+    if problem is None and config.active:
+        problem = _beyond_dropout_allowance(state, len(survivors), "sent masked inputs")
+        needed = state.active_parameters.consistency_threshold
+        if problem is None and len(survivors) < needed:
+            problem = (
+                f"{len(survivors)} sites sent masked inputs, fewer than the {needed} "
+                "signatures the consistency check needs"
+            )
     if problem is not None:
         return _abort(state, f"{problem}; round discarded before unmasking")
     components = _survivor_components(state.share_senders, survivor_set)
     if components > 1:
         # Unmasking now would reveal the sum of each component separately (Bell et al.).
         return _abort(state, f"survivors form {components} disconnected groups in the graph")
+    if config.active:  # first the survivors sign the survivor set (consistency check)
+        request = tag(round_id=config.round_id, stage=STAGE_CONSISTENCY) | {
+            "survivor_ids": sorted(survivors)
+        }
+        state = dataclasses.replace(state, stage=AWAITING_CONSISTENCY)
+        return state, {site: dict(request) for site in survivors}
     requests = {}
     for site in survivors:
         partners = set(state.share_senders[site])
@@ -464,6 +637,58 @@ def server_collect_masked_inputs(
             "num_survivors": len(survivors),
         }
     return state, requests
+
+
+def server_collect_consistency(
+    *, state: ServerSecAggState, replies: Replies
+) -> tuple[ServerSecAggState, dict[int, Payload]]:
+    """Active mode: keep the survivors' valid signatures over the survivor set and send them,
+    with the unmask request, to every survivor that signed. Aborts below t_cc signatures:
+    no honest site would unmask."""
+    if state.stage != AWAITING_CONSISTENCY or state.graph is None:
+        return _wrong_stage(state, "collect_consistency")
+    config, graph = state.config, state.graph
+    roster = state.rules.roster
+    survivors = set(state.survivor_ids)
+    accepted, rejections = _unique_replies(replies, expected=survivors, stage=STAGE_CONSISTENCY)
+    message = survivor_set_message(
+        parameters_digest=config.digest(),
+        graph_digest=graph.digest(),
+        survivor_ids=state.survivor_ids,
+    )
+    signatures: dict[int, bytes] = {}
+    for site, payload in sorted(accepted.items()):
+        try:
+            require_tag(payload, round_id=config.round_id, stage=STAGE_CONSISTENCY)
+            signature = check.require_bytes(payload, "survivor_signature", length=SIGNATURE_BYTES)
+            if roster is None:
+                raise check.InvalidPayloadError("no roster to verify the signature")
+            verify_signed_by(
+                roster, site_name=state.site_names[site], message=message, signature=signature
+            )
+        except (check.InvalidPayloadError, SignatureError) as error:
+            rejections.append(_reject(site, STAGE_CONSISTENCY, str(error)))
+            continue
+        signatures[site] = signature
+    state = dataclasses.replace(
+        state,
+        stage=AWAITING_UNMASK,
+        survivor_signatures=signatures,
+        rejections=state.rejections + tuple(rejections),
+    )
+    needed = state.active_parameters.consistency_threshold
+    if len(signatures) < needed:
+        return _abort(
+            state,
+            f"{len(signatures)} survivors signed the survivor set, fewer than the {needed} the "
+            "consistency check needs; round discarded before unmasking",
+        )
+    signers = sorted(signatures)
+    request = tag(round_id=config.round_id, stage=STAGE_UNMASK) | {
+        "signer_ids": signers,
+        "survivor_signatures": [signatures[site] for site in signers],
+    }
+    return state, {site: dict(request) for site in signers}
 
 
 def server_unmask(
@@ -528,6 +753,7 @@ def server_unmask(
                     session_nonce=config.session_nonce,
                     own_id=site,
                     peer_id=partner,
+                    binding=_mask_binding(state, site, partner),
                 )
                 (subtract_seeds if partner < site else add_seeds).append(seed)
     except (ShamirError, KeyAgreementError) as error:
@@ -548,6 +774,34 @@ def server_unmask(
         len(dropped),
     )
     return dataclasses.replace(state, stage=FINISHED, masked_sum=None), aggregate
+
+
+def _mask_binding(state: ServerSecAggState, site: int, partner: int) -> bytes:
+    """Active mode: what the pairwise mask of two sites is bound to (empty otherwise)."""
+    if not state.config.active or state.graph is None:
+        return b""
+    return pair_binding(
+        session=session_digest(
+            parameters_digest=state.config.digest(), graph_digest=state.graph.digest()
+        ),
+        purpose=PURPOSE_PAIRWISE_MASK,
+        site_a=site,
+        public_key_a=state.mask_public_keys[site],
+        site_b=partner,
+        public_key_b=state.mask_public_keys[partner],
+    )
+
+
+def _beyond_dropout_allowance(state: ServerSecAggState, count: int, what: str) -> str | None:
+    """Active mode: why ``count`` sites left of U1 are too few for the dropout allowance."""
+    parameters = state.active_parameters
+    missing = parameters.num_participants - count
+    if missing <= parameters.dropout_allowance:
+        return None
+    return (
+        f"{count} of {parameters.num_participants} participants {what}: {missing} dropped, "
+        f"more than the {parameters.dropout_allowance} the round allows"
+    )
 
 
 def _survivor_components(share_senders: Mapping[int, tuple[int, ...]], survivors: set[int]) -> int:

@@ -166,7 +166,9 @@ def test_registered_site_connects_and_unregistered_or_plaintext_clients_are_refu
     site_a, site_b = make_site(tmp_path / "site-a"), make_site(tmp_path / "site-b")
     coordinator.register(tmp_path / "site-a" / "keys" / "site-auth-key.pub", "site-a")
     node_a = coordinator.start_site("site-a", site_a)
-    node_b = coordinator.start_site("site-b", site_b, "--max-wait-time", "8")
+    # A window long enough for one retry even when a SuperNode start takes seconds (loaded
+    # machine): the first retry comes 5 s after the first refusal.
+    node_b = coordinator.start_site("site-b", site_b, "--max-wait-time", "30")
 
     # Flower's own client without TLS, and one that trusts another CA.
     plain = coordinator.start_daemon(
@@ -180,7 +182,7 @@ def test_registered_site_connects_and_unregistered_or_plaintext_clients_are_refu
     ]  # fmt: skip
     wrong_ca = coordinator.start_daemon("wrong-ca", other_ca)
 
-    assert wait_until(lambda: node_b.process.poll() is not None, timeout=90), node_b.output()
+    assert wait_until(lambda: node_b.process.poll() is not None, timeout=240), node_b.output()
     # flwr 1.41 logs exit code 305 but the process (uvicorn around it) ends with 1; the
     # site retried for its --max-wait-time, saying why, then gave up.
     assert node_b.process.returncode == 1, node_b.output()

@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from common.cli_arguments import epsilon, key_value_pairs
 from common.federation_config import PARTITION_SCHEMES, ConfigError, FederationConfig
-from simulations.cli_arguments import epsilon, key_value_pairs
 from simulations.run_log import RUN_LOG, log_tail, terminal_to_log
 
 RUN_CONFIG_FILE = "run-config.json"
@@ -482,11 +482,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "deidentify":
             return deidentify(args)
         if args.command == "coordinator":
-            from simulations.deployment_commands import run_coordinator_step
+            from server.coordinator_commands import run_coordinator_step
 
             return run_coordinator_step(args)
         if args.command == "site":
-            from simulations.deployment_commands import run_site_step
+            from client.site_commands import run_site_step
 
             return run_site_step(args)
         if args.command == "privacy-sweep":

@@ -283,7 +283,7 @@ def _rows(out: Path) -> list[dict[str, object]]:
 def _tampered_release(directory: Path, *, marker: Path, victim: Path) -> Path:
     """A copy of the installed release (same name and version) whose ClientApp, once
     imported, reads a site's metadata and writes it out to ``marker``."""
-    from client.release_pin import release_directory, release_files
+    from common.release_identity import release_directory, release_files
 
     source, target = release_directory(), directory / "fedmm"
     for name in [*release_files(source), ".gitignore"]:

@@ -1,11 +1,22 @@
-"""Argument parsers shared by the ``fedmm`` commands: numbers, epsilons, KEY=VALUE pairs."""
+"""Argument parsers shared by the ``fedmm`` commands: numbers, epsilons, KEY=VALUE pairs,
+and how a command reports an input the user must fix (exit code 2)."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 from common.federation_config import ConfigError
+
+#: The exit code of a command given an input the user must fix.
+USER_ERROR = 2
+
+
+def report_user_error(prefix: str, message: str) -> int:
+    """Print ``prefix: message`` on stderr; returns :data:`USER_ERROR`."""
+    print(f"{prefix}: {message}", file=sys.stderr)
+    return USER_ERROR
 
 
 def number(text: str) -> float:

@@ -14,9 +14,56 @@ import os
 import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from common.cli_arguments import report_user_error as _fail
 from common.flower_commands import FlowerCommandNotFoundError
+
+
+def add_site_parser(commands: Any) -> None:
+    """``fedmm site ...`` in the ``fedmm`` command line (its subparsers ``commands``)."""
+    site = commands.add_parser(
+        "site",
+        help="site deployment: key pair, config check, SuperNode, privacy ledger",
+        description="Deployment steps of a data-holding site (docs/site-guide.md).",
+    )
+    steps = site.add_subparsers(dest="step", required=True)
+    keygen = steps.add_parser(
+        "keygen", help="create DIR/site-auth-key (0600) and DIR/site-auth-key.pub"
+    )
+    keygen.add_argument("dir", type=Path, metavar="DIR")
+    keygen.add_argument("--comment", default="fedmm-site", help="comment in the .pub file")
+    check = steps.add_parser("check", help="check a site config and every file it names")
+    check.add_argument("config", type=Path, metavar="CONFIG")
+    digest = steps.add_parser(
+        "release-digest",
+        help="the digest of the installed fedmm release, for [release] in the site config",
+        description="SHA-256 of the FAB that `flwr run` builds from the release (the same "
+        "value the coordinator submits and `flwr build` names).",
+    )
+    digest.add_argument("--app", type=Path, metavar="DIR", help="another release checkout")
+    digest.add_argument("--files", action="store_true", help="list the files it covers")
+    start = steps.add_parser(
+        "start",
+        help="check the config, then run the SuperNode and the site's own ClientApp runner",
+    )
+    start.add_argument("config", type=Path, metavar="CONFIG")
+    start.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    start.add_argument("--ca-cert", required=True, type=Path, metavar="FILE")
+    start.add_argument(
+        "--port", required=True, type=int, help="this SuperNode's own local Runtime API port"
+    )
+    start.add_argument(
+        "--max-wait-time",
+        type=float,
+        help="give up connecting, and restarting a refused SuperNode, after this many "
+        "seconds (default: retry refusals for 300 s)",
+    )
+    start.add_argument("--dry-run", action="store_true", help="print the command only")
+    status = steps.add_parser("status", help="show the site's privacy ledger")
+    status.add_argument("config", type=Path, metavar="CONFIG")
+    status.add_argument("--json", action="store_true", help="print JSON")
 
 
 def run_site_step(args: argparse.Namespace) -> int:

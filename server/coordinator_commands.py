@@ -17,12 +17,107 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from common.cli_arguments import report_user_error as _fail
 from common.flower_commands import FlowerCommandNotFoundError
 
 #: ``submit``: the run ended, but sites trained in fewer rounds than asked.
 TRAINED_TOO_LITTLE = 3
+
+
+def add_coordinator_parser(commands: Any) -> None:
+    """``fedmm coordinator ...`` in the ``fedmm`` command line (its subparsers ``commands``)."""
+    coord = commands.add_parser(
+        "coordinator",
+        help="coordinator deployment: CA, SuperLink certificate, SuperLink, site registration",
+        description="Deployment steps of the coordinator (docs/operator-guide.md).",
+    )
+    steps = coord.add_subparsers(dest="step", required=True)
+    init_ca = steps.add_parser("init-ca", help="create the CA (DIR/ca.key 0600, DIR/ca.crt)")
+    init_ca.add_argument("dir", type=Path, metavar="DIR")
+    issue = steps.add_parser(
+        "issue-cert", help="issue the SuperLink's TLS certificate (DIR/superlink.key, .crt)"
+    )
+    issue.add_argument("dir", type=Path, metavar="DIR", help="the CA's folder")
+    issue.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="an IP address or DNS name sites use to reach the SuperLink (repeat)",
+    )
+    issue.add_argument("--days", type=int, default=397, help="validity in days (397)")
+    issue.add_argument(
+        "--no-loopback", action="store_true", help="do not add 127.0.0.1 and localhost"
+    )
+    start = steps.add_parser(
+        "start-superlink",
+        help="run flower-superlink (TLS, SuperNode authentication) behind a Fleet-only proxy",
+        description="Run the SuperLink on loopback (--address: its Control API, for flwr on "
+        "this machine) and nginx on --public-address, which forwards only the Fleet API to "
+        "it; restart either after a crash, stopping what it left running.",
+    )
+    start.add_argument("dir", type=Path, metavar="DIR", help="the CA's folder")
+    start.add_argument(
+        "--address",
+        required=True,
+        metavar="HOST:PORT",
+        help="the SuperLink's own address, on loopback (e.g. 127.0.0.1:9092)",
+    )
+    start.add_argument(
+        "--public-address",
+        metavar="HOST:PORT",
+        help="where sites connect (e.g. 0.0.0.0:9093): TLS, Fleet API only",
+    )
+    start.add_argument(
+        "--expose-control-api",
+        action="store_true",
+        help="allow a non-loopback --address (anyone reaching it can submit runs)",
+    )
+    start.add_argument("--database", type=Path, help="state file (DIR/superlink-state.db)")
+    start.add_argument("--log-file", type=Path, help="also log to this file")
+    start.add_argument("--dry-run", action="store_true", help="print the command only")
+    conn = steps.add_parser(
+        "add-connection",
+        help="name the SuperLink in $FLWR_HOME/config.toml for the flwr CLI",
+    )
+    conn.add_argument("name", metavar="NAME")
+    conn.add_argument("--address", required=True, metavar="HOST:PORT")
+    conn.add_argument("--ca-cert", required=True, type=Path, metavar="FILE")
+    register = steps.add_parser(
+        "register-site", help="register a site's public key (flwr supernode register)"
+    )
+    register.add_argument("public_key", type=Path, metavar="PUBKEY")
+    register.add_argument("--connection", required=True, metavar="NAME")
+    register.add_argument("--name", help="a label for the site")
+    submit = steps.add_parser(
+        "submit",
+        help="submit a run (flwr run) with its outputs in --out-dir; --resume continues it",
+        description="Submit a training run to the SuperLink named by --connection, from the "
+        "coordinator machine. Outputs (metrics, checkpoints, final model, report) go to "
+        "--out-dir; after the coordinator stopped mid-run, --resume with the same --out-dir "
+        "continues from the last checkpoint.",
+    )
+    submit.add_argument("--connection", required=True, metavar="NAME", help="see add-connection")
+    submit.add_argument(
+        "--out-dir", required=True, type=Path, metavar="DIR", help="new or empty (or --resume)"
+    )
+    submit.add_argument(
+        "--resume", action="store_true", help="continue the run in --out-dir (last checkpoint)"
+    )
+    submit.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run config key of pyproject.toml, e.g. --set num-server-rounds=10 (repeat)",
+    )
+    submit.add_argument("--app", type=Path, metavar="DIR", help="the app (this checkout)")
+    submit.add_argument(
+        "--detach", action="store_true", help="return once the run started (no log stream)"
+    )
+    submit.add_argument("--dry-run", action="store_true", help="check and print the command only")
 
 
 def run_coordinator_step(args: argparse.Namespace) -> int:

@@ -57,7 +57,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
 
-from client import app as site
+from client import secure_aggregation as site
 from client.secagg.pending_update import SPILL_DIR_ENV
 from common.secure_round import ACTION_MASKED, ACTION_SETUP, ACTION_SHARE, ACTION_UNMASK
 

@@ -22,7 +22,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client import app as client_app
+from client import secure_aggregation as client_app
 from client.secagg.pending_update import SPILL_DIR_ENV
 from common.secure_round import (
     MESSAGE_MASKED,

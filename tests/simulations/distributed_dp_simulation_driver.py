@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from client import app as site
+from client import secure_aggregation
 from common.federation_config import FederationConfig
 from common.secure_round import ACTION_MASKED, ACTION_SETUP, ACTION_SHARE, ACTION_UNMASK
 from server.federation import run_federation
@@ -56,19 +57,19 @@ def setup(msg: Message, context: Context) -> Message:
 @client_app.train(ACTION_SHARE)
 def share(msg: Message, context: Context) -> Message:
     _inject_fault(ACTION_SHARE, msg, context)
-    return site.secagg_share(msg, context)
+    return secure_aggregation.secagg_share(msg, context)
 
 
 @client_app.train(ACTION_MASKED)
 def masked(msg: Message, context: Context) -> Message:
     _inject_fault(ACTION_MASKED, msg, context)
-    return site.secagg_masked(msg, context)
+    return secure_aggregation.secagg_masked(msg, context)
 
 
 @client_app.train(ACTION_UNMASK)
 def unmask(msg: Message, context: Context) -> Message:
     _inject_fault(ACTION_UNMASK, msg, context)
-    return site.secagg_unmask(msg, context)
+    return secure_aggregation.secagg_unmask(msg, context)
 
 
 class RecordingGrid:

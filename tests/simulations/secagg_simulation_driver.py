@@ -29,6 +29,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from client import app as site
+from client import secure_aggregation
 from common.federation_config import FederationConfig
 from common.secure_round import ACTION_MASKED, ACTION_SETUP, ACTION_SHARE, ACTION_UNMASK
 from server.federation import run_federation
@@ -55,7 +56,7 @@ def _inject_fault(action: str, msg: Message, context: Context) -> None:
 def setup(msg: Message, context: Context) -> Message:
     _inject_fault(ACTION_SETUP, msg, context)
     reply = site.secagg_setup(msg, context)
-    record = context.state.config_records.get(site.SECAGG_STATE_KEY)
+    record = context.state.config_records.get(secure_aggregation.SECAGG_STATE_KEY)
     if record is not None and os.environ.get(DUMP_ENV):
         round_id = int(msg.content.config_records["config"]["server_round"])
         target = Path(os.environ[DUMP_ENV]) / f"node-{context.node_id}-round-{round_id}.npy"
@@ -66,19 +67,19 @@ def setup(msg: Message, context: Context) -> Message:
 @client_app.train(ACTION_SHARE)
 def share(msg: Message, context: Context) -> Message:
     _inject_fault(ACTION_SHARE, msg, context)
-    return site.secagg_share(msg, context)
+    return secure_aggregation.secagg_share(msg, context)
 
 
 @client_app.train(ACTION_MASKED)
 def masked(msg: Message, context: Context) -> Message:
     _inject_fault(ACTION_MASKED, msg, context)
-    return site.secagg_masked(msg, context)
+    return secure_aggregation.secagg_masked(msg, context)
 
 
 @client_app.train(ACTION_UNMASK)
 def unmask(msg: Message, context: Context) -> Message:
     _inject_fault(ACTION_UNMASK, msg, context)
-    return site.secagg_unmask(msg, context)
+    return secure_aggregation.secagg_unmask(msg, context)
 
 
 class RecordingGrid:

@@ -1,22 +1,29 @@
 """The site's ClientApp: Flower messages in, plain function calls out.
 
-Heavy modules (torch, opacus) are imported inside the training functions
-(``client.site_tasks``), not at import time: deployment starts a fresh ClientApp process per
-message, and the SecAgg+ stages after setup import no torch at all.
+A message's type picks the exchange (Flower routes it to a handler here); the task its
+request declares (field ``task`` of record ``config``, ``common.site_task``) picks what the
+site computes in it (``client.site_tasks``), and the site's own policy still decides
+whether it does:
 
-Two ways to take part in a round:
+- ``train``: plain FedAvg; the task's result (an update) goes back in the clear. A task whose
+  result is meant only for a secure sum is refused here.
+- ``train.secagg_setup``: the first of SecAgg+'s four exchanges (Bell et al., CCS 2020;
+  Bonawitz et al., CCS 2017): the task's result is masked; ``train.secagg_share``,
+  ``train.secagg_masked`` and ``train.secagg_unmask`` complete the sum
+  (``client.secure_aggregation``).
 
-- ``train``: plain FedAvg; the reply carries the update and the metrics.
-- SecAgg+ (Bell et al., CCS 2020; Bonawitz et al., CCS 2017), four custom actions
-  (``common.secure_round``) whose glue is ``client.secure_aggregation``.
+Heavy modules (torch, opacus) are imported inside the tasks that train, not at import
+time: deployment starts a fresh ClientApp process per message, and the SecAgg+ stages after
+setup import no torch at all.
 """
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Sequence
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from client.reply_padding import pad_training_replies
 from client.secure_aggregation import (
@@ -25,46 +32,68 @@ from client.secure_aggregation import (
     secagg_share,
     secagg_unmask,
 )
-from client.site_tasks import train_at_site, train_distributed_dp, train_with_dp
+from client.site_replies import refuse
+from client.site_tasks import plain_task, secure_sum_task
 from common.secure_round import ACTION_MASKED, ACTION_SETUP, ACTION_SHARE, ACTION_UNMASK
-from common.site_refusal import RefusalCode, SiteRefusal, status_payload
-from common.train_request import TrainRequest
+from common.site_refusal import RECORD_STATUS, RefusalCode, SiteRefusal, status_payload
+from common.site_task import (
+    RECORD_CONFIG,
+    RECORD_METRICS,
+    RECORD_UPDATE,
+    SiteTask,
+    TaskError,
+    declared_task,
+)
 
-logger = logging.getLogger(__name__)
 
-#: Every training reply is padded to the site policy's ``min-reply-seconds``.
-app = ClientApp(mods=[pad_training_replies])
+def build_client_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
+    """The site's ClientApp. ``mods`` run first, around every handler (the local simulation
+    fills each simulated site's node config with one); then every training reply is padded
+    to the site policy's ``min-reply-seconds`` (``client.reply_padding``)."""
+    client_app = ClientApp(mods=[*mods, pad_training_replies])
+    client_app.train()(train)
+    client_app.train(ACTION_SETUP)(secagg_setup)
+    client_app.train(ACTION_SHARE)(secagg_share)
+    client_app.train(ACTION_MASKED)(secagg_masked)
+    client_app.train(ACTION_UNMASK)(secagg_unmask)
+    return client_app
 
 
-@app.train()
+def _task(msg: Message) -> SiteTask | SiteRefusal:
+    try:
+        return declared_task(msg.content.config_records.get(RECORD_CONFIG))
+    except TaskError as error:
+        return SiteRefusal(RefusalCode.BAD_REQUEST, str(error))
+
+
 def train(msg: Message, context: Context) -> Message:
-    request = TrainRequest.from_config(dict(msg.content.config_records["config"]))
-    outcome = train_at_site(request, msg.content.array_records["arrays"], context)
-    if outcome.update is None:
-        refusal = outcome.refusal or SiteRefusal(RefusalCode.BAD_REQUEST)
-        return Message(RecordDict({"status": ConfigRecord(status_payload(refusal))}), reply_to=msg)
+    """Plain FedAvg: the declared task's update and metrics, in the clear."""
+    task = _task(msg)
+    run = task if isinstance(task, SiteRefusal) else plain_task(task)
+    if isinstance(run, SiteRefusal):
+        return refuse(msg, run)
+    outcome = run(msg, context)
+    if isinstance(outcome, SiteRefusal):
+        return refuse(msg, outcome)
     content = RecordDict(
         {
-            "update": ArrayRecord(outcome.update),
-            "metrics": MetricRecord(outcome.metrics),
-            "status": ConfigRecord(status_payload(None)),
+            RECORD_UPDATE: ArrayRecord(outcome.update),
+            RECORD_METRICS: MetricRecord(outcome.metrics),
+            RECORD_STATUS: ConfigRecord(status_payload(None)),
         }
     )
     return Message(content, reply_to=msg)
 
 
-@app.train(ACTION_SETUP)
 def secagg_setup(msg: Message, context: Context) -> Message:
-    config = msg.content.config_records.get("config")
-    distributed = config is not None and "ddp-sample-rate" in config
+    """SecAgg+ setup: the declared task's result, masked later; the site's keys now."""
+    task = _task(msg)
+    secure = task if isinstance(task, SiteRefusal) else secure_sum_task(task)
+    if isinstance(secure, SiteRefusal):
+        return refuse(msg, secure)
     return run_secagg_setup(
-        msg,
-        context,
-        train=train_distributed_dp if distributed else train_with_dp,
-        integer_update=distributed,
+        msg, context, contribute=secure.contribute, integer_vector=secure.integer_vector
     )
 
 
-app.train(ACTION_SHARE)(secagg_share)
-app.train(ACTION_MASKED)(secagg_masked)
-app.train(ACTION_UNMASK)(secagg_unmask)
+app = build_client_app()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,18 +17,15 @@ from flwr.app import Context
 
 from client.privacy_ledger import LEDGER_KEY, PrivacyLedger, ledger_file_session
 
-LEDGER_DIR_ENV = "FEDMM_LEDGER_DIR"
+#: Node config key: the file the site's ledger lives in across runs.
+LEDGER_FILE = "ledger-file"
 
 
 def ledger_file(context: Context) -> Path | None:
-    """Where the ledger outlives the run: node config ``ledger-file``, or in simulation
-    ``$FEDMM_LEDGER_DIR/site-<partition-id>.json``."""
-    if "ledger-file" in context.node_config:
-        return Path(str(context.node_config["ledger-file"]))
-    directory = os.environ.get(LEDGER_DIR_ENV)
-    if directory and "partition-id" in context.node_config:
-        return Path(directory) / f"site-{context.node_config['partition-id']}.json"
-    return None
+    """Where the ledger outlives the run: node config ``ledger-file`` (None: in node state)."""
+    if LEDGER_FILE not in context.node_config:
+        return None
+    return Path(str(context.node_config[LEDGER_FILE]))
 
 
 @contextlib.contextmanager

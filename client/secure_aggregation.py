@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from client.policy_file import PolicyError
 from client.secagg.aggregation_floor import TooFewSites
 from client.secagg.pending_update import (
     PendingUpdate,
@@ -31,7 +32,7 @@ from client.secagg.pending_update import (
     node_spill_dir,
     save_pending_update,
 )
-from client.secagg.policy import ClientSecAggPolicy, SecAggPolicyError
+from client.secagg.policy import ClientSecAggPolicy
 from client.secagg.refusal import SecAggRefusal
 from client.secagg.stages import (
     ClientSecAggState,
@@ -42,6 +43,7 @@ from client.secagg.stages import (
     client_state_to_record,
     client_unmask,
 )
+from client.site_replies import refuse
 from common.secagg.protocol_stages import STAGE_MASKED_INPUT, STAGE_SHARE_KEYS, require_tag
 from common.secure_round import (
     RECORD_MASKED,
@@ -52,7 +54,7 @@ from common.secure_round import (
     weighted_metrics,
 )
 from common.site_refusal import RefusalCode, SiteRefusal, status_payload
-from common.train_request import TrainRequest
+from common.site_task import RECORD_ARRAYS, RECORD_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -62,20 +64,24 @@ SECAGG_SPILL_KEY = "secagg-spill"  # this node's private directory for waiting u
 
 
 @dataclass(frozen=True)
-class LocalUpdate:
-    """What local training hands to secure aggregation."""
+class SiteContribution:
+    """What a site puts into one secure sum: the result of the task its setup request
+    declares (``client.site_tasks``)."""
 
-    update: np.ndarray  # flat, in the global arrays' order
-    num_examples: int  # the site's public (noisy) record count
-    steps: int
+    #: Flat, in the global arrays' order: a model update (reals, clipped and quantised
+    #: here), or distributed DP's integers in Z_(2^b) (unsigned).
+    vector: np.ndarray
+    weight: int  # the site's public (noisy) record count: its weight in the sum
+    #: Per-record values of the round's summed metrics; each is summed as weight * value.
+    metrics: Mapping[str, float]
     epsilon_bound: float  # the bound the site commits to, not its exact spend
     #: Distributed DP: the honest sites whose noise shares this site assumes in every sum
     #: (h); the site then refuses to go on with fewer (``client.secagg.aggregation_floor``).
     honest_sites: int = 0
 
 
-#: A trainer: (train request, setup message, context) -> the update, or a refusal.
-Trainer = Callable[[TrainRequest, Message, Context], "LocalUpdate | SiteRefusal"]
+#: A task's computation at setup: (setup message, context) -> its contribution, or a refusal.
+Contributor = Callable[[Message, Context], "SiteContribution | SiteRefusal"]
 
 
 def secagg_share(msg: Message, context: Context) -> Message:
@@ -83,7 +89,7 @@ def secagg_share(msg: Message, context: Context) -> Message:
         state, request = _stage_input(msg, context)
         state, reply = client_share_keys(state=state, request=request)
     except (ValueError, KeyError) as refusal:
-        return _refuse(msg, _as_refusal(refusal))
+        return refuse(msg, _as_refusal(refusal))
     _store_state(context, state)
     return _secagg_reply(msg, reply)
 
@@ -109,7 +115,7 @@ def secagg_masked(msg: Message, context: Context) -> Message:
             metrics=pending.metrics,
         )
     except (ValueError, KeyError) as refusal:  # refusals, stale state, unusable local input
-        return _refuse(msg, _as_refusal(refusal))
+        return refuse(msg, _as_refusal(refusal))
     # Masked: the plain update is no longer needed, nor (when empty) its directory.
     pending_file = Path(str(record["pending-file"]))
     pending_file.unlink(missing_ok=True)
@@ -127,9 +133,9 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
         _state, reply = client_unmask(state=state, request=request)
     except TooFewSites as refusal:  # below this site's minimum: the round is dead here
         context.state.config_records.pop(SECAGG_STATE_KEY, None)
-        return _refuse(msg, refusal.refusal())
+        return refuse(msg, refusal.refusal())
     except (ValueError, KeyError) as refusal:
-        return _refuse(msg, _as_refusal(refusal))
+        return refuse(msg, _as_refusal(refusal))
     # Unmasking runs once per round: drop the state (and its secrets) now, so a second
     # request for the other secret of a site finds nothing to answer from.
     del context.state.config_records[SECAGG_STATE_KEY]
@@ -137,31 +143,34 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
 
 
 def run_secagg_setup(
-    msg: Message, context: Context, *, train: Trainer, integer_update: bool | None = None
+    msg: Message, context: Context, *, contribute: Contributor, integer_vector: bool
 ) -> Message:
-    """Check the round config, train with ``train``, keep the update waiting, advertise keys.
+    """Check the round config, compute the task's result with ``contribute``, keep it
+    waiting, advertise keys.
 
-    Everything that can be checked before training is: the round config against the site's
-    policy, the update length against the global arrays, and (``integer_update``, when
-    given) the kind of update the round expects; a bad request costs no privacy budget. The
-    round is marked as this site's last before training, so a replayed setup never trains
+    Everything that can be checked before the task runs is: the round config against the
+    site's policy, the vector length against the global arrays, and (``integer_vector``)
+    the kind of vector the round expects; a bad request costs no privacy budget. The round
+    is marked as this site's last before the task runs, so a replayed setup never trains
     twice.
     """
     try:
         payload = dict(msg.content.config_records[RECORD_SECAGG])
-        request = TrainRequest.from_config(dict(msg.content.config_records["config"]))
-        arrays = msg.content.array_records["arrays"]
+        server_round = msg.content.config_records[RECORD_CONFIG]["server_round"]
+        if isinstance(server_round, bool) or not isinstance(server_round, int):
+            raise TypeError(f"server_round must be an int, got {type(server_round).__name__}")
+        arrays = msg.content.array_records[RECORD_ARRAYS]
         global_length = sum(math.prod(arrays[key].shape) for key in arrays)
     except (KeyError, TypeError, ValueError) as error:
-        return _refuse(msg, SiteRefusal(RefusalCode.BAD_REQUEST, f"setup request: {error}"))
+        return refuse(msg, SiteRefusal(RefusalCode.BAD_REQUEST, f"setup request: {error}"))
     last = context.state.config_records.get(SECAGG_LAST_ROUND_KEY)
     try:
         policy = _secagg_policy(context.node_config)
-    except SecAggPolicyError as error:  # the site's own configuration: fix it, then rejoin
-        return _refuse(msg, SiteRefusal(RefusalCode.SECAGG_POLICY, str(error)))
+    except PolicyError as error:  # the site's own configuration: fix it, then rejoin
+        return refuse(msg, SiteRefusal(RefusalCode.SECAGG_POLICY, str(error)))
     try:
-        if payload.get("round") != request.server_round:
-            raise SecAggRefusal("setup request: secagg round differs from the training round")
+        if payload.get("round") != server_round:
+            raise SecAggRefusal("setup request: secagg round differs from the request's round")
         state, reply = client_setup(
             site_id=context.node_id,
             request=payload,
@@ -173,13 +182,13 @@ def run_secagg_setup(
                 f"setup request: update length {state.config.update_length} differs from the "
                 f"{global_length} entries of the global model"
             )
-        if integer_update is not None and state.config.integer_update != integer_update:
+        if state.config.integer_update != integer_vector:
             raise SecAggRefusal(
                 "setup request: integer (distributed-DP) and real updates do not mix: the "
-                "round config and the train request differ"
+                "round config and the declared task differ"
             )
     except SecAggRefusal as refusal:
-        return _refuse(msg, refusal.refusal())
+        return refuse(msg, refusal.refusal())
     config = state.config
     # From here on this round is taken: a replay of this setup is refused, trained or not.
     context.state.config_records[SECAGG_LAST_ROUND_KEY] = ConfigRecord({"round": config.round_id})
@@ -192,8 +201,8 @@ def run_secagg_setup(
     # A new round: whatever an earlier round left behind is stale.
     context.state.config_records.pop(SECAGG_STATE_KEY, None)
     discard_pending_updates(directory)
-    trained = train(request, msg, context)
-    if isinstance(trained, SiteRefusal) or trained.update.shape != (config.update_length,):
+    trained = contribute(msg, context)
+    if isinstance(trained, SiteRefusal) or trained.vector.shape != (config.update_length,):
         _release_spill_dir(context, directory)
         refusal = (
             trained
@@ -203,13 +212,13 @@ def run_secagg_setup(
                 "the trained update does not match the round's update length",
             )
         )
-        return _refuse(msg, refusal)
-    weight = min(int(trained.num_examples), config.max_weight)
-    if weight < trained.num_examples:
+        return refuse(msg, refusal)
+    weight = min(int(trained.weight), config.max_weight)
+    if weight < trained.weight:
         logger.warning("weight capped at secagg max weight %d", config.max_weight)
-    if config.integer_update != np.issubdtype(trained.update.dtype, np.unsignedinteger):
+    if config.integer_update != np.issubdtype(trained.vector.dtype, np.unsignedinteger):
         _release_spill_dir(context, directory)
-        return _refuse(
+        return refuse(
             msg,
             SiteRefusal(
                 RefusalCode.BAD_REQUEST,
@@ -220,7 +229,7 @@ def run_secagg_setup(
         state = dataclasses.replace(state, honest_sites=int(trained.honest_sites))
     clipped = 0
     if not config.integer_update:
-        clipped = int(np.count_nonzero(np.abs(trained.update) > config.update_clip))
+        clipped = int(np.count_nonzero(np.abs(trained.vector) > config.update_clip))
     if clipped:
         logger.warning(
             "%d of %d update entries exceed the secagg clip %g and are clipped",
@@ -232,9 +241,9 @@ def run_secagg_setup(
         directory,
         PendingUpdate(
             round_id=config.round_id,
-            update=trained.update,
+            update=trained.vector,
             weight=weight,
-            metrics=weighted_metrics(weight=weight, steps=trained.steps),
+            metrics=weighted_metrics(weight=weight, metrics=trained.metrics),
         ),
     )
     _store_state(context, state, pending_file=str(path))
@@ -298,10 +307,3 @@ def _as_refusal(error: Exception) -> SiteRefusal:
     if isinstance(error, SecAggRefusal):
         return error.refusal()
     return SiteRefusal(RefusalCode.BAD_REQUEST, f"{type(error).__name__}: {error}")
-
-
-def _refuse(msg: Message, refusal: SiteRefusal) -> Message:
-    """The reply to a refused request: only the code goes out, the detail is logged here."""
-    logger.warning("site refuses %s: %s", msg.metadata.message_type, refusal)
-    status = ConfigRecord(status_payload(refusal))
-    return Message(RecordDict({RECORD_STATUS: status}), reply_to=msg)

@@ -7,7 +7,7 @@ and its minimum aggregation size in ``client.secagg.aggregation_floor``.
 """
 
 from client.secagg.aggregation_floor import SiteAggregationFloor, TooFewSites
-from client.secagg.policy import ClientSecAggPolicy, SecAggPolicyError
+from client.secagg.policy import ClientSecAggPolicy
 from client.secagg.refusal import SecAggRefusal
 from client.secagg.stages import (
     ClientSecAggState,
@@ -22,7 +22,6 @@ from client.secagg.stages import (
 __all__ = [
     "ClientSecAggPolicy",
     "ClientSecAggState",
-    "SecAggPolicyError",
     "SecAggRefusal",
     "SiteAggregationFloor",
     "TooFewSites",

@@ -21,8 +21,7 @@ It also holds the site's minimum aggregation size (``client.secagg.aggregation_f
 Where the policy comes from, in this order (a setting given twice is an error: keep one):
 
 - the ``[secure-aggregation]`` table of the site's policy file, the TOML file named by node
-  config ``policy-file`` (else ``$FEDMM_SITE_POLICY``, as in simulation), whose ``[privacy]``
-  table ``client.privacy_policy`` reads;
+  config ``policy-file``, whose ``[privacy]`` table ``client.privacy_policy`` reads;
 - node config keys ``secagg-<key>``;
 - the defaults below.
 
@@ -33,14 +32,13 @@ Keys: ``min-sites``, ``min-threshold``, ``colluding-fraction``, ``dropout-fracti
 from __future__ import annotations
 
 import math
-import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from client.privacy_policy import POLICY_FILE_ENV, SECURE_AGGREGATION_TABLE
+from client.policy_file import PolicyError, read_policy_file
+from client.privacy_policy import POLICY_FILE, SECURE_AGGREGATION_TABLE
 from client.secagg.aggregation_floor import SiteAggregationFloor
 from client.secagg.refusal import SecAggRefusal
 from common.secagg.aggregation_size import MIN_AGGREGATION_SIZE, colluding_sites
@@ -61,10 +59,6 @@ NODE_CONFIG_PREFIX = "secagg-"
 #: complete graph (Bonawitz et al.) up to 101 participants.
 DEFAULT_MAX_DEGREE = 100
 MAX_UPDATE_LENGTH = 1 << 30
-
-
-class SecAggPolicyError(ValueError):
-    """The site's secure-aggregation policy is invalid; the message names the key and fix."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +115,7 @@ class ClientSecAggPolicy:
                 f"[1, {MAX_UPDATE_LENGTH}]"
             )
         if problems:
-            raise SecAggPolicyError("secure-aggregation policy: " + "; ".join(problems))
+            raise PolicyError("secure-aggregation policy: " + "; ".join(problems))
 
     def floor(self, *, honest_sites: int = 0) -> SiteAggregationFloor:
         """This site's minimum aggregation size; ``honest_sites``: distributed DP's h."""
@@ -166,7 +160,7 @@ class ClientSecAggPolicy:
         known = {f.name.replace("_", "-"): f.name for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise SecAggPolicyError(
+            raise PolicyError(
                 f"{source}: unknown secure-aggregation policy key(s) {unknown}; "
                 f"known: {sorted(known)}"
             )
@@ -176,8 +170,8 @@ class ClientSecAggPolicy:
             kwargs[known[key]] = _coerce(value, kind, key=key, source=source)
         try:
             return cls(**kwargs)
-        except SecAggPolicyError as error:
-            raise SecAggPolicyError(f"{source}: {error}") from None
+        except PolicyError as error:
+            raise PolicyError(f"{source}: {error}") from None
 
     @classmethod
     def for_site(cls, node_config: Mapping[str, Any]) -> ClientSecAggPolicy:
@@ -196,7 +190,7 @@ class ClientSecAggPolicy:
             if not str(node_key).startswith(NODE_CONFIG_PREFIX) or key not in known:
                 continue
             if key in values:
-                raise SecAggPolicyError(
+                raise PolicyError(
                     f"secure-aggregation policy '{key}' is set twice, in {sources[key]} and in "
                     f"node config {node_key}: keep one"
                 )
@@ -219,23 +213,16 @@ def _policy_refusal(message: str) -> SecAggRefusal:
 
 
 def _policy_file(node_config: Mapping[str, Any]) -> Path | None:
-    if "policy-file" in node_config:
-        return Path(str(node_config["policy-file"]))
-    if os.environ.get(POLICY_FILE_ENV):
-        return Path(os.environ[POLICY_FILE_ENV])
+    if POLICY_FILE in node_config:
+        return Path(str(node_config[POLICY_FILE]))
     return None
 
 
 def _read_table(path: Path) -> dict[str, Any]:
-    try:
-        document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise SecAggPolicyError(f"site policy file {path} does not exist") from error
-    except tomllib.TOMLDecodeError as error:
-        raise SecAggPolicyError(f"site policy file {path} is not valid TOML: {error}") from error
+    document = read_policy_file(path, what="site policy file")
     table = document.get(POLICY_TABLE, {})
     if not isinstance(table, dict):
-        raise SecAggPolicyError(f"{path}: {POLICY_TABLE} must be a table ([{POLICY_TABLE}])")
+        raise PolicyError(f"{path}: {POLICY_TABLE} must be a table ([{POLICY_TABLE}])")
     return table
 
 
@@ -246,12 +233,12 @@ def _coerce(value: Any, kind: type, *, key: str, source: str) -> Any:
             value = float(value) if kind is float else int(value)
         except ValueError:
             expected = "a number" if kind is float else "an integer"
-            raise SecAggPolicyError(f"{source}: '{key}' = {value!r} is not {expected}") from None
+            raise PolicyError(f"{source}: '{key}' = {value!r} is not {expected}") from None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SecAggPolicyError(f"{source}: '{key}' = {value!r} is not a number")
+        raise PolicyError(f"{source}: '{key}' = {value!r} is not a number")
     if kind is int:
         if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-            raise SecAggPolicyError(f"{source}: '{key}' = {value!r} is not an integer")
+            raise PolicyError(f"{source}: '{key}' = {value!r} is not an integer")
         return int(value)
     return float(value)
 

@@ -13,12 +13,8 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from common.cli_arguments import report_user_error as _fail
-from common.flower_commands import FlowerCommandNotFoundError
 
 
 def add_site_parser(commands: Any) -> None:
@@ -64,24 +60,11 @@ def add_site_parser(commands: Any) -> None:
     status = steps.add_parser("status", help="show the site's privacy ledger")
     status.add_argument("config", type=Path, metavar="CONFIG")
     status.add_argument("--json", action="store_true", help="print JSON")
-
-
-def run_site_step(args: argparse.Namespace) -> int:
-    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
-        "keygen": _keygen,
-        "check": _check,
-        "release-digest": _release_digest,
-        "start": _start,
-        "status": _status,
-    }
-    try:
-        return handlers[args.step](args)
-    except (ValueError, FlowerCommandNotFoundError) as err:  # incl. SiteLaunchError
-        problems = getattr(err, "problems", None)
-        if problems:
-            lines = "\n".join(f"  - {p}" for p in problems)
-            return _fail(f"fedmm site {args.step}", f"{err.path} has problems:\n{lines}")  # type: ignore[attr-defined]
-        return _fail(f"fedmm site {args.step}", str(err))
+    keygen.set_defaults(handler=_keygen)
+    check.set_defaults(handler=_check)
+    digest.set_defaults(handler=_release_digest)
+    start.set_defaults(handler=_start)
+    status.set_defaults(handler=_status)
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 
 from common.federation_config import ConfigError
+from common.flower_commands import FlowerCommandNotFoundError
 
 #: The exit code of a command given an input the user must fix.
 USER_ERROR = 2
@@ -17,6 +19,27 @@ def report_user_error(prefix: str, message: str) -> int:
     """Print ``prefix: message`` on stderr; returns :data:`USER_ERROR`."""
     print(f"{prefix}: {message}", file=sys.stderr)
     return USER_ERROR
+
+
+#: A command step: its parsed arguments in, its exit code out.
+StepHandler = Callable[[argparse.Namespace], int]
+
+
+def run_step(args: argparse.Namespace, *, command: str) -> int:
+    """Run the handler the step's parser set (``set_defaults(handler=...)``). An input the
+    user must fix (``ValueError``, a Flower command not installed) is printed naming
+    ``fedmm <command> <step>``, each of its ``problems`` on a line when it lists them;
+    exit 2."""
+    handler: StepHandler = args.handler
+    prefix = f"fedmm {command} {args.step}"
+    try:
+        return handler(args)
+    except (ValueError, FlowerCommandNotFoundError) as err:
+        problems = getattr(err, "problems", None)
+        if problems:
+            lines = "\n".join(f"  - {problem}" for problem in problems)
+            return report_user_error(prefix, f"{getattr(err, 'path', '')} has problems:\n{lines}")
+        return report_user_error(prefix, str(err))
 
 
 def number(text: str) -> float:

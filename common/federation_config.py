@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from common.data.partitioning import PARTITION_SCHEMES
 from common.model_config import ACTIVATIONS, IMAGE_ENCODERS
 
-PARTITION_SCHEMES = ("iid", "dirichlet")
 OPTIMIZERS = ("sgd", "adam")
 LEARNING_RATE_SCHEDULES = ("constant", "cosine")
 DP_MODES = ("local", "distributed")

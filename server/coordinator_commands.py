@@ -15,12 +15,10 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.cli_arguments import report_user_error as _fail
-from common.flower_commands import FlowerCommandNotFoundError
+from common.cli_arguments import report_user_error
 
 #: ``submit``: the run ended, but sites trained in fewer rounds than asked.
 TRAINED_TOO_LITTLE = 3
@@ -118,21 +116,12 @@ def add_coordinator_parser(commands: Any) -> None:
         "--detach", action="store_true", help="return once the run started (no log stream)"
     )
     submit.add_argument("--dry-run", action="store_true", help="check and print the command only")
-
-
-def run_coordinator_step(args: argparse.Namespace) -> int:
-    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
-        "init-ca": _init_ca,
-        "issue-cert": _issue_cert,
-        "start-superlink": _start_superlink,
-        "add-connection": _add_connection,
-        "register-site": _register_site,
-        "submit": _submit,
-    }
-    try:
-        return handlers[args.step](args)
-    except (ValueError, FlowerCommandNotFoundError) as err:  # incl. DeploymentError
-        return _fail(f"fedmm coordinator {args.step}", str(err))
+    init_ca.set_defaults(handler=_init_ca)
+    issue.set_defaults(handler=_issue_cert)
+    start.set_defaults(handler=_start_superlink)
+    conn.set_defaults(handler=_add_connection)
+    register.set_defaults(handler=_register_site)
+    submit.set_defaults(handler=_submit)
 
 
 def _init_ca(args: argparse.Namespace) -> int:
@@ -202,7 +191,7 @@ def _start_superlink(args: argparse.Namespace) -> int:
         proxy.write()
         tested = subprocess.run(proxy.test_argv, capture_output=True, text=True, check=False)
         if tested.returncode != 0:
-            return _fail(
+            return report_user_error(
                 "fedmm coordinator start-superlink",
                 f"nginx refuses its config {proxy.config_file}:\n{tested.stderr.strip()}",
             )

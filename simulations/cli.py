@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from client.deidentify_command import add_deidentify_parser, run_deidentify
-from client.site_commands import add_site_parser, run_site_step
-from common.cli_arguments import epsilon, key_value_pairs
-from common.federation_config import PARTITION_SCHEMES, ConfigError, FederationConfig
-from server.coordinator_commands import add_coordinator_parser, run_coordinator_step
+from client.site_commands import add_site_parser
+from common.cli_arguments import epsilon, key_value_pairs, run_step
+from common.data.partitioning import PARTITION_SCHEMES
+from common.federation_config import ConfigError, FederationConfig
+from server.coordinator_commands import add_coordinator_parser
 from simulations.run_log import RUN_LOG, log_tail, terminal_to_log
 
 RUN_CONFIG_FILE = "run-config.json"
@@ -247,10 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             return simulate(args)
         if args.command == "deidentify":
             return run_deidentify(args)
-        if args.command == "coordinator":
-            return run_coordinator_step(args)
-        if args.command == "site":
-            return run_site_step(args)
+        if args.command in ("coordinator", "site"):  # the deployment steps of either side
+            return run_step(args, command=args.command)
         if args.command == "privacy-sweep":
             from simulations.privacy.sweep_command import run_privacy_sweep
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.cli_arguments import epsilon, key_value_pairs, number
-from common.federation_config import OPTIMIZERS, PARTITION_SCHEMES
+from common.data.partitioning import PARTITION_SCHEMES
+from common.federation_config import OPTIMIZERS
 
 if TYPE_CHECKING:
     from simulations.privacy.sweep import SweepSettings

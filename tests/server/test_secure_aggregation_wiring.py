@@ -233,6 +233,7 @@ def test_stage_handlers_import_no_torch(tmp_path: Path) -> None:
     # with the numpy trainer at setup: neither torch nor opacus may get imported.
     code = f"""
 import sys, runpy
+import client.app  # the ClientApp as deployment loads it, for every message
 from pathlib import Path
 helpers = runpy.run_path({__file__!r})
 from flwr.supercore.task_identity import TaskIdentity

@@ -8,16 +8,16 @@ knob, the more private of the site's limit and the coordinator's request.
 from __future__ import annotations
 
 import math
-import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.policy_file import PolicyError, read_policy_file
 from common.train_request import TrainRequest
 
-POLICY_FILE_ENV = "FEDMM_SITE_POLICY"
+#: Node config key: the site's policy file (TOML).
+POLICY_FILE = "policy-file"
 #: The policy file's table for secure aggregation (``client.secagg.policy``).
 SECURE_AGGREGATION_TABLE = "secure-aggregation"
 _KEYS = {
@@ -32,9 +32,7 @@ _KEYS = {
 #: The policy's keys, as the ``[privacy]`` table and node config ``privacy-<key>`` name them.
 POLICY_KEYS = tuple(_KEYS)
 
-
-class PolicyError(ValueError):
-    """The site's policy file or node config is invalid; the message names the key."""
+__all__ = ["POLICY_FILE", "POLICY_KEYS", "PolicyError", "SitePrivacyPolicy"]
 
 
 @dataclass(frozen=True)
@@ -118,21 +116,16 @@ class SitePrivacyPolicy:
         """Read ``[privacy]`` (or top-level keys) from a TOML file; its
         ``[secure-aggregation]`` table is the site's secure-aggregation policy
         (``client.secagg.policy``), not read here."""
-        try:
-            document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError as err:
-            raise PolicyError(f"privacy policy file {path} does not exist") from err
-        except tomllib.TOMLDecodeError as err:
-            raise PolicyError(f"privacy policy file {path} is not valid TOML: {err}") from err
+        document = read_policy_file(path, what="privacy policy file")
         top_level = {k: v for k, v in document.items() if k != SECURE_AGGREGATION_TABLE}
         return cls.from_mapping(document.get("privacy", top_level), source=str(path))
 
     @classmethod
     def for_site(cls, node_config: Mapping[str, Any]) -> SitePrivacyPolicy:
         """From node config: ``policy-file`` names a file, else ``privacy-*`` keys, else the
-        file named by ``$FEDMM_SITE_POLICY`` (simulation), else the defaults."""
-        if "policy-file" in node_config:
-            return cls.from_file(Path(str(node_config["policy-file"])))
+        defaults."""
+        if POLICY_FILE in node_config:
+            return cls.from_file(Path(str(node_config[POLICY_FILE])))
         inline = {
             k.removeprefix("privacy-"): v
             for k, v in node_config.items()
@@ -140,8 +133,6 @@ class SitePrivacyPolicy:
         }
         if inline:
             return cls.from_mapping(inline, source="node config")
-        if os.environ.get(POLICY_FILE_ENV):
-            return cls.from_file(Path(os.environ[POLICY_FILE_ENV]))
         return cls()
 
 

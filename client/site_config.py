@@ -342,12 +342,12 @@ def check_site_config(path: Path) -> SiteConfig:
 
 def _check_secure_aggregation_policy(config: SiteConfig) -> list[str]:
     """The site's secure-aggregation policy as the site will read it at every round."""
-    from client.privacy_policy import PolicyError
-    from client.secagg.policy import ClientSecAggPolicy, SecAggPolicyError
+    from client.policy_file import PolicyError
+    from client.secagg.policy import ClientSecAggPolicy
 
     try:
         ClientSecAggPolicy.for_site(config.node_config())
-    except (SecAggPolicyError, PolicyError) as err:
+    except PolicyError as err:
         return [f"[secure-aggregation] {err}"]
     return []
 

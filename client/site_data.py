@@ -2,12 +2,13 @@
 the site's de-identification policy has been applied to them.
 
 De-identification (``client.deid``) always runs, under the policy file the node config
-names (``deid-policy=FILE``), in simulation ``$FEDMM_DEID_POLICY``, else the default policy.
-The site secret that keys the pseudonyms is ``site-secret=FILE`` (created on first use, 0600),
-by default ``~/.config/fedmm/site-secret``; the de-identified data is cached under
-``deid-cache-dir=DIR`` (0700), by default ``~/.cache/fedmm/deid``. A simulated site keeps its
-own secret and cache in ``$FEDMM_DEID_DIR/site-<id>/``, by default
-``~/.cache/fedmm/simulated-sites/site-<id>/``. The cache is keyed by the policy, the data's
+names (``deid-policy=FILE``), else the default policy. The site secret that keys the
+pseudonyms is ``site-secret=FILE`` (created on first use, 0600), by default
+``~/.config/fedmm/site-secret``; the de-identified data is cached under ``deid-cache-dir=DIR``
+(0700), by default ``~/.cache/fedmm/deid``. A simulated site without these settings (``flwr
+run`` of the app) keeps its own secret and cache in
+``~/.cache/fedmm/simulated-sites/site-<id>/``; ``fedmm simulate`` names them in each
+simulated site's node config. The cache is keyed by the policy, the data's
 content, the tool versions and the secret (``client.deid.cache``): de-identification runs
 once per dataset version, again when any of them changes.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -36,8 +36,6 @@ if TYPE_CHECKING:  # the de-identification tools load only when used
 
 logger = logging.getLogger(__name__)
 
-DEID_POLICY_ENV = "FEDMM_DEID_POLICY"
-DEID_DIR_ENV = "FEDMM_DEID_DIR"
 _MEMO_SIZE = 8
 
 
@@ -85,21 +83,20 @@ class SiteDeidSettings:
 def site_deid_settings(node_config: Mapping[str, Any]) -> SiteDeidSettings:
     """The site's de-identification settings.
 
-    Every site's records are de-identified before training: a site's own imagefolder with
-    the policy file named by node config ``deid-policy``, a simulated partition with the
-    file named by ``$FEDMM_DEID_POLICY`` (``fedmm simulate`` sets it); either falls back to
-    the default policy. A simulated site keeps its own secret and cache in
-    ``$FEDMM_DEID_DIR/site-<id>/``, by default ``~/.cache/fedmm/simulated-sites/site-<id>/``
-    (so ``flwr run`` of the app de-identifies the benchmark's synthetic personal data too).
+    Every site's records are de-identified before training, with the policy file named by
+    node config ``deid-policy`` (else the default policy), the secret ``site-secret`` and the
+    cache ``deid-cache-dir``. A simulated site that names neither secret nor cache keeps its
+    own in ``~/.cache/fedmm/simulated-sites/site-<id>/`` (so ``flwr run`` of the app
+    de-identifies the benchmark's synthetic personal data too).
     """
     from client.deid.cache import default_cache_dir
     from client.deid.site_secret import default_site_secret_path
 
-    policy_file = node_config.get("deid-policy") or os.environ.get(DEID_POLICY_ENV)
+    policy_file = node_config.get("deid-policy")
     secret_file, cache_dir = default_site_secret_path(), default_cache_dir()
     if "partition-id" in node_config and "imagefolder" not in node_config:
-        sim_dir = os.environ.get(DEID_DIR_ENV) or default_cache_dir().parent / "simulated-sites"
-        site_dir = Path(sim_dir) / f"site-{node_config['partition-id']}"
+        sim_dir = default_cache_dir().parent / "simulated-sites"
+        site_dir = sim_dir / f"site-{node_config['partition-id']}"
         secret_file, cache_dir = site_dir / "site-secret", site_dir / "cache"
     return SiteDeidSettings(
         policy_file=Path(str(policy_file)) if policy_file else None,

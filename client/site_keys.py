@@ -9,15 +9,19 @@ Flower's SuperNode signs every Fleet API request with an EC private key in OpenS
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.key_files import KeyFileError, check_private_file, write_private_file, write_public_file
+from common.key_files import (
+    KeyFileError,
+    check_private_file,
+    fingerprint,
+    write_private_file,
+    write_public_file,
+)
 
 PRIVATE_KEY = "site-auth-key"
 PUBLIC_KEY = "site-auth-key.pub"
@@ -28,13 +32,6 @@ class SiteKeyPair:
     private_key: Path
     public_key: Path
     fingerprint: str  # SHA256:... as ssh-keygen -l shows it
-
-
-def fingerprint(public_key_line: bytes) -> str:
-    """``SHA256:<base64>`` of an OpenSSH public key line, as ``ssh-keygen -lf`` prints."""
-    blob = base64.b64decode(public_key_line.split()[1])
-    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
-    return f"SHA256:{digest}"
 
 
 def generate_site_key_pair(directory: Path, *, comment: str = "fedmm-site") -> SiteKeyPair:

@@ -30,21 +30,13 @@ import sys
 from typing import TYPE_CHECKING
 
 from client.release_pin import ReleasePin, check_run_app, normalise_digest
-from common.site_refusal import RefusalCode, SiteRefusal, status_payload
+from client.site_replies import refusal_reply
+from common.site_refusal import RefusalCode
 
 if TYPE_CHECKING:
     from flwr.app import Message
 
 logger = logging.getLogger("fedmm.site_runner")
-RECORD_STATUS = "status"  # common.secure_round.RECORD_STATUS, without its numpy import
-
-
-def refusal_reply(message: Message, refusal: SiteRefusal) -> Message:
-    """A reply that carries only the refusal's code (``common.site_refusal``)."""
-    from flwr.app import ConfigRecord, Message, RecordDict
-
-    status = ConfigRecord(status_payload(refusal))
-    return Message(RecordDict({RECORD_STATUS: status}), reply_to=message)
 
 
 def error_reply(message: Message) -> Message:

@@ -9,13 +9,13 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from common.data.caption_bank import CaptionBank, CaptionBankError
+from common.data.partitioning import PARTITION_SCHEMES
 from common.data.word_lists import parse_word_lists
 from common.model_config import ACTIVATIONS, IMAGE_ENCODERS, model_config_from_settings
 
 if TYPE_CHECKING:
     from common.distractors import DistractorSettings
 
-PARTITION_SCHEMES = ("iid", "dirichlet")
 OPTIMIZERS = ("sgd", "adam")
 LEARNING_RATE_SCHEDULES = ("constant", "cosine")
 DP_MODES = ("local", "distributed")

@@ -8,6 +8,8 @@ silently replaced (rotation is an explicit step: move the old file away first).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -69,3 +71,10 @@ def check_private_file(path: Path, *, what: str) -> None:
         )
     if hasattr(os, "getuid") and info.st_uid != os.getuid():
         raise KeyFileError(f"{what} {path} is not owned by this user")
+
+
+def fingerprint(public_key_line: bytes) -> str:
+    """``SHA256:<base64>`` of an OpenSSH public key line, as ``ssh-keygen -lf`` prints."""
+    blob = base64.b64decode(public_key_line.split()[1])
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    return f"SHA256:{digest}"

@@ -32,6 +32,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from common import site_refusal
+
 ACTION_SETUP = "secagg_setup"
 ACTION_SHARE = "secagg_share"
 ACTION_MASKED = "secagg_masked"
@@ -46,7 +48,7 @@ MESSAGE_CONSISTENCY = f"train.{ACTION_CONSISTENCY}"
 #: Record names inside the messages' RecordDicts.
 RECORD_SECAGG = "secagg"  # ConfigRecord: the protocol payload of the stage
 RECORD_MASKED = "masked"  # ArrayRecord: the masked vector (masked-input replies only)
-RECORD_STATUS = "status"  # ConfigRecord: refused (bool), reason (str)
+RECORD_STATUS = site_refusal.RECORD_STATUS  # ConfigRecord: refused (bool), code (str)
 #: MetricRecord of the setup reply: under key "epsilon", the epsilon *bound* the site commits
 #: to (the smaller of its policy's max-epsilon and the run's epsilon; a site that replies is
 #: within it), never its exact spend, which is a function of its record count.
@@ -55,9 +57,9 @@ RECORD_PRIVACY = "privacy"
 #: A training reply's metrics (plain FedAvg's MetricRecord; SecAgg+ sums the count as the
 #: weight and the steps inside the masked vector): the site's public (noisy) record count,
 #: its DP-SGD steps, and its epsilon bound (the same bound as in ``RECORD_PRIVACY``).
-METRIC_NUM_EXAMPLES = "num-examples"
+METRIC_NUM_EXAMPLES = "num_examples"
 METRIC_STEPS = "steps"
-METRIC_EPSILON_BOUND = "epsilon-bound"
+METRIC_EPSILON_BOUND = "epsilon_bound"
 
 #: Metrics summed inside the masked vector, each as weight * value.
 SUMMED_METRICS = (METRIC_STEPS,)
@@ -89,9 +91,9 @@ def unflatten_update(
     return out
 
 
-def weighted_metrics(*, weight: int, steps: int) -> dict[str, float]:
-    """The summed metrics of one site: weight * steps (both from its noisy count)."""
-    return {METRIC_STEPS: float(weight * int(steps))}
+def weighted_metrics(*, weight: int, metrics: Mapping[str, float]) -> dict[str, float]:
+    """The summed metrics of one site: weight * value of each (weight: its noisy count)."""
+    return {name: float(weight * value) for name, value in metrics.items()}
 
 
 def metric_ranges(*, max_weight: int, max_steps: int) -> dict[str, tuple[float, float]]:

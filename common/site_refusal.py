@@ -60,7 +60,9 @@ class SiteRefusal:
         return f"{self.code.value}: {self.detail}" if self.detail else self.code.value
 
 
-#: The status record of a reply (``RECORD_STATUS``): no free text, only the code.
+#: The record of every reply that says whether the site refused, and why (by code only).
+RECORD_STATUS = "status"
+#: The status record's fields: no free text, only the code.
 STATUS_REFUSED = "refused"
 STATUS_CODE = "code"
 

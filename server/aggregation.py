@@ -1,11 +1,14 @@
-"""How a round's updates become one aggregate: the seam secure aggregation implements.
+"""How the sites' results of one exchange become one aggregate: the seam secure aggregation
+implements.
 
-``RoundAggregation.run_round`` sends the round's training requests, collects what the
-sites return and hands back only the aggregate: the example-weighted sum of updates, the
-total weight (the sum of the sites' noisy record counts), and summed metrics.
+``RoundAggregation.run_round`` sends one request to each site, collects what the sites return
+and hands back only the aggregate: the weighted sum of the sites' vectors (a model update, in
+the arrays named by ``shapes``), the total weight (the sum of the sites' noisy record
+counts), and the weighted sums of the metrics named in ``metric_ranges``. What the sites
+compute is the request's declared task (``common.site_task``), not the aggregation's concern.
 ``FedAvgAggregation`` is plain FedAvg (McMahan et al., AISTATS 2017) in one message
 exchange; a secure-aggregation implementation runs several exchanges and never sees a
-single site's update.
+single site's vector.
 """
 
 from __future__ import annotations
@@ -13,16 +16,20 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.secure_round import METRIC_EPSILON_BOUND, METRIC_NUM_EXAMPLES, SUMMED_METRICS
+from common.secure_round import METRIC_EPSILON_BOUND, METRIC_NUM_EXAMPLES, RECORD_STATUS
 from common.site_refusal import refusal_code_of
+from common.site_task import RECORD_METRICS, RECORD_UPDATE
+
+#: The arrays of a site's vector: (name, shape) in order (a model's state-dict order).
+Shapes = Sequence[tuple[str, tuple[int, ...]]]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +75,8 @@ class RoundAggregate:
     epsilon_max: float = 0.0
     outcomes: list[SiteOutcome] = field(default_factory=list)
     aborted: str | None = None
+    #: Wall time of each message exchange (SecAgg+ only), for the round's metrics.
+    exchange_seconds: dict[str, float] | None = None
 
     def mean_update(self) -> dict[str, np.ndarray] | None:
         if self.weighted_update_sum is None or self.total_weight <= 0:
@@ -78,26 +87,39 @@ class RoundAggregate:
         return sum(o.status == status for o in self.outcomes)
 
 
+@dataclass(frozen=True)
+class RoundRequest:
+    """What every site of one round is sent, and the shape of what it returns."""
+
+    round_id: int
+    #: The request: the model and the task it declares (``common.site_task``).
+    content: RecordDict
+    #: The arrays of a site's vector, in order.
+    shapes: Shapes
+    #: The metrics a site's result carries, summed; their ranges bound what a secure sum
+    #: encodes.
+    metric_ranges: Mapping[str, tuple[float, float]]
+    #: The budget in seconds of the exchange in which the sites compute.
+    timeout: float
+
+
 class RoundAggregation(Protocol):
     def run_round(
-        self,
-        grid: Grid,
-        *,
-        node_ids: Sequence[int],
-        global_arrays: ArrayRecord,
-        train_config: ConfigRecord,
-        timeout: float,
-    ) -> RoundAggregate: ...
+        self, grid: Grid, request: RoundRequest, *, node_ids: Sequence[int]
+    ) -> RoundAggregate:
+        """Send ``request`` to each of ``node_ids`` and aggregate what they return."""
+        ...
 
 
 def _reply_outcome(reply: Message, node_id: int) -> SiteOutcome:
     if reply.has_error():
         error = reply.error
         return SiteOutcome(node_id, "failed", f"error code {error.code}: {error.reason}")
-    code = refusal_code_of(reply.content.config_records.get("status"))
+    code = refusal_code_of(reply.content.config_records.get(RECORD_STATUS))
     if code is not None:
         return SiteOutcome(node_id, "refused", code)
-    if "update" not in reply.content.array_records or "metrics" not in reply.content.metric_records:
+    content = reply.content
+    if RECORD_UPDATE not in content.array_records or RECORD_METRICS not in content.metric_records:
         return SiteOutcome(node_id, "failed", "reply has no update or no metrics")
     return SiteOutcome(node_id, "trained")
 
@@ -106,27 +128,17 @@ class FedAvgAggregation:
     """Plain example-weighted FedAvg: the coordinator sees each site's update."""
 
     def run_round(
-        self,
-        grid: Grid,
-        *,
-        node_ids: Sequence[int],
-        global_arrays: ArrayRecord,
-        train_config: ConfigRecord,
-        timeout: float,
+        self, grid: Grid, request: RoundRequest, *, node_ids: Sequence[int]
     ) -> RoundAggregate:
+        timeout = request.timeout
         messages = [
-            Message(
-                RecordDict({"arrays": global_arrays, "config": train_config}),
-                dst_node_id=node_id,
-                message_type="train",
-                ttl=timeout,
-            )
+            Message(request.content, dst_node_id=node_id, message_type="train", ttl=timeout)
             for node_id in node_ids
         ]
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         # message ids are assigned when pushed; replies (and SuperLink errors) refer to them
         sent = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in messages}
-        expected_keys = set(global_arrays.keys())
+        expected, summed = dict(request.shapes), tuple(request.metric_ranges)
         aggregate = RoundAggregate(weighted_update_sum=None, total_weight=0.0)
         answered = set()
         for reply in replies:
@@ -137,7 +149,7 @@ class FedAvgAggregation:
             answered.add(node_id)
             outcome = _reply_outcome(reply, node_id)
             if outcome.status == "trained":
-                outcome = self._add(aggregate, reply, outcome, expected_keys, global_arrays)
+                outcome = self._add(aggregate, reply, outcome, expected, summed)
             aggregate.outcomes.append(outcome)
             if outcome.status != "trained":
                 logger.warning("site %s %s: %s", node_id, outcome.status, outcome.reason)
@@ -151,24 +163,24 @@ class FedAvgAggregation:
         aggregate: RoundAggregate,
         reply: Message,
         outcome: SiteOutcome,
-        expected_keys: set[str],
-        global_arrays: ArrayRecord,
+        expected: Mapping[str, tuple[int, ...]],
+        summed_metrics: Sequence[str],
     ) -> SiteOutcome:
-        update = reply.content.array_records["update"]
-        metrics = reply.content.metric_records["metrics"]
+        update = reply.content.array_records[RECORD_UPDATE]
+        metrics = reply.content.metric_records[RECORD_METRICS]
         weight = float(metrics.get(METRIC_NUM_EXAMPLES, 0))
-        if set(update.keys()) != expected_keys or not weight > 0:
+        if set(update.keys()) != set(expected) or not weight > 0:
             return SiteOutcome(outcome.node_id, "failed", "malformed update (keys or weight)")
-        arrays = {k: update[k].numpy() for k in expected_keys}
+        arrays = {k: update[k].numpy() for k in expected}
         for k, value in arrays.items():
-            if value.shape != tuple(global_arrays[k].shape) or not np.isfinite(value).all():
+            if value.shape != tuple(expected[k]) or not np.isfinite(value).all():
                 return SiteOutcome(outcome.node_id, "failed", f"malformed update for {k}")
         if aggregate.weighted_update_sum is None:
             aggregate.weighted_update_sum = {k: np.zeros_like(v) for k, v in arrays.items()}
         for k, value in arrays.items():
             aggregate.weighted_update_sum[k] += weight * value
         aggregate.total_weight += weight
-        for key in SUMMED_METRICS:
+        for key in summed_metrics:
             aggregate.metric_sums[key] = aggregate.metric_sums.get(key, 0.0) + weight * float(
                 metrics.get(key, 0.0)
             )

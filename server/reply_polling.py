@@ -1,4 +1,4 @@
-"""A Grid that looks for replies every 0.1-0.5 s instead of every 3 s.
+"""Replies to a message exchange, pulled with a short, growing interval instead of every 3 s.
 
 In deployment, Flower 1.41's ServerApp talks to the SuperLink through an HTTP Grid whose
 ``send_and_receive`` pushes the messages and then pulls replies with ``time.sleep(3)``
@@ -9,36 +9,83 @@ pull until every reply arrived or ``timeout`` passed; missing replies are simply
 with the public ``push_messages``/``pull_messages``, polling after 0.1 s and backing off to
 0.5 s, so a long training stage costs a pull every half second. In simulation the in-memory
 Grid already polls every 0.1 s; wrapping it changes nothing there.
+
+:func:`poll_replies` is the one poller; the SecAgg+ exchanges after setup, which only move
+keys and shares, use it with a schedule of milliseconds (:data:`PROTOCOL_POLL`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from flwr.app import Message, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-FIRST_POLL_S = 0.1
-MAX_POLL_S = 0.5
-BACKOFF = 1.5
+
+@dataclass(frozen=True)
+class PollSchedule:
+    """The first wait after a push, the longest wait between pulls, and the growth factor."""
+
+    first: float
+    longest: float
+    growth: float = 1.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.first <= self.longest or self.growth < 1:
+            raise ValueError(
+                "poll intervals: need 0 < first_poll <= max_poll and growth >= 1, got "
+                f"{self.first}, {self.longest}, {self.growth}"
+            )
+
+
+#: Exchanges in which sites train: a pull every 0.1 s at first, every 0.5 s at most.
+TRAINING_POLL = PollSchedule(first=0.1, longest=0.5, growth=1.5)
+#: SecAgg+ exchanges after setup: sites answer within milliseconds.
+PROTOCOL_POLL = PollSchedule(first=0.005, longest=0.05, growth=2.0)
+
+
+def poll_replies(
+    grid: Grid, messages: Sequence[Message], *, timeout: float | None, schedule: PollSchedule
+) -> list[Message]:
+    """Push ``messages``; pull replies until every message has one or ``timeout`` seconds
+    passed (Flower's ``send_and_receive`` semantics: a missing reply is simply absent),
+    waiting ``schedule.first`` after the push and ``growth`` times longer after each pull,
+    up to ``schedule.longest``. An object that offers only ``send_and_receive`` (an
+    in-process test grid) is used as is."""
+    if not hasattr(grid, "pull_messages"):
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    waiting = set(grid.push_messages(messages))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    interval = schedule.first
+    while waiting:
+        pulled = list(grid.pull_messages(waiting))
+        replies.extend(pulled)
+        waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if not waiting or (remaining is not None and remaining <= 0):
+            break
+        time.sleep(interval if remaining is None else min(interval, remaining))
+        interval = min(schedule.longest, interval * schedule.growth)
+    return replies
 
 
 class ReplyPollingGrid(Grid):
     """``grid`` with a faster ``send_and_receive``; everything else is ``grid``'s own."""
 
     def __init__(
-        self, grid: Grid, *, first_poll: float = FIRST_POLL_S, max_poll: float = MAX_POLL_S
+        self,
+        grid: Grid,
+        *,
+        first_poll: float = TRAINING_POLL.first,
+        max_poll: float = TRAINING_POLL.longest,
     ) -> None:
-        if not 0 < first_poll <= max_poll:
-            raise ValueError(
-                f"poll intervals: need 0 < first_poll <= max_poll, got {first_poll}, {max_poll}"
-            )
         self.grid = grid
-        self.first_poll = first_poll
-        self.max_poll = max_poll
+        self.schedule = PollSchedule(first=first_poll, longest=max_poll)
 
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
@@ -73,16 +120,4 @@ class ReplyPollingGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Push ``messages``; pull replies until all arrived or ``timeout`` s passed."""
-        waiting = set(self.grid.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        interval = self.first_poll
-        while waiting:
-            pulled = list(self.grid.pull_messages(waiting))
-            replies.extend(pulled)
-            waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
-            if not waiting or (deadline is not None and time.monotonic() >= deadline):
-                break
-            time.sleep(interval)
-            interval = min(self.max_poll, interval * BACKOFF)
-        return replies
+        return poll_replies(self.grid, list(messages), timeout=timeout, schedule=self.schedule)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.cli_arguments import key_value_pairs
 from common.federation_config import ConfigError, FederationConfig
 from common.flower_commands import flower_executable
 from server.checkpoints import CHECKPOINT_DIR, LATEST
@@ -96,12 +97,7 @@ def app_run_config_defaults(app_dir: Path) -> dict[str, Any]:
 
 def parse_settings(pairs: list[str]) -> dict[str, str]:
     """``--set KEY=VALUE`` pairs."""
-    out: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise SubmissionError(f"--set expects KEY=VALUE, got {pair!r}")
-        out[key.strip()] = value.strip()
+    out = key_value_pairs(pairs, option="--set")
     for key in ("out-dir", "resume"):
         if key in out:
             raise SubmissionError(f"--set {key}=...: use --out-dir DIR and --resume instead")

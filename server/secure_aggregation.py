@@ -6,7 +6,12 @@ Aggregation for Privacy-Preserving Machine Learning", CCS 2017, as its special c
 arithmetic and the stage functions are Flower-free (``server.secagg.stages``); this module
 only moves their payloads through four message exchanges (``common.secure_round``):
 
-    setup (train + advertise keys) -> share keys -> masked input -> unmask -> decoded sum
+    setup (the request's task + advertise keys) -> share keys -> masked input -> unmask
+    -> decoded sum
+
+What the sites compute at setup is the request's declared task (``common.site_task``): a
+model update, one distributed-DP step, or next, federated evaluation's counts; this module
+only sums vectors of the shapes it is given.
 
 Each exchange has ``ttl`` = its budget (setup: the round timeout, since the sites train in
 it; the others: ``stage_timeout``). Replies are matched to requests by
@@ -18,7 +23,7 @@ size (``common.secagg.aggregation_size``) are left at any stage, the round is ab
 ``RoundAggregate`` carries the reason; the model is left unchanged by the caller.
 
 What the coordinator learns per round: the masked sum over the survivors of weight * update,
-of the weights and of weight * metric (train loss, steps), which sites dropped out and when,
+of the weights and of weight * metric (steps), which sites dropped out and when,
 and each site's own epsilon, in the clear (see docs/secure-aggregation.md).
 """
 
@@ -32,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.secagg.aggregation_size import MIN_AGGREGATION_SIZE
@@ -46,11 +51,11 @@ from common.secure_round import (
     RECORD_PRIVACY,
     RECORD_SECAGG,
     RECORD_STATUS,
-    metric_ranges,
     unflatten_update,
 )
 from common.site_refusal import refusal_code_of
-from server.aggregation import RoundAggregate, SiteOutcome
+from server.aggregation import RoundAggregate, RoundRequest, SiteOutcome
+from server.reply_polling import PROTOCOL_POLL, poll_replies
 from server.secagg.stages import (
     ServerSecAggState,
     server_collect_keys,
@@ -131,17 +136,14 @@ class SecAggPlusAggregation:
         self.last_round = SecAggRoundReport()
 
     def run_round(
-        self,
-        grid: Grid,
-        *,
-        node_ids: Sequence[int],
-        global_arrays: ArrayRecord,
-        train_config: ConfigRecord,
-        timeout: float,
+        self, grid: Grid, request: RoundRequest, *, node_ids: Sequence[int]
     ) -> RoundAggregate:
+        """Setup sends ``request`` (the task the sites compute, ``common.site_task``) with
+        each site's SecAgg+ payload; the sites' results are summed as vectors of
+        ``request.shapes`` with the metrics of ``request.metric_ranges``, and only the sum is
+        revealed."""
+        round_id, shapes, timeout = request.round_id, request.shapes, request.timeout
         settings = self.settings
-        round_id = int(train_config["server_round"])
-        shapes = [(key, tuple(global_arrays[key].shape)) for key in global_arrays]
         length = sum(math.prod(shape) for _, shape in shapes)
         report = SecAggRoundReport(round_id=round_id)
         self.last_round = report
@@ -155,6 +157,7 @@ class SecAggPlusAggregation:
                 )
             result.outcomes = [outcomes[node] for node in node_ids]
             result.aborted = reason
+            result.exchange_seconds = report.exchange_seconds
             report.aborted = reason
             if reason:
                 logger.warning("round %d: %s", round_id, reason)
@@ -162,9 +165,6 @@ class SecAggPlusAggregation:
 
         if len(set(node_ids)) < 2:
             return finish(f"secure aggregation needs at least 2 sites, {len(node_ids)} sampled")
-        max_steps = int(train_config.get("local_epochs", 1)) * math.ceil(
-            settings.max_weight / max(1, int(train_config.get("batch_size", 1)))
-        )
         try:
             state, requests = server_start_round(
                 round_id=round_id,
@@ -172,7 +172,7 @@ class SecAggPlusAggregation:
                 update_length=length,
                 update_clip=settings.update_clip,
                 max_weight=settings.max_weight,
-                metric_ranges=metric_ranges(max_weight=settings.max_weight, max_steps=max_steps),
+                metric_ranges=dict(request.metric_ranges),
                 bit_width=settings.bit_width,
                 degree=settings.degree,
                 threshold=settings.threshold,
@@ -187,17 +187,13 @@ class SecAggPlusAggregation:
         if state.aborted:  # fewer sites sampled than the minimum: nobody trains
             return finish(state.abort_reason)
 
-        # Stage 0: setup. The sites train here and answer with their public keys.
+        # Stage 0: setup. The sites run the request's task here and answer with their keys.
         setup = self._exchange(
             grid,
             MESSAGE_SETUP,
             {
                 node: RecordDict(
-                    {
-                        "arrays": global_arrays,
-                        "config": train_config,
-                        RECORD_SECAGG: ConfigRecord(payload),
-                    }
+                    {**dict(request.content.items()), RECORD_SECAGG: ConfigRecord(payload)}
                 )
                 for node, payload in requests.items()
             },
@@ -297,7 +293,9 @@ class SecAggPlusAggregation:
             Message(content, dst_node_id=node, message_type=message_type, ttl=ttl)
             for node, content in contents.items()
         ]
-        replies = send_and_collect(grid, messages, timeout=ttl) if messages else []
+        replies = []
+        if messages:
+            replies = poll_replies(grid, messages, timeout=ttl, schedule=PROTOCOL_POLL)
         # Message ids are assigned when pushed: map them only now.
         sent = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in messages}
         for reply in replies:
@@ -346,38 +344,6 @@ class SecAggPlusAggregation:
                 outcomes[node] = SiteOutcome(
                     node, "failed", reasons[-1] if reasons else f"{stage} reply rejected"
                 )
-
-
-#: Reply polling: the first pull waits this long, each empty pull doubles the wait up to
-#: ``POLL_MAX_S``. ``Grid.send_and_receive`` sleeps a fixed 0.1 s (simulation) or 3 s (the
-#: deployment Grid) between pulls, and a SecAgg+ round makes four exchanges.
-POLL_MIN_S = 0.005
-POLL_MAX_S = 0.05
-
-
-def send_and_collect(grid: Grid, messages: Sequence[Message], *, timeout: float) -> list[Message]:
-    """``grid.send_and_receive`` with a short, growing pull interval (Grid's public API).
-
-    Pushes the messages and pulls replies until every message has one or ``timeout`` seconds
-    have passed; messages without a reply by then are simply missing from the result. An
-    object that offers only ``send_and_receive`` (an in-process test grid) is used as is.
-    """
-    if not hasattr(grid, "pull_messages"):
-        return list(grid.send_and_receive(messages, timeout=timeout))
-    pending = set(grid.push_messages(messages))
-    deadline = time.monotonic() + timeout
-    replies: list[Message] = []
-    wait = POLL_MIN_S
-    while pending:
-        pulled = list(grid.pull_messages(pending))
-        replies.extend(pulled)
-        pending.difference_update(reply.metadata.reply_to_message_id for reply in pulled)
-        remaining = deadline - time.monotonic()
-        if not pending or remaining <= 0:
-            break
-        wait = POLL_MIN_S if pulled else min(2 * wait, POLL_MAX_S)
-        time.sleep(min(wait, remaining))
-    return replies
 
 
 def _with_epsilon(epsilon_max: float) -> RoundAggregate:

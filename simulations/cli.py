@@ -1,4 +1,11 @@
-"""The ``fedmm`` command line."""
+"""The ``fedmm`` command line: one entry point for every command.
+
+``fedmm simulate`` and ``fedmm privacy-sweep`` are this package's (simulation and
+experiments); the coordinator's commands (``fedmm coordinator ...``) are
+``server.coordinator_commands``, a site's (``fedmm site ...``, ``fedmm deidentify``) are
+``client.site_commands`` and ``client.deidentify_command``. This module only assembles their
+parsers: it is the one place that sees both sides.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +19,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common.federation_config import PARTITION_SCHEMES, ConfigError, FederationConfig
-from simulations.cli_arguments import epsilon, key_value_pairs
+from client.deidentify_command import add_deidentify_parser, run_deidentify
+from client.site_commands import add_site_parser
+from common.cli_arguments import epsilon, key_value_pairs, run_step
+from common.data.partitioning import PARTITION_SCHEMES
+from common.federation_config import ConfigError, FederationConfig
+from server.coordinator_commands import add_coordinator_parser
 from simulations.run_log import RUN_LOG, log_tail, terminal_to_log
 
 RUN_CONFIG_FILE = "run-config.json"
@@ -64,173 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="show every library's and site's log output on the terminal (by default it goes "
         "to run.log in the output folder)",
     )
-    deid = commands.add_parser(
-        "deidentify",
-        help="de-identify an imagefolder dataset (faces, personal data in captions)",
-        description="Copy the imagefolder dataset SRC to DST with faces anonymised, image "
-        "metadata dropped and personal data in metadata.jsonl replaced by keyed pseudonyms "
-        "or redaction tokens, under the site's policy; writes DST/audit.json (counts only, "
-        "never a value found). Running it again gives the same bytes. See "
-        "docs/deidentification.md.",
-    )
-    deid.add_argument("src", type=Path, metavar="SRC", help="the imagefolder dataset to read")
-    deid.add_argument(
-        "dst",
-        type=Path,
-        metavar="DST",
-        help="where to write it: a new or empty folder, or an earlier output of this command",
-    )
-    deid.add_argument("--policy", type=Path, help="the site's policy, .toml or .json (defaults)")
-    deid.add_argument(
-        "--secret",
-        type=Path,
-        help="the site secret file, created (0600) on first use "
-        "(default $XDG_CONFIG_HOME/fedmm/site-secret, i.e. ~/.config/fedmm/site-secret)",
-    )
-    deid.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    _add_coordinator_commands(commands)
-    _add_site_commands(commands)
+    add_deidentify_parser(commands)
+    add_coordinator_parser(commands)
+    add_site_parser(commands)
     from simulations.privacy.sweep_command import add_privacy_sweep_parser
 
     add_privacy_sweep_parser(commands)
     return parser
-
-
-def _add_coordinator_commands(commands: Any) -> None:
-    coord = commands.add_parser(
-        "coordinator",
-        help="coordinator deployment: CA, SuperLink certificate, SuperLink, site registration",
-        description="Deployment steps of the coordinator (docs/operator-guide.md).",
-    )
-    steps = coord.add_subparsers(dest="step", required=True)
-    init_ca = steps.add_parser("init-ca", help="create the CA (DIR/ca.key 0600, DIR/ca.crt)")
-    init_ca.add_argument("dir", type=Path, metavar="DIR")
-    issue = steps.add_parser(
-        "issue-cert", help="issue the SuperLink's TLS certificate (DIR/superlink.key, .crt)"
-    )
-    issue.add_argument("dir", type=Path, metavar="DIR", help="the CA's folder")
-    issue.add_argument(
-        "--san",
-        action="append",
-        default=[],
-        metavar="HOST",
-        help="an IP address or DNS name sites use to reach the SuperLink (repeat)",
-    )
-    issue.add_argument("--days", type=int, default=397, help="validity in days (397)")
-    issue.add_argument(
-        "--no-loopback", action="store_true", help="do not add 127.0.0.1 and localhost"
-    )
-    start = steps.add_parser(
-        "start-superlink",
-        help="run flower-superlink (TLS, SuperNode authentication) behind a Fleet-only proxy",
-        description="Run the SuperLink on loopback (--address: its Control API, for flwr on "
-        "this machine) and nginx on --public-address, which forwards only the Fleet API to "
-        "it; restart either after a crash, stopping what it left running.",
-    )
-    start.add_argument("dir", type=Path, metavar="DIR", help="the CA's folder")
-    start.add_argument(
-        "--address",
-        required=True,
-        metavar="HOST:PORT",
-        help="the SuperLink's own address, on loopback (e.g. 127.0.0.1:9092)",
-    )
-    start.add_argument(
-        "--public-address",
-        metavar="HOST:PORT",
-        help="where sites connect (e.g. 0.0.0.0:9093): TLS, Fleet API only",
-    )
-    start.add_argument(
-        "--expose-control-api",
-        action="store_true",
-        help="allow a non-loopback --address (anyone reaching it can submit runs)",
-    )
-    start.add_argument("--database", type=Path, help="state file (DIR/superlink-state.db)")
-    start.add_argument("--log-file", type=Path, help="also log to this file")
-    start.add_argument("--dry-run", action="store_true", help="print the command only")
-    conn = steps.add_parser(
-        "add-connection",
-        help="name the SuperLink in $FLWR_HOME/config.toml for the flwr CLI",
-    )
-    conn.add_argument("name", metavar="NAME")
-    conn.add_argument("--address", required=True, metavar="HOST:PORT")
-    conn.add_argument("--ca-cert", required=True, type=Path, metavar="FILE")
-    register = steps.add_parser(
-        "register-site", help="register a site's public key (flwr supernode register)"
-    )
-    register.add_argument("public_key", type=Path, metavar="PUBKEY")
-    register.add_argument("--connection", required=True, metavar="NAME")
-    register.add_argument("--name", help="a label for the site")
-    submit = steps.add_parser(
-        "submit",
-        help="submit a run (flwr run) with its outputs in --out-dir; --resume continues it",
-        description="Submit a training run to the SuperLink named by --connection, from the "
-        "coordinator machine. Outputs (metrics, checkpoints, final model, report) go to "
-        "--out-dir; after the coordinator stopped mid-run, --resume with the same --out-dir "
-        "continues from the last checkpoint.",
-    )
-    submit.add_argument("--connection", required=True, metavar="NAME", help="see add-connection")
-    submit.add_argument(
-        "--out-dir", required=True, type=Path, metavar="DIR", help="new or empty (or --resume)"
-    )
-    submit.add_argument(
-        "--resume", action="store_true", help="continue the run in --out-dir (last checkpoint)"
-    )
-    submit.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a run config key of pyproject.toml, e.g. --set num-server-rounds=10 (repeat)",
-    )
-    submit.add_argument("--app", type=Path, metavar="DIR", help="the app (this checkout)")
-    submit.add_argument(
-        "--detach", action="store_true", help="return once the run started (no log stream)"
-    )
-    submit.add_argument("--dry-run", action="store_true", help="check and print the command only")
-
-
-def _add_site_commands(commands: Any) -> None:
-    site = commands.add_parser(
-        "site",
-        help="site deployment: key pair, config check, SuperNode, privacy ledger",
-        description="Deployment steps of a data-holding site (docs/site-guide.md).",
-    )
-    steps = site.add_subparsers(dest="step", required=True)
-    keygen = steps.add_parser(
-        "keygen", help="create DIR/site-auth-key (0600) and DIR/site-auth-key.pub"
-    )
-    keygen.add_argument("dir", type=Path, metavar="DIR")
-    keygen.add_argument("--comment", default="fedmm-site", help="comment in the .pub file")
-    check = steps.add_parser("check", help="check a site config and every file it names")
-    check.add_argument("config", type=Path, metavar="CONFIG")
-    digest = steps.add_parser(
-        "release-digest",
-        help="the digest of the installed fedmm release, for [release] in the site config",
-        description="SHA-256 of the FAB that `flwr run` builds from the release (the same "
-        "value the coordinator submits and `flwr build` names).",
-    )
-    digest.add_argument("--app", type=Path, metavar="DIR", help="another release checkout")
-    digest.add_argument("--files", action="store_true", help="list the files it covers")
-    start = steps.add_parser(
-        "start",
-        help="check the config, then run the SuperNode and the site's own ClientApp runner",
-    )
-    start.add_argument("config", type=Path, metavar="CONFIG")
-    start.add_argument("--superlink", required=True, metavar="HOST:PORT")
-    start.add_argument("--ca-cert", required=True, type=Path, metavar="FILE")
-    start.add_argument(
-        "--port", required=True, type=int, help="this SuperNode's own local Runtime API port"
-    )
-    start.add_argument(
-        "--max-wait-time",
-        type=float,
-        help="give up connecting, and restarting a refused SuperNode, after this many "
-        "seconds (default: retry refusals for 300 s)",
-    )
-    start.add_argument("--dry-run", action="store_true", help="print the command only")
-    status = steps.add_parser("status", help="show the site's privacy ledger")
-    status.add_argument("config", type=Path, metavar="CONFIG")
-    status.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _simulation_config(args: argparse.Namespace) -> tuple[FederationConfig, Path]:
@@ -390,105 +241,15 @@ def simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_audit(report: Any, dst: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"fedmm deidentify: {dst}")
-    table.add_column("what")
-    table.add_column("count", justify="right")
-    table.add_row("images processed", str(report.images_processed))
-    table.add_row("images with faces", str(report.images_with_faces))
-    for detector, count in sorted(report.faces_by_detector.items()):
-        table.add_row(f"  faces found by {detector}", str(count))
-    table.add_row("captions processed", str(report.captions_processed))
-    table.add_row("captions altered", str(report.captions_altered))
-    for pii_type, count in sorted(report.pii_by_type.items()):
-        table.add_row(f"  {pii_type}", str(count))
-    table.add_row("files skipped", str(len(report.skipped)))
-    Console().print(table)
-
-
-def deidentify(args: argparse.Namespace) -> int:
-    """``fedmm deidentify SRC DST``: exit 0 when done, 2 on an input the user must fix."""
-    from client.deid.folder_run import (
-        AUDIT_FILE,
-        DeidentifyError,
-        check_inputs,
-        deidentify_to_folder,
-    )
-    from client.deid.site_secret import default_site_secret_path
-
-    try:
-        inputs = check_inputs(
-            args.src,
-            args.dst,
-            policy_file=args.policy,
-            secret_file=args.secret or default_site_secret_path(),
-        )
-    except DeidentifyError as err:
-        print(f"fedmm deidentify: {err}", file=sys.stderr)
-        return 2
-    if inputs.secret_created:
-        print(
-            f"created a new site secret at {inputs.secret_file} (mode 0600): keep it and back "
-            "it up; the same secret gives the same pseudonyms",
-            file=sys.stderr,
-        )
-    if args.quiet:
-        report = deidentify_to_folder(inputs)
-    else:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        with Progress(
-            TextColumn("[bold]de-identifying"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("files"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        ) as progress:
-            task = progress.add_task("", total=None)
-
-            def advance(done: int, total: int) -> None:
-                progress.update(task, completed=done, total=total)
-
-            report = deidentify_to_folder(inputs, progress=advance)
-        _print_audit(report, args.dst)
-    if report.skipped:
-        print(
-            f"{len(report.skipped)} file(s) skipped, listed with the reason in "
-            f"{args.dst / AUDIT_FILE}",
-            file=sys.stderr,
-        )
-    print(f"de-identified dataset in {args.dst}; audit in {args.dst / AUDIT_FILE}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "simulate":
             return simulate(args)
         if args.command == "deidentify":
-            return deidentify(args)
-        if args.command == "coordinator":
-            from simulations.deployment_commands import run_coordinator_step
-
-            return run_coordinator_step(args)
-        if args.command == "site":
-            from simulations.deployment_commands import run_site_step
-
-            return run_site_step(args)
+            return run_deidentify(args)
+        if args.command in ("coordinator", "site"):  # the deployment steps of either side
+            return run_step(args, command=args.command)
         if args.command == "privacy-sweep":
             from simulations.privacy.sweep_command import run_privacy_sweep
 

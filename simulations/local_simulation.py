@@ -1,29 +1,44 @@
 """Run the Flower App in Flower's simulation runtime (Ray backend), in this process.
 
 Sites are Flower virtual SuperNodes; each loads only its own partition of the built-in
-benchmark. Simulated sites share one privacy policy, written to ``<out>/site-policy.toml``
-and named to the ClientApps by ``$FEDMM_SITE_POLICY``; their privacy ledgers persist in
-``<out>/site-ledgers/`` so that ``--resume`` continues epsilon where it stopped. Sites report
-only their epsilon bound to the coordinator; after the run this runner, which owns the
-simulated sites' ledgers, adds each site's exact epsilon to ``summary.json`` and
-``report.md``.
+benchmark. Each gets its own settings as node config, as a deployed site does
+(``simulations.simulated_sites``): the privacy policy the simulated sites share, written to
+``<out>/site-policy.toml``; its privacy ledger in ``<out>/site-ledgers/``, so that
+``--resume`` continues epsilon where it stopped. Sites report only their epsilon bound to the
+coordinator; after the run this runner, which owns the simulated sites' ledgers, adds each
+site's exact epsilon to ``summary.json`` and ``report.md``.
 
 De-identification is on: the built-in captions carry synthetic personal data
 (``common.data.synthetic_pii``), and every simulated site de-identifies its partition before
-training under the policy ``<out>/site-deid-policy.toml`` (``$FEDMM_DEID_POLICY``), each
-with its own site secret and cache in ``<out>/site-deid/site-<id>/`` (``$FEDMM_DEID_DIR``).
+training under the policy ``<out>/site-deid-policy.toml``, each with its own site secret and
+cache in ``<out>/site-deid/site-<id>/``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.federation_config import FederationConfig
+from simulations.simulated_sites import (
+    DEID_POLICY_FILE,
+    LEDGER_DIR,
+    POLICY_FILE,
+    SimulatedSiteNodeConfig,
+    write_site_deid_policy,
+    write_site_policy,
+)
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
+    from flwr.clientapp.typing import Mod
+
+#: Builds the sites' ClientApp around the given mods (``client.app.build_client_app``).
+ClientAppFactory = Callable[..., "ClientApp"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,64 +49,53 @@ class SimulationSettings:
     site_max_epsilon: float | None = None  # None: the run's epsilon
     num_cpus_per_site: int = 2  # 2 on 2 cores = one Ray actor (each actor imports torch)
     torch_threads: int = 1
+    #: Where the sites' updates wait between SecAgg+ stages (empty: the system temp dir).
+    secagg_spill_dir: str = ""
 
 
-def write_site_policy(path: Path, *, max_epsilon: float, delta: float) -> None:
-    value = "inf" if math.isinf(max_epsilon) else repr(float(max_epsilon))
-    path.write_text(
-        "# Privacy policy shared by the simulated sites (record-level DP at each site).\n"
-        f"[privacy]\nmax-epsilon = {value}\ndelta = {delta!r}\n"
-    )
-
-
-def write_site_deid_policy(path: Path) -> None:
-    path.write_text(
-        "# De-identification policy shared by the simulated sites (client/deid/policy.py).\n"
-        "# The defaults: every type of personal data pseudonymised with the site's key, and\n"
-        "# faces looked for (none can be found in 28 px Fashion-MNIST items; it costs about\n"
-        "# 10 us per image).\n"
-        'text_action = "pseudonymise"\ndetect_faces = true\n'
-    )
+def simulated_site_mods(out_dir: Path, settings: SimulationSettings) -> list[Mod]:
+    """The mods that make a ClientApp's sites this simulation's sites (their node config)."""
+    return [
+        SimulatedSiteNodeConfig(
+            out_dir=str(out_dir),
+            torch_threads=settings.torch_threads,
+            secagg_spill_dir=settings.secagg_spill_dir,
+        )
+    ]
 
 
 def run_local_simulation(
     config: FederationConfig,
     settings: SimulationSettings,
     *,
-    client_app: Any = None,
+    client_app: ClientAppFactory | None = None,
     server_app: Any = None,
+    client_mods: Sequence[Mod] = (),
 ) -> None:
     """Blocks until the run ends; Ray is shut down when it returns.
 
-    ``client_app`` / ``server_app`` replace the project's apps (tests and benchmarks that wrap
-    them); by default the apps of ``client.app`` and ``server.app`` run.
+    The sites run ``client_app(mods=...)`` (default ``client.app.build_client_app``) with
+    the simulated sites' node config mod first, then ``client_mods``; ``server_app``
+    replaces the project's ServerApp (tests and benchmarks that wrap them).
     """
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 
-    from client.app import LEDGER_DIR_ENV
-    from client.app import app as default_client_app
-    from client.privacy_policy import POLICY_FILE_ENV
-    from client.site_data import DEID_DIR_ENV, DEID_POLICY_ENV
+    from client.app import build_client_app
     from server.app import app as default_server_app
 
     out_dir = Path(config.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    policy_file = out_dir / "site-policy.toml"
     max_epsilon = settings.site_max_epsilon
     write_site_policy(
-        policy_file,
+        out_dir / POLICY_FILE,
         max_epsilon=config.epsilon if max_epsilon is None else max_epsilon,
         delta=config.delta,
     )
-    os.environ[POLICY_FILE_ENV] = str(policy_file)
-    os.environ[LEDGER_DIR_ENV] = str(out_dir / "site-ledgers")
-    deid_policy_file = out_dir / "site-deid-policy.toml"
-    write_site_deid_policy(deid_policy_file)
-    os.environ[DEID_POLICY_ENV] = str(deid_policy_file)
-    os.environ[DEID_DIR_ENV] = str(out_dir / "site-deid")
-    os.environ["FEDMM_TORCH_THREADS"] = str(settings.torch_threads)
+    write_site_deid_policy(out_dir / DEID_POLICY_FILE)
+    factory = build_client_app if client_app is None else client_app
+    sites = factory(mods=[*simulated_site_mods(out_dir, settings), *client_mods])
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_config = {**config.to_run_config(), "out-dir": str(out_dir)}
     context = Context(
@@ -104,7 +108,7 @@ def run_local_simulation(
     _run_simulation(
         num_supernodes=settings.num_sites,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=default_client_app if client_app is None else client_app,
+        client_app=sites,
         server_app=default_server_app if server_app is None else server_app,
         backend_name="ray",
         backend_config=backend_config,
@@ -129,4 +133,4 @@ def report_site_epsilons(out_dir: Path, *, default_delta: float) -> None:
     """Add the simulated sites' exact epsilons to the run's summary and report."""
     from server.run_report import add_site_epsilons
 
-    add_site_epsilons(out_dir, site_epsilons(out_dir / "site-ledgers", default_delta=default_delta))
+    add_site_epsilons(out_dir, site_epsilons(out_dir / LEDGER_DIR, default_delta=default_delta))

@@ -1,6 +1,7 @@
 """Real Flower daemons on loopback for the deployment tests and benchmark: free ports,
 started processes with their logs, and cleanup by PID (the process and every descendant it
-started, including Flower's helpers that leave its process tree)."""
+started, including Flower's helpers that leave its process tree: ``orphans_of``; the process
+tree itself is ``common.process_supervision``'s)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.flower_commands import flower_environment
+from common.process_supervision import descendants, is_running
 
 FEDMM = str(Path(sys.executable).parent / "fedmm")
 
@@ -40,33 +42,6 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def _parents() -> dict[int, int]:
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...: comm may contain spaces and parentheses
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[int(entry.name)] = int(fields[1])
-    return out
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` in the process tree, now."""
-    parents = _parents()
-    found, frontier = [], [pid]
-    while frontier:
-        current = frontier.pop()
-        children = [child for child, parent in parents.items() if parent == current]
-        found += children
-        frontier += children
-    return found
-
-
 def orphans_of(pids: set[int]) -> set[int]:
     """Processes started with ``--parent-pid P`` for a P in ``pids``: Flower's SuperExec
     runs in its own session and outlives a SuperNode that exits by itself (for a few
@@ -83,15 +58,6 @@ def orphans_of(pids: set[int]) -> set[int]:
             if flag == b"--parent-pid" and value.isdigit() and int(value) in pids:
                 found.add(int(entry.name))
     return found
-
-
-def is_alive(pid: int) -> bool:
-    """Running (a zombie, dead but not yet reaped, counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return state[state.rindex(")") + 2 :].split()[0] not in ("Z", "X")
 
 
 @dataclass
@@ -151,19 +117,19 @@ class DaemonGroup:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(is_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(is_running(p) for p in pids):
             for daemon in self.daemons:
                 daemon.process.poll()
             time.sleep(0.2)
         for pid in pids:
-            if is_alive(pid):
+            if is_running(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         for daemon in self.daemons:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 daemon.process.wait(timeout=5)
         time.sleep(0.2)
-        return [pid for pid in pids if is_alive(pid)]
+        return [pid for pid in pids if is_running(pid)]
 
 
 def wait_for_tls(port: int, ca_file: Path, *, timeout: float, daemon: Daemon) -> None:

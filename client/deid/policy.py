@@ -32,15 +32,12 @@ from client.deid.face_anonymisation import FaceMode
 from client.deid.face_detection import DETECTOR_REGISTRY
 from client.deid.pseudonymise import TextAction
 from client.deid.text_pii import PiiType
+from client.policy_file import PolicyError
 
 #: Weakest blur a policy may ask for: at 0.1 a 150 px face gets sigma 15, the strength that
 #: no longer matched the original identity in a check with a dlib face embedding (sigma 5
 #: still matched: distance 0.58 below the 0.6 threshold).
 MIN_BLUR_SCALE = 0.1
-
-
-class PolicyError(ValueError):
-    """A policy file or mapping has an unknown key or a bad value; the message names it."""
 
 
 @dataclass(frozen=True)

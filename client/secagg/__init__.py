@@ -10,7 +10,7 @@ roster (``client.secagg.site_identity``) and the checks of each stage
 """
 
 from client.secagg.aggregation_floor import SiteAggregationFloor, TooFewSites
-from client.secagg.policy import ClientSecAggPolicy, SecAggPolicyError
+from client.secagg.policy import ClientSecAggPolicy
 from client.secagg.refusal import SecAggRefusal
 from client.secagg.stages import (
     ClientSecAggState,
@@ -26,7 +26,6 @@ from client.secagg.stages import (
 __all__ = [
     "ClientSecAggPolicy",
     "ClientSecAggState",
-    "SecAggPolicyError",
     "SecAggRefusal",
     "SiteAggregationFloor",
     "TooFewSites",

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-SPILL_DIR_ENV = "FEDMM_SECAGG_SPILL_DIR"
 _PREFIX = "pending-round-"
 _SUFFIX = ".npy"
 
@@ -46,7 +45,7 @@ def node_spill_dir(*, existing: str | None = None, base: str | None = None) -> P
 
     A new directory is made with ``mkdtemp`` (mode 0700, a unique name, so concurrent runs
     and nodes never share one) under ``base`` (the node config's ``secagg-spill-dir``), else
-    ``$FEDMM_SECAGG_SPILL_DIR``, else the system temp dir. The caller keeps its path in the
+    the system temp dir. The caller keeps its path in the
     node's state, so the next stage (a fresh process in deployment) finds it again.
     """
     if existing:
@@ -56,7 +55,7 @@ def node_spill_dir(*, existing: str | None = None, base: str | None = None) -> P
             return path
         except (OSError, PendingUpdateError):
             pass  # gone or tampered with: make a new one
-    root = Path(base or os.environ.get(SPILL_DIR_ENV) or tempfile.gettempdir())
+    root = Path(base or tempfile.gettempdir())
     path = Path(tempfile.mkdtemp(prefix=f"fedmm-secagg-{os.getuid()}-", dir=root))
     _check_private_dir(path)
     return path

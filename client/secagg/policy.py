@@ -27,8 +27,7 @@ assumes corrupt: it refuses a round that assumes fewer corrupt sites, c = ceil(g
 Where the policy comes from, in this order (a setting given twice is an error: keep one):
 
 - the ``[secure-aggregation]`` table of the site's policy file, the TOML file named by node
-  config ``policy-file`` (else ``$FEDMM_SITE_POLICY``, as in simulation), whose ``[privacy]``
-  table ``client.privacy_policy`` reads;
+  config ``policy-file``, whose ``[privacy]`` table ``client.privacy_policy`` reads;
 - node config keys ``secagg-<key>``;
 - the defaults below.
 
@@ -40,14 +39,13 @@ torch here.
 from __future__ import annotations
 
 import math
-import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from client.privacy_policy import POLICY_FILE_ENV, SECURE_AGGREGATION_TABLE
+from client.policy_file import PolicyError, read_policy_file
+from client.privacy_policy import POLICY_FILE, SECURE_AGGREGATION_TABLE
 from client.secagg.aggregation_floor import SiteAggregationFloor
 from client.secagg.refusal import SecAggRefusal
 from common.secagg.active_parameters import corrupt_sites
@@ -70,10 +68,6 @@ NODE_CONFIG_PREFIX = "secagg-"
 #: complete graph (Bonawitz et al.) up to 101 participants.
 DEFAULT_MAX_DEGREE = 100
 MAX_UPDATE_LENGTH = 1 << 30
-
-
-class SecAggPolicyError(ValueError):
-    """The site's secure-aggregation policy is invalid; the message names the key and fix."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +145,7 @@ class ClientSecAggPolicy:
                 "roster every site signed (64 hex digits)"
             )
         if problems:
-            raise SecAggPolicyError("secure-aggregation policy: " + "; ".join(problems))
+            raise PolicyError("secure-aggregation policy: " + "; ".join(problems))
 
     @property
     def pinned_roster_digest(self) -> bytes | None:
@@ -208,7 +202,7 @@ class ClientSecAggPolicy:
         known = {f.name.replace("_", "-"): f.name for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise SecAggPolicyError(
+            raise PolicyError(
                 f"{source}: unknown secure-aggregation policy key(s) {unknown}; "
                 f"known: {sorted(known)}"
             )
@@ -218,8 +212,8 @@ class ClientSecAggPolicy:
             kwargs[known[key]] = _coerce(value, kind, key=key, source=source)
         try:
             return cls(**kwargs)
-        except SecAggPolicyError as error:
-            raise SecAggPolicyError(f"{source}: {error}") from None
+        except PolicyError as error:
+            raise PolicyError(f"{source}: {error}") from None
 
     @classmethod
     def for_site(cls, node_config: Mapping[str, Any]) -> ClientSecAggPolicy:
@@ -238,7 +232,7 @@ class ClientSecAggPolicy:
             if not str(node_key).startswith(NODE_CONFIG_PREFIX) or key not in known:
                 continue
             if key in values:
-                raise SecAggPolicyError(
+                raise PolicyError(
                     f"secure-aggregation policy '{key}' is set twice, in {sources[key]} and in "
                     f"node config {node_key}: keep one"
                 )
@@ -261,23 +255,16 @@ def _policy_refusal(message: str) -> SecAggRefusal:
 
 
 def _policy_file(node_config: Mapping[str, Any]) -> Path | None:
-    if "policy-file" in node_config:
-        return Path(str(node_config["policy-file"]))
-    if os.environ.get(POLICY_FILE_ENV):
-        return Path(os.environ[POLICY_FILE_ENV])
+    if POLICY_FILE in node_config:
+        return Path(str(node_config[POLICY_FILE]))
     return None
 
 
 def _read_table(path: Path) -> dict[str, Any]:
-    try:
-        document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise SecAggPolicyError(f"site policy file {path} does not exist") from error
-    except tomllib.TOMLDecodeError as error:
-        raise SecAggPolicyError(f"site policy file {path} is not valid TOML: {error}") from error
+    document = read_policy_file(path, what="site policy file")
     table = document.get(POLICY_TABLE, {})
     if not isinstance(table, dict):
-        raise SecAggPolicyError(f"{path}: {POLICY_TABLE} must be a table ([{POLICY_TABLE}])")
+        raise PolicyError(f"{path}: {POLICY_TABLE} must be a table ([{POLICY_TABLE}])")
     return table
 
 
@@ -286,25 +273,25 @@ def _coerce(value: Any, kind: type, *, key: str, source: str) -> Any:
     be text)."""
     if kind is str:
         if not isinstance(value, str):
-            raise SecAggPolicyError(f"{source}: '{key}' = {value!r} is not a string")
+            raise PolicyError(f"{source}: '{key}' = {value!r} is not a string")
         return value
     if kind is bool:
         if isinstance(value, str) and value.strip().lower() in ("true", "false"):
             return value.strip().lower() == "true"
         if not isinstance(value, bool):
-            raise SecAggPolicyError(f"{source}: '{key}' = {value!r} is not true or false")
+            raise PolicyError(f"{source}: '{key}' = {value!r} is not true or false")
         return value
     if isinstance(value, str):
         try:
             value = float(value) if kind is float else int(value)
         except ValueError:
             expected = "a number" if kind is float else "an integer"
-            raise SecAggPolicyError(f"{source}: '{key}' = {value!r} is not {expected}") from None
+            raise PolicyError(f"{source}: '{key}' = {value!r} is not {expected}") from None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SecAggPolicyError(f"{source}: '{key}' = {value!r} is not a number")
+        raise PolicyError(f"{source}: '{key}' = {value!r} is not a number")
     if kind is int:
         if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-            raise SecAggPolicyError(f"{source}: '{key}' = {value!r} is not an integer")
+            raise PolicyError(f"{source}: '{key}' = {value!r} is not an integer")
         return int(value)
     return float(value)
 

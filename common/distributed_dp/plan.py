@@ -6,9 +6,9 @@ at every site; Abadi et al., CCS 2016): every site sums its sampled records' int
 the result in Z_(2^b) (SecAgg+). The shares are sized so that any ``min_honest_sites`` of them
 carry the variance the run was calibrated for (``accounting.calibrate_variance``); a site
 that assumes h honest survivors is guaranteed h * share_variance. The coordinator sends the
-plan with every train request (keys ``ddp-*`` of the config record); a site recomputes the
-sensitivities and its own epsilon from it and its own trust assumption, never trusting the
-coordinator's arithmetic.
+plan with every train request (its own record ``plan``, one field a parameter); a site
+recomputes the sensitivities and its own epsilon from it and its own trust assumption, never
+trusting the coordinator's arithmetic.
 
 Each site also releases its record count once per run as a noisy count (Gaussian noise of
 standard deviation ``count_noise`` records, at least; ``client.record_count``); the plan is
@@ -34,7 +34,6 @@ from typing import Any
 from common.distributed_dp.accounting import SkellamRound, calibrate_variance, skellam_epsilon
 from common.distributed_dp.rounding import rounded_l1_bound, rounded_l2_bound
 
-CONFIG_PREFIX = "ddp-"
 #: Integer clip c = INTEGER_CLIP_PER_ROOT_D * sqrt(d): rounding then adds sqrt(d) / c = 1/64
 #: to the sensitivity D2 = c + sqrt(d) (1.6% more noise than unrounded DP-SGD).
 INTEGER_CLIP_PER_ROOT_D = 64.0
@@ -113,19 +112,18 @@ class DistributedDPPlan:
         return math.sqrt(honest_sites * self.share_variance) / self.l2_sensitivity
 
     def to_config(self) -> dict[str, Any]:
-        return {CONFIG_PREFIX + f.name.replace("_", "-"): v for f, v in _items(self)}
+        """The plan as a ConfigRecord's content: one field a parameter, by its name."""
+        return {f.name: v for f, v in _items(self)}
 
     @classmethod
-    def from_config(cls, record: Any) -> DistributedDPPlan | None:
-        """The plan in a train config record, or None for a site-local DP round."""
-        keys = {f.name: CONFIG_PREFIX + f.name.replace("_", "-") for f in fields(cls)}
-        if not any(key in record for key in keys.values()):
-            return None
-        missing = [key for key in keys.values() if key not in record]
+    def from_config(cls, record: Any) -> DistributedDPPlan:
+        """The plan in a request's ``plan`` record; ``ValueError`` names missing fields."""
+        names = [f.name for f in fields(cls)]
+        missing = [name for name in names if name not in record]
         if missing:
-            raise ValueError(f"distributed-DP request is missing {missing}")
+            raise ValueError(f"distributed-DP plan is missing {missing}")
         kinds = {f.name: (int if f.type in ("int", int) else float) for f in fields(cls)}
-        return cls(**{name: kinds[name](record[key]) for name, key in keys.items()})
+        return cls(**{name: kinds[name](record[name]) for name in names})
 
 
 def _items(plan: DistributedDPPlan) -> list[tuple[Any, Any]]:

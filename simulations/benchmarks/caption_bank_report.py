@@ -26,12 +26,12 @@ from pathlib import Path
 from flwr.app import ConfigRecord
 from flwr.common.serde import config_record_to_proto
 
+from common.cli_arguments import key_value_pairs
 from common.data.caption_bank import CaptionBank
 from common.distractors import DistractorSampler
 from common.federation_config import FederationConfig
 from common.tokenizer import HashingTokenizer, bucket_collisions
 from common.train_request import TrainRequest, model_config_of
-from simulations.cli_arguments import key_value_pairs
 
 
 def _request_bytes(config: FederationConfig) -> int:

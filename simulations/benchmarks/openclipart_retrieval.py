@@ -39,6 +39,7 @@ from client.training import (
     steps_per_epoch,
     train_locally,
 )
+from common.cli_arguments import key_value_pairs
 from common.data.dataset import ImageTextDataset
 from common.data.imagefolder import load_imagefolder
 from common.federation_config import FederationConfig
@@ -47,7 +48,6 @@ from common.model_config import ModelConfig
 from common.tokenizer import HashingTokenizer
 from common.train_request import model_config_of
 from simulations.benchmarks.openclipart_imagefolder import BANK_FILE
-from simulations.cli_arguments import key_value_pairs
 
 #: The recipe of the measurement in docs/real-data.md; ``--set`` overrides any key.
 DEFAULTS = {

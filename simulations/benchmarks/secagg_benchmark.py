@@ -8,15 +8,15 @@ instead of training, so the figures are the cost of aggregation and transport al
 each number of sites (one simulation each) and each vector length, the coordinator runs
 ``--repeats`` timed rounds of each kind after one warm-up round each, alternating, and
 reports the medians, the ratios, and the bytes each site sends and receives (Flower's
-protobuf encoding of the message contents). The SecAgg+ sites run the real ClientApp stage
-handlers of ``client.app``; only training is replaced.
+protobuf encoding of the message contents). The SecAgg+ sites run the real stage handlers of
+``client.secure_aggregation``; only training is replaced.
 
 Three kinds of round, side by side:
 
 - ``fedavg``: ``FedAvgAggregation`` as the project runs it (``Grid.send_and_receive``, which
   polls for replies every 0.1 s in simulation);
-- ``fedavg_fast_poll``: the same with SecAgg+'s reply polling (``send_and_collect``), so the
-  ratio can also be read with equal polling;
+- ``fedavg_fast_poll``: the same with SecAgg+'s reply polling (``poll_replies`` with
+  ``PROTOCOL_POLL``), so the ratio can also be read with equal polling;
 - ``secagg+``: ``SecAggPlusAggregation``, four exchanges.
 
 With ``--flower-legacy``, Flower's own SecAgg+ (``SecAggPlusWorkflow`` + ``secaggplus_mod``)
@@ -48,22 +48,30 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
 
-from client import app as site
-from client.secagg.pending_update import SPILL_DIR_ENV
-from common.secure_round import ACTION_MASKED, ACTION_SETUP, ACTION_SHARE, ACTION_UNMASK
+from client import secure_aggregation as site
+from common.secure_round import (
+    ACTION_MASKED,
+    ACTION_SETUP,
+    ACTION_SHARE,
+    ACTION_UNMASK,
+    METRIC_EPSILON_BOUND,
+    METRIC_NUM_EXAMPLES,
+    METRIC_STEPS,
+)
+from common.site_task import RECORD_ARRAYS, RECORD_CONFIG, RECORD_METRICS, RECORD_UPDATE
 
 PLAN_ENV = "FEDMM_SECAGG_BENCH_PLAN"
-
-client_app = ClientApp()
 
 
 def _note_peak_memory() -> None:
@@ -78,40 +86,47 @@ def _random_update(length: int, context: Context, server_round: int) -> np.ndarr
     return rng.normal(0.0, 0.01, length)
 
 
-@client_app.train()
 def plain_train(msg: Message, context: Context) -> Message:
     _note_peak_memory()
-    length = int(msg.content.config_records["config"]["length"])
-    server_round = int(msg.content.config_records["config"]["server_round"])
+    arrays = msg.content.array_records[RECORD_ARRAYS]
+    length = sum(math.prod(a.shape) for a in arrays.values())
+    server_round = int(msg.content.config_records[RECORD_CONFIG]["server_round"])
     update = _random_update(length, context, server_round).astype(np.float32)
+    metrics = {METRIC_NUM_EXAMPLES: 100, METRIC_STEPS: 1, METRIC_EPSILON_BOUND: 1.0}
     content = RecordDict(
         {
-            "update": ArrayRecord({"model": Array(update)}),
-            "metrics": MetricRecord({"num-examples": 100, "steps": 1, "epsilon-bound": 1.0}),
+            RECORD_UPDATE: ArrayRecord({"model": Array(update)}),
+            RECORD_METRICS: MetricRecord(metrics),
         }
     )
     return Message(content, reply_to=msg)
 
 
-def _dummy_trainer(request, msg: Message, context: Context) -> site.LocalUpdate:
-    length = sum(math.prod(a.shape) for a in msg.content.array_records["arrays"].values())
-    return site.LocalUpdate(
-        update=_random_update(length, context, request.server_round),
-        num_examples=100,
-        steps=1,
+def _dummy_contribution(msg: Message, context: Context) -> site.SiteContribution:
+    length = sum(math.prod(a.shape) for a in msg.content.array_records[RECORD_ARRAYS].values())
+    server_round = int(msg.content.config_records[RECORD_CONFIG]["server_round"])
+    return site.SiteContribution(
+        vector=_random_update(length, context, server_round),
+        weight=100,
+        metrics={METRIC_STEPS: 1},
         epsilon_bound=1.0,
     )
 
 
-@client_app.train(ACTION_SETUP)
 def setup(msg: Message, context: Context) -> Message:
     _note_peak_memory()
-    return site.run_secagg_setup(msg, context, train=_dummy_trainer)
+    return site.run_secagg_setup(msg, context, contribute=_dummy_contribution, integer_vector=False)
 
 
-client_app.train(ACTION_SHARE)(site.secagg_share)
-client_app.train(ACTION_MASKED)(site.secagg_masked)
-client_app.train(ACTION_UNMASK)(site.secagg_unmask)
+def benchmark_client_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
+    """The project's SecAgg+ stage handlers, with a random update instead of training."""
+    client_app = ClientApp(mods=list(mods))
+    client_app.train()(plain_train)
+    client_app.train(ACTION_SETUP)(setup)
+    client_app.train(ACTION_SHARE)(site.secagg_share)
+    client_app.train(ACTION_MASKED)(site.secagg_masked)
+    client_app.train(ACTION_UNMASK)(site.secagg_unmask)
+    return client_app
 
 
 class CountingGrid:
@@ -158,7 +173,7 @@ class CountingGrid:
 
 
 class FastPollingGrid:
-    """FedAvg's single exchange with SecAgg+'s reply polling (``send_and_collect``), so the
+    """FedAvg's single exchange with SecAgg+'s reply polling (``poll_replies``), so the
     two can also be compared with the same polling."""
 
     def __init__(self, grid: CountingGrid) -> None:
@@ -168,10 +183,10 @@ class FastPollingGrid:
         return getattr(self.grid, name)
 
     def send_and_receive(self, messages, *, timeout=None):
-        from server.secure_aggregation import send_and_collect
+        from server.reply_polling import PROTOCOL_POLL, poll_replies
 
         grid: Any = self.grid
-        return send_and_collect(grid, list(messages), timeout=timeout or 600.0)
+        return poll_replies(grid, list(messages), timeout=timeout or 600.0, schedule=PROTOCOL_POLL)
 
 
 server_app = ServerApp()
@@ -180,8 +195,10 @@ server_app = ServerApp()
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     from common.federation_config import FederationConfig
+    from common.secure_round import metric_ranges
+    from common.site_task import SiteTask, task_config
     from common.train_request import TrainRequest
-    from server.aggregation import FedAvgAggregation, wait_for_sites
+    from server.aggregation import FedAvgAggregation, RoundRequest, wait_for_sites
     from server.secure_aggregation import SecAggPlusAggregation, SecAggSettings
 
     plan = json.loads(os.environ[PLAN_ENV])
@@ -208,15 +225,21 @@ def main(grid: Grid, context: Context) -> None:
         for repeat in range(plan["repeats"] + 1):  # the first of each kind warms up
             for kind, (aggregation, kind_grid) in kinds.items():
                 server_round += 1
-                train_config = TrainRequest.for_round(FederationConfig(), server_round).to_config()
+                request = TrainRequest.for_round(FederationConfig(), server_round).to_config()
+                config = ConfigRecord(task_config(SiteTask.LOCAL_DP_SGD, request))
                 counting.reset()
                 started = time.perf_counter()
+                round_request = RoundRequest(
+                    round_id=server_round,
+                    content=RecordDict({RECORD_ARRAYS: model, RECORD_CONFIG: config}),
+                    shapes=[("model", (length,))],
+                    metric_ranges=metric_ranges(max_weight=1000, max_steps=1),
+                    timeout=600.0,
+                )
                 aggregate = aggregation.run_round(
                     kind_grid,  # type: ignore[arg-type]
+                    round_request,
                     node_ids=nodes,
-                    global_arrays=model,
-                    train_config=ConfigRecord({**train_config, "length": length}),
-                    timeout=600.0,
                 )
                 elapsed = time.perf_counter() - started - counting.counting_s
                 if aggregate.aborted or aggregate.count("trained") != num_sites:
@@ -276,10 +299,10 @@ def _legacy_client_fn(context: Context):
     return RandomUpdateClient().to_client()
 
 
-def _legacy_client_app() -> ClientApp:
+def _legacy_client_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
     from flwr.client.mod import secaggplus_mod
 
-    return ClientApp(client_fn=_legacy_client_fn, mods=[secaggplus_mod])
+    return ClientApp(client_fn=_legacy_client_fn, mods=[*mods, secaggplus_mod])
 
 
 def _timed_fedavg_class():
@@ -367,24 +390,25 @@ def run_flower_legacy(
 ) -> list[dict]:
     """Flower's own SecAgg+ on the legacy API, in its own simulation."""
     return _simulate(
-        num_sites, lengths, repeats, _legacy_client_app(), legacy_server_app, actors=actors
+        num_sites, lengths, repeats, _legacy_client_app, legacy_server_app, actors=actors
     )
 
 
 def run(num_sites: int, lengths: list[int], repeats: int, *, actors: int = 1) -> list[dict]:
     """This project's SecAgg+ and plain FedAvg, alternating, in one simulation."""
-    return _simulate(num_sites, lengths, repeats, client_app, server_app, actors=actors)
+    return _simulate(num_sites, lengths, repeats, benchmark_client_app, server_app, actors=actors)
 
 
 def _simulate(
     num_sites: int,
     lengths: list[int],
     repeats: int,
-    clients: ClientApp,
+    clients: Any,
     server: ServerApp,
     *,
     actors: int,
 ) -> list[dict]:
+    """One simulation of ``server`` with the sites' ClientApp ``clients(mods=...)``."""
     from common.federation_config import FederationConfig
     from simulations.local_simulation import SimulationSettings, run_local_simulation
 
@@ -401,13 +425,16 @@ def _simulate(
                 "memory_dir": str(memory),
             }
         )
-        # Each simulation gets its own spill root (a later one must not inherit a removed one).
-        os.environ[SPILL_DIR_ENV] = scratch
         config = FederationConfig.from_run_config({"out-dir": str(Path(scratch) / "run")})
         run_local_simulation(
             config,
-            # Ray runs 2 CPUs / num_cpus_per_site actors.
-            SimulationSettings(num_sites=num_sites, num_cpus_per_site=max(1, 2 // actors)),
+            # Ray runs 2 CPUs / num_cpus_per_site actors; each simulation gets its own spill
+            # root (a later one must not inherit a removed one).
+            SimulationSettings(
+                num_sites=num_sites,
+                num_cpus_per_site=max(1, 2 // actors),
+                secagg_spill_dir=scratch,
+            ),
             client_app=clients,
             server_app=server,
         )

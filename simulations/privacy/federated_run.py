@@ -64,7 +64,7 @@ class FederatedRunResult:
     wall_s: float
 
 
-def run_federation(
+def simulate_in_child_process(
     spec: FederatedRunSpec, out: Path, *, timeout_s: float = 3600.0
 ) -> FederatedRunResult:
     """Run ``fedmm simulate`` into ``out`` (its log: ``out.log`` beside it); reuse a finished

@@ -31,7 +31,7 @@ from simulations.privacy.federated_run import (
     FederatedRunError,
     FederatedRunResult,
     FederatedRunSpec,
-    run_federation,
+    simulate_in_child_process,
 )
 from simulations.privacy.membership_experiment import AttackSettings, run_membership_experiment
 
@@ -207,11 +207,12 @@ def _jsonable(value: Any) -> Any:
 def _run_with_retries(
     spec: FederatedRunSpec, run_dir: Path, settings: SweepSettings
 ) -> FederatedRunResult:
-    """``run_federation``, again (in a fresh folder) when a run fails: on a shared machine a
-    Ray actor can be lost to causes outside the run; the failed attempt is kept beside."""
+    """``simulate_in_child_process``, again (in a fresh folder) when a run fails: on a shared
+    machine a Ray actor can be lost to causes outside the run; the failed attempt is kept
+    beside."""
     for attempt in range(1, settings.run_attempts + 1):
         try:
-            return run_federation(spec, run_dir, timeout_s=settings.run_timeout_s)
+            return simulate_in_child_process(spec, run_dir, timeout_s=settings.run_timeout_s)
         except FederatedRunError as error:
             if attempt == settings.run_attempts:
                 raise

@@ -10,8 +10,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.federation_config import OPTIMIZERS, PARTITION_SCHEMES
-from simulations.cli_arguments import epsilon, key_value_pairs, number
+from common.cli_arguments import epsilon, key_value_pairs, number
+from common.data.partitioning import PARTITION_SCHEMES
+from common.federation_config import OPTIMIZERS
 
 if TYPE_CHECKING:
     from simulations.privacy.sweep import SweepSettings

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from client import site_data
-from client.site_data import DEID_DIR_ENV, DEID_POLICY_ENV, load_site_data
+from client.site_data import load_site_data
 from client.training import MatchingDataset
 from common.data import captions as public_captions
 from common.data import synthetic_pii
@@ -28,6 +28,7 @@ from common.data.partitioning import partition_indices
 from common.federation_config import FederationConfig
 from common.tokenizer import HashingTokenizer, split_words
 from common.train_request import TrainRequest
+from simulations.simulated_sites import SimulatedSiteNodeConfig
 
 pytestmark = pytest.mark.skipif(
     not DEFAULT_DATA_DIR.exists(), reason="needs apt-get install dataset-fashion-mnist"
@@ -79,11 +80,13 @@ def test_no_synthetic_personal_string_reaches_a_training_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "site-deid-policy.toml").write_text("")  # the default policy
-    monkeypatch.setenv(DEID_POLICY_ENV, str(tmp_path / "site-deid-policy.toml"))
-    monkeypatch.setenv(DEID_DIR_ENV, str(tmp_path / "site-deid"))
     site_data._memo.clear()
     request = TrainRequest.for_round(FederationConfig.from_run_config({}), 1)
-    node_config = {"partition-id": PARTITION_ID, "num-partitions": NUM_PARTITIONS}
+    node_config = {  # as fedmm simulate gives each simulated site
+        "partition-id": PARTITION_ID,
+        "num-partitions": NUM_PARTITIONS,
+        **SimulatedSiteNodeConfig(out_dir=str(tmp_path)).node_config(PARTITION_ID),
+    }
 
     raw = site_data._benchmark_partition(
         request.data_dir,

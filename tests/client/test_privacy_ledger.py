@@ -79,7 +79,7 @@ def _spend_in_a_handler(ledger_file: str, round_: int, loaded, proceed, wait_s: 
     ClientApp's own session), signal, maybe wait, record a round; the session saves it."""
     from flwr.app import Context, RecordDict
 
-    from client.app import _ledger_session
+    from client.ledger_session import ledger_session
 
     context = Context(
         run_id=1,
@@ -88,7 +88,7 @@ def _spend_in_a_handler(ledger_file: str, round_: int, loaded, proceed, wait_s: 
         state=RecordDict(),
         run_config={},
     )
-    with _ledger_session(context) as ledger:
+    with ledger_session(context) as ledger:
         loaded.set()
         proceed.wait(wait_s)
         ledger.rounds.append(round_)

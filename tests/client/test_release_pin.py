@@ -10,17 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from client.release_pin import (
-    ReleaseError,
-    ReleasePin,
-    check_run_app,
-    fab_digest,
-    installed_release,
-    normalise_digest,
-    pin_problems,
-    release_fab,
-)
+from client.release_pin import ReleasePin, check_run_app, installed_release, pin_problems
 from client.site_runner import error_reply, refusal_reply
+from common.release_identity import ReleaseError, fab_digest, normalise_digest, release_fab
 from common.site_refusal import RefusalCode, refusal_code_of, status_payload
 
 

@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client import app as client_app
-from client.privacy_policy import POLICY_FILE_ENV, PolicyError, SitePrivacyPolicy
+from client.privacy_policy import PolicyError, SitePrivacyPolicy
 from client.reply_padding import pad_training_replies, padding_seconds
 from common.secure_round import MESSAGE_SETUP, MESSAGE_SHARE
 
@@ -31,9 +31,8 @@ class FakeClock:
 
 
 @pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+def _task_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 1
-    monkeypatch.delenv(POLICY_FILE_ENV, raising=False)
 
 
 def _message(message_type: str) -> Message:

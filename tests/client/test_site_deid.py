@@ -17,7 +17,7 @@ from client import site_data
 from client.deid.cache import code_fingerprint
 from client.deid.policy import DeidPolicy, load_policy
 from client.deid.records import deidentify_records
-from client.site_data import DEID_DIR_ENV, DEID_POLICY_ENV, load_site_data
+from client.site_data import load_site_data
 from common.data.dataset import ImageTextDataset
 from common.data.fashion_mnist import DEFAULT_DATA_DIR
 from common.federation_config import FederationConfig
@@ -40,9 +40,7 @@ def _request(limit: int = 0) -> TrainRequest:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_memo(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(DEID_POLICY_ENV, raising=False)
-    monkeypatch.delenv(DEID_DIR_ENV, raising=False)
+def _fresh_memo() -> None:
     site_data._memo.clear()
 
 
@@ -176,15 +174,19 @@ def test_policy_files_name_a_bad_detect_faces(tmp_path: Path) -> None:
 
 
 @needs_benchmark
-def test_simulated_site_uses_the_env_policy_and_its_own_secret_and_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_simulated_site_uses_its_node_config_policy_and_its_own_secret_and_cache(
+    tmp_path: Path,
 ) -> None:
-    (tmp_path / "deid.toml").write_text("")
-    monkeypatch.setenv(DEID_POLICY_ENV, str(tmp_path / "deid.toml"))
-    monkeypatch.setenv(DEID_DIR_ENV, str(tmp_path / "site-deid"))
+    from simulations.simulated_sites import SimulatedSiteNodeConfig
+
+    (tmp_path / "site-deid-policy.toml").write_text("")
+    sites = SimulatedSiteNodeConfig(out_dir=str(tmp_path))
     request = _request(limit=400)
     data = {
-        pid: load_site_data({"partition-id": pid, "num-partitions": 10}, request) for pid in (0, 1)
+        pid: load_site_data(
+            {"partition-id": pid, "num-partitions": 10, **sites.node_config(pid)}, request
+        )
+        for pid in (0, 1)
     }
     for pid in (0, 1):
         site_dir = tmp_path / "site-deid" / f"site-{pid}"
@@ -216,8 +218,8 @@ def test_a_cache_inside_the_data_folder_is_refused(folder: Path, tmp_path: Path)
 def test_simulated_site_without_settings_is_de_identified_under_the_cache_home(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``flwr run`` of the app sets no FEDMM_* variables: the benchmark's synthetic personal
-    data must still not reach training."""
+    """``flwr run`` of the app gives a simulated site no node config of its own: the
+    benchmark's synthetic personal data must still not reach training."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-home"))
     data = load_site_data({"partition-id": 3, "num-partitions": 10}, _request(limit=400))
     site_dir = tmp_path / "cache-home" / "fedmm" / "simulated-sites" / "site-3"

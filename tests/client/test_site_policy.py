@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from client.privacy_policy import (
-    POLICY_FILE_ENV,
     PolicyError,
     PolicyRefusal,
     SitePrivacyPolicy,
@@ -148,23 +147,19 @@ def _policy_file(tmp_path: Path, name: str, epsilon: float) -> Path:
 
 def test_for_site_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     named = _policy_file(tmp_path, "named.toml", 4.0)
-    from_env = _policy_file(tmp_path, "env.toml", 1.0)
-    monkeypatch.setenv(POLICY_FILE_ENV, str(from_env))
     inline = {"privacy-max-epsilon": 2.0, "privacy-delta": 1e-6, "partition-id": 3}
 
     assert SitePrivacyPolicy.for_site({"policy-file": str(named), **inline}).max_epsilon == 4.0
     from_inline = SitePrivacyPolicy.for_site(inline)
     assert (from_inline.max_epsilon, from_inline.delta) == (2.0, 1e-6)
-    assert SitePrivacyPolicy.for_site({"partition-id": 3}).max_epsilon == 1.0
-
-    monkeypatch.delenv(POLICY_FILE_ENV)
     assert SitePrivacyPolicy.for_site({"partition-id": 3}) == SitePrivacyPolicy()
-    monkeypatch.setenv(POLICY_FILE_ENV, "")
+    # Only the site's own node config names its policy: no environment variable does.
+    monkeypatch.setenv("FEDMM_SITE_POLICY", str(_policy_file(tmp_path, "env.toml", 1.0)))
+    assert SitePrivacyPolicy.for_site({"partition-id": 3}) == SitePrivacyPolicy()
     assert SitePrivacyPolicy.for_site({}) == SitePrivacyPolicy()
 
 
-def test_for_site_errors_name_the_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(POLICY_FILE_ENV, raising=False)
+def test_for_site_errors_name_the_source(tmp_path: Path) -> None:
     # Node-config keys are named without their "privacy-" prefix, under "node config".
     with pytest.raises(PolicyError, match=r"node config.*max-epsilon.*three"):
         SitePrivacyPolicy.for_site({"privacy-max-epsilon": "three"})
@@ -172,9 +167,8 @@ def test_for_site_errors_name_the_source(tmp_path: Path, monkeypatch: pytest.Mon
         SitePrivacyPolicy.for_site({"privacy-nosie": 1.0})
     with pytest.raises(PolicyError, match="does not exist"):
         SitePrivacyPolicy.for_site({"policy-file": str(tmp_path / "missing.toml")})
-    monkeypatch.setenv(POLICY_FILE_ENV, str(tmp_path / "also-missing.toml"))
     with pytest.raises(PolicyError, match="also-missing"):
-        SitePrivacyPolicy.for_site({})
+        SitePrivacyPolicy.for_site({"policy-file": str(tmp_path / "also-missing.toml")})
 
 
 def test_defaults_are_private() -> None:

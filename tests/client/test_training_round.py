@@ -37,7 +37,7 @@ pytestmark = [
 
 NUM_RECORDS, BATCH, ROUNDS = 64, 16, 3
 STEPS_PER_ROUND = NUM_RECORDS // BATCH
-METRIC_KEYS = {"num-examples", "steps", "epsilon-bound"}
+METRIC_KEYS = {"num_examples", "steps", "epsilon_bound"}
 COUNT_NOISE = SitePrivacyPolicy().record_count_noise
 
 
@@ -130,9 +130,9 @@ def test_trains_every_planned_round_within_budget_then_refuses(data, global_stat
             assert value.shape == global_state[key].shape and value.dtype == global_state[key].dtype
         assert any(bool(v.abs().max() > 0) for v in outcome.update.values())
         count, rate, steps = public_sampling(ledger)
-        assert outcome.metrics["num-examples"] == count
+        assert outcome.metrics["num_examples"] == count
         assert outcome.metrics["steps"] == steps
-        bounds.append(outcome.metrics["epsilon-bound"])
+        bounds.append(outcome.metrics["epsilon_bound"])
         assert 0 < outcome.epsilon <= 3.0
         epsilons.append(outcome.epsilon)
     assert bounds == [3.0] * ROUNDS  # the committed bound, not the spend
@@ -219,7 +219,7 @@ def test_coordinator_asking_for_no_dp_still_gets_dp_at_the_sites_budget(data, gl
         ledger = PrivacyLedger()
         outcome = train(1, data, global_state, ledger=ledger, policy=policy, epsilon=math.inf)
         assert outcome.refusal is None and outcome.update is not None
-        assert outcome.metrics["epsilon-bound"] == 2.0
+        assert outcome.metrics["epsilon_bound"] == 2.0
         assert 0 < outcome.epsilon <= 2.0
         _count, rate, steps = public_sampling(ledger)
         assert ledger.noise_multiplier == pytest.approx(
@@ -256,8 +256,8 @@ def test_without_dp_only_when_site_and_run_both_allow_it(data, global_state) -> 
         epsilon=math.inf,
     )
     assert outcome.update is not None
-    assert outcome.metrics["epsilon-bound"] == math.inf and outcome.epsilon == math.inf
-    assert outcome.metrics["num-examples"] == NUM_RECORDS  # DP off: nothing is claimed
+    assert outcome.metrics["epsilon_bound"] == math.inf and outcome.epsilon == math.inf
+    assert outcome.metrics["num_examples"] == NUM_RECORDS  # DP off: nothing is claimed
     assert ledger.history == [] and ledger.noise_multiplier is None
     assert ledger.noisy_count is None
 
@@ -271,10 +271,10 @@ def test_reply_metrics_are_public_by_construction(data, global_state) -> None:
     assert set(outcome.metrics) == METRIC_KEYS
     for key, value in outcome.metrics.items():
         assert type(value) in (int, float), (key, type(value))
-    assert type(outcome.metrics["num-examples"]) is int
+    assert type(outcome.metrics["num_examples"]) is int
     assert type(outcome.metrics["steps"]) is int
-    assert outcome.metrics["num-examples"] == public_count(ledger.noisy_count)
-    assert outcome.metrics["epsilon-bound"] == 3.0 != outcome.epsilon
+    assert outcome.metrics["num_examples"] == public_count(ledger.noisy_count)
+    assert outcome.metrics["epsilon_bound"] == 3.0 != outcome.epsilon
     MetricRecord(outcome.metrics)  # what the ClientApp sends
     # The update is one tensor per parameter, nothing shaped by the records.
     assert (
@@ -289,7 +289,7 @@ def test_sampling_and_steps_follow_the_noisy_count_not_the_true_one(data, global
     ledger = with_count(160.2, run_id=9)
     outcome = train(1, data, global_state, ledger=ledger, run_id=9)
     assert outcome.update is not None
-    assert outcome.metrics["num-examples"] == 160
+    assert outcome.metrics["num_examples"] == 160
     assert outcome.metrics["steps"] == 10
     assert ledger.history[-1] == (ledger.noise_multiplier, 0.1, 10)
 

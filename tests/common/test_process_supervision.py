@@ -8,7 +8,8 @@ import subprocess
 import sys
 import textwrap
 
-from simulations.loopback_daemons import is_alive, wait_until
+from common.process_supervision import is_running
+from simulations.loopback_daemons import wait_until
 
 SUPERVISOR = textwrap.dedent(
     """
@@ -41,7 +42,7 @@ def test_an_orphaned_grandchild_stays_in_reach_and_is_stopped() -> None:
     orphan, reachable = first.split()
     assert reachable == "True"  # re-parented to the supervisor, not to init
     assert second == "True False"  # stopped, and not running
-    assert not is_alive(int(orphan))
+    assert not is_running(int(orphan))
 
 
 DYING_SUPERVISOR = textwrap.dedent(
@@ -61,4 +62,4 @@ def test_children_get_sigterm_when_their_supervisor_is_killed() -> None:
     )
     assert done.returncode == -9, done.stderr
     child = int(done.stdout.split()[0])
-    assert wait_until(lambda: not is_alive(child), timeout=10, interval=0.1)
+    assert wait_until(lambda: not is_running(child), timeout=10, interval=0.1)

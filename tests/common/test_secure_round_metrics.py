@@ -13,10 +13,10 @@ from common.secure_round import (
 
 def test_no_train_loss_is_summed() -> None:
     assert SUMMED_METRICS == ("steps",)
-    assert weighted_metrics(weight=120, steps=3) == {"steps": 360.0}
+    assert weighted_metrics(weight=120, metrics={"steps": 3}) == {"steps": 360.0}
     assert set(metric_ranges(max_weight=1000, max_steps=4)) == set(SUMMED_METRICS)
     assert all("loss" not in name for name in SUMMED_METRICS)
 
 
 def test_the_reported_key_names_a_bound() -> None:
-    assert METRIC_EPSILON_BOUND == "epsilon-bound"
+    assert METRIC_EPSILON_BOUND == "epsilon_bound"

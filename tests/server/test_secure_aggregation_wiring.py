@@ -1,29 +1,32 @@
-"""SecAggPlusAggregation and the ClientApp's SecAgg+ handlers, wired through real Messages.
+"""SecAggPlusAggregation and the site's SecAgg+ handlers, wired through real Messages.
 
-A small in-process Grid hands every message to the handler of ``client.app`` that Flower
-would route it to (one Context per node, as a SuperNode keeps it), so these tests run the
-real message contents, reply matching, dropouts and refusals in a second, without Ray.
-Setup uses a numpy trainer instead of DP-SGD; the Flower simulation tests run the real one.
+A small in-process Grid (``tests.server.in_process_grid``) hands every message to the site's
+SecAgg+ handler that Flower would route it to (one Context per node, as a SuperNode keeps
+it), so these tests run the real message contents, reply matching, dropouts and refusals in
+a second, without Ray. Setup uses a numpy trainer instead of DP-SGD; the Flower simulation
+tests run the real one.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client import app as client_app
-from client.secagg.pending_update import SPILL_DIR_ENV
+from client.secure_aggregation import (
+    SECAGG_STATE_KEY,
+    Contributor,
+    SiteContribution,
+    run_secagg_setup,
+)
 from common.secure_round import (
     MESSAGE_MASKED,
     MESSAGE_SETUP,
@@ -35,60 +38,25 @@ from common.secure_round import (
 )
 from common.site_refusal import RefusalCode, SiteRefusal
 from server.secure_aggregation import SecAggPlusAggregation, SecAggSettings
+from tests.server.in_process_grid import InProcessGrid, run_secure_round, train_request
 
 SHAPES = {"a.weight": (30, 20), "a.bias": (20,), "b": (7, 3, 5)}
-Fault = Callable[[str, int], str | None]  # (message type, node) -> "drop" | "error" | None
-
-
-class InProcessGrid:
-    """Delivers each message to the node's ClientApp handler; records every reply."""
-
-    def __init__(
-        self,
-        node_ids: list[int],
-        trainer: client_app.Trainer,
-        node_config: dict[str, Any] | None = None,
-    ) -> None:
-        self.contexts = {
-            node: Context(
-                run_id=7,
-                node_id=node,
-                node_config=dict(node_config or {}),
-                state=RecordDict(),
-                run_config={},
-            )
-            for node in node_ids
-        }
-        self.trainer = trainer
-        self.fault: Fault = lambda _type, _node: None
-        self.received: list[Message] = []
-        self.handlers = {
-            MESSAGE_SETUP: lambda m, c: client_app.run_secagg_setup(m, c, train=self.trainer),
-            MESSAGE_SHARE: client_app.secagg_share,
-            MESSAGE_MASKED: client_app.secagg_masked,
-            MESSAGE_UNMASK: client_app.secagg_unmask,
-        }
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid4().hex
-            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
-            fault = self.fault(kind, node)
-            if fault == "drop":
-                continue
-            if fault == "error":
-                replies.append(Message(Error(code=2, reason="injected fault"), reply_to=msg))
-                continue
-            replies.append(self.handlers[kind](msg, self.contexts[node]))
-        self.received.extend(replies)
-        return replies
 
 
 @pytest.fixture(autouse=True)
-def _task_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _task_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 1
-    monkeypatch.setenv(SPILL_DIR_ENV, str(tmp_path))
+
+
+@pytest.fixture
+def spill(tmp_path: Path) -> Path:
+    """Where the sites' updates wait (node config ``secagg-spill-dir``)."""
+    return tmp_path
+
+
+def _grid(nodes: list[int], contribute: Contributor, spill: Path, **node_config: Any):
+    config = {"secagg-spill-dir": str(spill), **node_config}
+    return InProcessGrid(nodes, contribute=contribute, node_config=config)
 
 
 def _global_arrays() -> ArrayRecord:
@@ -98,41 +66,29 @@ def _global_arrays() -> ArrayRecord:
 
 def _numpy_trainer(
     updates: dict[int, np.ndarray], weights: dict[int, int], refuse: set[int] = frozenset()
-) -> client_app.Trainer:
-    def train(request, msg: Message, context: Context):
+) -> Contributor:
+    def train(msg: Message, context: Context):
         node = context.node_id
         if node in refuse:
             return SiteRefusal(RefusalCode.PRIVACY_BUDGET, "test refusal: 2.99 of 3 spent")
         keys = list(msg.content.array_records["arrays"].keys())
-        rng = np.random.default_rng([node, request.server_round])
+        server_round = int(msg.content.config_records["config"]["server_round"])
+        rng = np.random.default_rng([node, server_round])
         update = {k: rng.normal(0, 0.05, SHAPES[k]) for k in keys}
         updates[node] = flatten_update(update, keys)
         weights[node] = int(rng.integers(50, 500))
-        return client_app.LocalUpdate(
-            update=updates[node],
-            num_examples=weights[node],
-            steps=3,
+        return SiteContribution(
+            vector=updates[node],
+            weight=weights[node],
+            metrics={"steps": 3},
             epsilon_bound=0.1 * (node % 7) + 0.123,
         )
 
     return train
 
 
-def _train_config(server_round: int) -> ConfigRecord:
-    from common.federation_config import FederationConfig
-    from common.train_request import TrainRequest
-
-    return ConfigRecord(TrainRequest.for_round(FederationConfig(), server_round).to_config())
-
-
 def _run(grid: InProcessGrid, server_round: int, aggregation: SecAggPlusAggregation):
-    return aggregation.run_round(
-        grid,  # type: ignore[arg-type]
-        node_ids=sorted(grid.contexts),
-        global_arrays=_global_arrays(),
-        train_config=_train_config(server_round),
-        timeout=60.0,
-    )
+    return run_secure_round(aggregation, grid, _global_arrays(), server_round)
 
 
 def _plain_mean(updates, weights, sites) -> dict[str, np.ndarray]:
@@ -149,9 +105,9 @@ def _plain_mean(updates, weights, sites) -> dict[str, np.ndarray]:
 NODES = [11, 2**64 - 3, 2**63 + 5, 40, 55]
 
 
-def test_round_decodes_the_weighted_mean_and_reveals_no_update() -> None:
+def test_round_decodes_the_weighted_mean_and_reveals_no_update(spill: Path) -> None:
     updates, weights = {}, {}
-    grid = InProcessGrid(NODES, _numpy_trainer(updates, weights))
+    grid = _grid(NODES, _numpy_trainer(updates, weights), spill)
     aggregation = SecAggPlusAggregation()
     result = _run(grid, 1, aggregation)
     assert result.aborted is None
@@ -177,31 +133,31 @@ def test_round_decodes_the_weighted_mean_and_reveals_no_update() -> None:
             assert vector.dtype == np.uint32
         assert all(set(r) <= {"epsilon"} for r in reply.content.metric_records.values())
     # The waiting updates are gone and the nodes keep only small state.
-    assert not list(Path(os.environ[SPILL_DIR_ENV]).iterdir())  # not even the directories
+    assert not list(spill.iterdir())  # not even the directories
     for context in grid.contexts.values():
-        assert client_app.SECAGG_STATE_KEY not in context.state.config_records
+        assert SECAGG_STATE_KEY not in context.state.config_records
 
 
-def test_setup_keeps_the_update_in_a_private_file_not_in_state() -> None:
+def test_setup_keeps_the_update_in_a_private_file_not_in_state(spill: Path) -> None:
     updates, weights = {}, {}
-    grid = InProcessGrid(NODES[:3], _numpy_trainer(updates, weights))
+    grid = _grid(NODES[:3], _numpy_trainer(updates, weights), spill)
     grid.fault = lambda kind, node: "drop" if kind == MESSAGE_SHARE else None
     result = _run(grid, 1, SecAggPlusAggregation())
     assert result.aborted is not None and "threshold" in result.aborted
-    files = list(Path(os.environ[SPILL_DIR_ENV]).rglob("pending-round-*"))
+    files = list(spill.rglob("pending-round-*"))
     assert len(files) == 3
     assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
     assert all(f.parent.stat().st_mode & 0o777 == 0o700 for f in files)
     for context in grid.contexts.values():
-        record = context.state.config_records[client_app.SECAGG_STATE_KEY]
+        record = context.state.config_records[SECAGG_STATE_KEY]
         assert sum(len(v) if isinstance(v, bytes | str) else 8 for v in record.values()) < 4000
 
 
 @pytest.mark.parametrize("stage", [MESSAGE_SETUP, MESSAGE_SHARE, MESSAGE_MASKED, MESSAGE_UNMASK])
 @pytest.mark.parametrize("kind", ["drop", "error"])
-def test_one_site_lost_at_any_stage_the_round_completes(stage: str, kind: str) -> None:
+def test_one_site_lost_at_any_stage_the_round_completes(stage: str, kind: str, spill: Path) -> None:
     updates, weights = {}, {}
-    grid = InProcessGrid(NODES, _numpy_trainer(updates, weights))
+    grid = _grid(NODES, _numpy_trainer(updates, weights), spill)
     lost = NODES[1]
     grid.fault = lambda t, node: kind if (t == stage and node == lost) else None
     aggregation = SecAggPlusAggregation(SecAggSettings(degree=4, threshold=3))
@@ -219,9 +175,9 @@ def test_one_site_lost_at_any_stage_the_round_completes(stage: str, kind: str) -
         assert outcome.status == "failed" and stage in outcome.reason
 
 
-def test_below_threshold_aborts_then_the_next_round_runs() -> None:
+def test_below_threshold_aborts_then_the_next_round_runs(spill: Path) -> None:
     updates, weights = {}, {}
-    grid = InProcessGrid(NODES, _numpy_trainer(updates, weights))
+    grid = _grid(NODES, _numpy_trainer(updates, weights), spill)
     lost = set(NODES[:3])
     grid.fault = lambda t, node: "drop" if (t == MESSAGE_MASKED and node in lost) else None
     aggregation = SecAggPlusAggregation(SecAggSettings(degree=4, threshold=3))
@@ -233,9 +189,9 @@ def test_below_threshold_aborts_then_the_next_round_runs() -> None:
     assert second.aborted is None and second.count("trained") == 5
 
 
-def test_budget_refusal_at_setup_means_the_site_does_not_take_part() -> None:
+def test_budget_refusal_at_setup_means_the_site_does_not_take_part(spill: Path) -> None:
     updates, weights = {}, {}
-    grid = InProcessGrid(NODES, _numpy_trainer(updates, weights, refuse={NODES[0]}))
+    grid = _grid(NODES, _numpy_trainer(updates, weights, refuse={NODES[0]}), spill)
     result = _run(grid, 1, SecAggPlusAggregation())
     assert result.aborted is None
     (refused,) = [o for o in result.outcomes if o.status == "refused"]
@@ -245,36 +201,27 @@ def test_budget_refusal_at_setup_means_the_site_does_not_take_part() -> None:
     assert result.total_weight == sum(weights[n] for n in NODES[1:])
 
 
-def test_every_site_refusing_leaves_no_site_trained() -> None:
-    grid = InProcessGrid(NODES[:3], _numpy_trainer({}, {}, refuse=set(NODES[:3])))
+def test_every_site_refusing_leaves_no_site_trained(spill: Path) -> None:
+    grid = _grid(NODES[:3], _numpy_trainer({}, {}, refuse=set(NODES[:3])), spill)
     result = _run(grid, 1, SecAggPlusAggregation())
     assert result.aborted is not None and "no site trained" in result.aborted
     assert result.count("refused") == 3
-    assert not list(Path(os.environ[SPILL_DIR_ENV]).iterdir())  # no directory left behind
+    assert not list(spill.iterdir())  # no directory left behind
 
 
-def test_stale_and_replayed_messages_are_refused_not_crashing() -> None:
+def test_stale_and_replayed_messages_are_refused_not_crashing(spill: Path) -> None:
     updates, weights = {}, {}
-    grid = InProcessGrid(NODES[:3], _numpy_trainer(updates, weights))
-    sent: list[Message] = []
-    original = grid.send_and_receive
-
-    def keep(messages, *, timeout=None):
-        messages = list(messages)
-        sent.extend(messages)
-        return original(messages, timeout=timeout)
-
-    grid.send_and_receive = keep  # type: ignore[method-assign]
+    grid = _grid(NODES[:3], _numpy_trainer(updates, weights), spill)
     assert _run(grid, 1, SecAggPlusAggregation()).aborted is None
     node = NODES[0]
-    for old in sent:
+    for old in list(grid.sent):
         if old.metadata.dst_node_id != node:
             continue
         replay = Message(
             old.content, dst_node_id=node, message_type=old.metadata.message_type, ttl=10
         )
         replay.metadata.__dict__["_message_id"] = uuid4().hex
-        handler = grid.handlers[old.metadata.message_type]
+        handler = grid.handler(old.metadata.message_type)
         reply = handler(replay, grid.contexts[node])
         status = reply.content.config_records[RECORD_STATUS]
         assert status["refused"], old.metadata.message_type
@@ -285,12 +232,14 @@ def test_stage_handlers_import_no_torch(tmp_path: Path) -> None:
     # A whole round through the handlers in a fresh interpreter (as deployment runs them),
     # with the numpy trainer at setup: neither torch nor opacus may get imported.
     code = f"""
-import os, sys, runpy
-os.environ[{SPILL_DIR_ENV!r}] = {str(tmp_path)!r}
+import sys, runpy
+import client.app  # the ClientApp as deployment loads it, for every message
+from pathlib import Path
 helpers = runpy.run_path({__file__!r})
 from flwr.supercore.task_identity import TaskIdentity
 TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 1
-grid = helpers["InProcessGrid"]([1, 2, 3], helpers["_numpy_trainer"]({{}}, {{}}))
+trainer = helpers["_numpy_trainer"]({{}}, {{}})
+grid = helpers["_grid"]([1, 2, 3], trainer, Path({str(tmp_path)!r}))
 result = helpers["_run"](grid, 1, helpers["SecAggPlusAggregation"]())
 assert result.aborted is None and result.count("trained") == 3, result.aborted
 assert "torch" not in sys.modules and "opacus" not in sys.modules, "torch imported"
@@ -317,8 +266,8 @@ def test_run_config_keys_choose_and_parametrise_secure_aggregation() -> None:
             FederationConfig.from_run_config({key: bad})
 
 
-def test_an_impossible_graph_aborts_the_round_instead_of_the_run() -> None:
-    grid = InProcessGrid(NODES[:3], _numpy_trainer({}, {}))
+def test_an_impossible_graph_aborts_the_round_instead_of_the_run(spill: Path) -> None:
+    grid = _grid(NODES[:3], _numpy_trainer({}, {}), spill)
     result = _run(grid, 1, SecAggPlusAggregation(SecAggSettings(degree=7)))
     assert result.aborted is not None and "cannot start" in result.aborted
     assert not grid.received  # nothing was sent
@@ -340,11 +289,11 @@ def _message_types(grid: InProcessGrid) -> set[str]:
 TEN = [3 + 10 * i for i in range(10)]
 
 
-def test_budget_refusals_that_leave_two_sites_abort_the_round() -> None:
+def test_budget_refusals_that_leave_two_sites_abort_the_round(spill: Path) -> None:
     """Defaults for 10 sites (degree 4, t = 2): 8 sites refuse on their budget. Two sites
     would reveal each other's update, so no sum is released and nobody is asked for keys."""
     updates: dict[int, np.ndarray] = {}
-    grid = InProcessGrid(TEN, _numpy_trainer(updates, {}, refuse=set(TEN[:8])))
+    grid = _grid(TEN, _numpy_trainer(updates, {}, refuse=set(TEN[:8])), spill)
     result = _run(grid, 1, SecAggPlusAggregation())
     assert result.aborted is not None
     assert "2 sites advertised keys, fewer than 3" in result.aborted
@@ -353,34 +302,40 @@ def test_budget_refusals_that_leave_two_sites_abort_the_round() -> None:
     assert _message_types(grid) == {MESSAGE_SETUP}
 
 
-def test_a_threshold_override_below_the_sites_policy_is_refused_by_every_site() -> None:
+def test_a_threshold_override_below_the_sites_policy_is_refused_by_every_site(
+    spill: Path,
+) -> None:
     """``secagg-threshold = 2`` on 20 sites (the default is degree 8, t = 3)."""
-    grid = InProcessGrid([5 + 7 * i for i in range(20)], _numpy_trainer({}, {}))
+    grid = _grid([5 + 7 * i for i in range(20)], _numpy_trainer({}, {}), spill)
     result = _run(grid, 1, SecAggPlusAggregation(SecAggSettings(threshold=2)))
     assert result.aborted is not None and result.weighted_update_sum is None
     assert _codes(grid, MESSAGE_SHARE) == [RefusalCode.SECAGG_POLICY.value] * 20
     assert MESSAGE_MASKED not in _message_types(grid)
 
 
-def test_a_site_below_its_own_minimum_refuses_before_training() -> None:
+def test_a_site_below_its_own_minimum_refuses_before_training(spill: Path) -> None:
     """The site's node config asks for at least 6 sites in a sum; 5 are sampled."""
     trained: list[int] = []
 
-    def train(request, msg: Message, context: Context):
+    def train(msg: Message, context: Context):
         trained.append(context.node_id)
         raise AssertionError("the site must not train")
 
-    grid = InProcessGrid(NODES, train, node_config={"secagg-min-sites": 6})
+    grid = _grid(NODES, train, spill, **{"secagg-min-sites": 6})
     result = _run(grid, 1, SecAggPlusAggregation())
     assert result.aborted is not None and trained == []
     assert _codes(grid, MESSAGE_SETUP) == [RefusalCode.TOO_FEW_SITES.value] * 5
 
 
-def test_a_bad_site_policy_refuses_before_training() -> None:
-    grid = InProcessGrid(NODES, _numpy_trainer({}, {}), node_config={"secagg-min-sites": 2})
+def test_a_bad_site_policy_refuses_before_training(spill: Path) -> None:
+    grid = _grid(NODES, _numpy_trainer({}, {}), spill, **{"secagg-min-sites": 2})
     result = _run(grid, 1, SecAggPlusAggregation())
     assert result.aborted is not None and "no site trained" in result.aborted
     assert _codes(grid, MESSAGE_SETUP) == [RefusalCode.SECAGG_POLICY.value] * 5
+
+
+def _site_context(node: int) -> Context:
+    return Context(run_id=7, node_id=node, node_config={}, state=RecordDict(), run_config={})
 
 
 def _setup_message(server_round: int, arrays: ArrayRecord, sites: list[int]) -> Message:
@@ -396,7 +351,7 @@ def _setup_message(server_round: int, arrays: ArrayRecord, sites: list[int]) -> 
     content = RecordDict(
         {
             "arrays": arrays,
-            "config": _train_config(server_round),
+            "config": train_request(server_round),
             RECORD_SECAGG: ConfigRecord(requests[sites[0]]),
         }
     )
@@ -412,19 +367,13 @@ def test_an_update_length_that_differs_from_the_global_model_costs_no_training()
     arrays = _global_arrays()
     shorter = ArrayRecord({k: arrays[k] for k in list(SHAPES)[:2]})
 
-    def train(request, msg, ctx):
+    def train(msg, ctx):
         trained.append(ctx.node_id)
         return SiteRefusal(RefusalCode.PRIVACY_BUDGET)
 
     msg = _setup_message(1, shorter, sorted(NODES[:3]))
-    context = Context(
-        run_id=7,
-        node_id=msg.metadata.dst_node_id,
-        node_config={},
-        state=RecordDict(),
-        run_config={},
-    )
-    reply = client_app.run_secagg_setup(msg, context, train=train)
+    context = _site_context(msg.metadata.dst_node_id)
+    reply = run_secagg_setup(msg, context, contribute=train, integer_vector=False)
     assert reply.content.config_records[RECORD_STATUS]["code"] == RefusalCode.BAD_REQUEST.value
     assert trained == []
 
@@ -434,20 +383,14 @@ def test_a_replayed_setup_never_trains_a_site_twice() -> None:
     same setup, replayed, is refused as out of order instead of training again."""
     trained: list[int] = []
 
-    def train(request, msg, ctx):
+    def train(msg, ctx):
         trained.append(ctx.node_id)
         return SiteRefusal(RefusalCode.NO_DATA, "no usable records")
 
     msg = _setup_message(4, _global_arrays(), sorted(NODES[:3]))
-    context = Context(
-        run_id=7,
-        node_id=msg.metadata.dst_node_id,
-        node_config={},
-        state=RecordDict(),
-        run_config={},
-    )
-    first = client_app.run_secagg_setup(msg, context, train=train)
+    context = _site_context(msg.metadata.dst_node_id)
+    first = run_secagg_setup(msg, context, contribute=train, integer_vector=False)
     assert first.content.config_records[RECORD_STATUS]["code"] == RefusalCode.NO_DATA.value
-    replay = client_app.run_secagg_setup(msg, context, train=train)
+    replay = run_secagg_setup(msg, context, contribute=train, integer_vector=False)
     assert replay.content.config_records[RECORD_STATUS]["code"] == RefusalCode.OUT_OF_ORDER.value
     assert trained == [msg.metadata.dst_node_id]

@@ -36,23 +36,20 @@ import pytest
 
 from client.privacy_ledger import PrivacyLedger
 from client.site_keys import generate_site_key_pair
-from common.process_supervision import command_name, descendants
+from common.process_supervision import command_name, descendants, is_running
 from server.certificate_authority import init_ca
 from simulations.loopback_daemons import (
-    loopback_environment,
-    run_command,
-    start_loopback_superlink,
-)
-from tests.client.site_fixtures import GOOD, make_site
-from tests.simulations.loopback_processes import (
     Daemon,
     DaemonGroup,
     free_port,
-    is_alive,
+    loopback_environment,
     port_is_free,
+    run_command,
+    start_loopback_superlink,
     wait_for_tls,
     wait_until,
 )
+from tests.client.site_fixtures import GOOD, make_site
 
 BIN = Path(sys.executable).parent
 FEDMM, FLWR = str(BIN / "fedmm"), str(BIN / "flwr")
@@ -133,7 +130,7 @@ def coordinator(tmp_path: Path):  # type: ignore[no-untyped-def]
     finally:
         left = group.stop_all()
         assert left == [], f"processes still alive: {left}"
-        assert all(not is_alive(d.pid) for d in group.daemons)
+        assert all(not is_running(d.pid) for d in group.daemons)
         ports = [port, state.control_port] if state else []
         for used in ports + (state.site_ports if state else []):
             assert port_is_free(used), f"port {used} still in use"
@@ -285,7 +282,7 @@ def _rows(out: Path) -> list[dict[str, object]]:
 def _tampered_release(directory: Path, *, marker: Path, victim: Path) -> Path:
     """A copy of the installed release (same name and version) whose ClientApp, once
     imported, reads a site's metadata and writes it out to ``marker``."""
-    from client.release_pin import release_directory, release_files
+    from common.release_identity import release_directory, release_files
 
     source, target = release_directory(), directory / "fedmm"
     for name in [*release_files(source), ".gitignore"]:
@@ -403,7 +400,7 @@ def test_a_killed_supernode_is_started_again_until_the_superlink_takes_it_back(
         site.output()[-3000:]
     )
     coordinator.group.remember_children()
-    assert not is_alive(supernode) and site.process.poll() is None
+    assert not is_running(supernode) and site.process.poll() is None
     assert wait_until(lambda: coordinator.online() == 1, timeout=60, interval=2)
 
 
@@ -465,7 +462,7 @@ def test_four_sites_two_rounds_secure_dp_exhausted_site_and_resume_after_coordin
     # The supervisor stops what the dead SuperLink left (its ServerApp would otherwise wait
     # on a SuperLink that is gone) and starts the SuperLink again.
     assert wait_until(lambda: "starting it again" in coordinator.superlink.output(), timeout=90)
-    assert not is_alive(killed) and not is_alive(serverapp), coordinator.superlink.output()
+    assert not is_running(killed) and not is_running(serverapp), coordinator.superlink.output()
     assert "flwr-serverapp" in coordinator.superlink.output()
     ca_file = coordinator.ca / "ca.crt"
     wait_for_tls(coordinator.control_port, ca_file, timeout=90, daemon=coordinator.superlink)

@@ -1,7 +1,7 @@
 """SecAgg+ through Flower's simulation runtime: real Messages, real ClientApps, real DP-SGD.
 
-One 4-site, 4-round run (``secagg_simulation_driver.py``, in a subprocess so Ray cannot
-outlive the test) with faults injected by the test-only ClientApp wrapper. Four sites: the
+One 4-site, 4-round run (``simulation_driver.py``, in a subprocess so Ray cannot outlive the
+test) with faults injected by a test-only mod on the project's ClientApp. Four sites: the
 complete graph with t = 3, and a minimum aggregation size of 3, so one dropout is tolerated:
 
 - round 1: every site healthy;
@@ -18,26 +18,17 @@ weighted sum of the survivors within the stated quantisation bound.
 
 from __future__ import annotations
 
-import json
-import os
-import pickle
-import signal
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from client.secagg.pending_update import load_pending_update
 from common.data.fashion_mnist import DEFAULT_DATA_DIR
-from tests.simulations.marked_processes import new_marker, none_left
+from tests.simulations.simulation_driver import run_driver
 
 pytestmark = pytest.mark.skipif(
     not DEFAULT_DATA_DIR.exists(), reason="needs apt-get install dataset-fashion-mnist"
 )
 
-DRIVER = Path(__file__).with_name("secagg_simulation_driver.py")
 SITES = 4
 FAULTS = {"2:secagg_masked": [2], "3:secagg_share": [0, 1]}
 RECORDS_PER_SITE = 100
@@ -46,40 +37,12 @@ RECORDS_PER_SITE = 100
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("secagg-sim")
-    dump, spill, out = base / "site-updates", base / "spill", base / "run"
+    dump, spill = base / "site-updates", base / "spill"
     dump.mkdir()
     spill.mkdir()
-    marker = new_marker()
-    env = {
-        **os.environ,
-        **marker,
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FEDMM_TEST_SITE_DUMP": str(dump),
-        "FEDMM_TEST_FAULTS": json.dumps(FAULTS),
-        "FEDMM_SECAGG_SPILL_DIR": str(spill),
-    }
-    process = subprocess.Popen(
-        [sys.executable, str(DRIVER), str(out), str(SITES), "4"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=Path(__file__).parents[2],
-        start_new_session=True,  # one process group: nothing it starts can outlive the test
+    driver = run_driver(
+        "secagg", base / "run", sites=SITES, rounds=4, faults=FAULTS, dump=dump, spill=spill
     )
-    try:
-        log, _ = process.communicate(timeout=480)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        log, _ = process.communicate()
-        pytest.fail(f"simulation timed out:\n{log[-3000:]}")
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 0, log[-3000:]
-    leftover = not none_left(marker)
-    with open(out / "recording.pkl", "rb") as handle:
-        recording = pickle.load(handle)
     plain = {}
     for path in dump.glob("node-*-round-*.npy"):
         _, node, _, round_id = path.stem.split("-")
@@ -89,13 +52,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "weight": pending.weight,
             "metrics": pending.metrics,
         }
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {
-        "received": recording["received"],
-        "rounds": {r["round"]: r for r in recording["rounds"]},
+        "received": driver.recording["received"],
+        "rounds": driver.recording["rounds"],
         "plain": plain,
-        "rows": rows,
-        "leftover_ray": leftover,
+        "rows": driver.metrics(),
+        "leftovers": driver.leftovers,
         "spill": spill,
     }
 
@@ -200,7 +162,7 @@ def test_below_the_threshold_the_round_aborts_and_the_next_round_runs(run: dict)
 
 
 def test_the_run_leaves_no_ray_process_and_no_waiting_update(run: dict) -> None:
-    assert not run["leftover_ray"]
+    assert run["leftovers"] == []
     # Updates are removed once masked; only the aborted round's survivors could keep one,
     # and they are discarded at the next setup.
     assert not list(run["spill"].rglob("pending-round-*"))

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from client.policy_file import PolicyError
 from client.privacy_policy import POLICY_FILE_ENV
-from client.secagg.policy import ClientSecAggPolicy, SecAggPolicyError
+from client.secagg.policy import ClientSecAggPolicy
 
 DIGEST = "ab" * 32
 
@@ -54,7 +55,7 @@ def test_node_config_text_sets_the_flag() -> None:
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(values: dict, message: str) -> None:
-    with pytest.raises(SecAggPolicyError, match=message):
+    with pytest.raises(PolicyError, match=message):
         ClientSecAggPolicy.from_mapping(values, source="test")
 
 

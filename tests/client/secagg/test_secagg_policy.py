@@ -8,17 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from client.privacy_policy import POLICY_FILE_ENV, SitePrivacyPolicy
-from client.secagg.policy import ClientSecAggPolicy, SecAggPolicyError
+from client.policy_file import PolicyError
+from client.privacy_policy import SitePrivacyPolicy
+from client.secagg.policy import ClientSecAggPolicy
 from client.secagg.refusal import SecAggRefusal
 from common.secagg.round_graph import RoundGraph
 from common.site_refusal import RefusalCode
 from tests.client.site_fixtures import GOOD, make_site
-
-
-@pytest.fixture(autouse=True)
-def _no_simulation_policy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(POLICY_FILE_ENV, raising=False)
 
 
 def _graph(participants: int, degree: int, threshold: int) -> RoundGraph:
@@ -68,13 +64,18 @@ def test_the_policy_file_holds_both_tables(tmp_path: Path) -> None:
     assert ClientSecAggPolicy.for_site({"policy-file": str(path)}).min_sites == 6
 
 
-def test_the_simulation_policy_file_is_read_too(
+def test_the_simulation_policy_file_is_read_from_each_sites_node_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from simulations.simulated_sites import SimulatedSiteNodeConfig
+
     path = tmp_path / "site-policy.toml"
     path.write_text("[privacy]\nmax-epsilon = 3.0\n\n[secure-aggregation]\nmin-sites = 7\n")
-    monkeypatch.setenv(POLICY_FILE_ENV, str(path))
-    assert ClientSecAggPolicy.for_site({}).min_sites == 7
+    node_config = SimulatedSiteNodeConfig(out_dir=str(tmp_path)).node_config(3)
+    assert ClientSecAggPolicy.for_site(node_config).min_sites == 7
+    # Nothing outside the site's node config names its policy.
+    monkeypatch.setenv("FEDMM_SITE_POLICY", str(path))
+    assert ClientSecAggPolicy.for_site({}) == ClientSecAggPolicy()
 
 
 def test_a_deployed_site_config_feeds_the_policy(tmp_path: Path) -> None:
@@ -102,26 +103,26 @@ def test_a_deployed_site_config_feeds_the_policy(tmp_path: Path) -> None:
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(values: dict, message: str) -> None:
-    with pytest.raises(SecAggPolicyError, match=message):
+    with pytest.raises(PolicyError, match=message):
         ClientSecAggPolicy.from_mapping(values, source="test")
 
 
 def test_a_setting_given_twice_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "policy.toml"
     path.write_text("[secure-aggregation]\nmin-sites = 4\n")
-    with pytest.raises(SecAggPolicyError, match=r"set twice.*secagg-min-sites: keep one"):
+    with pytest.raises(PolicyError, match=r"set twice.*secagg-min-sites: keep one"):
         ClientSecAggPolicy.for_site({"policy-file": str(path), "secagg-min-sites": 5})
 
 
 def test_a_bad_policy_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "policy.toml"
     path.write_text("[secure-aggregation]\nmin-sites = 2\n")
-    with pytest.raises(SecAggPolicyError, match=f"{path}.*min-sites = 2"):
+    with pytest.raises(PolicyError, match=f"{path}.*min-sites = 2"):
         ClientSecAggPolicy.for_site({"policy-file": str(path)})
-    with pytest.raises(SecAggPolicyError, match="does not exist"):
+    with pytest.raises(PolicyError, match="does not exist"):
         ClientSecAggPolicy.for_site({"policy-file": str(tmp_path / "missing.toml")})
     path.write_text("secure-aggregation = 3\n")
-    with pytest.raises(SecAggPolicyError, match=r"must be a table"):
+    with pytest.raises(PolicyError, match=r"must be a table"):
         ClientSecAggPolicy.for_site({"policy-file": str(path)})
 
 

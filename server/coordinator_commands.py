@@ -1,10 +1,10 @@
-"""``fedmm coordinator ...`` and ``fedmm site ...``: print, check, then hand over.
+"""``fedmm coordinator ...``: the coordinator's deployment commands; print, check, hand over.
 
-The logic lives in ``server/`` (CA, SuperLink) and ``client/`` (keys, site config,
-SuperNode); these functions print what they do and exit 2 on anything the user must fix.
-``start-superlink`` and ``site start`` supervise the Flower daemons they start (restarts
-with a delay, and cleanup of everything the daemons leave behind: ``server.coordinator_service``,
-``client.site_service``); a SIGTERM to the PID the operator started stops them all.
+The logic lives in ``server/`` (CA, SuperLink, run submission); these functions print what
+they do and exit 2 on anything the user must fix. ``start-superlink`` supervises the Flower
+daemons it starts (restarts with a delay, and cleanup of everything the daemons leave
+behind: ``server.coordinator_service``); a SIGTERM to the PID the operator started stops
+them all.
 """
 
 from __future__ import annotations
@@ -15,34 +15,113 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from common.flower_commands import FlowerCommandNotFoundError
+from common.cli_arguments import report_user_error
 
-USER_ERROR = 2
 #: ``submit``: the run ended, but sites trained in fewer rounds than asked.
 TRAINED_TOO_LITTLE = 3
 
 
-def _fail(prefix: str, message: str) -> int:
-    print(f"{prefix}: {message}", file=sys.stderr)
-    return USER_ERROR
-
-
-def run_coordinator_step(args: argparse.Namespace) -> int:
-    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
-        "init-ca": _init_ca,
-        "issue-cert": _issue_cert,
-        "start-superlink": _start_superlink,
-        "add-connection": _add_connection,
-        "register-site": _register_site,
-        "submit": _submit,
-    }
-    try:
-        return handlers[args.step](args)
-    except (ValueError, FlowerCommandNotFoundError) as err:  # incl. DeploymentError
-        return _fail(f"fedmm coordinator {args.step}", str(err))
+def add_coordinator_parser(commands: Any) -> None:
+    """``fedmm coordinator ...`` in the ``fedmm`` command line (its subparsers ``commands``)."""
+    coord = commands.add_parser(
+        "coordinator",
+        help="coordinator deployment: CA, SuperLink certificate, SuperLink, site registration",
+        description="Deployment steps of the coordinator (docs/operator-guide.md).",
+    )
+    steps = coord.add_subparsers(dest="step", required=True)
+    init_ca = steps.add_parser("init-ca", help="create the CA (DIR/ca.key 0600, DIR/ca.crt)")
+    init_ca.add_argument("dir", type=Path, metavar="DIR")
+    issue = steps.add_parser(
+        "issue-cert", help="issue the SuperLink's TLS certificate (DIR/superlink.key, .crt)"
+    )
+    issue.add_argument("dir", type=Path, metavar="DIR", help="the CA's folder")
+    issue.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="an IP address or DNS name sites use to reach the SuperLink (repeat)",
+    )
+    issue.add_argument("--days", type=int, default=397, help="validity in days (397)")
+    issue.add_argument(
+        "--no-loopback", action="store_true", help="do not add 127.0.0.1 and localhost"
+    )
+    start = steps.add_parser(
+        "start-superlink",
+        help="run flower-superlink (TLS, SuperNode authentication) behind a Fleet-only proxy",
+        description="Run the SuperLink on loopback (--address: its Control API, for flwr on "
+        "this machine) and nginx on --public-address, which forwards only the Fleet API to "
+        "it; restart either after a crash, stopping what it left running.",
+    )
+    start.add_argument("dir", type=Path, metavar="DIR", help="the CA's folder")
+    start.add_argument(
+        "--address",
+        required=True,
+        metavar="HOST:PORT",
+        help="the SuperLink's own address, on loopback (e.g. 127.0.0.1:9092)",
+    )
+    start.add_argument(
+        "--public-address",
+        metavar="HOST:PORT",
+        help="where sites connect (e.g. 0.0.0.0:9093): TLS, Fleet API only",
+    )
+    start.add_argument(
+        "--expose-control-api",
+        action="store_true",
+        help="allow a non-loopback --address (anyone reaching it can submit runs)",
+    )
+    start.add_argument("--database", type=Path, help="state file (DIR/superlink-state.db)")
+    start.add_argument("--log-file", type=Path, help="also log to this file")
+    start.add_argument("--dry-run", action="store_true", help="print the command only")
+    conn = steps.add_parser(
+        "add-connection",
+        help="name the SuperLink in $FLWR_HOME/config.toml for the flwr CLI",
+    )
+    conn.add_argument("name", metavar="NAME")
+    conn.add_argument("--address", required=True, metavar="HOST:PORT")
+    conn.add_argument("--ca-cert", required=True, type=Path, metavar="FILE")
+    register = steps.add_parser(
+        "register-site", help="register a site's public key (flwr supernode register)"
+    )
+    register.add_argument("public_key", type=Path, metavar="PUBKEY")
+    register.add_argument("--connection", required=True, metavar="NAME")
+    register.add_argument("--name", help="a label for the site")
+    submit = steps.add_parser(
+        "submit",
+        help="submit a run (flwr run) with its outputs in --out-dir; --resume continues it",
+        description="Submit a training run to the SuperLink named by --connection, from the "
+        "coordinator machine. Outputs (metrics, checkpoints, final model, report) go to "
+        "--out-dir; after the coordinator stopped mid-run, --resume with the same --out-dir "
+        "continues from the last checkpoint.",
+    )
+    submit.add_argument("--connection", required=True, metavar="NAME", help="see add-connection")
+    submit.add_argument(
+        "--out-dir", required=True, type=Path, metavar="DIR", help="new or empty (or --resume)"
+    )
+    submit.add_argument(
+        "--resume", action="store_true", help="continue the run in --out-dir (last checkpoint)"
+    )
+    submit.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run config key of pyproject.toml, e.g. --set num-server-rounds=10 (repeat)",
+    )
+    submit.add_argument("--app", type=Path, metavar="DIR", help="the app (this checkout)")
+    submit.add_argument(
+        "--detach", action="store_true", help="return once the run started (no log stream)"
+    )
+    submit.add_argument("--dry-run", action="store_true", help="check and print the command only")
+    init_ca.set_defaults(handler=_init_ca)
+    issue.set_defaults(handler=_issue_cert)
+    start.set_defaults(handler=_start_superlink)
+    conn.set_defaults(handler=_add_connection)
+    register.set_defaults(handler=_register_site)
+    submit.set_defaults(handler=_submit)
 
 
 def _init_ca(args: argparse.Namespace) -> int:
@@ -112,7 +191,7 @@ def _start_superlink(args: argparse.Namespace) -> int:
         proxy.write()
         tested = subprocess.run(proxy.test_argv, capture_output=True, text=True, check=False)
         if tested.returncode != 0:
-            return _fail(
+            return report_user_error(
                 "fedmm coordinator start-superlink",
                 f"nginx refuses its config {proxy.config_file}:\n{tested.stderr.strip()}",
             )
@@ -134,7 +213,7 @@ def _add_connection(args: argparse.Namespace) -> int:
 
 
 def _register_site(args: argparse.Namespace) -> int:
-    from client.site_keys import fingerprint
+    from common.key_files import fingerprint
     from server.superlink_control import register_site_argv
 
     argv = register_site_argv(args.public_key, connection=args.connection, name=args.name)
@@ -156,8 +235,8 @@ def _register_site(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from client.release_pin import release_identity
     from common.flower_commands import flower_environment
+    from common.release_identity import release_identity
     from server.run_submission import (
         check_superlink_reachable,
         parse_settings,
@@ -283,131 +362,3 @@ def _add_sites_to_report(out: Path, names: dict[int, str]) -> None:
     if names and report.exists():
         with report.open("a", encoding="utf-8") as handle:
             handle.write(sites_section(names))
-
-
-def run_site_step(args: argparse.Namespace) -> int:
-    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
-        "keygen": _keygen,
-        "check": _check,
-        "release-digest": _release_digest,
-        "start": _start,
-        "status": _status,
-    }
-    try:
-        return handlers[args.step](args)
-    except (ValueError, FlowerCommandNotFoundError) as err:  # incl. SiteLaunchError
-        problems = getattr(err, "problems", None)
-        if problems:
-            lines = "\n".join(f"  - {p}" for p in problems)
-            return _fail(f"fedmm site {args.step}", f"{err.path} has problems:\n{lines}")  # type: ignore[attr-defined]
-        return _fail(f"fedmm site {args.step}", str(err))
-
-
-def _keygen(args: argparse.Namespace) -> int:
-    from client.site_keys import generate_site_key_pair
-
-    pair = generate_site_key_pair(args.dir, comment=args.comment)
-    print(f"private key {pair.private_key} (0600: never leaves this machine)")
-    print(f"public key  {pair.public_key} (send it to the coordinator)")
-    print(f"fingerprint {pair.fingerprint} (confirm it with the coordinator out of band)")
-    return 0
-
-
-def _check(args: argparse.Namespace) -> int:
-    from client.site_config import check_site_config
-
-    print("checking (the installed release's digest takes a few seconds)...", file=sys.stderr)
-    config = check_site_config(args.config)
-    for warning in config.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    print(f"{config.source}: ok")
-    pin = config.release_pin
-    print(f"  runs only fedmm {pin.version}, {pin.digest} (installed)")
-    for key, value in config.node_config().items():
-        print(f"  {key} = {value}")
-    return 0
-
-
-def _release_digest(args: argparse.Namespace) -> int:
-    from client.release_pin import release_directory, release_files, release_identity
-
-    directory = args.app.resolve() if args.app else release_directory()
-    print(f"building the FAB of {directory} (as flwr run does)...", file=sys.stderr)
-    identity = release_identity(directory)
-    if args.files:
-        for name in release_files(directory):
-            print(name)
-        return 0
-    print(f"{identity.fab_id} {identity.version} in {identity.directory}")
-    print(f'[release]\nversion = "{identity.version}"\ndigest = "{identity.digest}"')
-    return 0
-
-
-def _start(args: argparse.Namespace) -> int:
-    from client.site_config import check_site_config, prepare_site_folders
-    from client.site_executor import runner_argv
-    from client.site_service import DEFAULT_RETRY_SECONDS, SiteService, run_site_service
-    from client.supernode_launch import (
-        SUPEREXEC_POLL_ENV,
-        runtime_api_address,
-        shell_line,
-        supernode_argv,
-        supernode_environment,
-    )
-    from common.flower_commands import flower_environment
-
-    print("checking the site config and the installed release...", file=sys.stderr)
-    config = check_site_config(args.config)
-    for warning in config.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    argv = supernode_argv(
-        config,
-        superlink=args.superlink,
-        ca_cert=args.ca_cert,
-        port=args.port,
-        max_wait_time=args.max_wait_time,
-    )
-    extra = supernode_environment(os.environ)
-    address = runtime_api_address(args.port)
-    print(shell_line(argv, extra), flush=True)
-    runner = shlex.join(runner_argv(runtime_api_address=address, pin=config.release_pin))
-    print(f"for each message: {runner} (task token on stdin)", flush=True)
-    if args.dry_run:
-        return 0
-    os.umask(0o077)  # files the SuperNode and the runners create are private
-    for folder in prepare_site_folders(config):
-        print(f"created {folder} (0700)", file=sys.stderr)
-    env = flower_environment(extra)
-    service = SiteService(
-        supernode_argv=argv,
-        env=env,
-        runtime_api_address=address,
-        pin=config.release_pin,
-        cwd=config.source.resolve().parent,
-        retry_for=args.max_wait_time if args.max_wait_time is not None else DEFAULT_RETRY_SECONDS,
-        poll_interval=float(env.get(SUPEREXEC_POLL_ENV, "0.25")),
-    )
-    return run_site_service(service)
-
-
-def _status(args: argparse.Namespace) -> int:
-    from client.site_config import load_site_config
-    from client.supernode_launch import ledger_status
-
-    status = ledger_status(load_site_config(args.config))
-    if args.json:
-        print(json.dumps(status.to_dict(), indent=2))
-        return 0
-    print(f"privacy ledger {status.ledger_file}" + ("" if status.exists else " (none yet)"))
-    print(f"  accountant        {status.accountant}")
-    print(f"  delta             {status.delta:g}" if status.delta else "  delta             -")
-    budget = "" if status.max_epsilon is None else f" of {status.max_epsilon:g}"
-    print(f"  epsilon spent     {status.epsilon:.4f}{budget}")
-    if status.remaining is not None:
-        print(f"  epsilon remaining {status.remaining:.4f}")
-    sigma = "-" if status.noise_multiplier is None else f"{status.noise_multiplier:.4f}"
-    print(f"  noise multiplier  {sigma}")
-    print(f"  rounds trained    {len(status.rounds)} {status.rounds}")
-    print(f"  DP-SGD steps      {status.steps} in {status.entries} accountant entries")
-    print(f"  noisy counts      {status.count_releases} released (one a run)")
-    return 0

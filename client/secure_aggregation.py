@@ -1,0 +1,309 @@
+"""The site's SecAgg+ message glue: Flower messages in, ``client.secagg.stages`` calls out.
+
+SecAgg+ (Bell et al., CCS 2020; Bonawitz et al., CCS 2017), four custom actions
+(``common.secure_round``): setup trains and advertises keys; share keys, masked input and
+unmask call ``client.secagg.stages``. The trained update waits in a node-private file
+(``client.secagg.pending_update``), never in ``context.state``; the protocol state there is
+small and tagged with round and stage, so a late or replayed message is refused with a
+reason instead of crashing the handler. No torch here: the stages after setup run in a
+fresh process per message in deployment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from client.policy_file import PolicyError
+from client.secagg.aggregation_floor import TooFewSites
+from client.secagg.pending_update import (
+    PendingUpdate,
+    discard_pending_updates,
+    load_pending_update,
+    node_spill_dir,
+    save_pending_update,
+)
+from client.secagg.policy import ClientSecAggPolicy
+from client.secagg.refusal import SecAggRefusal
+from client.secagg.stages import (
+    ClientSecAggState,
+    client_masked_input,
+    client_setup,
+    client_share_keys,
+    client_state_from_record,
+    client_state_to_record,
+    client_unmask,
+)
+from client.site_replies import refuse
+from common.secagg.protocol_stages import STAGE_MASKED_INPUT, STAGE_SHARE_KEYS, require_tag
+from common.secure_round import (
+    RECORD_MASKED,
+    RECORD_PRIVACY,
+    RECORD_SECAGG,
+    RECORD_STATUS,
+    reported_epsilon,
+    weighted_metrics,
+)
+from common.site_refusal import RefusalCode, SiteRefusal, status_payload
+from common.site_task import RECORD_ARRAYS, RECORD_CONFIG
+
+logger = logging.getLogger(__name__)
+
+SECAGG_STATE_KEY = "secagg"  # this round's protocol state (keys, shares; small)
+SECAGG_LAST_ROUND_KEY = "secagg-last-round"  # the last round this site took part in
+SECAGG_SPILL_KEY = "secagg-spill"  # this node's private directory for waiting updates
+
+
+@dataclass(frozen=True)
+class SiteContribution:
+    """What a site puts into one secure sum: the result of the task its setup request
+    declares (``client.site_tasks``)."""
+
+    #: Flat, in the global arrays' order: a model update (reals, clipped and quantised
+    #: here), or distributed DP's integers in Z_(2^b) (unsigned).
+    vector: np.ndarray
+    weight: int  # the site's public (noisy) record count: its weight in the sum
+    #: Per-record values of the round's summed metrics; each is summed as weight * value.
+    metrics: Mapping[str, float]
+    epsilon_bound: float  # the bound the site commits to, not its exact spend
+    #: Distributed DP: the honest sites whose noise shares this site assumes in every sum
+    #: (h); the site then refuses to go on with fewer (``client.secagg.aggregation_floor``).
+    honest_sites: int = 0
+
+
+#: A task's computation at setup: (setup message, context) -> its contribution, or a refusal.
+Contributor = Callable[[Message, Context], "SiteContribution | SiteRefusal"]
+
+
+def secagg_share(msg: Message, context: Context) -> Message:
+    try:
+        state, request = _stage_input(msg, context)
+        state, reply = client_share_keys(state=state, request=request)
+    except (ValueError, KeyError) as refusal:
+        return refuse(msg, _as_refusal(refusal))
+    _store_state(context, state)
+    return _secagg_reply(msg, reply)
+
+
+def secagg_masked(msg: Message, context: Context) -> Message:
+    try:
+        state, request = _stage_input(msg, context)
+        if state.stage != STAGE_SHARE_KEYS:
+            raise SecAggRefusal(
+                f"masked-input request out of order (last stage {state.stage!r})",
+                code=RefusalCode.OUT_OF_ORDER,
+            )
+        require_tag(request, round_id=state.config.round_id, stage=STAGE_MASKED_INPUT)
+        record = context.state.config_records[SECAGG_STATE_KEY]
+        pending = load_pending_update(
+            Path(str(record["pending-file"])), round_id=state.config.round_id
+        )
+        state, reply = client_masked_input(
+            state=state,
+            request=request,
+            update=pending.update,
+            weight=pending.weight,
+            metrics=pending.metrics,
+        )
+    except (ValueError, KeyError) as refusal:  # refusals, stale state, unusable local input
+        return refuse(msg, _as_refusal(refusal))
+    # Masked: the plain update is no longer needed, nor (when empty) its directory.
+    pending_file = Path(str(record["pending-file"]))
+    pending_file.unlink(missing_ok=True)
+    _release_spill_dir(context, pending_file.parent)
+    _store_state(context, state)
+    masked = reply.pop("masked_input")
+    out = _secagg_reply(msg, reply)
+    out.content.array_records[RECORD_MASKED] = ArrayRecord([masked])
+    return out
+
+
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    try:
+        state, request = _stage_input(msg, context)
+        _state, reply = client_unmask(state=state, request=request)
+    except TooFewSites as refusal:  # below this site's minimum: the round is dead here
+        context.state.config_records.pop(SECAGG_STATE_KEY, None)
+        return refuse(msg, refusal.refusal())
+    except (ValueError, KeyError) as refusal:
+        return refuse(msg, _as_refusal(refusal))
+    # Unmasking runs once per round: drop the state (and its secrets) now, so a second
+    # request for the other secret of a site finds nothing to answer from.
+    del context.state.config_records[SECAGG_STATE_KEY]
+    return _secagg_reply(msg, reply)
+
+
+def run_secagg_setup(
+    msg: Message, context: Context, *, contribute: Contributor, integer_vector: bool
+) -> Message:
+    """Check the round config, compute the task's result with ``contribute``, keep it
+    waiting, advertise keys.
+
+    Everything that can be checked before the task runs is: the round config against the
+    site's policy, the vector length against the global arrays, and (``integer_vector``)
+    the kind of vector the round expects; a bad request costs no privacy budget. The round
+    is marked as this site's last before the task runs, so a replayed setup never trains
+    twice.
+    """
+    try:
+        payload = dict(msg.content.config_records[RECORD_SECAGG])
+        server_round = msg.content.config_records[RECORD_CONFIG]["server_round"]
+        if isinstance(server_round, bool) or not isinstance(server_round, int):
+            raise TypeError(f"server_round must be an int, got {type(server_round).__name__}")
+        arrays = msg.content.array_records[RECORD_ARRAYS]
+        global_length = sum(math.prod(arrays[key].shape) for key in arrays)
+    except (KeyError, TypeError, ValueError) as error:
+        return refuse(msg, SiteRefusal(RefusalCode.BAD_REQUEST, f"setup request: {error}"))
+    last = context.state.config_records.get(SECAGG_LAST_ROUND_KEY)
+    try:
+        policy = _secagg_policy(context.node_config)
+    except PolicyError as error:  # the site's own configuration: fix it, then rejoin
+        return refuse(msg, SiteRefusal(RefusalCode.SECAGG_POLICY, str(error)))
+    try:
+        if payload.get("round") != server_round:
+            raise SecAggRefusal("setup request: secagg round differs from the request's round")
+        state, reply = client_setup(
+            site_id=context.node_id,
+            request=payload,
+            policy=policy,
+            previous_round=None if last is None else int(last["round"]),
+        )
+        if state.config.update_length != global_length:
+            raise SecAggRefusal(
+                f"setup request: update length {state.config.update_length} differs from the "
+                f"{global_length} entries of the global model"
+            )
+        if state.config.integer_update != integer_vector:
+            raise SecAggRefusal(
+                "setup request: integer (distributed-DP) and real updates do not mix: the "
+                "round config and the declared task differ"
+            )
+    except SecAggRefusal as refusal:
+        return refuse(msg, refusal.refusal())
+    config = state.config
+    # From here on this round is taken: a replay of this setup is refused, trained or not.
+    context.state.config_records[SECAGG_LAST_ROUND_KEY] = ConfigRecord({"round": config.round_id})
+    spill = context.state.config_records.get(SECAGG_SPILL_KEY)
+    directory = node_spill_dir(
+        existing=None if spill is None else str(spill["dir"]),
+        base=str(context.node_config.get("secagg-spill-dir", "")) or None,
+    )
+    context.state.config_records[SECAGG_SPILL_KEY] = ConfigRecord({"dir": str(directory)})
+    # A new round: whatever an earlier round left behind is stale.
+    context.state.config_records.pop(SECAGG_STATE_KEY, None)
+    discard_pending_updates(directory)
+    trained = contribute(msg, context)
+    if isinstance(trained, SiteRefusal) or trained.vector.shape != (config.update_length,):
+        _release_spill_dir(context, directory)
+        refusal = (
+            trained
+            if isinstance(trained, SiteRefusal)
+            else SiteRefusal(
+                RefusalCode.BAD_REQUEST,
+                "the trained update does not match the round's update length",
+            )
+        )
+        return refuse(msg, refusal)
+    weight = min(int(trained.weight), config.max_weight)
+    if weight < trained.weight:
+        logger.warning("weight capped at secagg max weight %d", config.max_weight)
+    if config.integer_update != np.issubdtype(trained.vector.dtype, np.unsignedinteger):
+        _release_spill_dir(context, directory)
+        return refuse(
+            msg,
+            SiteRefusal(
+                RefusalCode.BAD_REQUEST,
+                "integer (distributed-DP) and real updates do not mix: round config differs",
+            ),
+        )
+    if trained.honest_sites:  # distributed DP: h joins this site's floor for the round
+        state = dataclasses.replace(state, honest_sites=int(trained.honest_sites))
+    clipped = 0
+    if not config.integer_update:
+        clipped = int(np.count_nonzero(np.abs(trained.vector) > config.update_clip))
+    if clipped:
+        logger.warning(
+            "%d of %d update entries exceed the secagg clip %g and are clipped",
+            clipped,
+            config.update_length,
+            config.update_clip,
+        )
+    path = save_pending_update(
+        directory,
+        PendingUpdate(
+            round_id=config.round_id,
+            update=trained.vector,
+            weight=weight,
+            metrics=weighted_metrics(weight=weight, metrics=trained.metrics),
+        ),
+    )
+    _store_state(context, state, pending_file=str(path))
+    out = _secagg_reply(msg, reply)
+    out.content.metric_records[RECORD_PRIVACY] = MetricRecord(
+        {"epsilon": reported_epsilon(trained.epsilon_bound)}
+    )
+    return out
+
+
+def _release_spill_dir(context: Context, directory: Path) -> None:
+    """Remove the node's spill directory once it is empty (nothing waits in it)."""
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+        context.state.config_records.pop(SECAGG_SPILL_KEY, None)
+
+
+def _secagg_policy(node_config: Any) -> ClientSecAggPolicy:
+    """The site's own secure-aggregation policy (``client.secagg.policy``: its policy file's
+    ``[secure-aggregation]`` table and node config ``secagg-*``)."""
+    return ClientSecAggPolicy.for_site(node_config)
+
+
+def _stage_input(msg: Message, context: Context) -> tuple[ClientSecAggState, dict[str, Any]]:
+    """This round's state and the request; a refusal when either is missing."""
+    record = context.state.config_records.get(SECAGG_STATE_KEY)
+    if record is None:
+        raise SecAggRefusal(
+            "no secure-aggregation round in progress (late or replayed message)",
+            code=RefusalCode.OUT_OF_ORDER,
+        )
+    if RECORD_SECAGG not in msg.content.config_records:
+        raise SecAggRefusal("request has no secagg record")
+    return client_state_from_record(dict(record)), dict(msg.content.config_records[RECORD_SECAGG])
+
+
+def _store_state(context: Context, state: ClientSecAggState, *, pending_file: str = "") -> None:
+    previous = context.state.config_records.get(SECAGG_STATE_KEY)
+    if not pending_file and previous is not None:
+        pending_file = str(previous.get("pending-file", ""))
+    context.state.config_records[SECAGG_STATE_KEY] = ConfigRecord(
+        client_state_to_record(state) | {"pending-file": pending_file}
+    )
+
+
+def _secagg_reply(msg: Message, payload: dict[str, Any]) -> Message:
+    return Message(
+        RecordDict(
+            {
+                RECORD_SECAGG: ConfigRecord(payload),
+                RECORD_STATUS: ConfigRecord(status_payload(None)),
+            }
+        ),
+        reply_to=msg,
+    )
+
+
+def _as_refusal(error: Exception) -> SiteRefusal:
+    """A stage's exception as a refusal: a ``SecAggRefusal`` keeps its code; anything else
+    (stale state, unusable local input) is a bad request."""
+    if isinstance(error, SecAggRefusal):
+        return error.refusal()
+    return SiteRefusal(RefusalCode.BAD_REQUEST, f"{type(error).__name__}: {error}")

@@ -1,0 +1,191 @@
+"""What a site computes for each task a request declares (``common.site_task``), and where.
+
+- ``local_dp_sgd``: DP-SGD on the site's de-identified records under its own policy and
+  ledger (``client.training_round``); the model update goes back in the clear (plain
+  FedAvg) or into a SecAgg+ sum.
+- ``distributed_dp_step``: one DP-SGD step of distributed DP (``client.distributed_dp_step``):
+  the integer gradient sum plus this site's Skellam share. Only inside a SecAgg+ sum: a
+  share carries a fraction of the noise the guarantee needs, so the site refuses it in a
+  plain exchange, whatever the request declares.
+
+Each task reads the site's data, policy and ledger (``client.ledger_session``) from its node
+config, never from the request. torch and opacus are imported inside the functions that
+train only: deployment starts a fresh ClientApp process per message. A new task (federated
+evaluation next: the site's counts on its held-out records, into the same secure sum) is one
+function here and one entry in :data:`SECURE_SUM_TASKS`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import Context, Message
+
+from client.ledger_session import ledger_file, ledger_session
+from client.privacy_policy import SitePrivacyPolicy
+from client.secure_aggregation import Contributor, SiteContribution
+from common.secure_round import (
+    METRIC_EPSILON_BOUND,
+    METRIC_NUM_EXAMPLES,
+    METRIC_STEPS,
+    RECORD_SECAGG,
+    flatten_update,
+)
+from common.site_refusal import RefusalCode, SiteRefusal
+from common.site_task import RECORD_ARRAYS, RECORD_CONFIG, RECORD_PLAN, SiteTask
+from common.train_request import TrainRequest
+
+if TYPE_CHECKING:  # torch: imported only by the functions that train
+    from client.training_round import RoundOutcome
+
+logger = logging.getLogger(__name__)
+
+#: Node config key: torch's intra-op threads while the site trains (1: on 2 shared cores,
+#: two threads made training 10x slower).
+TORCH_THREADS = "torch-threads"
+
+
+def torch_threads(node_config: Mapping[str, Any]) -> int:
+    """The site's ``torch-threads`` (default 1); a clear error naming the key otherwise."""
+    value = node_config.get(TORCH_THREADS, 1)
+    try:
+        threads = int(value)
+    except (TypeError, ValueError):
+        threads = 0
+    if isinstance(value, bool) or threads < 1 or threads != float(value):
+        raise ValueError(f"node config {TORCH_THREADS} = {value!r}: use an integer >= 1")
+    return threads
+
+
+def _train_request(msg: Message) -> TrainRequest | SiteRefusal:
+    try:
+        return TrainRequest.from_config(dict(msg.content.config_records[RECORD_CONFIG]))
+    except (KeyError, TypeError, ValueError) as error:
+        return SiteRefusal(RefusalCode.BAD_REQUEST, f"train request rejected: {error}")
+
+
+def train_local_dp_sgd(msg: Message, context: Context) -> RoundOutcome | SiteRefusal:
+    """DP-SGD on the site's data from the request's global model (``run_training_round``);
+    the ledger is saved when it changed (the site trained, or drew its noisy count)."""
+    request = _train_request(msg)
+    if isinstance(request, SiteRefusal):
+        return request
+    import torch
+
+    from client.site_data import load_site_data
+    from client.training_round import run_training_round
+
+    torch.set_num_threads(torch_threads(context.node_config))
+    with ledger_session(context) as ledger:
+        outcome = run_training_round(
+            global_state=msg.content.array_records[RECORD_ARRAYS].to_torch_state_dict(),
+            request=request,
+            data=load_site_data(context.node_config, request),
+            policy=SitePrivacyPolicy.for_site(context.node_config),
+            ledger=ledger,
+            run_id=context.run_id,
+            persistent_ledger=ledger_file(context) is not None,
+        )
+    if outcome.update is None:
+        logger.warning("site refuses round %s: %s", request.server_round, outcome.refusal)
+        return outcome.refusal or SiteRefusal(RefusalCode.BAD_REQUEST)
+    return outcome
+
+
+def local_dp_sgd_contribution(msg: Message, context: Context) -> SiteContribution | SiteRefusal:
+    """The DP-SGD update as one flat vector in the global arrays' order."""
+    outcome = train_local_dp_sgd(msg, context)
+    if isinstance(outcome, SiteRefusal):
+        return outcome
+    assert outcome.update is not None
+    keys = list(msg.content.array_records[RECORD_ARRAYS].keys())
+    return SiteContribution(
+        vector=flatten_update({k: v.numpy() for k, v in outcome.update.items()}, keys),
+        weight=int(outcome.metrics[METRIC_NUM_EXAMPLES]),
+        metrics={METRIC_STEPS: int(outcome.metrics[METRIC_STEPS])},
+        epsilon_bound=float(outcome.metrics[METRIC_EPSILON_BOUND]),
+    )
+
+
+def distributed_dp_contribution(msg: Message, context: Context) -> SiteContribution | SiteRefusal:
+    """One distributed-DP step (``client.distributed_dp_step``): the integer gradient sum
+    plus this site's Skellam share, in Z_(2^b); the plan is the request's ``plan`` record."""
+    request = _train_request(msg)
+    if isinstance(request, SiteRefusal):
+        return request
+    from common.distributed_dp.plan import DistributedDPPlan
+
+    try:
+        plan = DistributedDPPlan.from_config(dict(msg.content.config_records[RECORD_PLAN]))
+        bit_width = int(msg.content.config_records[RECORD_SECAGG]["bit_width"])
+    except (KeyError, TypeError, ValueError) as error:
+        return SiteRefusal(RefusalCode.BAD_REQUEST, f"distributed-DP request rejected: {error}")
+    import torch
+
+    from client.distributed_dp_step import run_distributed_dp_step
+    from client.site_data import load_site_data
+
+    torch.set_num_threads(torch_threads(context.node_config))
+    with ledger_session(context) as ledger:
+        outcome = run_distributed_dp_step(
+            global_state=msg.content.array_records[RECORD_ARRAYS].to_torch_state_dict(),
+            request=request,
+            plan=plan,
+            data=load_site_data(context.node_config, request),
+            policy=SitePrivacyPolicy.for_site(context.node_config),
+            ledger=ledger,
+            bit_width=bit_width,
+            run_id=context.run_id,
+            persistent_ledger=ledger_file(context) is not None,
+        )
+    if outcome.integers is None:
+        return outcome.refusal or SiteRefusal(RefusalCode.BAD_REQUEST)
+    return SiteContribution(
+        vector=outcome.integers,
+        weight=outcome.num_records,
+        metrics={METRIC_STEPS: 1},
+        epsilon_bound=outcome.epsilon_bound,
+        honest_sites=outcome.honest_sites,
+    )
+
+
+@dataclass(frozen=True)
+class SecureSumTask:
+    """A task whose result goes into a SecAgg+ sum."""
+
+    contribute: Contributor
+    integer_vector: bool  # the result is in Z_(2^b) already (else reals, quantised)
+
+
+#: A task whose result may go back in the clear (plain FedAvg): its update.
+PlainTask = Callable[[Message, Context], "RoundOutcome | SiteRefusal"]
+
+#: The tasks this site runs in a plain ``train`` exchange.
+PLAIN_TASKS: dict[SiteTask, PlainTask] = {SiteTask.LOCAL_DP_SGD: train_local_dp_sgd}
+#: The tasks this site runs at the setup of a SecAgg+ round.
+SECURE_SUM_TASKS: dict[SiteTask, SecureSumTask] = {
+    SiteTask.LOCAL_DP_SGD: SecureSumTask(local_dp_sgd_contribution, integer_vector=False),
+    SiteTask.DISTRIBUTED_DP_STEP: SecureSumTask(distributed_dp_contribution, integer_vector=True),
+}
+
+
+def plain_task(task: SiteTask) -> PlainTask | SiteRefusal:
+    """What the site runs for ``task`` in the clear, or its refusal: a result meant only
+    for a secure sum never goes out alone."""
+    if task in PLAIN_TASKS:
+        return PLAIN_TASKS[task]
+    return SiteRefusal(
+        RefusalCode.PRIVACY_POLICY,
+        f"task {task.value} is computed only inside a secure sum: its result alone would "
+        "reveal more than this site's policy allows",
+    )
+
+
+def secure_sum_task(task: SiteTask) -> SecureSumTask | SiteRefusal:
+    """What the site runs for ``task`` at the setup of a SecAgg+ round, or its refusal."""
+    if task in SECURE_SUM_TASKS:
+        return SECURE_SUM_TASKS[task]
+    return SiteRefusal(RefusalCode.BAD_REQUEST, f"task {task.value} has no secure-sum form here")

@@ -152,10 +152,18 @@ class FedAvgAggregation:
                 outcome = self._add(aggregate, reply, outcome, expected, summed)
             aggregate.outcomes.append(outcome)
             if outcome.status != "trained":
-                logger.warning("site %s %s: %s", node_id, outcome.status, outcome.reason)
+                logger.warning(
+                    "site %s %s round %d: %s",
+                    node_id,
+                    outcome.status,
+                    request.round_id,
+                    outcome.reason,
+                )
         for node_id in set(node_ids) - answered:
             aggregate.outcomes.append(SiteOutcome(node_id, "failed", "no reply before timeout"))
-            logger.warning("site %s failed: no reply before timeout", node_id)
+            logger.warning(
+                "site %s failed round %d: no reply before timeout", node_id, request.round_id
+            )
         return aggregate
 
     @staticmethod

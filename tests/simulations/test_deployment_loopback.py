@@ -501,9 +501,11 @@ def test_four_sites_two_rounds_secure_dp_exhausted_site_and_resume_after_coordin
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
     runs = [json.loads(x) for x in (out / "submissions.jsonl").read_text().splitlines()]
     assert [run["resume"] for run in runs] == [False, True]
-    assert "privacy budget" in daemons["site-c"].output()
+    assert "lifetime privacy budget" in daemons["site-c"].output()
     # Sites by their registered names, in the coordinator's log and report.
-    assert "(site-c) refused round 2: privacy-budget" in log, log
+    # Its ledger was spent by an earlier run: the site's own lifetime cap refuses, not the
+    # run's budget.
+    assert "(site-c) refused round 2: lifetime-budget" in log, log
     names = json.loads((out / "sites.json").read_text())
     assert sorted(names.values()) == ["site-a", "site-b", "site-c", "site-d"]
     assert "| site-c |" in (out / "report.md").read_text()

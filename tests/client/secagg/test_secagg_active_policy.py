@@ -8,15 +8,9 @@ from pathlib import Path
 import pytest
 
 from client.policy_file import PolicyError
-from client.privacy_policy import POLICY_FILE_ENV
 from client.secagg.policy import ClientSecAggPolicy
 
 DIGEST = "ab" * 32
-
-
-@pytest.fixture(autouse=True)
-def _no_simulation_policy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(POLICY_FILE_ENV, raising=False)
 
 
 def test_off_by_default() -> None:

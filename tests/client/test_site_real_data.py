@@ -16,7 +16,7 @@ from PIL import Image
 from client import site_data
 from client.privacy_ledger import PrivacyLedger, epsilon_of
 from client.privacy_policy import SitePrivacyPolicy
-from client.site_data import DEID_DIR_ENV, DEID_POLICY_ENV, SiteDataError, load_site_data
+from client.site_data import SiteDataError, load_site_data
 from client.training_round import run_training_round
 from common.data.openclipart import OPENCLIPART_ROOT
 from common.federation_config import FederationConfig
@@ -35,9 +35,7 @@ def _request(**overrides: object) -> TrainRequest:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_memo(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(DEID_POLICY_ENV, raising=False)
-    monkeypatch.delenv(DEID_DIR_ENV, raising=False)
+def _fresh_memo() -> None:
     site_data._memo.clear()
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from client.caption_length_batches import split_by_caption_length
 from common.data.dataset import ImageTextDataset
 from common.distractors import DistractorSampler, DistractorSettings
 from common.loss import matching_loss
@@ -160,10 +161,13 @@ def _run_epochs(
     for _ in range(epochs):
         for images, tokens in loader:
             optimizer.zero_grad(set_to_none=True)
-            losses = matching_loss(model(images, tokens))
-            losses.mean().backward()
+            # The batch mean, accumulated over groups cut to their longest caption (the same
+            # gradient, less padding: client.caption_length_batches).
+            for part in split_by_caption_length(images, tokens):
+                losses = matching_loss(model(part.images, part.tokens))
+                (losses.sum() / len(images)).backward()
+                total_loss += float(losses.detach().sum())
             optimizer.step()
-            total_loss += float(losses.detach().sum())
             total_items += len(images)
             steps += 1
     return total_loss / max(total_items, 1), steps

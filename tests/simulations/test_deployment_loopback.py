@@ -393,7 +393,7 @@ def test_a_killed_supernode_is_started_again_until_the_superlink_takes_it_back(
     site = coordinator.start_site("site-a", config)
     assert wait_until(lambda: coordinator.online() == 1, timeout=120, interval=2), site.output()
     coordinator.group.remember_children()
-    supernode = daemon_child(site, "flower-supernode")
+    supernode = daemon_child(site, "fedmm-supernode")
     os.kill(supernode, signal.SIGKILL)
     assert wait_until(lambda: "starting the SuperNode again" in site.output(), timeout=60)
     assert wait_until(lambda: site.output().count("SuperNode ID:") >= 2, timeout=300, interval=2), (

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.tokenizer import PAD_ID
+from fedmm.common.tokenizer import PAD_ID
 
 #: Upper bounds of the length groups (the last group takes the rest): on the benchmark's
 #: batches this split was the fastest of those measured (``dp_throughput``).

@@ -36,10 +36,10 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from opacus.validators import ModuleValidator
 from torch.utils.data import Dataset
 
-from client.caption_length_batches import split_by_caption_length
-from client.per_example_gradients import PerExampleGradients, clip_factors
-from common.loss import matching_loss
-from common.secure_random import RandomBytes, bernoulli_indices, standard_normals
+from fedmm.client.caption_length_batches import split_by_caption_length
+from fedmm.client.per_example_gradients import PerExampleGradients, clip_factors
+from fedmm.common.loss import matching_loss
+from fedmm.common.secure_random import RandomBytes, bernoulli_indices, standard_normals
 
 AccountantHistory = list[tuple[float, float, int]]  # (noise_multiplier, sample_rate, steps)
 

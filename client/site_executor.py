@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.release_pin import ReleasePin
-from common.process_supervision import start_child, stop_processes
+from fedmm.client.release_pin import ReleasePin
+from fedmm.common.process_supervision import start_child, stop_processes
 
 logger = logging.getLogger("fedmm.site_executor")
 
@@ -34,7 +34,7 @@ def runner_argv(*, runtime_api_address: str, pin: ReleasePin, warm: bool = True)
         sys.executable,
         "-I",
         "-m",
-        "client.site_runner",
+        "fedmm.client.site_runner",
         "--runtime-api-address",
         runtime_api_address,
         "--release-version",

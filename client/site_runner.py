@@ -1,6 +1,6 @@
 """Messages at a site, run by the site's own installed code.
 
-``python -I -m client.site_runner --serve``: one warm process that runs task after task
+``python -I -m fedmm.client.site_runner --serve``: one warm process that runs task after task
 (one task token a line on standard input, until it closes), so Python, Flower and the
 site's code are imported once, and what the site's code keeps in memory between messages
 (its de-identified records, fixed scattering features, the tokenizer's cache) is computed
@@ -34,9 +34,9 @@ import sys
 import time
 from typing import IO, TYPE_CHECKING
 
-from client.release_pin import ReleasePin, check_run_app, normalise_digest
-from client.site_replies import refusal_reply
-from common.site_refusal import RefusalCode
+from fedmm.client.release_pin import ReleasePin, check_run_app, normalise_digest
+from fedmm.client.site_replies import refusal_reply
+from fedmm.common.site_refusal import RefusalCode
 
 if TYPE_CHECKING:
     from flwr.app import Message
@@ -67,7 +67,7 @@ def run_task(*, runtime_api_address: str, token: str, pin: ReleasePin) -> int:
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-    from client.runtime_pull import pull_task_input  # Flower's, with a local backoff
+    from fedmm.client.runtime_pull import pull_task_input  # Flower's, with a local backoff
 
     retry = make_simple_http_retry_invoker()
     client = RuntimeHttpClient.from_server_address(
@@ -96,7 +96,7 @@ def run_task(*, runtime_api_address: str, token: str, pin: ReleasePin) -> int:
             logger.error("refused run %s (%s): %s", run.run_id, refusal.code, refusal.detail)
             reply, details = refusal_reply(message, refusal), refusal.code.value
         else:
-            from client.app import app  # the installed release, never the FAB
+            from fedmm.client.app import app  # the installed release, never the FAB
 
             reply, details = app(message=message, context=context), ""
         ran = time.monotonic()
@@ -139,7 +139,7 @@ def message_context(context: object, message: Message) -> object:
 
 def serve(*, runtime_api_address: str, pin: ReleasePin, tokens: IO[str]) -> int:
     """Run a task for every token line of ``tokens`` until it closes; 0."""
-    import client.app  # noqa: F401 - import the ClientApp (no torch) before the first task
+    import fedmm.client.app  # noqa: F401 - import the ClientApp (no torch) before the first task
 
     for line in iter(tokens.readline, ""):
         token = line.strip()
@@ -153,7 +153,7 @@ def serve(*, runtime_api_address: str, pin: ReleasePin, tokens: IO[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.site_runner", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fedmm.client.site_runner", description=__doc__)
     parser.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT")
     parser.add_argument("--release-version", required=True)
     parser.add_argument("--release-digest", required=True)

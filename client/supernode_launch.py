@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.site_config import SiteConfig, node_config_argument
-from common.flower_commands import flower_executable
+from fedmm.client.site_config import SiteConfig, node_config_argument
+from fedmm.common.flower_commands import flower_executable
 
 #: How often the site's executor asks its SuperNode for a task (Flower's SuperExec asks every
 #: second by default, so each message waited half a second on average before it ran); a
@@ -45,7 +45,7 @@ FLOWER_SUPERNODE = "flower-supernode"
 def supernode_program() -> str:
     """``fedmm-supernode`` (Flower's SuperNode with a prompt pull loop) when the installed
     Flower is the version it was written for, else Flower's own ``flower-supernode``."""
-    from client.supernode_polling import pinned_flower_installed
+    from fedmm.client.supernode_polling import pinned_flower_installed
 
     return PROMPT_SUPERNODE if pinned_flower_installed() else FLOWER_SUPERNODE
 
@@ -147,7 +147,7 @@ class LedgerStatus:
 def ledger_status(config: SiteConfig) -> LedgerStatus:
     """What the site's ledger file says it has spent (RDP accountant, at the ledger's delta,
     else the policy's). Import-light: no torch (see :func:`ledger_epsilon`)."""
-    from client.privacy_ledger import ACCOUNTANT, PrivacyLedger, dp_sgd_history
+    from fedmm.client.privacy_ledger import ACCOUNTANT, PrivacyLedger, dp_sgd_history
 
     path = config.ledger_file
     ledger = PrivacyLedger.load(path)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from common.flower_pin import UnpinnedFlowerError, is_pinned, load_pinned_module
+from fedmm.common.flower_pin import UnpinnedFlowerError, is_pinned, load_pinned_module
 
 #: SHA-256 of ``flwr/supernode/start_client_internal.py`` in flwr 1.41.0 (the wheel's file).
 PINNED_MODULE_SHA256 = "d6342f743fdf768f63305b88414ae2654e9a21bda153739da19c608e8d375067"

@@ -34,7 +34,7 @@ from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from common.flower_pin import is_pinned, load_pinned_module
+from fedmm.common.flower_pin import is_pinned, load_pinned_module
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from common.federation_config import ConfigError, FederationConfig
-from common.model_config import ModelConfig
-from common.train_request import TrainRequest, model_config_of
+from fedmm.common.federation_config import ConfigError, FederationConfig
+from fedmm.common.model_config import ModelConfig
+from fedmm.common.train_request import TrainRequest, model_config_of
 
 PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
 
 
 def test_app_config_matches_federation_config_defaults() -> None:
     app = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    assert app["components"] == {
+        "serverapp": "fedmm.server.app:app",
+        "clientapp": "fedmm.client.app:app",
+    }
     assert FederationConfig.from_run_config(app["config"]) == FederationConfig()
     assert set(app["config"]) == set(FederationConfig().to_run_config())
 
@@ -84,3 +87,18 @@ def test_image_and_text_geometry_come_from_the_run_config() -> None:
 def test_bad_geometry_in_the_run_config_names_the_key(overrides, message) -> None:
     with pytest.raises(ConfigError, match=message):
         FederationConfig.from_run_config(overrides)
+
+
+def test_every_package_folder_is_installed_under_fedmm() -> None:
+    """A new sub-package not listed in pyproject would import from a checkout and be missing
+    from an installed release."""
+    setuptools = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]
+    root = PYPROJECT.parent
+    folders = {"common", "client", "server", "simulations"}
+    assert setuptools["package-dir"] == {f"fedmm.{name}": name for name in folders}
+    on_disk = {
+        "fedmm." + ".".join(init.parent.relative_to(root).parts)
+        for name in folders
+        for init in (root / name).rglob("__init__.py")
+    }
+    assert set(setuptools["packages"]) == on_disk

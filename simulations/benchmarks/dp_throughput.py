@@ -4,7 +4,7 @@ Prints JSON: for each model width, samples/s of ``client.training.train_locally`
 and with DP-SGD (per-example clipping from ``client.per_example_gradients``, CSPRNG noise and
 Poisson batches), measured side by side in one process in alternating repetitions (best of
 the repetitions), their ratio, the load average before and after, and the peak RSS. Usage:
-    python -m simulations.benchmarks.dp_throughput [--records 2048] [--repeats 3] \
+    python -m fedmm.simulations.benchmarks.dp_throughput [--records 2048] [--repeats 3] \
         [--widths 32 64] [--image-encoder patches|conv|scatter]
 """
 
@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from client.training import DPSGDSettings, TrainingRecipe, train_locally
-from common.data.benchmark import benchmark_train_records
-from common.model import CrossAttentionMatcher
-from common.model_config import ACTIVATIONS, IMAGE_ENCODERS, ModelConfig
+from fedmm.client.training import DPSGDSettings, TrainingRecipe, train_locally
+from fedmm.common.data.benchmark import benchmark_train_records
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.model_config import ACTIVATIONS, IMAGE_ENCODERS, ModelConfig
 
 TARGET_DP_OVER_NON_PRIVATE = 0.8
 

@@ -17,7 +17,7 @@ Each way's clipped sum is compared with ``one_backward``'s (largest absolute dif
 all entries, relative to the largest entry), so a fast way that is not exact shows. Steps
 are timed in alternating repetitions (best of ``--repeats``), optimizer step excluded.
 Prints JSON. Usage:
-    python -m simulations.benchmarks.per_example_options [--widths 32 64] [--repeats 5]
+    python -m fedmm.simulations.benchmarks.per_example_options [--widths 32 64] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.per_example_gradients import PerExampleGradients, clip_factors
-from client.training import MatchingDataset
-from common.data.benchmark import benchmark_train_records
-from common.loss import matching_loss
-from common.model import CrossAttentionMatcher
-from common.model_config import IMAGE_ENCODERS, ModelConfig
-from common.tokenizer import HashingTokenizer
+from fedmm.client.per_example_gradients import PerExampleGradients, clip_factors
+from fedmm.client.training import MatchingDataset
+from fedmm.common.data.benchmark import benchmark_train_records
+from fedmm.common.loss import matching_loss
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.model_config import IMAGE_ENCODERS, ModelConfig
+from fedmm.common.tokenizer import HashingTokenizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 ClippedSum = Callable[[Batch], dict[str, torch.Tensor]]

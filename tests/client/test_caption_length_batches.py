@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from client.caption_length_batches import caption_lengths, split_by_caption_length
-from client.per_example_gradients import PerExampleGradients
-from client.training import MatchingDataset
-from common.data.benchmark import benchmark_train_records
-from common.loss import matching_loss
-from common.model import CrossAttentionMatcher
-from common.model_config import ACTIVATIONS, IMAGE_ENCODERS, ModelConfig
-from common.tokenizer import HashingTokenizer
+from fedmm.client.caption_length_batches import caption_lengths, split_by_caption_length
+from fedmm.client.per_example_gradients import PerExampleGradients
+from fedmm.client.training import MatchingDataset
+from fedmm.common.data.benchmark import benchmark_train_records
+from fedmm.common.loss import matching_loss
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.model_config import ACTIVATIONS, IMAGE_ENCODERS, ModelConfig
+from fedmm.common.tokenizer import HashingTokenizer
 
 VARIANTS = tuple(itertools.product(IMAGE_ENCODERS, ACTIVATIONS))
 CONFIG = ModelConfig(width=16, heads=2)

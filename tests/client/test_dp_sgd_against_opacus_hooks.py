@@ -19,14 +19,14 @@ from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 
-from client.secure_dp_sgd import SecureNoiseDPOptimizer, poisson_batch, train_dp_sgd
-from client.training import MatchingDataset
-from common.data.benchmark import benchmark_train_records
-from common.loss import matching_loss
-from common.model import CrossAttentionMatcher
-from common.model_config import IMAGE_ENCODERS, ModelConfig
-from common.secure_random import aes_ctr_random_bytes
-from common.tokenizer import HashingTokenizer
+from fedmm.client.secure_dp_sgd import SecureNoiseDPOptimizer, poisson_batch, train_dp_sgd
+from fedmm.client.training import MatchingDataset
+from fedmm.common.data.benchmark import benchmark_train_records
+from fedmm.common.loss import matching_loss
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.model_config import IMAGE_ENCODERS, ModelConfig
+from fedmm.common.secure_random import aes_ctr_random_bytes
+from fedmm.common.tokenizer import HashingTokenizer
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Full backward hook is firing"),

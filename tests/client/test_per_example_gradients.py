@@ -21,11 +21,11 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from client.per_example_gradients import PerExampleGradients, clip_factors
-from common.loss import matching_loss
-from common.model import CrossAttentionMatcher
-from common.model_config import ACTIVATIONS, IMAGE_ENCODERS, ModelConfig
-from common.tokenizer import PAD_ID
+from fedmm.client.per_example_gradients import PerExampleGradients, clip_factors
+from fedmm.common.loss import matching_loss
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.model_config import ACTIVATIONS, IMAGE_ENCODERS, ModelConfig
+from fedmm.common.tokenizer import PAD_ID
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 

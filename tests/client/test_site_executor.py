@@ -1,6 +1,6 @@
 """The site's executor hands tasks to one warm site runner, started again when it exits.
 
-Real runner processes (``python -I -m client.site_runner --serve``), pointed at a Runtime
+Real runner processes (``python -I -m fedmm.client.site_runner --serve``), pointed at a Runtime
 API address where nothing listens: the tasks themselves fail (and say so in the runner's
 log); what is checked is which process gets each token.
 """
@@ -12,8 +12,8 @@ import signal
 import socket
 from pathlib import Path
 
-from client.release_pin import ReleasePin
-from client.site_executor import SiteTaskExecutor, runner_argv
+from fedmm.client.release_pin import ReleasePin
+from fedmm.client.site_executor import SiteTaskExecutor, runner_argv
 
 PIN = ReleasePin("0.1.0", "0" * 64)
 
@@ -36,7 +36,7 @@ def _executor(tmp_path: Path, *, warm: bool) -> SiteTaskExecutor:
 
 def test_runner_command() -> None:
     warm = runner_argv(runtime_api_address="127.0.0.1:1", pin=PIN)
-    assert warm[1:4] == ["-I", "-m", "client.site_runner"] and warm[-1] == "--serve"
+    assert warm[1:4] == ["-I", "-m", "fedmm.client.site_runner"] and warm[-1] == "--serve"
     assert "--serve" not in runner_argv(runtime_api_address="127.0.0.1:1", pin=PIN, warm=False)
 
 

@@ -18,14 +18,14 @@ from types import ModuleType
 
 import pytest
 
-from client.supernode_polling import (
+from fedmm.client.supernode_polling import (
     PATCHED_MODULE,
     PINNED_MODULE_SHA256,
     IdlePollClock,
     install,
     pinned_flower_installed,
 )
-from common.flower_pin import (
+from fedmm.common.flower_pin import (
     PINNED_FLWR_VERSION,
     UnpinnedFlowerError,
     check_pinned_source,

@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.reply_polling import ReplyPollingGrid
+from fedmm.server.reply_polling import ReplyPollingGrid
 
 
 class ScriptedGrid(Grid):
@@ -114,7 +114,7 @@ def test_replies_objects_are_pulled_promptly_from_the_pinned_http_grid() -> None
 
     from flwr.superlink.grid.http_grid import HttpGrid
 
-    from server.reply_polling import HTTP_GRID_MODULE, OBJECT_PULL_BACKOFF_S
+    from fedmm.server.reply_polling import HTTP_GRID_MODULE, OBJECT_PULL_BACKOFF_S
 
     module = importlib.import_module(HTTP_GRID_MODULE)
     original = module.pull_objects

@@ -219,7 +219,7 @@ def test_status_imports_no_torch(tmp_path: Path) -> None:
     ledger.save(tmp_path / "site" / "state" / "privacy-ledger.json")
     code = (
         "import sys\n"
-        "from simulations.cli import main\n"
+        "from fedmm.simulations.cli import main\n"
         f"assert main(['site', 'status', {str(config)!r}]) == 0\n"
         "print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))\n"
     )

@@ -10,7 +10,8 @@ whether it does:
 - ``train.secagg_setup``: the first of SecAgg+'s four exchanges (Bell et al., CCS 2020;
   Bonawitz et al., CCS 2017): the task's result is masked; ``train.secagg_share``,
   ``train.secagg_masked`` and ``train.secagg_unmask`` complete the sum
-  (``client.secure_aggregation``).
+  (``client.secure_aggregation``); in active-coordinator mode ``train.secagg_consistency``
+  (the signed survivor set) runs before unmask.
 
 Heavy modules (torch, opacus) are imported inside the tasks that train, not at import
 time: deployment starts a fresh ClientApp process per message, and the SecAgg+ stages after
@@ -28,13 +29,20 @@ from flwr.clientapp.typing import Mod
 from client.reply_padding import pad_training_replies
 from client.secure_aggregation import (
     run_secagg_setup,
+    secagg_consistency,
     secagg_masked,
     secagg_share,
     secagg_unmask,
 )
 from client.site_replies import refuse
 from client.site_tasks import plain_task, secure_sum_task
-from common.secure_round import ACTION_MASKED, ACTION_SETUP, ACTION_SHARE, ACTION_UNMASK
+from common.secure_round import (
+    ACTION_CONSISTENCY,
+    ACTION_MASKED,
+    ACTION_SETUP,
+    ACTION_SHARE,
+    ACTION_UNMASK,
+)
 from common.site_refusal import RECORD_STATUS, RefusalCode, SiteRefusal, status_payload
 from common.site_task import (
     RECORD_CONFIG,
@@ -55,6 +63,7 @@ def build_client_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
     client_app.train(ACTION_SETUP)(secagg_setup)
     client_app.train(ACTION_SHARE)(secagg_share)
     client_app.train(ACTION_MASKED)(secagg_masked)
+    client_app.train(ACTION_CONSISTENCY)(secagg_consistency)
     client_app.train(ACTION_UNMASK)(secagg_unmask)
     return client_app
 

@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordD
 from client import secure_aggregation
 from common.federation_config import FederationConfig
 from common.secure_round import (
+    MESSAGE_CONSISTENCY,
     MESSAGE_MASKED,
     MESSAGE_SETUP,
     MESSAGE_SHARE,
@@ -63,6 +64,7 @@ class InProcessGrid:
             ),
             MESSAGE_SHARE: secure_aggregation.secagg_share,
             MESSAGE_MASKED: secure_aggregation.secagg_masked,
+            MESSAGE_CONSISTENCY: secure_aggregation.secagg_consistency,
             MESSAGE_UNMASK: secure_aggregation.secagg_unmask,
         }
         self.fault: Fault = lambda _type, _node: None

@@ -57,6 +57,9 @@ class SimulationSettings:
     torch_threads: int = 1
     #: Where the sites' updates wait between SecAgg+ stages (empty: the system temp dir).
     secagg_spill_dir: str = ""
+    #: Active-coordinator mode: the sites pin the run's roster and demand the mode (False:
+    #: they pin it only, so a benchmark can run rounds with and without it side by side).
+    sites_require_active_coordinator: bool = True
 
 
 def simulated_site_mods(
@@ -108,6 +111,7 @@ def run_local_simulation(
         max_epsilon=config.epsilon if max_epsilon is None else max_epsilon,
         delta=config.delta,
         roster_digest=b"" if roster is None else roster.digest,
+        require_active_coordinator=settings.sites_require_active_coordinator,
     )
     write_site_deid_policy(out_dir / DEID_POLICY_FILE)
     factory = build_client_app if client_app is None else client_app

@@ -78,10 +78,16 @@ class SimulatedSiteNodeConfig:
 
 
 def write_site_policy(
-    path: Path, *, max_epsilon: float, delta: float, roster_digest: bytes = b""
+    path: Path,
+    *,
+    max_epsilon: float,
+    delta: float,
+    roster_digest: bytes = b"",
+    require_active_coordinator: bool = True,
 ) -> None:
     """The policy file the simulated sites share; with ``roster_digest``, every site pins
-    that roster and refuses any round not in active-coordinator mode."""
+    that roster and (``require_active_coordinator``) refuses any round not in
+    active-coordinator mode."""
     value = "inf" if math.isinf(max_epsilon) else repr(float(max_epsilon))
     text = (
         "# Privacy policy shared by the simulated sites (record-level DP at each site).\n"
@@ -90,7 +96,8 @@ def write_site_policy(
     if roster_digest:
         text += (
             "\n# Active-coordinator mode: the simulation's roster, pinned by every site.\n"
-            "[secure-aggregation]\nrequire-active-coordinator = true\n"
+            "[secure-aggregation]\n"
+            f"require-active-coordinator = {str(require_active_coordinator).lower()}\n"
             f'roster-digest = "{roster_digest.hex()}"\n'
         )
     path.write_text(text)

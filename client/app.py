@@ -28,6 +28,7 @@ from flwr.clientapp.typing import Mod
 
 from client.reply_padding import pad_training_replies
 from client.secure_aggregation import (
+    plain_round_refusal,
     run_secagg_setup,
     secagg_consistency,
     secagg_masked,
@@ -76,7 +77,11 @@ def _task(msg: Message) -> SiteTask | SiteRefusal:
 
 
 def train(msg: Message, context: Context) -> Message:
-    """Plain FedAvg: the declared task's update and metrics, in the clear."""
+    """Plain FedAvg: the declared task's update and metrics, in the clear (refused by a site
+    that demands active-coordinator mode)."""
+    demanded = plain_round_refusal(context)
+    if demanded is not None:
+        return refuse(msg, demanded)
     task = _task(msg)
     run = task if isinstance(task, SiteRefusal) else plain_task(task)
     if isinstance(run, SiteRefusal):

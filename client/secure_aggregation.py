@@ -299,6 +299,23 @@ def _secagg_policy(node_config: Any) -> ClientSecAggPolicy:
     return ClientSecAggPolicy.for_site(node_config)
 
 
+def plain_round_refusal(context: Context) -> SiteRefusal | None:
+    """A plain-FedAvg request (its update in the clear) is refused by a site whose policy
+    demands active-coordinator mode: otherwise a coordinator would only have to switch
+    secure aggregation off. ``secagg-policy`` also for a policy that does not parse."""
+    try:
+        policy = _secagg_policy(context.node_config)
+    except PolicyError as error:
+        return SiteRefusal(RefusalCode.SECAGG_POLICY, str(error))
+    if policy.require_active_coordinator:
+        return SiteRefusal(
+            RefusalCode.SECAGG_POLICY,
+            "this site's policy requires active-coordinator mode; a plain-FedAvg round would "
+            "send its update in the clear",
+        )
+    return None
+
+
 def _site_identity(node_config: Any, policy: ClientSecAggPolicy) -> SiteIdentity | None:
     """This site's roster identity (None when it has none configured: the stages then refuse
     an active round). A roster or key file that is unusable is the site's own problem to fix:

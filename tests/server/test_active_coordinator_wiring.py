@@ -227,6 +227,20 @@ def test_a_site_that_demands_active_mode_refuses_a_round_without_it(
     assert not trainer.updates  # refused before training: no privacy spent
 
 
+def test_a_site_that_demands_active_mode_refuses_a_plain_fedavg_round(
+    federation: Federation,
+) -> None:
+    """Switching secure aggregation off would show the coordinator each update: refused."""
+    from client.app import train
+    from server.aggregation import FedAvgAggregation
+
+    grid = InProcessGrid(NODES, app=train, node_configs=federation.node_configs())
+    result = run_secure_round(FedAvgAggregation(), grid, _arrays(), 1)
+    assert result.weighted_update_sum is None
+    assert {o.reason for o in result.outcomes} == {RefusalCode.SECAGG_POLICY.value}
+    assert not any(reply.content.array_records for reply in grid.received)  # no update sent
+
+
 def test_a_site_without_its_roster_refuses_an_active_round(federation: Federation) -> None:
     trainer = Trainer()
     configs = federation.node_configs()

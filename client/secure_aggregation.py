@@ -302,11 +302,12 @@ def _secagg_policy(node_config: Any) -> ClientSecAggPolicy:
 def plain_round_refusal(context: Context) -> SiteRefusal | None:
     """A plain-FedAvg request (its update in the clear) is refused by a site whose policy
     demands active-coordinator mode: otherwise a coordinator would only have to switch
-    secure aggregation off. ``secagg-policy`` also for a policy that does not parse."""
+    secure aggregation off. A policy that does not parse is left to the task, which refuses
+    it with its own code."""
     try:
         policy = _secagg_policy(context.node_config)
-    except PolicyError as error:
-        return SiteRefusal(RefusalCode.SECAGG_POLICY, str(error))
+    except PolicyError:
+        return None
     if policy.require_active_coordinator:
         return SiteRefusal(
             RefusalCode.SECAGG_POLICY,

@@ -26,8 +26,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client.reply_padding import pad_training_replies
-from client.secure_aggregation import (
+from fedmm.client.reply_padding import pad_training_replies
+from fedmm.client.secure_aggregation import (
     plain_round_refusal,
     run_secagg_setup,
     secagg_consistency,
@@ -35,17 +35,17 @@ from client.secure_aggregation import (
     secagg_share,
     secagg_unmask,
 )
-from client.site_replies import refuse
-from client.site_tasks import plain_task, secure_sum_task
-from common.secure_round import (
+from fedmm.client.site_replies import refuse
+from fedmm.client.site_tasks import plain_task, secure_sum_task
+from fedmm.common.secure_round import (
     ACTION_CONSISTENCY,
     ACTION_MASKED,
     ACTION_SETUP,
     ACTION_SHARE,
     ACTION_UNMASK,
 )
-from common.site_refusal import RECORD_STATUS, RefusalCode, SiteRefusal, status_payload
-from common.site_task import (
+from fedmm.common.site_refusal import RECORD_STATUS, RefusalCode, SiteRefusal, status_payload
+from fedmm.common.site_task import (
     RECORD_CONFIG,
     RECORD_METRICS,
     RECORD_UPDATE,

@@ -81,7 +81,10 @@ def add_roster_parsers(steps: Any) -> None:
 
 
 def _roster_key(args: argparse.Namespace) -> int:
-    from client.secagg.site_signing_key import create_site_signing_key, describe_site_public_key
+    from fedmm.client.secagg.site_signing_key import (
+        create_site_signing_key,
+        describe_site_public_key,
+    )
 
     if not args.show:
         create_site_signing_key(args.file)
@@ -93,7 +96,7 @@ def _roster_key(args: argparse.Namespace) -> int:
 
 
 def _create(args: argparse.Namespace) -> int:
-    from common.secagg.roster import RosterError, create_roster, save_roster
+    from fedmm.common.secagg.roster import RosterError, create_roster, save_roster
 
     if args.file.exists():
         raise RosterError(f"{args.file} already exists: add sites to it, or choose a new file")
@@ -103,7 +106,7 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _add(args: argparse.Namespace) -> int:
-    from common.secagg.roster import RosterError, add_site, load_roster, save_roster
+    from fedmm.common.secagg.roster import RosterError, add_site, load_roster, save_roster
 
     try:
         public = bytes.fromhex("".join(args.key.split()))
@@ -124,7 +127,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _sign(args: argparse.Namespace) -> int:
-    from client.secagg.site_identity import sign_roster_file
+    from fedmm.client.secagg.site_identity import sign_roster_file
 
     sign_roster_file(roster_file=args.file, signing_key_file=args.key)
     print(f"signed {args.file}; sign only after comparing every fingerprint out of band")
@@ -132,7 +135,7 @@ def _sign(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from common.secagg.roster import load_roster, merge_signatures, save_roster
+    from fedmm.common.secagg.roster import load_roster, merge_signatures, save_roster
 
     merged = merge_signatures([load_roster(path) for path in args.copies])
     save_roster(merged, args.out)
@@ -141,9 +144,9 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from client.secagg.site_identity import SiteIdentity
-    from client.secagg.site_signing_key import load_site_signing_key
-    from common.secagg.roster import format_digest, load_roster, parse_digest, verify_roster
+    from fedmm.client.secagg.site_identity import SiteIdentity
+    from fedmm.client.secagg.site_signing_key import load_site_signing_key
+    from fedmm.common.secagg.roster import format_digest, load_roster, parse_digest, verify_roster
 
     pinned = None if args.digest is None else parse_digest(args.digest, source="--digest")
     verified = verify_roster(load_roster(args.file), pinned_digest=pinned)
@@ -159,7 +162,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _print_roster(path: Path) -> int:
-    from common.secagg.roster import describe_roster, load_roster
+    from fedmm.common.secagg.roster import describe_roster, load_roster
 
     print(describe_roster(load_roster(path)), end="")
     return 0

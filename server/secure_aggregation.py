@@ -47,10 +47,10 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.secagg.aggregation_size import MIN_AGGREGATION_SIZE
-from common.secagg.neighbour_graph import DEFAULT_ADVERSARIAL_RATE, DEFAULT_DROPOUT_RATE
-from common.secagg.roster import RosterError, VerifiedRoster, load_roster, verify_roster
-from common.secure_round import (
+from fedmm.common.secagg.aggregation_size import MIN_AGGREGATION_SIZE
+from fedmm.common.secagg.neighbour_graph import DEFAULT_ADVERSARIAL_RATE, DEFAULT_DROPOUT_RATE
+from fedmm.common.secagg.roster import RosterError, VerifiedRoster, load_roster, verify_roster
+from fedmm.common.secure_round import (
     MESSAGE_CONSISTENCY,
     MESSAGE_MASKED,
     MESSAGE_SETUP,
@@ -62,10 +62,10 @@ from common.secure_round import (
     RECORD_STATUS,
     unflatten_update,
 )
-from common.site_refusal import refusal_code_of
-from server.aggregation import RoundAggregate, RoundRequest, SiteOutcome
-from server.reply_polling import PROTOCOL_POLL, poll_replies
-from server.secagg.stages import (
+from fedmm.common.site_refusal import refusal_code_of
+from fedmm.server.aggregation import RoundAggregate, RoundRequest, SiteOutcome
+from fedmm.server.reply_polling import PROTOCOL_POLL, poll_replies
+from fedmm.server.secagg.stages import (
     AWAITING_CONSISTENCY,
     ServerSecAggState,
     server_collect_consistency,

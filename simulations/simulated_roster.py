@@ -24,11 +24,11 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from client.secagg.site_signing_key import (
+from fedmm.client.secagg.site_signing_key import (
     load_site_signing_key,
     write_site_signing_key,
 )
-from common.secagg.roster import (
+from fedmm.common.secagg.roster import (
     RosterError,
     add_site,
     create_roster,

@@ -29,8 +29,8 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.secagg.site_identity import ROSTER_FILE_KEY, SIGNING_KEY_FILE_KEY
-from simulations.simulated_roster import ROSTER_FILE, SIGNING_KEY_FILE, site_name
+from fedmm.client.secagg.site_identity import ROSTER_FILE_KEY, SIGNING_KEY_FILE_KEY
+from fedmm.simulations.simulated_roster import ROSTER_FILE, SIGNING_KEY_FILE, site_name
 
 POLICY_FILE = "site-policy.toml"
 DEID_POLICY_FILE = "site-deid-policy.toml"

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from client.secagg.policy import ClientSecAggPolicy
-from client.secagg.site_identity import (
+from fedmm.client.secagg.policy import ClientSecAggPolicy
+from fedmm.client.secagg.site_identity import (
     ROSTER_FILE_KEY,
     SIGNING_KEY_FILE_KEY,
     identity_from_node_config,
 )
-from simulations.cli import main
+from fedmm.simulations.cli import main
 
 
 def _fedmm(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -91,7 +91,7 @@ def test_roster_key_never_overwrites_and_refuses_a_readable_key(
 def test_site_config_points_at_the_roster_and_checks_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from client.site_config import _check_roster, load_site_config
+    from fedmm.client.site_config import _check_roster, load_site_config
     from tests.client.site_fixtures import GOOD
 
     roster, digest = _ceremony(tmp_path, capsys)

@@ -25,16 +25,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.secagg.site_identity import ROSTER_FILE_KEY, SIGNING_KEY_FILE_KEY, sign_roster_file
-from client.secagg.site_signing_key import create_site_signing_key
-from client.secure_aggregation import SiteContribution
-from common.secagg.graph_seed import graph_seed
-from common.secagg.key_agreement import generate_private_key, public_key_for
-from common.secagg.neighbour_graph import neighbour_graph
-from common.secagg.roster import add_site, create_roster, format_digest, save_roster
-from common.secagg.round_config import SecAggRoundConfig
-from common.secagg.round_signatures import round_keys_message
-from common.secure_round import (
+from fedmm.client.secagg.site_identity import (
+    ROSTER_FILE_KEY,
+    SIGNING_KEY_FILE_KEY,
+    sign_roster_file,
+)
+from fedmm.client.secagg.site_signing_key import create_site_signing_key
+from fedmm.client.secure_aggregation import SiteContribution
+from fedmm.common.secagg.graph_seed import graph_seed
+from fedmm.common.secagg.key_agreement import generate_private_key, public_key_for
+from fedmm.common.secagg.neighbour_graph import neighbour_graph
+from fedmm.common.secagg.roster import add_site, create_roster, format_digest, save_roster
+from fedmm.common.secagg.round_config import SecAggRoundConfig
+from fedmm.common.secagg.round_signatures import round_keys_message
+from fedmm.common.secure_round import (
     MESSAGE_CONSISTENCY,
     MESSAGE_MASKED,
     MESSAGE_SETUP,
@@ -44,8 +48,8 @@ from common.secure_round import (
     RECORD_STATUS,
     flatten_update,
 )
-from common.site_refusal import RefusalCode, status_payload
-from server.secure_aggregation import (
+from fedmm.common.site_refusal import RefusalCode, status_payload
+from fedmm.server.secure_aggregation import (
     SecAggPlusAggregation,
     SecAggSettings,
     load_federation_roster,
@@ -231,8 +235,8 @@ def test_a_site_that_demands_active_mode_refuses_a_plain_fedavg_round(
     federation: Federation,
 ) -> None:
     """Switching secure aggregation off would show the coordinator each update: refused."""
-    from client.app import train
-    from server.aggregation import FedAvgAggregation
+    from fedmm.client.app import train
+    from fedmm.server.aggregation import FedAvgAggregation
 
     grid = InProcessGrid(NODES, app=train, node_configs=federation.node_configs())
     result = run_secure_round(FedAvgAggregation(), grid, _arrays(), 1)

@@ -138,7 +138,7 @@ def _start(args: argparse.Namespace) -> int:
     address = runtime_api_address(args.port)
     print(shell_line(argv, extra), flush=True)
     runner = shlex.join(runner_argv(runtime_api_address=address, pin=config.release_pin))
-    print(f"for each message: {runner} (task token on stdin)", flush=True)
+    print(f"site runner: {runner} (a task token a line on stdin)", flush=True)
     if args.dry_run:
         return 0
     os.umask(0o077)  # files the SuperNode and the runners create are private
@@ -152,7 +152,7 @@ def _start(args: argparse.Namespace) -> int:
         pin=config.release_pin,
         cwd=config.source.resolve().parent,
         retry_for=args.max_wait_time if args.max_wait_time is not None else DEFAULT_RETRY_SECONDS,
-        poll_interval=float(env.get(SUPEREXEC_POLL_ENV, "0.25")),
+        poll_interval=float(env.get(SUPEREXEC_POLL_ENV, "0.1")),
     )
     return run_site_service(service)
 

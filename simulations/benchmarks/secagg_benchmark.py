@@ -38,7 +38,8 @@ average of the machine at the start and the end. Progress rows go to stderr.
 
 Usage (prints JSON):
 
-    python -m fedmm.simulations.benchmarks.secagg_benchmark --sites 10 --lengths 100000 --flower-legacy
+    python -m fedmm.simulations.benchmarks.secagg_benchmark --sites 10 \\
+        --lengths 100000 --flower-legacy
     python -m fedmm.simulations.benchmarks.secagg_benchmark --sites 10 50 100 \
         --lengths 100000 1000000 --repeats 3 --flower-legacy
     python -m fedmm.simulations.benchmarks.secagg_benchmark --sites 10 50 --lengths 100000 --active

@@ -16,12 +16,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedmm.client.roster_commands import add_roster_parsers
+
 
 def add_site_parser(commands: Any) -> None:
     """``fedmm site ...`` in the ``fedmm`` command line (its subparsers ``commands``)."""
     site = commands.add_parser(
         "site",
-        help="site deployment: key pair, config check, SuperNode, privacy ledger",
+        help="site deployment: key pair, config check, SuperNode, privacy ledger, roster",
         description="Deployment steps of a data-holding site (docs/site-guide.md).",
     )
     steps = site.add_subparsers(dest="step", required=True)
@@ -60,6 +62,7 @@ def add_site_parser(commands: Any) -> None:
     status = steps.add_parser("status", help="show the site's privacy ledger")
     status.add_argument("config", type=Path, metavar="CONFIG")
     status.add_argument("--json", action="store_true", help="print JSON")
+    add_roster_parsers(steps)
     keygen.set_defaults(handler=_keygen)
     check.set_defaults(handler=_check)
     digest.set_defaults(handler=_release_digest)

@@ -11,7 +11,10 @@ partition id, before any other mod or handler reads it:
 - ``ledger-file``: ``<out>/site-ledgers/site-<id>.json``, so ``--resume`` continues epsilon;
 - ``deid-policy``: ``<out>/site-deid-policy.toml``; ``site-secret`` and ``deid-cache-dir``:
   ``<out>/site-deid/site-<id>/site-secret`` and ``.../cache``;
-- ``torch-threads`` and, when set, ``secagg-spill-dir``.
+- ``torch-threads`` and, when set, ``secagg-spill-dir``;
+- in active-coordinator mode, ``secagg-roster-file`` and ``secagg-signing-key-file``: the
+  simulation's roster and the site's roster signing key (``simulations.simulated_roster``),
+  whose digest the shared policy file pins.
 
 The mod is a frozen dataclass of plain values: Ray pickles it with the ClientApp for its
 actors.
@@ -26,6 +29,9 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedmm.client.secagg.site_identity import ROSTER_FILE_KEY, SIGNING_KEY_FILE_KEY
+from fedmm.simulations.simulated_roster import ROSTER_FILE, SIGNING_KEY_FILE, site_name
+
 POLICY_FILE = "site-policy.toml"
 DEID_POLICY_FILE = "site-deid-policy.toml"
 LEDGER_DIR = "site-ledgers"
@@ -39,6 +45,8 @@ class SimulatedSiteNodeConfig:
     out_dir: str
     torch_threads: int = 1
     secagg_spill_dir: str = ""
+    #: Active-coordinator mode: the simulation's roster folder (empty: no roster).
+    roster_dir: str = ""
 
     def node_config(self, partition_id: int) -> dict[str, str | int]:
         """The node config of the simulated site with ``partition_id``."""
@@ -53,6 +61,10 @@ class SimulatedSiteNodeConfig:
         }
         if self.secagg_spill_dir:
             config["secagg-spill-dir"] = self.secagg_spill_dir
+        if self.roster_dir:
+            roster = Path(self.roster_dir)
+            config[ROSTER_FILE_KEY] = str(roster / ROSTER_FILE)
+            config[SIGNING_KEY_FILE_KEY] = str(roster / site_name(partition_id) / SIGNING_KEY_FILE)
         return config
 
     def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -65,12 +77,30 @@ class SimulatedSiteNodeConfig:
         return call_next(msg, context)
 
 
-def write_site_policy(path: Path, *, max_epsilon: float, delta: float) -> None:
+def write_site_policy(
+    path: Path,
+    *,
+    max_epsilon: float,
+    delta: float,
+    roster_digest: bytes = b"",
+    require_active_coordinator: bool = True,
+) -> None:
+    """The policy file the simulated sites share; with ``roster_digest``, every site pins
+    that roster and (``require_active_coordinator``) refuses any round not in
+    active-coordinator mode."""
     value = "inf" if math.isinf(max_epsilon) else repr(float(max_epsilon))
-    path.write_text(
+    text = (
         "# Privacy policy shared by the simulated sites (record-level DP at each site).\n"
         f"[privacy]\nmax-epsilon = {value}\ndelta = {delta!r}\n"
     )
+    if roster_digest:
+        text += (
+            "\n# Active-coordinator mode: the simulation's roster, pinned by every site.\n"
+            "[secure-aggregation]\n"
+            f"require-active-coordinator = {str(require_active_coordinator).lower()}\n"
+            f'roster-digest = "{roster_digest.hex()}"\n'
+        )
+    path.write_text(text)
 
 
 def write_site_deid_policy(path: Path) -> None:

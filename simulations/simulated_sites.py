@@ -11,7 +11,10 @@ partition id, before any other mod or handler reads it:
 - ``ledger-file``: ``<out>/site-ledgers/site-<id>.json``, so ``--resume`` continues epsilon;
 - ``deid-policy``: ``<out>/site-deid-policy.toml``; ``site-secret`` and ``deid-cache-dir``:
   ``<out>/site-deid/site-<id>/site-secret`` and ``.../cache``;
-- ``torch-threads`` and, when set, ``secagg-spill-dir``.
+- ``torch-threads`` and, when set, ``secagg-spill-dir``;
+- ``imagefolder``, when the simulation runs on the user's own folders
+  (``fedmm simulate --site-data``, ``simulations.site_folders``): site i reads the i-th
+  folder, as a deployed site reads its own.
 
 The mod is a frozen dataclass of plain values: Ray pickles it with the ClientApp for its
 actors.
@@ -39,6 +42,8 @@ class SimulatedSiteNodeConfig:
     out_dir: str
     torch_threads: int = 1
     secagg_spill_dir: str = ""
+    #: The imagefolder of each simulated site, by partition id (empty: the benchmark).
+    site_data: tuple[str, ...] = ()
 
     def node_config(self, partition_id: int) -> dict[str, str | int]:
         """The node config of the simulated site with ``partition_id``."""
@@ -53,6 +58,13 @@ class SimulatedSiteNodeConfig:
         }
         if self.secagg_spill_dir:
             config["secagg-spill-dir"] = self.secagg_spill_dir
+        if self.site_data:
+            if not 0 <= partition_id < len(self.site_data):
+                raise ValueError(
+                    f"simulated site {partition_id} has no folder: {len(self.site_data)} "
+                    "--site-data folders for more simulated sites"
+                )
+            config["imagefolder"] = self.site_data[partition_id]
         return config
 
     def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

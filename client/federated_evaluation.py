@@ -76,6 +76,17 @@ def caption_bank_hits(
     return hits, len(data)
 
 
+def distinct_captions(data: ImageTextDataset, tokenizer: HashingTokenizer) -> ImageTextDataset:
+    """The first record of each caption as the model reads it (the same token ids): two
+    records whose captions the model cannot tell apart cannot be retrieved apart, so each
+    caption is one query and one candidate (the centralised check's protocol,
+    ``docs/real-data.md`` section 5)."""
+    first: dict[bytes, int] = {}
+    for index, tokens in enumerate(tokenizer.encode_batch(list(data.captions))):
+        first.setdefault(tokens.tobytes(), index)
+    return data.subset(np.array(sorted(first.values()), dtype=np.int64))
+
+
 @torch.no_grad()
 def evaluate_held_out(
     *,
@@ -84,14 +95,16 @@ def evaluate_held_out(
     held_out: ImageTextDataset,
     rng: np.random.Generator | None = None,
 ) -> EvaluationCounts:
-    """The counts of the global model ``global_state`` on the site's ``held_out`` records.
-    ``rng`` draws the shuffled control's pairing and the distractors (default: fresh)."""
+    """The counts of the global model ``global_state`` on the site's ``held_out`` records
+    with distinct captions (:func:`distinct_captions`). ``rng`` draws the shuffled
+    control's pairing and the distractors (default: fresh)."""
     rng = rng if rng is not None else np.random.default_rng()
     if len(held_out) == 0:
         return EvaluationCounts()
     model = CrossAttentionMatcher(request.model_config())
     model.load_state_dict(global_state)
     model.eval()
+    held_out = distinct_captions(held_out, HashingTokenizer.for_model(model.config))
     scores = held_out_scores(model, held_out)
     pairing = shuffled_pairing(len(held_out), rng)
     bank = caption_bank_hits(model, held_out, request, rng)

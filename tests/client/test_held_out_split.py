@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 from uuid import uuid4
 
@@ -81,7 +82,8 @@ def clipart_site(tmp_path: Path) -> dict[str, str]:
     captions, and the site's secret, cache, policy and ledger."""
     root = tmp_path / "site"
     root.mkdir()
-    chosen = sorted((OPENCLIPART_ROOT / "png").rglob("*.png"))[:48]
+    chosen = sorted(p for p in (OPENCLIPART_ROOT / "png").rglob("*.png") if not p.is_symlink())
+    chosen = chosen[::5][:48]
     lines = []
     for i, path in enumerate(chosen):
         shutil.copyfile(path, root / f"{i}.png")
@@ -127,13 +129,17 @@ def test_held_out_records_never_reach_a_training_batch(
     request = TrainRequest.for_round(_config(bank), 1)
     split = load_site_split(clipart_site, request)
     assert len(split.held_out) >= 5 and len(split.train) >= 20
-    held = {img.tobytes() for img in split.held_out.images}
-    assert not held & {img.tobytes() for img in split.train.images}  # distinct images
+    trained = {img.tobytes() for img in split.train.images}
+    # Held-out images that no training record shares (clipart repeats some drawings).
+    held = {img.tobytes() for img in split.held_out.images} - trained
+    assert len(held) >= 5
 
     seen: list[np.ndarray] = []
+    this_thread = threading.get_ident()  # the hook is process-wide: only this test's calls
 
     def record_inputs(module: torch.nn.Module, args: tuple) -> None:
-        if isinstance(module, CrossAttentionMatcher) and args:
+        ours = threading.get_ident() == this_thread
+        if ours and isinstance(module, CrossAttentionMatcher) and args:
             seen.extend(np.asarray(args[0]).copy())
 
     torch.manual_seed(0)
@@ -156,4 +162,6 @@ def test_held_out_records_never_reach_a_training_batch(
         hook.remove()
     assert not reply.content.config_records["status"]["refused"]
     assert len(seen) > 3 * len(split.train) // 2  # three epochs of Poisson batches were seen
-    assert not {image.tobytes() for image in seen} & held
+    seen_bytes = {image.tobytes() for image in seen}
+    assert seen_bytes <= trained
+    assert not seen_bytes & held

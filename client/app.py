@@ -28,18 +28,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client.reply_padding import pad_training_replies
-from client.secure_aggregation import (
+from fedmm.client.reply_padding import pad_training_replies
+from fedmm.client.secure_aggregation import (
     run_secagg_setup,
     secagg_masked,
     secagg_share,
     secagg_unmask,
 )
-from client.site_replies import refuse
-from client.site_tasks import plain_task, secure_sum_task
-from common.secure_round import ACTION_MASKED, ACTION_SETUP, ACTION_SHARE, ACTION_UNMASK
-from common.site_refusal import RECORD_STATUS, RefusalCode, SiteRefusal, status_payload
-from common.site_task import (
+from fedmm.client.site_replies import refuse
+from fedmm.client.site_tasks import plain_task, secure_sum_task
+from fedmm.common.secure_round import ACTION_MASKED, ACTION_SETUP, ACTION_SHARE, ACTION_UNMASK
+from fedmm.common.site_refusal import RECORD_STATUS, RefusalCode, SiteRefusal, status_payload
+from fedmm.common.site_task import (
     RECORD_CONFIG,
     RECORD_METRICS,
     RECORD_UPDATE,

@@ -61,13 +61,13 @@ def _print_audit(report: Any, dst: Path) -> None:
 
 def run_deidentify(args: argparse.Namespace) -> int:
     """``fedmm deidentify SRC DST``: exit 0 when done, 2 on an input the user must fix."""
-    from client.deid.folder_run import (
+    from fedmm.client.deid.folder_run import (
         AUDIT_FILE,
         DeidentifyError,
         check_inputs,
         deidentify_to_folder,
     )
-    from client.deid.site_secret import default_site_secret_path
+    from fedmm.client.deid.site_secret import default_site_secret_path
 
     try:
         inputs = check_inputs(

@@ -35,29 +35,29 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from client.privacy_budget import budget_refusal
-from client.privacy_ledger import PrivacyLedger
-from client.privacy_policy import (
+from fedmm.client.privacy_budget import budget_refusal
+from fedmm.client.privacy_ledger import PrivacyLedger
+from fedmm.client.privacy_policy import (
     EffectivePrivacy,
     PolicyRefusal,
     SitePrivacyPolicy,
     effective_privacy,
     require_delta_below_one_over,
 )
-from client.record_count import public_count
-from client.training import MatchingDataset, check_distractors
-from client.training_round import release_noisy_count, unknown_run_refusal
-from common.data.dataset import ImageTextDataset
-from common.distractors import DistractorSettings
-from common.distributed_dp.plan import DistributedDPPlan
-from common.distributed_dp.rounding import new_rounding_generator, randomized_round
-from common.distributed_dp.skellam import RandomBytes, skellam_share
-from common.loss import matching_loss
-from common.model import CrossAttentionMatcher
-from common.secure_random import bernoulli_indices
-from common.site_refusal import RefusalCode, SiteRefusal
-from common.tokenizer import HashingTokenizer
-from common.train_request import TrainRequest
+from fedmm.client.record_count import public_count
+from fedmm.client.training import MatchingDataset, check_distractors
+from fedmm.client.training_round import release_noisy_count, unknown_run_refusal
+from fedmm.common.data.dataset import ImageTextDataset
+from fedmm.common.distractors import DistractorSettings
+from fedmm.common.distributed_dp.plan import DistributedDPPlan
+from fedmm.common.distributed_dp.rounding import new_rounding_generator, randomized_round
+from fedmm.common.distributed_dp.skellam import RandomBytes, skellam_share
+from fedmm.common.loss import matching_loss
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.secure_random import bernoulli_indices
+from fedmm.common.site_refusal import RefusalCode, SiteRefusal
+from fedmm.common.tokenizer import HashingTokenizer
+from fedmm.common.train_request import TrainRequest
 
 ACCOUNTANT = (
     "RDP of the Poisson-subsampled Skellam mechanism "

@@ -14,12 +14,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.data.dataset import ImageTextDataset
-from common.distractors import DistractorSampler
-from common.federated_eval import EvaluationCounts, retrieval_counts
-from common.model import CrossAttentionMatcher, ImageStates
-from common.tokenizer import HashingTokenizer
-from common.train_request import TrainRequest
+from fedmm.common.data.dataset import ImageTextDataset
+from fedmm.common.distractors import DistractorSampler
+from fedmm.common.federated_eval import EvaluationCounts, retrieval_counts
+from fedmm.common.model import CrossAttentionMatcher, ImageStates
+from fedmm.common.tokenizer import HashingTokenizer
+from fedmm.common.train_request import TrainRequest
 
 #: Images encoded (and scored) per batch.
 _BATCH = 256

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives import hashes, hmac
 
-from common.data.dataset import ImageTextDataset
+from fedmm.common.data.dataset import ImageTextDataset
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flwr.app import Context
 
-from client.privacy_ledger import LEDGER_KEY, PrivacyLedger, ledger_file_session
+from fedmm.client.privacy_ledger import LEDGER_KEY, PrivacyLedger, ledger_file_session
 
 #: Node config key: the file the site's ledger lives in across runs.
 LEDGER_FILE = "ledger-file"

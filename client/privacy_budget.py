@@ -10,8 +10,8 @@ can change it (the run's epsilon is the coordinator's, the lifetime cap is the s
 
 from __future__ import annotations
 
-from client.privacy_ledger import PrivacyLedger
-from common.site_refusal import RefusalCode, SiteRefusal
+from fedmm.client.privacy_ledger import PrivacyLedger
+from fedmm.common.site_refusal import RefusalCode, SiteRefusal
 
 _SLACK = 1 + 1e-9  # calibration targets the budget exactly: float noise is not an overrun
 

@@ -315,7 +315,7 @@ def combined_epsilon(
     import numpy as np
     from opacus.accountants.analysis.rdp import compute_rdp
 
-    from common.distributed_dp.accounting import (
+    from fedmm.common.distributed_dp.accounting import (
         RDP_ORDERS,
         SkellamRound,
         epsilon_from_rdp,

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.policy_file import PolicyError, read_policy_file
-from common.train_request import TrainRequest
+from fedmm.client.policy_file import PolicyError, read_policy_file
+from fedmm.common.train_request import TrainRequest
 
 #: Node config key: the site's policy file (TOML).
 POLICY_FILE = "policy-file"

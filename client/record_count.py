@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from common.secure_random import RandomBytes, standard_normals
+from fedmm.common.secure_random import RandomBytes, standard_normals
 
 
 def draw_noisy_count(num_records: int, *, count_noise: float, random_bytes: RandomBytes) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.release_identity import (
+from fedmm.common.release_identity import (
     ReleaseError,
     ReleaseIdentity,
     fab_digest,
@@ -18,7 +18,7 @@ from common.release_identity import (
     release_directory,
     release_identity,
 )
-from common.site_refusal import RefusalCode, SiteRefusal
+from fedmm.common.site_refusal import RefusalCode, SiteRefusal
 
 __all__ = [
     "ReleaseError",

@@ -23,8 +23,8 @@ from typing import Any
 
 from flwr.app import Context, Message
 
-from client.privacy_policy import PolicyError, SitePrivacyPolicy
-from common.secure_round import ACTION_SETUP, MESSAGE_SETUP
+from fedmm.client.privacy_policy import PolicyError, SitePrivacyPolicy
+from fedmm.common.secure_round import ACTION_SETUP, MESSAGE_SETUP
 
 #: The message types in which a site trains, or evaluates on its held-out records (whose
 #: time grows with their number, as training's does).

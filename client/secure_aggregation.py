@@ -23,18 +23,18 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.policy_file import PolicyError
-from client.secagg.aggregation_floor import TooFewSites
-from client.secagg.pending_update import (
+from fedmm.client.policy_file import PolicyError
+from fedmm.client.secagg.aggregation_floor import TooFewSites
+from fedmm.client.secagg.pending_update import (
     PendingUpdate,
     discard_pending_updates,
     load_pending_update,
     node_spill_dir,
     save_pending_update,
 )
-from client.secagg.policy import ClientSecAggPolicy
-from client.secagg.refusal import SecAggRefusal
-from client.secagg.stages import (
+from fedmm.client.secagg.policy import ClientSecAggPolicy
+from fedmm.client.secagg.refusal import SecAggRefusal
+from fedmm.client.secagg.stages import (
     ClientSecAggState,
     client_masked_input,
     client_setup,
@@ -43,9 +43,9 @@ from client.secagg.stages import (
     client_state_to_record,
     client_unmask,
 )
-from client.site_replies import refuse
-from common.secagg.protocol_stages import STAGE_MASKED_INPUT, STAGE_SHARE_KEYS, require_tag
-from common.secure_round import (
+from fedmm.client.site_replies import refuse
+from fedmm.common.secagg.protocol_stages import STAGE_MASKED_INPUT, STAGE_SHARE_KEYS, require_tag
+from fedmm.common.secure_round import (
     RECORD_MASKED,
     RECORD_PRIVACY,
     RECORD_SECAGG,
@@ -53,8 +53,8 @@ from common.secure_round import (
     reported_epsilon,
     weighted_metrics,
 )
-from common.site_refusal import RefusalCode, SiteRefusal, status_payload
-from common.site_task import RECORD_ARRAYS, RECORD_CONFIG
+from fedmm.common.site_refusal import RefusalCode, SiteRefusal, status_payload
+from fedmm.common.site_task import RECORD_ARRAYS, RECORD_CONFIG
 
 logger = logging.getLogger(__name__)
 

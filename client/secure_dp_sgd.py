@@ -30,8 +30,8 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from opacus.validators import ModuleValidator
 from torch.utils.data import Dataset
 
-from common.loss import matching_loss
-from common.secure_random import RandomBytes, bernoulli_indices, standard_normals
+from fedmm.common.loss import matching_loss
+from fedmm.common.secure_random import RandomBytes, bernoulli_indices, standard_normals
 
 AccountantHistory = list[tuple[float, float, int]]  # (noise_multiplier, sample_rate, steps)
 

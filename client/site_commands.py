@@ -68,7 +68,7 @@ def add_site_parser(commands: Any) -> None:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from client.site_keys import generate_site_key_pair
+    from fedmm.client.site_keys import generate_site_key_pair
 
     pair = generate_site_key_pair(args.dir, comment=args.comment)
     print(f"private key {pair.private_key} (0600: never leaves this machine)")
@@ -78,7 +78,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from client.site_config import check_site_config
+    from fedmm.client.site_config import check_site_config
 
     print("checking (the installed release's digest takes a few seconds)...", file=sys.stderr)
     config = check_site_config(args.config)
@@ -93,7 +93,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _release_digest(args: argparse.Namespace) -> int:
-    from common.release_identity import release_directory, release_files, release_identity
+    from fedmm.common.release_identity import release_directory, release_files, release_identity
 
     directory = args.app.resolve() if args.app else release_directory()
     print(f"building the FAB of {directory} (as flwr run does)...", file=sys.stderr)
@@ -108,17 +108,17 @@ def _release_digest(args: argparse.Namespace) -> int:
 
 
 def _start(args: argparse.Namespace) -> int:
-    from client.site_config import check_site_config, prepare_site_folders
-    from client.site_executor import runner_argv
-    from client.site_service import DEFAULT_RETRY_SECONDS, SiteService, run_site_service
-    from client.supernode_launch import (
+    from fedmm.client.site_config import check_site_config, prepare_site_folders
+    from fedmm.client.site_executor import runner_argv
+    from fedmm.client.site_service import DEFAULT_RETRY_SECONDS, SiteService, run_site_service
+    from fedmm.client.supernode_launch import (
         SUPEREXEC_POLL_ENV,
         runtime_api_address,
         shell_line,
         supernode_argv,
         supernode_environment,
     )
-    from common.flower_commands import flower_environment
+    from fedmm.common.flower_commands import flower_environment
 
     print("checking the site config and the installed release...", file=sys.stderr)
     config = check_site_config(args.config)
@@ -155,8 +155,8 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from client.site_config import load_site_config
-    from client.supernode_launch import ledger_status
+    from fedmm.client.site_config import load_site_config
+    from fedmm.client.supernode_launch import ledger_status
 
     status = ledger_status(load_site_config(args.config))
     if args.json:

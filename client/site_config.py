@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.privacy_policy import POLICY_KEYS as _PRIVACY_POLICY_KEYS
-from client.release_pin import ReleaseError, ReleasePin, normalise_digest
-from client.secagg.policy import POLICY_KEYS as _SECAGG_POLICY_KEYS
+from fedmm.client.privacy_policy import POLICY_KEYS as _PRIVACY_POLICY_KEYS
+from fedmm.client.release_pin import ReleaseError, ReleasePin, normalise_digest
+from fedmm.client.secagg.policy import POLICY_KEYS as _SECAGG_POLICY_KEYS
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "site": {"name": str},
@@ -161,7 +161,7 @@ class SiteConfig:
         return out
 
     def privacy_policy(self) -> Any:
-        from client.privacy_policy import SitePrivacyPolicy
+        from fedmm.client.privacy_policy import SitePrivacyPolicy
 
         return SitePrivacyPolicy.for_site(self.node_config())
 
@@ -316,7 +316,7 @@ def check_site_config(path: Path) -> SiteConfig:
         if problem:
             problems.append(problem)
         else:
-            from client.site_keys import load_site_private_key
+            from fedmm.client.site_keys import load_site_private_key
 
             try:
                 load_site_private_key(key_file)
@@ -342,8 +342,8 @@ def check_site_config(path: Path) -> SiteConfig:
 
 def _check_secure_aggregation_policy(config: SiteConfig) -> list[str]:
     """The site's secure-aggregation policy as the site will read it at every round."""
-    from client.policy_file import PolicyError
-    from client.secagg.policy import ClientSecAggPolicy
+    from fedmm.client.policy_file import PolicyError
+    from fedmm.client.secagg.policy import ClientSecAggPolicy
 
     try:
         ClientSecAggPolicy.for_site(config.node_config())
@@ -354,7 +354,7 @@ def _check_secure_aggregation_policy(config: SiteConfig) -> list[str]:
 
 def _check_release(config: SiteConfig) -> list[str]:
     """The installed release is the pinned one (computing its digest takes a few seconds)."""
-    from client.release_pin import installed_release, pin_problems
+    from fedmm.client.release_pin import installed_release, pin_problems
 
     try:
         return pin_problems(config.release_pin, installed_release())
@@ -395,7 +395,7 @@ def _check_deidentification(
 ) -> list[str]:
     """The site's imagefolder is always de-identified (``client/site_data.py``): with the
     named policy, else the default one."""
-    from client.deid.policy import PolicyError, load_policy
+    from fedmm.client.deid.policy import PolicyError, load_policy
 
     problems = []
     policy = config.path("deidentification", "policy")
@@ -442,8 +442,8 @@ def _check_deidentification(
 
 
 def _check_privacy(config: SiteConfig, warnings: list[str]) -> list[str]:
-    from client.privacy_ledger import PrivacyLedger
-    from client.privacy_policy import PolicyError
+    from fedmm.client.privacy_ledger import PrivacyLedger
+    from fedmm.client.privacy_policy import PolicyError
 
     problems = []
     policy = None

@@ -27,15 +27,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.data.benchmark import CANVAS_SHAPE, benchmark_train_records
-from common.data.dataset import ImageTextDataset
-from common.data.partitioning import partition_indices
-from common.model_config import ModelConfig
-from common.train_request import TrainRequest
+from fedmm.common.data.benchmark import CANVAS_SHAPE, benchmark_train_records
+from fedmm.common.data.dataset import ImageTextDataset
+from fedmm.common.data.partitioning import partition_indices
+from fedmm.common.model_config import ModelConfig
+from fedmm.common.train_request import TrainRequest
 
 if TYPE_CHECKING:  # the de-identification tools load only when used
-    from client.deid.policy import DeidPolicy
-    from client.held_out_split import SiteSplit
+    from fedmm.client.deid.policy import DeidPolicy
+    from fedmm.client.held_out_split import SiteSplit
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class SiteDeidSettings:
 
     def load_policy(self) -> DeidPolicy:
         """The policy in ``policy_file``, or the default policy."""
-        from client.deid.policy import DeidPolicy, load_policy
+        from fedmm.client.deid.policy import DeidPolicy, load_policy
 
         return load_policy(self.policy_file) if self.policy_file else DeidPolicy()
 
@@ -92,8 +92,8 @@ def site_deid_settings(node_config: Mapping[str, Any]) -> SiteDeidSettings:
     own in ``~/.cache/fedmm/simulated-sites/site-<id>/`` (so ``flwr run`` of the app
     de-identifies the benchmark's synthetic personal data too).
     """
-    from client.deid.cache import default_cache_dir
-    from client.deid.site_secret import default_site_secret_path
+    from fedmm.client.deid.cache import default_cache_dir
+    from fedmm.client.deid.site_secret import default_site_secret_path
 
     policy_file = node_config.get("deid-policy")
     secret_file, cache_dir = default_site_secret_path(), default_cache_dir()
@@ -154,17 +154,17 @@ def deidentified_records(
     this policy, secret and tool set have seen the same records before."""
     import numpy as np
 
-    from client.deid.audit import AuditReport, tool_versions
-    from client.deid.cache import (
+    from fedmm.client.deid.audit import AuditReport, tool_versions
+    from fedmm.client.deid.cache import (
         DeidCache,
         cache_key,
         records_digest,
         secret_fingerprint,
         slot_name,
     )
-    from client.deid.face_detection import build_face_detector
-    from client.deid.records import deidentify_records
-    from client.deid.site_secret import load_or_create_site_secret
+    from fedmm.client.deid.face_detection import build_face_detector
+    from fedmm.client.deid.records import deidentify_records
+    from fedmm.client.deid.site_secret import load_or_create_site_secret
 
     policy = settings.load_policy()
     secret = load_or_create_site_secret(settings.secret_file)
@@ -228,8 +228,8 @@ def deidentified_imagefolder(
     """The site's imagefolder de-identified at full resolution (faces are found before the
     images are scaled down), then loaded at the model's ``geometry``; cached like
     :func:`deidentified_records`."""
-    from client.deid.audit import tool_versions
-    from client.deid.cache import (
+    from fedmm.client.deid.audit import tool_versions
+    from fedmm.client.deid.cache import (
         DeidCache,
         cache_key,
         folder_digest,
@@ -237,10 +237,10 @@ def deidentified_imagefolder(
         secret_fingerprint,
         slot_name,
     )
-    from client.deid.face_detection import build_face_detector
-    from client.deid.imagefolder import deidentify_imagefolder
-    from client.deid.site_secret import load_or_create_site_secret
-    from common.data.imagefolder import load_imagefolder
+    from fedmm.client.deid.face_detection import build_face_detector
+    from fedmm.client.deid.imagefolder import deidentify_imagefolder
+    from fedmm.client.deid.site_secret import load_or_create_site_secret
+    from fedmm.common.data.imagefolder import load_imagefolder
 
     geometry = geometry or ImageGeometry()
     loading = {
@@ -347,8 +347,8 @@ def load_site_records(node_config: Mapping[str, Any], request: TrainRequest) -> 
 def load_site_split(node_config: Mapping[str, Any], request: TrainRequest) -> SiteSplit:
     """The site's records split into training and held-out records by the keyed hash of
     ``client.held_out_split`` (the site secret, the request's ``eval_fraction``)."""
-    from client.deid.site_secret import load_or_create_site_secret
-    from client.held_out_split import split_records
+    from fedmm.client.deid.site_secret import load_or_create_site_secret
+    from fedmm.client.held_out_split import split_records
 
     records = load_site_records(node_config, request)
     secret = load_or_create_site_secret(site_deid_settings(node_config).secret_file)

@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.release_pin import ReleasePin
-from common.process_supervision import start_child, stop_processes
+from fedmm.client.release_pin import ReleasePin
+from fedmm.common.process_supervision import start_child, stop_processes
 
 logger = logging.getLogger("fedmm.site_executor")
 
@@ -32,7 +32,7 @@ def runner_argv(*, runtime_api_address: str, pin: ReleasePin) -> list[str]:
         sys.executable,
         "-I",
         "-m",
-        "client.site_runner",
+        "fedmm.client.site_runner",
         "--runtime-api-address",
         runtime_api_address,
         "--release-version",

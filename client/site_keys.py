@@ -15,7 +15,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.key_files import (
+from fedmm.common.key_files import (
     KeyFileError,
     check_private_file,
     fingerprint,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from common.site_refusal import RECORD_STATUS, SiteRefusal, status_payload
+from fedmm.common.site_refusal import RECORD_STATUS, SiteRefusal, status_payload
 
 if TYPE_CHECKING:
     from flwr.app import Message

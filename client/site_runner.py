@@ -1,6 +1,6 @@
 """One message at a site, run by the site's own installed code.
 
-``python -I -m client.site_runner`` (one process a message).
+``python -I -m fedmm.client.site_runner`` (one process a message).
 
 This replaces Flower's ``flwr-clientapp`` at a deployed site. ``flower-supernode
 --isolation process`` starts no app process itself; :mod:`client.site_executor` claims each
@@ -29,9 +29,9 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
-from client.release_pin import ReleasePin, check_run_app, normalise_digest
-from client.site_replies import refusal_reply
-from common.site_refusal import RefusalCode
+from fedmm.client.release_pin import ReleasePin, check_run_app, normalise_digest
+from fedmm.client.site_replies import refusal_reply
+from fedmm.common.site_refusal import RefusalCode
 
 if TYPE_CHECKING:
     from flwr.app import Message
@@ -90,7 +90,7 @@ def run_task(*, runtime_api_address: str, token: str, pin: ReleasePin) -> int:
             logger.error("refused run %s (%s): %s", run.run_id, refusal.code, refusal.detail)
             reply, details = refusal_reply(message, refusal), refusal.code.value
         else:
-            from client.app import app  # the installed release, never the FAB
+            from fedmm.client.app import app  # the installed release, never the FAB
 
             reply, details = app(message=message, context=context), ""
         sub_status = SubStatus.COMPLETED
@@ -123,7 +123,7 @@ def message_context(context: object, message: Message) -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.site_runner", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fedmm.client.site_runner", description=__doc__)
     parser.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT")
     parser.add_argument("--release-version", required=True)
     parser.add_argument("--release-digest", required=True)

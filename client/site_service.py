@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from client.release_pin import ReleasePin
-from client.site_executor import SiteTaskExecutor
-from common.process_supervision import (
+from fedmm.client.release_pin import ReleasePin
+from fedmm.client.site_executor import SiteTaskExecutor
+from fedmm.common.process_supervision import (
     become_subreaper,
     command_name,
     descendants,

@@ -26,23 +26,23 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Message
 
-from client.ledger_session import ledger_file, ledger_session
-from client.privacy_policy import SitePrivacyPolicy
-from client.secure_aggregation import Contributor, SiteContribution
-from common.federated_eval import EvaluationCounts
-from common.secure_round import (
+from fedmm.client.ledger_session import ledger_file, ledger_session
+from fedmm.client.privacy_policy import SitePrivacyPolicy
+from fedmm.client.secure_aggregation import Contributor, SiteContribution
+from fedmm.common.federated_eval import EvaluationCounts
+from fedmm.common.secure_round import (
     METRIC_EPSILON_BOUND,
     METRIC_NUM_EXAMPLES,
     METRIC_STEPS,
     RECORD_SECAGG,
     flatten_update,
 )
-from common.site_refusal import RefusalCode, SiteRefusal
-from common.site_task import RECORD_ARRAYS, RECORD_CONFIG, RECORD_PLAN, SiteTask
-from common.train_request import TrainRequest
+from fedmm.common.site_refusal import RefusalCode, SiteRefusal
+from fedmm.common.site_task import RECORD_ARRAYS, RECORD_CONFIG, RECORD_PLAN, SiteTask
+from fedmm.common.train_request import TrainRequest
 
 if TYPE_CHECKING:  # torch: imported only by the functions that train
-    from client.training_round import RoundOutcome
+    from fedmm.client.training_round import RoundOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ def train_local_dp_sgd(msg: Message, context: Context) -> RoundOutcome | SiteRef
         return request
     import torch
 
-    from client.site_data import load_site_data
-    from client.training_round import run_training_round
+    from fedmm.client.site_data import load_site_data
+    from fedmm.client.training_round import run_training_round
 
     torch.set_num_threads(torch_threads(context.node_config))
     with ledger_session(context) as ledger:
@@ -119,7 +119,7 @@ def distributed_dp_contribution(msg: Message, context: Context) -> SiteContribut
     request = _train_request(msg)
     if isinstance(request, SiteRefusal):
         return request
-    from common.distributed_dp.plan import DistributedDPPlan
+    from fedmm.common.distributed_dp.plan import DistributedDPPlan
 
     try:
         plan = DistributedDPPlan.from_config(dict(msg.content.config_records[RECORD_PLAN]))
@@ -128,8 +128,8 @@ def distributed_dp_contribution(msg: Message, context: Context) -> SiteContribut
         return SiteRefusal(RefusalCode.BAD_REQUEST, f"distributed-DP request rejected: {error}")
     import torch
 
-    from client.distributed_dp_step import run_distributed_dp_step
-    from client.site_data import load_site_data
+    from fedmm.client.distributed_dp_step import run_distributed_dp_step
+    from fedmm.client.site_data import load_site_data
 
     torch.set_num_threads(torch_threads(context.node_config))
     with ledger_session(context) as ledger:
@@ -169,8 +169,8 @@ def federated_eval_contribution(msg: Message, context: Context) -> SiteContribut
         )
     import torch
 
-    from client.federated_evaluation import evaluate_held_out
-    from client.site_data import load_site_split
+    from fedmm.client.federated_evaluation import evaluate_held_out
+    from fedmm.client.site_data import load_site_split
 
     torch.set_num_threads(torch_threads(context.node_config))
     split = load_site_split(context.node_config, request)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.site_config import SiteConfig, node_config_argument
-from common.flower_commands import flower_executable
+from fedmm.client.site_config import SiteConfig, node_config_argument
+from fedmm.common.flower_commands import flower_executable
 
 #: The SuperNode's SuperExec asks it for a message to run every second by default, so each
 #: message waits half a second on average before its ClientApp process starts; a quarter
@@ -135,7 +135,7 @@ class LedgerStatus:
 def ledger_status(config: SiteConfig) -> LedgerStatus:
     """What the site's ledger file says it has spent (RDP accountant, at the ledger's delta,
     else the policy's). Import-light: no torch (see :func:`ledger_epsilon`)."""
-    from client.privacy_ledger import ACCOUNTANT, PrivacyLedger, dp_sgd_history
+    from fedmm.client.privacy_ledger import ACCOUNTANT, PrivacyLedger, dp_sgd_history
 
     path = config.ledger_file
     ledger = PrivacyLedger.load(path)

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from common.data.dataset import ImageTextDataset
-from common.distractors import DistractorSampler, DistractorSettings
-from common.loss import matching_loss
-from common.model import CrossAttentionMatcher
-from common.secure_random import RandomBytes, fresh_random_bytes
-from common.tokenizer import HashingTokenizer
+from fedmm.common.data.dataset import ImageTextDataset
+from fedmm.common.distractors import DistractorSampler, DistractorSettings
+from fedmm.common.loss import matching_loss
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.secure_random import RandomBytes, fresh_random_bytes
+from fedmm.common.tokenizer import HashingTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,9 @@ def train_locally(
         mean_loss, steps = _run_epochs(model, loader, optimizer, recipe.local_epochs)
         return LocalTrainingResult(len(data), mean_loss, steps, list(accountant_history))
 
-    from client.secure_dp_sgd import train_dp_sgd  # heavy import, only where DP training happens
+    from fedmm.client.secure_dp_sgd import (
+        train_dp_sgd,  # heavy import, only where DP training happens
+    )
 
     stream = random_bytes or fresh_random_bytes()
     dataset = MatchingDataset(

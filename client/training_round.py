@@ -17,17 +17,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from client.privacy_budget import budget_refusal
-from client.privacy_ledger import PrivacyLedger, calibrate_noise_multiplier
-from client.privacy_policy import (
+from fedmm.client.privacy_budget import budget_refusal
+from fedmm.client.privacy_ledger import PrivacyLedger, calibrate_noise_multiplier
+from fedmm.client.privacy_policy import (
     EffectivePrivacy,
     PolicyRefusal,
     SitePrivacyPolicy,
     effective_privacy,
     require_delta_below_one_over,
 )
-from client.record_count import draw_noisy_count, public_count
-from client.training import (
+from fedmm.client.record_count import draw_noisy_count, public_count
+from fedmm.client.training import (
     DPSGDSettings,
     TrainingRecipe,
     check_distractors,
@@ -35,13 +35,13 @@ from client.training import (
     steps_per_epoch,
     train_locally,
 )
-from common.data.dataset import ImageTextDataset
-from common.model import CrossAttentionMatcher
-from common.secure_random import RandomBytes, fresh_random_bytes
-from common.secure_round import METRIC_EPSILON_BOUND, METRIC_NUM_EXAMPLES, METRIC_STEPS
-from common.site_refusal import RefusalCode, SiteRefusal
-from common.tokenizer import HashingTokenizer
-from common.train_request import TrainRequest
+from fedmm.common.data.dataset import ImageTextDataset
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.secure_random import RandomBytes, fresh_random_bytes
+from fedmm.common.secure_round import METRIC_EPSILON_BOUND, METRIC_NUM_EXAMPLES, METRIC_STEPS
+from fedmm.common.site_refusal import RefusalCode, SiteRefusal
+from fedmm.common.tokenizer import HashingTokenizer
+from fedmm.common.train_request import TrainRequest
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import math
 import sys
 from collections.abc import Callable
 
-from common.federation_config import ConfigError
-from common.flower_commands import FlowerCommandNotFoundError
+from fedmm.common.federation_config import ConfigError
+from fedmm.common.flower_commands import FlowerCommandNotFoundError
 
 #: The exit code of a command given an input the user must fix.
 USER_ERROR = 2

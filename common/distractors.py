@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.data.caption_bank import CaptionBank, CaptionBankError
-from common.data.captions import FASHION_LEXICON, distractor_captions
-from common.data.word_lists import has_swappable_words, lexicons_of, swapped_word_captions
-from common.tokenizer import HashingTokenizer
+from fedmm.common.data.caption_bank import CaptionBank, CaptionBankError
+from fedmm.common.data.captions import FASHION_LEXICON, distractor_captions
+from fedmm.common.data.word_lists import has_swappable_words, lexicons_of, swapped_word_captions
+from fedmm.common.tokenizer import HashingTokenizer
 
 DEFAULT_WORD_LISTS = ("fashion",)
 _BANK_DRAW_ROUNDS = 16  # rounds of line draws before the fallback to distinct captions

@@ -8,13 +8,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from common.data.caption_bank import CaptionBank, CaptionBankError
-from common.data.partitioning import PARTITION_SCHEMES
-from common.data.word_lists import parse_word_lists
-from common.model_config import ACTIVATIONS, IMAGE_ENCODERS, model_config_from_settings
+from fedmm.common.data.caption_bank import CaptionBank, CaptionBankError
+from fedmm.common.data.partitioning import PARTITION_SCHEMES
+from fedmm.common.data.word_lists import parse_word_lists
+from fedmm.common.model_config import ACTIVATIONS, IMAGE_ENCODERS, model_config_from_settings
 
 if TYPE_CHECKING:
-    from common.distractors import DistractorSettings
+    from fedmm.common.distractors import DistractorSettings
 
 OPTIMIZERS = ("sgd", "adam")
 LEARNING_RATE_SCHEDULES = ("constant", "cosine")
@@ -231,7 +231,7 @@ class FederationConfig:
 
     def distractor_settings(self) -> DistractorSettings:
         """Where distractors come from in this run (``common.distractors``)."""
-        from common.distractors import DistractorSettings
+        from fedmm.common.distractors import DistractorSettings
 
         return DistractorSettings(
             word_lists=parse_word_lists(self.distractor_word_lists),

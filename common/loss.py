@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.nn import functional
 
-from common.data.captions import FASHION_LEXICON, PhraseLexicon, distractor_captions
-from common.tokenizer import HashingTokenizer
+from fedmm.common.data.captions import FASHION_LEXICON, PhraseLexicon, distractor_captions
+from fedmm.common.tokenizer import HashingTokenizer
 
 
 def candidate_tokens(

@@ -37,10 +37,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.model_config import ACTIVATIONS, ModelConfig
-from common.scattering import CHANNELS as SCATTER_CHANNELS
-from common.scattering import scattering_features
-from common.tokenizer import PAD_ID
+from fedmm.common.model_config import ACTIVATIONS, ModelConfig
+from fedmm.common.scattering import CHANNELS as SCATTER_CHANNELS
+from fedmm.common.scattering import scattering_features
+from fedmm.common.tokenizer import PAD_ID
 
 #: GroupNorm groups over the scattering channels (81 per image channel), as Tramer and Boneh
 #: normalise them (27 groups, also for their 243 channels of CIFAR-10 colour images).

@@ -26,8 +26,8 @@ from functools import lru_cache
 
 import torch
 
-from common.model_config import SCATTER_SCALES as SCALES
-from common.model_config import SCATTER_STRIDE as STRIDE
+from fedmm.common.model_config import SCATTER_SCALES as SCALES
+from fedmm.common.model_config import SCATTER_STRIDE as STRIDE
 
 ORIENTATIONS = 8  # L
 CHANNELS = 1 + SCALES * ORIENTATIONS + ORIENTATIONS**2 * SCALES * (SCALES - 1) // 2

@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from common import site_refusal
+from fedmm.common import site_refusal
 
 ACTION_SETUP = "secagg_setup"
 ACTION_SHARE = "secagg_share"

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from common.model_config import ModelConfig
+    from fedmm.common.model_config import ModelConfig
 
 PAD_ID = 0
 _RESERVED = 1  # id 0 is padding

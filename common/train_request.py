@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from common.data.caption_bank import CaptionBank
-from common.data.word_lists import parse_word_lists
-from common.distractors import DistractorSettings
-from common.federation_config import FederationConfig
-from common.model_config import ModelConfig, model_config_from_settings
+from fedmm.common.data.caption_bank import CaptionBank
+from fedmm.common.data.word_lists import parse_word_lists
+from fedmm.common.distractors import DistractorSettings
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.model_config import ModelConfig, model_config_from_settings
 
 
 @dataclass(frozen=True)

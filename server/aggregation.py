@@ -24,9 +24,9 @@ import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.secure_round import METRIC_EPSILON_BOUND, METRIC_NUM_EXAMPLES, RECORD_STATUS
-from common.site_refusal import refusal_code_of
-from common.site_task import RECORD_METRICS, RECORD_UPDATE
+from fedmm.common.secure_round import METRIC_EPSILON_BOUND, METRIC_NUM_EXAMPLES, RECORD_STATUS
+from fedmm.common.site_refusal import refusal_code_of
+from fedmm.common.site_task import RECORD_METRICS, RECORD_UPDATE
 
 #: The arrays of a site's vector: (name, shape) in order (a model's state-dict order).
 Shapes = Sequence[tuple[str, tuple[int, ...]]]

@@ -7,15 +7,15 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.federation_config import FederationConfig
+from fedmm.common.federation_config import FederationConfig
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from server.federation import run_federation
-    from server.reply_polling import ReplyPollingGrid
+    from fedmm.server.federation import run_federation
+    from fedmm.server.reply_polling import ReplyPollingGrid
 
     logging.getLogger().setLevel(logging.INFO)
     config = FederationConfig.from_run_config(context.run_config)

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.key_files import KeyFileError, write_private_file, write_public_file
+from fedmm.common.key_files import KeyFileError, write_private_file, write_public_file
 
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"

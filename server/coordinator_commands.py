@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.cli_arguments import report_user_error
+from fedmm.common.cli_arguments import report_user_error
 
 #: ``submit``: the run ended, but sites trained in fewer rounds than asked.
 TRAINED_TOO_LITTLE = 3
@@ -125,7 +125,7 @@ def add_coordinator_parser(commands: Any) -> None:
 
 
 def _init_ca(args: argparse.Namespace) -> int:
-    from server.certificate_authority import init_ca
+    from fedmm.server.certificate_authority import init_ca
 
     ca = init_ca(args.dir)
     print(f"CA certificate {ca.cert_file} (give it to every site; valid to {ca.not_valid_after})")
@@ -134,7 +134,7 @@ def _init_ca(args: argparse.Namespace) -> int:
 
 
 def _issue_cert(args: argparse.Namespace) -> int:
-    from server.certificate_authority import issue_server_certificate
+    from fedmm.server.certificate_authority import issue_server_certificate
 
     cert = issue_server_certificate(
         args.dir,
@@ -149,11 +149,11 @@ def _issue_cert(args: argparse.Namespace) -> int:
 
 
 def _start_superlink(args: argparse.Namespace) -> int:
-    from common.flower_commands import flower_environment
-    from server.certificate_authority import CA_CERT, SERVER_CERT, SERVER_KEY
-    from server.coordinator_service import CoordinatorService, run_coordinator_service
-    from server.fleet_proxy import fleet_proxy
-    from server.superlink_control import split_address, superlink_launch
+    from fedmm.common.flower_commands import flower_environment
+    from fedmm.server.certificate_authority import CA_CERT, SERVER_CERT, SERVER_KEY
+    from fedmm.server.coordinator_service import CoordinatorService, run_coordinator_service
+    from fedmm.server.fleet_proxy import fleet_proxy
+    from fedmm.server.superlink_control import split_address, superlink_launch
 
     launch = superlink_launch(
         args.dir,
@@ -205,7 +205,7 @@ def _start_superlink(args: argparse.Namespace) -> int:
 
 
 def _add_connection(args: argparse.Namespace) -> int:
-    from server.superlink_control import add_connection
+    from fedmm.server.superlink_control import add_connection
 
     path = add_connection(args.name, address=args.address, root_certificates=args.ca_cert)
     print(f"connection {args.name!r} -> {args.address} (CA {args.ca_cert}) in {path}")
@@ -213,8 +213,8 @@ def _add_connection(args: argparse.Namespace) -> int:
 
 
 def _register_site(args: argparse.Namespace) -> int:
-    from common.key_files import fingerprint
-    from server.superlink_control import register_site_argv
+    from fedmm.common.key_files import fingerprint
+    from fedmm.server.superlink_control import register_site_argv
 
     argv = register_site_argv(args.public_key, connection=args.connection, name=args.name)
     print(f"site key {fingerprint(args.public_key.read_bytes())}")
@@ -235,9 +235,9 @@ def _register_site(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from common.flower_commands import flower_environment
-    from common.release_identity import release_identity
-    from server.run_submission import (
+    from fedmm.common.flower_commands import flower_environment
+    from fedmm.common.release_identity import release_identity
+    from fedmm.server.run_submission import (
         check_superlink_reachable,
         parse_settings,
         prepare_submission,
@@ -248,7 +248,7 @@ def _submit(args: argparse.Namespace) -> int:
         training_shortfall,
         write_submitted_config,
     )
-    from server.site_names import name_node_ids
+    from fedmm.server.site_names import name_node_ids
 
     submission = prepare_submission(
         connection=args.connection,
@@ -341,7 +341,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _site_names(connection: str, out: Path) -> dict[int, str]:
     """The registered sites' names (printed, and kept in the out dir's ``sites.json``)."""
-    from server.site_names import registered_site_names, write_sites_file
+    from fedmm.server.site_names import registered_site_names, write_sites_file
 
     try:
         names = registered_site_names(connection)
@@ -356,7 +356,7 @@ def _site_names(connection: str, out: Path) -> dict[int, str]:
 
 
 def _add_sites_to_report(out: Path, names: dict[int, str]) -> None:
-    from server.site_names import sites_section
+    from fedmm.server.site_names import sites_section
 
     report = out / "report.md"
     if names and report.exists():

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.process_supervision import (
+from fedmm.common.process_supervision import (
     become_subreaper,
     command_name,
     descendants,

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from common.distributed_dp.plan import DistributedDPPlan, PlanError, plan_distributed_dp
-from common.federation_config import ConfigError, FederationConfig
-from common.secagg.neighbour_graph import default_graph_parameters
-from server.secure_aggregation import SecAggSettings
+from fedmm.common.distributed_dp.plan import DistributedDPPlan, PlanError, plan_distributed_dp
+from fedmm.common.federation_config import ConfigError, FederationConfig
+from fedmm.common.secagg.neighbour_graph import default_graph_parameters
+from fedmm.server.secure_aggregation import SecAggSettings
 
 
 def honest_sites_of(config: FederationConfig, num_sites: int) -> int:

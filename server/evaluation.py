@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch.nn import functional
 
-from common.data.benchmark import BenchmarkTestSet
-from common.data.captions import CLASS_NAMES, canonical_caption
-from common.model import CrossAttentionMatcher, ImageStates
-from common.tokenizer import HashingTokenizer
+from fedmm.common.data.benchmark import BenchmarkTestSet
+from fedmm.common.data.captions import CLASS_NAMES, canonical_caption
+from fedmm.common.model import CrossAttentionMatcher, ImageStates
+from fedmm.common.tokenizer import HashingTokenizer
 
 
 @dataclass(frozen=True)

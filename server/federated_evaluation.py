@@ -21,13 +21,13 @@ from typing import Any
 
 from flwr.serverapp import Grid
 
-from common.federated_eval import EvaluationCounts
-from common.federation_config import FederationConfig
-from common.site_task import SiteTask
-from common.train_request import TrainRequest
-from server.aggregation import RoundAggregate, RoundAggregation
-from server.round_modes import TaskRequest, Weights, send_task
-from server.secure_aggregation import SecAggPlusAggregation, SecAggSettings
+from fedmm.common.federated_eval import EvaluationCounts
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.site_task import SiteTask
+from fedmm.common.train_request import TrainRequest
+from fedmm.server.aggregation import RoundAggregate, RoundAggregation
+from fedmm.server.round_modes import TaskRequest, Weights, send_task
+from fedmm.server.secure_aggregation import SecAggPlusAggregation, SecAggSettings
 
 logger = logging.getLogger(__name__)
 

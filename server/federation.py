@@ -23,17 +23,17 @@ import torch
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
-from common.data.benchmark import benchmark_test_set
-from common.federation_config import FederationConfig
-from common.model import CrossAttentionMatcher
-from common.tokenizer import HashingTokenizer
-from common.train_request import model_config_of
-from server.aggregation import RoundAggregate, wait_for_sites
-from server.checkpoints import load_latest_checkpoint, save_checkpoint
-from server.evaluation import evaluate
-from server.federated_evaluation import federated_evaluation_for
-from server.round_modes import RoundMode, round_mode_for
-from server.run_report import append_metrics, truncate_metrics, write_summary_and_report
+from fedmm.common.data.benchmark import benchmark_test_set
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.tokenizer import HashingTokenizer
+from fedmm.common.train_request import model_config_of
+from fedmm.server.aggregation import RoundAggregate, wait_for_sites
+from fedmm.server.checkpoints import load_latest_checkpoint, save_checkpoint
+from fedmm.server.evaluation import evaluate
+from fedmm.server.federated_evaluation import federated_evaluation_for
+from fedmm.server.round_modes import RoundMode, round_mode_for
+from fedmm.server.run_report import append_metrics, truncate_metrics, write_summary_and_report
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.key_files import PRIVATE_DIR_MODE
-from server.superlink_control import DeploymentError
+from fedmm.common.key_files import PRIVATE_DIR_MODE
+from fedmm.server.superlink_control import DeploymentError
 
 PROXY_DIR = "proxy"
 CONFIG_FILE = "nginx.conf"

@@ -35,10 +35,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
-from common.distributed_dp.plan import DistributedDPPlan
-from common.federation_config import FederationConfig
-from common.secure_round import metric_ranges
-from common.site_task import (
+from fedmm.common.distributed_dp.plan import DistributedDPPlan
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.secure_round import metric_ranges
+from fedmm.common.site_task import (
     RECORD_ARRAYS,
     RECORD_CONFIG,
     RECORD_PLAN,
@@ -46,15 +46,15 @@ from common.site_task import (
     exchange_kind,
     task_config,
 )
-from common.train_request import TrainRequest
-from server import distributed_dp
-from server.aggregation import (
+from fedmm.common.train_request import TrainRequest
+from fedmm.server import distributed_dp
+from fedmm.server.aggregation import (
     FedAvgAggregation,
     RoundAggregate,
     RoundAggregation,
     RoundRequest,
 )
-from server.secure_aggregation import SecAggPlusAggregation, SecAggSettings
+from fedmm.server.secure_aggregation import SecAggPlusAggregation, SecAggSettings
 
 logger = logging.getLogger(__name__)
 

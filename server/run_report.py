@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from server.federated_eval_report import federated_eval_section, last_federated_eval
+from fedmm.server.federated_eval_report import federated_eval_section, last_federated_eval
 
 METRICS_FILE = "metrics.jsonl"
 

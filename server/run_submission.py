@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.cli_arguments import key_value_pairs
-from common.federation_config import ConfigError, FederationConfig
-from common.flower_commands import flower_executable
-from server.checkpoints import CHECKPOINT_DIR, LATEST
-from server.superlink_control import DISABLE_DEPENDENCY_INSTALL_ENV, DeploymentError
+from fedmm.common.cli_arguments import key_value_pairs
+from fedmm.common.federation_config import ConfigError, FederationConfig
+from fedmm.common.flower_commands import flower_executable
+from fedmm.server.checkpoints import CHECKPOINT_DIR, LATEST
+from fedmm.server.superlink_control import DISABLE_DEPENDENCY_INSTALL_ENV, DeploymentError
 
 SUBMITTED_CONFIG = "submitted-run-config.toml"
 SUBMISSIONS_LOG = "submissions.jsonl"

@@ -40,9 +40,9 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.secagg.aggregation_size import MIN_AGGREGATION_SIZE
-from common.secagg.neighbour_graph import DEFAULT_ADVERSARIAL_RATE, DEFAULT_DROPOUT_RATE
-from common.secure_round import (
+from fedmm.common.secagg.aggregation_size import MIN_AGGREGATION_SIZE
+from fedmm.common.secagg.neighbour_graph import DEFAULT_ADVERSARIAL_RATE, DEFAULT_DROPOUT_RATE
+from fedmm.common.secure_round import (
     ACTION_MASKED,
     ACTION_SETUP,
     ACTION_SHARE,
@@ -54,10 +54,10 @@ from common.secure_round import (
     stage_message_type,
     unflatten_update,
 )
-from common.site_refusal import refusal_code_of
-from server.aggregation import RoundAggregate, RoundRequest, SiteOutcome
-from server.reply_polling import PROTOCOL_POLL, poll_replies
-from server.secagg.stages import (
+from fedmm.common.site_refusal import refusal_code_of
+from fedmm.server.aggregation import RoundAggregate, RoundRequest, SiteOutcome
+from fedmm.server.reply_polling import PROTOCOL_POLL, poll_replies
+from fedmm.server.secagg.stages import (
     ServerSecAggState,
     server_collect_keys,
     server_collect_masked_inputs,

@@ -18,9 +18,9 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.flower_commands import flower_executable
-from common.key_files import check_private_file
-from server.certificate_authority import (
+from fedmm.common.flower_commands import flower_executable
+from fedmm.common.key_files import check_private_file
+from fedmm.server.certificate_authority import (
     CA_CERT,
     SERVER_CERT,
     SERVER_KEY,

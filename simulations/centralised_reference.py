@@ -4,7 +4,7 @@ Same model, loss, optimiser and DP-SGD as a site uses (``client.training.train_l
 but one party holding all training records; ``learning-rate-schedule`` runs over epochs as
 it runs over rounds in a federation. Prints one JSON line per epoch and a final
 JSON summary. Usage:
-    python -m simulations.centralised_reference --epochs 6 --epsilon 3 \
+    python -m fedmm.simulations.centralised_reference --epochs 6 --epsilon 3 \
         --set model-width=32 --set learning-rate=4
 """
 
@@ -18,20 +18,20 @@ from dataclasses import replace
 
 import torch
 
-from client.privacy_ledger import calibrate_noise_multiplier, epsilon_of
-from client.training import (
+from fedmm.client.privacy_ledger import calibrate_noise_multiplier, epsilon_of
+from fedmm.client.training import (
     DPSGDSettings,
     TrainingRecipe,
     sample_rate,
     steps_per_epoch,
     train_locally,
 )
-from common.data.benchmark import benchmark_test_set, benchmark_train_records
-from common.federation_config import FederationConfig
-from common.model import CrossAttentionMatcher
-from common.tokenizer import HashingTokenizer
-from common.train_request import model_config_of
-from server.evaluation import evaluate
+from fedmm.common.data.benchmark import benchmark_test_set, benchmark_train_records
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.tokenizer import HashingTokenizer
+from fedmm.common.train_request import model_config_of
+from fedmm.server.evaluation import evaluate
 
 
 def main() -> None:

@@ -19,13 +19,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from client.deidentify_command import add_deidentify_parser, run_deidentify
-from client.site_commands import add_site_parser
-from common.cli_arguments import epsilon, key_value_pairs, run_step
-from common.data.partitioning import PARTITION_SCHEMES
-from common.federation_config import ConfigError, FederationConfig
-from server.coordinator_commands import add_coordinator_parser
-from simulations.run_log import RUN_LOG, log_tail, terminal_to_log
+from fedmm.client.deidentify_command import add_deidentify_parser, run_deidentify
+from fedmm.client.site_commands import add_site_parser
+from fedmm.common.cli_arguments import epsilon, key_value_pairs, run_step
+from fedmm.common.data.partitioning import PARTITION_SCHEMES
+from fedmm.common.federation_config import ConfigError, FederationConfig
+from fedmm.server.coordinator_commands import add_coordinator_parser
+from fedmm.simulations.run_log import RUN_LOG, log_tail, terminal_to_log
 
 RUN_CONFIG_FILE = "run-config.json"
 #: Run config a --site-data run starts from unless --set says otherwise: the measured
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_deidentify_parser(commands)
     add_coordinator_parser(commands)
     add_site_parser(commands)
-    from simulations.privacy.sweep_command import add_privacy_sweep_parser
+    from fedmm.simulations.privacy.sweep_command import add_privacy_sweep_parser
 
     add_privacy_sweep_parser(commands)
     return parser
@@ -148,7 +148,7 @@ def _num_sites(args: argparse.Namespace) -> int:
 def _site_folders(args: argparse.Namespace, config: FederationConfig, out: Path) -> list[Path]:
     """The simulated sites' imagefolders (none: the benchmark): --site-data, or on --resume
     the folders the run started with."""
-    from simulations.site_folders import recorded_site_folders, simulated_site_folders
+    from fedmm.simulations.site_folders import recorded_site_folders, simulated_site_folders
 
     if args.site_data:
         return simulated_site_folders(
@@ -194,7 +194,7 @@ def _watch_progress(out: Path, total: int, stop: threading.Event, terminal: Any)
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from server.run_report import read_metrics
+    from fedmm.server.run_report import read_metrics
 
     shown = 0
     with Progress(
@@ -255,7 +255,7 @@ def _print_summary(out: Path) -> None:
 
 
 def simulate(args: argparse.Namespace) -> int:
-    from simulations.local_simulation import SimulationSettings, run_local_simulation
+    from fedmm.simulations.local_simulation import SimulationSettings, run_local_simulation
 
     config, out = _simulation_config(args)
     out.mkdir(parents=True, exist_ok=True)
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("coordinator", "site"):  # the deployment steps of either side
             return run_step(args, command=args.command)
         if args.command == "privacy-sweep":
-            from simulations.privacy.sweep_command import run_privacy_sweep
+            from fedmm.simulations.privacy.sweep_command import run_privacy_sweep
 
             return run_privacy_sweep(args)
     except ConfigError as err:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.federation_config import FederationConfig
-from simulations.simulated_sites import (
+from fedmm.common.federation_config import FederationConfig
+from fedmm.simulations.simulated_sites import (
     DEID_POLICY_FILE,
     LEDGER_DIR,
     POLICY_FILE,
@@ -86,8 +86,8 @@ def run_local_simulation(
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 
-    from client.app import build_client_app
-    from server.app import app as default_server_app
+    from fedmm.client.app import build_client_app
+    from fedmm.server.app import app as default_server_app
 
     out_dir = Path(config.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,7 @@ def run_local_simulation(
 
 def site_epsilons(ledger_dir: Path, *, default_delta: float) -> dict[str, tuple[float, float]]:
     """Each simulated site's exact lifetime epsilon and its delta, from its ledger file."""
-    from client.privacy_ledger import PrivacyLedger
+    from fedmm.client.privacy_ledger import PrivacyLedger
 
     epsilons = {}
     for path in sorted(ledger_dir.glob("site-*.json")):
@@ -135,6 +135,6 @@ def site_epsilons(ledger_dir: Path, *, default_delta: float) -> dict[str, tuple[
 
 def report_site_epsilons(out_dir: Path, *, default_delta: float) -> None:
     """Add the simulated sites' exact epsilons to the run's summary and report."""
-    from server.run_report import add_site_epsilons
+    from fedmm.server.run_report import add_site_epsilons
 
     add_site_epsilons(out_dir, site_epsilons(out_dir / LEDGER_DIR, default_delta=default_delta))

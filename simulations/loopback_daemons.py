@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.flower_commands import flower_environment
-from common.process_supervision import descendants, is_running
+from fedmm.common.flower_commands import flower_environment
+from fedmm.common.process_supervision import descendants, is_running
 
 FEDMM = str(Path(sys.executable).parent / "fedmm")
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data.imagefolder import METADATA_FILE
-from common.data.partitioning import partition_indices
-from common.federation_config import ConfigError
+from fedmm.common.data.imagefolder import METADATA_FILE
+from fedmm.common.data.partitioning import partition_indices
+from fedmm.common.federation_config import ConfigError
 
 SPLIT_DIR = "site-data"
 SITES_FILE = "site-data.json"

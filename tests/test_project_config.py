@@ -7,16 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from common.federation_config import ConfigError, FederationConfig
-from common.model_config import ModelConfig
-from common.train_request import TrainRequest, model_config_of
+from fedmm.common.federation_config import ConfigError, FederationConfig
+from fedmm.common.model_config import ModelConfig
+from fedmm.common.train_request import TrainRequest, model_config_of
 
 PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
 
 
 def test_app_config_matches_federation_config_defaults() -> None:
     app = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    assert app["components"] == {
+        "serverapp": "fedmm.server.app:app",
+        "clientapp": "fedmm.client.app:app",
+    }
     assert FederationConfig.from_run_config(app["config"]) == FederationConfig()
     assert set(app["config"]) == set(FederationConfig().to_run_config())
 

@@ -4,9 +4,9 @@ removed under the site's own policy before its training sees a record.
 Plain functions, no Flower: the ClientApp and the ``fedmm deidentify`` command call these.
 """
 
-from client.deid.audit import AuditReport
-from client.deid.face_anonymisation import FaceMode, anonymise_faces
-from client.deid.face_detection import (
+from fedmm.client.deid.audit import AuditReport
+from fedmm.client.deid.face_anonymisation import FaceMode, anonymise_faces
+from fedmm.client.deid.face_detection import (
     Box,
     DlibHogDetector,
     FaceDetector,
@@ -14,11 +14,15 @@ from client.deid.face_detection import (
     UnionDetector,
     build_face_detector,
 )
-from client.deid.imagefolder import deidentify_caption, deidentify_image, deidentify_imagefolder
-from client.deid.policy import DeidPolicy, PolicyError, load_policy
-from client.deid.pseudonymise import TextAction, pseudonym_for, redaction_token, replace_spans
-from client.deid.site_secret import load_or_create_site_secret
-from client.deid.text_pii import PiiSpan, PiiType, find_pii
+from fedmm.client.deid.imagefolder import (
+    deidentify_caption,
+    deidentify_image,
+    deidentify_imagefolder,
+)
+from fedmm.client.deid.policy import DeidPolicy, PolicyError, load_policy
+from fedmm.client.deid.pseudonymise import TextAction, pseudonym_for, redaction_token, replace_spans
+from fedmm.client.deid.site_secret import load_or_create_site_secret
+from fedmm.client.deid.text_pii import PiiSpan, PiiType, find_pii
 
 __all__ = [
     "AuditReport",

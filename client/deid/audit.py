@@ -16,8 +16,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from client.deid.face_detection import Box
-from client.deid.text_pii import PiiSpan
+from fedmm.client.deid.face_detection import Box
+from fedmm.client.deid.text_pii import PiiSpan
 
 #: Distributions whose versions go into every report (those not installed are listed so).
 AUDITED_DISTRIBUTIONS = (

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from client.deid.policy import DeidPolicy
-from common.data.dataset import ImageTextDataset
+from fedmm.client.deid.policy import DeidPolicy
+from fedmm.common.data.dataset import ImageTextDataset
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from enum import StrEnum
 
 import numpy as np
 
-from client.deid.face_detection import Box
+from fedmm.client.deid.face_detection import Box
 
 #: Blur sigma in pixels below which no face is blurred, whatever its size (sigma 5 was shown to
 #: leave a face re-identifiable, sigma 15 not).

@@ -17,14 +17,14 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.deid.audit import AuditReport
-from client.deid.imagefolder import (
+from fedmm.client.deid.audit import AuditReport
+from fedmm.client.deid.imagefolder import (
     IMAGE_SUFFIXES,
     METADATA_NAME,
     ProgressCallback,
     deidentify_imagefolder,
 )
-from client.deid.policy import DeidPolicy, PolicyError, load_policy
+from fedmm.client.deid.policy import DeidPolicy, PolicyError, load_policy
 
 AUDIT_FILE = "audit.json"
 
@@ -90,7 +90,7 @@ def _load_policy(path: Path | None) -> DeidPolicy:
 
 
 def _load_secret(path: Path) -> tuple[bytes, bool]:
-    from client.deid.site_secret import SiteSecretError, load_or_create_site_secret
+    from fedmm.client.deid.site_secret import SiteSecretError, load_or_create_site_secret
 
     existed = path.exists()
     if existed and not path.is_file():

@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from client.deid.audit import AuditReport, tool_versions
-from client.deid.face_anonymisation import anonymise_faces
-from client.deid.face_detection import Box, FaceDetector, build_face_detector
-from client.deid.policy import DeidPolicy
-from client.deid.pseudonymise import replace_spans
-from client.deid.text_pii import PiiSpan, find_pii
-from common.data.image_conversion import flatten_transparency
+from fedmm.client.deid.audit import AuditReport, tool_versions
+from fedmm.client.deid.face_anonymisation import anonymise_faces
+from fedmm.client.deid.face_detection import Box, FaceDetector, build_face_detector
+from fedmm.client.deid.policy import DeidPolicy
+from fedmm.client.deid.pseudonymise import replace_spans
+from fedmm.client.deid.text_pii import PiiSpan, find_pii
+from fedmm.common.data.image_conversion import flatten_transparency
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 METADATA_NAME = "metadata.jsonl"

@@ -28,11 +28,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from client.deid.face_anonymisation import FaceMode
-from client.deid.face_detection import DETECTOR_REGISTRY
-from client.deid.pseudonymise import TextAction
-from client.deid.text_pii import PiiType
-from client.policy_file import PolicyError
+from fedmm.client.deid.face_anonymisation import FaceMode
+from fedmm.client.deid.face_detection import DETECTOR_REGISTRY
+from fedmm.client.deid.pseudonymise import TextAction
+from fedmm.client.deid.text_pii import PiiType
+from fedmm.client.policy_file import PolicyError
 
 #: Weakest blur a policy may ask for: at 0.1 a 150 px face gets sigma 15, the strength that
 #: no longer matched the original identity in a check with a dlib face embedding (sigma 5

@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 from enum import StrEnum
 
-from client.deid.text_pii import PiiSpan, PiiType
+from fedmm.client.deid.text_pii import PiiSpan, PiiType
 
 #: Shortest site secret accepted (the site secret module makes 32 bytes).
 MIN_SECRET_BYTES = 16

@@ -8,11 +8,11 @@ images are scaled down to the model's input size.
 
 from __future__ import annotations
 
-from client.deid.audit import AuditReport, tool_versions
-from client.deid.face_detection import FaceDetector, build_face_detector
-from client.deid.imagefolder import deidentify_caption, deidentify_image
-from client.deid.policy import DeidPolicy
-from common.data.dataset import ImageTextDataset
+from fedmm.client.deid.audit import AuditReport, tool_versions
+from fedmm.client.deid.face_detection import FaceDetector, build_face_detector
+from fedmm.client.deid.imagefolder import deidentify_caption, deidentify_image
+from fedmm.client.deid.policy import DeidPolicy
+from fedmm.common.data.dataset import ImageTextDataset
 
 
 def deidentify_records(

@@ -9,10 +9,10 @@ roster (``client.secagg.site_identity``) and the checks of each stage
 (``client.secagg.active_checks``).
 """
 
-from client.secagg.aggregation_floor import SiteAggregationFloor, TooFewSites
-from client.secagg.policy import ClientSecAggPolicy
-from client.secagg.refusal import SecAggRefusal
-from client.secagg.stages import (
+from fedmm.client.secagg.aggregation_floor import SiteAggregationFloor, TooFewSites
+from fedmm.client.secagg.policy import ClientSecAggPolicy
+from fedmm.client.secagg.refusal import SecAggRefusal
+from fedmm.client.secagg.stages import (
     ClientSecAggState,
     client_consistency,
     client_masked_input,

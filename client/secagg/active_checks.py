@@ -27,27 +27,27 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from client.secagg.aggregation_floor import TooFewSites
-from client.secagg.policy import ClientSecAggPolicy
-from client.secagg.refusal import SecAggRefusal
-from client.secagg.site_identity import SiteIdentity
-from common.secagg import payload_validation as check
-from common.secagg.active_parameters import (
+from fedmm.client.secagg.aggregation_floor import TooFewSites
+from fedmm.client.secagg.policy import ClientSecAggPolicy
+from fedmm.client.secagg.refusal import SecAggRefusal
+from fedmm.client.secagg.site_identity import SiteIdentity
+from fedmm.common.secagg import payload_validation as check
+from fedmm.common.secagg.active_parameters import (
     ActiveGraphParameters,
     active_graph_parameters,
     minimum_active_aggregation_size,
 )
-from common.secagg.graph_seed import graph_seed
-from common.secagg.key_agreement import PUBLIC_KEY_BYTES
-from common.secagg.roster import SIGNATURE_BYTES
-from common.secagg.round_config import MAX_SITES, SecAggRoundConfig
-from common.secagg.round_graph import RoundGraph
-from common.secagg.round_signatures import (
+from fedmm.common.secagg.graph_seed import graph_seed
+from fedmm.common.secagg.key_agreement import PUBLIC_KEY_BYTES
+from fedmm.common.secagg.roster import SIGNATURE_BYTES
+from fedmm.common.secagg.round_config import MAX_SITES, SecAggRoundConfig
+from fedmm.common.secagg.round_graph import RoundGraph
+from fedmm.common.secagg.round_signatures import (
     SignatureError,
     count_survivor_set_signatures,
     verify_round_keys,
 )
-from common.site_refusal import RefusalCode
+from fedmm.common.site_refusal import RefusalCode
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from client.secagg.refusal import SecAggRefusal
-from common.secagg.aggregation_size import describe_minimum, minimum_aggregation_size
-from common.site_refusal import RefusalCode
+from fedmm.client.secagg.refusal import SecAggRefusal
+from fedmm.common.secagg.aggregation_size import describe_minimum, minimum_aggregation_size
+from fedmm.common.site_refusal import RefusalCode
 
 
 class TooFewSites(SecAggRefusal):

@@ -44,21 +44,21 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from client.policy_file import PolicyError, read_policy_file
-from client.privacy_policy import POLICY_FILE, SECURE_AGGREGATION_TABLE
-from client.secagg.aggregation_floor import SiteAggregationFloor
-from client.secagg.refusal import SecAggRefusal
-from common.secagg.active_parameters import corrupt_sites
-from common.secagg.aggregation_size import MIN_AGGREGATION_SIZE, colluding_sites
-from common.secagg.neighbour_graph import (
+from fedmm.client.policy_file import PolicyError, read_policy_file
+from fedmm.client.privacy_policy import POLICY_FILE, SECURE_AGGREGATION_TABLE
+from fedmm.client.secagg.aggregation_floor import SiteAggregationFloor
+from fedmm.client.secagg.refusal import SecAggRefusal
+from fedmm.common.secagg.active_parameters import corrupt_sites
+from fedmm.common.secagg.aggregation_size import MIN_AGGREGATION_SIZE, colluding_sites
+from fedmm.common.secagg.neighbour_graph import (
     DEFAULT_ADVERSARIAL_RATE,
     DEFAULT_DROPOUT_RATE,
     required_threshold,
     stays_connected,
 )
-from common.secagg.roster import RosterError, parse_digest
-from common.secagg.round_graph import RoundGraph
-from common.site_refusal import RefusalCode
+from fedmm.common.secagg.roster import RosterError, parse_digest
+from fedmm.common.secagg.round_graph import RoundGraph
+from fedmm.common.site_refusal import RefusalCode
 
 #: The table of the site's policy file that holds this policy.
 POLICY_TABLE = SECURE_AGGREGATION_TABLE

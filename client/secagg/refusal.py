@@ -3,8 +3,8 @@ CCS 2020): what the coordinator is told is a code, the reason stays in the site'
 
 from __future__ import annotations
 
-from common.secagg.payload_validation import InvalidPayloadError
-from common.site_refusal import RefusalCode, SiteRefusal
+from fedmm.common.secagg.payload_validation import InvalidPayloadError
+from fedmm.common.site_refusal import RefusalCode, SiteRefusal
 
 
 class SecAggRefusal(InvalidPayloadError):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from client.secagg.site_signing_key import load_site_signing_key
-from common.secagg.roster import (
+from fedmm.client.secagg.site_signing_key import load_site_signing_key
+from fedmm.common.secagg.roster import (
     Roster,
     RosterError,
     VerifiedRoster,

@@ -22,7 +22,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.secagg.roster import fingerprint
+from fedmm.common.secagg.roster import fingerprint
 
 KEY_FILE_MODE = 0o600
 KEY_DIR_MODE = 0o700

@@ -58,15 +58,15 @@ from typing import Any
 
 import numpy as np
 
-from client.secagg import active_checks
-from client.secagg.aggregation_floor import SiteAggregationFloor
-from client.secagg.policy import ClientSecAggPolicy
-from client.secagg.refusal import SecAggRefusal
-from client.secagg.site_identity import SiteIdentity
-from common.secagg import payload_validation as check
-from common.secagg.active_parameters import ActiveGraphParameters
-from common.secagg.input_encoding import encode_site_input
-from common.secagg.key_agreement import (
+from fedmm.client.secagg import active_checks
+from fedmm.client.secagg.aggregation_floor import SiteAggregationFloor
+from fedmm.client.secagg.policy import ClientSecAggPolicy
+from fedmm.client.secagg.refusal import SecAggRefusal
+from fedmm.client.secagg.site_identity import SiteIdentity
+from fedmm.common.secagg import payload_validation as check
+from fedmm.common.secagg.active_parameters import ActiveGraphParameters
+from fedmm.common.secagg.input_encoding import encode_site_input
+from fedmm.common.secagg.key_agreement import (
     PUBLIC_KEY_BYTES,
     PURPOSE_CHANNEL,
     PURPOSE_PAIRWISE_MASK,
@@ -77,8 +77,8 @@ from common.secagg.key_agreement import (
     load_private_key,
     public_key_for,
 )
-from common.secagg.mask_expansion import SEED_BYTES, add_masks_in_place
-from common.secagg.protocol_stages import (
+from fedmm.common.secagg.mask_expansion import SEED_BYTES, add_masks_in_place
+from fedmm.common.secagg.protocol_stages import (
     STAGE_CONSISTENCY,
     STAGE_MASKED_INPUT,
     STAGE_SETUP,
@@ -87,19 +87,19 @@ from common.secagg.protocol_stages import (
     require_tag,
     tag,
 )
-from common.secagg.quantisation import new_rounding_generator
-from common.secagg.round_binding import pair_binding, session_digest
-from common.secagg.round_config import MAX_SITES, SecAggRoundConfig
-from common.secagg.round_graph import RoundGraph
-from common.secagg.round_signatures import round_keys_message, sign, survivor_set_message
-from common.secagg.shamir import SHARE_BYTES, split_secret
-from common.secagg.share_cipher import (
+from fedmm.common.secagg.quantisation import new_rounding_generator
+from fedmm.common.secagg.round_binding import pair_binding, session_digest
+from fedmm.common.secagg.round_config import MAX_SITES, SecAggRoundConfig
+from fedmm.common.secagg.round_graph import RoundGraph
+from fedmm.common.secagg.round_signatures import round_keys_message, sign, survivor_set_message
+from fedmm.common.secagg.shamir import SHARE_BYTES, split_secret
+from fedmm.common.secagg.share_cipher import (
     SEALED_SHARE_BUNDLE_BYTES,
     ShareCipherError,
     open_share_bundle,
     seal_share_bundle,
 )
-from common.site_refusal import RefusalCode
+from fedmm.common.site_refusal import RefusalCode
 
 __all__ = [
     "ClientSecAggPolicy",

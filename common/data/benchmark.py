@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data.captions import scene_caption, single_caption
-from common.data.dataset import ImageTextDataset
-from common.data.fashion_mnist import load_fashion_mnist
-from common.data.synthetic_pii import DEFAULT_PII_FRACTION, add_synthetic_personal_data
+from fedmm.common.data.captions import scene_caption, single_caption
+from fedmm.common.data.dataset import ImageTextDataset
+from fedmm.common.data.fashion_mnist import load_fashion_mnist
+from fedmm.common.data.synthetic_pii import DEFAULT_PII_FRACTION, add_synthetic_personal_data
 
 ITEM_SIZE = 28
 CANVAS_SHAPE = (28, 56)

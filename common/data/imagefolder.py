@@ -51,9 +51,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from common.data.dataset import NO_LABEL, ImageTextDataset
-from common.data.image_conversion import PixelConversion, to_model_pixels
-from common.tokenizer import split_words
+from fedmm.common.data.dataset import NO_LABEL, ImageTextDataset
+from fedmm.common.data.image_conversion import PixelConversion, to_model_pixels
+from fedmm.common.tokenizer import split_words
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from datetime import date, timedelta
 
 import numpy as np
 
-from common.data.captions import FASHION_LEXICON
+from fedmm.common.data.captions import FASHION_LEXICON
 
 #: Share of training captions that get synthetic personal data by default.
 DEFAULT_PII_FRACTION = 0.1

@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from common.data.captions import FASHION_LEXICON, PhraseLexicon
+from fedmm.common.data.captions import FASHION_LEXICON, PhraseLexicon
 
 COLOURS = PhraseLexicon(
     (

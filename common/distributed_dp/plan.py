@@ -31,8 +31,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from common.distributed_dp.accounting import SkellamRound, calibrate_variance, skellam_epsilon
-from common.distributed_dp.rounding import rounded_l1_bound, rounded_l2_bound
+from fedmm.common.distributed_dp.accounting import SkellamRound, calibrate_variance, skellam_epsilon
+from fedmm.common.distributed_dp.rounding import rounded_l1_bound, rounded_l2_bound
 
 #: Integer clip c = INTEGER_CLIP_PER_ROOT_D * sqrt(d): rounding then adds sqrt(d) / c = 1/64
 #: to the sensitivity D2 = c + sqrt(d) (1.6% more noise than unrounded DP-SGD).

@@ -24,7 +24,7 @@ import os
 import numpy as np
 from scipy import special
 
-from common.secure_random import RandomBytes, aes_ctr_random_bytes, secure_uniforms
+from fedmm.common.secure_random import RandomBytes, aes_ctr_random_bytes, secure_uniforms
 
 __all__ = [
     "RandomBytes",

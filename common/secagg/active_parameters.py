@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from common.secagg.aggregation_size import MIN_AGGREGATION_SIZE
+from fedmm.common.secagg.aggregation_size import MIN_AGGREGATION_SIZE
 
 
 @dataclass(frozen=True)

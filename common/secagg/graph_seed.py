@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 
-from common.secagg.key_agreement import PROTOCOL_LABEL
+from fedmm.common.secagg.key_agreement import PROTOCOL_LABEL
 
 
 def graph_seed(

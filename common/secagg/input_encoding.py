@@ -34,13 +34,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.secagg.quantisation import (
+from fedmm.common.secagg.quantisation import (
     CHUNK_ELEMENTS,
     dequantise_sum,
     quantisation_error_bound,
     quantise,
 )
-from common.secagg.round_config import SecAggRoundConfig
+from fedmm.common.secagg.round_config import SecAggRoundConfig
 
 
 class SumOutOfRangeError(ValueError):

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from common.secagg.ring import check_bit_width, reduce_in_place, ring_dtype
+from fedmm.common.secagg.ring import check_bit_width, reduce_in_place, ring_dtype
 
 SEED_BYTES = 32
 _BLOCK_BYTES = 16

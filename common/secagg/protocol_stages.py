@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from common.secagg import payload_validation as check
-from common.secagg.round_config import MAX_ROUND
+from fedmm.common.secagg import payload_validation as check
+from fedmm.common.secagg.round_config import MAX_ROUND
 
 STAGE_SETUP = "setup"
 STAGE_SHARE_KEYS = "share_keys"

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.secagg.ring import check_bit_width, ring_dtype
+from fedmm.common.secagg.ring import check_bit_width, ring_dtype
 
 #: Relative slack for float64 rounding in the bound (far below one quantisation step).
 _FLOAT_SLACK = 2.0**-40

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 
-from common.secagg.key_agreement import PROTOCOL_LABEL
+from fedmm.common.secagg.key_agreement import PROTOCOL_LABEL
 
 
 def session_digest(*, parameters_digest: bytes, graph_digest: bytes) -> bytes:

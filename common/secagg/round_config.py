@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from common.secagg import payload_validation as check
-from common.secagg.quantisation import QuantisationRange, levels_with_headroom
-from common.secagg.ring import MAX_BIT_WIDTH, MIN_BIT_WIDTH, check_bit_width, ring_dtype
+from fedmm.common.secagg import payload_validation as check
+from fedmm.common.secagg.quantisation import QuantisationRange, levels_with_headroom
+from fedmm.common.secagg.ring import MAX_BIT_WIDTH, MIN_BIT_WIDTH, check_bit_width, ring_dtype
 
 SESSION_NONCE_BYTES = 32
 MAX_SITE_ID = (1 << 64) - 1

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from common.secagg import payload_validation as check
-from common.secagg.key_agreement import PROTOCOL_LABEL
-from common.secagg.neighbour_graph import neighbour_graph
-from common.secagg.round_config import MAX_SITES, SecAggRoundConfig
+from fedmm.common.secagg import payload_validation as check
+from fedmm.common.secagg.key_agreement import PROTOCOL_LABEL
+from fedmm.common.secagg.neighbour_graph import neighbour_graph
+from fedmm.common.secagg.round_config import MAX_SITES, SecAggRoundConfig
 
 
 @dataclass(frozen=True)

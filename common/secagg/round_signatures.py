@@ -28,8 +28,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.secagg.key_agreement import PROTOCOL_LABEL
-from common.secagg.roster import SIGNATURE_BYTES, RosterError, VerifiedRoster
+from fedmm.common.secagg.key_agreement import PROTOCOL_LABEL
+from fedmm.common.secagg.roster import SIGNATURE_BYTES, RosterError, VerifiedRoster
 
 
 class SignatureError(ValueError):

@@ -20,8 +20,8 @@ import os
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from common.secagg.key_agreement import PROTOCOL_LABEL
-from common.secagg.shamir import SHARE_BYTES
+from fedmm.common.secagg.key_agreement import PROTOCOL_LABEL
+from fedmm.common.secagg.shamir import SHARE_BYTES
 
 NONCE_BYTES = 12
 TAG_BYTES = 16

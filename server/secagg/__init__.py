@@ -5,7 +5,7 @@ Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine Le
 CCS 2017. See ``server.secagg.stages``.
 """
 
-from server.secagg.stages import (
+from fedmm.server.secagg.stages import (
     CoordinatorGraphRules,
     ServerSecAggState,
     server_collect_consistency,

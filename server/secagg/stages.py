@@ -52,37 +52,41 @@ from typing import Any
 
 import numpy as np
 
-from common.secagg import payload_validation as check
-from common.secagg.active_parameters import (
+from fedmm.common.secagg import payload_validation as check
+from fedmm.common.secagg.active_parameters import (
     ActiveGraphParameters,
     active_graph_parameters,
     corrupt_sites,
     dropout_sites,
     minimum_active_aggregation_size,
 )
-from common.secagg.aggregation_size import (
+from fedmm.common.secagg.aggregation_size import (
     MIN_AGGREGATION_SIZE,
     colluding_sites,
     describe_minimum,
     minimum_aggregation_size,
 )
-from common.secagg.graph_seed import graph_seed
-from common.secagg.input_encoding import DecodedAggregate, SumOutOfRangeError, decode_aggregate
-from common.secagg.key_agreement import (
+from fedmm.common.secagg.graph_seed import graph_seed
+from fedmm.common.secagg.input_encoding import (
+    DecodedAggregate,
+    SumOutOfRangeError,
+    decode_aggregate,
+)
+from fedmm.common.secagg.key_agreement import (
     PUBLIC_KEY_BYTES,
     PURPOSE_PAIRWISE_MASK,
     KeyAgreementError,
     derive_pairwise_mask_seed,
     load_private_key,
 )
-from common.secagg.mask_expansion import add_masks_in_place
-from common.secagg.neighbour_graph import (
+from fedmm.common.secagg.mask_expansion import add_masks_in_place
+from fedmm.common.secagg.neighbour_graph import (
     DEFAULT_ADVERSARIAL_RATE,
     DEFAULT_DROPOUT_RATE,
     graph_parameters,
     threshold_for_degree,
 )
-from common.secagg.protocol_stages import (
+from fedmm.common.secagg.protocol_stages import (
     STAGE_CONSISTENCY,
     STAGE_MASKED_INPUT,
     STAGE_SETUP,
@@ -91,19 +95,19 @@ from common.secagg.protocol_stages import (
     require_tag,
     tag,
 )
-from common.secagg.ring import add_in_place, zeros
-from common.secagg.roster import SIGNATURE_BYTES, VerifiedRoster
-from common.secagg.round_binding import pair_binding, session_digest
-from common.secagg.round_config import MAX_SITES, SESSION_NONCE_BYTES, SecAggRoundConfig
-from common.secagg.round_graph import RoundGraph
-from common.secagg.round_signatures import (
+from fedmm.common.secagg.ring import add_in_place, zeros
+from fedmm.common.secagg.roster import SIGNATURE_BYTES, VerifiedRoster
+from fedmm.common.secagg.round_binding import pair_binding, session_digest
+from fedmm.common.secagg.round_config import MAX_SITES, SESSION_NONCE_BYTES, SecAggRoundConfig
+from fedmm.common.secagg.round_graph import RoundGraph
+from fedmm.common.secagg.round_signatures import (
     SignatureError,
     survivor_set_message,
     verify_round_keys,
     verify_signed_by,
 )
-from common.secagg.shamir import SHARE_BYTES, ShamirError, reconstruct_secret
-from common.secagg.share_cipher import SEALED_SHARE_BUNDLE_BYTES
+from fedmm.common.secagg.shamir import SHARE_BYTES, ShamirError, reconstruct_secret
+from fedmm.common.secagg.share_cipher import SEALED_SHARE_BUNDLE_BYTES
 
 logger = logging.getLogger(__name__)
 

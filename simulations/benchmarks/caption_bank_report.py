@@ -14,7 +14,7 @@ For the bank file and the run's text settings (``--set model-vocab-buckets=N``,
 
 Usage::
 
-    python -m simulations.benchmarks.caption_bank_report BANK.txt [--set KEY=VALUE ...]
+    python -m fedmm.simulations.benchmarks.caption_bank_report BANK.txt [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from pathlib import Path
 from flwr.app import ConfigRecord
 from flwr.common.serde import config_record_to_proto
 
-from common.cli_arguments import key_value_pairs
-from common.data.caption_bank import CaptionBank
-from common.distractors import DistractorSampler
-from common.federation_config import FederationConfig
-from common.tokenizer import HashingTokenizer, bucket_collisions
-from common.train_request import TrainRequest, model_config_of
+from fedmm.common.cli_arguments import key_value_pairs
+from fedmm.common.data.caption_bank import CaptionBank
+from fedmm.common.distractors import DistractorSampler
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.tokenizer import HashingTokenizer, bucket_collisions
+from fedmm.common.train_request import TrainRequest, model_config_of
 
 
 def _request_bytes(config: FederationConfig) -> int:

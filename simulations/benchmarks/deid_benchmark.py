@@ -36,9 +36,9 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from client.deid.face_anonymisation import anonymise_faces  # noqa: E402
-from client.deid.face_detection import FaceDetector, build_face_detector  # noqa: E402
-from client.deid.text_pii import PiiType, find_pii  # noqa: E402
+from fedmm.client.deid.face_anonymisation import anonymise_faces  # noqa: E402
+from fedmm.client.deid.face_detection import FaceDetector, build_face_detector  # noqa: E402
+from fedmm.client.deid.text_pii import PiiType, find_pii  # noqa: E402
 
 CAPTIONS_PATH = REPO / "tests" / "data" / "pii_captions.jsonl"
 

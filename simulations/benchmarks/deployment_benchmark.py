@@ -15,8 +15,8 @@ It also times, in fresh processes, what a ClientApp process imports: Flower's
 ``flwr-clientapp`` entry point, then ``client.app`` on top, and whether torch comes with it.
 Every process started is stopped by PID. Usage:
 
-    python -m simulations.benchmarks.deployment_benchmark                # 3 sites, 3 rounds
-    python -m simulations.benchmarks.deployment_benchmark --rounds 2 --records 60
+    python -m fedmm.simulations.benchmarks.deployment_benchmark                # 3 sites, 3 rounds
+    python -m fedmm.simulations.benchmarks.deployment_benchmark --rounds 2 --records 60
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.loopback_daemons import (
+from fedmm.simulations.loopback_daemons import (
     FEDMM,
     DaemonGroup,
     free_port,
@@ -75,7 +75,7 @@ def write_site(root: Path, *, name: str, offset: int, count: int) -> Path:
     """A site folder: ``count`` benchmark records as PNGs, key pair, config; the config."""
     from PIL import Image
 
-    from common.data.benchmark import benchmark_train_records
+    from fedmm.common.data.benchmark import benchmark_train_records
 
     records = benchmark_train_records(None)
     data = root / "data"
@@ -86,7 +86,7 @@ def write_site(root: Path, *, name: str, offset: int, count: int) -> Path:
         Image.fromarray(np.asarray(records.images[i])).save(data / file_name)
         lines.append(json.dumps({"file_name": file_name, "text": records.captions[i]}))
     (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    from client.release_pin import installed_release
+    from fedmm.client.release_pin import installed_release
 
     release = installed_release()  # the site runs only the release installed here
     pin = f'\n[release]\nversion = "{release.version}"\ndigest = "{release.digest}"\n'
@@ -259,7 +259,7 @@ def main() -> None:
             {
                 "benchmark": "deployment_stage_wall_time",
                 "command": " ".join(
-                    ["python -m simulations.benchmarks.deployment_benchmark", *sys.argv[1:]]
+                    ["python -m fedmm.simulations.benchmarks.deployment_benchmark", *sys.argv[1:]]
                 ),
                 "sites": args.sites,
                 "rounds": args.rounds,

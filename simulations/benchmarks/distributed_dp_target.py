@@ -5,14 +5,14 @@ Runs, one after the other (each in a subprocess, the machine's cores to itself):
 1. ``fedmm simulate --dp distributed``: T rounds, each one DP-SGD step on the union of the
    sites' records at sampling rate q (Skellam shares under SecAgg+), evaluated every
    ``--eval-every`` rounds;
-2. ``python -m simulations.centralised_reference``: the same model, loss, clip, learning rate,
+2. ``python -m fedmm.simulations.centralised_reference``: the same model, loss, clip, learning rate,
    sampling rate q and number of steps T (= T q epochs with batch size q N) on the pooled
    records, with Opacus' Gaussian noise calibrated to the same epsilon by its RDP accountant.
 
 Prints one JSON object: both accuracies (final and best), the gap in points, wall times, the
 noise multipliers and the privacy statement. Example (the figures in docs/results.md):
 
-    python -m simulations.benchmarks.distributed_dp_target --rounds 196 --sampling-rate 0.0357142857
+    python -m fedmm.simulations.benchmarks.distributed_dp_target --rounds 196 --sampling-rate 0.0357142857
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from common.distributed_dp.plan import plan_distributed_dp
-from common.federation_config import FederationConfig
+from fedmm.common.distributed_dp.plan import plan_distributed_dp
+from fedmm.common.federation_config import FederationConfig
 
 TRAIN_RECORDS = 54_000  # the built-in benchmark's training split (10 sites x 5,400)
 
@@ -68,7 +68,7 @@ def main() -> None:
     if not args.skip_distributed:
         run_dir = args.out / "distributed"
         command = [
-            sys.executable, "-m", "simulations.cli", "simulate", "--quiet",
+            sys.executable, "-m", "fedmm.simulations.cli", "simulate", "--quiet",
             "--dp", "distributed", "--sites", str(args.sites), "--rounds", str(args.rounds),
             "--epsilon", str(args.epsilon), "--out", str(run_dir),
             "--set", f"dp-sampling-rate={args.sampling_rate}",
@@ -92,7 +92,7 @@ def main() -> None:
         batch = math.ceil(args.sampling_rate * TRAIN_RECORDS)
         epochs = round(args.rounds * args.sampling_rate)
         command = [
-            sys.executable, "-m", "simulations.centralised_reference",
+            sys.executable, "-m", "fedmm.simulations.centralised_reference",
             "--epochs", str(epochs), "--epsilon", str(args.epsilon), "--threads", "1",
             "--set", f"batch-size={batch}",
         ]  # fmt: skip
@@ -113,8 +113,8 @@ def main() -> None:
             "wall_s": round(wall, 1),
         }
     if "distributed" in result:
-        from common.model import CrossAttentionMatcher
-        from common.train_request import model_config_of
+        from fedmm.common.model import CrossAttentionMatcher
+        from fedmm.common.train_request import model_config_of
 
         model = CrossAttentionMatcher(model_config_of(config))
         plan = plan_distributed_dp(

@@ -2,7 +2,7 @@
 
 Prints JSON: samples/s for each, their ratio (measured side by side in one process, in
 alternating repetitions), and the process's peak RSS. Usage:
-    python -m simulations.benchmarks.dp_throughput [--records 2048] [--repeats 3] \
+    python -m fedmm.simulations.benchmarks.dp_throughput [--records 2048] [--repeats 3] \
         [--image-encoder patches|conv|scatter]
 """
 
@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from client.training import DPSGDSettings, TrainingRecipe, train_locally
-from common.data.benchmark import benchmark_train_records
-from common.model import CrossAttentionMatcher
-from common.model_config import IMAGE_ENCODERS, ModelConfig
+from fedmm.client.training import DPSGDSettings, TrainingRecipe, train_locally
+from fedmm.common.data.benchmark import benchmark_train_records
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.model_config import IMAGE_ENCODERS, ModelConfig
 
 
 def _samples_per_second(

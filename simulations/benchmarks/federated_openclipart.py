@@ -17,7 +17,7 @@ The recipe is ``docs/real-data.md``'s measured one (width 32, 8x8 patches, 4,096
 24 words, 8 distractors from the word lists and the caption bank, Adam at 0.002, batch 256);
 ``--set KEY=VALUE`` overrides any run-config key. Usage::
 
-    python -m simulations.benchmarks.federated_openclipart DATA --condition plain --rounds 5
+    python -m fedmm.simulations.benchmarks.federated_openclipart DATA --condition plain --rounds 5
 """
 
 from __future__ import annotations
@@ -30,8 +30,11 @@ import sys
 import time
 from pathlib import Path
 
-from common.data.imagefolder import METADATA_FILE
-from simulations.benchmarks.openclipart_imagefolder import BANK_FILE, build_openclipart_benchmark
+from fedmm.common.data.imagefolder import METADATA_FILE
+from fedmm.simulations.benchmarks.openclipart_imagefolder import (
+    BANK_FILE,
+    build_openclipart_benchmark,
+)
 
 RECIPE = {
     "image-size": "64x64",
@@ -93,7 +96,7 @@ def simulate_command(args: argparse.Namespace, data: Path, out: Path) -> list[st
     command = [
         sys.executable,
         "-m",
-        "simulations.cli",
+        "fedmm.simulations.cli",
         "simulate",
         "--site-data",
         *sites,

@@ -15,7 +15,7 @@ image size (32, 64, 128 by default), on random RGB images (or grayscale with
 Prints JSON, one object per (encoder, size), with the best of ``--repeats`` timings, model
 parameters, image tokens and the process's peak RSS. Usage::
 
-    python -m simulations.benchmarks.image_size_cost [--sizes 32 64 128] [--channels 3]
+    python -m fedmm.simulations.benchmarks.image_size_cost [--sizes 32 64 128] [--channels 3]
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from dataclasses import replace
 
 import torch
 
-from common import scattering
-from common.loss import matching_loss
-from common.model import CrossAttentionMatcher
-from common.model_config import IMAGE_ENCODERS, ModelConfig
+from fedmm.common import scattering
+from fedmm.common.loss import matching_loss
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.model_config import IMAGE_ENCODERS, ModelConfig
 
 CANDIDATES, WORDS = 5, 12
 

@@ -14,7 +14,7 @@ the SVG's title, description and keywords)}`` (``common.data.openclipart``). Ban
 (``--bank-percent``, by SHA-256 of their path) give only their captions and are in neither
 imagefolder. Prints the manifest as JSON. Usage::
 
-    python -m simulations.benchmarks.openclipart_imagefolder OUT \\
+    python -m fedmm.simulations.benchmarks.openclipart_imagefolder OUT \\
         [--per-category N] [--bank-percent 15] [--test-percent 10]
 """
 
@@ -27,9 +27,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from common.data.caption_bank import CaptionBank
-from common.data.imagefolder import METADATA_FILE
-from common.data.openclipart import (
+from fedmm.common.data.caption_bank import CaptionBank
+from fedmm.common.data.imagefolder import METADATA_FILE
+from fedmm.common.data.openclipart import (
     OPENCLIPART_ROOT,
     ClipartRecord,
     OpenClipartNotFoundError,

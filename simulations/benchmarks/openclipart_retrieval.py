@@ -15,7 +15,7 @@ chance, showing that recall above chance comes from the images.
 
 Prints one JSON line per epoch and a final JSON summary. Usage::
 
-    python -m simulations.benchmarks.openclipart_retrieval DATA --condition plain|dp|shuffled \\
+    python -m fedmm.simulations.benchmarks.openclipart_retrieval DATA --condition plain|dp|shuffled \\
         [--epochs 10] [--epsilon 8] [--set KEY=VALUE ...]
 """
 
@@ -31,23 +31,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.privacy_ledger import calibrate_noise_multiplier, epsilon_of
-from client.training import (
+from fedmm.client.privacy_ledger import calibrate_noise_multiplier, epsilon_of
+from fedmm.client.training import (
     DPSGDSettings,
     TrainingRecipe,
     sample_rate,
     steps_per_epoch,
     train_locally,
 )
-from common.cli_arguments import key_value_pairs
-from common.data.dataset import ImageTextDataset
-from common.data.imagefolder import load_imagefolder
-from common.federation_config import FederationConfig
-from common.model import CrossAttentionMatcher
-from common.model_config import ModelConfig
-from common.tokenizer import HashingTokenizer
-from common.train_request import model_config_of
-from simulations.benchmarks.openclipart_imagefolder import BANK_FILE
+from fedmm.common.cli_arguments import key_value_pairs
+from fedmm.common.data.dataset import ImageTextDataset
+from fedmm.common.data.imagefolder import load_imagefolder
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.model_config import ModelConfig
+from fedmm.common.tokenizer import HashingTokenizer
+from fedmm.common.train_request import model_config_of
+from fedmm.simulations.benchmarks.openclipart_imagefolder import BANK_FILE
 
 #: The recipe of the measurement in docs/real-data.md; ``--set`` overrides any key.
 DEFAULTS = {

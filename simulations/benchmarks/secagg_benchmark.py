@@ -31,8 +31,8 @@ average of the machine at the start and the end. Progress rows go to stderr.
 
 Usage (prints JSON):
 
-    python -m simulations.benchmarks.secagg_benchmark --sites 10 --lengths 100000 --flower-legacy
-    python -m simulations.benchmarks.secagg_benchmark --sites 10 50 100 \
+    python -m fedmm.simulations.benchmarks.secagg_benchmark --sites 10 --lengths 100000 --flower-legacy
+    python -m fedmm.simulations.benchmarks.secagg_benchmark --sites 10 50 100 \
         --lengths 100000 1000000 --repeats 3 --flower-legacy
 """
 
@@ -59,8 +59,8 @@ from flwr.clientapp.typing import Mod
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
 
-from client import secure_aggregation as site
-from common.secure_round import (
+from fedmm.client import secure_aggregation as site
+from fedmm.common.secure_round import (
     ACTION_MASKED,
     ACTION_SETUP,
     ACTION_SHARE,
@@ -69,7 +69,7 @@ from common.secure_round import (
     METRIC_NUM_EXAMPLES,
     METRIC_STEPS,
 )
-from common.site_task import RECORD_ARRAYS, RECORD_CONFIG, RECORD_METRICS, RECORD_UPDATE
+from fedmm.common.site_task import RECORD_ARRAYS, RECORD_CONFIG, RECORD_METRICS, RECORD_UPDATE
 
 PLAN_ENV = "FEDMM_SECAGG_BENCH_PLAN"
 
@@ -183,7 +183,7 @@ class FastPollingGrid:
         return getattr(self.grid, name)
 
     def send_and_receive(self, messages, *, timeout=None):
-        from server.reply_polling import PROTOCOL_POLL, poll_replies
+        from fedmm.server.reply_polling import PROTOCOL_POLL, poll_replies
 
         grid: Any = self.grid
         return poll_replies(grid, list(messages), timeout=timeout or 600.0, schedule=PROTOCOL_POLL)
@@ -194,12 +194,12 @@ server_app = ServerApp()
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
-    from common.federation_config import FederationConfig
-    from common.secure_round import metric_ranges
-    from common.site_task import SiteTask, task_config
-    from common.train_request import TrainRequest
-    from server.aggregation import FedAvgAggregation, RoundRequest, wait_for_sites
-    from server.secure_aggregation import SecAggPlusAggregation, SecAggSettings
+    from fedmm.common.federation_config import FederationConfig
+    from fedmm.common.secure_round import metric_ranges
+    from fedmm.common.site_task import SiteTask, task_config
+    from fedmm.common.train_request import TrainRequest
+    from fedmm.server.aggregation import FedAvgAggregation, RoundRequest, wait_for_sites
+    from fedmm.server.secure_aggregation import SecAggPlusAggregation, SecAggSettings
 
     plan = json.loads(os.environ[PLAN_ENV])
     num_sites = plan["sites"]
@@ -335,8 +335,8 @@ def legacy_main(grid: Grid, context: Context) -> None:
     from flwr.server import LegacyContext, ServerConfig
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
-    from common.secagg.neighbour_graph import default_graph_parameters
-    from server.aggregation import wait_for_sites
+    from fedmm.common.secagg.neighbour_graph import default_graph_parameters
+    from fedmm.server.aggregation import wait_for_sites
 
     plan = json.loads(os.environ[PLAN_ENV])
     num_sites = plan["sites"]
@@ -409,8 +409,8 @@ def _simulate(
     actors: int,
 ) -> list[dict]:
     """One simulation of ``server`` with the sites' ClientApp ``clients(mods=...)``."""
-    from common.federation_config import FederationConfig
-    from simulations.local_simulation import SimulationSettings, run_local_simulation
+    from fedmm.common.federation_config import FederationConfig
+    from fedmm.simulations.local_simulation import SimulationSettings, run_local_simulation
 
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "results.json"

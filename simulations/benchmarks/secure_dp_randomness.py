@@ -12,7 +12,7 @@ benchmark records, batch 256: q = 1/24, 24 steps a round, the default model):
 Also the two random parts alone, per round: noise for every trainable parameter at each
 step, and one membership draw per record at each step. Prints JSON (best of the repeats).
 Usage:
-    python -m simulations.benchmarks.secure_dp_randomness [--records 6000] [--repeats 3]
+    python -m fedmm.simulations.benchmarks.secure_dp_randomness [--records 6000] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from client.training import (
+from fedmm.client.training import (
     DPSGDSettings,
     MatchingDataset,
     TrainingRecipe,
@@ -36,12 +36,12 @@ from client.training import (
     steps_per_epoch,
     train_locally,
 )
-from common.data.benchmark import benchmark_train_records
-from common.loss import matching_loss
-from common.model import CrossAttentionMatcher
-from common.model_config import ModelConfig
-from common.secure_random import bernoulli_indices, fresh_random_bytes, standard_normals
-from common.tokenizer import HashingTokenizer
+from fedmm.common.data.benchmark import benchmark_train_records
+from fedmm.common.loss import matching_loss
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.model_config import ModelConfig
+from fedmm.common.secure_random import bernoulli_indices, fresh_random_bytes, standard_normals
+from fedmm.common.tokenizer import HashingTokenizer
 
 
 def _torch_rng_round(data, recipe: TrainingRecipe, config: ModelConfig) -> float:

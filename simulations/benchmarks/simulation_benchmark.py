@@ -4,8 +4,8 @@ Runs ``fedmm simulate`` with the given arguments in a subprocess and samples, ev
 the summed proportional set size (PSS) of every process of the run (the CLI and Ray's
 processes, which Ray starts outside the CLI's process tree: matched by name). Prints JSON.
 Examples:
-    python -m simulations.benchmarks.simulation_benchmark            # the default run
-    python -m simulations.benchmarks.simulation_benchmark -- --sites 100 \
+    python -m fedmm.simulations.benchmarks.simulation_benchmark            # the default run
+    python -m fedmm.simulations.benchmarks.simulation_benchmark -- --sites 100 \
         --set fraction-train=0.1 --rounds 3
 Run it on an otherwise idle machine: other processes named python or ray count too.
 """
@@ -55,7 +55,7 @@ def main() -> None:
         command = [
             sys.executable,
             "-m",
-            "simulations.cli",
+            "fedmm.simulations.cli",
             "simulate",
             "--quiet",
             "--out",

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.privacy_ledger import dp_sgd_history, epsilon_of
+from fedmm.client.privacy_ledger import dp_sgd_history, epsilon_of
 
 RTOL = 0.01
 

@@ -82,7 +82,7 @@ def simulate_in_child_process(
     started = time.monotonic()
     with log.open("w", encoding="utf-8") as handle:
         child = subprocess.Popen(
-            [sys.executable, "-m", "simulations.cli", *spec.arguments(out)],
+            [sys.executable, "-m", "fedmm.simulations.cli", *spec.arguments(out)],
             stdout=handle,
             stderr=subprocess.STDOUT,
             cwd=PROJECT_ROOT,

@@ -25,21 +25,24 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from common.data.benchmark import benchmark_test_set, benchmark_train_records
-from common.data.dataset import ImageTextDataset
-from common.federation_config import FederationConfig
-from common.model import CrossAttentionMatcher
-from common.model_config import ModelConfig
-from common.tokenizer import HashingTokenizer
-from simulations.privacy.attack_metrics import AttackSummary, RocCurve, roc_curve
-from simulations.privacy.membership_inference import loss_threshold_scores, offline_lira_scores
-from simulations.privacy.membership_scores import (
+from fedmm.common.data.benchmark import benchmark_test_set, benchmark_train_records
+from fedmm.common.data.dataset import ImageTextDataset
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.model_config import ModelConfig
+from fedmm.common.tokenizer import HashingTokenizer
+from fedmm.simulations.privacy.attack_metrics import AttackSummary, RocCurve, roc_curve
+from fedmm.simulations.privacy.membership_inference import (
+    loss_threshold_scores,
+    offline_lira_scores,
+)
+from fedmm.simulations.privacy.membership_scores import (
     RecordQueries,
     build_queries,
     membership_signals,
 )
-from simulations.privacy.membership_split import membership_split, shadow_site_indices
-from simulations.privacy.shadow_training import FederatedRecipe, train_shadow_federation
+from fedmm.simulations.privacy.membership_split import membership_split, shadow_site_indices
+from fedmm.simulations.privacy.shadow_training import FederatedRecipe, train_shadow_federation
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +103,7 @@ class _ShadowJob:
 
 def _train_and_score_shadow(job: _ShadowJob) -> tuple[np.ndarray, float]:
     """One shadow federation: its scaled confidences on the targets and its accuracy."""
-    from server.evaluation import evaluate
+    from fedmm.server.evaluation import evaluate
 
     torch.set_num_threads(1)
     # Opacus' noise calibration probes sigma = 20 first, whose optimum is its largest order;
@@ -144,7 +147,7 @@ def _site_view(
     run_dir: Path, target_site: int, cache_dir: Path
 ) -> Callable[[ImageTextDataset, str], ImageTextDataset]:
     """The target site's de-identification of records, as a function of raw records."""
-    from client.site_data import SiteDeidSettings, deidentified_records
+    from fedmm.client.site_data import SiteDeidSettings, deidentified_records
 
     policy = run_dir / "site-deid-policy.toml"
     secret = run_dir / "site-deid" / f"site-{target_site}" / "site-secret"

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.data.dataset import ImageTextDataset
-from common.loss import candidate_tokens
-from common.model import CrossAttentionMatcher
-from common.tokenizer import HashingTokenizer
+from fedmm.common.data.dataset import ImageTextDataset
+from fedmm.common.loss import candidate_tokens
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.tokenizer import HashingTokenizer
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.data.partitioning import PartitionScheme, partition_indices
+from fedmm.common.data.partitioning import PartitionScheme, partition_indices
 
 
 @dataclass(frozen=True)

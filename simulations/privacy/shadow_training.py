@@ -19,20 +19,20 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from client.privacy_ledger import calibrate_noise_multiplier
-from client.training import (
+from fedmm.client.privacy_ledger import calibrate_noise_multiplier
+from fedmm.client.training import (
     DPSGDSettings,
     TrainingRecipe,
     sample_rate,
     steps_per_epoch,
     train_locally,
 )
-from common.data.dataset import ImageTextDataset
-from common.federation_config import FederationConfig, scheduled_learning_rate
-from common.model import CrossAttentionMatcher
-from common.model_config import ModelConfig
-from common.tokenizer import HashingTokenizer
-from common.train_request import model_config_of
+from fedmm.common.data.dataset import ImageTextDataset
+from fedmm.common.federation_config import FederationConfig, scheduled_learning_rate
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.model_config import ModelConfig
+from fedmm.common.tokenizer import HashingTokenizer
+from fedmm.common.train_request import model_config_of
 
 
 @dataclass(frozen=True)

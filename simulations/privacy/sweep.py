@@ -24,16 +24,19 @@ from typing import Any
 
 import torch
 
-from common.data.partitioning import PARTITION_SCHEMES
-from common.federation_config import OPTIMIZERS
-from simulations.privacy.epsilon_cross_check import cross_check_ledgers
-from simulations.privacy.federated_run import (
+from fedmm.common.data.partitioning import PARTITION_SCHEMES
+from fedmm.common.federation_config import OPTIMIZERS
+from fedmm.simulations.privacy.epsilon_cross_check import cross_check_ledgers
+from fedmm.simulations.privacy.federated_run import (
     FederatedRunError,
     FederatedRunResult,
     FederatedRunSpec,
     simulate_in_child_process,
 )
-from simulations.privacy.membership_experiment import AttackSettings, run_membership_experiment
+from fedmm.simulations.privacy.membership_experiment import (
+    AttackSettings,
+    run_membership_experiment,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -326,7 +329,7 @@ def run_point(point: SweepPoint, settings: SweepSettings, out: Path) -> dict[str
 
 def run_sweep(settings: SweepSettings, out: Path) -> list[dict[str, Any]]:
     """Every point of the sweep, then the report (markdown, JSON, PNG) in ``out``."""
-    from simulations.privacy.sweep_report import write_sweep_report
+    from fedmm.simulations.privacy.sweep_report import write_sweep_report
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

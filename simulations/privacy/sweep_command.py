@@ -10,12 +10,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.cli_arguments import epsilon, key_value_pairs, number
-from common.data.partitioning import PARTITION_SCHEMES
-from common.federation_config import OPTIMIZERS
+from fedmm.common.cli_arguments import epsilon, key_value_pairs, number
+from fedmm.common.data.partitioning import PARTITION_SCHEMES
+from fedmm.common.federation_config import OPTIMIZERS
 
 if TYPE_CHECKING:
-    from simulations.privacy.sweep import SweepSettings
+    from fedmm.simulations.privacy.sweep import SweepSettings
 
 
 def _positive(text: str) -> int:
@@ -126,7 +126,7 @@ def add_privacy_sweep_parser(commands: Any) -> None:
 
 def sweep_settings(args: argparse.Namespace) -> SweepSettings:
     """The sweep's settings from the parsed options; ValueError names a bad option."""
-    from simulations.privacy.sweep import OverfitSettings, SweepSettings
+    from fedmm.simulations.privacy.sweep import OverfitSettings, SweepSettings
 
     run_config = key_value_pairs(args.set, option="--set")
     non_private = (
@@ -171,7 +171,7 @@ def sweep_settings(args: argparse.Namespace) -> SweepSettings:
 
 def run_privacy_sweep(args: argparse.Namespace) -> int:
     """Run the sweep; 0 when the report is written, 2 on bad options."""
-    from simulations.privacy.sweep import run_sweep
+    from fedmm.simulations.privacy.sweep import run_sweep
 
     try:
         settings = sweep_settings(args)
@@ -181,7 +181,7 @@ def run_privacy_sweep(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / datetime.now(UTC).strftime("privacy-sweep-%Y%m%d-%H%M%S")
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    progress = logging.getLogger("simulations.privacy")
+    progress = logging.getLogger("fedmm.simulations.privacy")
     progress.addHandler(handler)
     progress.setLevel(logging.INFO)
     progress.propagate = False  # other libraries configure the root logger too

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from client.site_keys import generate_site_key_pair
+from fedmm.client.site_keys import generate_site_key_pair
 
 GOOD = """
 [site]
@@ -35,7 +35,7 @@ spill-dir = "spill"
 
 def release_section() -> str:
     """``[release]`` pinning the installed release (its digest is computed once a process)."""
-    from client.release_pin import installed_release
+    from fedmm.client.release_pin import installed_release
 
     release = installed_release()
     return f'\n[release]\nversion = "{release.version}"\ndigest = "{release.digest}"\n'

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from client.distributed_dp_step import run_distributed_dp_step
-from client.privacy_ledger import PrivacyLedger, count_charge
-from client.privacy_policy import PolicyError, SitePrivacyPolicy
-from client.record_count import public_count
-from common.data.dataset import ImageTextDataset
-from common.distributed_dp.plan import plan_distributed_dp
-from common.federation_config import FederationConfig
-from common.model import CrossAttentionMatcher
-from common.site_refusal import RefusalCode
-from common.train_request import TrainRequest, model_config_of
+from fedmm.client.distributed_dp_step import run_distributed_dp_step
+from fedmm.client.privacy_ledger import PrivacyLedger, count_charge
+from fedmm.client.privacy_policy import PolicyError, SitePrivacyPolicy
+from fedmm.client.record_count import public_count
+from fedmm.common.data.dataset import ImageTextDataset
+from fedmm.common.distributed_dp.plan import plan_distributed_dp
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.site_refusal import RefusalCode
+from fedmm.common.train_request import TrainRequest, model_config_of
 
 CONFIG = FederationConfig.from_run_config(
     {"model-width": 8, "model-heads": 2, "num-server-rounds": 20, "dp-mode": "distributed"}
@@ -154,10 +154,10 @@ def test_policy_key() -> None:
 def test_integer_sum_is_the_clipped_gradient_sum_up_to_rounding() -> None:
     """With q = 1 and no noise, gamma * S equals the sum of per-record clipped gradients
     (computed one record at a time with plain autograd) within the rounding, gamma sqrt(d)."""
-    from client.distributed_dp_step import integer_gradient_sum
-    from client.training import MatchingDataset
-    from common.loss import matching_loss
-    from common.tokenizer import HashingTokenizer
+    from fedmm.client.distributed_dp_step import integer_gradient_sum
+    from fedmm.client.training import MatchingDataset
+    from fedmm.common.loss import matching_loss
+    from fedmm.common.tokenizer import HashingTokenizer
 
     state = _state()
     plan = _plan(state)
@@ -185,7 +185,7 @@ def test_integer_sum_is_the_clipped_gradient_sum_up_to_rounding() -> None:
         ).double()
         expected += flat * min(1.0, clip / float(flat.norm()))
 
-    import client.distributed_dp_step as step
+    import fedmm.client.distributed_dp_step as step
 
     original = step.MatchingDataset
     step.MatchingDataset = lambda data, **kw: items  # the same distractor draws

@@ -17,11 +17,11 @@ import pytest
 import torch
 from scipy import stats
 
-from client.training import DPSGDSettings, TrainingRecipe, train_locally
-from common.data.benchmark import benchmark_train_records
-from common.model import CrossAttentionMatcher
-from common.model_config import ModelConfig
-from common.secure_random import aes_ctr_random_bytes, bernoulli_indices, standard_normals
+from fedmm.client.training import DPSGDSettings, TrainingRecipe, train_locally
+from fedmm.common.data.benchmark import benchmark_train_records
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.model_config import ModelConfig
+from fedmm.common.secure_random import aes_ctr_random_bytes, bernoulli_indices, standard_normals
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off"),

@@ -12,13 +12,13 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import app
-from common.federated_eval import EvaluationCounts
-from common.federation_config import FederationConfig
-from common.secure_round import RECORD_SECAGG
-from common.site_task import SiteTask, task_config
-from common.train_request import TrainRequest
-from server.secagg.stages import server_start_round
+from fedmm.client.app import app
+from fedmm.common.federated_eval import EvaluationCounts
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.secure_round import RECORD_SECAGG
+from fedmm.common.site_task import SiteTask, task_config
+from fedmm.common.train_request import TrainRequest
+from fedmm.server.secagg.stages import server_start_round
 
 NODES = [3, 5, 9]
 
@@ -96,8 +96,8 @@ def test_a_task_runs_only_in_its_own_kind_of_message(
 
 
 def test_the_policy_key_is_checked() -> None:
-    from client.policy_file import PolicyError
-    from client.privacy_policy import SitePrivacyPolicy
+    from fedmm.client.policy_file import PolicyError
+    from fedmm.client.privacy_policy import SitePrivacyPolicy
 
     assert not SitePrivacyPolicy.for_site({"privacy-allow-evaluation": "false"}).allow_evaluation
     assert SitePrivacyPolicy().allow_evaluation

@@ -17,15 +17,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import app
-from client.held_out_split import held_out_mask, record_digest, split_records
-from client.site_data import load_site_split
-from common.data.dataset import ImageTextDataset
-from common.data.openclipart import OPENCLIPART_ROOT
-from common.federation_config import FederationConfig
-from common.model import CrossAttentionMatcher
-from common.site_task import SiteTask, task_config
-from common.train_request import TrainRequest
+from fedmm.client.app import app
+from fedmm.client.held_out_split import held_out_mask, record_digest, split_records
+from fedmm.client.site_data import load_site_split
+from fedmm.common.data.dataset import ImageTextDataset
+from fedmm.common.data.openclipart import OPENCLIPART_ROOT
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.site_task import SiteTask, task_config
+from fedmm.common.train_request import TrainRequest
 
 needs_openclipart = pytest.mark.skipif(
     not (OPENCLIPART_ROOT / "png").is_dir(), reason="needs apt-get install openclipart-png"

@@ -16,19 +16,19 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from client import site_data
-from client.site_data import load_site_records
-from client.training import MatchingDataset
-from common.data import captions as public_captions
-from common.data import synthetic_pii
-from common.data.benchmark import benchmark_train_records
-from common.data.captions import distractor_captions
-from common.data.fashion_mnist import DEFAULT_DATA_DIR
-from common.data.partitioning import partition_indices
-from common.federation_config import FederationConfig
-from common.tokenizer import HashingTokenizer, split_words
-from common.train_request import TrainRequest
-from simulations.simulated_sites import SimulatedSiteNodeConfig
+from fedmm.client import site_data
+from fedmm.client.site_data import load_site_records
+from fedmm.client.training import MatchingDataset
+from fedmm.common.data import captions as public_captions
+from fedmm.common.data import synthetic_pii
+from fedmm.common.data.benchmark import benchmark_train_records
+from fedmm.common.data.captions import distractor_captions
+from fedmm.common.data.fashion_mnist import DEFAULT_DATA_DIR
+from fedmm.common.data.partitioning import partition_indices
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.tokenizer import HashingTokenizer, split_words
+from fedmm.common.train_request import TrainRequest
+from fedmm.simulations.simulated_sites import SimulatedSiteNodeConfig
 
 pytestmark = pytest.mark.skipif(
     not DEFAULT_DATA_DIR.exists(), reason="needs apt-get install dataset-fashion-mnist"

@@ -27,11 +27,11 @@ from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
 from dp_accounting.rdp import RdpAccountant
 from opacus.accountants import RDPAccountant
 
-from client.privacy_ledger import calibrate_noise_multiplier, epsilon_of
-from client.training import DPSGDSettings, TrainingRecipe, sample_rate, train_locally
-from common.data.benchmark import benchmark_train_records
-from common.model import CrossAttentionMatcher
-from common.model_config import ModelConfig
+from fedmm.client.privacy_ledger import calibrate_noise_multiplier, epsilon_of
+from fedmm.client.training import DPSGDSettings, TrainingRecipe, sample_rate, train_locally
+from fedmm.common.data.benchmark import benchmark_train_records
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.model_config import ModelConfig
 
 pytestmark = [
     # Opacus' noise calibration probes sigma = 20 first, whose optimum is its largest order.

@@ -10,7 +10,7 @@ import pytest
 from flwr.app import ConfigRecord
 from flwr.common.serde import config_record_from_proto, config_record_to_proto
 
-from client.privacy_ledger import PrivacyLedger, epsilon_of
+from fedmm.client.privacy_ledger import PrivacyLedger, epsilon_of
 
 
 def spent_ledger() -> PrivacyLedger:
@@ -79,7 +79,7 @@ def _spend_in_a_handler(ledger_file: str, round_: int, loaded, proceed, wait_s: 
     ClientApp's own session), signal, maybe wait, record a round; the session saves it."""
     from flwr.app import Context, RecordDict
 
-    from client.ledger_session import ledger_session
+    from fedmm.client.ledger_session import ledger_session
 
     context = Context(
         run_id=1,

@@ -16,15 +16,15 @@ from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
 from dp_accounting.rdp import RdpAccountant
 from scipy import stats
 
-from client.privacy_ledger import PrivacyLedger, count_charge, epsilon_of
-from client.privacy_policy import SitePrivacyPolicy
-from client.record_count import draw_noisy_count, public_count
-from client.training_round import run_training_round
-from common.data.benchmark import benchmark_train_records
-from common.federation_config import FederationConfig
-from common.model import CrossAttentionMatcher
-from common.secure_random import aes_ctr_random_bytes
-from common.train_request import TrainRequest
+from fedmm.client.privacy_ledger import PrivacyLedger, count_charge, epsilon_of
+from fedmm.client.privacy_policy import SitePrivacyPolicy
+from fedmm.client.record_count import draw_noisy_count, public_count
+from fedmm.client.training_round import run_training_round
+from fedmm.common.data.benchmark import benchmark_train_records
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.secure_random import aes_ctr_random_bytes
+from fedmm.common.train_request import TrainRequest
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha"),

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from client.release_pin import ReleasePin, check_run_app, installed_release, pin_problems
-from client.site_runner import error_reply, refusal_reply
-from common.release_identity import ReleaseError, fab_digest, normalise_digest, release_fab
-from common.site_refusal import RefusalCode, refusal_code_of, status_payload
+from fedmm.client.release_pin import ReleasePin, check_run_app, installed_release, pin_problems
+from fedmm.client.site_runner import error_reply, refusal_reply
+from fedmm.common.release_identity import ReleaseError, fab_digest, normalise_digest, release_fab
+from fedmm.common.site_refusal import RefusalCode, refusal_code_of, status_payload
 
 
 def test_the_digest_is_the_sha256_of_the_fab_flwr_run_builds_and_is_reproducible() -> None:

@@ -9,10 +9,10 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client import app as client_app
-from client.privacy_policy import PolicyError, SitePrivacyPolicy
-from client.reply_padding import pad_training_replies, padding_seconds
-from common.secure_round import MESSAGE_SETUP, MESSAGE_SHARE
+from fedmm.client import app as client_app
+from fedmm.client.privacy_policy import PolicyError, SitePrivacyPolicy
+from fedmm.client.reply_padding import pad_training_replies, padding_seconds
+from fedmm.common.secure_round import MESSAGE_SETUP, MESSAGE_SHARE
 
 
 class FakeClock:

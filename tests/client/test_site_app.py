@@ -13,14 +13,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.supercore.task_identity import TaskIdentity
 from ray import cloudpickle  # what Ray ships the ClientApp to its actors with
 
-from client.app import app, build_client_app
-from common.distributed_dp.plan import plan_distributed_dp
-from common.federation_config import FederationConfig
-from common.secure_round import MESSAGE_SETUP, RECORD_SECAGG
-from common.site_task import SiteTask, task_config
-from common.train_request import TrainRequest
-from server.secagg.stages import server_start_round
-from simulations.simulated_sites import SimulatedSiteNodeConfig
+from fedmm.client.app import app, build_client_app
+from fedmm.common.distributed_dp.plan import plan_distributed_dp
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.secure_round import MESSAGE_SETUP, RECORD_SECAGG
+from fedmm.common.site_task import SiteTask, task_config
+from fedmm.common.train_request import TrainRequest
+from fedmm.server.secagg.stages import server_start_round
+from fedmm.simulations.simulated_sites import SimulatedSiteNodeConfig
 
 NODES = [3, 5, 9]
 

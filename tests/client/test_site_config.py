@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from client.privacy_ledger import PrivacyLedger
-from client.site_config import (
+from fedmm.client.privacy_ledger import PrivacyLedger
+from fedmm.client.site_config import (
     SiteConfigError,
     check_site_config,
     load_site_config,
     node_config_argument,
     prepare_site_folders,
 )
-from client.supernode_launch import ledger_status, supernode_argv
+from fedmm.client.supernode_launch import ledger_status, supernode_argv
 from tests.client.site_fixtures import GOOD, make_site
 
 

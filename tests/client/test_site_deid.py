@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client import site_data
-from client.deid.cache import code_fingerprint
-from client.deid.policy import DeidPolicy, load_policy
-from client.deid.records import deidentify_records
-from client.site_data import load_site_records
-from common.data.dataset import ImageTextDataset
-from common.data.fashion_mnist import DEFAULT_DATA_DIR
-from common.federation_config import FederationConfig
-from common.train_request import TrainRequest
+from fedmm.client import site_data
+from fedmm.client.deid.cache import code_fingerprint
+from fedmm.client.deid.policy import DeidPolicy, load_policy
+from fedmm.client.deid.records import deidentify_records
+from fedmm.client.site_data import load_site_records
+from fedmm.common.data.dataset import ImageTextDataset
+from fedmm.common.data.fashion_mnist import DEFAULT_DATA_DIR
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.train_request import TrainRequest
 
 needs_benchmark = pytest.mark.skipif(
     not DEFAULT_DATA_DIR.exists(), reason="needs apt-get install dataset-fashion-mnist"
@@ -177,7 +177,7 @@ def test_policy_files_name_a_bad_detect_faces(tmp_path: Path) -> None:
 def test_simulated_site_uses_its_node_config_policy_and_its_own_secret_and_cache(
     tmp_path: Path,
 ) -> None:
-    from simulations.simulated_sites import SimulatedSiteNodeConfig
+    from fedmm.simulations.simulated_sites import SimulatedSiteNodeConfig
 
     (tmp_path / "site-deid-policy.toml").write_text("")
     sites = SimulatedSiteNodeConfig(out_dir=str(tmp_path))

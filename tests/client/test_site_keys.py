@@ -13,8 +13,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from client.site_keys import generate_site_key_pair, load_site_private_key, public_key_fingerprint
-from common.key_files import KeyFileError
+from fedmm.client.site_keys import (
+    generate_site_key_pair,
+    load_site_private_key,
+    public_key_fingerprint,
+)
+from fedmm.common.key_files import KeyFileError
 
 
 def test_key_pair_is_p384_openssh_and_the_private_key_is_0600(tmp_path: Path) -> None:

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from client.privacy_policy import (
+from fedmm.client.privacy_policy import (
     PolicyError,
     PolicyRefusal,
     SitePrivacyPolicy,
     effective_privacy,
     require_delta_below_one_over,
 )
-from common.federation_config import FederationConfig
-from common.train_request import TrainRequest
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.train_request import TrainRequest
 
 
 def request(**overrides) -> TrainRequest:

@@ -13,17 +13,17 @@ import torch
 from flwr.app import ConfigRecord
 from PIL import Image
 
-from client import site_data
-from client.privacy_ledger import PrivacyLedger, epsilon_of
-from client.privacy_policy import SitePrivacyPolicy
-from client.site_data import SiteDataError, load_site_data, load_site_records
-from client.training_round import run_training_round
-from common.data.openclipart import OPENCLIPART_ROOT
-from common.federation_config import FederationConfig
-from common.model import CrossAttentionMatcher
-from common.site_refusal import RefusalCode
-from common.train_request import TrainRequest
-from simulations.benchmarks.openclipart_imagefolder import build_openclipart_benchmark
+from fedmm.client import site_data
+from fedmm.client.privacy_ledger import PrivacyLedger, epsilon_of
+from fedmm.client.privacy_policy import SitePrivacyPolicy
+from fedmm.client.site_data import SiteDataError, load_site_data, load_site_records
+from fedmm.client.training_round import run_training_round
+from fedmm.common.data.openclipart import OPENCLIPART_ROOT
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.site_refusal import RefusalCode
+from fedmm.common.train_request import TrainRequest
+from fedmm.simulations.benchmarks.openclipart_imagefolder import build_openclipart_benchmark
 
 needs_openclipart = pytest.mark.skipif(
     not (OPENCLIPART_ROOT / "png").is_dir(), reason="needs apt-get install openclipart-png"

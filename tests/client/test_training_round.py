@@ -13,21 +13,21 @@ import pytest
 import torch
 from flwr.app import MetricRecord
 
-from client.privacy_ledger import (
+from fedmm.client.privacy_ledger import (
     PrivacyLedger,
     calibrate_noise_multiplier,
     count_charge,
     epsilon_of,
 )
-from client.privacy_policy import SitePrivacyPolicy
-from client.record_count import public_count
-from client.training import sample_rate, steps_per_epoch
-from client.training_round import run_training_round
-from common.data.benchmark import benchmark_train_records
-from common.federation_config import FederationConfig
-from common.model import CrossAttentionMatcher
-from common.site_refusal import RefusalCode
-from common.train_request import TrainRequest
+from fedmm.client.privacy_policy import SitePrivacyPolicy
+from fedmm.client.record_count import public_count
+from fedmm.client.training import sample_rate, steps_per_epoch
+from fedmm.client.training_round import run_training_round
+from fedmm.common.data.benchmark import benchmark_train_records
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.site_refusal import RefusalCode
+from fedmm.common.train_request import TrainRequest
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha"),

@@ -11,10 +11,10 @@ import pytest
 from flwr.app import ConfigRecord
 from flwr.common.serde import config_record_to_proto
 
-from common.data import caption_bank
-from common.data.caption_bank import CaptionBank, CaptionBankError
-from common.federation_config import ConfigError, FederationConfig
-from common.train_request import TrainRequest
+from fedmm.common.data import caption_bank
+from fedmm.common.data.caption_bank import CaptionBank, CaptionBankError
+from fedmm.common.federation_config import ConfigError, FederationConfig
+from fedmm.common.train_request import TrainRequest
 
 BANK_TEXT = "a red apple\n\n  stick man  \nflag of brazil\na red apple\nroad sign: stop\n"
 

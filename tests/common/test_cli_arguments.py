@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from common.cli_arguments import epsilon, key_value_pairs
-from common.federation_config import ConfigError
-from simulations.cli import build_parser
+from fedmm.common.cli_arguments import epsilon, key_value_pairs
+from fedmm.common.federation_config import ConfigError
+from fedmm.simulations.cli import build_parser
 
 
 def test_epsilon_takes_positive_numbers_and_inf() -> None:

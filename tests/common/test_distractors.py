@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.training import MatchingDataset
-from common.data.caption_bank import CaptionBank, CaptionBankError
-from common.data.captions import distractor_captions
-from common.data.dataset import ImageTextDataset
-from common.data.word_lists import lexicons_of, parse_word_lists, swapped_word_captions
-from common.distractors import DistractorError, DistractorSampler, DistractorSettings
-from common.tokenizer import HashingTokenizer
+from fedmm.client.training import MatchingDataset
+from fedmm.common.data.caption_bank import CaptionBank, CaptionBankError
+from fedmm.common.data.captions import distractor_captions
+from fedmm.common.data.dataset import ImageTextDataset
+from fedmm.common.data.word_lists import lexicons_of, parse_word_lists, swapped_word_captions
+from fedmm.common.distractors import DistractorError, DistractorSampler, DistractorSettings
+from fedmm.common.tokenizer import HashingTokenizer
 
 TOKENIZER = HashingTokenizer(max_len=12)
 BANK_CAPTIONS = [

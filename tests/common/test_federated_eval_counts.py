@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.federated_eval import (
+from fedmm.common.federated_eval import (
     EvaluationCounts,
     chance_hits,
     recall_hits,

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.data.image_conversion import (
+from fedmm.common.data.image_conversion import (
     TRANSPARENCY_BACKGROUND,
     PixelConversion,
     to_channels,
 )
-from common.data.imagefolder import METADATA_FILE, load_imagefolder
+from fedmm.common.data.imagefolder import METADATA_FILE, load_imagefolder
 
 OPENCLIPART_PNG = Path("/usr/share/openclipart/png")
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.data.dataset import NO_LABEL
-from common.data.imagefolder import (
+from fedmm.common.data.dataset import NO_LABEL
+from fedmm.common.data.imagefolder import (
     METADATA_FILE,
     LoadReport,
     SkipReason,
@@ -347,10 +347,10 @@ def test_invalid_arguments_are_refused(tmp_path: Path) -> None:
 def test_summary_is_logged_on_one_line(
     messy_folder: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="common.data.imagefolder"):
+    with caplog.at_level(logging.INFO, logger="fedmm.common.data.imagefolder"):
         _, report = load_imagefolder(messy_folder, label_names=["shirt", "trouser", "bag"])
 
-    summaries = [r for r in caplog.records if r.name == "common.data.imagefolder"]
+    summaries = [r for r in caplog.records if r.name == "fedmm.common.data.imagefolder"]
     assert len(summaries) == 1
     message = summaries[0].getMessage()
     assert "\n" not in message

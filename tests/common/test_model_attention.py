@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from common.model import CrossAttentionMatcher, MultiHeadAttention
-from common.model_config import ModelConfig
+from fedmm.common.model import CrossAttentionMatcher, MultiHeadAttention
+from fedmm.common.model_config import ModelConfig
 
 
 def _reference(attn: MultiHeadAttention, width: int, heads: int) -> nn.MultiheadAttention:

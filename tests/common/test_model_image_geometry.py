@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from common.model import CrossAttentionMatcher, ImageShapeError
-from common.model_config import ModelConfig, parse_image_size
-from common.tokenizer import HashingTokenizer
+from fedmm.common.model import CrossAttentionMatcher, ImageShapeError
+from fedmm.common.model_config import ModelConfig, parse_image_size
+from fedmm.common.tokenizer import HashingTokenizer
 
 SMALL = ModelConfig(width=16, heads=2)
 

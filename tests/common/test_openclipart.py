@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.data.caption_bank import CaptionBank
-from common.data.imagefolder import load_imagefolder
-from common.data.openclipart import (
+from fedmm.common.data.caption_bank import CaptionBank
+from fedmm.common.data.imagefolder import load_imagefolder
+from fedmm.common.data.openclipart import (
     OPENCLIPART_ROOT,
     OpenClipartNotFoundError,
     SvgMetadata,
@@ -20,7 +20,7 @@ from common.data.openclipart import (
     read_svg_metadata,
     split_of,
 )
-from simulations.benchmarks.openclipart_imagefolder import build_openclipart_benchmark, main
+from fedmm.simulations.benchmarks.openclipart_imagefolder import build_openclipart_benchmark, main
 
 needs_openclipart = pytest.mark.skipif(
     not (OPENCLIPART_ROOT / "svg").is_dir(),

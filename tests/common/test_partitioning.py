@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.data.dataset import NO_LABEL
-from common.data.partitioning import PREFERRED_MIN_PARTITION_SIZE, partition_indices
+from fedmm.common.data.dataset import NO_LABEL
+from fedmm.common.data.partitioning import PREFERRED_MIN_PARTITION_SIZE, partition_indices
 
 NUM_CLASSES = 10
 SORTED_LABELS = np.repeat(np.arange(NUM_CLASSES), 100)  # 1,000 records, sorted by class

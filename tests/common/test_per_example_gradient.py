@@ -23,12 +23,12 @@ from opacus.grad_sample.utils import get_gsm_class
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from common.data.caption_bank import CaptionBank
-from common.distractors import DistractorSampler, DistractorSettings
-from common.loss import matching_loss
-from common.model import CrossAttentionMatcher
-from common.model_config import ModelConfig
-from common.tokenizer import PAD_ID, HashingTokenizer
+from fedmm.common.data.caption_bank import CaptionBank
+from fedmm.common.distractors import DistractorSampler, DistractorSettings
+from fedmm.common.loss import matching_loss
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.model_config import ModelConfig
+from fedmm.common.tokenizer import PAD_ID, HashingTokenizer
 
 # Opacus' full backward hooks fire on module outputs here (inputs are integer ids/pixels).
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")

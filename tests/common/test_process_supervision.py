@@ -8,13 +8,13 @@ import subprocess
 import sys
 import textwrap
 
-from common.process_supervision import is_running
-from simulations.loopback_daemons import wait_until
+from fedmm.common.process_supervision import is_running
+from fedmm.simulations.loopback_daemons import wait_until
 
 SUPERVISOR = textwrap.dedent(
     """
     import subprocess, sys, time
-    from common.process_supervision import (
+    from fedmm.common.process_supervision import (
         become_subreaper, descendants, is_running, start_child, stop_descendants,
     )
     become_subreaper()
@@ -48,7 +48,7 @@ def test_an_orphaned_grandchild_stays_in_reach_and_is_stopped() -> None:
 DYING_SUPERVISOR = textwrap.dedent(
     """
     import os, signal
-    from common.process_supervision import start_child
+    from fedmm.common.process_supervision import start_child
     child = start_child(["sleep", "300"], env={"PATH": "/usr/bin:/bin"})
     print(child.pid, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)

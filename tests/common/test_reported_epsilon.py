@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from common.secure_round import reported_epsilon
+from fedmm.common.secure_round import reported_epsilon
 
 
 @pytest.mark.parametrize(

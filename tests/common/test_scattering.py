@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common import scattering
-from common.model import CrossAttentionMatcher
-from common.model_config import ModelConfig
-from common.scattering import CHANNELS, scattering_features
+from fedmm.common import scattering
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.model_config import ModelConfig
+from fedmm.common.scattering import CHANNELS, scattering_features
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,7 @@ private batches, covered by no accountant), and its epsilon bound rather than it
 
 from __future__ import annotations
 
-from common.secure_round import (
+from fedmm.common.secure_round import (
     METRIC_EPSILON_BOUND,
     SUMMED_METRICS,
     metric_ranges,

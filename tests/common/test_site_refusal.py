@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from common.site_refusal import (
+from fedmm.common.site_refusal import (
     RefusalCode,
     SiteRefusal,
     refusal_code_of,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.data.benchmark import benchmark_test_set, benchmark_train_records
-from common.data.captions import (
+from fedmm.common.data.benchmark import benchmark_test_set, benchmark_train_records
+from fedmm.common.data.captions import (
     CLASS_NAMES,
     FASHION_LEXICON,
     SCENE_TEMPLATES,
@@ -15,13 +15,13 @@ from common.data.captions import (
     canonical_caption,
     distractor_captions,
 )
-from common.data.fashion_mnist import DEFAULT_DATA_DIR
-from common.data.synthetic_pii import (
+from fedmm.common.data.fashion_mnist import DEFAULT_DATA_DIR
+from fedmm.common.data.synthetic_pii import (
     DEFAULT_PII_FRACTION,
     add_synthetic_personal_data,
     synthetic_personal_data,
 )
-from common.tokenizer import split_words
+from fedmm.common.tokenizer import split_words
 
 needs_benchmark = pytest.mark.skipif(
     not DEFAULT_DATA_DIR.exists(), reason="needs apt-get install dataset-fashion-mnist"

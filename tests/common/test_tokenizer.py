@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from common.model_config import ModelConfig
-from common.tokenizer import HashingTokenizer, bucket_collisions, split_words
+from fedmm.common.model_config import ModelConfig
+from fedmm.common.tokenizer import HashingTokenizer, bucket_collisions, split_words
 
 WORDS = Path("/usr/share/dict/american-english-small")  # Debian wamerican-small (.ci/setup)
 

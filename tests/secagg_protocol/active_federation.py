@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from client.secagg.policy import ClientSecAggPolicy
-from client.secagg.site_identity import SiteIdentity
-from client.secagg.stages import (
+from fedmm.client.secagg.policy import ClientSecAggPolicy
+from fedmm.client.secagg.site_identity import SiteIdentity
+from fedmm.client.secagg.stages import (
     ClientSecAggState,
     SecAggRefusal,
     client_consistency,
@@ -26,8 +26,8 @@ from client.secagg.stages import (
     client_share_keys,
     client_unmask,
 )
-from common.secagg.input_encoding import encode_site_input
-from common.secagg.roster import (
+from fedmm.common.secagg.input_encoding import encode_site_input
+from fedmm.common.secagg.roster import (
     VerifiedRoster,
     add_site,
     create_roster,
@@ -35,8 +35,8 @@ from common.secagg.roster import (
     sign_roster,
     verify_roster,
 )
-from common.secagg.round_config import SecAggRoundConfig
-from server.secagg.stages import (
+from fedmm.common.secagg.round_config import SecAggRoundConfig
+from fedmm.server.secagg.stages import (
     server_collect_consistency,
     server_collect_keys,
     server_collect_masked_inputs,

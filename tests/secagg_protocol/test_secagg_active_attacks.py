@@ -21,25 +21,25 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from client.secagg.active_checks import round_parameters
-from client.secagg.site_identity import load_site_identity
-from client.secagg.site_signing_key import create_site_signing_key
-from client.secagg.stages import ClientSecAggState
-from common.secagg.key_agreement import (
+from fedmm.client.secagg.active_checks import round_parameters
+from fedmm.client.secagg.site_identity import load_site_identity
+from fedmm.client.secagg.site_signing_key import create_site_signing_key
+from fedmm.client.secagg.stages import ClientSecAggState
+from fedmm.common.secagg.key_agreement import (
     derive_channel_key,
     derive_pairwise_mask_seed,
     generate_private_key,
     public_key_for,
 )
-from common.secagg.mask_expansion import add_masks_in_place
-from common.secagg.neighbour_graph import neighbour_graph
-from common.secagg.roster import RosterError, add_site, load_roster, save_roster, sign_roster
-from common.secagg.round_config import SecAggRoundConfig
-from common.secagg.round_signatures import round_keys_message, sign, survivor_set_message
-from common.secagg.shamir import ShamirError, reconstruct_secret, split_secret
-from common.secagg.share_cipher import open_share_bundle, seal_share_bundle
-from common.site_refusal import RefusalCode
-from server.secagg.stages import (
+from fedmm.common.secagg.mask_expansion import add_masks_in_place
+from fedmm.common.secagg.neighbour_graph import neighbour_graph
+from fedmm.common.secagg.roster import RosterError, add_site, load_roster, save_roster, sign_roster
+from fedmm.common.secagg.round_config import SecAggRoundConfig
+from fedmm.common.secagg.round_signatures import round_keys_message, sign, survivor_set_message
+from fedmm.common.secagg.shamir import ShamirError, reconstruct_secret, split_secret
+from fedmm.common.secagg.share_cipher import open_share_bundle, seal_share_bundle
+from fedmm.common.site_refusal import RefusalCode
+from fedmm.server.secagg.stages import (
     FINISHED,
     ServerSecAggState,
     server_collect_consistency,

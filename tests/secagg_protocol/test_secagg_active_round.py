@@ -8,12 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.secagg.policy import ClientSecAggPolicy
-from client.secagg.stages import client_state_from_record, client_state_to_record
-from common.secagg.graph_seed import graph_seed
-from common.secagg.neighbour_graph import neighbour_graph
-from common.site_refusal import RefusalCode
-from server.secagg.stages import (
+from fedmm.client.secagg.policy import ClientSecAggPolicy
+from fedmm.client.secagg.stages import client_state_from_record, client_state_to_record
+from fedmm.common.secagg.graph_seed import graph_seed
+from fedmm.common.secagg.neighbour_graph import neighbour_graph
+from fedmm.common.site_refusal import RefusalCode
+from fedmm.server.secagg.stages import (
     ABORTED,
     FINISHED,
     server_collect_consistency,

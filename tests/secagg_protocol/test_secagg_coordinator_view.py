@@ -29,10 +29,10 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from common.secagg.input_encoding import encode_site_input
-from common.secagg.mask_expansion import expand_mask
-from common.secagg.shamir import reconstruct_secret
-from server.secagg import stages as coordinator
+from fedmm.common.secagg.input_encoding import encode_site_input
+from fedmm.common.secagg.mask_expansion import expand_mask
+from fedmm.common.secagg.shamir import reconstruct_secret
+from fedmm.server.secagg import stages as coordinator
 from tests.secagg_protocol.test_secagg_in_process import (
     RoundOutcome,
     assert_matches_plain_sum,

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from client.secagg.policy import ClientSecAggPolicy
-from common.secagg.neighbour_graph import default_graph_parameters, graph_parameters
-from common.site_refusal import RefusalCode
-from server.secagg.stages import ABORTED, FINISHED
+from fedmm.client.secagg.policy import ClientSecAggPolicy
+from fedmm.common.secagg.neighbour_graph import default_graph_parameters, graph_parameters
+from fedmm.common.site_refusal import RefusalCode
+from fedmm.server.secagg.stages import ABORTED, FINISHED
 from tests.secagg_protocol.test_secagg_in_process import assert_matches_plain_sum, run_round
 
 

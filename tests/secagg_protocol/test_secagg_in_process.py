@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from client.secagg.policy import ClientSecAggPolicy
-from client.secagg.stages import (
+from fedmm.client.secagg.policy import ClientSecAggPolicy
+from fedmm.client.secagg.stages import (
     ClientSecAggState,
     SecAggRefusal,
     client_masked_input,
@@ -24,8 +24,8 @@ from client.secagg.stages import (
     client_share_keys,
     client_unmask,
 )
-from common.secagg.input_encoding import DecodedAggregate
-from server.secagg.stages import (
+from fedmm.common.secagg.input_encoding import DecodedAggregate
+from fedmm.server.secagg.stages import (
     ABORTED,
     FINISHED,
     ServerSecAggState,

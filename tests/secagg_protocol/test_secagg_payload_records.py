@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from client.secagg.stages import (
+from fedmm.client.secagg.stages import (
     client_masked_input,
     client_setup,
     client_share_keys,
@@ -11,7 +11,7 @@ from client.secagg.stages import (
     client_state_to_record,
     client_unmask,
 )
-from server.secagg.stages import (
+from fedmm.server.secagg.stages import (
     FINISHED,
     server_collect_keys,
     server_collect_masked_inputs,

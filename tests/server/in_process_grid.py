@@ -16,18 +16,18 @@ from uuid import uuid4
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
-from client import secure_aggregation
-from common.federation_config import FederationConfig
-from common.secure_round import (
+from fedmm.client import secure_aggregation
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.secure_round import (
     MESSAGE_MASKED,
     MESSAGE_SETUP,
     MESSAGE_SHARE,
     MESSAGE_UNMASK,
     metric_ranges,
 )
-from common.site_task import RECORD_ARRAYS, RECORD_CONFIG, SiteTask, task_config
-from common.train_request import TrainRequest
-from server.aggregation import RoundRequest
+from fedmm.common.site_task import RECORD_ARRAYS, RECORD_CONFIG, SiteTask, task_config
+from fedmm.common.train_request import TrainRequest
+from fedmm.server.aggregation import RoundRequest
 
 Handler = Callable[[Message, Context], Message]
 Fault = Callable[[str, int], str | None]  # (message type, node) -> "drop" | "error" | None

@@ -14,8 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from common.key_files import KeyFileError
-from server.certificate_authority import (
+from fedmm.common.key_files import KeyFileError
+from fedmm.server.certificate_authority import (
     CertificateError,
     certificate_names,
     init_ca,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.checkpoints import load_latest_checkpoint, save_checkpoint
+from fedmm.server.checkpoints import load_latest_checkpoint, save_checkpoint
 
 
 def test_weights_and_server_state_round_trip_separately(tmp_path) -> None:

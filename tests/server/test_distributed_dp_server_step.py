@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.distributed_dp.plan import DistributedDPPlan
-from server.checkpoints import load_latest_checkpoint, save_checkpoint
-from server.distributed_dp import noisy_gradient_step
+from fedmm.common.distributed_dp.plan import DistributedDPPlan
+from fedmm.server.checkpoints import load_latest_checkpoint, save_checkpoint
+from fedmm.server.distributed_dp import noisy_gradient_step
 
 PLAN = DistributedDPPlan(
     sample_rate=0.1,

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from common.federation_config import FederationConfig
-from common.secagg.neighbour_graph import default_graph_parameters
-from server.distributed_dp import honest_sites_of, plan_run, secagg_settings
-from server.secure_aggregation import SecAggSettings
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.secagg.neighbour_graph import default_graph_parameters
+from fedmm.server.distributed_dp import honest_sites_of, plan_run, secagg_settings
+from fedmm.server.secure_aggregation import SecAggSettings
 
 DIMENSION = 49_024
 

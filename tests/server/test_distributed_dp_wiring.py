@@ -15,10 +15,10 @@ import pytest
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.secure_aggregation import Contributor, SiteContribution
-from common.secure_round import MESSAGE_MASKED, MESSAGE_UNMASK
-from common.site_task import SiteTask
-from server.secure_aggregation import SecAggPlusAggregation, SecAggSettings
+from fedmm.client.secure_aggregation import Contributor, SiteContribution
+from fedmm.common.secure_round import MESSAGE_MASKED, MESSAGE_UNMASK
+from fedmm.common.site_task import SiteTask
+from fedmm.server.secure_aggregation import SecAggPlusAggregation, SecAggSettings
 from tests.server.in_process_grid import InProcessGrid, run_secure_round
 
 SHAPES = {"w": (40, 25), "b": (25,)}

@@ -16,15 +16,15 @@ import torch
 from flwr.app import Context, Message
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import build_client_app
-from client.secure_aggregation import SiteContribution
-from common.data.openclipart import OPENCLIPART_ROOT
-from common.federated_eval import EvaluationCounts
-from common.federation_config import ConfigError, FederationConfig
-from common.site_refusal import RefusalCode, SiteRefusal
-from server.federated_evaluation import federated_evaluation_for
-from server.federation import run_federation
-from simulations.simulated_sites import POLICY_FILE, write_site_policy
+from fedmm.client.app import build_client_app
+from fedmm.client.secure_aggregation import SiteContribution
+from fedmm.common.data.openclipart import OPENCLIPART_ROOT
+from fedmm.common.federated_eval import EvaluationCounts
+from fedmm.common.federation_config import ConfigError, FederationConfig
+from fedmm.common.site_refusal import RefusalCode, SiteRefusal
+from fedmm.server.federated_evaluation import federated_evaluation_for
+from fedmm.server.federation import run_federation
+from fedmm.simulations.simulated_sites import POLICY_FILE, write_site_policy
 from tests.server.in_process_grid import InProcessGrid
 
 NODES = [11, 2**63 + 5, 40, 77]

@@ -7,9 +7,9 @@ import re
 import subprocess
 from pathlib import Path
 
-from server.certificate_authority import init_ca, issue_server_certificate
-from server.fleet_proxy import fleet_api_paths, fleet_proxy
-from simulations.loopback_daemons import free_port
+from fedmm.server.certificate_authority import init_ca, issue_server_certificate
+from fedmm.server.fleet_proxy import fleet_api_paths, fleet_proxy
+from fedmm.simulations.loopback_daemons import free_port
 
 
 def test_only_fleet_paths_of_an_authenticated_supernode_are_forwarded(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.reply_polling import ReplyPollingGrid
+from fedmm.server.reply_polling import ReplyPollingGrid
 
 
 class ScriptedGrid(Grid):

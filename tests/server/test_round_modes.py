@@ -18,16 +18,16 @@ import pytest
 from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import build_client_app
-from common.data.fashion_mnist import DEFAULT_DATA_DIR
-from common.federation_config import FederationConfig
-from common.secure_round import MESSAGE_MASKED, MESSAGE_SETUP, MESSAGE_SHARE, MESSAGE_UNMASK
-from common.site_task import SiteTask
-from server.aggregation import FedAvgAggregation
-from server.federation import run_federation
-from server.round_modes import DistributedDPRounds, LocalDPRounds, round_mode_for
-from server.secure_aggregation import SecAggPlusAggregation
-from simulations.simulated_sites import (
+from fedmm.client.app import build_client_app
+from fedmm.common.data.fashion_mnist import DEFAULT_DATA_DIR
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.secure_round import MESSAGE_MASKED, MESSAGE_SETUP, MESSAGE_SHARE, MESSAGE_UNMASK
+from fedmm.common.site_task import SiteTask
+from fedmm.server.aggregation import FedAvgAggregation
+from fedmm.server.federation import run_federation
+from fedmm.server.round_modes import DistributedDPRounds, LocalDPRounds, round_mode_for
+from fedmm.server.secure_aggregation import SecAggPlusAggregation
+from fedmm.simulations.simulated_sites import (
     DEID_POLICY_FILE,
     POLICY_FILE,
     SimulatedSiteNodeConfig,

@@ -21,13 +21,13 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.secure_aggregation import (
+from fedmm.client.secure_aggregation import (
     SECAGG_STATE_KEY,
     Contributor,
     SiteContribution,
     run_secagg_setup,
 )
-from common.secure_round import (
+from fedmm.common.secure_round import (
     MESSAGE_MASKED,
     MESSAGE_SETUP,
     MESSAGE_SHARE,
@@ -36,8 +36,8 @@ from common.secure_round import (
     RECORD_STATUS,
     flatten_update,
 )
-from common.site_refusal import RefusalCode, SiteRefusal
-from server.secure_aggregation import SecAggPlusAggregation, SecAggSettings
+from fedmm.common.site_refusal import RefusalCode, SiteRefusal
+from fedmm.server.secure_aggregation import SecAggPlusAggregation, SecAggSettings
 from tests.server.in_process_grid import InProcessGrid, run_secure_round, train_request
 
 SHAPES = {"a.weight": (30, 20), "a.bias": (20,), "b": (7, 3, 5)}
@@ -233,7 +233,7 @@ def test_stage_handlers_import_no_torch(tmp_path: Path) -> None:
     # with the numpy trainer at setup: neither torch nor opacus may get imported.
     code = f"""
 import sys, runpy
-import client.app  # the ClientApp as deployment loads it, for every message
+import fedmm.client.app  # the ClientApp as deployment loads it, for every message
 from pathlib import Path
 helpers = runpy.run_path({__file__!r})
 from flwr.supercore.task_identity import TaskIdentity
@@ -250,7 +250,7 @@ assert "torch" not in sys.modules and "opacus" not in sys.modules, "torch import
 
 
 def test_run_config_keys_choose_and_parametrise_secure_aggregation() -> None:
-    from common.federation_config import ConfigError, FederationConfig
+    from fedmm.common.federation_config import ConfigError, FederationConfig
 
     default = FederationConfig()
     assert default.secure_aggregation
@@ -339,7 +339,7 @@ def _site_context(node: int) -> Context:
 
 
 def _setup_message(server_round: int, arrays: ArrayRecord, sites: list[int]) -> Message:
-    from server.secagg.stages import server_start_round
+    from fedmm.server.secagg.stages import server_start_round
 
     _, requests = server_start_round(
         round_id=server_round,

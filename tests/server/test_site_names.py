@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from server.run_submission import training_shortfall
-from server.site_names import name_node_ids, sites_section
+from fedmm.server.run_submission import training_shortfall
+from fedmm.server.site_names import name_node_ids, sites_section
 
 
 def test_node_ids_in_log_lines_get_the_sites_names() -> None:

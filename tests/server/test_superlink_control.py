@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from client.site_keys import generate_site_key_pair
-from server.certificate_authority import init_ca, issue_server_certificate
-from server.superlink_control import (
+from fedmm.client.site_keys import generate_site_key_pair
+from fedmm.server.certificate_authority import init_ca, issue_server_certificate
+from fedmm.server.superlink_control import (
     DeploymentError,
     add_connection,
     register_site_argv,

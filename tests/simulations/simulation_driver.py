@@ -39,12 +39,12 @@ from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp import Grid, ServerApp
 
-from client.secure_aggregation import SECAGG_STATE_KEY
-from common.federation_config import FederationConfig
-from common.secure_round import RECORD_SECAGG
-from server.federation import run_federation
-from server.round_modes import round_mode_for
-from simulations.local_simulation import SimulationSettings, run_local_simulation
+from fedmm.client.secure_aggregation import SECAGG_STATE_KEY
+from fedmm.common.federation_config import FederationConfig
+from fedmm.common.secure_round import RECORD_SECAGG
+from fedmm.server.federation import run_federation
+from fedmm.server.round_modes import round_mode_for
+from fedmm.simulations.local_simulation import SimulationSettings, run_local_simulation
 
 #: The run config of each kind of simulation the tests drive.
 RUNS: dict[str, dict[str, Any]] = {

@@ -13,7 +13,7 @@ from PIL import Image
 from skimage.data import astronaut
 from skimage.transform import resize
 
-from simulations.cli import main
+from fedmm.simulations.cli import main
 
 PII = ["Eileen", "Collins", "eileen@example.com", "(415) 555-0134", "1999-07-23"]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from client.privacy_ledger import PrivacyLedger
-from simulations.cli import main
+from fedmm.client.privacy_ledger import PrivacyLedger
+from fedmm.simulations.cli import main
 from tests.client.site_fixtures import make_site
 
 
@@ -87,7 +87,7 @@ def _with_connection(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``$FLWR_HOME`` in ``tmp_path`` with a connection ``coordinator`` to a closed port."""
-    from simulations.loopback_daemons import free_port
+    from fedmm.simulations.loopback_daemons import free_port
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     ca = tmp_path / "ca"
@@ -122,8 +122,8 @@ def test_submitted_run_config_reads_back_in_flwr_as_written(
 ) -> None:
     from flwr.common.config import parse_config_args
 
-    from common.federation_config import FederationConfig
-    from server.run_submission import (
+    from fedmm.common.federation_config import FederationConfig
+    from fedmm.server.run_submission import (
         app_run_config_defaults,
         default_app_directory,
         prepare_submission,
@@ -199,8 +199,8 @@ def test_resume_continues_the_submitted_run_after_its_last_checkpoint(
 ) -> None:
     import numpy as np
 
-    from server.checkpoints import save_checkpoint
-    from server.run_submission import (
+    from fedmm.server.checkpoints import save_checkpoint
+    from fedmm.server.run_submission import (
         prepare_submission,
         record_submission,
         run_id_in,
@@ -245,7 +245,7 @@ def test_resume_continues_the_submitted_run_after_its_last_checkpoint(
 def test_release_digest_prints_the_pin_for_the_site_config(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from client.release_pin import installed_release
+    from fedmm.client.release_pin import installed_release
 
     release = installed_release()
     assert main(["site", "release-digest"]) == 0

@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.privacy_ledger import PrivacyLedger
-from client.site_keys import generate_site_key_pair
-from common.process_supervision import command_name, descendants, is_running
-from server.certificate_authority import init_ca
-from simulations.loopback_daemons import (
+from fedmm.client.privacy_ledger import PrivacyLedger
+from fedmm.client.site_keys import generate_site_key_pair
+from fedmm.common.process_supervision import command_name, descendants, is_running
+from fedmm.server.certificate_authority import init_ca
+from fedmm.simulations.loopback_daemons import (
     Daemon,
     DaemonGroup,
     free_port,
@@ -262,7 +262,7 @@ def _write_imagefolder(root: Path, *, offset: int, count: int) -> None:
     """``count`` benchmark records (Fashion-MNIST canvases, captions) as PNG files."""
     from PIL import Image
 
-    from common.data.benchmark import benchmark_train_records
+    from fedmm.common.data.benchmark import benchmark_train_records
 
     records = benchmark_train_records(None)
     root.mkdir(parents=True)
@@ -282,7 +282,7 @@ def _rows(out: Path) -> list[dict[str, object]]:
 def _tampered_release(directory: Path, *, marker: Path, victim: Path) -> Path:
     """A copy of the installed release (same name and version) whose ClientApp, once
     imported, reads a site's metadata and writes it out to ``marker``."""
-    from common.release_identity import release_directory, release_files
+    from fedmm.common.release_identity import release_directory, release_files
 
     source, target = release_directory(), directory / "fedmm"
     for name in [*release_files(source), ".gitignore"]:
@@ -527,7 +527,7 @@ def test_loading_the_clientapp_as_flower_does_imports_no_torch() -> None:
         "import flwr.supernode.cli.flwr_clientapp\n"
         "from flwr.clientapp.client_app import LoadClientAppError\n"
         "from flwr.supercore.object_ref import load_app\n"
-        "app = load_app('client.app:app', LoadClientAppError, '.')\n"
+        "app = load_app('fedmm.client.app:app', LoadClientAppError, '.')\n"
         "print(type(app).__name__, sorted(m for m in ('torch', 'opacus') if m in sys.modules))\n"
     )
     done = subprocess.run(

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.loopback_daemons import (
+from fedmm.simulations.loopback_daemons import (
     DaemonGroup,
     free_port,
     loopback_environment,

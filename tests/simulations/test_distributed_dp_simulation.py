@@ -17,9 +17,9 @@ import json
 
 import pytest
 
-from client.privacy_ledger import PrivacyLedger, count_charge
-from common.data.fashion_mnist import DEFAULT_DATA_DIR
-from common.secure_round import MESSAGE_MASKED, MESSAGE_SETUP, MESSAGE_UNMASK
+from fedmm.client.privacy_ledger import PrivacyLedger, count_charge
+from fedmm.common.data.fashion_mnist import DEFAULT_DATA_DIR
+from fedmm.common.secure_round import MESSAGE_MASKED, MESSAGE_SETUP, MESSAGE_UNMASK
 from tests.simulations.simulation_driver import run_driver
 
 pytestmark = pytest.mark.skipif(

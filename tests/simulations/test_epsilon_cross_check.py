@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from client.privacy_ledger import PrivacyLedger, calibrate_noise_multiplier, epsilon_of
-from simulations.privacy.epsilon_cross_check import cross_check_history, cross_check_ledgers
+from fedmm.client.privacy_ledger import PrivacyLedger, calibrate_noise_multiplier, epsilon_of
+from fedmm.simulations.privacy.epsilon_cross_check import cross_check_history, cross_check_ledgers
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 

@@ -10,15 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from common.data.benchmark import benchmark_train_records
-from common.data.dataset import ImageTextDataset
-from common.data.fashion_mnist import DEFAULT_DATA_DIR
-from common.model_config import ModelConfig
-from common.tokenizer import HashingTokenizer
-from simulations.privacy.attack_metrics import AttackSummary, roc_curve
-from simulations.privacy.membership_inference import loss_threshold_scores, offline_lira_scores
-from simulations.privacy.membership_scores import build_queries, membership_signals
-from simulations.privacy.shadow_training import FederatedRecipe, train_shadow_federation
+from fedmm.common.data.benchmark import benchmark_train_records
+from fedmm.common.data.dataset import ImageTextDataset
+from fedmm.common.data.fashion_mnist import DEFAULT_DATA_DIR
+from fedmm.common.model_config import ModelConfig
+from fedmm.common.tokenizer import HashingTokenizer
+from fedmm.simulations.privacy.attack_metrics import AttackSummary, roc_curve
+from fedmm.simulations.privacy.membership_inference import (
+    loss_threshold_scores,
+    offline_lira_scores,
+)
+from fedmm.simulations.privacy.membership_scores import build_queries, membership_signals
+from fedmm.simulations.privacy.shadow_training import FederatedRecipe, train_shadow_federation
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha"),
@@ -216,8 +219,8 @@ def test_attacks_find_the_members_of_an_overfit_model() -> None:
 
 @needs_data
 def test_shadow_federation_averages_sites_and_calibrates_dp_like_a_site() -> None:
-    from client.privacy_ledger import epsilon_of
-    from client.training import sample_rate, steps_per_epoch
+    from fedmm.client.privacy_ledger import epsilon_of
+    from fedmm.client.training import sample_rate, steps_per_epoch
 
     recipe = FederatedRecipe(**{**_overfit_recipe(3.0).__dict__, "rounds": 2, "local_epochs": 1})
     noise = recipe.site_noise(300)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.data.partitioning import partition_indices
-from simulations.privacy.membership_split import membership_split, shadow_site_indices
+from fedmm.common.data.partitioning import partition_indices
+from fedmm.simulations.privacy.membership_split import membership_split, shadow_site_indices
 
 LABELS = np.random.default_rng(0).integers(0, 10, size=3000)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.data.fashion_mnist import DEFAULT_DATA_DIR
-from simulations.cli import build_parser, main
+from fedmm.common.data.fashion_mnist import DEFAULT_DATA_DIR
+from fedmm.simulations.cli import build_parser, main
 from tests.simulations.marked_processes import new_marker, none_left
 
 PROJECT_ROOT = Path(__file__).parents[2]
@@ -48,7 +48,15 @@ def test_small_sweep_end_to_end(tmp_path: Path) -> None:
     marker = new_marker()
     out = tmp_path / "sweep"
     result = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "privacy-sweep", *SMALL_SWEEP, "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "fedmm.simulations.cli",
+            "privacy-sweep",
+            *SMALL_SWEEP,
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=900,
@@ -98,9 +106,9 @@ def test_small_sweep_end_to_end(tmp_path: Path) -> None:
 def _members_are_what_site_0_trained_on(run: Path, *, sites: int) -> None:
     """The attacked members are exactly records site 0 trained on, as it trained on them
     (after its de-identification); no non-member is among them."""
-    from common.data.benchmark import benchmark_train_records
-    from simulations.privacy.membership_experiment import _site_view, read_run_config
-    from simulations.privacy.membership_split import membership_split
+    from fedmm.common.data.benchmark import benchmark_train_records
+    from fedmm.simulations.privacy.membership_experiment import _site_view, read_run_config
+    from fedmm.simulations.privacy.membership_split import membership_split
 
     config = read_run_config(run)
     records = benchmark_train_records(None)
@@ -152,7 +160,7 @@ def test_bad_epsilon_is_rejected_by_the_parser(capsys: pytest.CaptureFixture[str
 
 
 def test_sweep_points_cover_every_partition_and_epsilon_then_the_overfit_point() -> None:
-    from simulations.privacy.sweep import OverfitSettings, SweepSettings
+    from fedmm.simulations.privacy.sweep import OverfitSettings, SweepSettings
 
     settings = SweepSettings(run_config={"batch-size": "64"})
     points = settings.points()
@@ -178,7 +186,7 @@ def test_sweep_points_cover_every_partition_and_epsilon_then_the_overfit_point()
 
 
 def test_overfit_recipe_at_several_epsilons_differs_only_in_epsilon() -> None:
-    from simulations.privacy.sweep import OverfitSettings, SweepSettings
+    from fedmm.simulations.privacy.sweep import OverfitSettings, SweepSettings
 
     settings = SweepSettings(
         epsilons=(3.0,), partitions=("iid",), overfit=OverfitSettings(epsilons=(math.inf, 8.0))
@@ -200,8 +208,8 @@ def test_overfit_recipe_at_several_epsilons_differs_only_in_epsilon() -> None:
 
 
 def test_overfit_options_reach_the_sweep_settings(capsys: pytest.CaptureFixture[str]) -> None:
-    from simulations.privacy.sweep import OverfitSettings
-    from simulations.privacy.sweep_command import sweep_settings
+    from fedmm.simulations.privacy.sweep import OverfitSettings
+    from fedmm.simulations.privacy.sweep_command import sweep_settings
 
     default = sweep_settings(build_parser().parse_args(["privacy-sweep"])).overfit
     assert default == OverfitSettings()  # the command's defaults are the settings' defaults
@@ -235,7 +243,7 @@ def test_overfit_options_reach_the_sweep_settings(capsys: pytest.CaptureFixture[
 
 def test_report_of_the_committed_overfit_points_at_four_epsilons(tmp_path: Path) -> None:
     """The report reads finished points as their JSON holds them ("inf" as a string)."""
-    from simulations.privacy.sweep_report import write_sweep_report
+    from fedmm.simulations.privacy.sweep_report import write_sweep_report
 
     points = PROJECT_ROOT / "docs" / "privacy-report" / "overfit-under-dp" / "points"
     names = ["overfit-iid-eps-inf", "overfit-iid-eps-8", "overfit-iid-eps-3", "overfit-iid-eps-1"]

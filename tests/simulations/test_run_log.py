@@ -7,14 +7,14 @@ import sys
 import textwrap
 from pathlib import Path
 
-from simulations.cli import round_line
-from simulations.run_log import log_tail
+from fedmm.simulations.cli import round_line
+from fedmm.simulations.run_log import log_tail
 
 SCRIPT = textwrap.dedent(
     """
     import logging, subprocess, sys
     from pathlib import Path
-    from simulations.run_log import terminal_to_log
+    from fedmm.simulations.run_log import terminal_to_log
 
     logging.basicConfig(level=logging.DEBUG)
     verbose = sys.argv[2] == "verbose"

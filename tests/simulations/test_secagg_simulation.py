@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.secagg.pending_update import load_pending_update
-from common.data.fashion_mnist import DEFAULT_DATA_DIR
+from fedmm.client.secagg.pending_update import load_pending_update
+from fedmm.common.data.fashion_mnist import DEFAULT_DATA_DIR
 from tests.simulations.simulation_driver import run_driver
 
 pytestmark = pytest.mark.skipif(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from common.data.fashion_mnist import DEFAULT_DATA_DIR
+from fedmm.common.data.fashion_mnist import DEFAULT_DATA_DIR
 from tests.simulations.marked_processes import new_marker, none_left
 
 pytestmark = pytest.mark.skipif(
@@ -48,7 +48,7 @@ def _simulate(
         [
             sys.executable,
             "-m",
-            "simulations.cli",
+            "fedmm.simulations.cli",
             "simulate",
             "--sites",
             "3",

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from common.data.openclipart import OPENCLIPART_ROOT
-from common.federation_config import ConfigError
-from simulations.site_folders import simulated_site_folders
+from fedmm.common.data.openclipart import OPENCLIPART_ROOT
+from fedmm.common.federation_config import ConfigError
+from fedmm.simulations.site_folders import simulated_site_folders
 from tests.simulations.marked_processes import new_marker, none_left
 
 pytestmark = pytest.mark.skipif(
@@ -61,7 +61,16 @@ def _folders(root: Path, count: int, per_folder: int) -> list[Path]:
 def _simulate(out: Path, *args: str, marker: dict[str, str]) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **marker}
     return subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "simulate", "--out", str(out), *args, "--quiet"],
+        [
+            sys.executable,
+            "-m",
+            "fedmm.simulations.cli",
+            "simulate",
+            "--out",
+            str(out),
+            *args,
+            "--quiet",
+        ],
         capture_output=True,
         text=True,
         timeout=600,

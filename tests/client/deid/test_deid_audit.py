@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from client.deid.audit import AuditReport, tool_versions
-from client.deid.face_detection import Box
-from client.deid.imagefolder import deidentify_caption
-from client.deid.policy import DeidPolicy
+from fedmm.client.deid.audit import AuditReport, tool_versions
+from fedmm.client.deid.face_detection import Box
+from fedmm.client.deid.imagefolder import deidentify_caption
+from fedmm.client.deid.policy import DeidPolicy
 
 SECRET = bytes(32)
 CAPTION = "Maria Santos (maria.santos@example.com), SSN 123-45-6789, call (415) 555-0132."

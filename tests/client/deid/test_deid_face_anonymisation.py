@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from skimage.data import astronaut
 
-from client.deid.face_anonymisation import (
+from fedmm.client.deid.face_anonymisation import (
     MIN_BLUR_SIGMA,
     FaceMode,
     anonymise_faces,
     blur_sigma_for,
 )
-from client.deid.face_detection import Box, DlibHogDetector, HaarCascadeDetector
-from simulations.benchmarks.deid_benchmark import grace_hopper
+from fedmm.client.deid.face_detection import Box, DlibHogDetector, HaarCascadeDetector
+from fedmm.simulations.benchmarks.deid_benchmark import grace_hopper
 
 
 def test_blur_sigma_scales_with_face_size_and_has_a_floor() -> None:

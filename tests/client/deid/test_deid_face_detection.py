@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.data import astronaut, camera, lfw_subset
 
-from client.deid.face_detection import (
+from fedmm.client.deid.face_detection import (
     Box,
     DlibHogDetector,
     FaceDetector,
@@ -15,7 +15,7 @@ from client.deid.face_detection import (
     build_face_detector,
     to_gray_uint8,
 )
-from simulations.benchmarks.deid_benchmark import embed_lfw_crop, grace_hopper
+from fedmm.simulations.benchmarks.deid_benchmark import embed_lfw_crop, grace_hopper
 
 # Where the faces are (x0, y0, x1, y1), checked by eye on the sample images.
 ASTRONAUT_FACE = (170, 60, 280, 170)
@@ -121,7 +121,7 @@ def test_build_face_detector_by_policy_names() -> None:
 
 @pytest.mark.slow
 def test_haar_detect_and_blur_under_100_ms_per_512_image() -> None:
-    from simulations.benchmarks.deid_benchmark import sample_image_figures
+    from fedmm.simulations.benchmarks.deid_benchmark import sample_image_figures
 
     figures = sample_image_figures(HaarCascadeDetector(), repeats=10)
     assert figures["ms_per_512_image_max"] <= 100.0

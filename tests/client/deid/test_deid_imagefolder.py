@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 from skimage.data import astronaut
 
-from client.deid.face_detection import HaarCascadeDetector
-from client.deid.imagefolder import deidentify_imagefolder
-from client.deid.policy import DeidPolicy
-from client.deid.pseudonymise import TextAction
+from fedmm.client.deid.face_detection import HaarCascadeDetector
+from fedmm.client.deid.imagefolder import deidentify_imagefolder
+from fedmm.client.deid.policy import DeidPolicy
+from fedmm.client.deid.pseudonymise import TextAction
 
 SECRET = bytes(range(32))
 CAPTIONS = {

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from client.deid.face_anonymisation import FaceMode
-from client.deid.policy import DeidPolicy, PolicyError, load_policy
-from client.deid.pseudonymise import TextAction
-from client.deid.text_pii import PiiType
+from fedmm.client.deid.face_anonymisation import FaceMode
+from fedmm.client.deid.policy import DeidPolicy, PolicyError, load_policy
+from fedmm.client.deid.pseudonymise import TextAction
+from fedmm.client.deid.text_pii import PiiType
 
 
 def test_defaults_are_the_safe_choice() -> None:

@@ -7,14 +7,14 @@ import re
 
 import pytest
 
-from client.deid.pseudonymise import (
+from fedmm.client.deid.pseudonymise import (
     TextAction,
     normalise_value,
     pseudonym_for,
     redaction_token,
     replace_spans,
 )
-from client.deid.text_pii import PiiType, find_pii
+from fedmm.client.deid.text_pii import PiiType, find_pii
 
 SECRET = bytes(range(32))
 OTHER_SECRET = bytes(range(1, 33))

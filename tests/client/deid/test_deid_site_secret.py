@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from client.deid.site_secret import (
+from fedmm.client.deid.site_secret import (
     SITE_SECRET_BYTES,
     SiteSecretError,
     load_or_create_site_secret,

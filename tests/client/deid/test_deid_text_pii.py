@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from client.deid.text_pii import (
+from fedmm.client.deid.text_pii import (
     PiiSpan,
     PiiType,
     find_dates,
@@ -19,7 +19,7 @@ from client.deid.text_pii import (
     luhn_valid,
     resolve_overlaps,
 )
-from simulations.benchmarks.deid_benchmark import caption_figures
+from fedmm.simulations.benchmarks.deid_benchmark import caption_figures
 
 
 def _found(spans: list[PiiSpan], text: str) -> list[str]:

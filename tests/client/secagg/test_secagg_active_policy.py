@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from client.policy_file import PolicyError
-from client.secagg.policy import ClientSecAggPolicy
+from fedmm.client.policy_file import PolicyError
+from fedmm.client.secagg.policy import ClientSecAggPolicy
 
 DIGEST = "ab" * 32
 
@@ -54,7 +54,7 @@ def test_bad_values_name_the_key_and_the_fix(values: dict, message: str) -> None
 
 
 def test_the_site_config_accepts_the_new_keys(tmp_path: Path) -> None:
-    from client.site_config import load_site_config
+    from fedmm.client.site_config import load_site_config
     from tests.client.site_fixtures import GOOD
 
     text = GOOD.replace(

@@ -3,8 +3,8 @@ distributed DP's h, against the counts the coordinator reports."""
 
 import pytest
 
-from client.secagg.aggregation_floor import SiteAggregationFloor, TooFewSites
-from common.site_refusal import RefusalCode
+from fedmm.client.secagg.aggregation_floor import SiteAggregationFloor, TooFewSites
+from fedmm.common.site_refusal import RefusalCode
 
 
 def test_the_floor_takes_the_largest_input() -> None:

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from client.secagg.stages import (
+from fedmm.client.secagg.stages import (
     ClientSecAggPolicy,
     ClientSecAggState,
     SecAggRefusal,
@@ -16,7 +16,7 @@ from client.secagg.stages import (
     client_state_to_record,
     client_unmask,
 )
-from server.secagg.stages import (
+from fedmm.server.secagg.stages import (
     server_collect_keys,
     server_collect_masked_inputs,
     server_route_shares,

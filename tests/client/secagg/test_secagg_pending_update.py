@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.secagg.pending_update import (
+from fedmm.client.secagg.pending_update import (
     PendingUpdate,
     PendingUpdateError,
     discard_pending_updates,

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from client.policy_file import PolicyError
-from client.privacy_policy import SitePrivacyPolicy
-from client.secagg.policy import ClientSecAggPolicy
-from client.secagg.refusal import SecAggRefusal
-from common.secagg.round_graph import RoundGraph
-from common.site_refusal import RefusalCode
+from fedmm.client.policy_file import PolicyError
+from fedmm.client.privacy_policy import SitePrivacyPolicy
+from fedmm.client.secagg.policy import ClientSecAggPolicy
+from fedmm.client.secagg.refusal import SecAggRefusal
+from fedmm.common.secagg.round_graph import RoundGraph
+from fedmm.common.site_refusal import RefusalCode
 from tests.client.site_fixtures import GOOD, make_site
 
 
@@ -67,7 +67,7 @@ def test_the_policy_file_holds_both_tables(tmp_path: Path) -> None:
 def test_the_simulation_policy_file_is_read_from_each_sites_node_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from simulations.simulated_sites import SimulatedSiteNodeConfig
+    from fedmm.simulations.simulated_sites import SimulatedSiteNodeConfig
 
     path = tmp_path / "site-policy.toml"
     path.write_text("[privacy]\nmax-epsilon = 3.0\n\n[secure-aggregation]\nmin-sites = 7\n")
@@ -79,7 +79,7 @@ def test_the_simulation_policy_file_is_read_from_each_sites_node_config(
 
 
 def test_a_deployed_site_config_feeds_the_policy(tmp_path: Path) -> None:
-    from client.site_config import check_site_config
+    from fedmm.client.site_config import check_site_config
 
     config = check_site_config(make_site(tmp_path / "site", GOOD))
     policy = ClientSecAggPolicy.for_site(config.node_config())

@@ -10,15 +10,15 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from client.secagg.site_identity import SiteIdentity, load_site_identity, sign_roster_file
-from client.secagg.site_signing_key import (
+from fedmm.client.secagg.site_identity import SiteIdentity, load_site_identity, sign_roster_file
+from fedmm.client.secagg.site_signing_key import (
     SiteSigningKeyError,
     create_site_signing_key,
     describe_site_public_key,
     load_site_signing_key,
     site_public_key,
 )
-from common.secagg.roster import (
+from fedmm.common.secagg.roster import (
     RosterError,
     add_site,
     create_roster,

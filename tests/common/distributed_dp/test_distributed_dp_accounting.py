@@ -15,15 +15,15 @@ import dp_accounting
 import pytest
 from dp_accounting.rdp import RdpAccountant
 
-from client.privacy_ledger import PrivacyLedger, combined_epsilon, epsilon_of
-from common.distributed_dp.accounting import (
+from fedmm.client.privacy_ledger import PrivacyLedger, combined_epsilon, epsilon_of
+from fedmm.common.distributed_dp.accounting import (
     RDP_ORDERS,
     SkellamRound,
     calibrate_variance,
     skellam_epsilon,
     skellam_rdp,
 )
-from common.distributed_dp.plan import plan_distributed_dp
+from fedmm.common.distributed_dp.plan import plan_distributed_dp
 
 DELTA = 1e-5
 DIMENSION = 49_024

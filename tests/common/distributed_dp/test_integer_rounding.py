@@ -8,8 +8,12 @@ import math
 import numpy as np
 import torch
 
-from common.distributed_dp.plan import skellam_tail_bound
-from common.distributed_dp.rounding import randomized_round, rounded_l1_bound, rounded_l2_bound
+from fedmm.common.distributed_dp.plan import skellam_tail_bound
+from fedmm.common.distributed_dp.rounding import (
+    randomized_round,
+    rounded_l1_bound,
+    rounded_l2_bound,
+)
 
 
 def _generator(seed: int) -> torch.Generator:

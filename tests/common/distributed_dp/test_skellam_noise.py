@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from common.distributed_dp.skellam import (
+from fedmm.common.distributed_dp.skellam import (
     aes_ctr_random_bytes,
     poisson_by_inversion,
     secure_uniforms,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import special
 
-from common.distributed_dp.accounting import poisson_subsampled_rdp, skellam_rdp
+from fedmm.common.distributed_dp.accounting import poisson_subsampled_rdp, skellam_rdp
 
 ORDERS = (2, 3, 4, 7, 16, 64, 256)
 RATES = (1e-3, 0.05, 0.3, 0.9, 1.0)

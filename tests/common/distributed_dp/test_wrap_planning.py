@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from client.distributed_dp_step import integer_gradient_sum
-from common.distributed_dp.plan import (
+from fedmm.client.distributed_dp_step import integer_gradient_sum
+from fedmm.common.distributed_dp.plan import (
     PlanError,
     plan_distributed_dp,
     site_sum_bound,
     skellam_tail_bound,
     wrap_margin,
 )
-from common.model import CrossAttentionMatcher
-from common.model_config import ModelConfig
-from common.tokenizer import HashingTokenizer
+from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.model_config import ModelConfig
+from fedmm.common.tokenizer import HashingTokenizer
 
 DIMENSION = 49_024  # the benchmark model's trainable entries
 
@@ -62,8 +62,8 @@ def test_a_ring_too_small_for_one_record_is_refused_at_planning_time() -> None:
 
 
 def test_the_coordinator_plans_the_wrap_check_and_names_the_key() -> None:
-    from common.federation_config import ConfigError, FederationConfig
-    from server.distributed_dp import plan_run
+    from fedmm.common.federation_config import ConfigError, FederationConfig
+    from fedmm.server.distributed_dp import plan_run
 
     config = FederationConfig(dp_mode="distributed", secagg_bit_width=18)
     with pytest.raises(ConfigError, match="secagg-bit-width"):
@@ -73,7 +73,7 @@ def test_the_coordinator_plans_the_wrap_check_and_names_the_key() -> None:
 
 
 def test_a_site_clips_its_rounded_sum_to_the_planned_bound() -> None:
-    from common.data.dataset import ImageTextDataset
+    from fedmm.common.data.dataset import ImageTextDataset
 
     torch.manual_seed(0)
     model = CrossAttentionMatcher(ModelConfig(width=8, heads=2))

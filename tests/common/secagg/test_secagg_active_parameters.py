@@ -10,14 +10,14 @@ import itertools
 
 import pytest
 
-from common.secagg.active_parameters import (
+from fedmm.common.secagg.active_parameters import (
     active_graph_parameters,
     consistency_threshold,
     corrupt_sites,
     dropout_sites,
     minimum_active_aggregation_size,
 )
-from common.secagg.neighbour_graph import neighbour_graph
+from fedmm.common.secagg.neighbour_graph import neighbour_graph
 
 
 def _cases(max_sites: int):

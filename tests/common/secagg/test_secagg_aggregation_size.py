@@ -3,7 +3,7 @@ default, so a sum always hides each honest input among at least two honest ones.
 
 import pytest
 
-from common.secagg.aggregation_size import (
+from fedmm.common.secagg.aggregation_size import (
     MIN_AGGREGATION_SIZE,
     colluding_sites,
     describe_minimum,

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from common.secagg.key_agreement import (
+from fedmm.common.secagg.key_agreement import (
     KeyAgreementError,
     derive_channel_key,
     derive_pairwise_mask_seed,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from common.secagg.mask_expansion import add_masks_in_place, expand_mask
+from fedmm.common.secagg.mask_expansion import add_masks_in_place, expand_mask
 
 
 @pytest.mark.parametrize("bit_width", [8, 20, 32, 40, 53])

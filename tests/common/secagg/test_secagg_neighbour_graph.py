@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from common.secagg.neighbour_graph import default_graph_parameters, neighbour_graph
+from fedmm.common.secagg.neighbour_graph import default_graph_parameters, neighbour_graph
 
 
 @pytest.mark.parametrize(

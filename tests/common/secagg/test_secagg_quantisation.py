@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from common.secagg.quantisation import (
+from fedmm.common.secagg.quantisation import (
     QuantisationRange,
     dequantise_sum,
     levels_with_headroom,
@@ -9,7 +9,7 @@ from common.secagg.quantisation import (
     quantisation_error_bound,
     quantise,
 )
-from common.secagg.ring import add_in_place, zeros
+from fedmm.common.secagg.ring import add_in_place, zeros
 
 
 def test_headroom_keeps_the_sum_of_n_maximal_values_below_the_modulus() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.secagg.roster import (
+from fedmm.common.secagg.roster import (
     Roster,
     RosterError,
     add_site,

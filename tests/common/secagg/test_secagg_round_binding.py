@@ -8,16 +8,16 @@ import os
 
 import pytest
 
-from common.secagg.graph_seed import graph_seed
-from common.secagg.key_agreement import (
+from fedmm.common.secagg.graph_seed import graph_seed
+from fedmm.common.secagg.key_agreement import (
     derivation_info,
     derive_channel_key,
     generate_private_key,
     public_key_for,
 )
-from common.secagg.round_binding import pair_binding, session_digest
-from common.secagg.round_config import SecAggRoundConfig
-from common.secagg.share_cipher import ShareCipherError, open_share_bundle, seal_share_bundle
+from fedmm.common.secagg.round_binding import pair_binding, session_digest
+from fedmm.common.secagg.round_config import SecAggRoundConfig
+from fedmm.common.secagg.share_cipher import ShareCipherError, open_share_bundle, seal_share_bundle
 
 NONCE = bytes(range(32))
 

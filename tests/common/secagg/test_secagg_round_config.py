@@ -3,10 +3,14 @@ import os
 import numpy as np
 import pytest
 
-from common.secagg.input_encoding import SumOutOfRangeError, decode_aggregate, encode_site_input
-from common.secagg.payload_validation import InvalidPayloadError, require_ring_vector
-from common.secagg.ring import add_in_place, zeros
-from common.secagg.round_config import SecAggRoundConfig
+from fedmm.common.secagg.input_encoding import (
+    SumOutOfRangeError,
+    decode_aggregate,
+    encode_site_input,
+)
+from fedmm.common.secagg.payload_validation import InvalidPayloadError, require_ring_vector
+from fedmm.common.secagg.ring import add_in_place, zeros
+from fedmm.common.secagg.round_config import SecAggRoundConfig
 
 
 def _config(**overrides: object) -> SecAggRoundConfig:

@@ -5,17 +5,17 @@ import os
 
 import pytest
 
-from client.secagg.policy import ClientSecAggPolicy
-from common.secagg.neighbour_graph import (
+from fedmm.client.secagg.policy import ClientSecAggPolicy
+from fedmm.common.secagg.neighbour_graph import (
     graph_parameters,
     required_threshold,
     stays_connected,
     threshold_for_degree,
 )
-from common.secagg.payload_validation import InvalidPayloadError
-from common.secagg.round_config import SecAggRoundConfig
-from common.secagg.round_graph import RoundGraph
-from server.secagg.stages import CoordinatorGraphRules
+from fedmm.common.secagg.payload_validation import InvalidPayloadError
+from fedmm.common.secagg.round_config import SecAggRoundConfig
+from fedmm.common.secagg.round_graph import RoundGraph
+from fedmm.server.secagg.stages import CoordinatorGraphRules
 
 
 def _config(sites: tuple[int, ...]) -> SecAggRoundConfig:

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from common.secagg.shamir import (
+from fedmm.common.secagg.shamir import (
     FIELD_PRIME,
     SHARE_BYTES,
     ShamirError,

@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from common.secagg.shamir import SHARE_BYTES
-from common.secagg.share_cipher import ShareCipherError, open_share_bundle, seal_share_bundle
+from fedmm.common.secagg.shamir import SHARE_BYTES
+from fedmm.common.secagg.share_cipher import ShareCipherError, open_share_bundle, seal_share_bundle
 
 KEY = os.urandom(32)
 NONCE = os.urandom(32)

@@ -6,15 +6,15 @@ import logging
 import numpy as np
 import pytest
 
-from client.secagg.policy import ClientSecAggPolicy
-from client.secagg.stages import (
+from fedmm.client.secagg.policy import ClientSecAggPolicy
+from fedmm.client.secagg.stages import (
     client_masked_input,
     client_setup,
     client_share_keys,
     client_unmask,
 )
-from common.secagg.round_graph import RoundGraph
-from server.secagg.stages import (
+from fedmm.common.secagg.round_graph import RoundGraph
+from fedmm.server.secagg.stages import (
     ABORTED,
     FINISHED,
     ServerSecAggState,
@@ -99,7 +99,7 @@ def test_malformed_and_unexpected_key_replies_are_dropped_with_reasons(
         (999, replies[505]),  # never asked
         (606, "not a mapping"),
     ]
-    with caplog.at_level(logging.WARNING, logger="server.secagg.stages"):
+    with caplog.at_level(logging.WARNING, logger="fedmm.server.secagg.stages"):
         server, out = server_collect_keys(state=server, replies=hostile)
     assert server.stage == ABORTED  # nothing valid is left: 0 < 3
     reasons = "\n".join(server.rejections)

@@ -10,7 +10,8 @@ whether it does:
 - ``train.secagg_setup``: the first of SecAgg+'s four exchanges (Bell et al., CCS 2020;
   Bonawitz et al., CCS 2017): the task's result is masked; ``train.secagg_share``,
   ``train.secagg_masked`` and ``train.secagg_unmask`` complete the sum
-  (``client.secure_aggregation``).
+  (``client.secure_aggregation``); in active-coordinator mode ``train.secagg_consistency``
+  (the signed survivor set) runs before unmask.
 - ``evaluate`` and ``evaluate.secagg_*``: the same two ways for an evaluation task
   (``federated_eval``: counts on the site's held-out records, which the site computes only
   inside a secure sum, so a plain ``evaluate`` request for it is refused).
@@ -30,14 +31,22 @@ from flwr.clientapp.typing import Mod
 
 from fedmm.client.reply_padding import pad_training_replies
 from fedmm.client.secure_aggregation import (
+    plain_round_refusal,
     run_secagg_setup,
+    secagg_consistency,
     secagg_masked,
     secagg_share,
     secagg_unmask,
 )
 from fedmm.client.site_replies import refuse
 from fedmm.client.site_tasks import plain_task, secure_sum_task
-from fedmm.common.secure_round import ACTION_MASKED, ACTION_SETUP, ACTION_SHARE, ACTION_UNMASK
+from fedmm.common.secure_round import (
+    ACTION_CONSISTENCY,
+    ACTION_MASKED,
+    ACTION_SETUP,
+    ACTION_SHARE,
+    ACTION_UNMASK,
+)
 from fedmm.common.site_refusal import RECORD_STATUS, RefusalCode, SiteRefusal, status_payload
 from fedmm.common.site_task import (
     RECORD_CONFIG,
@@ -59,12 +68,14 @@ def build_client_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
     client_app.train(ACTION_SETUP)(secagg_setup)
     client_app.train(ACTION_SHARE)(secagg_share)
     client_app.train(ACTION_MASKED)(secagg_masked)
+    client_app.train(ACTION_CONSISTENCY)(secagg_consistency)
     client_app.train(ACTION_UNMASK)(secagg_unmask)
     # Federated evaluation: the same exchanges, as messages of type evaluate(.*).
     client_app.evaluate()(evaluate)
     client_app.evaluate(ACTION_SETUP)(secagg_setup)
     client_app.evaluate(ACTION_SHARE)(secagg_share)
     client_app.evaluate(ACTION_MASKED)(secagg_masked)
+    client_app.evaluate(ACTION_CONSISTENCY)(secagg_consistency)
     client_app.evaluate(ACTION_UNMASK)(secagg_unmask)
     return client_app
 
@@ -85,7 +96,11 @@ def _task(msg: Message) -> SiteTask | SiteRefusal:
 
 
 def train(msg: Message, context: Context) -> Message:
-    """Plain FedAvg: the declared task's update and metrics, in the clear."""
+    """Plain FedAvg: the declared task's update and metrics, in the clear (refused by a site
+    that demands active-coordinator mode)."""
+    demanded = plain_round_refusal(context)
+    if demanded is not None:
+        return refuse(msg, demanded)
     task = _task(msg)
     run = task if isinstance(task, SiteRefusal) else plain_task(task)
     if isinstance(run, SiteRefusal):

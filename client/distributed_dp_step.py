@@ -7,7 +7,8 @@ The coordinator sends the model and the run's ``DistributedDPPlan``. The site
    and refuses, saying why, when the run or this round would exceed its budget;
 2. Poisson-samples its records at rate q with uniforms from ``os.urandom`` (Abadi et al., CCS
    2016: every record of the federation joins the step independently with probability q);
-3. computes per-example gradients (Opacus ``GradSampleModule``), clips each to C, divides it
+3. computes per-example gradients (``client.per_example_gradients``: Opacus' per-layer grad
+   samplers from one backward pass, in float64 from the norms on), clips each to C, divides it
    by the scale gamma = C / c, sums them and rounds the sum to integers at random (Kairouz,
    Liu, Steinke, ICML 2021), so that one record moves the integer sum by at most D2 = c +
    sqrt(d) in L2 and D1 in L1 (``common.distributed_dp.rounding``: the sensitivities the
@@ -161,12 +162,13 @@ def integer_gradient_sum(
 ) -> np.ndarray:
     """The randomly rounded sum over ``indices`` of each record's clipped gradient divided by
     gamma, each entry clipped to the plan's [-L, L] (int64)."""
-    from opacus import GradSampleModule  # heavy import, only where gradients are computed
+    # heavy imports, only where gradients are computed
+    from fedmm.client.caption_length_batches import split_by_caption_length
+    from fedmm.client.per_example_gradients import PerExampleGradients
 
     shapes = model.state_dict()
-    total = torch.zeros(sum(shapes[k].numel() for k in keys), dtype=torch.float64)
     if indices.size == 0:
-        return total.to(torch.int64).numpy()
+        return torch.zeros(sum(shapes[k].numel() for k in keys), dtype=torch.int64).numpy()
     dataset = MatchingDataset(
         data,
         tokenizer=tokenizer,
@@ -174,28 +176,25 @@ def integer_gradient_sum(
         seed=int.from_bytes(os.urandom(8), "little"),
         distractors=distractors,
     )
-    parameters = dict(model.named_parameters())
-    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    sums = {key: torch.zeros(shapes[key].shape, dtype=torch.float64) for key in keys}
     generator = new_rounding_generator()
     model.train()
-    try:
-        for start in range(0, len(indices), MICRO_BATCH):
-            items = [dataset[int(i)] for i in indices[start : start + MICRO_BATCH]]
-            images = torch.stack([image for image, _ in items])
-            tokens = torch.stack([token for _, token in items])
-            wrapped.zero_grad(set_to_none=True)
-            matching_loss(wrapped(images, tokens)).sum().backward()
-            count = len(items)
-            per_example = torch.cat(
-                [_grad_sample(parameters.get(key), count, shapes[key].numel()) for key in keys],
-                dim=1,
-            )
-            norms = per_example.to(torch.float64).norm(dim=1)
-            # Clip to C * (1 - 1e-6): float rounding cannot push a record past C.
-            factor = torch.clamp(clip_norm * (1 - 1e-6) / (norms + 1e-12), max=1.0)
-            total += (factor / plan.scale) @ per_example.to(torch.float64)
-    finally:
-        wrapped._close()
+    items = [dataset[int(i)] for i in indices]
+    images = torch.stack([image for image, _ in items])
+    tokens = torch.stack([token for _, token in items])
+    with PerExampleGradients(model) as tape:
+        # Groups cut to their longest caption (client.caption_length_batches: the same
+        # per-example gradients, less padding), in micro-batches.
+        for part in split_by_caption_length(images, tokens):
+            for start in range(0, len(part.indices), MICRO_BATCH):
+                chunk = slice(start, start + MICRO_BATCH)
+                tape.backward(matching_loss(model(part.images[chunk], part.tokens[chunk])))
+                norms = tape.squared_norms(torch.float64).sqrt()
+                # Clip to C * (1 - 1e-6): float rounding cannot push a record past C.
+                factor = torch.clamp(clip_norm * (1 - 1e-6) / (norms + 1e-12), max=1.0)
+                for name, weighted in tape.weighted_sums(factor / plan.scale).items():
+                    sums[name] += weighted
+    total = torch.cat([sums[key].flatten() for key in keys])
     rounded = randomized_round(total, generator=generator).numpy()
     return np.clip(rounded, -plan.site_sum_bound, plan.site_sum_bound)
 
@@ -207,14 +206,6 @@ def _trainable_mask(model: CrossAttentionMatcher, keys: list[str]) -> np.ndarray
     return np.concatenate(
         [np.full(state[key].numel(), key in parameters, dtype=bool) for key in keys]
     )
-
-
-def _grad_sample(parameter: torch.nn.Parameter | None, count: int, size: int) -> torch.Tensor:
-    """Per-example gradients of one tensor, flattened; zeros for buffers and unused tensors."""
-    sample = None if parameter is None else getattr(parameter, "grad_sample", None)
-    if sample is None:
-        return torch.zeros(count, size)
-    return sample.reshape(count, -1)
 
 
 def run_distributed_dp_step(

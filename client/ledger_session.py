@@ -28,17 +28,34 @@ def ledger_file(context: Context) -> Path | None:
     return Path(str(context.node_config[LEDGER_FILE]))
 
 
+def recorded_anything(before: PrivacyLedger, after: PrivacyLedger) -> bool:
+    """Whether ``after`` holds anything ``before`` did not: a charge, a round, a count or a
+    calibration. Entering a new run and refusing it at once (its budget, the site's lifetime
+    budget) records nothing: the file stays as it was, byte for byte."""
+    if after == before:
+        return False
+    entered_only = (
+        after.run_id != before.run_id
+        and not after.knows_run(after.run_id)
+        and after.history == before.history
+        and after.distributed_history == before.distributed_history
+        and after.count_releases == before.count_releases
+    )
+    return not entered_only
+
+
 @contextlib.contextmanager
 def ledger_session(context: Context) -> Iterator[PrivacyLedger]:
-    """The site's ledger for one training message, saved when the block changed it: from
-    its file (locked from load to save, so two handler processes never spend one state), or
-    from this run's node state when the site names no ledger file."""
+    """The site's ledger for one training message, saved when the block recorded something
+    (:func:`recorded_anything`): from its file (locked from load to save, so two handler
+    processes never spend one state), or from this run's node state when the site names no
+    ledger file."""
     path = ledger_file(context)
     if path is not None:
         with ledger_file_session(path) as ledger:
             before = copy.deepcopy(ledger)
             yield ledger
-            if ledger != before:
+            if recorded_anything(before, ledger):
                 ledger.save(path)
                 context.state.config_records[LEDGER_KEY] = ledger.to_record()
         return
@@ -46,5 +63,5 @@ def ledger_session(context: Context) -> Iterator[PrivacyLedger]:
     ledger = PrivacyLedger() if record is None else PrivacyLedger.from_record(record)
     before = copy.deepcopy(ledger)
     yield ledger
-    if ledger != before:
+    if recorded_anything(before, ledger):
         context.state.config_records[LEDGER_KEY] = ledger.to_record()

@@ -2,7 +2,11 @@
 
 SecAgg+ (Bell et al., CCS 2020; Bonawitz et al., CCS 2017), four custom actions
 (``common.secure_round``): setup trains and advertises keys; share keys, masked input and
-unmask call ``client.secagg.stages``. The trained update waits in a node-private file
+unmask call ``client.secagg.stages``. In active-coordinator mode (the round config names a
+roster; Bonawitz et al., section 6) the site's roster identity
+(``client.secagg.site_identity``: the roster file and signing key its node config names,
+checked against the digest its policy pins) signs and verifies at setup, share keys, the
+fifth exchange, consistency, and unmask. The trained update waits in a node-private file
 (``client.secagg.pending_update``), never in ``context.state``; the protocol state there is
 small and tagged with round and stage, so a late or replayed message is refused with a
 reason instead of crashing the handler. No torch here: the stages after setup run in a
@@ -34,8 +38,11 @@ from fedmm.client.secagg.pending_update import (
 )
 from fedmm.client.secagg.policy import ClientSecAggPolicy
 from fedmm.client.secagg.refusal import SecAggRefusal
+from fedmm.client.secagg.site_identity import SiteIdentity, identity_from_node_config
+from fedmm.client.secagg.site_signing_key import SiteSigningKeyError
 from fedmm.client.secagg.stages import (
     ClientSecAggState,
+    client_consistency,
     client_masked_input,
     client_setup,
     client_share_keys,
@@ -45,6 +52,7 @@ from fedmm.client.secagg.stages import (
 )
 from fedmm.client.site_replies import refuse
 from fedmm.common.secagg.protocol_stages import STAGE_MASKED_INPUT, STAGE_SHARE_KEYS, require_tag
+from fedmm.common.secagg.roster import RosterError
 from fedmm.common.secure_round import (
     RECORD_MASKED,
     RECORD_PRIVACY,
@@ -89,7 +97,9 @@ Contributor = Callable[[Message, Context], "SiteContribution | SiteRefusal"]
 def secagg_share(msg: Message, context: Context) -> Message:
     try:
         state, request = _stage_input(msg, context)
-        state, reply = client_share_keys(state=state, request=request)
+        state, reply = client_share_keys(
+            state=state, request=request, identity=_round_identity(state, context)
+        )
     except (ValueError, KeyError) as refusal:
         return refuse(msg, _as_refusal(refusal))
     _store_state(context, state)
@@ -129,10 +139,28 @@ def secagg_masked(msg: Message, context: Context) -> Message:
     return out
 
 
+def secagg_consistency(msg: Message, context: Context) -> Message:
+    """Active mode: sign the survivor set (once a round)."""
+    try:
+        state, request = _stage_input(msg, context)
+        state, reply = client_consistency(
+            state=state, request=request, identity=_round_identity(state, context)
+        )
+    except TooFewSites as refusal:  # below this site's minimum: the round is dead here
+        context.state.config_records.pop(SECAGG_STATE_KEY, None)
+        return refuse(msg, refusal.refusal())
+    except (ValueError, KeyError) as refusal:
+        return refuse(msg, _as_refusal(refusal))
+    _store_state(context, state)
+    return _secagg_reply(msg, reply)
+
+
 def secagg_unmask(msg: Message, context: Context) -> Message:
     try:
         state, request = _stage_input(msg, context)
-        _state, reply = client_unmask(state=state, request=request)
+        _state, reply = client_unmask(
+            state=state, request=request, identity=_round_identity(state, context)
+        )
     except TooFewSites as refusal:  # below this site's minimum: the round is dead here
         context.state.config_records.pop(SECAGG_STATE_KEY, None)
         return refuse(msg, refusal.refusal())
@@ -192,11 +220,15 @@ def run_secagg_setup(
     try:
         if payload.get("round") != server_round:
             raise SecAggRefusal("setup request: secagg round differs from the request's round")
+        identity = None
+        if "roster_digest" in payload:  # an active-coordinator round
+            identity = _site_identity(context.node_config, policy)
         state, reply = client_setup(
             site_id=context.node_id,
             request=payload,
             policy=policy,
             previous_round=None if last is None else int(last["round"]),
+            identity=identity,
         )
         if state.config.update_length != expected_length:
             raise SecAggRefusal(
@@ -288,6 +320,44 @@ def _secagg_policy(node_config: Any) -> ClientSecAggPolicy:
     """The site's own secure-aggregation policy (``client.secagg.policy``: its policy file's
     ``[secure-aggregation]`` table and node config ``secagg-*``)."""
     return ClientSecAggPolicy.for_site(node_config)
+
+
+def plain_round_refusal(context: Context) -> SiteRefusal | None:
+    """A plain-FedAvg request (its update in the clear) is refused by a site whose policy
+    demands active-coordinator mode: otherwise a coordinator would only have to switch
+    secure aggregation off. A policy that does not parse is left to the task, which refuses
+    it with its own code."""
+    try:
+        policy = _secagg_policy(context.node_config)
+    except PolicyError:
+        return None
+    if policy.require_active_coordinator:
+        return SiteRefusal(
+            RefusalCode.SECAGG_POLICY,
+            "this site's policy requires active-coordinator mode; a plain-FedAvg round would "
+            "send its update in the clear",
+        )
+    return None
+
+
+def _site_identity(node_config: Any, policy: ClientSecAggPolicy) -> SiteIdentity | None:
+    """This site's roster identity (None when it has none configured: the stages then refuse
+    an active round). A roster or key file that is unusable is the site's own problem to fix:
+    a ``secagg-policy`` refusal, the reason in the site's log."""
+    try:
+        return identity_from_node_config(node_config, pinned_digest=policy.pinned_roster_digest)
+    except (RosterError, SiteSigningKeyError) as error:
+        raise SecAggRefusal(
+            f"this site's roster or roster signing key is unusable: {error}",
+            code=RefusalCode.SECAGG_POLICY,
+        ) from None
+
+
+def _round_identity(state: ClientSecAggState, context: Context) -> SiteIdentity | None:
+    """The identity for a stage of this round: only active rounds need one."""
+    if not state.config.active:
+        return None
+    return _site_identity(context.node_config, state.policy)
 
 
 def _stage_input(msg: Message, context: Context) -> tuple[ClientSecAggState, dict[str, Any]]:

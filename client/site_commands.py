@@ -16,12 +16,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedmm.client.roster_commands import add_roster_parsers
+
 
 def add_site_parser(commands: Any) -> None:
     """``fedmm site ...`` in the ``fedmm`` command line (its subparsers ``commands``)."""
     site = commands.add_parser(
         "site",
-        help="site deployment: key pair, config check, SuperNode, privacy ledger",
+        help="site deployment: key pair, config check, SuperNode, privacy ledger, roster",
         description="Deployment steps of a data-holding site (docs/site-guide.md).",
     )
     steps = site.add_subparsers(dest="step", required=True)
@@ -60,6 +62,7 @@ def add_site_parser(commands: Any) -> None:
     status = steps.add_parser("status", help="show the site's privacy ledger")
     status.add_argument("config", type=Path, metavar="CONFIG")
     status.add_argument("--json", action="store_true", help="print JSON")
+    add_roster_parsers(steps)
     keygen.set_defaults(handler=_keygen)
     check.set_defaults(handler=_check)
     digest.set_defaults(handler=_release_digest)
@@ -135,7 +138,7 @@ def _start(args: argparse.Namespace) -> int:
     address = runtime_api_address(args.port)
     print(shell_line(argv, extra), flush=True)
     runner = shlex.join(runner_argv(runtime_api_address=address, pin=config.release_pin))
-    print(f"for each message: {runner} (task token on stdin)", flush=True)
+    print(f"site runner: {runner} (a task token a line on stdin)", flush=True)
     if args.dry_run:
         return 0
     os.umask(0o077)  # files the SuperNode and the runners create are private
@@ -149,7 +152,7 @@ def _start(args: argparse.Namespace) -> int:
         pin=config.release_pin,
         cwd=config.source.resolve().parent,
         retry_for=args.max_wait_time if args.max_wait_time is not None else DEFAULT_RETRY_SECONDS,
-        poll_interval=float(env.get(SUPEREXEC_POLL_ENV, "0.25")),
+        poll_interval=float(env.get(SUPEREXEC_POLL_ENV, "0.1")),
     )
     return run_site_service(service)
 

@@ -24,6 +24,11 @@ The file says where everything of the site lives; relative paths are relative to
     min-threshold = 2
     min-sites = 3                            # at least 3 (client/secagg/policy.py)
     spill-dir = "/var/lib/fedmm/spill"       # 0700; made by `fedmm site start`
+    # Active-coordinator mode (docs/site-guide.md, the roster ceremony):
+    # require-active-coordinator = true
+    # roster-digest = "<64 hex digits>"      # `fedmm site roster verify` prints it
+    # roster-file = "roster.json"            # the roster every site signed
+    # signing-key-file = "keys/roster-key"   # `fedmm site roster-key`; 0600
 
     [release]                                # required: the only code this site runs
     version = "0.1.0"
@@ -68,6 +73,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "supernode": {"auth-private-key": str},
     "secure-aggregation": {
         "spill-dir": str,
+        "roster-file": str,
+        "signing-key-file": str,
         # The policy file's [secure-aggregation] keys, checked by client.secagg.policy.
         **{
             key: kind if kind in (int, bool, str) else (int, float)
@@ -99,6 +106,8 @@ _PATH_KEYS = {
     ("privacy", "ledger-file"),
     ("supernode", "auth-private-key"),
     ("secure-aggregation", "spill-dir"),
+    ("secure-aggregation", "roster-file"),
+    ("secure-aggregation", "signing-key-file"),
 }
 
 
@@ -154,7 +163,7 @@ class SiteConfig:
         for key in _INLINE_PRIVACY:
             if self.get("privacy", key) is not None:
                 out[f"privacy-{key}"] = float(self.get("privacy", key))
-        for key in (*_SECAGG_POLICY_KEYS, "spill-dir"):
+        for key in (*_SECAGG_POLICY_KEYS, "spill-dir", "roster-file", "signing-key-file"):
             value = self.get("secure-aggregation", key)
             if value is not None:
                 out[f"secagg-{key}"] = value if isinstance(value, int | float) else str(value)
@@ -346,9 +355,42 @@ def _check_secure_aggregation_policy(config: SiteConfig) -> list[str]:
     from fedmm.client.secagg.policy import ClientSecAggPolicy
 
     try:
-        ClientSecAggPolicy.for_site(config.node_config())
+        policy = ClientSecAggPolicy.for_site(config.node_config())
     except PolicyError as err:
         return [f"[secure-aggregation] {err}"]
+    return _check_roster(config, policy)
+
+
+def _check_roster(config: SiteConfig, policy: Any) -> list[str]:
+    """Active-coordinator mode: the roster file and signing key load, every site signed the
+    roster, its digest is the pinned one and this site's key is in it."""
+    from fedmm.client.secagg.site_identity import identity_from_node_config
+    from fedmm.client.secagg.site_signing_key import SiteSigningKeyError
+    from fedmm.common.secagg.roster import RosterError
+
+    roster_file = config.path("secure-aggregation", "roster-file")
+    key_file = config.path("secure-aggregation", "signing-key-file")
+    if roster_file is None and key_file is None:
+        if policy.require_active_coordinator:
+            return [
+                "[secure-aggregation] require-active-coordinator = true needs roster-file and "
+                "signing-key-file (docs/site-guide.md, the roster ceremony)"
+            ]
+        return []
+    if roster_file is None or key_file is None:
+        return ["[secure-aggregation] roster-file and signing-key-file go together: set both"]
+    if policy.pinned_roster_digest is None:
+        return [
+            "[secure-aggregation] roster-file needs roster-digest: pin the digest that "
+            "`fedmm site roster verify` prints once every site signed"
+        ]
+    try:
+        identity = identity_from_node_config(
+            config.node_config(), pinned_digest=policy.pinned_roster_digest
+        )
+    except (RosterError, SiteSigningKeyError) as err:
+        return [f"[secure-aggregation] {err}"]
+    assert identity is not None
     return []
 
 

@@ -3,10 +3,12 @@
 ``flower-supernode --isolation process`` queues a task for every message it receives and
 waits for an outside process to claim it through its Runtime API (``AcquireTask``); Flower's
 own ``flower-superexec`` would start ``flwr-clientapp``, which installs and runs the FAB
-that the run's submitter shipped. This executor claims the tasks instead and starts
-:mod:`client.site_runner` for each, from the installed release, with the release pin
-(:mod:`client.release_pin`). It claims only ClientApp tasks; the SuperNode handles one
-message at a time, so at most one runner is busy at once.
+that the run's submitter shipped. This executor claims the tasks instead and hands them to
+:mod:`client.site_runner`, started from the installed release with the release pin
+(:mod:`client.release_pin`): by default one warm runner (``--serve``) that gets each task's
+token on a line of its standard input and is started again when it has exited; with
+``warm=False``, a fresh runner per task. It claims only ClientApp tasks; the SuperNode
+handles one message at a time, so at most one task runs at once.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from fedmm.common.process_supervision import start_child, stop_processes
 logger = logging.getLogger("fedmm.site_executor")
 
 
-def runner_argv(*, runtime_api_address: str, pin: ReleasePin) -> list[str]:
+def runner_argv(*, runtime_api_address: str, pin: ReleasePin, warm: bool = True) -> list[str]:
     """The site runner's command: this Python, isolated (``-I``: no working directory or
     ``PYTHONPATH`` on ``sys.path``), so ``client`` is the installed package."""
     return [
@@ -39,6 +41,7 @@ def runner_argv(*, runtime_api_address: str, pin: ReleasePin) -> list[str]:
         pin.version,
         "--release-digest",
         pin.digest,
+        *(["--serve"] if warm else []),
     ]
 
 
@@ -50,7 +53,8 @@ class SiteTaskExecutor:
     pin: ReleasePin
     env: Mapping[str, str]
     cwd: Path
-    poll_interval: float = 0.25
+    poll_interval: float = 0.1
+    warm: bool = True
     runners: list[subprocess.Popen[bytes]] = field(default_factory=list)
     tasks_started: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -89,17 +93,35 @@ class SiteTaskExecutor:
             client.close()
 
     def _launch(self, token: str, task_id: int) -> None:
-        argv = runner_argv(runtime_api_address=self.runtime_api_address, pin=self.pin)
+        for _attempt in range(2):  # a warm runner that has just died is started again
+            runner = self._runner()
+            assert runner.stdin is not None
+            try:
+                runner.stdin.write(token.encode() + b"\n")
+                if self.warm:
+                    runner.stdin.flush()
+                else:
+                    runner.stdin.close()
+                break
+            except OSError:
+                logger.warning("site runner for task %d exited before it got its token", task_id)
+                runner.wait()
+        with self._lock:
+            self.tasks_started += 1
+
+    def _runner(self) -> subprocess.Popen[bytes]:
+        """The warm runner (started when none is alive), or a fresh runner for one task."""
+        with self._lock:
+            alive = [r for r in self.runners if r.poll() is None]
+            if self.warm and alive:
+                return alive[0]
+        argv = runner_argv(
+            runtime_api_address=self.runtime_api_address, pin=self.pin, warm=self.warm
+        )
         runner = start_child(argv, env=self.env, cwd=self.cwd, stdin=subprocess.PIPE)
-        assert runner.stdin is not None
-        try:
-            runner.stdin.write(token.encode() + b"\n")
-            runner.stdin.close()
-        except OSError:
-            logger.warning("site runner for task %d exited before it got its token", task_id)
         with self._lock:
             self.runners.append(runner)
-            self.tasks_started += 1
+        return runner
 
     def _forget_finished(self) -> None:
         with self._lock:

@@ -1,6 +1,10 @@
-"""One message at a site, run by the site's own installed code.
+"""Messages at a site, run by the site's own installed code.
 
-``python -I -m fedmm.client.site_runner`` (one process a message).
+``python -I -m fedmm.client.site_runner --serve``: one warm process that runs task after task
+(one task token a line on standard input, until it closes), so Python, Flower and the
+site's code are imported once, and what the site's code keeps in memory between messages
+(its de-identified records, fixed scattering features, the tokenizer's cache) is computed
+once; without ``--serve``, one task and exit.
 
 This replaces Flower's ``flwr-clientapp`` at a deployed site. ``flower-supernode
 --isolation process`` starts no app process itself; :mod:`client.site_executor` claims each
@@ -27,7 +31,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import TYPE_CHECKING
+import time
+from typing import IO, TYPE_CHECKING
 
 from fedmm.client.release_pin import ReleasePin, check_run_app, normalise_digest
 from fedmm.client.site_replies import refusal_reply
@@ -60,11 +65,9 @@ def run_task(*, runtime_api_address: str, token: str, pin: ReleasePin) -> int:
     )
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supernode.runtime.run_clientapp import (
-        pull_task_input,
-        push_message,
-        push_task_output,
-    )
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+
+    from fedmm.client.runtime_pull import pull_task_input  # Flower's, with a local backoff
 
     retry = make_simple_http_retry_invoker()
     client = RuntimeHttpClient.from_server_address(
@@ -81,8 +84,11 @@ def run_task(*, runtime_api_address: str, token: str, pin: ReleasePin) -> int:
     heartbeat.start()
     message = context = reply = None
     sub_status, details, status = SubStatus.FAILED, RefusalCode.SITE_ERROR.value, 1
+    started = time.monotonic()
+    pulled = ran = started
     try:
         message, context, run, fab = pull_task_input(client)
+        pulled = time.monotonic()
         refusal = check_run_app(
             pin=pin, fab_content=fab.content, fab_id=run.fab_id, fab_version=run.fab_version
         )
@@ -93,6 +99,7 @@ def run_task(*, runtime_api_address: str, token: str, pin: ReleasePin) -> int:
             from fedmm.client.app import app  # the installed release, never the FAB
 
             reply, details = app(message=message, context=context), ""
+        ran = time.monotonic()
         sub_status = SubStatus.COMPLETED
     except Exception:
         logger.exception("the site's ClientApp failed; the coordinator gets only 'site-error'")
@@ -110,6 +117,14 @@ def run_task(*, runtime_api_address: str, token: str, pin: ReleasePin) -> int:
         push_task_output(client=client, context=context, sub_status=sub_status, details=details)
         heartbeat.stop()
         client.close()
+    if message is not None:
+        logger.info(
+            "%s: pulled in %.2f s, ran in %.2f s, replied in %.2f s",
+            message.metadata.message_type,
+            pulled - started,
+            max(0.0, ran - pulled),
+            time.monotonic() - max(ran, pulled),
+        )
     return status
 
 
@@ -122,11 +137,29 @@ def message_context(context: object, message: Message) -> object:
     return SimpleNamespace(node_id=message.metadata.dst_node_id, run_id=message.metadata.run_id)
 
 
+def serve(*, runtime_api_address: str, pin: ReleasePin, tokens: IO[str]) -> int:
+    """Run a task for every token line of ``tokens`` until it closes; 0."""
+    import fedmm.client.app  # noqa: F401 - import the ClientApp (no torch) before the first task
+
+    for line in iter(tokens.readline, ""):
+        token = line.strip()
+        if not token:
+            continue
+        try:
+            run_task(runtime_api_address=runtime_api_address, token=token, pin=pin)
+        except Exception:  # the SuperNode went away mid-task: the next task may still run
+            logger.exception("task failed outside the site's ClientApp")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedmm.client.site_runner", description=__doc__)
     parser.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT")
     parser.add_argument("--release-version", required=True)
     parser.add_argument("--release-digest", required=True)
+    parser.add_argument(
+        "--serve", action="store_true", help="run a task per token line until stdin closes"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
@@ -135,10 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     for chatty in ("httpx", "httpcore"):  # a line per Runtime API request otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    pin = ReleasePin(args.release_version, normalise_digest(args.release_digest))
+    if args.serve:
+        return serve(runtime_api_address=args.runtime_api_address, pin=pin, tokens=sys.stdin)
     token = sys.stdin.readline().strip()
     if not token:
         parser.error("no task token on standard input")
-    pin = ReleasePin(args.release_version, normalise_digest(args.release_digest))
     return run_task(runtime_api_address=args.runtime_api_address, token=token, pin=pin)
 
 

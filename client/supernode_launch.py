@@ -1,14 +1,15 @@
 """Starting a site's SuperNode (``fedmm site start CONFIG``) and showing its ledger
 (``fedmm site status CONFIG``).
 
-``flower-supernode`` connects out to the coordinator's SuperLink over TLS (verified with the
-coordinator's CA certificate), signs every request with the site's authentication key, and
-queues a task for every message. It runs with ``--isolation process``: it starts no app
-process itself, so the ClientApp of the FAB a run ships never runs here; the site's executor
-(:mod:`client.site_service`) runs the installed release for each task instead. Its Runtime
-API (``--port``, on 127.0.0.1) is where the executor claims the tasks: every SuperNode on
-one machine needs its own port. Runtime dependency installation is off unless asked for; it
-stays off.
+``flower-supernode`` (as ``fedmm-supernode``, with a prompt pull loop:
+:mod:`client.supernode_polling`) connects out to the coordinator's SuperLink over TLS
+(verified with the coordinator's CA certificate), signs every request with the site's
+authentication key, and queues a task for every message. It runs with ``--isolation
+process``: it starts no app process itself, so the ClientApp of the FAB a run ships never
+runs here; the site's executor (:mod:`client.site_service`) runs the installed release for
+each task instead. Its Runtime API (``--port``, on 127.0.0.1) is where the executor claims
+the tasks: every SuperNode on one machine needs its own port. Runtime dependency
+installation is off unless asked for; it stays off.
 """
 
 from __future__ import annotations
@@ -23,19 +24,30 @@ from typing import Any
 from fedmm.client.site_config import SiteConfig, node_config_argument
 from fedmm.common.flower_commands import flower_executable
 
-#: The SuperNode's SuperExec asks it for a message to run every second by default, so each
-#: message waits half a second on average before its ClientApp process starts; a quarter
-#: second costs a few local requests a second. A value the site sets itself is kept.
+#: How often the site's executor asks its SuperNode for a task (Flower's SuperExec asks every
+#: second by default, so each message waited half a second on average before it ran); a
+#: tenth of a second costs ten requests a second on loopback. A value the site sets itself
+#: is kept.
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-SUPEREXEC_POLL_SECONDS = "0.25"
+SUPEREXEC_POLL_SECONDS = "0.1"
 
 
 def supernode_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """Variables ``flower-supernode`` gets on top of ``environ`` (its SuperExec's poll)."""
+    """Variables ``flower-supernode`` gets on top of ``environ`` (its executor's poll)."""
     return {} if SUPEREXEC_POLL_ENV in environ else {SUPEREXEC_POLL_ENV: SUPEREXEC_POLL_SECONDS}
 
 
 RUNTIME_API_HOST = "127.0.0.1"
+PROMPT_SUPERNODE = "fedmm-supernode"  # client.supernode_polling
+FLOWER_SUPERNODE = "flower-supernode"
+
+
+def supernode_program() -> str:
+    """``fedmm-supernode`` (Flower's SuperNode with a prompt pull loop) when the installed
+    Flower is the version it was written for, else Flower's own ``flower-supernode``."""
+    from fedmm.client.supernode_polling import pinned_flower_installed
+
+    return PROMPT_SUPERNODE if pinned_flower_installed() else FLOWER_SUPERNODE
 
 
 def runtime_api_address(port: int) -> str:
@@ -68,7 +80,7 @@ def supernode_argv(
             "certificate only, never ca.key) over a channel you trust"
         )
     argv = [
-        flower_executable("flower-supernode"),
+        flower_executable(supernode_program()),
         "--superlink",
         superlink,
         "--root-certificates",

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fedmm.client.caption_length_batches import split_by_caption_length
 from fedmm.common.data.dataset import ImageTextDataset
 from fedmm.common.distractors import DistractorSampler, DistractorSettings
 from fedmm.common.loss import matching_loss
@@ -160,10 +161,13 @@ def _run_epochs(
     for _ in range(epochs):
         for images, tokens in loader:
             optimizer.zero_grad(set_to_none=True)
-            losses = matching_loss(model(images, tokens))
-            losses.mean().backward()
+            # The batch mean, accumulated over groups cut to their longest caption (the same
+            # gradient, less padding: client.caption_length_batches).
+            for part in split_by_caption_length(images, tokens):
+                losses = matching_loss(model(part.images, part.tokens))
+                (losses.sum() / len(images)).backward()
+                total_loss += float(losses.detach().sum())
             optimizer.step()
-            total_loss += float(losses.detach().sum())
             total_items += len(images)
             steps += 1
     return total_loss / max(total_items, 1), steps
@@ -206,8 +210,8 @@ def train_locally(
         return LocalTrainingResult(len(data), mean_loss, steps, list(accountant_history))
 
     from fedmm.client.secure_dp_sgd import (
-        train_dp_sgd,  # heavy import, only where DP training happens
-    )
+        train_dp_sgd,
+    )  # heavy import, only where DP training happens
 
     stream = random_bytes or fresh_random_bytes()
     dataset = MatchingDataset(

@@ -81,6 +81,10 @@ class FederationConfig:
     secagg_colluding_fraction: float = 0.1  # gamma: sampled sites assumed to collude
     secagg_dropout_fraction: float = 0.2  # delta: sites assumed to drop out after setup
     secagg_stage_timeout: float = 600.0
+    #: Active-coordinator mode (Bonawitz et al., CCS 2017, section 6): signed round keys
+    #: checked against the federation roster, a consistency check before unmasking.
+    secagg_active_coordinator: bool = False
+    secagg_roster_file: str = ""  # the roster every site signed (simulation: made for it)
     dp_mode: str = "local"  # "local": DP-SGD at each site; "distributed": common/distributed_dp
     dp_sampling_rate: float = 0.04  # distributed: q, each record's chance to join a round
     dp_min_honest_sites: int = 0  # distributed: h the noise shares assume; 0 = every site
@@ -155,6 +159,11 @@ class FederationConfig:
                 "a number below 1 - secagg-colluding-fraction",
             ),
             (self.secagg_stage_timeout > 0, "secagg-stage-timeout", "> 0 seconds"),
+            (
+                self.secure_aggregation or not self.secagg_active_coordinator,
+                "secagg-active-coordinator",
+                "false, or true with secure-aggregation = true (it hardens SecAgg+ rounds)",
+            ),
             (self.dp_mode in DP_MODES, "dp-mode", f"one of {DP_MODES}"),
             (0 < self.dp_sampling_rate <= 1, "dp-sampling-rate", "in (0, 1]"),
             (self.dp_min_honest_sites >= 0, "dp-min-honest-sites", "an integer >= 0 (0: all)"),

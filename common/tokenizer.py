@@ -45,6 +45,13 @@ def _bucket(word: str, num_buckets: int) -> int:
     return _RESERVED + int.from_bytes(digest, "little") % (num_buckets - _RESERVED)
 
 
+@lru_cache(maxsize=65536)
+def _word_ids(text: str, num_buckets: int, max_len: int) -> tuple[int, ...]:
+    """The ids of ``text``'s first ``max_len`` words, remembered: training tokenizes every
+    record's caption and its distractors at every step, and their strings recur."""
+    return tuple(_bucket(w, num_buckets) for w in split_words(text)[:max_len])
+
+
 @dataclass(frozen=True)
 class HashingTokenizer:
     """Maps text to ``max_len`` token ids in ``[0, num_buckets)``; 0 is padding."""
@@ -71,7 +78,7 @@ class HashingTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids of ``text``, truncated or padded to ``max_len`` (int64)."""
-        ids = [_bucket(w, self.num_buckets) for w in split_words(text)[: self.max_len]]
+        ids = _word_ids(text, self.num_buckets, self.max_len)
         out = np.zeros(self.max_len, dtype=np.int64)
         out[: len(ids)] = ids
         return out

@@ -7,8 +7,16 @@ multiple of 3 s however fast the sites answer, which is most of a SecAgg+ stage 
 shuffles keys and shares. :class:`ReplyPollingGrid` keeps Flower's semantics (push, then
 pull until every reply arrived or ``timeout`` passed; missing replies are simply absent)
 with the public ``push_messages``/``pull_messages``, polling after 0.1 s and backing off to
-0.5 s, so a long training stage costs a pull every half second. In simulation the in-memory
-Grid already polls every 0.1 s; wrapping it changes nothing there.
+0.5 s, back to 0.1 s whenever a reply arrived (the others usually follow), so a long
+training stage costs a pull every half second. In simulation the in-memory Grid already
+polls every 0.1 s; wrapping it changes nothing there.
+
+A site sends its reply's header before the reply's objects, so a pull often finds a reply
+whose objects are not all at the SuperLink yet; Flower's HTTP Grid then waits 1 s, 2 s...
+(``pull_objects``' default backoff) before it asks again. When the wrapped Grid is that
+one, of the pinned Flower 1.41.0 (``common.flower_pin``: version and source hash), its
+module's ``pull_objects`` becomes the same function with a 20 ms backoff doubling up to
+0.25 s (:func:`prompt_object_pulls`); on any other Flower it is left as it is.
 
 :func:`poll_replies` is the one poller; the SecAgg+ exchanges after setup, which only move
 keys and shares, use it with a schedule of milliseconds (:data:`PROTOCOL_POLL`).
@@ -16,6 +24,7 @@ keys and shares, use it with a schedule of milliseconds (:data:`PROTOCOL_POLL`).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +33,8 @@ from flwr.app import Message, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+from fedmm.common.flower_pin import is_pinned, load_pinned_module
 
 
 @dataclass(frozen=True)
@@ -54,8 +65,8 @@ def poll_replies(
     """Push ``messages``; pull replies until every message has one or ``timeout`` seconds
     passed (Flower's ``send_and_receive`` semantics: a missing reply is simply absent),
     waiting ``schedule.first`` after the push and ``growth`` times longer after each pull,
-    up to ``schedule.longest``. An object that offers only ``send_and_receive`` (an
-    in-process test grid) is used as is."""
+    up to ``schedule.longest``, and back to ``schedule.first`` whenever a reply arrived. An
+    object that offers only ``send_and_receive`` (an in-process test grid) is used as is."""
     if not hasattr(grid, "pull_messages"):
         return list(grid.send_and_receive(messages, timeout=timeout))
     waiting = set(grid.push_messages(messages))
@@ -69,9 +80,34 @@ def poll_replies(
         remaining = None if deadline is None else deadline - time.monotonic()
         if not waiting or (remaining is not None and remaining <= 0):
             break
+        if pulled:  # the other replies usually follow soon
+            interval = schedule.first
         time.sleep(interval if remaining is None else min(interval, remaining))
         interval = min(schedule.longest, interval * schedule.growth)
     return replies
+
+
+HTTP_GRID_MODULE = "flwr.superlink.grid.http_grid"
+#: SHA-256 of ``flwr/superlink/grid/http_grid.py`` in flwr 1.41.0 (the wheel's file).
+HTTP_GRID_SHA256 = "0c33918af5016310ba84ad42643944d498bbf5ebdb55d62f4655ee00e94d72db"
+OBJECT_PULL_BACKOFF_S = (0.02, 0.25)  # first, longest
+
+
+def prompt_object_pulls(grid: Grid) -> bool:
+    """Shorten the object-pull backoff of ``grid``'s module when it is the pinned Flower's
+    HTTP Grid; whether it was done (or had been)."""
+    if type(grid).__module__ != HTTP_GRID_MODULE or not is_pinned(
+        HTTP_GRID_MODULE, HTTP_GRID_SHA256
+    ):
+        return False
+    module = load_pinned_module(HTTP_GRID_MODULE, HTTP_GRID_SHA256)
+    if not isinstance(module.pull_objects, functools.partial):
+        module.pull_objects = functools.partial(
+            module.pull_objects,
+            initial_backoff=OBJECT_PULL_BACKOFF_S[0],
+            backoff_cap=OBJECT_PULL_BACKOFF_S[1],
+        )
+    return True
 
 
 class ReplyPollingGrid(Grid):
@@ -86,6 +122,7 @@ class ReplyPollingGrid(Grid):
     ) -> None:
         self.grid = grid
         self.schedule = PollSchedule(first=first_poll, longest=max_poll)
+        self.prompt_object_pulls = prompt_object_pulls(grid)
 
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)

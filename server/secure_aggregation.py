@@ -9,6 +9,12 @@ only moves their payloads through four message exchanges (``common.secure_round`
     setup (the request's task + advertise keys) -> share keys -> masked input -> unmask
     -> decoded sum
 
+In active-coordinator mode (run config ``secagg-active-coordinator``; Bonawitz et al.,
+section 6) the coordinator names the federation roster (``secagg-roster-file``), the sites
+sign their round keys with their roster keys, and one more exchange runs before unmask:
+
+    ... -> masked input -> consistency (sites sign the survivor set) -> unmask -> sum
+
 What the sites compute at setup is the request's declared task (``common.site_task``): a
 model update, one distributed-DP step, or next, federated evaluation's counts; this module
 only sums vectors of the shapes it is given.
@@ -34,6 +40,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,7 +49,9 @@ from flwr.serverapp import Grid
 
 from fedmm.common.secagg.aggregation_size import MIN_AGGREGATION_SIZE
 from fedmm.common.secagg.neighbour_graph import DEFAULT_ADVERSARIAL_RATE, DEFAULT_DROPOUT_RATE
+from fedmm.common.secagg.roster import RosterError, VerifiedRoster, load_roster, verify_roster
 from fedmm.common.secure_round import (
+    ACTION_CONSISTENCY,
     ACTION_MASKED,
     ACTION_SETUP,
     ACTION_SHARE,
@@ -58,7 +67,9 @@ from fedmm.common.site_refusal import refusal_code_of
 from fedmm.server.aggregation import RoundAggregate, RoundRequest, SiteOutcome
 from fedmm.server.reply_polling import PROTOCOL_POLL, poll_replies
 from fedmm.server.secagg.stages import (
+    AWAITING_CONSISTENCY,
     ServerSecAggState,
+    server_collect_consistency,
     server_collect_keys,
     server_collect_masked_inputs,
     server_route_shares,
@@ -89,9 +100,16 @@ class SecAggSettings:
     #: the round is discarded before unmasking when fewer than ``min_survivors`` survive.
     integer_update: bool = False
     min_survivors: int = 0
+    #: Active-coordinator mode: the federation roster every site signed (None: off).
+    roster: VerifiedRoster | None = None
 
     @classmethod
     def from_federation_config(cls, config: Any) -> SecAggSettings:
+        """The settings of the run config; in active-coordinator mode the roster file is
+        read and every site's signature on it checked (``ValueError`` naming the file)."""
+        roster = None
+        if config.secagg_active_coordinator:
+            roster = load_federation_roster(config.secagg_roster_file)
         return cls(
             bit_width=config.secagg_bit_width,
             update_clip=config.secagg_update_clip,
@@ -102,7 +120,23 @@ class SecAggSettings:
             min_sites=config.secagg_min_sites,
             colluding_fraction=config.secagg_colluding_fraction,
             dropout_fraction=config.secagg_dropout_fraction,
+            roster=roster,
         )
+
+
+def load_federation_roster(path: str) -> VerifiedRoster:
+    """The roster at ``path``, with every listed site's signature checked. The coordinator
+    only distributes it: it cannot add a site or change a key without every site signing
+    again, and each site checks it against the digest it pinned."""
+    if not path:
+        raise ValueError(
+            "run config 'secagg-active-coordinator' = true needs 'secagg-roster-file': the "
+            "roster every site signed (docs/operator-guide.md, the roster ceremony)"
+        )
+    try:
+        return verify_roster(load_roster(Path(path)))
+    except RosterError as error:
+        raise ValueError(f"run config 'secagg-roster-file': {error}") from None
 
 
 @dataclass
@@ -184,6 +218,7 @@ class SecAggPlusAggregation:
                 min_sites=settings.min_sites,
                 honest_sites=settings.min_survivors,
                 integer_update=settings.integer_update,
+                roster=settings.roster,
             )
         except ValueError as error:
             return finish(f"secure aggregation cannot start: {error}")
@@ -270,6 +305,23 @@ class SecAggPlusAggregation:
         report.survivors = list(state.survivor_ids)
         if state.aborted:  # below the threshold or the minimum: nothing is unmasked
             return finish(state.abort_reason, _with_epsilon(epsilon_max))
+
+        # Active mode only: the consistency check. Survivors sign the survivor set; unmask
+        # goes to those whose signature verified, with t_cc of them.
+        if state.stage == AWAITING_CONSISTENCY:
+            consistency = self._exchange(
+                grid,
+                stage_message_type(kind, ACTION_CONSISTENCY),
+                _config_requests(requests),
+                ttl=settings.stage_timeout,
+            )
+            for node, reason in consistency.dropped.items():
+                logger.warning("site %s did not sign the survivor set: %s", node, reason)
+            signed = _payloads(consistency)
+            state, requests = server_collect_consistency(state=state, replies=signed)
+            report.stage_sites["consistency"] = sorted(state.survivor_signatures)
+            if state.aborted:
+                return finish(state.abort_reason, _with_epsilon(epsilon_max))
 
         # Stage 3: unmask. A survivor that does not answer is still in the sum.
         unmask = self._exchange(

@@ -13,6 +13,11 @@ De-identification is on: the built-in captions carry synthetic personal data
 (``common.data.synthetic_pii``), and every simulated site de-identifies its partition before
 training under the policy ``<out>/site-deid-policy.toml``, each with its own site secret and
 cache in ``<out>/site-deid/site-<id>/``.
+
+Active-coordinator mode (run config ``secagg-active-coordinator``) needs a roster every site
+signed: the simulation makes one for its sites in ``<out>/site-roster/``
+(``simulations.simulated_roster``), pins its digest in the sites' shared policy and, unless
+the run config names another, hands it to the coordinator as ``secagg-roster-file``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedmm.common.federation_config import FederationConfig
+from fedmm.simulations.simulated_roster import write_simulated_roster
 from fedmm.simulations.simulated_sites import (
     DEID_POLICY_FILE,
     LEDGER_DIR,
@@ -54,16 +60,23 @@ class SimulationSettings:
     secagg_spill_dir: str = ""
     #: Each simulated site's own imagefolder (``--site-data``; empty: the benchmark).
     site_data: tuple[str, ...] = ()
+    #: Active-coordinator mode: the sites pin the run's roster and demand the mode (False:
+    #: they pin it only, so a benchmark can run rounds with and without it side by side).
+    sites_require_active_coordinator: bool = True
 
 
-def simulated_site_mods(out_dir: Path, settings: SimulationSettings) -> list[Mod]:
-    """The mods that make a ClientApp's sites this simulation's sites (their node config)."""
+def simulated_site_mods(
+    out_dir: Path, settings: SimulationSettings, *, roster_dir: Path | None = None
+) -> list[Mod]:
+    """The mods that make a ClientApp's sites this simulation's sites (their node config);
+    ``roster_dir``: the simulation's roster (active-coordinator mode)."""
     return [
         SimulatedSiteNodeConfig(
             out_dir=str(out_dir),
             torch_threads=settings.torch_threads,
             secagg_spill_dir=settings.secagg_spill_dir,
             site_data=settings.site_data,
+            roster_dir="" if roster_dir is None else str(roster_dir),
         )
     ]
 
@@ -92,16 +105,24 @@ def run_local_simulation(
     out_dir = Path(config.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     max_epsilon = settings.site_max_epsilon
+    run_config = {**config.to_run_config(), "out-dir": str(out_dir)}
+    roster = None
+    if config.secagg_active_coordinator:
+        roster = write_simulated_roster(out_dir, num_sites=settings.num_sites, seed=config.seed)
+        run_config["secagg-roster-file"] = config.secagg_roster_file or str(roster.roster_file)
     write_site_policy(
         out_dir / POLICY_FILE,
         max_epsilon=config.epsilon if max_epsilon is None else max_epsilon,
         delta=config.delta,
+        roster_digest=b"" if roster is None else roster.digest,
+        require_active_coordinator=settings.sites_require_active_coordinator,
     )
     write_site_deid_policy(out_dir / DEID_POLICY_FILE)
     factory = build_client_app if client_app is None else client_app
-    sites = factory(mods=[*simulated_site_mods(out_dir, settings), *client_mods])
+    roster_dir = None if roster is None else roster.directory
+    mods = simulated_site_mods(out_dir, settings, roster_dir=roster_dir)
+    sites = factory(mods=[*mods, *client_mods])
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    run_config = {**config.to_run_config(), "out-dir": str(out_dir)}
     context = Context(
         run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
     )

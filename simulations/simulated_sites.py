@@ -15,6 +15,9 @@ partition id, before any other mod or handler reads it:
 - ``imagefolder``, when the simulation runs on the user's own folders
   (``fedmm simulate --site-data``, ``simulations.site_folders``): site i reads the i-th
   folder, as a deployed site reads its own.
+- in active-coordinator mode, ``secagg-roster-file`` and ``secagg-signing-key-file``: the
+  simulation's roster and the site's roster signing key (``simulations.simulated_roster``),
+  whose digest the shared policy file pins.
 
 The mod is a frozen dataclass of plain values: Ray pickles it with the ClientApp for its
 actors.
@@ -28,6 +31,9 @@ from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
+
+from fedmm.client.secagg.site_identity import ROSTER_FILE_KEY, SIGNING_KEY_FILE_KEY
+from fedmm.simulations.simulated_roster import ROSTER_FILE, SIGNING_KEY_FILE, site_name
 
 POLICY_FILE = "site-policy.toml"
 DEID_POLICY_FILE = "site-deid-policy.toml"
@@ -44,6 +50,8 @@ class SimulatedSiteNodeConfig:
     secagg_spill_dir: str = ""
     #: The imagefolder of each simulated site, by partition id (empty: the benchmark).
     site_data: tuple[str, ...] = ()
+    #: Active-coordinator mode: the simulation's roster folder (empty: no roster).
+    roster_dir: str = ""
 
     def node_config(self, partition_id: int) -> dict[str, str | int]:
         """The node config of the simulated site with ``partition_id``."""
@@ -65,6 +73,10 @@ class SimulatedSiteNodeConfig:
                     "--site-data folders for more simulated sites"
                 )
             config["imagefolder"] = self.site_data[partition_id]
+        if self.roster_dir:
+            roster = Path(self.roster_dir)
+            config[ROSTER_FILE_KEY] = str(roster / ROSTER_FILE)
+            config[SIGNING_KEY_FILE_KEY] = str(roster / site_name(partition_id) / SIGNING_KEY_FILE)
         return config
 
     def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -77,12 +89,30 @@ class SimulatedSiteNodeConfig:
         return call_next(msg, context)
 
 
-def write_site_policy(path: Path, *, max_epsilon: float, delta: float) -> None:
+def write_site_policy(
+    path: Path,
+    *,
+    max_epsilon: float,
+    delta: float,
+    roster_digest: bytes = b"",
+    require_active_coordinator: bool = True,
+) -> None:
+    """The policy file the simulated sites share; with ``roster_digest``, every site pins
+    that roster and (``require_active_coordinator``) refuses any round not in
+    active-coordinator mode."""
     value = "inf" if math.isinf(max_epsilon) else repr(float(max_epsilon))
-    path.write_text(
+    text = (
         "# Privacy policy shared by the simulated sites (record-level DP at each site).\n"
         f"[privacy]\nmax-epsilon = {value}\ndelta = {delta!r}\n"
     )
+    if roster_digest:
+        text += (
+            "\n# Active-coordinator mode: the simulation's roster, pinned by every site.\n"
+            "[secure-aggregation]\n"
+            f"require-active-coordinator = {str(require_active_coordinator).lower()}\n"
+            f'roster-digest = "{roster_digest.hex()}"\n'
+        )
+    path.write_text(text)
 
 
 def write_site_deid_policy(path: Path) -> None:

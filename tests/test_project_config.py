@@ -87,3 +87,18 @@ def test_image_and_text_geometry_come_from_the_run_config() -> None:
 def test_bad_geometry_in_the_run_config_names_the_key(overrides, message) -> None:
     with pytest.raises(ConfigError, match=message):
         FederationConfig.from_run_config(overrides)
+
+
+def test_every_package_folder_is_installed_under_fedmm() -> None:
+    """A new sub-package not listed in pyproject would import from a checkout and be missing
+    from an installed release."""
+    setuptools = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]
+    root = PYPROJECT.parent
+    folders = {"common", "client", "server", "simulations"}
+    assert setuptools["package-dir"] == {f"fedmm.{name}": name for name in folders}
+    on_disk = {
+        "fedmm." + ".".join(init.parent.relative_to(root).parts)
+        for name in folders
+        for init in (root / name).rglob("__init__.py")
+    }
+    assert set(setuptools["packages"]) == on_disk

@@ -8,12 +8,20 @@ Overhead", CCS 2020). :func:`load_site_identity` reads the roster file and the s
 file, checks that every site signed the roster, that its digest is the one the site's policy
 pins (``roster-digest``) and that this site's key is in it. :func:`sign_roster_file` is what
 a site runs to sign the roster after comparing fingerprints over a second channel.
+:func:`identity_from_node_config` is what the site's stage handlers call: the two files come
+from node config (``secagg-roster-file``, ``secagg-signing-key-file``), the pin from the
+site's policy; a loaded identity is kept while neither file changes, so the simulated sites
+of one process do not verify the roster again at every stage.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -29,6 +37,10 @@ from fedmm.common.secagg.roster import (
     sign_roster,
     verify_roster,
 )
+
+#: Node config keys of the roster file and of the site's roster signing key file.
+ROSTER_FILE_KEY = "secagg-roster-file"
+SIGNING_KEY_FILE_KEY = "secagg-signing-key-file"
 
 
 @dataclass(frozen=True)
@@ -89,3 +101,41 @@ def sign_roster_file(*, roster_file: Path, signing_key_file: Path) -> Roster:
         raise RosterError(f"{roster_file}: {error}") from None
     save_roster(signed, roster_file)
     return signed
+
+
+def identity_from_node_config(
+    node_config: Mapping[str, Any], *, pinned_digest: bytes | None
+) -> SiteIdentity | None:
+    """The site's identity from the files its node config names, checked against the roster
+    digest its policy pins; None when the site has no roster, key or pin configured (it then
+    takes part in no active-coordinator round). A bad file raises ``RosterError`` or
+    ``SiteSigningKeyError`` naming it and the fix."""
+    roster_file = str(node_config.get(ROSTER_FILE_KEY, "") or "")
+    key_file = str(node_config.get(SIGNING_KEY_FILE_KEY, "") or "")
+    if not roster_file or not key_file or pinned_digest is None:
+        return None
+    return _cached_identity(
+        roster_file, _file_version(roster_file), key_file, _file_version(key_file), pinned_digest
+    )
+
+
+def _file_version(path: str) -> tuple[int, ...]:
+    """What changes when a file is replaced, rewritten or re-permissioned (the cache key)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return ()
+    return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_mode, info.st_uid)
+
+
+@lru_cache(maxsize=64)
+def _cached_identity(
+    roster_file: str,
+    _roster_version: tuple[int, ...],
+    key_file: str,
+    _key_version: tuple[int, ...],
+    pinned_digest: bytes,
+) -> SiteIdentity:
+    return load_site_identity(
+        roster_file=Path(roster_file), signing_key_file=Path(key_file), pinned_digest=pinned_digest
+    )

@@ -38,10 +38,15 @@ def create_site_signing_key(path: Path) -> bytes:
     Refuses to replace an existing file: a site that loses its key must be removed from the
     roster and added again with a new one, signed by every site.
     """
+    return write_site_signing_key(path, Ed25519PrivateKey.generate())
+
+
+def write_site_signing_key(path: Path, key: Ed25519PrivateKey) -> bytes:
+    """Write ``key`` to a new file at ``path`` (mode 0600, its directory 0700 if made) and
+    return its raw public key; never overwrites (see :func:`create_site_signing_key`)."""
     path = Path(path)
     if not path.parent.exists():
         path.parent.mkdir(mode=KEY_DIR_MODE, parents=True)
-    key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         encoding=serialization.Encoding.PEM,
         format=serialization.PrivateFormat.PKCS8,

@@ -123,7 +123,7 @@ def _import_seconds(code: str) -> float:
 def clientapp_imports() -> dict[str, Any]:
     """What a ClientApp process spends importing, and whether torch is among it."""
     flower = "import flwr.supernode.cli.flwr_clientapp"
-    ours = f"{flower}; import client.app"
+    ours = f"{flower}; import fedmm.client.app"
     probe = subprocess.run(
         [sys.executable, "-c", f"import sys; {ours}; print('torch' in sys.modules)"],
         capture_output=True,

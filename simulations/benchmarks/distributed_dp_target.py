@@ -12,7 +12,8 @@ Runs, one after the other (each in a subprocess, the machine's cores to itself):
 Prints one JSON object: both accuracies (final and best), the gap in points, wall times, the
 noise multipliers and the privacy statement. Example (the figures in docs/results.md):
 
-    python -m fedmm.simulations.benchmarks.distributed_dp_target --rounds 196 --sampling-rate 0.0357142857
+    python -m fedmm.simulations.benchmarks.distributed_dp_target \\
+        --rounds 196 --sampling-rate 0.0357142857
 """
 
 from __future__ import annotations

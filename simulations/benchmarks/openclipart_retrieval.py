@@ -15,7 +15,8 @@ chance, showing that recall above chance comes from the images.
 
 Prints one JSON line per epoch and a final JSON summary. Usage::
 
-    python -m fedmm.simulations.benchmarks.openclipart_retrieval DATA --condition plain|dp|shuffled \\
+    python -m fedmm.simulations.benchmarks.openclipart_retrieval DATA \\
+        --condition plain|dp|shuffled \\
         [--epochs 10] [--epsilon 8] [--set KEY=VALUE ...]
 """
 

@@ -17,7 +17,14 @@ Three kinds of round, side by side:
   polls for replies every 0.1 s in simulation);
 - ``fedavg_fast_poll``: the same with SecAgg+'s reply polling (``poll_replies`` with
   ``PROTOCOL_POLL``), so the ratio can also be read with equal polling;
-- ``secagg+``: ``SecAggPlusAggregation``, four exchanges.
+- ``secagg+``: ``SecAggPlusAggregation``, four exchanges;
+- ``secagg+active`` (``--active``): the same in active-coordinator mode (Bonawitz et al.,
+  CCS 2017, section 6): round keys signed with each site's roster key and verified against
+  the roster, the graph seeded by their hash, keys and bundles bound to the round, and a
+  fifth exchange, the consistency check. The simulation makes and signs a roster of its
+  sites (``simulations.simulated_roster``); the sites pin it without demanding the mode, so
+  both kinds run in one simulation. ``active_time_ratio`` is its round time over
+  ``secagg+``'s.
 
 With ``--flower-legacy``, Flower's own SecAgg+ (``SecAggPlusWorkflow`` + ``secaggplus_mod``)
 runs too, in its own simulation after ours: it works only on the legacy API (NumPyClient,
@@ -31,9 +38,11 @@ average of the machine at the start and the end. Progress rows go to stderr.
 
 Usage (prints JSON):
 
-    python -m fedmm.simulations.benchmarks.secagg_benchmark --sites 10 --lengths 100000 --flower-legacy
+    python -m fedmm.simulations.benchmarks.secagg_benchmark --sites 10 \\
+        --lengths 100000 --flower-legacy
     python -m fedmm.simulations.benchmarks.secagg_benchmark --sites 10 50 100 \
         --lengths 100000 1000000 --repeats 3 --flower-legacy
+    python -m fedmm.simulations.benchmarks.secagg_benchmark --sites 10 50 --lengths 100000 --active
 """
 
 from __future__ import annotations
@@ -61,6 +70,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmm.client import secure_aggregation as site
 from fedmm.common.secure_round import (
+    ACTION_CONSISTENCY,
     ACTION_MASKED,
     ACTION_SETUP,
     ACTION_SHARE,
@@ -125,6 +135,7 @@ def benchmark_client_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
     client_app.train(ACTION_SETUP)(setup)
     client_app.train(ACTION_SHARE)(site.secagg_share)
     client_app.train(ACTION_MASKED)(site.secagg_masked)
+    client_app.train(ACTION_CONSISTENCY)(site.secagg_consistency)
     client_app.train(ACTION_UNMASK)(site.secagg_unmask)
     return client_app
 
@@ -199,7 +210,11 @@ def main(grid: Grid, context: Context) -> None:
     from fedmm.common.site_task import SiteTask, task_config
     from fedmm.common.train_request import TrainRequest
     from fedmm.server.aggregation import FedAvgAggregation, RoundRequest, wait_for_sites
-    from fedmm.server.secure_aggregation import SecAggPlusAggregation, SecAggSettings
+    from fedmm.server.secure_aggregation import (
+        SecAggPlusAggregation,
+        SecAggSettings,
+        load_federation_roster,
+    )
 
     plan = json.loads(os.environ[PLAN_ENV])
     num_sites = plan["sites"]
@@ -214,6 +229,10 @@ def main(grid: Grid, context: Context) -> None:
             counting,
         ),
     }
+    if plan.get("active"):
+        roster = load_federation_roster(str(context.run_config["secagg-roster-file"]))
+        settings = SecAggSettings(update_clip=1.0, max_weight=1000, roster=roster)
+        kinds["secagg+active"] = (SecAggPlusAggregation(settings), counting)
     secagg = kinds["secagg+"][0]
     results = []
     server_round = 0
@@ -221,6 +240,7 @@ def main(grid: Grid, context: Context) -> None:
         model = ArrayRecord({"model": Array(np.zeros(length, dtype=np.float32))})
         timings: dict[str, list[float]] = {kind: [] for kind in kinds}
         exchanges: dict[str, list[float]] = {}
+        active_exchanges: dict[str, list[float]] = {}
         traffic: dict[str, tuple[int, int]] = {}
         for repeat in range(plan["repeats"] + 1):  # the first of each kind warms up
             for kind, (aggregation, kind_grid) in kinds.items():
@@ -253,6 +273,11 @@ def main(grid: Grid, context: Context) -> None:
                         outside = elapsed + counting.counting_s
                         outside -= sum(secagg.last_round.exchange_seconds.values())
                         exchanges.setdefault("coordinator_stages", []).append(outside)
+                    if kind == "secagg+active":
+                        active = kinds[kind][0]
+                        assert isinstance(active, SecAggPlusAggregation)
+                        for name, seconds in active.last_round.exchange_seconds.items():
+                            active_exchanges.setdefault(name, []).append(seconds)
                 traffic[kind] = (counting.sent // num_sites, counting.received // num_sites)
         median = {kind: statistics.median(times) for kind, times in timings.items()}
         exchange_s = {name: statistics.median(times) for name, times in exchanges.items()}
@@ -280,6 +305,27 @@ def main(grid: Grid, context: Context) -> None:
                 "repeats": plan["repeats"],
             }
         )
+        if "secagg+active" in kinds:
+            active = kinds["secagg+active"][0]
+            assert isinstance(active, SecAggPlusAggregation)
+            up, down = traffic["secagg+active"][1], traffic["secagg+active"][0]
+            passive = sum(traffic["secagg+"])
+            results[-1] |= {
+                "secagg_active_round_s": round(median["secagg+active"], 3),
+                "active_time_ratio": round(median["secagg+active"] / median["secagg+"], 3),
+                "active_added_s": round(median["secagg+active"] - median["secagg+"], 3),
+                "active_exchanges": len(active.last_round.exchange_seconds),
+                "secagg_exchanges": len(secagg.last_round.exchange_seconds),
+                "secagg_active_bytes_per_site": {"down": down, "up": up},
+                "active_bytes_ratio": round((up + down) / passive, 3),
+                "active_extra_bytes_per_site": up + down - passive,
+                "secagg_active_parts_s_median": {
+                    name: round(statistics.median(times), 3)
+                    for name, times in active_exchanges.items()
+                },
+                "secagg_active_degree": active.last_round.degree,
+                "secagg_active_threshold": active.last_round.threshold,
+            }
     Path(plan["out"]).write_text(json.dumps(results))
 
 
@@ -394,9 +440,14 @@ def run_flower_legacy(
     )
 
 
-def run(num_sites: int, lengths: list[int], repeats: int, *, actors: int = 1) -> list[dict]:
-    """This project's SecAgg+ and plain FedAvg, alternating, in one simulation."""
-    return _simulate(num_sites, lengths, repeats, benchmark_client_app, server_app, actors=actors)
+def run(
+    num_sites: int, lengths: list[int], repeats: int, *, actors: int = 1, active: bool = False
+) -> list[dict]:
+    """This project's SecAgg+ (and, with ``active``, in active-coordinator mode) and plain
+    FedAvg, alternating, in one simulation."""
+    return _simulate(
+        num_sites, lengths, repeats, benchmark_client_app, server_app, actors=actors, active=active
+    )
 
 
 def _simulate(
@@ -407,8 +458,10 @@ def _simulate(
     server: ServerApp,
     *,
     actors: int,
+    active: bool = False,
 ) -> list[dict]:
-    """One simulation of ``server`` with the sites' ClientApp ``clients(mods=...)``."""
+    """One simulation of ``server`` with the sites' ClientApp ``clients(mods=...)``;
+    ``active``: the simulation makes a roster and the sites pin it."""
     from fedmm.common.federation_config import FederationConfig
     from fedmm.simulations.local_simulation import SimulationSettings, run_local_simulation
 
@@ -423,9 +476,12 @@ def _simulate(
                 "repeats": repeats,
                 "out": str(out),
                 "memory_dir": str(memory),
+                "active": active,
             }
         )
-        config = FederationConfig.from_run_config({"out-dir": str(Path(scratch) / "run")})
+        config = FederationConfig.from_run_config(
+            {"out-dir": str(Path(scratch) / "run"), "secagg-active-coordinator": active}
+        )
         run_local_simulation(
             config,
             # Ray runs 2 CPUs / num_cpus_per_site actors; each simulation gets its own spill
@@ -434,6 +490,7 @@ def _simulate(
                 num_sites=num_sites,
                 num_cpus_per_site=max(1, 2 // actors),
                 secagg_spill_dir=scratch,
+                sites_require_active_coordinator=False,
             ),
             client_app=clients,
             server_app=server,
@@ -462,12 +519,19 @@ def cli() -> None:
     parser.add_argument(
         "--flower-legacy", action="store_true", help="also run Flower's legacy SecAgg+"
     )
+    parser.add_argument(
+        "--active",
+        action="store_true",
+        help="also run SecAgg+ in active-coordinator mode (signed keys, consistency check)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     started = time.perf_counter()
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     rows = [
-        row for n in args.sites for row in run(n, args.lengths, args.repeats, actors=args.actors)
+        row
+        for n in args.sites
+        for row in run(n, args.lengths, args.repeats, actors=args.actors, active=args.active)
     ]
     if args.flower_legacy:
         for n in args.sites:
@@ -506,6 +570,28 @@ def cli() -> None:
                     ),
                     None,
                 ),
+                "active_coordinator": [
+                    {
+                        key: r[key]
+                        for key in (
+                            "sites",
+                            "length",
+                            "secagg_round_s",
+                            "secagg_active_round_s",
+                            "active_time_ratio",
+                            "active_added_s",
+                            "secagg_exchanges",
+                            "active_exchanges",
+                            "secagg_bytes_per_site",
+                            "secagg_active_bytes_per_site",
+                            "active_bytes_ratio",
+                            "secagg_degree",
+                            "secagg_active_degree",
+                        )
+                    }
+                    for r in rows
+                    if "secagg_active_round_s" in r
+                ],
                 "flower_legacy_secaggplus": "in each row as flower_legacy"
                 if args.flower_legacy
                 else "not measured (pass --flower-legacy)",

@@ -129,3 +129,36 @@ def test_the_noisy_count_survives_both_stores(tmp_path: Path) -> None:
     ledger.start_run(ledger.run_id + 1)  # a new run draws its own count
     assert ledger.noisy_count is None and ledger.count_releases == 1
     assert "1 noisy record count(s)" in ledger.describe()
+
+
+def test_a_run_refused_at_once_leaves_the_ledger_file_as_it_was(tmp_path: Path) -> None:
+    """A site whose lifetime budget is spent refuses a new run: entering the run records
+    nothing, so the file keeps the previous run's rounds and sigma, byte for byte; a run
+    that records a round is saved with its own markers."""
+    from flwr.app import Context, RecordDict
+
+    from fedmm.client.ledger_session import ledger_session
+
+    path = tmp_path / "ledger.json"
+    PrivacyLedger(noise_multiplier=0.8, delta=1e-6, history=[(0.8, 0.5, 40)], rounds=[9]).save(path)
+    before = path.read_bytes()
+
+    def context() -> Context:
+        return Context(
+            run_id=5,
+            node_id=1,
+            node_config={"ledger-file": str(path)},
+            state=RecordDict(),
+            run_config={},
+        )
+
+    with ledger_session(context()) as ledger:
+        ledger.start_run(5)  # ... and the budget check refuses
+    assert path.read_bytes() == before
+
+    with ledger_session(context()) as ledger:
+        ledger.start_run(5)
+        ledger.rounds.append(1)
+    saved = PrivacyLedger.load(path)
+    assert (saved.run_id, saved.rounds, saved.noise_multiplier) == (5, [1], None)
+    assert saved.history == [(0.8, 0.5, 40)] and saved.run_start == 1

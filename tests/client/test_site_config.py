@@ -133,7 +133,7 @@ def test_supernode_command_carries_tls_auth_port_and_node_config(tmp_path: Path)
     ca = tmp_path / "ca.crt"
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
     argv = supernode_argv(config, superlink="10.0.0.5:9093", ca_cert=ca, port=9201)
-    assert Path(argv[0]).name == "flower-supernode"
+    assert Path(argv[0]).name == "fedmm-supernode"
     flags = dict(zip(argv[1::2], argv[2::2], strict=True))
     assert flags["--superlink"] == "10.0.0.5:9093"
     assert flags["--root-certificates"] == str(ca.resolve())
@@ -219,7 +219,7 @@ def test_status_imports_no_torch(tmp_path: Path) -> None:
     ledger.save(tmp_path / "site" / "state" / "privacy-ledger.json")
     code = (
         "import sys\n"
-        "from simulations.cli import main\n"
+        "from fedmm.simulations.cli import main\n"
         f"assert main(['site', 'status', {str(config)!r}]) == 0\n"
         "print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))\n"
     )

@@ -401,7 +401,7 @@ def test_the_run_asks_for_what_it_may_spend_and_the_policy_caps_the_lifetime(
                 num_server_rounds=2,
             )
             assert outcome.update is not None, outcome.refusal
-            assert outcome.metrics["epsilon-bound"] == 1.5
+            assert outcome.metrics["epsilon_bound"] == 1.5
         assert ledger.this_run().epsilon(1e-5) <= 1.5 * (1 + 1e-9)
     assert 1.5 < ledger.epsilon(1e-5) <= 4.0
     # The run's entries start at its own noisy count: the first run's are not in it.

@@ -1,13 +1,14 @@
 """DP-SGD needs each example's gradient to depend on that example alone.
 
-Checked with Opacus itself (``GradSampleModule``, hooks mode, as ``client.training`` uses it)
-on a small ``CrossAttentionMatcher`` and the training loss ``matching_loss``: changing
-other examples of the batch leaves an example's per-sample gradient unchanged, changing
-the example changes it, and Opacus' per-sample gradient equals the plain autograd gradient
-of the model run on that example alone (so no layer mixes the batch and Opacus computes
-per-sample gradients for every parameter). The three image encoders (patches, conv,
-scatter) are checked on the benchmark's 28x56 grayscale canvas, the conv and scatter models
-with tanh activations, and each encoder on RGB images of other sizes.
+Checked with Opacus itself (``GradSampleModule``, hooks mode: the reference that
+``client.per_example_gradients`` is tested against) on a small ``CrossAttentionMatcher`` and
+the training loss ``matching_loss``: changing other examples of the batch leaves an
+example's per-sample gradient unchanged, changing the example changes it, and Opacus'
+per-sample gradient equals the plain autograd gradient of the model run on that example alone
+(so no layer mixes the batch and Opacus computes per-sample gradients for every parameter).
+The three image encoders (patches, conv, scatter) are checked on the benchmark's 28x56
+grayscale canvas, the conv and scatter models with tanh activations, and each encoder on RGB
+images of other sizes.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """A Grid that delivers each message to a site's handler in this process, for wiring tests.
 
 One Context per node, as a SuperNode keeps it; every message sent and every reply is
-recorded, and ``fault`` can drop a message or turn it into an error reply (a dropout). The
+recorded, and ``fault`` can drop a message or turn it into an error reply (a dropout).
+``rewrite`` changes a request's ``secagg`` payload on its way to a site: a malicious
+coordinator deviating from the real coordinator's stages. ``node_handlers`` replace the
+handler of single nodes (a node the coordinator runs itself). The
 handlers are the site's real ones: the ClientApp itself (``app``: Flower's routing, mods and
 handlers), or the SecAgg+ stage handlers of ``client.secure_aggregation`` (in ``train.*``
 and ``evaluate.*`` messages) with a test's own ``contribute`` at setup instead of DP-SGD. No
@@ -19,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordD
 from fedmm.client import secure_aggregation
 from fedmm.common.federation_config import FederationConfig
 from fedmm.common.secure_round import (
+    MESSAGE_CONSISTENCY,
     MESSAGE_MASKED,
     MESSAGE_SETUP,
     MESSAGE_SHARE,
@@ -31,6 +35,7 @@ from fedmm.server.aggregation import RoundRequest
 
 Handler = Callable[[Message, Context], Message]
 Fault = Callable[[str, int], str | None]  # (message type, node) -> "drop" | "error" | None
+Rewrite = Callable[[str, int, dict[str, Any]], dict[str, Any]]  # (type, node, payload)
 
 
 class InProcessGrid:
@@ -45,13 +50,15 @@ class InProcessGrid:
         result_length: int | None = None,
         app: Handler | None = None,
         node_config: Mapping[str, Any] | None = None,
+        node_configs: Mapping[int, Mapping[str, Any]] | None = None,
+        node_handlers: Mapping[int, Handler] | None = None,
         run_id: int = 7,
     ) -> None:
         self.contexts = {
             node: Context(
                 run_id=run_id,
                 node_id=node,
-                node_config=dict(node_config or {}),
+                node_config={**(node_config or {}), **(node_configs or {}).get(node, {})},
                 state=RecordDict(),
                 run_config={},
             )
@@ -69,12 +76,15 @@ class InProcessGrid:
             ),
             MESSAGE_SHARE: secure_aggregation.secagg_share,
             MESSAGE_MASKED: secure_aggregation.secagg_masked,
+            MESSAGE_CONSISTENCY: secure_aggregation.secagg_consistency,
             MESSAGE_UNMASK: secure_aggregation.secagg_unmask,
         }
         # The same stages in evaluate messages (federated evaluation's sums).
         for kind, handler in list(self.handlers.items()):
             self.handlers[kind.replace("train.", "evaluate.")] = handler
         self.fault: Fault = lambda _type, _node: None
+        self.rewrite: Rewrite | None = None
+        self.node_handlers = dict(node_handlers or {})
         self.sent: list[Message] = []
         self.received: list[Message] = []
 
@@ -96,7 +106,16 @@ class InProcessGrid:
             if fault == "error":
                 replies.append(Message(Error(code=2, reason="injected fault"), reply_to=msg))
                 continue
-            replies.append(self.handler(kind)(msg, self.contexts[node]))
+            if self.rewrite is not None and "secagg" in msg.content.config_records:
+                payload = {  # a copy: lists may be shared with other sites' requests
+                    key: list(value) if isinstance(value, list) else value
+                    for key, value in msg.content.config_records["secagg"].items()
+                }
+                msg.content.config_records["secagg"] = ConfigRecord(
+                    self.rewrite(kind, node, payload)
+                )
+            handler = self.node_handlers.get(node) or self.handler(kind)
+            replies.append(handler(msg, self.contexts[node]))
         self.received.extend(replies)
         return replies
 

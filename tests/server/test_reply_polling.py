@@ -92,3 +92,53 @@ def test_a_site_that_never_answers_is_absent_after_the_timeout() -> None:
 def test_bad_poll_intervals_are_refused() -> None:
     with pytest.raises(ValueError, match="first_poll"):
         ReplyPollingGrid(ScriptedGrid({}), first_poll=1.0, max_poll=0.5)
+
+
+def test_the_poll_restarts_when_a_reply_arrives() -> None:
+    """Replies at 0.9 s and 1.4 s: pulls at 0, 0.1, 0.25, 0.48, 0.81 and 1.31 s (the first
+    reply); then 0.1 s later (the second), not after the 0.5 s the backoff had reached."""
+    scripted = ScriptedGrid({1: 0.9, 2: 1.4})
+    started = time.monotonic()
+    replies = list(ReplyPollingGrid(scripted).send_and_receive(_messages([1, 2]), timeout=30))
+    assert len(replies) == 2
+    assert time.monotonic() - started < 1.65  # 1.81 s when the poll did not restart
+
+
+def test_replies_objects_are_pulled_promptly_from_the_pinned_http_grid() -> None:
+    """Flower's own HTTP Grid (constructed, not connected): its module's ``pull_objects``
+    gets the short backoff; any other Grid is left alone."""
+    import ast
+    import functools
+    import importlib
+    from pathlib import Path
+
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    from fedmm.server.reply_polling import HTTP_GRID_MODULE, OBJECT_PULL_BACKOFF_S
+
+    module = importlib.import_module(HTTP_GRID_MODULE)
+    original = module.pull_objects
+    assert not ReplyPollingGrid(ScriptedGrid({})).prompt_object_pulls
+    try:
+        grid = ReplyPollingGrid(HttpGrid("127.0.0.1:9", insecure=True, token="t"))
+        assert grid.prompt_object_pulls
+        assert isinstance(module.pull_objects, functools.partial)
+        assert module.pull_objects.func is original
+        assert module.pull_objects.keywords == dict(
+            zip(("initial_backoff", "backoff_cap"), OBJECT_PULL_BACKOFF_S, strict=True)
+        )
+        ReplyPollingGrid(HttpGrid("127.0.0.1:9", insecure=True, token="t"))
+        assert module.pull_objects.func is original  # not wrapped twice
+    finally:
+        module.pull_objects = original
+    # What the partial relies on: the module's one call passes no backoff of its own.
+    tree = ast.parse(Path(str(module.__file__)).read_text())
+    calls = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "pull_objects"
+    ]
+    assert len(calls) == 1
+    assert {k.arg for k in calls[0].keywords} == {"object_ids", "pull_object_fn"}

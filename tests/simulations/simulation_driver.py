@@ -14,7 +14,7 @@ test-only mods after the simulated sites' own:
   is copied to DIR, so a test can compare it with what the coordinator received; the
   production ClientApp has no such hook.
 
-Usage: python simulation_driver.py {secagg,distributed} OUT_DIR SITES ROUNDS
+Usage: python simulation_driver.py {secagg,secagg-active,distributed} OUT_DIR SITES ROUNDS
     [--faults JSON] [--dump DIR] [--spill DIR]
 """
 
@@ -56,6 +56,20 @@ RUNS: dict[str, dict[str, Any]] = {
         "model-width": 16,
         "model-heads": 2,
         "secure-aggregation": True,
+        "secagg-stage-timeout": 120.0,
+        "round-timeout": 300.0,
+    },
+    # SecAgg+ against an actively malicious coordinator: the simulation makes and pins a
+    # roster of its sites (``simulations.simulated_roster``).
+    "secagg-active": {
+        "site-records-limit": 100,
+        "eval-single-items": 200,
+        "eval-scenes": 50,
+        "batch-size": 50,
+        "model-width": 16,
+        "model-heads": 2,
+        "secure-aggregation": True,
+        "secagg-active-coordinator": True,
         "secagg-stage-timeout": 120.0,
         "round-timeout": 300.0,
     },

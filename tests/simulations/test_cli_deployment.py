@@ -55,8 +55,8 @@ def test_site_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     start = ["site", "start", str(config), "--superlink", "10.0.0.5:9093", "--port", "9201"]
     assert main([*start, "--ca-cert", str(ca), "--dry-run"]) == 0
     words = shlex.split(capsys.readouterr().out.strip())
-    assert words[0] == "FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.25"  # ClientApps start sooner
-    assert Path(words[1]).name == "flower-supernode"
+    assert words[0] == "FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1"  # tasks start sooner
+    assert Path(words[1]).name == "fedmm-supernode"  # the pinned Flower, prompt pull loop
     assert words[words.index("--root-certificates") + 1] == str(ca.resolve())
     assert main([*start, "--ca-cert", str(tmp_path / "missing.crt"), "--dry-run"]) == 2
     assert "ca.key" in capsys.readouterr().err  # says: the certificate only, never the key

@@ -91,6 +91,11 @@ def hosts() -> Iterator[Hosts]:
         assert prefix not in listed, listed
 
 
+def _tcp_probe(port: int) -> str:
+    """Python code that exits 0 when something accepts TCP connections on 127.0.0.1:port."""
+    return f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2).close()"
+
+
 def _tls_probe(address: str, port: int, ca: Path) -> str:
     """Python code that handshakes with ``address:port``, verifying the certificate's
     name for that address against ``ca``."""
@@ -126,6 +131,13 @@ def test_sites_on_other_hosts_connect_through_the_proxy_and_cannot_reach_control
         site_probe = Hosts.inside(hosts.sites[0], probe)
         assert wait_until(
             lambda: subprocess.run(site_probe, capture_output=True).returncode == 0, timeout=90
+        ), supervisor.output()[-3000:]
+        # The proxy answers TLS as soon as nginx runs; the SuperLink's control API behind
+        # it may still be starting (a loaded machine): wait for it before registering.
+        control_probe = Hosts.inside(coord, [sys.executable, "-c", _tcp_probe(control)])
+        assert wait_until(
+            lambda: subprocess.run(control_probe, capture_output=True).returncode == 0,
+            timeout=90,
         ), supervisor.output()[-3000:]
         on_coordinator(FEDMM, "coordinator", "add-connection", "coordinator",
                        "--address", f"127.0.0.1:{control}", "--ca-cert", ca / "ca.crt")  # fmt: skip

@@ -309,7 +309,7 @@ def test_site_stages_do_not_import_torch() -> None:
     import sys
 
     code = (
-        "import sys, client.secagg.stages, server.secagg.stages; "
+        "import sys, fedmm.client.secagg.stages, fedmm.server.secagg.stages; "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -12,6 +12,9 @@ whether it does:
   ``train.secagg_masked`` and ``train.secagg_unmask`` complete the sum
   (``client.secure_aggregation``); in active-coordinator mode ``train.secagg_consistency``
   (the signed survivor set) runs before unmask.
+- ``evaluate`` and ``evaluate.secagg_*``: the same two ways for an evaluation task
+  (``federated_eval``: counts on the site's held-out records, which the site computes only
+  inside a secure sum, so a plain ``evaluate`` request for it is refused).
 
 Heavy modules (torch, opacus) are imported inside the tasks that train, not at import
 time: deployment starts a fresh ClientApp process per message, and the SecAgg+ stages after
@@ -52,6 +55,7 @@ from fedmm.common.site_task import (
     SiteTask,
     TaskError,
     declared_task,
+    exchange_kind,
 )
 
 
@@ -66,14 +70,29 @@ def build_client_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
     client_app.train(ACTION_MASKED)(secagg_masked)
     client_app.train(ACTION_CONSISTENCY)(secagg_consistency)
     client_app.train(ACTION_UNMASK)(secagg_unmask)
+    # Federated evaluation: the same exchanges, as messages of type evaluate(.*).
+    client_app.evaluate()(evaluate)
+    client_app.evaluate(ACTION_SETUP)(secagg_setup)
+    client_app.evaluate(ACTION_SHARE)(secagg_share)
+    client_app.evaluate(ACTION_MASKED)(secagg_masked)
+    client_app.evaluate(ACTION_CONSISTENCY)(secagg_consistency)
+    client_app.evaluate(ACTION_UNMASK)(secagg_unmask)
     return client_app
 
 
 def _task(msg: Message) -> SiteTask | SiteRefusal:
+    """The declared task, refused when it does not belong to the message's exchange (an
+    evaluation task in a ``train`` message, or training in an ``evaluate`` one)."""
     try:
-        return declared_task(msg.content.config_records.get(RECORD_CONFIG))
+        task = declared_task(msg.content.config_records.get(RECORD_CONFIG))
     except TaskError as error:
         return SiteRefusal(RefusalCode.BAD_REQUEST, str(error))
+    kind = msg.metadata.message_type.split(".")[0]
+    if exchange_kind(task) != kind:
+        return SiteRefusal(
+            RefusalCode.BAD_REQUEST, f"task {task.value} does not run in a {kind} message"
+        )
+    return task
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -99,6 +118,16 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+def evaluate(msg: Message, context: Context) -> Message:
+    """A plain ``evaluate`` request: no evaluation task has a form in the clear (its counts
+    leave a site only inside a secure sum), so the site refuses with the task's code."""
+    task = _task(msg)
+    run = task if isinstance(task, SiteRefusal) else plain_task(task)
+    if isinstance(run, SiteRefusal):
+        return refuse(msg, run)
+    return refuse(msg, SiteRefusal(RefusalCode.BAD_REQUEST, "no plain evaluation task"))
+
+
 def secagg_setup(msg: Message, context: Context) -> Message:
     """SecAgg+ setup: the declared task's result, masked later; the site's keys now."""
     task = _task(msg)
@@ -106,7 +135,11 @@ def secagg_setup(msg: Message, context: Context) -> Message:
     if isinstance(secure, SiteRefusal):
         return refuse(msg, secure)
     return run_secagg_setup(
-        msg, context, contribute=secure.contribute, integer_vector=secure.integer_vector
+        msg,
+        context,
+        contribute=secure.contribute,
+        integer_vector=secure.integer_vector,
+        result_length=secure.result_length,
     )
 
 

@@ -28,7 +28,10 @@ _KEYS = {
     "min-honest-sites": "min_honest_sites",
     "record-count-noise": "record_count_noise",
     "min-reply-seconds": "min_reply_seconds",
+    "allow-evaluation": "allow_evaluation",
 }
+#: Keys whose values are true or false (the others are numbers).
+_BOOLEAN_KEYS = frozenset({"allow-evaluation"})
 #: The policy's keys, as the ``[privacy]`` table and node config ``privacy-<key>`` name them.
 POLICY_KEYS = tuple(_KEYS)
 
@@ -52,6 +55,10 @@ class SitePrivacyPolicy:
     charged to the ledger. ``min_reply_seconds``: a training reply leaves no earlier than
     this many seconds after the request arrived (``client.reply_padding``), so that its
     timing does not reveal how much work the site did; 0 (no padding) in simulation.
+    ``allow_evaluation``: whether the site evaluates the global model on its held-out
+    records when asked (federated evaluation: counts released inside a secure sum only,
+    ``client.federated_evaluation``); false refuses every evaluation request with the code
+    ``privacy-policy``.
     """
 
     max_epsilon: float = 3.0
@@ -61,6 +68,7 @@ class SitePrivacyPolicy:
     min_honest_sites: int = 0
     record_count_noise: float = 20.0
     min_reply_seconds: float = 0.0
+    allow_evaluation: bool = True
 
     def __post_init__(self) -> None:
         if not self.max_epsilon > 0:
@@ -94,8 +102,11 @@ class SitePrivacyPolicy:
             raise PolicyError(
                 f"{source}: unknown privacy policy key(s) {unknown}; known: {sorted(_KEYS)}"
             )
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         for key, value in values.items():
+            if key in _BOOLEAN_KEYS:
+                kwargs[_KEYS[key]] = _boolean(value, key=key, source=source)
+                continue
             try:
                 if isinstance(value, bool):  # float(True) would pass as 1.0
                     raise TypeError(value)
@@ -134,6 +145,15 @@ class SitePrivacyPolicy:
         if inline:
             return cls.from_mapping(inline, source="node config")
         return cls()
+
+
+def _boolean(value: Any, *, key: str, source: str) -> bool:
+    """A policy's true/false value (TOML booleans; node config strings true/false)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise PolicyError(f"{source}: privacy policy '{key}' = {value!r} is not true or false")
 
 
 @dataclass(frozen=True)

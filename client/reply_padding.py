@@ -24,10 +24,11 @@ from typing import Any
 from flwr.app import Context, Message
 
 from fedmm.client.privacy_policy import PolicyError, SitePrivacyPolicy
-from fedmm.common.secure_round import MESSAGE_SETUP
+from fedmm.common.secure_round import ACTION_SETUP, MESSAGE_SETUP
 
-#: The message types in which a site trains.
-TRAINING_MESSAGE_TYPES = frozenset({"train", MESSAGE_SETUP})
+#: The message types in which a site trains, or evaluates on its held-out records (whose
+#: time grows with their number, as training's does).
+TRAINING_MESSAGE_TYPES = frozenset({"train", MESSAGE_SETUP, "evaluate", f"evaluate.{ACTION_SETUP}"})
 
 Handler = Callable[[Message, Context], Message]
 

@@ -68,6 +68,8 @@ logger = logging.getLogger(__name__)
 
 SECAGG_STATE_KEY = "secagg"  # this round's protocol state (keys, shares; small)
 SECAGG_LAST_ROUND_KEY = "secagg-last-round"  # the last round this site took part in
+#: The last evaluation round this site took part in (evaluation's sums have their own rounds).
+SECAGG_LAST_EVALUATION_KEY = "secagg-last-round-evaluate"
 SECAGG_SPILL_KEY = "secagg-spill"  # this node's private directory for waiting updates
 
 
@@ -170,11 +172,28 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
     return _secagg_reply(msg, reply)
 
 
+def exchange_of(msg: Message) -> str:
+    """The exchange a message belongs to: ``evaluate`` (``evaluate.*``) or ``train``. A
+    training round and an evaluation after it share the round number: each kind keeps its
+    own replay guard, and a stage message of the other kind is refused."""
+    return "evaluate" if msg.metadata.message_type.split(".")[0] == "evaluate" else "train"
+
+
+def _last_round_key(exchange: str) -> str:
+    return SECAGG_LAST_EVALUATION_KEY if exchange == "evaluate" else SECAGG_LAST_ROUND_KEY
+
+
 def run_secagg_setup(
-    msg: Message, context: Context, *, contribute: Contributor, integer_vector: bool
+    msg: Message,
+    context: Context,
+    *,
+    contribute: Contributor,
+    integer_vector: bool,
+    result_length: int | None = None,
 ) -> Message:
     """Check the round config, compute the task's result with ``contribute``, keep it
-    waiting, advertise keys.
+    waiting, advertise keys. ``result_length``: the entries of the task's vector (None: the
+    global model's, an update).
 
     Everything that can be checked before the task runs is: the round config against the
     site's policy, the vector length against the global arrays, and (``integer_vector``)
@@ -191,7 +210,9 @@ def run_secagg_setup(
         global_length = sum(math.prod(arrays[key].shape) for key in arrays)
     except (KeyError, TypeError, ValueError) as error:
         return refuse(msg, SiteRefusal(RefusalCode.BAD_REQUEST, f"setup request: {error}"))
-    last = context.state.config_records.get(SECAGG_LAST_ROUND_KEY)
+    expected_length = global_length if result_length is None else result_length
+    exchange = exchange_of(msg)
+    last = context.state.config_records.get(_last_round_key(exchange))
     try:
         policy = _secagg_policy(context.node_config)
     except PolicyError as error:  # the site's own configuration: fix it, then rejoin
@@ -209,10 +230,10 @@ def run_secagg_setup(
             previous_round=None if last is None else int(last["round"]),
             identity=identity,
         )
-        if state.config.update_length != global_length:
+        if state.config.update_length != expected_length:
             raise SecAggRefusal(
                 f"setup request: update length {state.config.update_length} differs from the "
-                f"{global_length} entries of the global model"
+                f"{expected_length} entries of the task's result"
             )
         if state.config.integer_update != integer_vector:
             raise SecAggRefusal(
@@ -223,7 +244,9 @@ def run_secagg_setup(
         return refuse(msg, refusal.refusal())
     config = state.config
     # From here on this round is taken: a replay of this setup is refused, trained or not.
-    context.state.config_records[SECAGG_LAST_ROUND_KEY] = ConfigRecord({"round": config.round_id})
+    context.state.config_records[_last_round_key(exchange)] = ConfigRecord(
+        {"round": config.round_id}
+    )
     spill = context.state.config_records.get(SECAGG_SPILL_KEY)
     directory = node_spill_dir(
         existing=None if spill is None else str(spill["dir"]),
@@ -278,7 +301,7 @@ def run_secagg_setup(
             metrics=weighted_metrics(weight=weight, metrics=trained.metrics),
         ),
     )
-    _store_state(context, state, pending_file=str(path))
+    _store_state(context, state, pending_file=str(path), exchange=exchange)
     out = _secagg_reply(msg, reply)
     out.content.metric_records[RECORD_PRIVACY] = MetricRecord(
         {"epsilon": reported_epsilon(trained.epsilon_bound)}
@@ -347,15 +370,26 @@ def _stage_input(msg: Message, context: Context) -> tuple[ClientSecAggState, dic
         )
     if RECORD_SECAGG not in msg.content.config_records:
         raise SecAggRefusal("request has no secagg record")
-    return client_state_from_record(dict(record)), dict(msg.content.config_records[RECORD_SECAGG])
+    if str(record.get("exchange", "train")) != exchange_of(msg):
+        raise SecAggRefusal(
+            f"a {exchange_of(msg)} message during a {record.get('exchange', 'train')} sum "
+            "(late or replayed message)",
+            code=RefusalCode.OUT_OF_ORDER,
+        )
+    state_record = {k: v for k, v in dict(record).items() if k != "exchange"}
+    return client_state_from_record(state_record), dict(msg.content.config_records[RECORD_SECAGG])
 
 
-def _store_state(context: Context, state: ClientSecAggState, *, pending_file: str = "") -> None:
+def _store_state(
+    context: Context, state: ClientSecAggState, *, pending_file: str = "", exchange: str = ""
+) -> None:
     previous = context.state.config_records.get(SECAGG_STATE_KEY)
     if not pending_file and previous is not None:
         pending_file = str(previous.get("pending-file", ""))
+    if not exchange:
+        exchange = "train" if previous is None else str(previous.get("exchange", "train"))
     context.state.config_records[SECAGG_STATE_KEY] = ConfigRecord(
-        client_state_to_record(state) | {"pending-file": pending_file}
+        client_state_to_record(state) | {"pending-file": pending_file, "exchange": exchange}
     )
 
 

@@ -1,5 +1,6 @@
 """Which records a site trains on: its own imagefolder, or its simulated partition, after
-the site's de-identification policy has been applied to them.
+the site's de-identification policy has been applied to them, without the records it holds
+out for federated evaluation (``client.held_out_split``).
 
 De-identification (``client.deid``) always runs, under the policy file the node config
 names (``deid-policy=FILE``), else the default policy. The site secret that keys the
@@ -15,6 +16,7 @@ once per dataset version, again when any of them changes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -33,6 +35,7 @@ from fedmm.common.train_request import TrainRequest
 
 if TYPE_CHECKING:  # the de-identification tools load only when used
     from fedmm.client.deid.policy import DeidPolicy
+    from fedmm.client.held_out_split import SiteSplit
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +108,9 @@ def site_deid_settings(node_config: Mapping[str, Any]) -> SiteDeidSettings:
     )
 
 
+# In-process cache of the held-out split: (records' id, fraction, secret digest) ->
+# (records, split).
+_split_memo: dict[tuple[Any, ...], tuple[ImageTextDataset, SiteSplit]] = {}
 # In-process cache: (what, policy, secret, cache dir) -> (raw data or folder signature, result).
 _memo: OrderedDict[tuple[Any, ...], tuple[Any, ImageTextDataset]] = OrderedDict()
 
@@ -295,8 +301,9 @@ def deidentified_imagefolder(
     return _remember(memo_key, signature, data)
 
 
-def load_site_data(node_config: Mapping[str, Any], request: TrainRequest) -> ImageTextDataset:
-    """A site's training records, de-identified under the site's policy.
+def load_site_records(node_config: Mapping[str, Any], request: TrainRequest) -> ImageTextDataset:
+    """All of a site's records, de-identified under the site's policy (before the held-out
+    split: :func:`load_site_split`).
 
     ``imagefolder`` in the node config: the site's own folder (deployment), loaded at the
     run's ``image-size`` and ``image-channels``. Otherwise ``partition-id`` and
@@ -335,3 +342,30 @@ def load_site_data(node_config: Mapping[str, Any], request: TrainRequest) -> Ima
         "node config names no data: set imagefolder=PATH (a folder with metadata.jsonl) "
         "or, in simulation, partition-id and num-partitions"
     )
+
+
+def load_site_split(node_config: Mapping[str, Any], request: TrainRequest) -> SiteSplit:
+    """The site's records split into training and held-out records by the keyed hash of
+    ``client.held_out_split`` (the site secret, the request's ``eval_fraction``)."""
+    from fedmm.client.deid.site_secret import load_or_create_site_secret
+    from fedmm.client.held_out_split import split_records
+
+    records = load_site_records(node_config, request)
+    secret = load_or_create_site_secret(site_deid_settings(node_config).secret_file)
+    fraction = float(request.eval_fraction)
+    key = (id(records), fraction, hashlib.sha256(secret).digest())
+    hit = _split_memo.get(key)
+    if hit is not None and hit[0] is records:
+        return hit[1]
+    split = split_records(records, site_secret=secret, fraction=fraction)
+    _split_memo[key] = (records, split)
+    while len(_split_memo) > _MEMO_SIZE:
+        _split_memo.pop(next(iter(_split_memo)))
+    return split
+
+
+def load_site_data(node_config: Mapping[str, Any], request: TrainRequest) -> ImageTextDataset:
+    """A site's training records: its de-identified records (:func:`load_site_records`)
+    without the held-out ones, which no training batch, record count or sampling rate ever
+    sees (:func:`load_site_split`)."""
+    return load_site_split(node_config, request).train

@@ -7,11 +7,13 @@
   the integer gradient sum plus this site's Skellam share. Only inside a SecAgg+ sum: a
   share carries a fraction of the noise the guarantee needs, so the site refuses it in a
   plain exchange, whatever the request declares.
+- ``federated_eval``: the global model's retrieval counts on the site's held-out records
+  (``client.federated_evaluation``), only inside a SecAgg+ sum, and only when the site's
+  policy allows evaluation (``allow-evaluation``).
 
 Each task reads the site's data, policy and ledger (``client.ledger_session``) from its node
 config, never from the request. torch and opacus are imported inside the functions that
-train only: deployment starts a fresh ClientApp process per message. A new task (federated
-evaluation next: the site's counts on its held-out records, into the same secure sum) is one
+compute only: deployment starts a fresh ClientApp process per message. A new task is one
 function here and one entry in :data:`SECURE_SUM_TASKS`.
 """
 
@@ -27,6 +29,7 @@ from flwr.app import Context, Message
 from fedmm.client.ledger_session import ledger_file, ledger_session
 from fedmm.client.privacy_policy import SitePrivacyPolicy
 from fedmm.client.secure_aggregation import Contributor, SiteContribution
+from fedmm.common.federated_eval import EvaluationCounts
 from fedmm.common.secure_round import (
     METRIC_EPSILON_BOUND,
     METRIC_NUM_EXAMPLES,
@@ -152,12 +155,44 @@ def distributed_dp_contribution(msg: Message, context: Context) -> SiteContribut
     )
 
 
+def federated_eval_contribution(msg: Message, context: Context) -> SiteContribution | SiteRefusal:
+    """The global model's counts on the site's held-out records (``common.federated_eval``),
+    an unsigned integer vector; its weight is the number of held-out records. The site's
+    policy may decline (``allow-evaluation = false``): refused with ``privacy-policy``."""
+    request = _train_request(msg)
+    if isinstance(request, SiteRefusal):
+        return request
+    if not SitePrivacyPolicy.for_site(context.node_config).allow_evaluation:
+        return SiteRefusal(
+            RefusalCode.PRIVACY_POLICY,
+            "this site's policy declines federated evaluation (allow-evaluation = false)",
+        )
+    import torch
+
+    from fedmm.client.federated_evaluation import evaluate_held_out
+    from fedmm.client.site_data import load_site_split
+
+    torch.set_num_threads(torch_threads(context.node_config))
+    split = load_site_split(context.node_config, request)
+    counts = evaluate_held_out(
+        global_state=msg.content.array_records[RECORD_ARRAYS].to_torch_state_dict(),
+        request=request,
+        held_out=split.held_out,
+    )
+    logger.info("round %s: evaluated on %d held-out records", request.server_round, counts.records)
+    return SiteContribution(
+        vector=counts.to_vector(), weight=int(counts.records), metrics={}, epsilon_bound=0.0
+    )
+
+
 @dataclass(frozen=True)
 class SecureSumTask:
     """A task whose result goes into a SecAgg+ sum."""
 
     contribute: Contributor
     integer_vector: bool  # the result is in Z_(2^b) already (else reals, quantised)
+    #: Entries of the result (None: the global model's, an update).
+    result_length: int | None = None
 
 
 #: A task whose result may go back in the clear (plain FedAvg): its update.
@@ -169,6 +204,11 @@ PLAIN_TASKS: dict[SiteTask, PlainTask] = {SiteTask.LOCAL_DP_SGD: train_local_dp_
 SECURE_SUM_TASKS: dict[SiteTask, SecureSumTask] = {
     SiteTask.LOCAL_DP_SGD: SecureSumTask(local_dp_sgd_contribution, integer_vector=False),
     SiteTask.DISTRIBUTED_DP_STEP: SecureSumTask(distributed_dp_contribution, integer_vector=True),
+    SiteTask.FEDERATED_EVAL: SecureSumTask(
+        federated_eval_contribution,
+        integer_vector=True,
+        result_length=EvaluationCounts.length(),
+    ),
 }
 
 

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 OPTIMIZERS = ("sgd", "adam")
 LEARNING_RATE_SCHEDULES = ("constant", "cosine")
 DP_MODES = ("local", "distributed")
+COORDINATOR_EVAL = ("auto", "on", "off")
+#: The built-in benchmark's image geometry: the coordinator's own evaluation needs it.
+BENCHMARK_IMAGE_SIZE, BENCHMARK_IMAGE_CHANNELS = "28x56", 1
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -85,7 +88,10 @@ class FederationConfig:
     dp_mode: str = "local"  # "local": DP-SGD at each site; "distributed": common/distributed_dp
     dp_sampling_rate: float = 0.04  # distributed: q, each record's chance to join a round
     dp_min_honest_sites: int = 0  # distributed: h the noise shares assume; 0 = every site
-    eval_every: int = 1  # evaluate every N rounds (and after the last)
+    eval_every: int = 5  # evaluate every N rounds and after the last (0: after the last only)
+    eval_fraction: float = 0.2  # share of each site's records held out (client.held_out_split)
+    federated_eval: bool = True  # evaluate at the sites on their held-out records (SecAgg+)
+    coordinator_eval: str = "auto"  # the benchmark's test split: auto = when the geometry fits
 
     def __post_init__(self) -> None:
         checks = [
@@ -161,7 +167,24 @@ class FederationConfig:
             (self.dp_mode in DP_MODES, "dp-mode", f"one of {DP_MODES}"),
             (0 < self.dp_sampling_rate <= 1, "dp-sampling-rate", "in (0, 1]"),
             (self.dp_min_honest_sites >= 0, "dp-min-honest-sites", "an integer >= 0 (0: all)"),
-            (self.eval_every >= 1, "eval-every", "an integer >= 1"),
+            (
+                self.eval_every >= 0,
+                "eval-every",
+                "an integer >= 0 (every N rounds and after the last; 0: after the last only)",
+            ),
+            (0.0 <= self.eval_fraction <= 0.9, "eval-fraction", "a number in [0, 0.9]"),
+            (
+                self.coordinator_eval in COORDINATOR_EVAL,
+                "coordinator-eval",
+                f"one of {COORDINATOR_EVAL}",
+            ),
+            (
+                self.coordinator_eval != "on" or self.benchmark_geometry,
+                "coordinator-eval",
+                f"'auto' or 'off': 'on' evaluates on the built-in benchmark, whose images are "
+                f"{BENCHMARK_IMAGE_SIZE} grayscale, but the run sets image-size = "
+                f"'{self.image_size}' and image-channels = {self.image_channels}",
+            ),
             (
                 self.dp_mode == "local" or (self.secure_aggregation and self.private),
                 "dp-mode",
@@ -237,6 +260,27 @@ class FederationConfig:
     @property
     def private(self) -> bool:
         return math.isfinite(self.epsilon)
+
+    @property
+    def benchmark_geometry(self) -> bool:
+        """Whether the run's images are the built-in benchmark's (28x56 grayscale)."""
+        size = self.image_size.replace(" ", "").lower()
+        return size == BENCHMARK_IMAGE_SIZE and self.image_channels == BENCHMARK_IMAGE_CHANNELS
+
+    @property
+    def coordinator_evaluates(self) -> bool:
+        """Whether the coordinator evaluates on the benchmark's test split: ``on``, or
+        ``auto`` when the run's image geometry is the benchmark's."""
+        return self.coordinator_eval == "on" or (
+            self.coordinator_eval == "auto" and self.benchmark_geometry
+        )
+
+    def evaluates_after(self, server_round: int) -> bool:
+        """Whether the global model is evaluated after ``server_round``: every
+        ``eval-every`` rounds, and after the last."""
+        if server_round == self.num_server_rounds:
+            return True
+        return self.eval_every > 0 and server_round % self.eval_every == 0
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:

@@ -11,6 +11,9 @@ coordinator (``server.secure_aggregation``) and the site (``client.app``) use th
 - ``train.secagg_masked``: neighbours' sealed shares in, the masked vector out.
 - ``train.secagg_unmask``: survivor/dropped lists in, the requested shares out.
 
+Federated evaluation sums its counts with the same four exchanges as ``evaluate.secagg_*``
+messages (:func:`stage_message_type`).
+
 In active-coordinator mode (``common.secagg.active_parameters``) a fifth exchange runs
 between masked input and unmask:
 
@@ -44,6 +47,15 @@ MESSAGE_SHARE = f"train.{ACTION_SHARE}"
 MESSAGE_MASKED = f"train.{ACTION_MASKED}"
 MESSAGE_UNMASK = f"train.{ACTION_UNMASK}"
 MESSAGE_CONSISTENCY = f"train.{ACTION_CONSISTENCY}"
+
+
+def stage_message_type(kind: str, action: str) -> str:
+    """The message type of one exchange of a sum of ``kind`` (``train``, or ``evaluate`` for
+    federated evaluation's counts): ``evaluate.secagg_setup`` and so on."""
+    if kind not in ("train", "evaluate"):
+        raise ValueError(f"a secure sum runs in train or evaluate messages, not {kind!r}")
+    return f"{kind}.{action}"
+
 
 #: Record names inside the messages' RecordDicts.
 RECORD_SECAGG = "secagg"  # ConfigRecord: the protocol payload of the stage

@@ -4,7 +4,8 @@ The first message of a round to a site carries the global model (record ``arrays
 ConfigRecord ``config`` whose field ``task`` declares what the site computes; the site picks
 its handler from that field, never from which other keys happen to be present. The message
 type says how the result travels: ``train`` (plain FedAvg: the result goes back in the
-clear) or ``train.secagg_setup`` (into a SecAgg+ sum: ``common.secure_round``). A site
+clear) or ``train.secagg_setup`` (into a SecAgg+ sum: ``common.secure_round``); an
+evaluation task travels the same way in messages of type ``evaluate.*``. A site
 refuses a task it does not know, and a task its own policy forbids in that exchange,
 whatever the request declares (``client.site_tasks``).
 
@@ -29,6 +30,19 @@ class SiteTask(StrEnum):
     #: One DP-SGD step of distributed DP: the site's integer gradient sum plus its Skellam
     #: noise share, only ever inside a SecAgg+ sum (``client.distributed_dp_step``).
     DISTRIBUTED_DP_STEP = "distributed_dp_step"
+    #: Federated evaluation: retrieval counts of the global model on the site's held-out
+    #: records, only ever inside a SecAgg+ sum (``common.federated_eval``).
+    FEDERATED_EVAL = "federated_eval"
+
+
+#: The tasks that evaluate (sent in ``evaluate`` messages; the others in ``train`` messages).
+EVALUATION_TASKS = frozenset({SiteTask.FEDERATED_EVAL})
+
+
+def exchange_kind(task: SiteTask) -> str:
+    """The Flower message type a request for ``task`` travels in: ``evaluate`` or ``train``
+    (SecAgg+'s stages append their action: ``evaluate.secagg_setup``)."""
+    return "evaluate" if task in EVALUATION_TASKS else "train"
 
 
 #: The field of the ``config`` record that declares the task.

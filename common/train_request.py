@@ -47,6 +47,7 @@ class TrainRequest:
     model_vocab_buckets: int
     model_caption_words: int
     distractor_word_lists: str
+    eval_fraction: float  # share of the site's records held out (client.held_out_split)
     caption_bank_sha256: str  # "" when the run has no caption bank
     caption_bank_zlib: bytes  # the bank file, zlib-compressed (common.data.caption_bank)
 

@@ -101,6 +101,9 @@ class RoundRequest:
     metric_ranges: Mapping[str, tuple[float, float]]
     #: The budget in seconds of the exchange in which the sites compute.
     timeout: float
+    #: The Flower message type the request travels in: ``train``, or ``evaluate`` for an
+    #: evaluation task (``common.site_task.exchange_kind``).
+    message_kind: str = "train"
 
 
 class RoundAggregation(Protocol):
@@ -132,7 +135,12 @@ class FedAvgAggregation:
     ) -> RoundAggregate:
         timeout = request.timeout
         messages = [
-            Message(request.content, dst_node_id=node_id, message_type="train", ttl=timeout)
+            Message(
+                request.content,
+                dst_node_id=node_id,
+                message_type=request.message_kind,
+                ttl=timeout,
+            )
             for node_id in node_ids
         ]
         replies = list(grid.send_and_receive(messages, timeout=timeout))

@@ -1,7 +1,11 @@
 """The coordinator's training loop: sample, run the round, step, evaluate, checkpoint, report.
 
 What differs between kinds of round (plain FedAvg, SecAgg+, distributed DP) is the run's
-mode (``server.round_modes``), chosen once; this loop is the same for all of them.
+mode (``server.round_modes``), chosen once; this loop is the same for all of them. After the
+rounds ``eval-every`` names and after the last, the global model is evaluated at the sites on
+their held-out records (``server.federated_evaluation``, summed under SecAgg+) and, when the
+run's images are the built-in benchmark's, on its test split by the coordinator
+(``server.evaluation``, ``coordinator-eval``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from fedmm.common.train_request import model_config_of
 from fedmm.server.aggregation import RoundAggregate, wait_for_sites
 from fedmm.server.checkpoints import load_latest_checkpoint, save_checkpoint
 from fedmm.server.evaluation import evaluate
+from fedmm.server.federated_evaluation import federated_evaluation_for
 from fedmm.server.round_modes import RoundMode, round_mode_for
 from fedmm.server.run_report import append_metrics, truncate_metrics, write_summary_and_report
 
@@ -45,11 +50,8 @@ def run_federation(
     torch.manual_seed(config.seed)
     model = CrossAttentionMatcher(model_config_of(config))
     start_round, server_state = _resume(config, out_dir, model)
-    test_set = benchmark_test_set(config.data_dir or None, num_scenes=config.eval_scenes)
-    test_set = test_set.first_singles(config.eval_single_items)
-    tokenizer = HashingTokenizer(
-        max_len=model.config.max_len, num_buckets=model.config.vocab_buckets
-    )
+    coordinator_eval = _coordinator_evaluation(config, model)
+    federated_eval = federated_evaluation_for(config)
     node_ids = wait_for_sites(
         grid,
         max(config.min_available_sites, config.min_train_sites),
@@ -74,8 +76,14 @@ def run_federation(
             logger.warning("round %d: model unchanged (%s)", server_round, row["aborted"])
         else:
             model.load_state_dict(mode.step(weights, aggregate, server_round=server_round))
-        if server_round % config.eval_every == 0 or server_round == config.num_server_rounds:
-            row.update(evaluate(model, test_set, tokenizer).to_dict())
+        if config.evaluates_after(server_round):
+            if coordinator_eval is not None:
+                row.update(coordinator_eval(model))
+            if federated_eval is not None:
+                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                row["federated_eval"] = federated_eval.run(
+                    grid, server_round=server_round, node_ids=node_ids, weights=weights
+                )
         save_checkpoint(
             out_dir,
             server_round,
@@ -88,6 +96,28 @@ def run_federation(
     _save_model(out_dir, model)
     note = mode.privacy_statement()
     return write_summary_and_report(out_dir, config=config.to_run_config(), privacy_note=note)
+
+
+def _coordinator_evaluation(
+    config: FederationConfig, model: CrossAttentionMatcher
+) -> Callable[[CrossAttentionMatcher], dict[str, float]] | None:
+    """The coordinator's own evaluation on the benchmark's test split, or None when the run
+    does not ask for it (``coordinator-eval``: ``auto`` skips it for images that are not the
+    benchmark's 28x56 grayscale)."""
+    if not config.coordinator_evaluates:
+        logger.info(
+            "coordinator evaluation off (coordinator-eval = %s, image-size %s, %d channel(s))",
+            config.coordinator_eval,
+            config.image_size,
+            config.image_channels,
+        )
+        return None
+    test_set = benchmark_test_set(config.data_dir or None, num_scenes=config.eval_scenes)
+    test_set = test_set.first_singles(config.eval_single_items)
+    tokenizer = HashingTokenizer(
+        max_len=model.config.max_len, num_buckets=model.config.vocab_buckets
+    )
+    return lambda current: evaluate(current, test_set, tokenizer).to_dict()
 
 
 def _resume(
@@ -138,6 +168,19 @@ def _log_round(row: dict[str, Any]) -> None:
         row["sites_failed"],
         row["wall_s"],
     )
+    federated = row.get("federated_eval")
+    if federated and "records" in federated:
+        logger.info(
+            "round %d: federated evaluation on %d held-out records at %d sites: R@10 i2t "
+            "%.3f (chance %.3f, shuffled %.3f), R@10 t2i %.3f",
+            row["round"],
+            federated["records"],
+            federated["sites_evaluated"],
+            federated.get("r_at_10_i2t", math.nan),
+            federated.get("chance_r_at_10", math.nan),
+            federated.get("r_at_10_i2t_shuffled", math.nan),
+            federated.get("r_at_10_t2i", math.nan),
+        )
 
 
 def _save_model(out_dir: Path, model: CrossAttentionMatcher) -> None:

@@ -16,9 +16,10 @@ aggregated (``server.aggregation``: plain FedAvg in one exchange, or a SecAgg+ s
   of integer vectors (Kairouz, Liu, Steinke, ICML 2021; Agarwal, Kairouz, Liu, NeurIPS 2021;
   ``server.distributed_dp``).
 
-Federated evaluation is the next kind of exchange: a request declaring an evaluation task,
-whose site result is a vector of counts summed by the same ``RoundAggregation`` (SecAgg+) as
-an update is; :func:`send_task` is how a mode asks for a task's results.
+Federated evaluation (``server.federated_evaluation``) is the other kind of exchange: a
+request declaring an evaluation task, whose site result is a vector of counts summed by the
+same ``RoundAggregation`` (SecAgg+) as an update is; :func:`send_task` is how a mode or an
+evaluation asks for a task's results.
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ from flwr.serverapp import Grid
 from fedmm.common.distributed_dp.plan import DistributedDPPlan
 from fedmm.common.federation_config import FederationConfig
 from fedmm.common.secure_round import metric_ranges
-from fedmm.common.site_task import RECORD_ARRAYS, RECORD_CONFIG, RECORD_PLAN, SiteTask, task_config
+from fedmm.common.site_task import (
+    RECORD_ARRAYS,
+    RECORD_CONFIG,
+    RECORD_PLAN,
+    SiteTask,
+    exchange_kind,
+    task_config,
+)
 from fedmm.common.train_request import TrainRequest
 from fedmm.server import distributed_dp
 from fedmm.server.aggregation import (
@@ -96,6 +104,9 @@ class TaskRequest:
     metric_ranges: Mapping[str, tuple[float, float]]  # the metrics the sites' results sum
     timeout: float  # the budget of the exchange in which the sites compute
     plan: DistributedDPPlan | None = None
+    #: The arrays of a site's result, (name, shape) in order; None: shaped as the model (an
+    #: update).
+    shapes: Sequence[tuple[str, tuple[int, ...]]] | None = None
 
 
 def send_task(
@@ -107,19 +118,24 @@ def send_task(
     weights: Weights,
 ) -> RoundAggregate:
     """Ask ``node_ids`` for ``request``'s task on the model ``weights``; the aggregate of
-    their results (vectors shaped as the model)."""
+    their results (vectors of ``request.shapes``, by default shaped as the model), in
+    messages of the task's kind (``train`` or ``evaluate``)."""
     records = {
         RECORD_ARRAYS: ArrayRecord(dict(weights)),
         RECORD_CONFIG: ConfigRecord(task_config(request.task, request.fields)),
     }
     if request.plan is not None:
         records[RECORD_PLAN] = ConfigRecord(request.plan.to_config())
+    shapes = request.shapes
+    if shapes is None:
+        shapes = [(key, tuple(value.shape)) for key, value in weights.items()]
     round_request = RoundRequest(
         round_id=request.server_round,
         content=RecordDict(records),
-        shapes=[(key, tuple(value.shape)) for key, value in weights.items()],
+        shapes=shapes,
         metric_ranges=request.metric_ranges,
         timeout=request.timeout,
+        message_kind=exchange_kind(request.task),
     )
     return aggregation.run_round(grid, round_request, node_ids=node_ids)
 

@@ -1,4 +1,5 @@
-"""Per-round metrics, the final summary and the human-readable report of a run."""
+"""Per-round metrics, the final summary and the human-readable report of a run (the
+federated evaluation's section: ``server.federated_eval_report``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from fedmm.server.federated_eval_report import federated_eval_section, last_federated_eval
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -66,6 +69,7 @@ def write_summary_and_report(
         "rounds": len(read_metrics(out_dir)),
         "final": last,
         "best_accuracy": max((float(r["accuracy"]) for r in rows if "accuracy" in r), default=None),
+        "federated_eval": last_federated_eval(read_metrics(out_dir)),
         "privacy": privacy_note,
         "config": {k: _jsonable(v) for k, v in config.items()},
         "wall_s_total": sum(float(r.get("wall_s", 0)) for r in read_metrics(out_dir)),
@@ -91,7 +95,7 @@ def write_summary_and_report(
         if r.get("aborted"):
             lines.append(f"| {r['round']} | aborted: {r['aborted']} ||||||||||")
             continue
-        if "accuracy" not in r:  # evaluated every eval-every rounds only
+        if "accuracy" not in r:  # evaluated every eval-every rounds, or not by the coordinator
             lines.append(
                 f"| {r['round']} | not evaluated ||||||{r['epsilon_bound_max']} | "
                 f"{r['sites_trained']} | {r['sites_refused']} | {r['sites_failed']} | "
@@ -112,6 +116,7 @@ def write_summary_and_report(
         lines.append("![loss of the global model on the held-out split](eval-loss.png)")
     if has_eps:
         lines.append("![epsilon bound by round](epsilon.png)")
+    lines += ["", *federated_eval_section(read_metrics(out_dir), out_dir)]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     return summary
 

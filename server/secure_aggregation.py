@@ -51,15 +51,16 @@ from fedmm.common.secagg.aggregation_size import MIN_AGGREGATION_SIZE
 from fedmm.common.secagg.neighbour_graph import DEFAULT_ADVERSARIAL_RATE, DEFAULT_DROPOUT_RATE
 from fedmm.common.secagg.roster import RosterError, VerifiedRoster, load_roster, verify_roster
 from fedmm.common.secure_round import (
-    MESSAGE_CONSISTENCY,
-    MESSAGE_MASKED,
-    MESSAGE_SETUP,
-    MESSAGE_SHARE,
-    MESSAGE_UNMASK,
+    ACTION_CONSISTENCY,
+    ACTION_MASKED,
+    ACTION_SETUP,
+    ACTION_SHARE,
+    ACTION_UNMASK,
     RECORD_MASKED,
     RECORD_PRIVACY,
     RECORD_SECAGG,
     RECORD_STATUS,
+    stage_message_type,
     unflatten_update,
 )
 from fedmm.common.site_refusal import refusal_code_of
@@ -178,6 +179,8 @@ class SecAggPlusAggregation:
         revealed."""
         round_id, shapes, timeout = request.round_id, request.shapes, request.timeout
         settings = self.settings
+        kind = request.message_kind
+        message_setup = stage_message_type(kind, ACTION_SETUP)
         length = sum(math.prod(shape) for _, shape in shapes)
         report = SecAggRoundReport(round_id=round_id)
         self.last_round = report
@@ -225,7 +228,7 @@ class SecAggPlusAggregation:
         # Stage 0: setup. The sites run the request's task here and answer with their keys.
         setup = self._exchange(
             grid,
-            MESSAGE_SETUP,
+            message_setup,
             {
                 node: RecordDict(
                     {**dict(request.content.items()), RECORD_SECAGG: ConfigRecord(payload)}
@@ -268,7 +271,10 @@ class SecAggPlusAggregation:
 
         # Stage 1: share keys.
         share = self._exchange(
-            grid, MESSAGE_SHARE, _config_requests(requests), ttl=settings.stage_timeout
+            grid,
+            stage_message_type(kind, ACTION_SHARE),
+            _config_requests(requests),
+            ttl=settings.stage_timeout,
         )
         self._drop(outcomes, share)
         shared = _payloads(share)
@@ -280,7 +286,10 @@ class SecAggPlusAggregation:
 
         # Stage 2: masked input.
         masked = self._exchange(
-            grid, MESSAGE_MASKED, _config_requests(requests), ttl=settings.stage_timeout
+            grid,
+            stage_message_type(kind, ACTION_MASKED),
+            _config_requests(requests),
+            ttl=settings.stage_timeout,
         )
         self._drop(outcomes, masked)
         inputs: dict[int, dict[str, Any]] = {}
@@ -301,7 +310,10 @@ class SecAggPlusAggregation:
         # goes to those whose signature verified, with t_cc of them.
         if state.stage == AWAITING_CONSISTENCY:
             consistency = self._exchange(
-                grid, MESSAGE_CONSISTENCY, _config_requests(requests), ttl=settings.stage_timeout
+                grid,
+                stage_message_type(kind, ACTION_CONSISTENCY),
+                _config_requests(requests),
+                ttl=settings.stage_timeout,
             )
             for node, reason in consistency.dropped.items():
                 logger.warning("site %s did not sign the survivor set: %s", node, reason)
@@ -313,7 +325,10 @@ class SecAggPlusAggregation:
 
         # Stage 3: unmask. A survivor that does not answer is still in the sum.
         unmask = self._exchange(
-            grid, MESSAGE_UNMASK, _config_requests(requests), ttl=settings.stage_timeout
+            grid,
+            stage_message_type(kind, ACTION_UNMASK),
+            _config_requests(requests),
+            ttl=settings.stage_timeout,
         )
         for node, reason in unmask.dropped.items():
             logger.warning("site %s did not answer the unmask request: %s", node, reason)
@@ -363,12 +378,10 @@ class SecAggPlusAggregation:
                 stage.dropped[node] = f"{message_type}: reply from another node"
             else:
                 code = refusal_code_of(reply.content.config_records.get(RECORD_STATUS))
-                if message_type != MESSAGE_SETUP and code is not None:
+                setup_stage = message_type.endswith(f".{ACTION_SETUP}")
+                if not setup_stage and code is not None:
                     stage.dropped[node] = f"{message_type}: site refused: {code}"
-                elif (
-                    message_type != MESSAGE_SETUP
-                    and RECORD_SECAGG not in reply.content.config_records
-                ):
+                elif not setup_stage and RECORD_SECAGG not in reply.content.config_records:
                     stage.dropped[node] = f"{message_type}: reply has no secagg record"
                 else:
                     stage.replies[node] = reply

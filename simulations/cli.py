@@ -28,6 +28,16 @@ from fedmm.server.coordinator_commands import add_coordinator_parser
 from fedmm.simulations.run_log import RUN_LOG, log_tail, terminal_to_log
 
 RUN_CONFIG_FILE = "run-config.json"
+#: Run config a --site-data run starts from unless --set says otherwise: the measured
+#: real-data recipe's geometry and tokenizer (docs/real-data.md), colour at 64x64.
+REAL_DATA_DEFAULTS = {
+    "image-size": "64x64",
+    "image-channels": 3,
+    "model-patch-size": 8,
+    "model-vocab-buckets": 4096,
+    "model-caption-words": 24,
+    "distractor-word-lists": "colours,positions,counts,sizes",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
         "the built-in Fashion-MNIST benchmark, with simulated sites.",
     )
     sim.add_argument("--rounds", type=int, help="server rounds (default 14)")
-    sim.add_argument("--sites", type=int, default=10, help="number of simulated sites (10)")
+    sim.add_argument(
+        "--sites",
+        type=int,
+        help="number of simulated sites (10; with one --site-data folder: split it into N)",
+    )
+    sim.add_argument(
+        "--site-data",
+        type=Path,
+        nargs="+",
+        metavar="DIR",
+        help="your own imagefolders (metadata.jsonl + images, docs/real-data.md): one "
+        "simulated site each, or one folder split into --sites by --partition",
+    )
     sim.add_argument("--epsilon", type=epsilon, help="target epsilon per site; inf = DP off (3)")
     sim.add_argument("--partition", choices=PARTITION_SCHEMES, help="iid or dirichlet (iid)")
     sim.add_argument("--dirichlet-alpha", type=float, help="Dirichlet concentration (0.3)")
@@ -104,10 +126,42 @@ def _simulation_config(args: argparse.Namespace) -> tuple[FederationConfig, Path
     out = args.out or Path("runs") / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     if (out / "metrics.jsonl").exists():
         raise ConfigError(f"{out} already holds a run: pass --resume, or choose another --out")
-    overrides.setdefault("min-available-sites", args.sites)
-    overrides.setdefault("min-train-sites", min(2, args.sites))
+    if args.site_data:
+        overrides = {**REAL_DATA_DEFAULTS, **overrides}
+    sites = _num_sites(args)
+    overrides.setdefault("min-available-sites", sites)
+    overrides.setdefault("min-train-sites", min(2, sites))
     config = FederationConfig.from_run_config({**overrides, "out-dir": str(out.resolve())})
     return config, out
+
+
+def _num_sites(args: argparse.Namespace) -> int:
+    """The simulated sites: --sites, else one per --site-data folder when there are
+    several, else 10."""
+    if args.sites is not None:
+        return int(args.sites)
+    if args.site_data and len(args.site_data) > 1:
+        return len(args.site_data)
+    return 10
+
+
+def _site_folders(args: argparse.Namespace, config: FederationConfig, out: Path) -> list[Path]:
+    """The simulated sites' imagefolders (none: the benchmark): --site-data, or on --resume
+    the folders the run started with."""
+    from fedmm.simulations.site_folders import recorded_site_folders, simulated_site_folders
+
+    if args.site_data:
+        return simulated_site_folders(
+            args.site_data,
+            out,
+            num_sites=args.sites,
+            scheme=config.partition,
+            alpha=config.dirichlet_alpha,
+            seed=config.seed,
+        )
+    if args.resume:
+        return recorded_site_folders(out) or []
+    return []
 
 
 def round_line(row: dict[str, Any], total: int) -> str:
@@ -117,6 +171,12 @@ def round_line(row: dict[str, Any], total: int) -> str:
         parts.append(f"accuracy {float(row['accuracy']):.3f}")
     if "r_at_1_i2t" in row and "r_at_1_t2i" in row:
         parts.append(f"R@1 i2t {float(row['r_at_1_i2t']):.3f} t2i {float(row['r_at_1_t2i']):.3f}")
+    federated = row.get("federated_eval") or {}
+    if "r_at_10_i2t" in federated:
+        parts.append(
+            f"sites' R@10 i2t {float(federated['r_at_10_i2t']):.3f} "
+            f"(chance {float(federated['chance_r_at_10']):.3f})"
+        )
     for key in sorted(k for k in row if k.startswith("epsilon")):
         parts.append(f"{key} {row[key]}")
     parts.append(
@@ -180,6 +240,10 @@ def _print_summary(out: Path) -> None:
     ):
         if key in final:
             table.add_row(key, str(final[key]))
+    federated = summary.get("federated_eval") or {}
+    for key in ("records", "r_at_10_i2t", "r_at_10_t2i", "chance_r_at_10", "r_at_10_i2t_shuffled"):
+        if key in federated:
+            table.add_row(f"sites' held-out {key}", str(federated[key]))
     sites = summary.get("site_epsilons", {})
     if sites:  # the exact spend, read from the simulated sites' ledgers
         worst = max(sites.values(), key=lambda entry: float(entry["epsilon"]))
@@ -195,6 +259,8 @@ def simulate(args: argparse.Namespace) -> int:
 
     config, out = _simulation_config(args)
     out.mkdir(parents=True, exist_ok=True)
+    folders = _site_folders(args, config, out)
+    num_sites = len(folders) if folders else _num_sites(args)
     (out / RUN_CONFIG_FILE).write_text(
         json.dumps({**config.to_run_config(), "resume": False}, indent=2)
     )
@@ -215,7 +281,8 @@ def simulate(args: argparse.Namespace) -> int:
             run_local_simulation(
                 config,
                 SimulationSettings(
-                    num_sites=args.sites,
+                    num_sites=num_sites,
+                    site_data=tuple(str(folder) for folder in folders),
                     site_max_epsilon=args.site_max_epsilon,
                     num_cpus_per_site=args.cpus_per_site,
                 ),

@@ -1,7 +1,8 @@
 """Run the Flower App in Flower's simulation runtime (Ray backend), in this process.
 
 Sites are Flower virtual SuperNodes; each loads only its own partition of the built-in
-benchmark. Each gets its own settings as node config, as a deployed site does
+benchmark, or its own imagefolder (``--site-data``, ``simulations.site_folders``). Each gets
+its own settings as node config, as a deployed site does
 (``simulations.simulated_sites``): the privacy policy the simulated sites share, written to
 ``<out>/site-policy.toml``; its privacy ledger in ``<out>/site-ledgers/``, so that
 ``--resume`` continues epsilon where it stopped. Sites report only their epsilon bound to the
@@ -57,6 +58,8 @@ class SimulationSettings:
     torch_threads: int = 1
     #: Where the sites' updates wait between SecAgg+ stages (empty: the system temp dir).
     secagg_spill_dir: str = ""
+    #: Each simulated site's own imagefolder (``--site-data``; empty: the benchmark).
+    site_data: tuple[str, ...] = ()
     #: Active-coordinator mode: the sites pin the run's roster and demand the mode (False:
     #: they pin it only, so a benchmark can run rounds with and without it side by side).
     sites_require_active_coordinator: bool = True
@@ -72,6 +75,7 @@ def simulated_site_mods(
             out_dir=str(out_dir),
             torch_threads=settings.torch_threads,
             secagg_spill_dir=settings.secagg_spill_dir,
+            site_data=settings.site_data,
             roster_dir="" if roster_dir is None else str(roster_dir),
         )
     ]

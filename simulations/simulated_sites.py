@@ -12,6 +12,9 @@ partition id, before any other mod or handler reads it:
 - ``deid-policy``: ``<out>/site-deid-policy.toml``; ``site-secret`` and ``deid-cache-dir``:
   ``<out>/site-deid/site-<id>/site-secret`` and ``.../cache``;
 - ``torch-threads`` and, when set, ``secagg-spill-dir``;
+- ``imagefolder``, when the simulation runs on the user's own folders
+  (``fedmm simulate --site-data``, ``simulations.site_folders``): site i reads the i-th
+  folder, as a deployed site reads its own.
 - in active-coordinator mode, ``secagg-roster-file`` and ``secagg-signing-key-file``: the
   simulation's roster and the site's roster signing key (``simulations.simulated_roster``),
   whose digest the shared policy file pins.
@@ -45,6 +48,8 @@ class SimulatedSiteNodeConfig:
     out_dir: str
     torch_threads: int = 1
     secagg_spill_dir: str = ""
+    #: The imagefolder of each simulated site, by partition id (empty: the benchmark).
+    site_data: tuple[str, ...] = ()
     #: Active-coordinator mode: the simulation's roster folder (empty: no roster).
     roster_dir: str = ""
 
@@ -61,6 +66,13 @@ class SimulatedSiteNodeConfig:
         }
         if self.secagg_spill_dir:
             config["secagg-spill-dir"] = self.secagg_spill_dir
+        if self.site_data:
+            if not 0 <= partition_id < len(self.site_data):
+                raise ValueError(
+                    f"simulated site {partition_id} has no folder: {len(self.site_data)} "
+                    "--site-data folders for more simulated sites"
+                )
+            config["imagefolder"] = self.site_data[partition_id]
         if self.roster_dir:
             roster = Path(self.roster_dir)
             config[ROSTER_FILE_KEY] = str(roster / ROSTER_FILE)

@@ -131,6 +131,8 @@ def deidentify_imagefolder(
         raise NotADirectoryError(f"source {src} is not a directory")
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise ValueError("destination must not be the source or inside it")
+    from PIL.Image import DecompressionBombError  # not an OSError: Pillow's pixel limit
+
     detector = build_face_detector(policy.face_detectors, min_face_size=policy.min_face_size)
     report = AuditReport(policy=policy.to_dict(), tool_versions=tool_versions(detector.versions()))
     files = sorted(p for p in src.rglob("*") if p.is_file())
@@ -144,7 +146,7 @@ def deidentify_imagefolder(
                 _deidentify_image_file(path, target, policy, detector, report)
             else:
                 report.record_skip(relative.as_posix(), "not an image or metadata.jsonl")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, DecompressionBombError) as exc:
             # Only the exception type goes into the audit: messages may quote file content.
             report.record_skip(relative.as_posix(), f"unreadable: {type(exc).__name__}")
             target.unlink(missing_ok=True)

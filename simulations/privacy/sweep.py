@@ -45,7 +45,17 @@ DEFAULT_PARTITIONS = ("iid", "dirichlet")
 
 
 # Run config keys the sweep sets itself, from its own options.
-SWEEP_RESERVED_KEYS = ("site-records-limit", "num-server-rounds", "epsilon", "partition")
+SWEEP_RESERVED_KEYS = (
+    "site-records-limit",
+    "num-server-rounds",
+    "epsilon",
+    "partition",
+    "eval-fraction",
+    "federated-eval",
+)
+#: Every one of a site's first records-per-site records is a member (trained on): no record
+#: is held out for federated evaluation in the attacked runs.
+NO_HELD_OUT = {"eval-fraction": "0", "federated-eval": "false"}
 
 
 def _check_epsilons(epsilons: tuple[float, ...], *, what: str) -> None:
@@ -236,7 +246,11 @@ def run_point(point: SweepPoint, settings: SweepSettings, out: Path) -> dict[str
         rounds=point.rounds,
         epsilon=point.epsilon,
         partition=point.partition,
-        run_config={**point.run_config, "site-records-limit": str(point.records_per_site)},
+        run_config={
+            **point.run_config,
+            **NO_HELD_OUT,
+            "site-records-limit": str(point.records_per_site),
+        },
     )
     made_with = _jsonable(
         {

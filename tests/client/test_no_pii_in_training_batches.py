@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedmm.client import site_data
-from fedmm.client.site_data import load_site_data
+from fedmm.client.site_data import load_site_records
 from fedmm.client.training import MatchingDataset
 from fedmm.common.data import captions as public_captions
 from fedmm.common.data import synthetic_pii
@@ -102,7 +102,7 @@ def test_no_synthetic_personal_string_reaches_a_training_batch(
     for pos, values in injected.items():  # the raw data does hold them: the test has teeth
         assert all(v in raw.captions[pos] for v in values)
 
-    data = load_site_data(node_config, request)
+    data = load_site_records(node_config, request)  # training and held-out records alike
     assert len(data) == len(raw) and np.array_equal(data.labels, raw.labels)
 
     # Strings: no caption, and no distractor candidate built from one, holds a value.

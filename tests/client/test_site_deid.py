@@ -17,7 +17,7 @@ from fedmm.client import site_data
 from fedmm.client.deid.cache import code_fingerprint
 from fedmm.client.deid.policy import DeidPolicy, load_policy
 from fedmm.client.deid.records import deidentify_records
-from fedmm.client.site_data import load_site_data
+from fedmm.client.site_data import load_site_records
 from fedmm.common.data.dataset import ImageTextDataset
 from fedmm.common.data.fashion_mnist import DEFAULT_DATA_DIR
 from fedmm.common.federation_config import FederationConfig
@@ -76,7 +76,7 @@ def _entries(cache: Path) -> list[Path]:
 
 def test_imagefolder_is_de_identified_and_cached_privately(folder: Path, tmp_path: Path) -> None:
     config = _node_config(tmp_path, folder)
-    data = load_site_data(config, _request())
+    data = load_site_records(config, _request())
     assert data.captions[0].startswith("a sandal, photo by <PERSON_")
     assert "<EMAIL_" in data.captions[1] and "<PHONE_" in data.captions[1]
     assert data.captions[2].endswith("worn on <DATE_" + data.captions[2].split("<DATE_")[1])
@@ -104,33 +104,33 @@ def test_cache_hits_in_process_and_on_disk_and_is_invalidated_by_policy_and_data
 ) -> None:
     config = _node_config(tmp_path, folder)
     cache = Path(config["deid-cache-dir"])
-    first = load_site_data(config, _request())
+    first = load_site_records(config, _request())
     (entry,) = _entries(cache)
-    assert load_site_data(config, _request()) is first  # in-process
+    assert load_site_records(config, _request()) is first  # in-process
     site_data._memo.clear()  # a fresh ClientApp process: from disk, not recomputed
     mtime = (entry / "entry.json").stat().st_mtime_ns
-    again = load_site_data(config, _request())
+    again = load_site_records(config, _request())
     assert again.captions == first.captions and np.array_equal(again.images, first.images)
     assert _entries(cache) == [entry] and (entry / "entry.json").stat().st_mtime_ns == mtime
 
     Path(config["deid-policy"]).write_text('text_action = "redact"\n')  # new policy
-    redacted = load_site_data(config, _request())
+    redacted = load_site_records(config, _request())
     assert redacted.captions[0] == "a sandal, photo by <PERSON>"
     (new_entry,) = _entries(cache)  # the outdated entry of this folder is gone
     assert new_entry != entry
 
     _write_metadata(folder, [*CAPTIONS[:2], "a coat, worn on March 3, 2021"])  # new data
-    changed = load_site_data(config, _request())
+    changed = load_site_records(config, _request())
     assert changed.captions[2] == "a coat, worn on <DATE>"
     assert len(_entries(cache)) == 1 and _entries(cache)[0] != new_entry
 
 
 def test_a_new_site_secret_gives_a_new_entry(folder: Path, tmp_path: Path) -> None:
     config = _node_config(tmp_path, folder)
-    first = load_site_data(config, _request())
+    first = load_site_records(config, _request())
     site_data._memo.clear()
     other = {**config, "site-secret": str(tmp_path / "other-secret")}
-    second = load_site_data(other, _request())
+    second = load_site_records(other, _request())
     assert first.captions[0] != second.captions[0]  # pseudonyms keyed by each secret
     assert len(_entries(Path(config["deid-cache-dir"]))) == 2
 
@@ -141,7 +141,7 @@ def test_without_a_policy_file_the_default_policy_applies(folder: Path, tmp_path
         "site-secret": str(tmp_path / "secret"),
         "deid-cache-dir": str(tmp_path / "cache"),
     }
-    data = load_site_data(node_config, _request())
+    data = load_site_records(node_config, _request())
     assert len(data) == len(CAPTIONS)
     text = "\n".join(data.captions)
     for value in ("Grace Hopper", "grace@example.com", "555-0134", "2024-03-15"):
@@ -183,7 +183,7 @@ def test_simulated_site_uses_its_node_config_policy_and_its_own_secret_and_cache
     sites = SimulatedSiteNodeConfig(out_dir=str(tmp_path))
     request = _request(limit=400)
     data = {
-        pid: load_site_data(
+        pid: load_site_records(
             {"partition-id": pid, "num-partitions": 10, **sites.node_config(pid)}, request
         )
         for pid in (0, 1)
@@ -199,11 +199,11 @@ def test_simulated_site_uses_its_node_config_policy_and_its_own_secret_and_cache
 
 def test_a_damaged_cache_entry_is_rebuilt(folder: Path, tmp_path: Path) -> None:
     config = _node_config(tmp_path, folder)
-    first = load_site_data(config, _request())
+    first = load_site_records(config, _request())
     (entry,) = _entries(Path(config["deid-cache-dir"]))
     (entry / "imagefolder" / "metadata.jsonl").unlink()
     site_data._memo.clear()
-    again = load_site_data(config, _request())  # found, unreadable, rebuilt
+    again = load_site_records(config, _request())  # found, unreadable, rebuilt
     assert again.captions == first.captions
     assert (entry / "imagefolder" / "metadata.jsonl").is_file()
 
@@ -211,7 +211,7 @@ def test_a_damaged_cache_entry_is_rebuilt(folder: Path, tmp_path: Path) -> None:
 def test_a_cache_inside_the_data_folder_is_refused(folder: Path, tmp_path: Path) -> None:
     config = {**_node_config(tmp_path, folder), "deid-cache-dir": str(folder / ".cache")}
     with pytest.raises(site_data.SiteDataError, match="set deid-cache-dir to a folder outside"):
-        load_site_data(config, _request())
+        load_site_records(config, _request())
 
 
 @needs_benchmark
@@ -221,7 +221,7 @@ def test_simulated_site_without_settings_is_de_identified_under_the_cache_home(
     """``flwr run`` of the app gives a simulated site no node config of its own: the
     benchmark's synthetic personal data must still not reach training."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-home"))
-    data = load_site_data({"partition-id": 3, "num-partitions": 10}, _request(limit=400))
+    data = load_site_records({"partition-id": 3, "num-partitions": 10}, _request(limit=400))
     site_dir = tmp_path / "cache-home" / "fedmm" / "simulated-sites" / "site-3"
     assert stat.S_IMODE((site_dir / "site-secret").stat().st_mode) == 0o600
     assert len(_entries(site_dir / "cache")) == 1

@@ -6,8 +6,9 @@ recorded, and ``fault`` can drop a message or turn it into an error reply (a dro
 coordinator deviating from the real coordinator's stages. ``node_handlers`` replace the
 handler of single nodes (a node the coordinator runs itself). The
 handlers are the site's real ones: the ClientApp itself (``app``: Flower's routing, mods and
-handlers), or the SecAgg+ stage handlers of ``client.secure_aggregation`` with a test's own
-``contribute`` at setup instead of DP-SGD. No torch is imported here.
+handlers), or the SecAgg+ stage handlers of ``client.secure_aggregation`` (in ``train.*``
+and ``evaluate.*`` messages) with a test's own ``contribute`` at setup instead of DP-SGD. No
+torch is imported here.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class InProcessGrid:
         *,
         contribute: secure_aggregation.Contributor | None = None,
         integer_vector: bool = False,
+        result_length: int | None = None,
         app: Handler | None = None,
         node_config: Mapping[str, Any] | None = None,
         node_configs: Mapping[int, Mapping[str, Any]] | None = None,
@@ -66,13 +68,20 @@ class InProcessGrid:
         self.contribute = contribute
         self.handlers: dict[str, Handler] = {
             MESSAGE_SETUP: lambda m, c: secure_aggregation.run_secagg_setup(
-                m, c, contribute=self.contribute, integer_vector=integer_vector
+                m,
+                c,
+                contribute=self.contribute,
+                integer_vector=integer_vector,
+                result_length=result_length,
             ),
             MESSAGE_SHARE: secure_aggregation.secagg_share,
             MESSAGE_MASKED: secure_aggregation.secagg_masked,
             MESSAGE_CONSISTENCY: secure_aggregation.secagg_consistency,
             MESSAGE_UNMASK: secure_aggregation.secagg_unmask,
         }
+        # The same stages in evaluate messages (federated evaluation's sums).
+        for kind, handler in list(self.handlers.items()):
+            self.handlers[kind.replace("train.", "evaluate.")] = handler
         self.fault: Fault = lambda _type, _node: None
         self.rewrite: Rewrite | None = None
         self.node_handlers = dict(node_handlers or {})

@@ -38,6 +38,8 @@ from tests.server.in_process_grid import InProcessGrid
 
 NODES = [11, 2**63 + 5, 40]
 SECAGG_MESSAGES = (MESSAGE_SETUP, MESSAGE_SHARE, MESSAGE_MASKED, MESSAGE_UNMASK)
+#: Federated evaluation after the last round: a SecAgg+ sum in every mode.
+EVALUATE_MESSAGES = tuple(m.replace("train.", "evaluate.") for m in SECAGG_MESSAGES)
 SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 MODES = {
     "plain": {"secure-aggregation": False},
@@ -121,10 +123,15 @@ def test_every_message_of_every_mode_keeps_the_wire_key_convention(
 
     (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert row["sites_trained"] == 3 and "aborted" not in row, row
+    federated = row["federated_eval"]
+    assert federated["sites_evaluated"] == 3 and federated["records"] > 0, federated
     declared = {msg.content.config_records["config"]["task"] for msg in grid.sent[:3]}
     expected = SiteTask.DISTRIBUTED_DP_STEP if mode == "distributed" else SiteTask.LOCAL_DP_SGD
     assert declared == {expected.value}
+    evaluated = {m.content.config_records["config"]["task"] for m in grid.sent[-12:-9]}
+    assert evaluated == {SiteTask.FEDERATED_EVAL.value}
     exchanges = {"train"} if mode == "plain" else set(SECAGG_MESSAGES)
+    exchanges |= set(EVALUATE_MESSAGES)
     assert set(grid.sent_types()) == exchanges and len(grid.received) == len(grid.sent)
     messages = grid.sent + grid.received
     bad = {key for message in messages for key in _wire_keys(message)}

@@ -41,7 +41,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmm.client.secure_aggregation import SECAGG_STATE_KEY
 from fedmm.common.federation_config import FederationConfig
-from fedmm.common.secure_round import RECORD_SECAGG
+from fedmm.common.secure_round import MESSAGE_SETUP, RECORD_SECAGG
 from fedmm.server.federation import run_federation
 from fedmm.server.round_modes import round_mode_for
 from fedmm.simulations.local_simulation import SimulationSettings, run_local_simulation
@@ -52,6 +52,7 @@ RUNS: dict[str, dict[str, Any]] = {
         "site-records-limit": 100,
         "eval-single-items": 200,
         "eval-scenes": 50,
+        "eval-every": 1,
         "batch-size": 50,
         "model-width": 16,
         "model-heads": 2,
@@ -116,14 +117,15 @@ class InjectFaults:
 
 @dataclass(frozen=True)
 class CopyPendingUpdate:
-    """A mod: after setup, copy the site's waiting plain update to ``directory``."""
+    """A mod: after a training sum's setup, copy the site's waiting plain update to
+    ``directory`` (an evaluation sum's counts are not an update)."""
 
     directory: str
 
     def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         reply = call_next(msg, context)
         record = context.state.config_records.get(SECAGG_STATE_KEY)
-        if msg.metadata.message_type.endswith("secagg_setup") and record is not None:
+        if msg.metadata.message_type == MESSAGE_SETUP and record is not None:
             name = f"node-{context.node_id}-round-{round_of(msg)}.npy"
             shutil.copyfile(str(record["pending-file"]), Path(self.directory) / name)
         return reply

@@ -35,6 +35,8 @@ SMALL = [
     "eval-scenes=100",
     "--set",
     "batch-size=32",
+    "--set",
+    "eval-every=1",
 ]
 
 

@@ -137,3 +137,29 @@ def test_transparency_is_composited_on_white_not_dropped(tmp_path: Path) -> None
         out = np.asarray(Image.open(tmp_path / "dst" / name).convert("RGB"))
         assert out[0, 0].tolist() == [255, 255, 255], name
         assert out[16, 16].tolist() == [200, 0, 0], name
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` and which holds no pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_skipped_and_counted_not_fatal(tmp_path: Path) -> None:
+    """OpenClipart holds drawings of 105-231 million pixels: Pillow refuses them with its
+    own error (not an OSError); the site skips the file instead of failing every round."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "bomb.png").write_bytes(_png_header_only(20_000, 20_000))
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(src / "fine.png")
+    report = deidentify_imagefolder(src, tmp_path / "dst", DeidPolicy(), SECRET)
+    assert (tmp_path / "dst" / "fine.png").exists()
+    assert not (tmp_path / "dst" / "bomb.png").exists()
+    assert "DecompressionBombError" in json.dumps(report.to_dict())

@@ -36,6 +36,7 @@ import pytest
 
 from fedmm.client.privacy_ledger import PrivacyLedger
 from fedmm.client.site_keys import generate_site_key_pair
+from fedmm.common.data.openclipart import OPENCLIPART_ROOT
 from fedmm.common.process_supervision import command_name, descendants, is_running
 from fedmm.server.certificate_authority import init_ca
 from fedmm.simulations.loopback_daemons import (
@@ -271,6 +272,38 @@ def _write_imagefolder(root: Path, *, offset: int, count: int) -> None:
         name = f"r{i:05d}.png"
         Image.fromarray(np.asarray(records.images[i])).save(root / name)
         lines.append(json.dumps({"file_name": name, "text": records.captions[i]}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _colour_drawings(count: int) -> list[Path]:
+    """``count`` small opaque RGB drawings of Debian's openclipart-png, in a fixed order."""
+    from PIL import Image
+
+    chosen = []
+    for path in sorted((OPENCLIPART_ROOT / "png").glob("*/*.png")):
+        if path.is_symlink() or path.stat().st_size > 100_000:  # a few are 100M+ pixels
+            continue
+        with Image.open(path) as image:
+            if image.mode == "RGB" and max(image.size) < 600:
+                chosen.append(path)
+        if len(chosen) == count:
+            return chosen
+    raise AssertionError(f"openclipart-png has fewer than {count} small RGB drawings")
+
+
+def _write_colour_imagefolder(root: Path, drawings: list[Path]) -> None:
+    """The drawings as a site's imagefolder; each caption names a colour (the run's word
+    list swaps it for the distractors) and the drawing, so no two captions are equal."""
+    import shutil
+
+    colours = ("red", "green", "blue", "yellow", "orange", "pink", "brown")
+    root.mkdir(parents=True)
+    lines = []
+    for i, path in enumerate(drawings):
+        name = f"d{i:03d}.png"
+        shutil.copyfile(path, root / name)
+        text = f"a {colours[i % len(colours)]} drawing of {path.stem.replace('_', ' ')}"
+        lines.append(json.dumps({"file_name": name, "text": text}))
     (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
 
 
@@ -536,3 +569,66 @@ def test_loading_the_clientapp_as_flower_does_imports_no_torch() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[-2] == "ClientApp []", done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (OPENCLIPART_ROOT / "png").is_dir(), reason="needs apt-get install openclipart-png"
+)
+def test_colour_sites_train_and_evaluate_on_their_own_held_out_records(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    """Three sites whose imagefolders hold colour drawings (OpenClipart) train a round at
+    32x32 RGB under SecAgg+ and DP, then evaluate the global model on their own held-out
+    records: ``metrics.jsonl`` has the federation's ``federated_eval`` (counts summed under
+    SecAgg+ over the three sites) and no benchmark accuracy, since the coordinator's
+    Fashion-MNIST evaluation is for 28x56 grey images only."""
+    drawings = _colour_drawings(90)
+    sites = []
+    for index, name in enumerate(("site-a", "site-b", "site-c")):
+        config = make_site(tmp_path / name, GOOD.replace("min-threshold = 3", "min-threshold = 2"))
+        (tmp_path / name / "data" / "metadata.jsonl").unlink()
+        (tmp_path / name / "data").rmdir()
+        _write_colour_imagefolder(tmp_path / name / "data", drawings[30 * index : 30 * index + 30])
+        coordinator.register(tmp_path / name / "keys" / "site-auth-key.pub", name)
+        sites.append((name, config))
+    daemons = {name: coordinator.start_site(name, config) for name, config in sites}
+    assert wait_until(lambda: coordinator.online() == 3, timeout=120, interval=2), (
+        coordinator.nodes()
+    )
+    out = tmp_path / "run"
+    submit = [FEDMM, "coordinator", "submit", "--connection", "coordinator", "--out-dir", str(out)]
+    for setting in (
+        "num-server-rounds=1",
+        "min-available-sites=3",
+        "min-train-sites=3",
+        "epsilon=8.0",
+        "batch-size=10",
+        "learning-rate=1.0",
+        "model-width=16",
+        "model-heads=2",
+        "image-size=32x32",
+        "image-channels=3",
+        "model-patch-size=8",
+        "distractor-word-lists=colours",
+        "eval-every=1",
+        "round-timeout=240.0",
+        "secagg-stage-timeout=120.0",
+    ):
+        submit += ["--set", setting]
+    done = subprocess.run(submit, env=coordinator.env, capture_output=True, text=True, timeout=900)
+    coordinator.group.remember_children()
+    log = done.stdout + done.stderr
+    context = f"{log[-4000:]}\n" + "\n".join(d.output()[-2000:] for d in daemons.values())
+    assert done.returncode == 0, context
+    [row] = _rows(out)
+    assert row["sites_trained"] == 3 and not row.get("aborted"), row
+    assert "accuracy" not in row, row  # no Fashion-MNIST evaluation of a colour model
+    evaluation = row["federated_eval"]
+    assert evaluation["sites_evaluated"] == 3, evaluation
+    assert 3 <= evaluation["records"] <= 90 * 0.5, evaluation  # held out: about a fifth
+    for key in ("r_at_1_i2t", "r_at_10_i2t", "r_at_10_t2i", "r_at_10_i2t_shuffled"):
+        assert 0.0 <= evaluation[key] <= 1.0, (key, evaluation)
+    assert 0.0 < evaluation["chance_r_at_10"] <= 1.0, evaluation
+    config = json.loads((out / "model-config.json").read_text())
+    assert (config["image_height"], config["image_width"], config["image_channels"]) == (32, 32, 3)

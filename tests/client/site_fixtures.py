@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from fedmm.client.site_keys import generate_site_key_pair
+from fedmm.common.data.openclipart import OPENCLIPART_ROOT
 
 GOOD = """
 [site]
@@ -54,3 +55,21 @@ def make_site(root: Path, text: str = GOOD) -> Path:
     config = root / "site.toml"
     config.write_text(text if "[release]" in text else text + release_section())
     return config
+
+
+def small_colour_drawings(count: int, modes: tuple[str, ...] = ("RGB",)) -> list[Path]:
+    """``count`` small drawings of Debian's openclipart-png in one of Pillow's ``modes``
+    (``RGB``: opaque, 8 of them; ``RGBA``: colour with transparency, most of them), in a fixed
+    order (a few of its files are 100M+ pixels: skipped by size)."""
+    from PIL import Image
+
+    chosen = []
+    for path in sorted((OPENCLIPART_ROOT / "png").glob("*/*.png")):
+        if path.is_symlink() or path.stat().st_size > 100_000:
+            continue
+        with Image.open(path) as image:
+            if image.mode in modes and max(image.size) < 600:
+                chosen.append(path)
+        if len(chosen) == count:
+            return chosen
+    raise AssertionError(f"openclipart-png has fewer than {count} small {modes} drawings")

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord
-from PIL import Image
 
 from fedmm.client import site_data
 from fedmm.client.privacy_ledger import PrivacyLedger, epsilon_of
@@ -24,6 +23,7 @@ from fedmm.common.model import CrossAttentionMatcher
 from fedmm.common.site_refusal import RefusalCode
 from fedmm.common.train_request import TrainRequest
 from fedmm.simulations.benchmarks.openclipart_imagefolder import build_openclipart_benchmark
+from tests.client.site_fixtures import small_colour_drawings
 
 needs_openclipart = pytest.mark.skipif(
     not (OPENCLIPART_ROOT / "png").is_dir(), reason="needs apt-get install openclipart-png"
@@ -44,15 +44,7 @@ def colour_site(tmp_path: Path) -> dict[str, str]:
     """A site imagefolder of four opaque RGB drawings from OpenClipart."""
     root = tmp_path / "site"
     root.mkdir()
-    chosen = []
-    for path in sorted((OPENCLIPART_ROOT / "png").glob("*/*.png")):
-        if path.is_symlink() or path.stat().st_size > 100_000:  # a few are 100M+ pixels
-            continue
-        with Image.open(path) as image:
-            if image.mode == "RGB" and max(image.size) < 600:
-                chosen.append(path)
-        if len(chosen) == 4:
-            break
+    chosen = small_colour_drawings(4)
     lines = []
     for i, path in enumerate(chosen):
         shutil.copyfile(path, root / f"{i}.png")

@@ -50,7 +50,7 @@ from fedmm.simulations.loopback_daemons import (
     wait_for_tls,
     wait_until,
 )
-from tests.client.site_fixtures import GOOD, make_site
+from tests.client.site_fixtures import GOOD, make_site, small_colour_drawings
 
 BIN = Path(sys.executable).parent
 FEDMM, FLWR = str(BIN / "fedmm"), str(BIN / "flwr")
@@ -273,22 +273,6 @@ def _write_imagefolder(root: Path, *, offset: int, count: int) -> None:
         Image.fromarray(np.asarray(records.images[i])).save(root / name)
         lines.append(json.dumps({"file_name": name, "text": records.captions[i]}))
     (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-
-
-def _colour_drawings(count: int) -> list[Path]:
-    """``count`` small opaque RGB drawings of Debian's openclipart-png, in a fixed order."""
-    from PIL import Image
-
-    chosen = []
-    for path in sorted((OPENCLIPART_ROOT / "png").glob("*/*.png")):
-        if path.is_symlink() or path.stat().st_size > 100_000:  # a few are 100M+ pixels
-            continue
-        with Image.open(path) as image:
-            if image.mode == "RGB" and max(image.size) < 600:
-                chosen.append(path)
-        if len(chosen) == count:
-            return chosen
-    raise AssertionError(f"openclipart-png has fewer than {count} small RGB drawings")
 
 
 def _write_colour_imagefolder(root: Path, drawings: list[Path]) -> None:
@@ -578,12 +562,13 @@ def test_loading_the_clientapp_as_flower_does_imports_no_torch() -> None:
 def test_colour_sites_train_and_evaluate_on_their_own_held_out_records(
     coordinator: Coordinator, tmp_path: Path
 ) -> None:
-    """Three sites whose imagefolders hold colour drawings (OpenClipart) train a round at
-    32x32 RGB under SecAgg+ and DP, then evaluate the global model on their own held-out
+    """Three sites whose imagefolders hold colour drawings (OpenClipart, most with
+    transparency, composited on white at the site) train a round at 32x32 RGB under SecAgg+
+    and DP, then evaluate the global model on their own held-out
     records: ``metrics.jsonl`` has the federation's ``federated_eval`` (counts summed under
     SecAgg+ over the three sites) and no benchmark accuracy, since the coordinator's
     Fashion-MNIST evaluation is for 28x56 grey images only."""
-    drawings = _colour_drawings(90)
+    drawings = small_colour_drawings(90, modes=("RGB", "RGBA"))
     sites = []
     for index, name in enumerate(("site-a", "site-b", "site-c")):
         config = make_site(tmp_path / name, GOOD.replace("min-threshold = 3", "min-threshold = 2"))

@@ -17,6 +17,11 @@ Every process started is stopped by PID. Usage:
 
     python -m fedmm.simulations.benchmarks.deployment_benchmark                # 3 sites, 3 rounds
     python -m fedmm.simulations.benchmarks.deployment_benchmark --rounds 2 --records 60
+    python -m fedmm.simulations.benchmarks.deployment_benchmark --compare-active
+
+``--compare-active`` gives the sites a roster (pinned, not demanded) and runs the same rounds
+again in active-coordinator mode (signed round keys, a consistency exchange before unmask):
+``active_coordinator`` in the JSON has that run's stages.
 """
 
 from __future__ import annotations
@@ -71,8 +76,9 @@ min-sites = 3
 """
 
 
-def write_site(root: Path, *, name: str, offset: int, count: int) -> Path:
-    """A site folder: ``count`` benchmark records as PNGs, key pair, config; the config."""
+def write_site(root: Path, *, name: str, offset: int, count: int, roster_lines: str = "") -> Path:
+    """A site folder: ``count`` benchmark records as PNGs, key pair, config; the config.
+    ``roster_lines`` go into its ``[secure-aggregation]`` table (the roster it pins)."""
     from PIL import Image
 
     from fedmm.common.data.benchmark import benchmark_train_records
@@ -91,8 +97,24 @@ def write_site(root: Path, *, name: str, offset: int, count: int) -> Path:
     release = installed_release()  # the site runs only the release installed here
     pin = f'\n[release]\nversion = "{release.version}"\ndigest = "{release.digest}"\n'
     config = root / "site.toml"
-    config.write_text(SITE_CONFIG.format(name=name) + pin)
+    config.write_text(SITE_CONFIG.format(name=name) + roster_lines + pin)
     return config
+
+
+def roster_lines(directory: Path, *, sites: int, site: int) -> str:
+    """The ``[secure-aggregation]`` lines of site ``site`` for a roster of ``sites`` sites
+    in ``directory`` (made once): the roster file, the site's signing key and the pinned
+    digest. The site does not demand the mode, so the same sites serve rounds with and
+    without it. The keys are the simulation's (derived from seed 0: benchmark keys only; a
+    deployed site makes its own with ``fedmm site roster-key``)."""
+    from fedmm.simulations.simulated_roster import write_simulated_roster
+
+    roster = write_simulated_roster(directory, num_sites=sites, seed=0)
+    return (
+        f'roster-file = "{roster.roster_file}"\n'
+        f'signing-key-file = "{roster.signing_key_file(site)}"\n'
+        f'roster-digest = "{roster.digest.hex()}"\n'
+    )
 
 
 def _online(env: dict[str, str]) -> int:
@@ -140,8 +162,17 @@ def clientapp_imports() -> dict[str, Any]:
 
 
 def run_benchmark(
-    directory: Path, *, sites: int, rounds: int, records: int, settings: list[str]
+    directory: Path,
+    *,
+    sites: int,
+    rounds: int,
+    records: int,
+    settings: list[str],
+    compare_active: bool = False,
 ) -> dict[str, Any]:
+    """Start the daemons, run ``rounds`` rounds; with ``compare_active``, run them again on
+    the same sites in active-coordinator mode (``secagg-active-coordinator``). Returns the
+    metrics rows of each submission by name (``secagg+``, ``active``)."""
     env = loopback_environment(directory)
     group = DaemonGroup(directory, env)
     try:
@@ -149,7 +180,14 @@ def run_benchmark(
         ca, address = superlink.ca, superlink.address
         for index in range(sites):
             name = f"site-{index}"
-            config = write_site(directory / name, name=name, offset=index * records, count=records)
+            lines = roster_lines(directory, sites=sites, site=index) if compare_active else ""
+            config = write_site(
+                directory / name,
+                name=name,
+                offset=index * records,
+                count=records,
+                roster_lines=lines,
+            )
             run_command(env, FEDMM, "site", "keygen", directory / name / "keys")
             run_command(
                 env,
@@ -178,7 +216,6 @@ def run_benchmark(
         if not wait_until(lambda: _online(env) == sites, timeout=120, interval=2):
             raise RuntimeError(f"only {_online(env)} of {sites} SuperNodes came online")
         group.remember_children()
-        out = directory / "run"
         run_settings = [
             f"num-server-rounds={rounds}",
             f"min-available-sites={sites}",
@@ -194,21 +231,39 @@ def run_benchmark(
             "secagg-stage-timeout=120.0",
             *settings,
         ]
-        submit = [FEDMM, "coordinator", "submit", "--connection", "coordinator", "--out-dir"]
-        submit.append(str(out))
-        for setting in run_settings:
-            submit += ["--set", setting]
-        started = time.monotonic()
-        submitted = group.start("submit", submit)
-        while submitted.process.poll() is None:
-            group.remember_children()
-            time.sleep(2.0)
-        wall = time.monotonic() - started
-        metrics = out / "metrics.jsonl"
-        rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
-        if submitted.process.returncode != 0 or len(rows) != rounds:
-            raise RuntimeError(f"the run did not finish:\n{submitted.output()[-3000:]}")
-        return {"rows": rows, "submit_wall_s": round(wall, 1), "run_settings": run_settings}
+        runs = {"secagg+": run_settings}
+        if compare_active:
+            from fedmm.simulations.simulated_roster import ROSTER_DIR, ROSTER_FILE
+
+            roster = directory / ROSTER_DIR / ROSTER_FILE
+            runs["active"] = [
+                *run_settings,
+                "secagg-active-coordinator=true",
+                f"secagg-roster-file={roster}",
+            ]
+        results: dict[str, Any] = {}
+        for label, these in runs.items():
+            out = directory / f"run-{label.replace('+', 'plus')}"
+            submit = [FEDMM, "coordinator", "submit", "--connection", "coordinator"]
+            submit += ["--out-dir", str(out)]
+            for setting in these:
+                submit += ["--set", setting]
+            started = time.monotonic()
+            submitted = group.start(f"submit-{label}", submit)
+            while submitted.process.poll() is None:
+                group.remember_children()
+                time.sleep(2.0)
+            wall = time.monotonic() - started
+            metrics = out / "metrics.jsonl"
+            rows = (
+                [json.loads(x) for x in metrics.read_text().splitlines()]
+                if metrics.exists()
+                else []
+            )
+            if submitted.process.returncode != 0 or len(rows) != rounds:
+                raise RuntimeError(f"the {label} run did not finish:\n{submitted.output()[-3000:]}")
+            results[label] = {"rows": rows, "submit_wall_s": round(wall, 1), "run_settings": these}
+        return results
     finally:
         left = group.stop_all()
         if left:
@@ -225,6 +280,25 @@ def stage_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return stages
 
 
+def run_figures(run: dict[str, Any]) -> dict[str, Any]:
+    """A submission's stage times, round times and whether the stages that do not train
+    met the target."""
+    rows = run["rows"]
+    stages = stage_figures(rows)
+    non_training = {k: v["steady_s"] for k, v in stages.items() if not k.endswith("setup")}
+    return {
+        "stages": stages,
+        "exchanges_per_round": len(stages),
+        "round_wall_s": [row.get("wall_s") for row in rows],
+        "sites_trained": [row.get("sites_trained") for row in rows],
+        "submit_wall_s": run["submit_wall_s"],
+        "non_training_within_target": all(
+            v <= NON_TRAINING_TARGET_S for v in non_training.values()
+        ),
+        "run_settings": run["run_settings"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sites", type=int, default=3)
@@ -232,54 +306,42 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=120, help="records per site")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--keep", type=Path, help="run in this (new) folder and keep it")
+    parser.add_argument(
+        "--compare-active",
+        action="store_true",
+        help="run the rounds again on the same sites in active-coordinator mode",
+    )
     args = parser.parse_args()
+    options = {
+        "sites": args.sites,
+        "rounds": args.rounds,
+        "records": args.records,
+        "settings": args.set,
+        "compare_active": args.compare_active,
+    }
     if args.keep:
         args.keep.mkdir(parents=True)
-        result = run_benchmark(
-            args.keep,
-            sites=args.sites,
-            rounds=args.rounds,
-            records=args.records,
-            settings=args.set,
-        )
+        results = run_benchmark(args.keep, **options)
     else:
         with tempfile.TemporaryDirectory(prefix="fedmm-deploy-bench-") as tmp:
-            result = run_benchmark(
-                Path(tmp),
-                sites=args.sites,
-                rounds=args.rounds,
-                records=args.records,
-                settings=args.set,
-            )
-    rows = result["rows"]
-    stages = stage_figures(rows)
-    non_training = {k: v["steady_s"] for k, v in stages.items() if not k.endswith("setup")}
-    print(
-        json.dumps(
-            {
-                "benchmark": "deployment_stage_wall_time",
-                "command": " ".join(
-                    ["python -m fedmm.simulations.benchmarks.deployment_benchmark", *sys.argv[1:]]
-                ),
-                "sites": args.sites,
-                "rounds": args.rounds,
-                "records_per_site": args.records,
-                "tls_and_node_auth": True,
-                "stages": stages,
-                "round_wall_s": [row.get("wall_s") for row in rows],
-                "sites_trained": [row.get("sites_trained") for row in rows],
-                "submit_wall_s": result["submit_wall_s"],
-                "non_training_target_s": NON_TRAINING_TARGET_S,
-                "non_training_within_target": all(
-                    v <= NON_TRAINING_TARGET_S for v in non_training.values()
-                ),
-                "clientapp_process": clientapp_imports(),
-                "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-                "run_settings": result["run_settings"],
-            },
-            indent=2,
-        )
-    )
+            results = run_benchmark(Path(tmp), **options)
+    report: dict[str, Any] = {
+        "benchmark": "deployment_stage_wall_time",
+        "command": " ".join(
+            ["python -m fedmm.simulations.benchmarks.deployment_benchmark", *sys.argv[1:]]
+        ),
+        "sites": args.sites,
+        "rounds": args.rounds,
+        "records_per_site": args.records,
+        "tls_and_node_auth": True,
+        "non_training_target_s": NON_TRAINING_TARGET_S,
+    }
+    report.update(run_figures(results["secagg+"]))
+    if "active" in results:
+        report["active_coordinator"] = run_figures(results["active"])
+    report["clientapp_process"] = clientapp_imports()
+    report["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

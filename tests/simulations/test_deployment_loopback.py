@@ -581,12 +581,18 @@ def test_colour_sites_train_and_evaluate_on_their_own_held_out_records(
     assert wait_until(lambda: coordinator.online() == 3, timeout=120, interval=2), (
         coordinator.nodes()
     )
+    # The run's public caption bank (it travels in the requests, checked by its SHA-256).
+    bank = tmp_path / "caption-bank.txt"
+    things = ("house", "tree", "car", "cat", "flower", "boat", "star", "bird", "cup", "hat")
+    bank.write_text("".join(f"a drawing of a {a} next to a {b}\n" for a in things for b in things))
     out = tmp_path / "run"
     submit = [FEDMM, "coordinator", "submit", "--connection", "coordinator", "--out-dir", str(out)]
     for setting in (
         "num-server-rounds=1",
         "min-available-sites=3",
         "min-train-sites=3",
+        f"caption-bank={bank}",
+        "model-vocab-buckets=4096",
         "epsilon=8.0",
         "batch-size=10",
         "learning-rate=1.0",

@@ -63,7 +63,7 @@ site-secret = "secrets/site-secret"
 cache-dir = "cache"
 
 [privacy]
-max-epsilon = 8.0
+max-epsilon = {max_epsilon}
 delta = 1e-6
 ledger-file = "state/privacy-ledger.json"
 
@@ -76,9 +76,18 @@ min-sites = 3
 """
 
 
-def write_site(root: Path, *, name: str, offset: int, count: int, roster_lines: str = "") -> Path:
+def write_site(
+    root: Path,
+    *,
+    name: str,
+    offset: int,
+    count: int,
+    roster_lines: str = "",
+    max_epsilon: float = 8.0,
+) -> Path:
     """A site folder: ``count`` benchmark records as PNGs, key pair, config; the config.
-    ``roster_lines`` go into its ``[secure-aggregation]`` table (the roster it pins)."""
+    ``roster_lines`` go into its ``[secure-aggregation]`` table (the roster it pins);
+    ``max_epsilon`` is its lifetime budget (each run asks for epsilon 8)."""
     from PIL import Image
 
     from fedmm.common.data.benchmark import benchmark_train_records
@@ -97,7 +106,8 @@ def write_site(root: Path, *, name: str, offset: int, count: int, roster_lines: 
     release = installed_release()  # the site runs only the release installed here
     pin = f'\n[release]\nversion = "{release.version}"\ndigest = "{release.digest}"\n'
     config = root / "site.toml"
-    config.write_text(SITE_CONFIG.format(name=name) + roster_lines + pin)
+    site = SITE_CONFIG.format(name=name, max_epsilon=max_epsilon)
+    config.write_text(site + roster_lines + pin)
     return config
 
 
@@ -187,6 +197,7 @@ def run_benchmark(
                 offset=index * records,
                 count=records,
                 roster_lines=lines,
+                max_epsilon=16.0 if compare_active else 8.0,  # a budget for each run
             )
             run_command(env, FEDMM, "site", "keygen", directory / name / "keys")
             run_command(

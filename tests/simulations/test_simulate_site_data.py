@@ -79,8 +79,11 @@ def _simulate(out: Path, *args: str, marker: dict[str, str]) -> subprocess.Compl
     )
 
 
-def _first_run(tmp_path: Path, marker: dict[str, str]) -> tuple[Path, list[Path]]:
-    """Three folders, 2 rounds at epsilon 8 with SecAgg+ (the default); the run's folder."""
+def _first_run(
+    tmp_path: Path, marker: dict[str, str], *extra: str, rounds: int = 2
+) -> tuple[Path, list[Path]]:
+    """Three folders, ``rounds`` rounds at epsilon 8 with SecAgg+ (the default) and the
+    ``extra`` options; the run's folder."""
     folders = _folders(tmp_path / "data", 3, 40)
     bank = tmp_path / "bank.txt"
     bank.write_text("".join(f"public drawing number {i}\n" for i in range(40)))
@@ -95,10 +98,11 @@ def _first_run(tmp_path: Path, marker: dict[str, str]) -> tuple[Path, list[Path]
         "--site-data",
         *map(str, folders),
         "--rounds",
-        "2",
+        str(rounds),
         "--epsilon",
         "8",
         *settings,
+        *extra,
         marker=marker,
     )
     assert first.returncode == 0, first.stderr[-3000:] + (out / "run.log").read_text()[-3000:]
@@ -129,6 +133,21 @@ def test_three_openclipart_folders_give_federated_evaluation(tmp_path: Path) -> 
         f.resolve() for f in folders
     ]
     assert none_left(marker), "the simulation left processes (Ray's included) behind"
+
+
+def test_active_coordinator_mode_covers_the_evaluation_sum_too(tmp_path: Path) -> None:
+    """With active-coordinator mode on, the evaluation's SecAgg+ sum runs the consistency
+    exchange as the training sum does (signed survivor sets before unmasking), and the
+    sites' counts still add up."""
+    out, _folders = _first_run(
+        tmp_path, new_marker(), "--set", "secagg-active-coordinator=true", rounds=1
+    )
+    [row] = _rows(out)
+    assert row["sites_trained"] == 3 and "train.secagg_consistency" in row["secagg_stage_s"]
+    federated = row["federated_eval"]
+    assert federated["sites_evaluated"] == 3, federated
+    assert "evaluate.secagg_consistency" in federated["secagg_stage_s"], federated
+    assert federated["records"] > 0 and 0 <= federated["r_at_10_i2t"] <= 1
 
 
 @pytest.mark.slow

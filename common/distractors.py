@@ -30,7 +30,12 @@ import numpy as np
 
 from fedmm.common.data.caption_bank import CaptionBank, CaptionBankError
 from fedmm.common.data.captions import FASHION_LEXICON, distractor_captions
-from fedmm.common.data.word_lists import has_swappable_words, lexicons_of, swapped_word_captions
+from fedmm.common.data.word_lists import (
+    all_swapped_captions,
+    has_swappable_words,
+    lexicons_of,
+    swapped_word_captions,
+)
 from fedmm.common.tokenizer import HashingTokenizer
 
 DEFAULT_WORD_LISTS = ("fashion",)
@@ -85,8 +90,10 @@ class DistractorSampler:
         return self._distinct_tokens
 
     def check_captions(self, captions: Sequence[str]) -> None:
-        """Raise :class:`DistractorError` when some caption can get no distractor: no bank,
-        and no word list mentions a word of it."""
+        """Raise :class:`DistractorError` when some caption cannot get its distractors: no
+        bank, and no word list mentions a word of it, or its word swaps give fewer than
+        ``num_distractors`` captions that differ as the tokenizer sees them (words past the
+        caption length, or hash collisions)."""
         if self.settings.bank is not None:
             return
         if not self.lexicons:
@@ -102,6 +109,32 @@ class DistractorSampler:
                 "their loss would have nothing to rank them against. Set run config "
                 "'caption-bank' to a file of public captions (one a line)"
             )
+        if self._benchmark_draws:  # the benchmark's own swaps (common.data.captions)
+            return
+        short = [
+            found
+            for caption in dict.fromkeys(captions)
+            if (found := self._distinct_swaps(caption)) < self.num_distractors
+        ]
+        if short:
+            found = short[0]
+            raise DistractorError(
+                f"{len(short)} of {len(captions)} captions get fewer than num-distractors = "
+                f"{self.num_distractors} distinct word swaps from the word lists "
+                f"{list(self.settings.word_lists)} (e.g. one gets {found}), and the run has "
+                "no caption bank. Set run config 'caption-bank' to a file of public captions, "
+                "or lower 'num-distractors'"
+            )
+
+    def _distinct_swaps(self, caption: str) -> int:
+        """How many distinct token rows, other than the caption's own, its swaps give."""
+        own = self.tokenizer.encode(caption)
+        rows = {
+            tuple(self.tokenizer.encode(swapped))
+            for swapped in all_swapped_captions(caption, self.lexicons)
+        }
+        rows.discard(tuple(own))
+        return len(rows)
 
     def candidate_tokens(self, caption: str, rng: np.random.Generator) -> np.ndarray:
         """Token ids ``(1 + K, T)``: ``caption`` first, then its ``K`` distractors."""

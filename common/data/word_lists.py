@@ -86,6 +86,29 @@ def has_swappable_words(caption: str, lexicons: tuple[PhraseLexicon, ...]) -> bo
     return any(lexicon.mentions(caption) for lexicon in lexicons)
 
 
+def _with_phrase(caption: str, start: int, end: int, phrase: str) -> str:
+    """``caption`` with ``[start, end)`` replaced by ``phrase``, articles fixed."""
+    candidate = caption[:start] + phrase + caption[end:]
+    candidate = re.sub(r"\b([aA])(?= [aeiouAEIOU])", r"\1n", candidate)
+    return re.sub(r"\b([aA])n(?= [^aeiouAEIOU\s])", r"\1", candidate)
+
+
+def all_swapped_captions(caption: str, lexicons: tuple[PhraseLexicon, ...]) -> set[str]:
+    """Every caption :func:`swapped_word_captions` can draw for ``caption``: one mentioned
+    phrase replaced by any phrase of another group of its lexicon."""
+    out = set()
+    for lexicon in lexicons:
+        for start, end, group_id in lexicon.mentions(caption):
+            for other, phrases in enumerate(lexicon.groups):
+                if other == group_id:
+                    continue
+                for phrase in phrases:
+                    candidate = _with_phrase(caption, start, end, phrase)
+                    if candidate != caption:
+                        out.add(candidate)
+    return out
+
+
 def swapped_word_captions(
     caption: str, *, count: int, rng: np.random.Generator, lexicons: tuple[PhraseLexicon, ...]
 ) -> list[str]:
@@ -106,9 +129,7 @@ def swapped_word_captions(
         other = int(rng.integers(len(groups) - 1))
         other += other >= group_id
         phrase = groups[other][rng.integers(len(groups[other]))]
-        candidate = caption[:start] + phrase + caption[end:]
-        candidate = re.sub(r"\b([aA])(?= [aeiouAEIOU])", r"\1n", candidate)
-        candidate = re.sub(r"\b([aA])n(?= [^aeiouAEIOU\s])", r"\1", candidate)
+        candidate = _with_phrase(caption, start, end, phrase)
         if candidate != caption and candidate not in out:
             out.append(candidate)
     return out

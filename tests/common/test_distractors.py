@@ -10,7 +10,12 @@ from fedmm.client.training import MatchingDataset
 from fedmm.common.data.caption_bank import CaptionBank, CaptionBankError
 from fedmm.common.data.captions import distractor_captions
 from fedmm.common.data.dataset import ImageTextDataset
-from fedmm.common.data.word_lists import lexicons_of, parse_word_lists, swapped_word_captions
+from fedmm.common.data.word_lists import (
+    all_swapped_captions,
+    lexicons_of,
+    parse_word_lists,
+    swapped_word_captions,
+)
 from fedmm.common.distractors import DistractorError, DistractorSampler, DistractorSettings
 from fedmm.common.tokenizer import HashingTokenizer
 
@@ -139,6 +144,34 @@ def test_without_a_bank_every_caption_needs_a_swappable_word() -> None:
     )
     image, tokens = with_bank[1]
     assert tokens.shape == (5, 12) and image.shape == (28, 56)
+
+
+def test_without_a_bank_too_few_distinct_swaps_are_refused_before_training() -> None:
+    """ "left lower lobe" swaps to "right ..." and "... upper lobe" only: two distractors of
+    the four asked. The check before any spend says so (a bad request), instead of the
+    site failing in the middle of its training; a bank, or two distractors, passes."""
+    data = ImageTextDataset(
+        images=np.zeros((2, 28, 56), np.uint8),
+        captions=["left lower lobe consolidation", "a red apple on the left"],
+        labels=np.zeros(2, np.int64),
+    )
+    positions = DistractorSettings(word_lists=("positions", "colours"))
+    with pytest.raises(DistractorError, match=r"1 of 2 captions.*fewer than num-distractors = 4"):
+        MatchingDataset(data, tokenizer=TOKENIZER, num_distractors=4, seed=0, distractors=positions)
+    MatchingDataset(data, tokenizer=TOKENIZER, num_distractors=2, seed=0, distractors=positions)
+    with_bank = DistractorSettings(word_lists=("positions", "colours"), bank=BANK)
+    MatchingDataset(data, tokenizer=TOKENIZER, num_distractors=4, seed=0, distractors=with_bank)
+
+
+def test_every_swap_the_check_counts_can_be_drawn() -> None:
+    lexicons = lexicons_of(("colours", "positions"))
+    caption = "a red apple on the left"
+    every = all_swapped_captions(caption, lexicons)
+    drawn = set()
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        drawn.update(swapped_word_captions(caption, count=3, rng=rng, lexicons=lexicons))
+    assert drawn == every and "a blue apple on the left" in every
 
 
 def test_word_list_names_are_checked() -> None:

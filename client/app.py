@@ -17,8 +17,8 @@ whether it does:
   inside a secure sum, so a plain ``evaluate`` request for it is refused).
 
 Heavy modules (torch, opacus) are imported inside the tasks that train, not at import
-time: deployment starts a fresh ClientApp process per message, and the SecAgg+ stages after
-setup import no torch at all.
+time: a deployed site may start a fresh runner for a message (its warm runner restarted, or
+``warm=False``), and the SecAgg+ stages after setup import no torch at all.
 """
 
 from __future__ import annotations

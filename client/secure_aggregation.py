@@ -9,8 +9,8 @@ checked against the digest its policy pins) signs and verifies at setup, share k
 fifth exchange, consistency, and unmask. The trained update waits in a node-private file
 (``client.secagg.pending_update``), never in ``context.state``; the protocol state there is
 small and tagged with round and stage, so a late or replayed message is refused with a
-reason instead of crashing the handler. No torch here: the stages after setup run in a
-fresh process per message in deployment.
+reason instead of crashing the handler. No torch here: a deployed site may run the stages after
+setup in a freshly started runner.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@
 
 Each task reads the site's data, policy and ledger (``client.ledger_session``) from its node
 config, never from the request. torch and opacus are imported inside the functions that
-compute only: deployment starts a fresh ClientApp process per message. A new task is one
+compute only: a site runner started for one message imports no more than it needs. A new task is one
 function here and one entry in :data:`SECURE_SUM_TASKS`.
 """
 

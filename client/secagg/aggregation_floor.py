@@ -12,8 +12,8 @@ colluding fraction it assumes (Bell et al., "Secure Single-Server Aggregation wi
 (Poly)Logarithmic Overhead", CCS 2020), and, in distributed DP, the number h of honest sites
 whose noise shares it assumes in every sum (Kairouz, Liu, Steinke, ICML 2021). Counts are
 as the coordinator reports them: against an honest-but-curious coordinator, the threat model
-here, that is enough. No torch here (the later stages run in a fresh process per message in
-deployment).
+here, that is enough. No torch here (a deployed site may run the later stages in a freshly
+started runner).
 """
 
 from __future__ import annotations

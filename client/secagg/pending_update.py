@@ -10,7 +10,7 @@ only (0600), one file per round.
 The file holds two ``.npy`` records one after the other: a small JSON header (round, weight,
 metrics) as bytes, then the update. Plain ``.npy`` is read straight into the array; an
 ``.npz`` archive would checksum and copy a model-sized update on both writing and reading.
-No torch here: the masked stage runs in a fresh process per message in deployment.
+No torch here: a deployed site may run the masked stage in a freshly started runner.
 """
 
 from __future__ import annotations

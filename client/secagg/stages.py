@@ -44,7 +44,7 @@ Departures from the papers: the graph is fixed after setup, over U1 (``round_gra
 why), and the minimum aggregation size is this project's addition
 (``common.secagg.aggregation_size``).
 
-No torch here: these stages run in a fresh process per message in deployment.
+No torch here: a deployed site may run these stages in a freshly started runner.
 """
 
 from __future__ import annotations

@@ -34,7 +34,6 @@ from fedmm.client.secagg.site_identity import SiteIdentity
 from fedmm.common.secagg import payload_validation as check
 from fedmm.common.secagg.active_parameters import (
     ActiveGraphParameters,
-    active_graph_parameters,
     minimum_active_aggregation_size,
 )
 from fedmm.common.secagg.graph_seed import graph_seed
@@ -74,17 +73,6 @@ def require_identity(identity: SiteIdentity | None) -> SiteIdentity:
             code=RefusalCode.SECAGG_POLICY,
         )
     return identity
-
-
-def round_parameters(config: SecAggRoundConfig, num_participants: int) -> ActiveGraphParameters:
-    """The graph and thresholds the round's signed parameters give for ``num_participants``."""
-    return active_graph_parameters(
-        num_participants,
-        corrupt=config.corrupt_sites,
-        dropouts=config.dropout_sites,
-        degree=config.graph_degree,
-        threshold=config.graph_threshold,
-    )
 
 
 def require_active_floor(
@@ -229,7 +217,7 @@ def verified_share_keys(
         "mask": dict(zip(participants, mask_keys, strict=True)),
     }
     try:
-        parameters = round_parameters(config, len(participants))
+        parameters = config.active_graph(len(participants))
     except ValueError as error:
         raise SecAggRefusal(f"share-keys request: no safe graph: {error}") from None
     if (degree, threshold) != (parameters.degree, parameters.threshold):

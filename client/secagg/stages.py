@@ -162,7 +162,7 @@ class ClientSecAggState:
         """Active mode: the graph and thresholds of the round's signed parameters."""
         if self.graph is None:
             raise SecAggRefusal("no neighbour graph yet", code=RefusalCode.OUT_OF_ORDER)
-        return active_checks.round_parameters(self.config, self.graph.num_participants)
+        return self.config.active_graph(self.graph.num_participants)
 
     def pair_bindings(self) -> PairBindings:
         """What this site's keys with each peer are bound to (active mode; empty bindings in

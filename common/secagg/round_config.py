@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from fedmm.common.secagg import payload_validation as check
+from fedmm.common.secagg.active_parameters import ActiveGraphParameters, active_graph_parameters
 from fedmm.common.secagg.quantisation import QuantisationRange, levels_with_headroom
 from fedmm.common.secagg.ring import MAX_BIT_WIDTH, MIN_BIT_WIDTH, check_bit_width, ring_dtype
 
@@ -112,6 +113,17 @@ class SecAggRoundConfig:
     def active(self) -> bool:
         """Whether the round runs in active-coordinator mode (signed keys, roster)."""
         return bool(self.roster_digest)
+
+    def active_graph(self, num_participants: int) -> ActiveGraphParameters:
+        """Active mode: the graph and thresholds the round's signed parameters give for
+        ``num_participants`` sites (what the coordinator and every site derive alike)."""
+        return active_graph_parameters(
+            num_participants,
+            corrupt=self.corrupt_sites,
+            dropouts=self.dropout_sites,
+            degree=self.graph_degree,
+            threshold=self.graph_threshold,
+        )
 
     def digest(self) -> bytes:
         """SHA-256 of every public parameter of the round (round id and session included):

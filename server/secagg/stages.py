@@ -55,7 +55,6 @@ import numpy as np
 from fedmm.common.secagg import payload_validation as check
 from fedmm.common.secagg.active_parameters import (
     ActiveGraphParameters,
-    active_graph_parameters,
     corrupt_sites,
     dropout_sites,
     minimum_active_aggregation_size,
@@ -260,7 +259,7 @@ class ServerSecAggState:
         """Active mode: the graph and thresholds the signed parameters give for U1."""
         if self.graph is None:
             raise ValueError("no graph yet")
-        return _active_parameters(self.config, self.graph.num_participants)
+        return self.config.active_graph(self.graph.num_participants)
 
     def too_few(self, count: int, what: str, *, threshold: int | None) -> str | None:
         """Why ``count`` sites are not enough to go on (None when they are): fewer than the
@@ -494,7 +493,7 @@ def _active_graph(state: ServerSecAggState) -> RoundGraph:
     """Active mode: the graph over U1 from the signed parameters, seeded by the keys' hash."""
     config = state.config
     participants = tuple(sorted(state.mask_public_keys))
-    parameters = _active_parameters(config, len(participants))
+    parameters = config.active_graph(len(participants))
     seed = graph_seed(
         parameters_digest=config.digest(),
         participant_ids=participants,
@@ -508,16 +507,6 @@ def _active_graph(state: ServerSecAggState) -> RoundGraph:
         threshold=parameters.threshold,
         session_nonce=config.session_nonce,
         seed=seed,
-    )
-
-
-def _active_parameters(config: SecAggRoundConfig, num_participants: int) -> ActiveGraphParameters:
-    return active_graph_parameters(
-        num_participants,
-        corrupt=config.corrupt_sites,
-        dropouts=config.dropout_sites,
-        degree=config.graph_degree,
-        threshold=config.graph_threshold,
     )
 
 

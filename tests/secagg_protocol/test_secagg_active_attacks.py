@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedmm.client.secagg.active_checks import round_parameters
 from fedmm.client.secagg.site_identity import load_site_identity
 from fedmm.client.secagg.site_signing_key import create_site_signing_key
 from fedmm.client.secagg.stages import ClientSecAggState
@@ -577,7 +576,7 @@ def _share_keys_request(server: ServerSecAggState, setup: dict[int, dict]) -> di
     sites derive the graph from these keys themselves."""
     config = server.config
     everyone = sorted(setup)
-    derived = round_parameters(config, len(everyone))
+    derived = config.active_graph(len(everyone))
     return {
         "round": config.round_id,
         "stage": "share_keys",

@@ -139,33 +139,37 @@ def secagg_masked(msg: Message, context: Context) -> Message:
     return out
 
 
-def secagg_consistency(msg: Message, context: Context) -> Message:
-    """Active mode: sign the survivor set (once a round)."""
+def _signed_stage(
+    msg: Message, context: Context, stage: Callable[..., tuple[ClientSecAggState, dict]]
+) -> tuple[ClientSecAggState, dict] | Message:
+    """Run ``stage`` (consistency or unmask) on this round's state: its new state and reply,
+    or the refusal to send. Below this site's minimum the round is dead here: its state is
+    dropped."""
     try:
         state, request = _stage_input(msg, context)
-        state, reply = client_consistency(
-            state=state, request=request, identity=_round_identity(state, context)
-        )
-    except TooFewSites as refusal:  # below this site's minimum: the round is dead here
+        return stage(state=state, request=request, identity=_round_identity(state, context))
+    except TooFewSites as refusal:
         context.state.config_records.pop(SECAGG_STATE_KEY, None)
         return refuse(msg, refusal.refusal())
     except (ValueError, KeyError) as refusal:
         return refuse(msg, _as_refusal(refusal))
+
+
+def secagg_consistency(msg: Message, context: Context) -> Message:
+    """Active mode: sign the survivor set (once a round)."""
+    result = _signed_stage(msg, context, client_consistency)
+    if isinstance(result, Message):
+        return result
+    state, reply = result
     _store_state(context, state)
     return _secagg_reply(msg, reply)
 
 
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    try:
-        state, request = _stage_input(msg, context)
-        _state, reply = client_unmask(
-            state=state, request=request, identity=_round_identity(state, context)
-        )
-    except TooFewSites as refusal:  # below this site's minimum: the round is dead here
-        context.state.config_records.pop(SECAGG_STATE_KEY, None)
-        return refuse(msg, refusal.refusal())
-    except (ValueError, KeyError) as refusal:
-        return refuse(msg, _as_refusal(refusal))
+    result = _signed_stage(msg, context, client_unmask)
+    if isinstance(result, Message):
+        return result
+    _state, reply = result
     # Unmasking runs once per round: drop the state (and its secrets) now, so a second
     # request for the other secret of a site finds nothing to answer from.
     del context.state.config_records[SECAGG_STATE_KEY]

@@ -48,6 +48,7 @@ from fedmm.simulations.loopback_daemons import (
     start_loopback_superlink,
     wait_until,
 )
+from fedmm.simulations.simulated_roster import SimulatedRoster, write_simulated_roster
 
 BIN = Path(sys.executable).parent
 FLWR = str(BIN / "flwr")
@@ -111,15 +112,12 @@ def write_site(
     return config
 
 
-def roster_lines(directory: Path, *, sites: int, site: int) -> str:
-    """The ``[secure-aggregation]`` lines of site ``site`` for a roster of ``sites`` sites
-    in ``directory`` (made once): the roster file, the site's signing key and the pinned
-    digest. The site does not demand the mode, so the same sites serve rounds with and
-    without it. The keys are the simulation's (derived from seed 0: benchmark keys only; a
-    deployed site makes its own with ``fedmm site roster-key``)."""
-    from fedmm.simulations.simulated_roster import write_simulated_roster
-
-    roster = write_simulated_roster(directory, num_sites=sites, seed=0)
+def roster_lines(roster: SimulatedRoster, site: int) -> str:
+    """The ``[secure-aggregation]`` lines of site ``site``: the roster file, the site's
+    signing key and the pinned digest. The site does not demand the mode, so the same sites
+    serve rounds with and without it. The keys are the simulation's
+    (``simulations.simulated_roster``, seed 0: benchmark keys only; a deployed site makes its
+    own with ``fedmm site roster-key``)."""
     return (
         f'roster-file = "{roster.roster_file}"\n'
         f'signing-key-file = "{roster.signing_key_file(site)}"\n'
@@ -188,9 +186,12 @@ def run_benchmark(
     try:
         superlink = start_loopback_superlink(directory, group)
         ca, address = superlink.ca, superlink.address
+        roster = (
+            write_simulated_roster(directory, num_sites=sites, seed=0) if compare_active else None
+        )
         for index in range(sites):
             name = f"site-{index}"
-            lines = roster_lines(directory, sites=sites, site=index) if compare_active else ""
+            lines = "" if roster is None else roster_lines(roster, index)
             config = write_site(
                 directory / name,
                 name=name,
@@ -243,14 +244,11 @@ def run_benchmark(
             *settings,
         ]
         runs = {"secagg+": run_settings}
-        if compare_active:
-            from fedmm.simulations.simulated_roster import ROSTER_DIR, ROSTER_FILE
-
-            roster = directory / ROSTER_DIR / ROSTER_FILE
+        if roster is not None:
             runs["active"] = [
                 *run_settings,
                 "secagg-active-coordinator=true",
-                f"secagg-roster-file={roster}",
+                f"secagg-roster-file={roster.roster_file}",
             ]
         results: dict[str, Any] = {}
         for label, these in runs.items():

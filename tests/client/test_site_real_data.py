@@ -13,6 +13,7 @@ import torch
 from flwr.app import ConfigRecord
 
 from fedmm.client import site_data
+from fedmm.client.deid.site_secret import SITE_SECRET_BYTES
 from fedmm.client.privacy_ledger import PrivacyLedger, epsilon_of
 from fedmm.client.privacy_policy import SitePrivacyPolicy
 from fedmm.client.site_data import SiteDataError, load_site_data, load_site_records
@@ -102,9 +103,13 @@ def test_a_site_trains_on_real_colour_records_with_the_runs_caption_bank(tmp_pat
     )
     sent = TrainRequest.for_round(config, 1)
     request = TrainRequest.from_config(dict(ConfigRecord(sent.to_config())))
+    # A fixed site secret: the held-out split (keyed by it) is then the same in every run.
+    secret = tmp_path / "secret"
+    secret.write_bytes(bytes(range(SITE_SECRET_BYTES)))
+    secret.chmod(0o600)
     node_config = {
         "imagefolder": str(tmp_path / "oc" / "train"),
-        "site-secret": str(tmp_path / "secret"),
+        "site-secret": str(secret),
         "deid-cache-dir": str(tmp_path / "cache"),
     }
     data = load_site_data(node_config, request)  # its training records

@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="Ray CPUs per site actor; 1 on 2 cores runs two sites at once",
     )
+    sim.add_argument(
+        "--ray-address",
+        default="",
+        metavar="HOST:PORT",
+        help="run the sites on an existing Ray cluster (started with `ray start --head`); "
+        "every node needs fedmm installed and the output folder and data at the same paths",
+    )
     sim.add_argument("--quiet", action="store_true", help="no progress bar or round lines")
     sim.add_argument(
         "--verbose",
@@ -258,6 +265,10 @@ def simulate(args: argparse.Namespace) -> int:
     from fedmm.simulations.local_simulation import SimulationSettings, run_local_simulation
 
     config, out = _simulation_config(args)
+    if args.ray_address:
+        from fedmm.simulations.ray_cluster import check_ray_address
+
+        check_ray_address(args.ray_address)
     out.mkdir(parents=True, exist_ok=True)
     folders = _site_folders(args, config, out)
     num_sites = len(folders) if folders else _num_sites(args)
@@ -285,6 +296,7 @@ def simulate(args: argparse.Namespace) -> int:
                     site_data=tuple(str(folder) for folder in folders),
                     site_max_epsilon=args.site_max_epsilon,
                     num_cpus_per_site=args.cpus_per_site,
+                    ray_address=args.ray_address,
                 ),
             )
         except BaseException:

@@ -63,6 +63,10 @@ class SimulationSettings:
     #: Active-coordinator mode: the sites pin the run's roster and demand the mode (False:
     #: they pin it only, so a benchmark can run rounds with and without it side by side).
     sites_require_active_coordinator: bool = True
+    #: An existing Ray cluster to run the sites on (``--ray-address``; empty: a local Ray
+    #: started and stopped by this run). Every node needs fedmm installed and the output
+    #: folder and site data at the same paths (``simulations.ray_cluster``).
+    ray_address: str = ""
 
 
 def simulated_site_mods(
@@ -128,7 +132,7 @@ def run_local_simulation(
     )
     backend_config = {
         "client_resources": {"num_cpus": settings.num_cpus_per_site, "num_gpus": 0.0},
-        "init_args": {"include_dashboard": False, "log_to_driver": True},
+        "init_args": ray_init_args(settings.ray_address),
     }
     _run_simulation(
         num_supernodes=settings.num_sites,
@@ -140,6 +144,14 @@ def run_local_simulation(
         server_app_context=context,
     )
     report_site_epsilons(out_dir, default_delta=config.delta)
+
+
+def ray_init_args(ray_address: str) -> dict[str, Any]:
+    """``ray.init`` arguments: a local Ray for this run, or the cluster at ``ray_address``
+    (``simulations.ray_cluster``)."""
+    if not ray_address:
+        return {"include_dashboard": False, "log_to_driver": True}
+    return {"address": ray_address, "log_to_driver": True}
 
 
 def site_epsilons(ledger_dir: Path, *, default_delta: float) -> dict[str, tuple[float, float]]:

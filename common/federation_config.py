@@ -33,6 +33,9 @@ class ConfigError(ValueError):
 class FederationConfig:
     num_server_rounds: int = 14
     fraction_train: float = 1.0
+    #: Share of the connected sites sampled for each federated evaluation (at least the
+    #: fewest a secure sum releases, ``secagg-min-sites``).
+    fraction_evaluate: float = 1.0
     min_train_sites: int = 2
     min_available_sites: int = 2
     epsilon: float = 3.0
@@ -97,6 +100,7 @@ class FederationConfig:
         checks = [
             (self.num_server_rounds >= 1, "num-server-rounds", "an integer >= 1"),
             (0.0 < self.fraction_train <= 1.0, "fraction-train", "in (0, 1]"),
+            (0.0 < self.fraction_evaluate <= 1.0, "fraction-evaluate", "in (0, 1]"),
             (self.min_train_sites >= 1, "min-train-sites", "an integer >= 1"),
             (self.min_available_sites >= 1, "min-available-sites", "an integer >= 1"),
             (self.epsilon > 0, "epsilon", "> 0, or inf for no DP"),

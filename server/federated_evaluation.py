@@ -1,20 +1,22 @@
 """Federated evaluation: the global model measured on the sites' held-out records.
 
 After the rounds the run config names (``eval-every``, and after the last), the coordinator
-sends every connected site an ``evaluate`` request declaring the task ``federated_eval``
-with the global model; each site counts retrieval hits on its own held-out records
-(``client.federated_evaluation``, ``common.federated_eval``) and the counts are summed under
-SecAgg+ (Bell et al., CCS 2020) in the four ``evaluate.secagg_*`` exchanges: the
-coordinator learns only the federation's totals, over at least the minimum aggregation size
-of sites, whatever the training rounds' aggregation is. Plain FedAvg runs sum their
-evaluation the same way: the README's privacy section promises that record counts are never
-released in the clear, and a site's held-out count is one.
+sends the connected sites (``fraction-evaluate`` of them, all by default) an ``evaluate``
+request declaring the task ``federated_eval`` with the global model; each site counts
+retrieval hits on its own held-out records (``client.federated_evaluation``,
+``common.federated_eval``) and the counts are summed under SecAgg+ (Bell et al., CCS 2020)
+in the four ``evaluate.secagg_*`` exchanges: the coordinator learns only the federation's
+totals, over at least the minimum aggregation size of sites, whatever the training rounds'
+aggregation is. Plain FedAvg runs sum their evaluation the same way: the README's privacy
+section promises that record counts are never released in the clear, and a site's held-out
+count is one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +28,7 @@ from fedmm.common.federation_config import FederationConfig
 from fedmm.common.site_task import SiteTask
 from fedmm.common.train_request import TrainRequest
 from fedmm.server.aggregation import RoundAggregate, RoundAggregation
-from fedmm.server.round_modes import TaskRequest, Weights, send_task
+from fedmm.server.round_modes import TaskRequest, Weights, sample_sites, send_task
 from fedmm.server.secure_aggregation import SecAggPlusAggregation, SecAggSettings
 
 logger = logging.getLogger(__name__)
@@ -90,6 +92,18 @@ class FederatedEvaluation:
         if "aborted" in row:
             logger.warning("round %d: federated evaluation: %s", server_round, row["aborted"])
         return row
+
+
+def evaluation_sample(
+    config: FederationConfig, node_ids: Sequence[int], server_round: int
+) -> list[int]:
+    """The sites asked to evaluate after ``server_round``: ``fraction-evaluate`` of the
+    connected ones, at least ``secagg-min-sites``, drawn from the run's seed and the round
+    alone, so a resumed run and the training rounds' own sampling are unaffected."""
+    rng = random.Random(f"{config.seed}:federated-eval:{server_round}")
+    return sample_sites(
+        node_ids, fraction=config.fraction_evaluate, minimum=config.secagg_min_sites, rng=rng
+    )
 
 
 def federated_evaluation_for(config: FederationConfig) -> FederatedEvaluation | None:

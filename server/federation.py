@@ -31,7 +31,7 @@ from fedmm.common.train_request import model_config_of
 from fedmm.server.aggregation import RoundAggregate, wait_for_sites
 from fedmm.server.checkpoints import load_latest_checkpoint, save_checkpoint
 from fedmm.server.evaluation import evaluate
-from fedmm.server.federated_evaluation import federated_evaluation_for
+from fedmm.server.federated_evaluation import evaluation_sample, federated_evaluation_for
 from fedmm.server.round_modes import RoundMode, round_mode_for
 from fedmm.server.run_report import append_metrics, truncate_metrics, write_summary_and_report
 
@@ -82,7 +82,10 @@ def run_federation(
             if federated_eval is not None:
                 weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 row["federated_eval"] = federated_eval.run(
-                    grid, server_round=server_round, node_ids=node_ids, weights=weights
+                    grid,
+                    server_round=server_round,
+                    node_ids=evaluation_sample(config, node_ids, server_round),
+                    weights=weights,
                 )
         save_checkpoint(
             out_dir,

@@ -22,7 +22,7 @@ from fedmm.common.data.openclipart import OPENCLIPART_ROOT
 from fedmm.common.federated_eval import EvaluationCounts
 from fedmm.common.federation_config import ConfigError, FederationConfig
 from fedmm.common.site_refusal import RefusalCode, SiteRefusal
-from fedmm.server.federated_evaluation import federated_evaluation_for
+from fedmm.server.federated_evaluation import evaluation_sample, federated_evaluation_for
 from fedmm.server.federation import run_federation
 from fedmm.simulations.simulated_sites import POLICY_FILE, write_site_policy
 from tests.server.in_process_grid import InProcessGrid
@@ -176,3 +176,17 @@ def _bank(tmp_path: Path) -> Path:
     bank = tmp_path / "bank.txt"
     bank.write_text("".join(f"public caption number {i}\n" for i in range(30)))
     return bank
+
+
+def test_fraction_evaluate_samples_a_stable_share_of_the_sites() -> None:
+    node_ids = list(range(100, 1100))
+    config = FederationConfig(fraction_evaluate=0.1, seed=5)
+    first = evaluation_sample(config, node_ids, 3)
+    assert len(first) == 100 and set(first) <= set(node_ids)
+    assert evaluation_sample(config, node_ids, 3) == first  # a resumed run asks the same
+    assert evaluation_sample(config, node_ids, 4) != first  # each evaluation draws anew
+    # At least the fewest sites a secure sum releases; all of them by default.
+    assert len(evaluation_sample(FederationConfig(fraction_evaluate=0.001), node_ids, 1)) == 3
+    assert evaluation_sample(FederationConfig(), node_ids, 1) == node_ids
+    with pytest.raises(ConfigError, match="fraction-evaluate"):
+        FederationConfig.from_run_config({"fraction-evaluate": 0})

@@ -6,11 +6,11 @@ unmask call ``client.secagg.stages``. In active-coordinator mode (the round conf
 roster; Bonawitz et al., section 6) the site's roster identity
 (``client.secagg.site_identity``: the roster file and signing key its node config names,
 checked against the digest its policy pins) signs and verifies at setup, share keys, the
-fifth exchange, consistency, and unmask. The trained update waits in a node-private file
-(``client.secagg.pending_update``), never in ``context.state``; the protocol state there is
-small and tagged with round and stage, so a late or replayed message is refused with a
-reason instead of crashing the handler. No torch here: a deployed site may run the stages after
-setup in a freshly started runner.
+fifth exchange, consistency, and unmask. The trained update waits, encoded into the round's
+ring, in a node-private file (``client.secagg.pending_update``), never in ``context.state``;
+the protocol state there is small and tagged with round and stage, so a late or replayed
+message is refused with a reason instead of crashing the handler. No torch here: a deployed
+site may run the stages after setup in a freshly started runner.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from fedmm.client.secagg.site_signing_key import SiteSigningKeyError
 from fedmm.client.secagg.stages import (
     ClientSecAggState,
     client_consistency,
-    client_masked_input,
+    client_masked_encoded_input,
     client_setup,
     client_share_keys,
     client_state_from_record,
@@ -51,7 +51,9 @@ from fedmm.client.secagg.stages import (
     client_unmask,
 )
 from fedmm.client.site_replies import refuse
+from fedmm.common.secagg.input_encoding import encode_site_input
 from fedmm.common.secagg.protocol_stages import STAGE_MASKED_INPUT, STAGE_SHARE_KEYS, require_tag
+from fedmm.common.secagg.quantisation import new_rounding_generator
 from fedmm.common.secagg.roster import RosterError
 from fedmm.common.secure_round import (
     RECORD_MASKED,
@@ -119,12 +121,8 @@ def secagg_masked(msg: Message, context: Context) -> Message:
         pending = load_pending_update(
             Path(str(record["pending-file"])), round_id=state.config.round_id
         )
-        state, reply = client_masked_input(
-            state=state,
-            request=request,
-            update=pending.update,
-            weight=pending.weight,
-            metrics=pending.metrics,
+        state, reply = client_masked_encoded_input(
+            state=state, request=request, encoded_input=pending.encoded
         )
     except (ValueError, KeyError) as refusal:  # refusals, stale state, unusable local input
         return refuse(msg, _as_refusal(refusal))
@@ -296,15 +294,18 @@ def run_secagg_setup(
             config.update_length,
             config.update_clip,
         )
-    path = save_pending_update(
-        directory,
-        PendingUpdate(
-            round_id=config.round_id,
+    try:  # it waits encoded (quantised into the ring), as the masked stage will send it
+        encoded = encode_site_input(
+            config=config,
             update=trained.vector,
             weight=weight,
             metrics=weighted_metrics(weight=weight, metrics=trained.metrics),
-        ),
-    )
+            rng=new_rounding_generator(),
+        )
+    except ValueError as error:  # the site's own result does not fit the round
+        _release_spill_dir(context, directory)
+        return refuse(msg, SiteRefusal(RefusalCode.BAD_REQUEST, f"the trained update: {error}"))
+    path = save_pending_update(directory, PendingUpdate(round_id=config.round_id, encoded=encoded))
     _store_state(context, state, pending_file=str(path), exchange=exchange)
     out = _secagg_reply(msg, reply)
     out.content.metric_records[RECORD_PRIVACY] = MetricRecord(

@@ -7,8 +7,14 @@ later stage. It waits in a file instead, in a directory private to this node (mo
 owned by this user, not a symlink, a unique name per node and run) and readable by this user
 only (0600), one file per round.
 
-The file holds two ``.npy`` records one after the other: a small JSON header (round, weight,
-metrics) as bytes, then the update. Plain ``.npy`` is read straight into the array; an
+It waits already encoded: the weighted, clipped update, the weight and the metrics
+quantised into the round's ring (``common.secagg.input_encoding``), b bits an entry (32 by
+default) instead of a 64-bit float, so the file is half the size or less and the masked
+stage only adds masks. The encoding is the same one the masked stage made before, with fresh
+rounding randomness: what is summed, and so what the coordinator learns, is unchanged.
+
+The file holds two ``.npy`` records one after the other: a small JSON header (the round) as
+bytes, then the encoded vector. Plain ``.npy`` is read straight into the array; an
 ``.npz`` archive would checksum and copy a model-sized update on both writing and reading.
 No torch here: a deployed site may run the masked stage in a freshly started runner.
 """
@@ -35,9 +41,8 @@ class PendingUpdateError(ValueError):
 @dataclass(frozen=True)
 class PendingUpdate:
     round_id: int
-    update: np.ndarray  # flat float64 vector (the unweighted model update)
-    weight: int
-    metrics: dict[str, float]
+    #: The encoded input (``encode_site_input``): unsigned integers of the round's ring.
+    encoded: np.ndarray
 
 
 def node_spill_dir(*, existing: str | None = None, base: str | None = None) -> Path:
@@ -73,17 +78,15 @@ def save_pending_update(directory: Path, pending: PendingUpdate) -> Path:
     """Write the update for its round (0600, atomically); earlier rounds' files are removed."""
     discard_pending_updates(directory, before_round=pending.round_id + 1)
     target = directory / f"{_PREFIX}{pending.round_id}{_SUFFIX}"
-    header = {
-        "round_id": int(pending.round_id),
-        "weight": int(pending.weight),
-        "metrics": {str(name): float(value) for name, value in pending.metrics.items()},
-    }
+    if not np.issubdtype(pending.encoded.dtype, np.unsignedinteger):
+        raise PendingUpdateError("a waiting update is stored encoded (unsigned ring integers)")
+    header = {"round_id": int(pending.round_id)}
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=_SUFFIX)
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as handle:
             np.save(handle, np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
-            np.save(handle, np.ascontiguousarray(pending.update, dtype=np.float64))
+            np.save(handle, np.ascontiguousarray(pending.encoded))
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -98,12 +101,9 @@ def load_pending_update(path: Path, *, round_id: int) -> PendingUpdate:
             header = json.loads(np.load(handle, allow_pickle=False).tobytes().decode())
             update = np.load(handle, allow_pickle=False)
         stored_round = int(header["round_id"])
-        pending = PendingUpdate(
-            round_id=stored_round,
-            update=np.asarray(update, dtype=np.float64),
-            weight=int(header["weight"]),
-            metrics={str(name): float(value) for name, value in header["metrics"].items()},
-        )
+        if not np.issubdtype(update.dtype, np.unsignedinteger) or update.ndim != 1:
+            raise ValueError(f"not an encoded vector ({update.dtype}, {update.ndim} dims)")
+        pending = PendingUpdate(round_id=stored_round, encoded=update)
     except (OSError, KeyError, ValueError, TypeError, AttributeError) as error:
         message = f"no readable update waiting for round {round_id}: {error}"
         raise PendingUpdateError(message) from None

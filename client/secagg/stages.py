@@ -432,17 +432,43 @@ def client_masked_input(
     metrics: Mapping[str, float] | None = None,
     rng: np.random.Generator | None = None,
 ) -> tuple[ClientSecAggState, dict[str, Any]]:
-    """Stage 3: open the neighbours' shares and send the masked, encoded input.
+    """Stage 3 from the plain input: encode it (``encode_site_input``), then
+    :func:`client_masked_encoded_input`.
 
     ``update`` (flat float vector of ``update_length``), ``weight`` (the example count) and
     ``metrics`` (one float per round metric name) are encoded into one vector, so the weight
     and metrics are masked like the update. ``rng`` drives stochastic rounding only (default:
     seeded from ``os.urandom``). A local input that does not fit the round's config (wrong
     length, weight above ``max_weight``, missing metric, non-finite values) raises a plain
-    ``ValueError``: the caller's mistake, not the coordinator's. In active mode the site
-    needs shares from at least k - D neighbours (``active_parameters``).
+    ``ValueError``: the caller's mistake, not the coordinator's.
+    """
+    encoded = encode_site_input(
+        config=state.config,
+        update=update,
+        weight=weight,
+        metrics=metrics or {},
+        rng=rng if rng is not None else new_rounding_generator(),
+    )
+    return client_masked_encoded_input(state=state, request=request, encoded_input=encoded)
+
+
+def client_masked_encoded_input(
+    *, state: ClientSecAggState, request: Mapping[str, Any], encoded_input: np.ndarray
+) -> tuple[ClientSecAggState, dict[str, Any]]:
+    """Stage 3: open the neighbours' shares and send the masked input.
+
+    ``encoded_input`` is the site's input already encoded in the round's ring
+    (``encode_site_input``: a site encodes its update when it is trained, so it waits
+    quantised); it is masked in place. One of another length or type raises a plain
+    ``ValueError``. In active mode the site needs shares from at least k - D neighbours
+    (``active_parameters``).
     """
     config = state.config
+    if encoded_input.shape != (config.masked_length,) or encoded_input.dtype != config.dtype:
+        raise ValueError(
+            f"the encoded input must be {config.masked_length} entries of {config.dtype}, "
+            f"got {encoded_input.shape} of {encoded_input.dtype}"
+        )
     _require_stage(state, request, previous=STAGE_SHARE_KEYS, stage=STAGE_MASKED_INPUT)
     try:
         sender_ids = check.require_list(request, "sender_ids", item_type=int, max_length=MAX_SITES)
@@ -497,13 +523,7 @@ def client_masked_input(
             )
         except (ShareCipherError, KeyAgreementError) as error:
             raise SecAggRefusal(f"sealed bundle from site {sender}: {error}") from None
-    masked = encode_site_input(
-        config=config,
-        update=update,
-        weight=weight,
-        metrics=metrics or {},
-        rng=rng if rng is not None else new_rounding_generator(),
-    )
+    masked = encoded_input
     # The self mask and one pairwise mask per partner: + if this site's id is the lower one.
     add_seeds, subtract_seeds = [state.self_mask_seed], []
     own_mask_key = load_private_key(state.mask_private_key)

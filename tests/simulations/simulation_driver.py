@@ -10,9 +10,11 @@ test-only mods after the simulated sites' own:
 
 - ``--faults`` (JSON ``{"<round>:<action>": [partition ids]}``) makes those sites raise in
   that stage's handler: Flower turns that into an error reply (a dropout);
-- ``--dump DIR``: after setup, the site's plain update (the node-private file it masks later)
-  is copied to DIR, so a test can compare it with what the coordinator received; the
-  production ClientApp has no such hook.
+- ``--dump DIR``: after setup, the site's input as it waits to be masked (the node-private
+  file, encoded in the round's ring) is decoded with the round's config and written to DIR
+  (``decoded_input``: the weighted, clipped update, the weight and the weighted metrics), so
+  a test can compare it with what the coordinator received; the production ClientApp has
+  no such hook.
 
 Usage: python simulation_driver.py {secagg,secagg-active,distributed} OUT_DIR SITES ROUNDS
     [--faults JSON] [--dump DIR] [--spill DIR]
@@ -26,7 +28,6 @@ import hashlib
 import json
 import os
 import pickle
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,12 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp import Grid, ServerApp
 
+from fedmm.client.secagg.pending_update import load_pending_update
+from fedmm.client.secagg.stages import client_state_from_record
 from fedmm.client.secure_aggregation import SECAGG_STATE_KEY
 from fedmm.common.federation_config import FederationConfig
+from fedmm.common.secagg.input_encoding import decode_aggregate
 from fedmm.common.secure_round import MESSAGE_SETUP, RECORD_SECAGG
 from fedmm.server.federation import run_federation
 from fedmm.server.round_modes import round_mode_for
@@ -117,7 +122,7 @@ class InjectFaults:
 
 @dataclass(frozen=True)
 class CopyPendingUpdate:
-    """A mod: after a training sum's setup, copy the site's waiting plain update to
+    """A mod: after a training sum's setup, decode the site's waiting input into
     ``directory`` (an evaluation sum's counts are not an update)."""
 
     directory: str
@@ -126,9 +131,31 @@ class CopyPendingUpdate:
         reply = call_next(msg, context)
         record = context.state.config_records.get(SECAGG_STATE_KEY)
         if msg.metadata.message_type == MESSAGE_SETUP and record is not None:
-            name = f"node-{context.node_id}-round-{round_of(msg)}.npy"
-            shutil.copyfile(str(record["pending-file"]), Path(self.directory) / name)
+            state_record = {k: v for k, v in dict(record).items() if k != "exchange"}
+            config = client_state_from_record(state_record).config
+            pending = load_pending_update(
+                Path(str(record["pending-file"])), round_id=config.round_id
+            )
+            decoded = decode_aggregate(config=config, summed=pending.encoded, num_summed=1)
+            name = f"node-{context.node_id}-round-{round_of(msg)}.npz"
+            np.savez(
+                Path(self.directory) / name,
+                update=decoded.weighted_update_sum,
+                weight=decoded.weight_sum,
+                metrics=np.array(list(decoded.metric_sums.values())),
+            )
         return reply
+
+
+def decoded_input(path: Path) -> dict[str, Any]:
+    """A dumped input: ``update`` (weight * clipped update, dequantised), ``weight`` (the
+    site's example count) and ``metrics`` (weighted, dequantised)."""
+    with np.load(path) as arrays:
+        return {
+            "update": arrays["update"],
+            "weight": int(arrays["weight"]),
+            "metrics": [float(x) for x in arrays["metrics"]],
+        }
 
 
 class RecordingGrid:

@@ -34,12 +34,15 @@ from fedmm.common.model_config import ModelConfig
 from fedmm.common.train_request import TrainRequest
 
 if TYPE_CHECKING:  # the de-identification tools load only when used
+    from fedmm.client.deid.cache import EncryptedEntry, EntryWriter
     from fedmm.client.deid.policy import DeidPolicy
     from fedmm.client.held_out_split import SiteSplit
 
 logger = logging.getLogger(__name__)
 
 _MEMO_SIZE = 8
+#: Node config key: days a de-identification cache entry is kept (default 30).
+RETENTION_DAYS = "deid-cache-retention-days"
 
 
 class SiteDataError(ValueError):
@@ -75,6 +78,11 @@ class SiteDeidSettings:
     policy_file: Path | None  # None: the default DeidPolicy
     secret_file: Path
     cache_dir: Path
+    #: Cache entries older than this many days are rebuilt (and ``fedmm site purge``
+    #: removes them): node config ``deid-cache-retention-days``.
+    retention_days: float = 30.0
+    #: The site's withdrawals file (``client.record_withdrawals``); None: no withdrawals.
+    withdrawals_file: Path | None = None
 
     def load_policy(self) -> DeidPolicy:
         """The policy in ``policy_file``, or the default policy."""
@@ -101,10 +109,25 @@ def site_deid_settings(node_config: Mapping[str, Any]) -> SiteDeidSettings:
         sim_dir = default_cache_dir().parent / "simulated-sites"
         site_dir = sim_dir / f"site-{node_config['partition-id']}"
         secret_file, cache_dir = site_dir / "site-secret", site_dir / "cache"
+    from fedmm.client.deid.cache import DEFAULT_RETENTION_DAYS
+    from fedmm.client.record_withdrawals import withdrawals_path
+
+    retention = node_config.get(RETENTION_DAYS, DEFAULT_RETENTION_DAYS)
+    try:
+        retention_days = float(retention)
+    except (TypeError, ValueError):
+        retention_days = -1.0
+    if isinstance(retention, bool) or not retention_days > 0:
+        raise SiteDataError(
+            f"node config {RETENTION_DAYS} = {retention!r}: use a number of days > 0 "
+            "(site config [deidentification] cache-retention-days)"
+        )
     return SiteDeidSettings(
         policy_file=Path(str(policy_file)) if policy_file else None,
         secret_file=Path(str(node_config.get("site-secret", secret_file))),
         cache_dir=Path(str(node_config.get("deid-cache-dir", cache_dir))),
+        retention_days=retention_days,
+        withdrawals_file=withdrawals_path(node_config),
     )
 
 
@@ -152,9 +175,11 @@ def deidentified_records(
 ) -> ImageTextDataset:
     """``raw`` (records in memory) de-identified under the site's policy, from the cache when
     this policy, secret and tool set have seen the same records before."""
+    import io
+
     import numpy as np
 
-    from fedmm.client.deid.audit import AuditReport, tool_versions
+    from fedmm.client.deid.audit import tool_versions
     from fedmm.client.deid.cache import (
         DeidCache,
         cache_key,
@@ -165,6 +190,7 @@ def deidentified_records(
     from fedmm.client.deid.face_detection import build_face_detector
     from fedmm.client.deid.records import deidentify_records
     from fedmm.client.deid.site_secret import load_or_create_site_secret
+    from fedmm.client.encrypted_cache import CacheIntegrityError
 
     policy = settings.load_policy()
     secret = load_or_create_site_secret(settings.secret_file)
@@ -174,7 +200,7 @@ def deidentified_records(
         return hit
     detector = build_face_detector(policy.face_detectors, min_face_size=policy.min_face_size)
     versions = tool_versions(detector.versions())
-    cache = DeidCache(settings.cache_dir)
+    cache = DeidCache(settings.cache_dir, secret, retention_days=settings.retention_days)
     slot = slot_name(("records", *source), secret)
     key = cache_key(
         policy=policy, content_digest=records_digest(raw, secret), versions=versions, secret=secret
@@ -182,29 +208,33 @@ def deidentified_records(
     entry = cache.lookup(slot, key)
     if entry is not None:
         try:
-            with np.load(entry / "records.npz", allow_pickle=False) as arrays:
+            with np.load(io.BytesIO(entry["records.npz"]), allow_pickle=False) as arrays:
                 images, labels = arrays["images"], arrays["labels"]
-            captions = json.loads((entry / "captions.json").read_text(encoding="utf-8"))
+            captions = json.loads(entry["captions.json"].decode("utf-8"))
             return _remember(
                 memo_key, raw, ImageTextDataset(images=images, captions=captions, labels=labels)
             )
+        except CacheIntegrityError as error:
+            cache.reject(entry.path, error)
         except (OSError, ValueError, KeyError):
-            logger.warning("unreadable de-identification cache entry %s: rebuilding", entry.name)
+            logger.warning(
+                "unreadable de-identification cache entry %s: rebuilding", entry.path.name
+            )
             cache.discard(slot, key)
     started = time.monotonic()
     data, report = deidentify_records(raw, policy, secret, detector=detector)
 
-    def write(directory: Path, data: ImageTextDataset = data, report: AuditReport = report):
-        np.savez(directory / "records.npz", images=data.images, labels=data.labels)
-        (directory / "captions.json").write_text(
-            json.dumps(data.captions, ensure_ascii=False), encoding="utf-8"
-        )
-        report.write(directory / "audit.json")
+    def build(writer: EntryWriter) -> None:
+        arrays = io.BytesIO()
+        np.savez(arrays, images=data.images, labels=data.labels)
+        writer.add("records.npz", arrays.getvalue())
+        writer.add("captions.json", json.dumps(data.captions, ensure_ascii=False).encode())
+        writer.add("audit.json", json.dumps(report.to_dict(), sort_keys=True).encode())
 
-    entry = cache.store(
-        slot, key, write, description={"policy": policy.to_dict(), "tool_versions": versions}
+    stored = cache.store(
+        slot, key, build, description={"policy": policy.to_dict(), "tool_versions": versions}
     )
-    _log_built(f"{len(raw)} records", report, time.monotonic() - started, entry)
+    _log_built(f"{len(raw)} records", report, time.monotonic() - started, stored.path)
     return _remember(memo_key, raw, data)
 
 
@@ -227,7 +257,9 @@ def deidentified_imagefolder(
 ) -> ImageTextDataset:
     """The site's imagefolder de-identified at full resolution (faces are found before the
     images are scaled down), then loaded at the model's ``geometry``; cached like
-    :func:`deidentified_records`."""
+    :func:`deidentified_records`, encrypted. Records withdrawn at the site
+    (``client.record_withdrawals``) are left out of what is loaded and removed from the
+    cache entry; a rebuilt entry never stores them."""
     from fedmm.client.deid.audit import tool_versions
     from fedmm.client.deid.cache import (
         DeidCache,
@@ -240,14 +272,10 @@ def deidentified_imagefolder(
     from fedmm.client.deid.face_detection import build_face_detector
     from fedmm.client.deid.imagefolder import deidentify_imagefolder
     from fedmm.client.deid.site_secret import load_or_create_site_secret
-    from fedmm.common.data.imagefolder import load_imagefolder
+    from fedmm.client.encrypted_cache import CacheIntegrityError
+    from fedmm.client.record_withdrawals import withdrawal_key, withdrawn_digests
 
     geometry = geometry or ImageGeometry()
-    loading = {
-        "image_size": geometry.image_size,
-        "channels": geometry.channels,
-        "caption_words": geometry.caption_words,
-    }
     root = Path(root).resolve()
     cache_dir = settings.cache_dir.resolve()
     if cache_dir == root or root in cache_dir.parents:
@@ -257,6 +285,7 @@ def deidentified_imagefolder(
         )
     policy = settings.load_policy()
     secret = load_or_create_site_secret(settings.secret_file)
+    withdrawn = withdrawn_digests(settings.withdrawals_file, secret)
     memo_key = (
         "imagefolder",
         str(root),
@@ -265,40 +294,94 @@ def deidentified_imagefolder(
         secret_fingerprint(secret),
         settings.cache_dir,
     )
-    signature = folder_signature(root)
+    # A new withdrawal changes the check: the next load (the next round) drops the record.
+    signature = (folder_signature(root), withdrawn)
     hit = _recall(memo_key, signature)
     if hit is not None:
         return hit
     detector = build_face_detector(policy.face_detectors, min_face_size=policy.min_face_size)
     versions = tool_versions(detector.versions())
-    cache = DeidCache(settings.cache_dir)
+    cache = DeidCache(settings.cache_dir, secret, retention_days=settings.retention_days)
     slot = slot_name(("imagefolder", str(root)), secret)
     key = cache_key(
         policy=policy, content_digest=folder_digest(root, secret), versions=versions, secret=secret
     )
+    record_key = withdrawal_key(secret)
     entry = cache.lookup(slot, key)
     if entry is not None:
         try:
-            data, _report = load_imagefolder(entry / "imagefolder", **loading)
+            data = _load_entry(entry, withdrawn, record_key, geometry)
             return _remember(memo_key, signature, data)
+        except CacheIntegrityError as error:
+            cache.reject(entry.path, error)
         except (OSError, ValueError):
-            logger.warning("unreadable de-identification cache entry %s: rebuilding", entry.name)
+            logger.warning(
+                "unreadable de-identification cache entry %s: rebuilding", entry.path.name
+            )
             cache.discard(slot, key)
     started = time.monotonic()
     reports = []
 
-    def write(directory: Path) -> None:
-        report = deidentify_imagefolder(root, directory / "imagefolder", policy, secret)
-        report.write(directory / "audit.json")
+    def build(writer: EntryWriter) -> None:
+        from fedmm.client.record_withdrawals import (
+            METADATA_FILE,
+            record_digest,
+            without_withdrawn_lines,
+        )
+
+        def keep(name: str, content: bytes) -> None:
+            if name == METADATA_FILE:
+                content = without_withdrawn_lines(content, withdrawn, record_key)
+            elif record_digest(name, record_key) in withdrawn:
+                return  # a withdrawn record's image is never stored
+            writer.add(name, content)
+
+        report = deidentify_imagefolder(root, Path("-"), policy, secret, sink=keep)
+        writer.add("audit.json", json.dumps(report.to_dict(), sort_keys=True).encode())
         reports.append(report)
 
-    entry = cache.store(
-        slot, key, write, description={"policy": policy.to_dict(), "tool_versions": versions}
+    stored = cache.store(
+        slot, key, build, description={"policy": policy.to_dict(), "tool_versions": versions}
     )
     if reports:
-        _log_built(str(root), reports[0], time.monotonic() - started, entry)
-    data, _report = load_imagefolder(entry / "imagefolder", **loading)
+        _log_built(str(root), reports[0], time.monotonic() - started, stored.path)
+    data = _load_entry(stored, withdrawn, record_key, geometry)
     return _remember(memo_key, signature, data)
+
+
+def _load_entry(
+    entry: EncryptedEntry, withdrawn: frozenset[str], record_key: bytes, geometry: ImageGeometry
+) -> ImageTextDataset:
+    """The de-identified imagefolder in ``entry``, decrypted in memory and loaded at
+    ``geometry``, without withdrawn records, which are removed from the entry first."""
+    from fedmm.client.record_withdrawals import (
+        METADATA_FILE,
+        withdrawn_files,
+        without_withdrawn_lines,
+    )
+    from fedmm.common.data.imagefolder import load_imagefolder_files
+
+    if withdrawn:
+        gone = withdrawn_files([n for n in entry if n != METADATA_FILE], withdrawn, record_key)
+        metadata = entry[METADATA_FILE]
+        kept = without_withdrawn_lines(metadata, withdrawn, record_key)
+        if kept != metadata:
+            entry.replace(METADATA_FILE, kept)
+        if gone or kept != metadata:
+            entry.remove(gone)
+            logger.info(
+                "withdrawn records removed from the de-identification cache entry %s: %d file(s)",
+                entry.path.name,
+                len(gone),
+            )
+    data, _report = load_imagefolder_files(
+        entry,
+        name=f"de-identified cache entry {entry.path.name}",
+        image_size=geometry.image_size,
+        channels=geometry.channels,
+        caption_words=geometry.caption_words,
+    )
+    return data
 
 
 def load_site_records(node_config: Mapping[str, Any], request: TrainRequest) -> ImageTextDataset:

@@ -2,6 +2,12 @@
 version rather than once per round (deployment starts a fresh ClientApp process per
 message).
 
+The de-identified data is derived personal data: every file of it is encrypted at rest with
+AES-256-GCM under a key derived from the site secret (``client.encrypted_cache``, purpose
+``"deid-cache"``), bound to its entry and its place in it. A copy of the cache folder
+without the secret reveals file counts and sizes only; a file that fails authentication
+makes the whole entry be discarded and rebuilt, never used.
+
 An entry is a directory ``<slot>-<key>`` under the cache directory (mode 0700):
 
 - ``key`` is an HMAC-SHA256 under the site secret of the cache format, the policy, the tool
@@ -13,8 +19,13 @@ An entry is a directory ``<slot>-<key>`` under the cache directory (mode 0700):
   also keyed: when a new version of a dataset is stored, the entries of its older versions
   are removed.
 
-Entries are written to a temporary directory and renamed into place, so a reader never sees
-half an entry and two processes building the same entry at once both end up with one.
+Inside an entry: ``entry.json`` (in the clear: format, creation time, policy and tool
+versions, nothing of the data), ``index.bin`` (encrypted: the entry's file names, which may
+themselves be personal data, each mapped to a random id) and one ``<id>.bin`` per file
+(encrypted). Entries are written to a temporary directory and renamed into place, so a
+reader never sees half an entry and two processes building the same entry at once both end
+up with one. An entry older than the site's retention period is not used (and ``fedmm site
+purge`` removes it).
 """
 
 from __future__ import annotations
@@ -27,7 +38,9 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -35,13 +48,24 @@ from typing import Any
 import numpy as np
 
 from fedmm.client.deid.policy import DeidPolicy
+from fedmm.client.encrypted_cache import (
+    CacheIntegrityError,
+    derive_cache_key,
+    read_encrypted,
+    write_encrypted,
+)
 from fedmm.common.data.dataset import ImageTextDataset
 
 logger = logging.getLogger(__name__)
 
-#: Bump when the layout of an entry or the meaning of its content changes.
-CACHE_FORMAT = 1
+#: Bump when the layout of an entry or the meaning of its content changes (2: encrypted).
+CACHE_FORMAT = 2
 ENTRY_FILE = "entry.json"
+INDEX_FILE = "index.bin"
+#: The purpose the cache's AES key is derived for (``client.encrypted_cache``).
+CACHE_PURPOSE = "deid-cache"
+#: Default retention of an entry (site config ``[deidentification] cache-retention-days``).
+DEFAULT_RETENTION_DAYS = 30.0
 
 
 def default_cache_dir() -> Path:
@@ -137,39 +161,204 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
-class DeidCache:
-    """Entries of de-identified data under one directory (see the module docstring)."""
+def _file_aad(entry_name: str, file_id: str) -> bytes:
+    return f"fedmm deid cache entry {entry_name} file {file_id}".encode()
 
-    def __init__(self, directory: Path) -> None:
+
+class EntryWriter:
+    """Adds encrypted files to an entry being built (each under a fresh random id)."""
+
+    def __init__(self, directory: Path, entry_name: str, key: bytes) -> None:
+        self._directory, self._entry_name, self._key = directory, entry_name, key
+        self.index: dict[str, str] = {}
+
+    def add(self, name: str, content: bytes) -> None:
+        """Encrypt ``content`` as the entry's file ``name`` (a later add replaces it)."""
+        file_id = secrets.token_hex(16)
+        write_encrypted(
+            self._directory / f"{file_id}.bin",
+            content,
+            self._key,
+            _file_aad(self._entry_name, file_id),
+        )
+        old = self.index.pop(name, None)
+        if old is not None:
+            (self._directory / f"{old}.bin").unlink(missing_ok=True)
+        self.index[name] = file_id
+
+    def write_index(self) -> None:
+        write_encrypted(
+            self._directory / INDEX_FILE,
+            json.dumps(self.index, sort_keys=True).encode(),
+            self._key,
+            _file_aad(self._entry_name, "index"),
+        )
+
+
+class EncryptedEntry(Mapping[str, bytes]):
+    """The files of one complete entry, decrypted on access. Reading a file that is missing
+    or fails authentication raises :class:`CacheIntegrityError` (discard the entry)."""
+
+    def __init__(self, path: Path, key: bytes) -> None:
+        self.path, self._key = path, key
+        try:
+            raw = read_encrypted(path / INDEX_FILE, key, _file_aad(path.name, "index"))
+            index = json.loads(raw)
+        except ValueError as error:  # CacheIntegrityError, or JSON that cannot be parsed
+            raise CacheIntegrityError(f"index: {error}") from None
+        if not isinstance(index, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in index.items()
+        ):
+            raise CacheIntegrityError("index: not a map of file names to ids")
+        self.index: dict[str, str] = index
+
+    def __getitem__(self, name: str) -> bytes:
+        file_id = self.index[name]  # KeyError: no such file in the entry
+        return read_encrypted(
+            self.path / f"{file_id}.bin", self._key, _file_aad(self.path.name, file_id)
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def remove(self, names: Iterable[str]) -> int:
+        """Remove the files ``names`` from the entry: the index is rewritten first (a crash
+        leaves an orphan file, never a listed file missing), then the files are deleted.
+        Returns how many were removed."""
+        gone = [name for name in names if name in self.index]
+        if not gone:
+            return 0
+        ids = [self.index.pop(name) for name in gone]
+        writer = EntryWriter(self.path, self.path.name, self._key)
+        writer.index = self.index
+        writer.write_index()
+        for file_id in ids:
+            (self.path / f"{file_id}.bin").unlink(missing_ok=True)
+        return len(gone)
+
+    def replace(self, name: str, content: bytes) -> None:
+        """Put ``content`` in place of the file ``name`` (index rewritten, old file deleted)."""
+        writer = EntryWriter(self.path, self.path.name, self._key)
+        writer.index = dict(self.index)
+        writer.add(name, content)
+        writer.write_index()
+        self.index = writer.index
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """What ``entry.json`` says of an entry (in the clear: no data, no file names)."""
+
+    path: Path
+    slot: str
+    key: str
+    created: float  # Unix time; the directory's modification time for older entries
+    format: int
+
+    def age_days(self, now: float | None = None) -> float:
+        return ((time.time() if now is None else now) - self.created) / 86400.0
+
+
+def _entry_info(path: Path) -> EntryInfo | None:
+    slot, sep, key = path.name.partition("-")
+    if not sep or path.name.startswith("."):
+        return None
+    try:
+        described = json.loads((path / ENTRY_FILE).read_text(encoding="utf-8"))
+        created = float(described.get("created", path.stat().st_mtime))
+        form = int(described.get("format", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return EntryInfo(path=path, slot=slot, key=key, created=created, format=form)
+
+
+class DeidCache:
+    """Encrypted entries of de-identified data under one directory (see the module
+    docstring); ``site_secret`` derives the entries' AES key."""
+
+    def __init__(
+        self,
+        directory: Path,
+        site_secret: bytes,
+        *,
+        retention_days: float = DEFAULT_RETENTION_DAYS,
+    ) -> None:
         self.directory = ensure_private_dir(Path(directory))
+        self._key = derive_cache_key(site_secret, CACHE_PURPOSE)
+        self.retention_days = retention_days
 
     def entry_path(self, slot: str, key: str) -> Path:
         return self.directory / f"{slot}-{key}"
 
-    def lookup(self, slot: str, key: str) -> Path | None:
-        """The complete entry for ``(slot, key)``, or None."""
+    def entries(self) -> list[EntryInfo]:
+        """Every complete entry in the directory (any slot, any format)."""
+        found = (_entry_info(p) for p in sorted(self.directory.iterdir()) if p.is_dir())
+        return [info for info in found if info is not None]
+
+    def lookup(self, slot: str, key: str) -> EncryptedEntry | None:
+        """The complete, current entry for ``(slot, key)``, or None. An entry of an older
+        format, past the retention period, or whose index fails authentication is
+        discarded (and logged): the caller rebuilds it."""
         path = self.entry_path(slot, key)
-        return path if (path / ENTRY_FILE).is_file() else None
+        info = _entry_info(path) if path.is_dir() else None
+        if info is None:
+            return None
+        if info.format != CACHE_FORMAT or info.age_days() > self.retention_days:
+            logger.info(
+                "de-identification cache entry %s is %s: rebuilding",
+                path.name,
+                "of an older format" if info.format != CACHE_FORMAT else "past its retention",
+            )
+            self.discard(slot, key)
+            return None
+        try:
+            return EncryptedEntry(path, self._key)
+        except CacheIntegrityError as error:
+            self.reject(path, error)
+            return None
+
+    def reject(self, path: Path, error: Exception) -> None:
+        """Discard an entry a file of which failed to decrypt or authenticate."""
+        logger.warning(
+            "de-identification cache entry %s failed its integrity check (%s): deleted, "
+            "rebuilding; it was not used",
+            path.name,
+            error,
+        )
+        shutil.rmtree(path, ignore_errors=True)
 
     def store(
         self,
         slot: str,
         key: str,
-        write: Callable[[Path], None],
+        build: Callable[[EntryWriter], None],
         *,
         description: dict[str, Any] | None = None,
-    ) -> Path:
-        """Build an entry with ``write(directory)``, move it into place and remove the older
-        entries of ``slot``. ``description`` (policy, versions: nothing found in the data)
-        goes to ``entry.json``."""
+    ) -> EncryptedEntry:
+        """Build an entry with ``build(writer)`` (each ``writer.add(name, bytes)`` is
+        encrypted as it comes), move it into place and remove the older entries of
+        ``slot``. ``description`` (policy, versions: nothing found in the data) goes to
+        ``entry.json`` with the creation time."""
         final = self.entry_path(slot, key)
         tmp = self.directory / f".{slot}-{key}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         tmp.mkdir(mode=0o700)
         try:
-            write(tmp)
+            writer = EntryWriter(tmp, final.name, self._key)
+            build(writer)
+            writer.write_index()
             (tmp / ENTRY_FILE).write_text(
                 json.dumps(
-                    {"format": CACHE_FORMAT, **(description or {})}, indent=2, sort_keys=True
+                    {
+                        "format": CACHE_FORMAT,
+                        "created": time.time(),
+                        "encryption": "AES-256-GCM, key HKDF-SHA256(site secret)",
+                        **(description or {}),
+                    },
+                    indent=2,
+                    sort_keys=True,
                 )
                 + "\n",
                 encoding="utf-8",
@@ -177,20 +366,24 @@ class DeidCache:
             try:
                 tmp.rename(final)
             except OSError:  # another process stored the same entry first: keep theirs
-                if self.lookup(slot, key) is None:
+                if not (final / ENTRY_FILE).is_file():
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        self._remove_older(slot, keep=final)
-        return final
+        self.remove_older(slot, keep=final)
+        return EncryptedEntry(final, self._key)
 
     def discard(self, slot: str, key: str) -> None:
         """Remove an entry (e.g. one that could not be read back)."""
         shutil.rmtree(self.entry_path(slot, key), ignore_errors=True)
 
-    def _remove_older(self, slot: str, *, keep: Path) -> None:
+    def remove_older(self, slot: str, *, keep: Path | None) -> list[Path]:
+        """Remove every entry of ``slot`` but ``keep``; returns the entries removed."""
+        removed = []
         for path in self.directory.glob(f"{slot}-*"):
             if path != keep and path.is_dir():
                 with contextlib.suppress(OSError):
                     shutil.rmtree(path)
+                removed.append(path)
                 logger.info("removed the outdated de-identification cache entry %s", path.name)
+        return removed

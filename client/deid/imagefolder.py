@@ -11,9 +11,10 @@ order and written deterministically, so running twice gives the same output.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,19 @@ METADATA_NAME = "metadata.jsonl"
 
 #: Called as ``progress(files_done, files_total)`` after each file.
 ProgressCallback = Callable[[int, int], None]
+#: Receives each output file as ``sink(path relative to the output folder, content)``.
+FileSink = Callable[[str, bytes], None]
+
+
+def _folder_sink(dst: Path) -> FileSink:
+    """A sink writing each file under ``dst``."""
+
+    def write(relative: str, content: bytes) -> None:
+        target = dst / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+
+    return write
 
 
 def deidentify_caption(text: str, policy: DeidPolicy, secret: bytes) -> tuple[str, list[PiiSpan]]:
@@ -60,8 +74,9 @@ def deidentify_image(
 
 
 def _deidentify_image_file(
-    src: Path, dst: Path, policy: DeidPolicy, detector: FaceDetector, report: AuditReport
-) -> None:
+    src: Path, dst: str, policy: DeidPolicy, detector: FaceDetector, report: AuditReport
+) -> bytes:
+    """The de-identified image ``src`` encoded in the format ``dst``'s suffix names."""
     from PIL import Image, ImageOps
 
     with Image.open(src) as img:
@@ -81,13 +96,15 @@ def _deidentify_image_file(
             pixels = np.asarray(upright.convert(mode))
     out, boxes = deidentify_image(pixels, policy, detector)
     report.record_image(boxes)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     # A fresh image from the pixels alone: no EXIF, ICC, XMP or text chunks are carried over.
     fresh = Image.fromarray(out) if mode == "I;16" else Image.fromarray(out, mode=mode)
-    if dst.suffix.lower() in (".jpg", ".jpeg"):
-        fresh.save(dst, quality=95, optimize=False)
+    suffix = PurePosixPath(dst).suffix.lower()
+    encoded = io.BytesIO()
+    if suffix in (".jpg", ".jpeg"):
+        fresh.save(encoded, format="JPEG", quality=95, optimize=False)
     else:
-        fresh.save(dst)
+        fresh.save(encoded, format=Image.registered_extensions()[suffix])
+    return encoded.getvalue()
 
 
 def _has_transparency(image: Any) -> bool:
@@ -96,8 +113,8 @@ def _has_transparency(image: Any) -> bool:
 
 
 def _deidentify_metadata_file(
-    src: Path, dst: Path, policy: DeidPolicy, secret: bytes, report: AuditReport
-) -> None:
+    src: Path, policy: DeidPolicy, secret: bytes, report: AuditReport
+) -> bytes:
     lines_out = []
     for number, line in enumerate(src.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -113,8 +130,7 @@ def _deidentify_metadata_file(
                 record[key], spans = deidentify_caption(value, policy, secret)
                 report.record_caption(spans)
         lines_out.append(json.dumps(record, ensure_ascii=False, sort_keys=True))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text("".join(line + "\n" for line in lines_out), encoding="utf-8")
+    return "".join(line + "\n" for line in lines_out).encode("utf-8")
 
 
 def deidentify_imagefolder(
@@ -123,33 +139,39 @@ def deidentify_imagefolder(
     policy: DeidPolicy,
     secret: bytes,
     progress: ProgressCallback | None = None,
+    *,
+    sink: FileSink | None = None,
 ) -> AuditReport:
     """De-identify the imagefolder dataset ``src`` into ``dst`` and return the audit report
-    (the caller decides where to write it, e.g. ``dst / "audit.json"``)."""
+    (the caller decides where to write it, e.g. ``dst / "audit.json"``).
+
+    With ``sink``, nothing is written to ``dst``: each output file goes to
+    ``sink(relative POSIX path, bytes)`` instead (an encrypted cache keeps the de-identified
+    copy off the disk in the clear)."""
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise NotADirectoryError(f"source {src} is not a directory")
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise ValueError("destination must not be the source or inside it")
+    if sink is None:
+        if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+            raise ValueError("destination must not be the source or inside it")
+        sink = _folder_sink(dst)
     from PIL.Image import DecompressionBombError  # not an OSError: Pillow's pixel limit
 
     detector = build_face_detector(policy.face_detectors, min_face_size=policy.min_face_size)
     report = AuditReport(policy=policy.to_dict(), tool_versions=tool_versions(detector.versions()))
     files = sorted(p for p in src.rglob("*") if p.is_file())
     for done, path in enumerate(files, start=1):
-        relative = path.relative_to(src)
-        target = dst / relative
+        relative = path.relative_to(src).as_posix()
         try:
             if path.name == METADATA_NAME:
-                _deidentify_metadata_file(path, target, policy, secret, report)
+                sink(relative, _deidentify_metadata_file(path, policy, secret, report))
             elif path.suffix.lower() in IMAGE_SUFFIXES:
-                _deidentify_image_file(path, target, policy, detector, report)
+                sink(relative, _deidentify_image_file(path, relative, policy, detector, report))
             else:
-                report.record_skip(relative.as_posix(), "not an image or metadata.jsonl")
+                report.record_skip(relative, "not an image or metadata.jsonl")
         except (OSError, ValueError, DecompressionBombError) as exc:
             # Only the exception type goes into the audit: messages may quote file content.
-            report.record_skip(relative.as_posix(), f"unreadable: {type(exc).__name__}")
-            target.unlink(missing_ok=True)
+            report.record_skip(relative, f"unreadable: {type(exc).__name__}")
         if progress is not None:
             progress(done, len(files))
     return report

@@ -39,14 +39,15 @@ text). File names may themselves be personal data: keep the report at the site.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -203,13 +204,80 @@ def load_imagefolder(
         caption_words=caption_words,
     )
     metadata_path = _metadata_path(root)
+    return _load_from(
+        str(root),
+        metadata_path.read_bytes(),
+        lambda name: _open_image_file(root / name),
+        image_size=image_size,
+        channels=channels,
+        max_side=max_side,
+        label_names=label_names,
+        caption_words=caption_words,
+    )
+
+
+def load_imagefolder_files(
+    files: Mapping[str, bytes],
+    *,
+    name: str = "in-memory imagefolder",
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
+    channels: int = 1,
+    max_side: int = DEFAULT_MAX_SIDE,
+    label_names: Sequence[str] | None = None,
+    caption_words: int | None = None,
+) -> tuple[ImageTextDataset, LoadReport]:
+    """:func:`load_imagefolder` of a folder held in memory: ``files`` maps each file's path
+    relative to the folder (``"metadata.jsonl"``, ``"scans/a.png"``) to its bytes, so a
+    folder decrypted from a cache never touches the disk in the clear. ``name`` is what
+    the log calls it. The same checks and skips apply."""
+    _check_load_arguments(
+        image_size=image_size,
+        channels=channels,
+        max_side=max_side,
+        label_names=label_names,
+        caption_words=caption_words,
+    )
+    if METADATA_FILE not in files:
+        raise FileNotFoundError(f"{name} has no {METADATA_FILE}")
+
+    def open_image(file_name: str) -> BinaryIO:
+        content = files.get(file_name)
+        if content is None:
+            raise _Skipped(SkipReason.MISSING_FILE)
+        if not content:
+            raise _Skipped(SkipReason.EMPTY_FILE)
+        return io.BytesIO(content)
+
+    return _load_from(
+        name,
+        files[METADATA_FILE],
+        open_image,
+        image_size=image_size,
+        channels=channels,
+        max_side=max_side,
+        label_names=label_names,
+        caption_words=caption_words,
+    )
+
+
+def _load_from(
+    name: str,
+    metadata: bytes,
+    open_image: Callable[[str], BinaryIO],
+    *,
+    image_size: tuple[int, int],
+    channels: int,
+    max_side: int,
+    label_names: Sequence[str] | None,
+    caption_words: int | None,
+) -> tuple[ImageTextDataset, LoadReport]:
     report = LoadReport(caption_words=caption_words)
-    records = _drop_duplicate_file_names(_read_metadata(metadata_path, report), report)
+    records = _drop_duplicate_file_names(_read_metadata(metadata, report), report)
     vocabulary = _label_vocabulary(records, label_names)
     report.label_names = vocabulary
 
     dataset = _load_records(
-        root,
+        open_image,
         records,
         vocabulary,
         report,
@@ -221,12 +289,12 @@ def load_imagefolder(
         report.captions_truncated = sum(
             len(split_words(caption)) > caption_words for caption in dataset.captions
         )
-    _log_summary(root, report)
+    _log_summary(name, report)
     return dataset, report
 
 
 def _load_records(
-    root: Path,
+    open_image: Callable[[str], BinaryIO],
     records: list[_MetadataRecord],
     vocabulary: list[str] | None,
     report: LoadReport,
@@ -243,7 +311,10 @@ def _load_records(
         try:
             label = _resolve_label(record.raw_label, vocabulary)
             pixels, conversions = _load_image(
-                root / record.file_name, image_size=image_size, channels=channels, max_side=max_side
+                open_image(record.file_name),
+                image_size=image_size,
+                channels=channels,
+                max_side=max_side,
             )
         except _Skipped as skipped:
             report.record_skip(skipped.reason, record.file_name)
@@ -309,10 +380,10 @@ def _metadata_path(root: Path) -> Path:
     return metadata_path
 
 
-def _read_metadata(metadata_path: Path, report: LoadReport) -> list[_MetadataRecord]:
+def _read_metadata(metadata: bytes, report: LoadReport) -> list[_MetadataRecord]:
     """The well-formed records of ``metadata.jsonl``; the other lines go to the report."""
     records = []
-    for line_number, raw_line in _metadata_lines(metadata_path.read_bytes()):
+    for line_number, raw_line in _metadata_lines(metadata):
         try:
             records.append(_parse_metadata_line(raw_line))
         except _Skipped as skipped:
@@ -418,16 +489,20 @@ def _resolve_label(raw_label: object, vocabulary: list[str] | None) -> int:
     raise _Skipped(SkipReason.BAD_LABEL)
 
 
-def _load_image(
-    path: Path, *, image_size: tuple[int, int], channels: int, max_side: int
-) -> tuple[np.ndarray, list[PixelConversion]]:
-    """The image at ``path`` as letterboxed ``uint8`` pixels with ``channels``, and the
-    conversions it took; or ``_Skipped``."""
+def _open_image_file(path: Path) -> BinaryIO:
+    """The image file at ``path``, open for reading; or ``_Skipped``."""
     _check_image_file(path)
     try:
-        stream = path.open("rb")
+        return path.open("rb")
     except OSError:
         raise _Skipped(SkipReason.UNREADABLE_FILE) from None
+
+
+def _load_image(
+    stream: BinaryIO, *, image_size: tuple[int, int], channels: int, max_side: int
+) -> tuple[np.ndarray, list[PixelConversion]]:
+    """The image in ``stream`` as letterboxed ``uint8`` pixels with ``channels``, and the
+    conversions it took; or ``_Skipped``."""
     with stream, warnings.catch_warnings():
         # Pillow only warns between 1x and 2x its pixel limit: make that a skip too.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -466,7 +541,7 @@ def _check_dimensions(size: tuple[int, int], max_side: int) -> None:
         raise _Skipped(SkipReason.BAD_DIMENSIONS)
 
 
-def _log_summary(root: Path, report: LoadReport) -> None:
+def _log_summary(root: str, report: LoadReport) -> None:
     """One log line per load; a warning when anything was skipped."""
     level = logging.WARNING if report.total_skipped else logging.INFO
     logger.log(level, "imagefolder %s: %s", root, report.summary())

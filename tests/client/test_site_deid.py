@@ -14,9 +14,10 @@ import pytest
 from PIL import Image
 
 from fedmm.client import site_data
-from fedmm.client.deid.cache import code_fingerprint
+from fedmm.client.deid.cache import CACHE_PURPOSE, EncryptedEntry, code_fingerprint
 from fedmm.client.deid.policy import DeidPolicy, load_policy
 from fedmm.client.deid.records import deidentify_records
+from fedmm.client.encrypted_cache import derive_cache_key
 from fedmm.client.site_data import load_site_records
 from fedmm.common.data.dataset import ImageTextDataset
 from fedmm.common.data.fashion_mnist import DEFAULT_DATA_DIR
@@ -86,10 +87,12 @@ def test_imagefolder_is_de_identified_and_cached_privately(folder: Path, tmp_pat
     cache = Path(config["deid-cache-dir"])
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
     (entry,) = _entries(cache)
-    audit = json.loads((entry / "audit.json").read_text())
+    files = EncryptedEntry(entry, derive_cache_key(secret.read_bytes(), CACHE_PURPOSE))
+    audit = json.loads(files["audit.json"])
     assert audit["pii_by_type"] == {"DATE": 1, "EMAIL": 1, "PERSON": 1, "PHONE": 1}
+    assert sorted(files) == ["0.png", "1.png", "2.png", "audit.json", "metadata.jsonl"]
     # Neither the secret nor a found value is anywhere in the cache's names or files but
-    # the de-identified data (which holds pseudonyms only).
+    # the de-identified data (which holds pseudonyms only, and is encrypted).
     key_material = [secret.read_bytes(), secret.read_bytes().hex().encode()]
     for path in [cache, *cache.rglob("*")]:
         assert not any(v.encode() in path.name.encode() for v in PII)
@@ -97,6 +100,9 @@ def test_imagefolder_is_de_identified_and_cached_privately(folder: Path, tmp_pat
             content = path.read_bytes()
             assert not any(v in content for v in key_material), path
             assert not any(value.encode() in content for value in PII), path
+            assert b"a sandal" not in content and b".png" not in content, path
+            if path.name != "entry.json":  # the policy (in the clear) names the types
+                assert b"<PERSON_" not in content and b"PNG" not in content, path
 
 
 def test_cache_hits_in_process_and_on_disk_and_is_invalidated_by_policy_and_data(
@@ -201,11 +207,13 @@ def test_a_damaged_cache_entry_is_rebuilt(folder: Path, tmp_path: Path) -> None:
     config = _node_config(tmp_path, folder)
     first = load_site_records(config, _request())
     (entry,) = _entries(Path(config["deid-cache-dir"]))
-    (entry / "imagefolder" / "metadata.jsonl").unlink()
+    key = derive_cache_key(Path(config["site-secret"]).read_bytes(), CACHE_PURPOSE)
+    file_id = EncryptedEntry(entry, key).index["metadata.jsonl"]
+    (entry / f"{file_id}.bin").unlink()
     site_data._memo.clear()
     again = load_site_records(config, _request())  # found, unreadable, rebuilt
     assert again.captions == first.captions
-    assert (entry / "imagefolder" / "metadata.jsonl").is_file()
+    assert EncryptedEntry(entry, key)["metadata.jsonl"]
 
 
 def test_a_cache_inside_the_data_folder_is_refused(folder: Path, tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ from fedmm.client.secure_aggregation import (
     secagg_share,
     secagg_unmask,
 )
+from fedmm.client.site_audit import audit_site_replies
 from fedmm.client.site_replies import refuse
 from fedmm.client.site_tasks import plain_task, secure_sum_task
 from fedmm.common.secure_round import (
@@ -62,8 +63,9 @@ from fedmm.common.site_task import (
 def build_client_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
     """The site's ClientApp. ``mods`` run first, around every handler (the local simulation
     fills each simulated site's node config with one); then every training reply is padded
-    to the site policy's ``min-reply-seconds`` (``client.reply_padding``)."""
-    client_app = ClientApp(mods=[*mods, pad_training_replies])
+    to the site policy's ``min-reply-seconds`` (``client.reply_padding``), and every refusal
+    goes into the site's audit log (``client.site_audit``)."""
+    client_app = ClientApp(mods=[*mods, pad_training_replies, audit_site_replies])
     client_app.train()(train)
     client_app.train(ACTION_SETUP)(secagg_setup)
     client_app.train(ACTION_SHARE)(secagg_share)

@@ -1,8 +1,8 @@
 """Records a data subject withdrew: which record and when, never its content.
 
 ``fedmm site forget CONFIG --file-name NAME`` appends one JSON line per record to the
-site's withdrawals file (by default ``withdrawals.jsonl`` beside the privacy ledger; node
-config ``withdrawals-file``)::
+site's withdrawals file (site config ``[data] withdrawals-file``, by default
+``withdrawals.jsonl`` beside the privacy ledger; node config ``withdrawals-file``)::
 
     {"record": "<64 hex>", "withdrawn_at": "2026-12-06T09:30:00Z", "key_id": "<16 hex>"}
 
@@ -81,12 +81,10 @@ def record_digest(file_name: str, key: bytes) -> str:
 
 
 def withdrawals_path(node_config: Mapping[str, Any]) -> Path | None:
-    """The site's withdrawals file: node config ``withdrawals-file``, else beside the ledger
-    file (``ledger-file``); None for a site with neither (a simulated site)."""
+    """The site's withdrawals file: node config ``withdrawals-file`` (a deployed site's
+    config always names it: ``client.site_config``); None for a site without one."""
     if WITHDRAWALS_FILE in node_config:
         return Path(str(node_config[WITHDRAWALS_FILE]))
-    if "ledger-file" in node_config:
-        return Path(str(node_config["ledger-file"])).parent / DEFAULT_NAME
     return None
 
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedmm.client.data_rights_commands import add_data_rights_parsers
 from fedmm.client.roster_commands import add_roster_parsers
 
 
@@ -23,7 +24,8 @@ def add_site_parser(commands: Any) -> None:
     """``fedmm site ...`` in the ``fedmm`` command line (its subparsers ``commands``)."""
     site = commands.add_parser(
         "site",
-        help="site deployment: key pair, config check, SuperNode, privacy ledger, roster",
+        help="site deployment: key pair, config check, SuperNode, privacy ledger, roster, "
+        "data rights (forget, purge, audit)",
         description="Deployment steps of a data-holding site (docs/site-guide.md).",
     )
     steps = site.add_subparsers(dest="step", required=True)
@@ -59,10 +61,14 @@ def add_site_parser(commands: Any) -> None:
         "seconds (default: retry refusals for 300 s)",
     )
     start.add_argument("--dry-run", action="store_true", help="print the command only")
-    status = steps.add_parser("status", help="show the site's privacy ledger")
+    status = steps.add_parser(
+        "status",
+        help="show the site's privacy ledger, runs served (audit log), withdrawals, caches",
+    )
     status.add_argument("config", type=Path, metavar="CONFIG")
     status.add_argument("--json", action="store_true", help="print JSON")
     add_roster_parsers(steps)
+    add_data_rights_parsers(steps)
     keygen.set_defaults(handler=_keygen)
     check.set_defaults(handler=_check)
     digest.set_defaults(handler=_release_digest)
@@ -158,12 +164,15 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from fedmm.client.data_rights import data_rights_status
     from fedmm.client.site_config import load_site_config
     from fedmm.client.supernode_launch import ledger_status
 
-    status = ledger_status(load_site_config(args.config))
+    config = load_site_config(args.config)
+    status = ledger_status(config)
+    rights = data_rights_status(config)
     if args.json:
-        print(json.dumps(status.to_dict(), indent=2))
+        print(json.dumps(status.to_dict() | {"data_rights": rights}, indent=2))
         return 0
     print(f"privacy ledger {status.ledger_file}" + ("" if status.exists else " (none yet)"))
     print(f"  accountant        {status.accountant}")
@@ -177,4 +186,33 @@ def _status(args: argparse.Namespace) -> int:
     print(f"  rounds trained    {len(status.rounds)} {status.rounds}")
     print(f"  DP-SGD steps      {status.steps} in {status.entries} accountant entries")
     print(f"  noisy counts      {status.count_releases} released (one a run)")
+    _print_data_rights(rights)
     return 0
+
+
+def _print_data_rights(rights: dict[str, Any]) -> None:
+    print(f"audit log {rights['audit_log']} (`fedmm site audit` prints it)")
+    print(
+        f"  runs served       {rights['runs_served']} ({rights['rounds_trained']} rounds "
+        f"trained, {rights['rounds_evaluated']} evaluated)"
+    )
+    refusals = ", ".join(f"{code} x{n}" for code, n in rights["refusals"].items())
+    print(f"  refusals          {refusals or 'none'}")
+    last = rights["last_run"]
+    if last is not None:
+        print(
+            f"  last run          {last['run_id']} at {last['last']} from "
+            f"{last['coordinator_address'] or '-'} (certificate "
+            f"{last['coordinator_certificate_sha256'] or '-'})"
+        )
+    if rights["unreadable_audit_lines"]:
+        print(f"  unreadable lines  {rights['unreadable_audit_lines']} (torn by a crash)")
+    print(f"withdrawals {rights['withdrawals_file']}")
+    withdrawn = rights["records_withdrawn"]
+    since = f" (last {rights['last_withdrawal']})" if withdrawn else ""
+    print(f"  records withdrawn {withdrawn}{since}")
+    print(f"de-identification cache {rights['cache_dir']} (encrypted)")
+    print(
+        f"  entries           {rights['cache_entries']}, kept {rights['cache_retention_days']:g} "
+        "days (`fedmm site purge`)"
+    )

@@ -7,15 +7,18 @@ The file says where everything of the site lives; relative paths are relative to
 
     [data]
     imagefolder = "/srv/fedmm/records"       # metadata.jsonl + images (never leaves the site)
+    # withdrawals-file = "state/withdrawals.jsonl"  # `fedmm site forget`; beside the ledger
 
     [deidentification]                       # always applied to the imagefolder
     policy = "deid-policy.toml"              # client/deid policy (.toml/.json); default policy
     site-secret = "secrets/site-secret"      # keys the pseudonyms; 0600, made on first use
-    cache-dir = "/var/cache/fedmm/deid"      # de-identified copy; outside the imagefolder
+    cache-dir = "/var/cache/fedmm/deid"      # de-identified copy (encrypted); outside it
+    cache-retention-days = 30                # older cache entries are rebuilt / purged
 
     [privacy]
     policy-file = "privacy-policy.toml"      # or inline: max-epsilon, delta, ...
     ledger-file = "state/privacy-ledger.json"
+    # audit-log = "state/site-audit.jsonl"   # runs served; beside the ledger by default
 
     [supernode]
     auth-private-key = "keys/site-auth-key"  # from `fedmm site keygen`; 0600
@@ -58,15 +61,17 @@ from fedmm.client.secagg.policy import POLICY_KEYS as _SECAGG_POLICY_KEYS
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "site": {"name": str},
-    "data": {"imagefolder": str},
+    "data": {"imagefolder": str, "withdrawals-file": str},
     "deidentification": {
         "policy": str,
         "site-secret": str,
         "cache-dir": str,
+        "cache-retention-days": (int, float),
     },
     "privacy": {
         "policy-file": str,
         "ledger-file": str,
+        "audit-log": str,
         # Inline policy keys: the same as the policy file's [privacy] table.
         **{key: int if key == "min-honest-sites" else (int, float) for key in _PRIVACY_POLICY_KEYS},
     },
@@ -99,6 +104,8 @@ _REQUIRED = (
 _INLINE_PRIVACY = tuple(_PRIVACY_POLICY_KEYS)
 _PATH_KEYS = {
     ("data", "imagefolder"),
+    ("data", "withdrawals-file"),
+    ("privacy", "audit-log"),
     ("deidentification", "policy"),
     ("deidentification", "site-secret"),
     ("deidentification", "cache-dir"),
@@ -142,6 +149,32 @@ class SiteConfig:
         return Path(self.values["privacy"]["ledger-file"])
 
     @property
+    def withdrawals_file(self) -> Path:
+        """Where ``fedmm site forget`` records withdrawn records: ``[data]
+        withdrawals-file``, by default ``withdrawals.jsonl`` beside the ledger."""
+        from fedmm.client.record_withdrawals import DEFAULT_NAME
+
+        named = self.get("data", "withdrawals-file")
+        return Path(named) if named else self.ledger_file.parent / DEFAULT_NAME
+
+    @property
+    def audit_log(self) -> Path:
+        """The site's audit log of runs served: ``[privacy] audit-log``, by default
+        ``site-audit.jsonl`` beside the ledger."""
+        from fedmm.client.site_audit import DEFAULT_NAME
+
+        named = self.get("privacy", "audit-log")
+        return Path(named) if named else self.ledger_file.parent / DEFAULT_NAME
+
+    @property
+    def cache_retention_days(self) -> float:
+        """Days a de-identification cache entry is kept: ``[deidentification]
+        cache-retention-days`` (default 30)."""
+        from fedmm.client.deid.cache import DEFAULT_RETENTION_DAYS
+
+        return float(self.get("deidentification", "cache-retention-days", DEFAULT_RETENTION_DAYS))
+
+    @property
     def release_pin(self) -> ReleasePin:
         return ReleasePin(self.values["release"]["version"], self.values["release"]["digest"])
 
@@ -150,7 +183,11 @@ class SiteConfig:
         out: dict[str, str | int | float] = {
             "imagefolder": str(self.get("data", "imagefolder")),
             "ledger-file": str(self.ledger_file),
+            "withdrawals-file": str(self.withdrawals_file),
+            "audit-log": str(self.audit_log),
         }
+        if self.get("deidentification", "cache-retention-days") is not None:
+            out["deid-cache-retention-days"] = self.cache_retention_days
         for key, node_key in (
             ("policy", "deid-policy"),
             ("site-secret", "site-secret"),
@@ -311,6 +348,7 @@ def check_site_config(path: Path) -> SiteConfig:
         )
 
     problems += _check_deidentification(config, root, warnings)
+    problems += _check_data_rights_files(config)
 
     problems += _check_privacy(config, warnings)
 
@@ -478,6 +516,29 @@ def _check_deidentification(
         )
     elif cache is not None:
         problem = _folder_problem(cache, "[deidentification] cache-dir")
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def _check_data_rights_files(config: SiteConfig) -> list[str]:
+    """The withdrawals file and the audit log: private files (0600), or creatable; a
+    retention period of more than zero days."""
+    problems = []
+    retention = config.get("deidentification", "cache-retention-days")
+    if retention is not None and not (math.isfinite(retention) and retention > 0):
+        problems.append(
+            f"[deidentification] cache-retention-days: {retention!r} must be a number of "
+            "days > 0 (default 30)"
+        )
+    for key, path, what in (
+        ("[data] withdrawals-file", config.withdrawals_file, "the withdrawals file"),
+        ("[privacy] audit-log", config.audit_log, "the audit log"),
+    ):
+        if path.exists():
+            problem = _private_file_problem(path, what, key)
+        else:
+            problem = _writable_parent_problem(path, key)
         if problem:
             problems.append(problem)
     return problems

@@ -260,16 +260,7 @@ def deidentified_imagefolder(
     :func:`deidentified_records`, encrypted. Records withdrawn at the site
     (``client.record_withdrawals``) are left out of what is loaded and removed from the
     cache entry; a rebuilt entry never stores them."""
-    from fedmm.client.deid.audit import tool_versions
-    from fedmm.client.deid.cache import (
-        DeidCache,
-        cache_key,
-        folder_digest,
-        folder_signature,
-        secret_fingerprint,
-        slot_name,
-    )
-    from fedmm.client.deid.face_detection import build_face_detector
+    from fedmm.client.deid.cache import DeidCache, folder_signature, secret_fingerprint
     from fedmm.client.deid.imagefolder import deidentify_imagefolder
     from fedmm.client.deid.site_secret import load_or_create_site_secret
     from fedmm.client.encrypted_cache import CacheIntegrityError
@@ -299,13 +290,8 @@ def deidentified_imagefolder(
     hit = _recall(memo_key, signature)
     if hit is not None:
         return hit
-    detector = build_face_detector(policy.face_detectors, min_face_size=policy.min_face_size)
-    versions = tool_versions(detector.versions())
     cache = DeidCache(settings.cache_dir, secret, retention_days=settings.retention_days)
-    slot = slot_name(("imagefolder", str(root)), secret)
-    key = cache_key(
-        policy=policy, content_digest=folder_digest(root, secret), versions=versions, secret=secret
-    )
+    slot, key, versions = imagefolder_cache_address(root, policy=policy, secret=secret)
     record_key = withdrawal_key(secret)
     entry = cache.lookup(slot, key)
     if entry is not None:
@@ -349,31 +335,62 @@ def deidentified_imagefolder(
     return _remember(memo_key, signature, data)
 
 
+def imagefolder_cache_address(
+    root: Path, *, policy: DeidPolicy, secret: bytes
+) -> tuple[str, str, dict[str, str]]:
+    """The cache slot and key of the imagefolder ``root`` (resolved) de-identified under
+    ``policy`` and ``secret`` by the installed tools, and those tools' versions."""
+    from fedmm.client.deid.audit import tool_versions
+    from fedmm.client.deid.cache import cache_key, folder_digest, slot_name
+    from fedmm.client.deid.face_detection import build_face_detector
+
+    detector = build_face_detector(policy.face_detectors, min_face_size=policy.min_face_size)
+    versions = tool_versions(detector.versions())
+    slot = slot_name(("imagefolder", str(root)), secret)
+    key = cache_key(
+        policy=policy, content_digest=folder_digest(root, secret), versions=versions, secret=secret
+    )
+    return slot, key, versions
+
+
+def remove_withdrawn_from_entry(
+    entry: EncryptedEntry, withdrawn: frozenset[str], record_key: bytes
+) -> int:
+    """Remove the withdrawn records from a cache entry: their lines from its
+    ``metadata.jsonl`` and their images. Returns how many records were removed."""
+    from fedmm.client.record_withdrawals import (
+        METADATA_FILE,
+        metadata_file_names,
+        withdrawn_files,
+        without_withdrawn_lines,
+    )
+
+    if not withdrawn or METADATA_FILE not in entry:
+        return 0
+    metadata = entry[METADATA_FILE]
+    lines = withdrawn_files(metadata_file_names(metadata), withdrawn, record_key)
+    images = withdrawn_files([n for n in entry if n != METADATA_FILE], withdrawn, record_key)
+    if lines:
+        entry.replace(METADATA_FILE, without_withdrawn_lines(metadata, withdrawn, record_key))
+    entry.remove(images)
+    removed = len(set(lines) | set(images))
+    if removed:
+        logger.info(
+            "%d withdrawn record(s) removed from the de-identification cache entry %s",
+            removed,
+            entry.path.name,
+        )
+    return removed
+
+
 def _load_entry(
     entry: EncryptedEntry, withdrawn: frozenset[str], record_key: bytes, geometry: ImageGeometry
 ) -> ImageTextDataset:
     """The de-identified imagefolder in ``entry``, decrypted in memory and loaded at
     ``geometry``, without withdrawn records, which are removed from the entry first."""
-    from fedmm.client.record_withdrawals import (
-        METADATA_FILE,
-        withdrawn_files,
-        without_withdrawn_lines,
-    )
     from fedmm.common.data.imagefolder import load_imagefolder_files
 
-    if withdrawn:
-        gone = withdrawn_files([n for n in entry if n != METADATA_FILE], withdrawn, record_key)
-        metadata = entry[METADATA_FILE]
-        kept = without_withdrawn_lines(metadata, withdrawn, record_key)
-        if kept != metadata:
-            entry.replace(METADATA_FILE, kept)
-        if gone or kept != metadata:
-            entry.remove(gone)
-            logger.info(
-                "withdrawn records removed from the de-identification cache entry %s: %d file(s)",
-                entry.path.name,
-                len(gone),
-            )
+    remove_withdrawn_from_entry(entry, withdrawn, record_key)
     data, _report = load_imagefolder_files(
         entry,
         name=f"de-identified cache entry {entry.path.name}",

@@ -20,6 +20,7 @@ function here and one entry in :data:`SECURE_SUM_TASKS`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,8 @@ from fedmm.common.site_task import RECORD_ARRAYS, RECORD_CONFIG, RECORD_PLAN, Si
 from fedmm.common.train_request import TrainRequest
 
 if TYPE_CHECKING:  # torch: imported only by the functions that train
+    from fedmm.client.held_out_split import SiteSplit
+    from fedmm.client.privacy_ledger import PrivacyLedger
     from fedmm.client.training_round import RoundOutcome
 
 logger = logging.getLogger(__name__)
@@ -78,20 +81,30 @@ def train_local_dp_sgd(msg: Message, context: Context) -> RoundOutcome | SiteRef
         return request
     import torch
 
-    from fedmm.client.site_data import load_site_data
+    from fedmm.client.site_data import load_site_split
     from fedmm.client.training_round import run_training_round
 
     torch.set_num_threads(torch_threads(context.node_config))
+    split = load_site_split(context.node_config, request)
     with ledger_session(context) as ledger:
         outcome = run_training_round(
             global_state=msg.content.array_records[RECORD_ARRAYS].to_torch_state_dict(),
             request=request,
-            data=load_site_data(context.node_config, request),
+            data=split.train,
             policy=SitePrivacyPolicy.for_site(context.node_config),
             ledger=ledger,
             run_id=context.run_id,
             persistent_ledger=ledger_file(context) is not None,
         )
+        if outcome.update is not None:
+            audit_round(
+                context,
+                request,
+                task=SiteTask.LOCAL_DP_SGD,
+                split=split,
+                ledger=ledger,
+                private=math.isfinite(outcome.epsilon),
+            )
     if outcome.update is None:
         logger.warning("site refuses round %s: %s", request.server_round, outcome.refusal)
         return outcome.refusal or SiteRefusal(RefusalCode.BAD_REQUEST)
@@ -129,21 +142,26 @@ def distributed_dp_contribution(msg: Message, context: Context) -> SiteContribut
     import torch
 
     from fedmm.client.distributed_dp_step import run_distributed_dp_step
-    from fedmm.client.site_data import load_site_data
+    from fedmm.client.site_data import load_site_split
 
     torch.set_num_threads(torch_threads(context.node_config))
+    split = load_site_split(context.node_config, request)
     with ledger_session(context) as ledger:
         outcome = run_distributed_dp_step(
             global_state=msg.content.array_records[RECORD_ARRAYS].to_torch_state_dict(),
             request=request,
             plan=plan,
-            data=load_site_data(context.node_config, request),
+            data=split.train,
             policy=SitePrivacyPolicy.for_site(context.node_config),
             ledger=ledger,
             bit_width=bit_width,
             run_id=context.run_id,
             persistent_ledger=ledger_file(context) is not None,
         )
+        if outcome.integers is not None:
+            audit_round(
+                context, request, task=SiteTask.DISTRIBUTED_DP_STEP, split=split, ledger=ledger
+            )
     if outcome.integers is None:
         return outcome.refusal or SiteRefusal(RefusalCode.BAD_REQUEST)
     return SiteContribution(
@@ -180,9 +198,59 @@ def federated_eval_contribution(msg: Message, context: Context) -> SiteContribut
         held_out=split.held_out,
     )
     logger.info("round %s: evaluated on %d held-out records", request.server_round, counts.records)
+    audit_round(context, request, task=SiteTask.FEDERATED_EVAL, split=split, ledger=None)
     return SiteContribution(
         vector=counts.to_vector(), weight=int(counts.records), metrics={}, epsilon_bound=0.0
     )
+
+
+def audit_round(
+    context: Context,
+    request: TrainRequest,
+    *,
+    task: SiteTask,
+    split: SiteSplit,
+    ledger: PrivacyLedger | None,
+    private: bool = True,
+) -> None:
+    """Append the round this site served to its audit log (``client.site_audit``): the
+    records it used and held out, the epsilon of the run and of its lifetime (``ledger``:
+    None for an evaluation, which spends none; inf for a round without DP), the
+    de-identification policy's digest."""
+    from fedmm.client.record_withdrawals import read_withdrawals, withdrawals_path
+    from fedmm.client.site_audit import (
+        EVENT_ROUND,
+        audit_event,
+        audit_log_path,
+        policy_digest,
+        record_audit_event,
+    )
+    from fedmm.client.site_data import site_deid_settings
+
+    node_config = context.node_config
+    if audit_log_path(node_config) is None:
+        return
+    epsilons: dict[str, float | None] = {"epsilon_run": None, "epsilon_lifetime": None}
+    if ledger is not None:
+        delta = ledger.delta
+        epsilons = {
+            "epsilon_run": ledger.this_run().epsilon(delta) if private else math.inf,
+            "epsilon_lifetime": ledger.epsilon(delta) if private else math.inf,
+        }
+    withdrawals = withdrawals_path(node_config)
+    event = audit_event(
+        node_config,
+        event=EVENT_ROUND,
+        run_id=context.run_id,
+        server_round=request.server_round,
+        task=task.value,
+        records_used=0 if task is SiteTask.FEDERATED_EVAL else len(split.train),
+        records_held_out=len(split.held_out),
+        deid_policy_sha256=policy_digest(site_deid_settings(node_config).load_policy().to_dict()),
+        withdrawn_records=0 if withdrawals is None else len(read_withdrawals(withdrawals)),
+        **epsilons,
+    )
+    record_audit_event(node_config, event)
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,22 @@ def supernode_argv(
             f"--ca-cert {ca_cert} does not exist: get the coordinator's ca.crt (the "
             "certificate only, never ca.key) over a channel you trust"
         )
+    from fedmm.client.site_audit import (
+        COORDINATOR_ADDRESS,
+        COORDINATOR_CERTIFICATE,
+        certificate_sha256,
+    )
+
+    try:
+        fingerprint = certificate_sha256(ca_cert)
+    except ValueError as error:
+        raise SiteLaunchError(f"--ca-cert {error}: pass the coordinator's ca.crt") from None
+    # What the site's audit log records of the coordinator of every run it serves.
+    node_config = {
+        **config.node_config(),
+        COORDINATOR_ADDRESS: superlink,
+        COORDINATOR_CERTIFICATE: fingerprint,
+    }
     argv = [
         flower_executable(supernode_program()),
         "--superlink",
@@ -94,7 +110,7 @@ def supernode_argv(
         "--port",
         str(port),
         "--node-config",
-        node_config_argument(config.node_config()),
+        node_config_argument(node_config),
     ]
     if max_wait_time is not None:
         argv += ["--max-wait-time", str(max_wait_time)]

@@ -290,6 +290,11 @@ class DeidCache:
         self._key = derive_cache_key(site_secret, CACHE_PURPOSE)
         self.retention_days = retention_days
 
+    @property
+    def key(self) -> bytes:
+        """The entries' AES key (derived from the site secret; never written anywhere)."""
+        return self._key
+
     def entry_path(self, slot: str, key: str) -> Path:
         return self.directory / f"{slot}-{key}"
 

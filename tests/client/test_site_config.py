@@ -4,6 +4,7 @@ what ``client/app.py`` reads, and survives ``flower-supernode --node-config`` pa
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ from fedmm.client.site_config import (
     node_config_argument,
     prepare_site_folders,
 )
-from fedmm.client.supernode_launch import ledger_status, supernode_argv
+from fedmm.client.supernode_launch import SiteLaunchError, ledger_status, supernode_argv
+from fedmm.server.certificate_authority import init_ca
 from tests.client.site_fixtures import GOOD, make_site
 
 
@@ -28,6 +30,8 @@ def test_good_config_gives_absolute_node_config_for_the_client_app(tmp_path: Pat
     assert config.node_config() == {
         "imagefolder": str(root / "data"),
         "ledger-file": str(root / "state" / "privacy-ledger.json"),
+        "withdrawals-file": str(root / "state" / "withdrawals.jsonl"),
+        "audit-log": str(root / "state" / "site-audit.jsonl"),
         "deid-policy": str(root / "deid-policy.toml"),
         "site-secret": str(root / "secrets" / "site-secret"),
         "deid-cache-dir": str(root / "cache"),
@@ -130,8 +134,7 @@ def test_without_a_policy_the_default_one_applies_with_a_warning(tmp_path: Path)
 
 def test_supernode_command_carries_tls_auth_port_and_node_config(tmp_path: Path) -> None:
     config = check_site_config(make_site(tmp_path / "site"))
-    ca = tmp_path / "ca.crt"
-    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    ca = init_ca(tmp_path / "coordinator").cert_file
     argv = supernode_argv(config, superlink="10.0.0.5:9093", ca_cert=ca, port=9201)
     assert Path(argv[0]).name == "fedmm-supernode"
     flags = dict(zip(argv[1::2], argv[2::2], strict=True))
@@ -140,8 +143,24 @@ def test_supernode_command_carries_tls_auth_port_and_node_config(tmp_path: Path)
     assert flags["--auth-supernode-private-key"] == str(config.auth_private_key)
     assert flags["--port"] == "9201"
     assert (flags["--isolation"], flags["--host"]) == ("process", "127.0.0.1")  # runs no app
-    assert parse_config_args([flags["--node-config"]]) == config.node_config()
+    # What the audit log records of the coordinator: its address and the SHA-256 fingerprint
+    # of the certificate the site verifies it with, as openssl prints it.
+    openssl = subprocess.run(
+        ["openssl", "x509", "-in", str(ca), "-noout", "-fingerprint", "-sha256"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert parse_config_args([flags["--node-config"]]) == {
+        **config.node_config(),
+        "coordinator-address": "10.0.0.5:9093",
+        "coordinator-certificate-sha256": openssl.split("=", 1)[1],
+    }
     assert "--insecure" not in argv
+    fake = tmp_path / "fake.crt"
+    fake.write_text("-----BEGIN CERTIFICATE-----\n")
+    with pytest.raises(SiteLaunchError, match="no PEM certificate"):
+        supernode_argv(config, superlink="10.0.0.5:9093", ca_cert=fake, port=9201)
 
 
 def test_status_reads_the_ledger_file(tmp_path: Path) -> None:

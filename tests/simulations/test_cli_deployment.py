@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedmm.client.privacy_ledger import PrivacyLedger
+from fedmm.server.certificate_authority import init_ca
 from fedmm.simulations.cli import main
 from tests.client.site_fixtures import make_site
 
@@ -50,8 +51,7 @@ def test_site_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = make_site(tmp_path / "site")
     assert main(["site", "check", str(config)]) == 0
     assert "ok" in capsys.readouterr().out
-    ca = tmp_path / "ca.crt"
-    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    ca = init_ca(tmp_path / "coordinator").cert_file
     start = ["site", "start", str(config), "--superlink", "10.0.0.5:9093", "--port", "9201"]
     assert main([*start, "--ca-cert", str(ca), "--dry-run"]) == 0
     words = shlex.split(capsys.readouterr().out.strip())

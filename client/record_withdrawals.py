@@ -17,8 +17,9 @@ withdrawn (:class:`WithdrawalsError`).
 The file is read at every data load (every round), so a running site drops a withdrawn
 record from its next round on: from its training and held-out records, and from its
 de-identification cache (``client.site_data``). Lines are appended with ``O_APPEND``,
-flushed and fsynced one by one; the file is 0600. A torn last line (a crash mid-write)
-was never confirmed to the operator and is ignored with a warning.
+flushed and fsynced one by one; the file is 0600. A torn line (a crash mid-write) was
+never confirmed to the operator and is skipped with a warning; the next line starts on a
+line of its own.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedmm.client.site_audit import after_torn_line
 
 logger = logging.getLogger(__name__)
 
@@ -89,26 +92,27 @@ def withdrawals_path(node_config: Mapping[str, Any]) -> Path | None:
 
 
 def read_withdrawals(path: Path) -> list[Withdrawal]:
-    """Every withdrawal in ``path`` (none when it does not exist). A torn last line is
-    ignored with a warning; a malformed line elsewhere is a :class:`WithdrawalsError`."""
+    """Every withdrawal in ``path`` (none when it does not exist). A torn line (not JSON: a
+    crash mid-write, never confirmed to the operator) is skipped with a warning; a JSON line
+    that is not a withdrawal is a :class:`WithdrawalsError`."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return []
-    lines = text.split("\n")
     out = []
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             entry = json.loads(line)
+        except json.JSONDecodeError:
+            logger.warning("withdrawals file %s: torn line %d skipped (a crash)", path, number)
+            continue
+        try:
             out.append(
                 Withdrawal(str(entry["record"]), str(entry["withdrawn_at"]), str(entry["key_id"]))
             )
-        except (json.JSONDecodeError, KeyError, TypeError):
-            if number == len(lines) and not text.endswith("\n"):
-                logger.warning("withdrawals file %s: torn last line ignored (a crash)", path)
-                continue
+        except (KeyError, TypeError):
             raise WithdrawalsError(
                 f"withdrawals file {path}: line {number} is not a withdrawal; never edit the "
                 "file by hand (restore it from a backup)"
@@ -145,7 +149,7 @@ def append_withdrawals(
     path = Path(path)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     recorded = []
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.fchmod(fd, 0o600)
         for name in file_names:
@@ -153,7 +157,7 @@ def append_withdrawals(
             if digest in already:
                 continue
             line = json.dumps(Withdrawal(digest, when, key_id(key)).to_dict(), sort_keys=True)
-            os.write(fd, (line + "\n").encode())
+            os.write(fd, after_torn_line(fd) + (line + "\n").encode())
             os.fsync(fd)
             already |= {digest}
             recorded.append(normalised_file_name(name))

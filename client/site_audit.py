@@ -119,13 +119,20 @@ def append_audit_event(path: Path, event: Mapping[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     line = json.dumps(dict(event), sort_keys=True, allow_nan=False) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.fchmod(fd, 0o600)
-        os.write(fd, line.encode("utf-8"))
+        os.write(fd, after_torn_line(fd) + line.encode("utf-8"))
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def after_torn_line(fd: int) -> bytes:
+    """``b"\\n"`` when the file ends in a torn line (a crash mid-write), so the next line
+    starts on a line of its own instead of being glued to the torn one; else ``b""``."""
+    size = os.fstat(fd).st_size
+    return b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b""
 
 
 def record_audit_event(node_config: Mapping[str, Any], event: Mapping[str, Any]) -> None:

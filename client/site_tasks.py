@@ -244,7 +244,7 @@ def audit_round(
         run_id=context.run_id,
         server_round=request.server_round,
         task=task.value,
-        records_used=0 if task is SiteTask.FEDERATED_EVAL else len(split.train),
+        records_used=None if task is SiteTask.FEDERATED_EVAL else len(split.train),
         records_held_out=len(split.held_out),
         deid_policy_sha256=policy_digest(site_deid_settings(node_config).load_policy().to_dict()),
         withdrawn_records=0 if withdrawals is None else len(read_withdrawals(withdrawals)),

@@ -84,9 +84,13 @@ def decrypt_bytes(blob: bytes, key: bytes, aad: bytes) -> bytes:
         ) from None
 
 
-def write_encrypted(path: Path, data: bytes, key: bytes, aad: bytes) -> None:
+def write_encrypted(
+    path: Path, data: bytes, key: bytes, aad: bytes, *, durable: bool = True
+) -> None:
     """Encrypt ``data`` into ``path`` (0600), atomically: a private temporary file beside it,
-    flushed to disk, then renamed over ``path``."""
+    then renamed over ``path``. ``durable``: flushed to disk (fsync) before the rename. A
+    cache whose files are rebuilt when they fail to authenticate can skip that: a file the
+    power cut short is detected on read like a tampered one."""
     path = Path(path)
     blob = encrypt_bytes(data, key, aad)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -94,8 +98,9 @@ def write_encrypted(path: Path, data: bytes, key: bytes, aad: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(blob)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

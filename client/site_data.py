@@ -11,7 +11,13 @@ run`` of the app) keeps its own secret and cache in
 ``~/.cache/fedmm/simulated-sites/site-<id>/``; ``fedmm simulate`` names them in each
 simulated site's node config. The cache is keyed by the policy, the data's
 content, the tool versions and the secret (``client.deid.cache``): de-identification runs
-once per dataset version, again when any of them changes.
+once per dataset version, again when any of them changes, or when an entry is older than
+``deid-cache-retention-days`` (30). Every cache file is encrypted under a key derived from
+the site secret; one that fails authentication is deleted and rebuilt, never used.
+
+Records the site withdrew (``fedmm site forget``: node config ``withdrawals-file``,
+``client.record_withdrawals``) are read at every load, so a running site leaves them out of
+its training and held-out records from the next round on, and out of its cache.
 """
 
 from __future__ import annotations

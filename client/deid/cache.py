@@ -161,7 +161,8 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
-def _file_aad(entry_name: str, file_id: str) -> bytes:
+def entry_file_aad(entry_name: str, file_id: str) -> bytes:
+    """The associated data binding a file to its entry and id (``"index"`` for the index)."""
     return f"fedmm deid cache entry {entry_name} file {file_id}".encode()
 
 
@@ -175,11 +176,12 @@ class EntryWriter:
     def add(self, name: str, content: bytes) -> None:
         """Encrypt ``content`` as the entry's file ``name`` (a later add replaces it)."""
         file_id = secrets.token_hex(16)
-        write_encrypted(
+        write_encrypted(  # not fsynced: a file cut short fails authentication, is rebuilt
             self._directory / f"{file_id}.bin",
             content,
             self._key,
-            _file_aad(self._entry_name, file_id),
+            entry_file_aad(self._entry_name, file_id),
+            durable=False,
         )
         old = self.index.pop(name, None)
         if old is not None:
@@ -191,7 +193,7 @@ class EntryWriter:
             self._directory / INDEX_FILE,
             json.dumps(self.index, sort_keys=True).encode(),
             self._key,
-            _file_aad(self._entry_name, "index"),
+            entry_file_aad(self._entry_name, "index"),
         )
 
 
@@ -202,7 +204,7 @@ class EncryptedEntry(Mapping[str, bytes]):
     def __init__(self, path: Path, key: bytes) -> None:
         self.path, self._key = path, key
         try:
-            raw = read_encrypted(path / INDEX_FILE, key, _file_aad(path.name, "index"))
+            raw = read_encrypted(path / INDEX_FILE, key, entry_file_aad(path.name, "index"))
             index = json.loads(raw)
         except ValueError as error:  # CacheIntegrityError, or JSON that cannot be parsed
             raise CacheIntegrityError(f"index: {error}") from None
@@ -215,7 +217,7 @@ class EncryptedEntry(Mapping[str, bytes]):
     def __getitem__(self, name: str) -> bytes:
         file_id = self.index[name]  # KeyError: no such file in the entry
         return read_encrypted(
-            self.path / f"{file_id}.bin", self._key, _file_aad(self.path.name, file_id)
+            self.path / f"{file_id}.bin", self._key, entry_file_aad(self.path.name, file_id)
         )
 
     def __iter__(self) -> Iterator[str]:

@@ -216,8 +216,10 @@ def test_withdrawals_are_keyed_to_the_site_secret_and_never_silently_dropped(
     with path.open("a") as handle:
         handle.write('{"record": "ab')  # a torn last line (a crash mid-write)
     assert len(read_withdrawals(path)) == 2
-    path.write_text(path.read_text() + "\n" + json.dumps({"x": 1}) + "\n")
-    with pytest.raises(WithdrawalsError, match="line 3"):
+    assert append_withdrawals(path, ["c.png"], secret) == ["c.png"]  # on a line of its own
+    assert len(read_withdrawals(path)) == 3 and len(path.read_text().splitlines()) == 4
+    path.write_text(path.read_text() + json.dumps({"x": 1}) + "\n")
+    with pytest.raises(WithdrawalsError, match="line 5 is not a withdrawal"):
         read_withdrawals(path)
 
 

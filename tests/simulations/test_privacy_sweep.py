@@ -7,6 +7,7 @@ outlive it: every process carrying the test's environment marker is looked for a
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -121,9 +122,16 @@ def _members_are_what_site_0_trained_on(run: Path, *, sites: int) -> None:
         records_per_site=config.site_records_limit,
     )
     targets = _site_view(run, 0, run / "check-deid")(records.subset(split.targets), "targets")
-    (entry,) = (run / "site-deid" / "site-0" / "cache").iterdir()  # site 0's training data
-    captions = json.loads((entry / "captions.json").read_text())
-    with np.load(entry / "records.npz") as arrays:
+    from fedmm.client.deid.cache import CACHE_PURPOSE, EncryptedEntry
+    from fedmm.client.encrypted_cache import derive_cache_key
+
+    site = run / "site-deid" / "site-0"
+    (path,) = (site / "cache").iterdir()  # site 0's training data (encrypted)
+    entry = EncryptedEntry(
+        path, derive_cache_key((site / "site-secret").read_bytes(), CACHE_PURPOSE)
+    )
+    captions = json.loads(entry["captions.json"])
+    with np.load(io.BytesIO(entry["records.npz"])) as arrays:
         trained = {(i.tobytes(), c) for i, c in zip(arrays["images"], captions, strict=True)}
     inside = [
         (targets.images[i].tobytes(), targets.captions[i]) in trained for i in range(len(targets))

@@ -282,6 +282,23 @@ def _message_round(msg: Message) -> int | None:
         return None
 
 
+def record_refusal(
+    node_config: Mapping[str, Any], *, run_id: int, message: Message, code: str
+) -> None:
+    """Append a refusal of ``message`` with its public ``code`` to the site's audit log."""
+    record_audit_event(
+        node_config,
+        audit_event(
+            node_config,
+            event=EVENT_REFUSAL,
+            run_id=run_id,
+            server_round=_message_round(message),
+            message_type=message.metadata.message_type,
+            code=code,
+        ),
+    )
+
+
 def audit_site_replies(msg: Message, context: Context, call_next: Handler) -> Message:
     """A Flower mod: every refusal the site sends (and every failure, as ``site-error``)
     goes into the site's audit log with its public code, before the reply leaves."""
@@ -291,17 +308,7 @@ def audit_site_replies(msg: Message, context: Context, call_next: Handler) -> Me
         return call_next(msg, context)
 
     def refusal(code: str) -> None:
-        record_audit_event(
-            context.node_config,
-            audit_event(
-                context.node_config,
-                event=EVENT_REFUSAL,
-                run_id=context.run_id,
-                server_round=_message_round(msg),
-                message_type=msg.metadata.message_type,
-                code=code,
-            ),
-        )
+        record_refusal(context.node_config, run_id=context.run_id, message=msg, code=code)
 
     try:
         reply = call_next(msg, context)

@@ -14,7 +14,8 @@ Runtime API client, and the reply is pushed back. What differs:
 
 - the FAB is never unpacked, installed or imported: its SHA-256 is compared with the
   site's pinned release (:mod:`client.release_pin`); another app is refused with the code
-  ``untrusted-app`` before anything else happens, and the reason goes to the site's log;
+  ``untrusted-app`` before anything else happens, the reason goes to the site's log and the
+  refusal to its audit log (:mod:`client.site_audit`);
 - the ClientApp is ``client.app:app`` of the installed release, imported from
   site-packages (``-I``: neither the working directory nor ``PYTHONPATH`` is on
   ``sys.path``);
@@ -35,6 +36,7 @@ import time
 from typing import IO, TYPE_CHECKING
 
 from fedmm.client.release_pin import ReleasePin, check_run_app, normalise_digest
+from fedmm.client.site_audit import record_refusal
 from fedmm.client.site_replies import refusal_reply
 from fedmm.common.site_refusal import RefusalCode
 
@@ -95,6 +97,9 @@ def run_task(*, runtime_api_address: str, token: str, pin: ReleasePin) -> int:
         if refusal is not None:
             logger.error("refused run %s (%s): %s", run.run_id, refusal.code, refusal.detail)
             reply, details = refusal_reply(message, refusal), refusal.code.value
+            record_refusal(  # the site's audit log (the app's own refusals: its mod)
+                context.node_config, run_id=run.run_id, message=message, code=details
+            )
         else:
             from fedmm.client.app import app  # the installed release, never the FAB
 

@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 
 from fedmm.client.privacy_ledger import PrivacyLedger
+from fedmm.client.site_audit import certificate_sha256, read_audit_log
 from fedmm.client.site_keys import generate_site_key_pair
 from fedmm.common.data.openclipart import OPENCLIPART_ROOT
 from fedmm.common.process_supervision import command_name, descendants, is_running
@@ -397,6 +398,24 @@ def test_sites_refuse_a_tampered_app_and_send_codes_not_error_text(
     spent = PrivacyLedger.load(tmp_path / "site-a" / "state" / "privacy-ledger.json")
     assert spent.rounds == [1] and spent.history, "site-a ran the genuine release and trained"
     assert not marker.exists()
+
+    # Each site's audit log: the tampered run refused, the genuine run served (site-a) or
+    # failed (site-b), each naming the coordinator and the certificate the site trusts.
+    fingerprint = certificate_sha256(coordinator.ca / "ca.crt")
+    audits = {
+        name: read_audit_log(tmp_path / name / "state" / "site-audit.jsonl").events
+        for name in sites
+    }
+    for name, events in audits.items():
+        assert events[0]["code"] == "untrusted-app", (name, events)
+        assert all(e["coordinator_address"] == coordinator.address for e in events)
+        assert all(e["coordinator_certificate_sha256"] == fingerprint for e in events)
+    (served,) = [e for e in audits["site-a"] if e.get("task") == "local_dp_sgd"]
+    assert served["round"] == 1 and served["records_used"] + served["records_held_out"] == 40
+    assert 0 < served["epsilon_run"] <= served["epsilon_lifetime"]
+    assert ("train", "site-error") in [
+        (e.get("message_type"), e.get("code")) for e in audits["site-b"]
+    ]
 
 
 @pytest.mark.slow

@@ -262,3 +262,24 @@ def test_site_check_reads_the_secure_aggregation_policy_as_every_round_will(
     node_config = check_site_config(good).node_config()
     assert node_config["secagg-colluding-fraction"] == 0.2
     assert node_config["secagg-max-degree"] == 20
+
+
+def test_data_rights_files_are_private_and_the_retention_is_positive(tmp_path: Path) -> None:
+    text = GOOD.replace('cache-dir = "cache"', 'cache-dir = "cache"\ncache-retention-days = 0')
+    text = text.replace(
+        'ledger-file = "state/privacy-ledger.json"',
+        'ledger-file = "state/privacy-ledger.json"\naudit-log = "logs/audit.jsonl"',
+    )
+    config_path = make_site(tmp_path / "site", text)
+    audit = tmp_path / "site" / "logs" / "audit.jsonl"
+    audit.parent.mkdir()
+    audit.write_text("")
+    audit.chmod(0o644)
+    with pytest.raises(SiteConfigError) as caught:
+        check_site_config(config_path)
+    problems = "\n".join(caught.value.problems)
+    assert "cache-retention-days: 0 must be a number of days > 0" in problems
+    assert f"[privacy] audit-log: the audit log {audit} is readable" in problems
+    config = load_site_config(config_path)
+    assert config.node_config()["audit-log"] == str(audit)
+    assert config.node_config()["deid-cache-retention-days"] == 0.0

@@ -172,6 +172,7 @@ class EntryWriter:
     def __init__(self, directory: Path, entry_name: str, key: bytes) -> None:
         self._directory, self._entry_name, self._key = directory, entry_name, key
         self.index: dict[str, str] = {}
+        self._replaced: list[str] = []
 
     def add(self, name: str, content: bytes) -> None:
         """Encrypt ``content`` as the entry's file ``name`` (a later add replaces it)."""
@@ -183,18 +184,27 @@ class EntryWriter:
             entry_file_aad(self._entry_name, file_id),
             durable=False,
         )
-        old = self.index.pop(name, None)
-        if old is not None:
-            (self._directory / f"{old}.bin").unlink(missing_ok=True)
+        self.drop(name)
         self.index[name] = file_id
 
+    def drop(self, name: str) -> None:
+        """Take the file ``name`` out of the entry (deleted once the index is written)."""
+        file_id = self.index.pop(name, None)
+        if file_id is not None:
+            self._replaced.append(file_id)
+
     def write_index(self) -> None:
+        """Write the index (durably), then delete the files it no longer lists: a crash
+        leaves an orphan file at worst, never a listed file missing."""
         write_encrypted(
             self._directory / INDEX_FILE,
             json.dumps(self.index, sort_keys=True).encode(),
             self._key,
             entry_file_aad(self._entry_name, "index"),
         )
+        for file_id in self._replaced:
+            (self._directory / f"{file_id}.bin").unlink(missing_ok=True)
+        self._replaced.clear()
 
 
 class EncryptedEntry(Mapping[str, bytes]):
@@ -220,6 +230,9 @@ class EncryptedEntry(Mapping[str, bytes]):
             self.path / f"{file_id}.bin", self._key, entry_file_aad(self.path.name, file_id)
         )
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.index  # without decrypting the file
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.index)
 
@@ -233,12 +246,12 @@ class EncryptedEntry(Mapping[str, bytes]):
         gone = [name for name in names if name in self.index]
         if not gone:
             return 0
-        ids = [self.index.pop(name) for name in gone]
         writer = EntryWriter(self.path, self.path.name, self._key)
-        writer.index = self.index
+        writer.index = dict(self.index)
+        for name in gone:
+            writer.drop(name)
         writer.write_index()
-        for file_id in ids:
-            (self.path / f"{file_id}.bin").unlink(missing_ok=True)
+        self.index = writer.index
         return len(gone)
 
     def replace(self, name: str, content: bytes) -> None:

@@ -29,10 +29,12 @@ from fedmm.client.record_withdrawals import (
 )
 from fedmm.client.site_audit import read_audit_log
 from fedmm.client.site_data import load_site_split
+from fedmm.client.site_tasks import federated_eval_contribution
 from fedmm.client.training import MatchingDataset
 from fedmm.common.data.openclipart import OPENCLIPART_ROOT
 from fedmm.common.federation_config import FederationConfig
 from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.site_refusal import SiteRefusal
 from fedmm.common.site_task import SiteTask, task_config
 from fedmm.common.train_request import TrainRequest
 from tests.client.site_fixtures import small_colour_drawings
@@ -90,23 +92,31 @@ def _site(tmp_path: Path, count: int = 12) -> dict[str, str]:
     }
 
 
-def _train(node_config: dict[str, str], server_round: int) -> Message:
-    """One plain training round of the real ClientApp, run 7."""
+def _message(
+    node_config: dict[str, str], server_round: int, task: SiteTask
+) -> tuple[Message, Context]:
+    """A request of run 7 for ``task`` in ``server_round``, with a fresh model."""
     request = TrainRequest.for_round(FederationConfig.from_run_config(RUN_CONFIG), server_round)
     torch.manual_seed(0)
     model = CrossAttentionMatcher(request.model_config())
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),
-            "config": ConfigRecord(task_config(SiteTask.LOCAL_DP_SGD, request.to_config())),
+            "config": ConfigRecord(task_config(task, request.to_config())),
         }
     )
-    msg = Message(content, dst_node_id=3, message_type="train", ttl=600)
+    kind = "train" if task is SiteTask.LOCAL_DP_SGD else "evaluate"
+    msg = Message(content, dst_node_id=3, message_type=kind, ttl=600)
     msg.metadata.__dict__["_message_id"] = uuid4().hex
     context = Context(
         run_id=7, node_id=3, node_config=node_config, state=RecordDict(), run_config={}
     )
-    return app(msg, context)
+    return msg, context
+
+
+def _train(node_config: dict[str, str], server_round: int) -> Message:
+    """One plain training round of the real ClientApp."""
+    return app(*_message(node_config, server_round, SiteTask.LOCAL_DP_SGD))
 
 
 def _captions_in_batches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -187,6 +197,15 @@ def test_a_forgotten_record_never_reaches_a_training_batch_in_a_later_round(
     ]
     assert rounds[0]["epsilon_run"] == "inf" and rounds[1]["withdrawn_records"] == 2
     assert all(e["run_id"] == "7" and len(e["deid_policy_sha256"]) == 64 for e in rounds)
+
+    # Federated evaluation after the withdrawal counts the held-out records without it.
+    contribution = federated_eval_contribution(*_message(node_config, 3, SiteTask.FEDERATED_EVAL))
+    assert not isinstance(contribution, SiteRefusal)
+    assert contribution.weight == len(split.held_out) - 1
+    evaluated = read_audit_log(Path(node_config["audit-log"])).events[-1]
+    assert (evaluated["task"], evaluated["round"]) == ("federated_eval", 3)
+    assert evaluated["records_held_out"] == len(split.held_out) - 1
+    assert evaluated["records_used"] is None and evaluated["epsilon_run"] is None
 
 
 @needs_openclipart

@@ -163,3 +163,19 @@ def test_a_decompression_bomb_is_skipped_and_counted_not_fatal(tmp_path: Path) -
     assert (tmp_path / "dst" / "fine.png").exists()
     assert not (tmp_path / "dst" / "bomb.png").exists()
     assert "DecompressionBombError" in json.dumps(report.to_dict())
+
+
+def test_an_image_above_pillows_pixel_limit_is_skipped_before_it_is_decoded(
+    tmp_path: Path,
+) -> None:
+    """Between Pillow's limit and twice it Pillow only warns: the model's loader skips such
+    an image, so de-identification skips it too instead of decoding gigabytes."""
+    src = tmp_path / "src"
+    src.mkdir()
+    side = int((Image.MAX_IMAGE_PIXELS * 1.5) ** 0.5)  # 1.5x the limit: the warning zone
+    (src / "huge.png").write_bytes(_png_header_only(side, side))
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(src / "fine.png")
+    report = deidentify_imagefolder(src, tmp_path / "dst", DeidPolicy(), SECRET)
+    assert (tmp_path / "dst" / "fine.png").exists()
+    assert not (tmp_path / "dst" / "huge.png").exists()
+    assert "DecompressionBombWarning" in json.dumps(report.to_dict())

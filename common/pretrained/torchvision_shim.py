@@ -39,7 +39,7 @@ def import_torchvision() -> ModuleType:
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
         if not _declared:
-            library = torch.library.Library("torchvision", "DEF")  # noqa: TOR901
+            library = torch.library.Library("torchvision", "DEF")
             for schema in _SCHEMAS:
                 library.define(schema)
             _declared.append(library)

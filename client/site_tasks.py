@@ -82,15 +82,26 @@ def train_local_dp_sgd(msg: Message, context: Context) -> RoundOutcome | SiteRef
     from fedmm.client.training_round import run_training_round
 
     torch.set_num_threads(torch_threads(context.node_config))
+    inputs: dict[str, Any] = {}
+    if request.model_config().pretrained:  # frozen encoders: the cached features
+        from fedmm.client.pretrained_site import load_pretrained_site
+
+        site = load_pretrained_site(context.node_config, request)
+        if isinstance(site, SiteRefusal):
+            logger.warning("site refuses round %s: %s", request.server_round, site)
+            return site
+        inputs = {"data": site.train_records, "features": site.train, "model_config": site.config}
+    else:
+        inputs = {"data": load_site_data(context.node_config, request)}
     with ledger_session(context) as ledger:
         outcome = run_training_round(
             global_state=msg.content.array_records[RECORD_ARRAYS].to_torch_state_dict(),
             request=request,
-            data=load_site_data(context.node_config, request),
             policy=SitePrivacyPolicy.for_site(context.node_config),
             ledger=ledger,
             run_id=context.run_id,
             persistent_ledger=ledger_file(context) is not None,
+            **inputs,
         )
     if outcome.update is None:
         logger.warning("site refuses round %s: %s", request.server_round, outcome.refusal)
@@ -121,6 +132,11 @@ def distributed_dp_contribution(msg: Message, context: Context) -> SiteContribut
         return request
     from fedmm.common.distributed_dp.plan import DistributedDPPlan
 
+    if request.model_config().pretrained:
+        return SiteRefusal(
+            RefusalCode.BAD_REQUEST,
+            "distributed DP is not supported with pretrained encoders (dp-mode = 'local')",
+        )
     try:
         plan = DistributedDPPlan.from_config(dict(msg.content.config_records[RECORD_PLAN]))
         bit_width = int(msg.content.config_records[RECORD_SECAGG]["bit_width"])
@@ -173,12 +189,27 @@ def federated_eval_contribution(msg: Message, context: Context) -> SiteContribut
     from fedmm.client.site_data import load_site_split
 
     torch.set_num_threads(torch_threads(context.node_config))
-    split = load_site_split(context.node_config, request)
-    counts = evaluate_held_out(
-        global_state=msg.content.array_records[RECORD_ARRAYS].to_torch_state_dict(),
-        request=request,
-        held_out=split.held_out,
-    )
+    global_state = msg.content.array_records[RECORD_ARRAYS].to_torch_state_dict()
+    if request.model_config().pretrained:  # frozen encoders: the cached features
+        from fedmm.client.feature_training import evaluate_features
+        from fedmm.client.pretrained_site import load_pretrained_site
+
+        site = load_pretrained_site(context.node_config, request)
+        if isinstance(site, SiteRefusal):
+            logger.warning("site refuses evaluation in round %s: %s", request.server_round, site)
+            return site
+        counts = evaluate_features(
+            global_state=global_state,
+            config=site.config,
+            held_out=site.held_out,
+            num_distractors=int(request.num_distractors),
+            with_bank=request.distractor_settings().bank is not None,
+        )
+    else:
+        split = load_site_split(context.node_config, request)
+        counts = evaluate_held_out(
+            global_state=global_state, request=request, held_out=split.held_out
+        )
     logger.info("round %s: evaluated on %d held-out records", request.server_round, counts.records)
     return SiteContribution(
         vector=counts.to_vector(), weight=int(counts.records), metrics={}, epsilon_bound=0.0

@@ -292,6 +292,8 @@ class FederationConfig:
     def coordinator_evaluates(self) -> bool:
         """Whether the coordinator evaluates on the benchmark's test split: ``on``, or
         ``auto`` when the run's image geometry is the benchmark's."""
+        if pretrained_kind(self.model_image_encoder) is not None:
+            return False  # the coordinator holds no features of the benchmark's images
         return self.coordinator_eval == "on" or (
             self.coordinator_eval == "auto" and self.benchmark_geometry
         )

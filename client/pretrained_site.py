@@ -109,7 +109,10 @@ def load_pretrained_site(
     records = load_site_records(node_config, request)
     settings = site_deid_settings(node_config)
     secret = load_or_create_site_secret(settings.secret_file)
-    distractors = request.distractor_settings()
+    try:
+        distractors = request.distractor_settings()
+    except ValueError as error:  # CaptionBankError: the bank does not match its digest
+        return SiteRefusal(RefusalCode.BAD_REQUEST, f"distractors: {error}")
     memo_key = (
         id(records),
         config,
@@ -121,16 +124,19 @@ def load_pretrained_site(
     hit = _memo.get(memo_key)
     if hit is not None and hit[0] is records:
         return hit[1]
-    cached = cached_site_features(
-        records,
-        encoders,
-        config=config,
-        settings=distractors,
-        num_distractors=int(request.num_distractors),
-        cache_dir=settings.cache_dir,
-        secret=secret,
-        source=_data_source(node_config),
-    )
+    try:  # the caption bank's digest and every caption's distractors, before any spend
+        cached = cached_site_features(
+            records,
+            encoders,
+            config=config,
+            settings=distractors,
+            num_distractors=int(request.num_distractors),
+            cache_dir=settings.cache_dir,
+            secret=secret,
+            source=_data_source(node_config),
+        )
+    except ValueError as error:  # CaptionBankError, DistractorError
+        return SiteRefusal(RefusalCode.BAD_REQUEST, f"distractors: {error}")
     held_out = held_out_mask(records, site_secret=secret, fraction=float(request.eval_fraction))
     train_indices, held_out_indices = np.flatnonzero(~held_out), np.flatnonzero(held_out)
     site = PretrainedSiteData(

@@ -328,12 +328,14 @@ _loaded: dict[tuple[EncoderSpec, EncoderSpec], FrozenEncoders] = {}
 
 def load_frozen_encoders(image: EncoderSpec, text: EncoderSpec) -> FrozenEncoders:
     """Both encoders, each checked against its pinned digest first (FrozenWeightsError);
-    kept per process (a simulation runs many sites in one)."""
+    kept per process (a simulation runs many sites in one), and checked again on every call
+    (files that changed since they were loaded are refused; an unchanged file's digest is
+    remembered by its path, size and modification time)."""
+    check_weights(image)
+    check_weights(text)
     key = (image, text)
     if key in _loaded:
         return _loaded[key]
-    check_weights(image)
-    check_weights(text)
     clip_model = None
     if image.kind == "open_clip":
         clip_model = _open_clip_model(image)

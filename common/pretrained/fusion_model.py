@@ -85,7 +85,7 @@ class FeatureFusionMatcher(nn.Module):
                 f"image features of shape {tuple(features.shape)} do not fit this head, "
                 f"which takes (N, P, {self.config.image_feature_dim})"
             )
-        x = self.image_head(features.float())
+        x = self.image_head(features.to(self.image_head.project.weight.dtype))
         return ImageStates(self._heads(self.cross_key(x)), self._heads(self.cross_value(x)))
 
     def encode_texts(self, features: torch.Tensor, valid: torch.Tensor) -> TextStates:
@@ -97,7 +97,7 @@ class FeatureFusionMatcher(nn.Module):
             )
         valid = valid.clone()
         valid[..., 0] = True  # an empty caption still has one position to attend from
-        x = self.text_head(features.float())
+        x = self.text_head(features.to(self.text_head.project.weight.dtype))
         return TextStates(
             self._heads(self.cross_query(x)), self._heads(self.cross_readout(x)), valid
         )

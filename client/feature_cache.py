@@ -150,23 +150,33 @@ def compute_site_features(
         num_distractors=num_distractors,
         rng=rng,
     )
-    table: dict[str, int] = {}
-    for caption, pool in zip(records.captions, pools, strict=True):
-        for text in (caption, *pool):
-            table.setdefault(text, len(table))
-    width = max((len(pool) for pool in pools), default=0)
-    distractor_rows = np.full((len(records), width), -1, dtype=np.int64)
-    for index, pool in enumerate(pools):
-        distractor_rows[index, : len(pool)] = [table[text] for text in pool]
+    table, caption_row, distractor_rows = caption_table(list(records.captions), pools)
     image = encoders.image.features(records.images)
-    text, valid = encoders.text.features(list(table), config.max_len)
+    text, valid = encoders.text.features(table, config.max_len)
     return SiteFeatures(
         image=image.numpy().astype(np.float16),
         text=text.numpy().astype(np.float16),
         text_valid=valid.numpy(),
-        caption_row=np.array([table[c] for c in records.captions], dtype=np.int64),
+        caption_row=caption_row,
         distractor_rows=distractor_rows,
     )
+
+
+def caption_table(
+    captions: list[str], pools: list[list[str]]
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The distinct captions among the records' own and their pools, each record's caption
+    row ``(N,)`` and its pool's rows ``(N, M)`` (-1 where a pool is shorter)."""
+    table: dict[str, int] = {}
+    for caption, pool in zip(captions, pools, strict=True):
+        for text in (caption, *pool):
+            table.setdefault(text, len(table))
+    width = max((len(pool) for pool in pools), default=0)
+    distractor_rows = np.full((len(captions), width), -1, dtype=np.int64)
+    for index, pool in enumerate(pools):
+        distractor_rows[index, : len(pool)] = [table[text] for text in pool]
+    caption_row = np.array([table[c] for c in captions], dtype=np.int64)
+    return list(table), caption_row, distractor_rows
 
 
 def feature_key_material(

@@ -34,12 +34,13 @@ from fedmm.common.model_config import ModelConfig
 
 
 class ProjectionHead(nn.Module):
-    """Frozen features ``(..., D)`` to the model width: LayerNorm, Linear, a residual
-    feed-forward layer, LayerNorm."""
+    """Frozen features ``(..., D)`` to the model width: LayerNorm without its own scale and
+    shift (the Linear after it has both: the same functions, and no per-example gradients
+    over the D-wide features), Linear, a residual feed-forward layer, LayerNorm."""
 
     def __init__(self, features: int, width: int, mlp_ratio: int, activation: str) -> None:
         super().__init__()
-        self.input_norm = nn.LayerNorm(features)
+        self.input_norm = nn.LayerNorm(features, elementwise_affine=False)
         self.project = nn.Linear(features, width)
         self.mlp_norm = nn.LayerNorm(width)
         self.mlp = FeedForward(width, mlp_ratio, activation)

@@ -243,3 +243,16 @@ def test_site_check_reads_the_secure_aggregation_policy_as_every_round_will(
     node_config = check_site_config(good).node_config()
     assert node_config["secagg-colluding-fraction"] == 0.2
     assert node_config["secagg-max-degree"] == 20
+
+
+def test_the_pretrained_weights_folder_reaches_the_node_config(tmp_path: Path) -> None:
+    """``[pretrained] weights-dir``: where the site keeps its copies of frozen weights
+    (``client.pretrained_site``), absolute, under the node config key the site reads."""
+    from fedmm.client.pretrained_site import PRETRAINED_WEIGHTS_DIR
+
+    text = GOOD + '\n[pretrained]\nweights-dir = "weights"\n'
+    config = check_site_config(make_site(tmp_path / "site", text))
+    expected = str((tmp_path / "site" / "weights").resolve())
+    assert config.node_config()[PRETRAINED_WEIGHTS_DIR] == expected
+    with pytest.raises(SiteConfigError, match=r"weights-dir"):
+        load_site_config(make_site(tmp_path / "bad", GOOD + "\n[pretrained]\nweights-dir = 3\n"))

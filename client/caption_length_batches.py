@@ -14,6 +14,7 @@ gradients and clipped sums add up to the whole batch's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -64,3 +65,21 @@ def split_by_caption_length(
             CaptionLengthBatch(indices, images[indices], tokens[indices][..., :cut].contiguous())
         )
     return batches
+
+
+#: A batch: the model's inputs, stacked (``(images, candidate tokens)`` for the built-in
+#: matcher, ``(image features, text features, validity)`` for the fusion head).
+Batch = tuple[torch.Tensor, ...]
+#: How a batch is cut into parts whose per-example losses add up to the batch's.
+BatchParts = Callable[[Batch], list[Batch]]
+
+
+def caption_length_parts(batch: Batch) -> list[Batch]:
+    """``(images, tokens)`` split by caption length (``client.caption_length_batches``)."""
+    images, tokens = batch
+    return [(part.images, part.tokens) for part in split_by_caption_length(images, tokens)]
+
+
+def whole_batch(batch: Batch) -> list[Batch]:
+    """The batch as one part (none when it is empty)."""
+    return [batch] if len(batch[0]) else []

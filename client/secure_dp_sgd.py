@@ -36,7 +36,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from opacus.validators import ModuleValidator
 from torch.utils.data import Dataset
 
-from fedmm.client.caption_length_batches import split_by_caption_length
+from fedmm.client.caption_length_batches import Batch, BatchParts, caption_length_parts
 from fedmm.client.per_example_gradients import PerExampleGradients, clip_factors
 from fedmm.common.loss import matching_loss
 from fedmm.common.secure_random import RandomBytes, bernoulli_indices, standard_normals
@@ -84,21 +84,16 @@ class SecureNoiseDPOptimizer(DPOptimizerFastGradientClipping):
             _mark_as_processed(p.summed_grad)
 
 
-def poisson_batch(
-    dataset: Dataset, *, sample_rate: float, random_bytes: RandomBytes
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Poisson batch of ``(image, candidate tokens)`` items; every record joins with
-    probability ``sample_rate``. An empty batch keeps the item shapes (zero rows)."""
+def poisson_batch(dataset: Dataset, *, sample_rate: float, random_bytes: RandomBytes) -> Batch:
+    """One Poisson batch of the dataset's items (tuples of tensors), stacked; every record
+    joins with probability ``sample_rate``. An empty batch keeps the item shapes (zero
+    rows)."""
     size = len(dataset)  # type: ignore[arg-type]
     indices = bernoulli_indices(size, sample_rate, random_bytes)
     if indices.size == 0:
-        image, tokens = dataset[0]
-        return (
-            torch.zeros((0, *image.shape), dtype=image.dtype),
-            torch.zeros((0, *tokens.shape), dtype=tokens.dtype),
-        )
+        return tuple(torch.zeros((0, *t.shape), dtype=t.dtype) for t in dataset[0])
     items = [dataset[int(i)] for i in indices]
-    return torch.stack([image for image, _ in items]), torch.stack([t for _, t in items])
+    return tuple(torch.stack(column) for column in zip(*items, strict=True))
 
 
 def train_dp_sgd(
@@ -113,10 +108,12 @@ def train_dp_sgd(
     expected_batch_size: float,
     accountant_history: AccountantHistory,
     random_bytes: RandomBytes,
+    batch_parts: BatchParts = caption_length_parts,
 ) -> tuple[float, AccountantHistory]:
-    """``steps`` DP-SGD steps on ``model`` (trained in place); the mean loss over the sampled
-    records (for the site's own log: it is not differentially private) and the accountant's
-    history after ``accountant_history``."""
+    """``steps`` DP-SGD steps on ``model`` (trained in place), whose forward takes a batch's
+    tensors (``model(*part)``) cut into parts by ``batch_parts``; the mean loss over the
+    sampled records (for the site's own log: it is not differentially private) and the
+    accountant's history after ``accountant_history``."""
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
     ModuleValidator.validate(model, strict=True)
@@ -135,23 +132,21 @@ def train_dp_sgd(
     model.train()
     with PerExampleGradients(model) as tape:
         for _ in range(steps):
-            images, tokens = poisson_batch(
-                dataset, sample_rate=sample_rate, random_bytes=random_bytes
-            )
+            batch = poisson_batch(dataset, sample_rate=sample_rate, random_bytes=random_bytes)
             private.zero_grad(set_to_none=True)
             for p in parameters.values():
                 # An empty Poisson batch leaves zeros: a noise-only step, which the
                 # accountant counts.
                 p.grad = torch.zeros_like(p)
             # Examples are independent: each group's clipped sum adds to the batch's.
-            for part in split_by_caption_length(images, tokens):
-                losses = matching_loss(model(part.images, part.tokens))
+            for part in batch_parts(batch):
+                losses = matching_loss(model(*part))
                 tape.backward(losses)
                 factors = clip_factors(tape.squared_norms().sqrt(), max_grad_norm)
                 for name, clipped_sum in tape.weighted_sums(factors).items():
                     parameters[name].grad += clipped_sum
                 total_loss += float(losses.detach().sum())
-                total_items += len(part.indices)
+                total_items += len(part[0])
             private.step()
     history = [(float(s), float(q), int(n)) for s, q, n in accountant.history]
     return total_loss / max(total_items, 1), history

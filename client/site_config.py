@@ -33,6 +33,9 @@ The file says where everything of the site lives; relative paths are relative to
     # roster-file = "roster.json"            # the roster every site signed
     # signing-key-file = "keys/roster-key"   # `fedmm site roster-key`; 0600
 
+    [pretrained]                             # optional: frozen pretrained encoders
+    weights-dir = "/srv/fedmm/weights"       # the site's copies, by the run's file names
+
     [release]                                # required: the only code this site runs
     version = "0.1.0"
     digest = "sha256:..."                    # `fedmm site release-digest`
@@ -86,6 +89,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
             for key, kind in _SECAGG_POLICY_KEYS.items()
         },
     },
+    "pretrained": {"weights-dir": str},
     "release": {"version": str, "digest": str},
 }
 _TYPE_NAMES: dict[Any, str] = {
@@ -115,6 +119,7 @@ _PATH_KEYS = {
     ("secure-aggregation", "spill-dir"),
     ("secure-aggregation", "roster-file"),
     ("secure-aggregation", "signing-key-file"),
+    ("pretrained", "weights-dir"),
 }
 
 
@@ -197,6 +202,8 @@ class SiteConfig:
                 out[node_key] = str(self.get("deidentification", key))
         if self.get("privacy", "policy-file") is not None:
             out["policy-file"] = str(self.get("privacy", "policy-file"))
+        if self.get("pretrained", "weights-dir") is not None:
+            out["pretrained-weights-dir"] = str(self.get("pretrained", "weights-dir"))
         for key in _INLINE_PRIVACY:
             if self.get("privacy", key) is not None:
                 out[f"privacy-{key}"] = float(self.get("privacy", key))

@@ -43,7 +43,6 @@ from fedmm.common.site_task import RECORD_ARRAYS, RECORD_CONFIG, RECORD_PLAN, Si
 from fedmm.common.train_request import TrainRequest
 
 if TYPE_CHECKING:  # torch: imported only by the functions that train
-    from fedmm.client.held_out_split import SiteSplit
     from fedmm.client.privacy_ledger import PrivacyLedger
     from fedmm.client.training_round import RoundOutcome
 
@@ -85,23 +84,39 @@ def train_local_dp_sgd(msg: Message, context: Context) -> RoundOutcome | SiteRef
     from fedmm.client.training_round import run_training_round
 
     torch.set_num_threads(torch_threads(context.node_config))
-    split = load_site_split(context.node_config, request)
+    if request.model_config().pretrained:  # frozen encoders: the cached features
+        from fedmm.client.pretrained_site import load_pretrained_site
+
+        site = load_pretrained_site(context.node_config, request)
+        if isinstance(site, SiteRefusal):
+            logger.warning("site refuses round %s: %s", request.server_round, site)
+            return site
+        inputs: dict[str, Any] = {
+            "data": site.train_records,
+            "features": site.train,
+            "model_config": site.config,
+        }
+        counts = (len(site.train_records), len(site.held_out))
+    else:
+        split = load_site_split(context.node_config, request)
+        inputs = {"data": split.train}
+        counts = (len(split.train), len(split.held_out))
     with ledger_session(context) as ledger:
         outcome = run_training_round(
             global_state=msg.content.array_records[RECORD_ARRAYS].to_torch_state_dict(),
             request=request,
-            data=split.train,
             policy=SitePrivacyPolicy.for_site(context.node_config),
             ledger=ledger,
             run_id=context.run_id,
             persistent_ledger=ledger_file(context) is not None,
+            **inputs,
         )
         if outcome.update is not None:
             audit_round(
                 context,
                 request,
                 task=SiteTask.LOCAL_DP_SGD,
-                split=split,
+                records=counts,
                 ledger=ledger,
                 private=math.isfinite(outcome.epsilon),
             )
@@ -134,6 +149,11 @@ def distributed_dp_contribution(msg: Message, context: Context) -> SiteContribut
         return request
     from fedmm.common.distributed_dp.plan import DistributedDPPlan
 
+    if request.model_config().pretrained:
+        return SiteRefusal(
+            RefusalCode.BAD_REQUEST,
+            "distributed DP is not supported with pretrained encoders (dp-mode = 'local')",
+        )
     try:
         plan = DistributedDPPlan.from_config(dict(msg.content.config_records[RECORD_PLAN]))
         bit_width = int(msg.content.config_records[RECORD_SECAGG]["bit_width"])
@@ -191,14 +211,31 @@ def federated_eval_contribution(msg: Message, context: Context) -> SiteContribut
     from fedmm.client.site_data import load_site_split
 
     torch.set_num_threads(torch_threads(context.node_config))
-    split = load_site_split(context.node_config, request)
-    counts = evaluate_held_out(
-        global_state=msg.content.array_records[RECORD_ARRAYS].to_torch_state_dict(),
-        request=request,
-        held_out=split.held_out,
-    )
+    global_state = msg.content.array_records[RECORD_ARRAYS].to_torch_state_dict()
+    if request.model_config().pretrained:  # frozen encoders: the cached features
+        from fedmm.client.feature_training import evaluate_features
+        from fedmm.client.pretrained_site import load_pretrained_site
+
+        site = load_pretrained_site(context.node_config, request)
+        if isinstance(site, SiteRefusal):
+            logger.warning("site refuses evaluation in round %s: %s", request.server_round, site)
+            return site
+        counts = evaluate_features(
+            global_state=global_state,
+            config=site.config,
+            held_out=site.held_out,
+            num_distractors=int(request.num_distractors),
+            with_bank=request.distractor_settings().bank is not None,
+        )
+        records = (len(site.train_records), len(site.held_out))
+    else:
+        split = load_site_split(context.node_config, request)
+        counts = evaluate_held_out(
+            global_state=global_state, request=request, held_out=split.held_out
+        )
+        records = (len(split.train), len(split.held_out))
     logger.info("round %s: evaluated on %d held-out records", request.server_round, counts.records)
-    audit_round(context, request, task=SiteTask.FEDERATED_EVAL, split=split, ledger=None)
+    audit_round(context, request, task=SiteTask.FEDERATED_EVAL, records=records, ledger=None)
     return SiteContribution(
         vector=counts.to_vector(), weight=int(counts.records), metrics={}, epsilon_bound=0.0
     )
@@ -209,14 +246,14 @@ def audit_round(
     request: TrainRequest,
     *,
     task: SiteTask,
-    split: SiteSplit,
+    records: tuple[int, int],
     ledger: PrivacyLedger | None,
     private: bool = True,
 ) -> None:
     """Append the round this site served to its audit log (``client.site_audit``): the
-    records it used and held out, the epsilon of the run and of its lifetime (``ledger``:
-    None for an evaluation, which spends none; inf for a round without DP), the
-    de-identification policy's digest."""
+    records it used and held out (``records``: their counts), the epsilon of the run and of
+    its lifetime (``ledger``: None for an evaluation, which spends none; inf for a round
+    without DP), the de-identification policy's digest."""
     from fedmm.client.record_withdrawals import read_withdrawals, withdrawals_path
     from fedmm.client.site_audit import (
         EVENT_ROUND,
@@ -244,8 +281,8 @@ def audit_round(
         run_id=context.run_id,
         server_round=request.server_round,
         task=task.value,
-        records_used=None if task is SiteTask.FEDERATED_EVAL else len(split.train),
-        records_held_out=len(split.held_out),
+        records_used=None if task is SiteTask.FEDERATED_EVAL else records[0],
+        records_held_out=records[1],
         deid_policy_sha256=policy_digest(site_deid_settings(node_config).load_policy().to_dict()),
         withdrawn_records=0 if withdrawals is None else len(read_withdrawals(withdrawals)),
         **epsilons,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fedmm.client.caption_length_batches import split_by_caption_length
+from fedmm.client.caption_length_batches import BatchParts, caption_length_parts
 from fedmm.common.data.dataset import ImageTextDataset
 from fedmm.common.distractors import DistractorSampler, DistractorSettings
 from fedmm.common.loss import matching_loss
@@ -156,19 +157,22 @@ def _run_epochs(
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     epochs: int,
+    batch_parts: BatchParts,
 ) -> tuple[float, int]:
     total_loss, total_items, steps = 0.0, 0, 0
     for _ in range(epochs):
-        for images, tokens in loader:
+        for batch in loader:
+            batch = tuple(batch)
             optimizer.zero_grad(set_to_none=True)
-            # The batch mean, accumulated over groups cut to their longest caption (the same
-            # gradient, less padding: client.caption_length_batches).
-            for part in split_by_caption_length(images, tokens):
-                losses = matching_loss(model(part.images, part.tokens))
-                (losses.sum() / len(images)).backward()
+            # The batch mean, accumulated over its parts (for the built-in matcher, groups
+            # cut to their longest caption: the same gradient, less padding,
+            # client.caption_length_batches).
+            for part in batch_parts(batch):
+                losses = matching_loss(model(*part))
+                (losses.sum() / len(batch[0])).backward()
                 total_loss += float(losses.detach().sum())
             optimizer.step()
-            total_items += len(images)
+            total_items += len(batch[0])
             steps += 1
     return total_loss / max(total_items, 1), steps
 
@@ -194,34 +198,57 @@ def train_locally(
     if len(data) == 0:
         raise ValueError("a site with no records cannot train")
     tokenizer = tokenizer or HashingTokenizer.for_model(model.config)
+
+    def dataset_for(seed: int) -> Dataset:
+        return MatchingDataset(
+            data,
+            tokenizer=tokenizer,
+            num_distractors=recipe.num_distractors,
+            seed=seed,
+            distractors=recipe.distractors,
+        )
+
+    return train_on_dataset(
+        model,
+        dataset_for,
+        num_records=len(data),
+        recipe=recipe,
+        dp=dp,
+        accountant_history=accountant_history,
+        random_bytes=random_bytes,
+    )
+
+
+def train_on_dataset(
+    model: torch.nn.Module,
+    dataset_for: Callable[[int], Dataset],
+    *,
+    num_records: int,
+    recipe: TrainingRecipe,
+    dp: DPSGDSettings | None,
+    accountant_history: AccountantHistory,
+    random_bytes: RandomBytes | None = None,
+    batch_parts: BatchParts | None = None,
+) -> LocalTrainingResult:
+    """Train ``model`` in place on the dataset ``dataset_for(seed)`` builds (its items are
+    the model's inputs; ``seed`` seeds its distractor draws), as :func:`train_locally`
+    describes; ``batch_parts`` cuts a batch into parts (default: by caption length)."""
+    parts = batch_parts or caption_length_parts
     optimizer = make_optimizer(model, recipe)
     model.train()
     if dp is None:
         torch.manual_seed(recipe.seed)
-        dataset = MatchingDataset(
-            data,
-            tokenizer=tokenizer,
-            num_distractors=recipe.num_distractors,
-            seed=recipe.seed,
-            distractors=recipe.distractors,
-        )
-        loader = DataLoader(dataset, batch_size=recipe.batch_size, shuffle=True)
-        mean_loss, steps = _run_epochs(model, loader, optimizer, recipe.local_epochs)
-        return LocalTrainingResult(len(data), mean_loss, steps, list(accountant_history))
+        loader = DataLoader(dataset_for(recipe.seed), batch_size=recipe.batch_size, shuffle=True)
+        mean_loss, steps = _run_epochs(model, loader, optimizer, recipe.local_epochs, parts)
+        return LocalTrainingResult(num_records, mean_loss, steps, list(accountant_history))
 
     from fedmm.client.secure_dp_sgd import (
         train_dp_sgd,
     )  # heavy import, only where DP training happens
 
     stream = random_bytes or fresh_random_bytes()
-    dataset = MatchingDataset(
-        data,
-        tokenizer=tokenizer,
-        num_distractors=recipe.num_distractors,
-        seed=int.from_bytes(stream(8), "little"),
-        distractors=recipe.distractors,
-    )
-    count = dp.record_count if dp.record_count is not None else len(data)
+    dataset = dataset_for(int.from_bytes(stream(8), "little"))
+    count = dp.record_count if dp.record_count is not None else num_records
     rate = sample_rate(count, recipe.batch_size)
     steps = recipe.local_epochs * steps_per_epoch(count, recipe.batch_size)
     mean_loss, history = train_dp_sgd(
@@ -235,5 +262,6 @@ def train_locally(
         expected_batch_size=rate * count,
         accountant_history=accountant_history,
         random_bytes=stream,
+        batch_parts=parts,
     )
-    return LocalTrainingResult(len(data), mean_loss, steps, history)
+    return LocalTrainingResult(num_records, mean_loss, steps, history)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,11 +38,15 @@ from fedmm.client.training import (
 )
 from fedmm.common.data.dataset import ImageTextDataset
 from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.model_config import ModelConfig
 from fedmm.common.secure_random import RandomBytes, fresh_random_bytes
 from fedmm.common.secure_round import METRIC_EPSILON_BOUND, METRIC_NUM_EXAMPLES, METRIC_STEPS
 from fedmm.common.site_refusal import RefusalCode, SiteRefusal
 from fedmm.common.tokenizer import HashingTokenizer
 from fedmm.common.train_request import TrainRequest
+
+if TYPE_CHECKING:
+    from fedmm.client.feature_cache import SiteFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +176,15 @@ def run_training_round(
     run_id: int = 0,
     persistent_ledger: bool = True,
     random_bytes: RandomBytes | None = None,
+    features: SiteFeatures | None = None,
+    model_config: ModelConfig | None = None,
 ) -> RoundOutcome:
     """Train on ``data`` from ``global_state`` unless the site's policy says no.
+
+    With frozen pretrained encoders, ``features`` are ``data``'s cached features and
+    ``model_config`` the config resolved against the site's encoders: the fusion head is
+    trained on the features (``client.feature_training``), and ``data`` serves the record
+    count and the distractor checks.
 
     ``ledger`` is updated in place: when the site trains, and when it draws the run's noisy
     record count (charged even if the site then refuses, since the refusal may depend on
@@ -221,16 +233,32 @@ def run_training_round(
         dp = planned
         count = int(dp.record_count or 1)
 
-    model = CrossAttentionMatcher(request.model_config())
-    model.load_state_dict(global_state)
-    result = train_locally(
-        model,
-        data,
-        recipe=recipe,
-        dp=dp,
-        accountant_history=ledger.history,
-        random_bytes=stream,
-    )
+    if features is not None:
+        from fedmm.client.feature_training import train_on_features
+        from fedmm.common.pretrained.fusion_model import FeatureFusionMatcher
+
+        head = FeatureFusionMatcher(model_config or request.model_config())
+        head.load_state_dict(global_state)
+        result = train_on_features(
+            head,
+            features,
+            recipe=recipe,
+            dp=dp,
+            accountant_history=ledger.history,
+            random_bytes=stream,
+        )
+        model: torch.nn.Module = head
+    else:
+        model = CrossAttentionMatcher(request.model_config())
+        model.load_state_dict(global_state)
+        result = train_locally(
+            model,
+            data,
+            recipe=recipe,
+            dp=dp,
+            accountant_history=ledger.history,
+            random_bytes=stream,
+        )
     ledger.history = result.accountant_history
     ledger.rounds.append(request.server_round)
     trained = model.state_dict()

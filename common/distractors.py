@@ -73,9 +73,12 @@ class DistractorSampler:
         self._benchmark_draws = settings.bank is None and settings.word_lists == ("fashion",)
         self._bank_tokens: np.ndarray | None = None  # one row per bank line
         self._distinct_tokens = np.zeros((0, tokenizer.max_len), dtype=np.int64)
+        self._distinct_captions: list[str] = []
         if settings.bank is not None:
             self._bank_tokens = tokenizer.encode_batch(list(settings.bank.captions))
-            self._distinct_tokens = np.unique(self._bank_tokens, axis=0)
+            self._distinct_tokens, first = np.unique(self._bank_tokens, axis=0, return_index=True)
+            #: a bank line of each distinct token row (the first)
+            self._distinct_captions = [settings.bank.captions[i] for i in first]
             if len(self._distinct_tokens) < num_distractors + 1:
                 raise CaptionBankError(
                     f"caption bank sha256:{settings.bank.sha256[:12]} has "
@@ -138,13 +141,18 @@ class DistractorSampler:
 
     def candidate_tokens(self, caption: str, rng: np.random.Generator) -> np.ndarray:
         """Token ids ``(1 + K, T)``: ``caption`` first, then its ``K`` distractors."""
+        return self.tokenizer.encode_batch(self.candidate_captions(caption, rng))
+
+    def candidate_captions(self, caption: str, rng: np.random.Generator) -> list[str]:
+        """``caption`` first, then its ``K`` distractors, as text (what a pretrained text
+        encoder reads; :meth:`candidate_tokens` hashes them)."""
         if self._benchmark_draws:
             distractors = distractor_captions(
                 caption, count=self.num_distractors, rng=rng, lexicon=FASHION_LEXICON
             )
-            return self.tokenizer.encode_batch([caption, *distractors])
+            return [caption, *distractors]
         own = self.tokenizer.encode(caption)
-        rows = [own]
+        rows, texts = [own], [caption]
         swaps_wanted = self.num_distractors
         if self._bank_tokens is not None:
             swaps_wanted //= 2
@@ -154,6 +162,7 @@ class DistractorSampler:
             tokens = self.tokenizer.encode(swapped)
             if not any(np.array_equal(tokens, row) for row in rows):
                 rows.append(tokens)
+                texts.append(swapped)
         missing = self.num_distractors + 1 - len(rows)
         if missing and self._bank_tokens is None:
             raise DistractorError(
@@ -161,24 +170,23 @@ class DistractorSampler:
                 "and no caption bank: set run config 'caption-bank'"
             )
         if missing:
-            rows += self._bank_draw(np.stack(rows), missing, rng)
-        return np.stack(rows)
+            texts += self._bank_draw(np.stack(rows), missing, rng)
+        return texts
 
-    def _bank_draw(
-        self, taken: np.ndarray, count: int, rng: np.random.Generator
-    ) -> list[np.ndarray]:
+    def _bank_draw(self, taken: np.ndarray, count: int, rng: np.random.Generator) -> list[str]:
         """``count`` distinct bank captions, each line equally likely (so a caption in
         proportion to its lines), whose tokens differ from every row of ``taken``."""
         bank = self._bank_tokens
-        assert bank is not None
+        assert bank is not None and self.settings.bank is not None
+        lines = self.settings.bank.captions
         seen = {row.tobytes() for row in taken}
-        out: list[np.ndarray] = []
+        out: list[str] = []
         for _ in range(_BANK_DRAW_ROUNDS):
             for line in rng.integers(len(bank), size=2 * (count + len(taken))):
                 key = bank[line].tobytes()
                 if key not in seen:
                     seen.add(key)
-                    out.append(bank[line])
+                    out.append(lines[line])
                     if len(out) == count:
                         return out
         # A bank dominated by the taken captions: finish from its distinct captions. There
@@ -187,7 +195,7 @@ class DistractorSampler:
             row = self._distinct_tokens[index]
             if row.tobytes() not in seen:
                 seen.add(row.tobytes())
-                out.append(row)
+                out.append(self._distinct_captions[index])
                 if len(out) == count:
                     break
         return out

@@ -12,6 +12,11 @@ from fedmm.common.data.caption_bank import CaptionBank, CaptionBankError
 from fedmm.common.data.partitioning import PARTITION_SCHEMES
 from fedmm.common.data.word_lists import parse_word_lists
 from fedmm.common.model_config import ACTIVATIONS, IMAGE_ENCODERS, model_config_from_settings
+from fedmm.common.pretrained.encoder_spec import (
+    PRETRAINED_IMAGE_KINDS,
+    EncoderSpec,
+    pretrained_kind,
+)
 
 if TYPE_CHECKING:
     from fedmm.common.distractors import DistractorSettings
@@ -71,6 +76,13 @@ class FederationConfig:
     model_patch_size: int = 7  # pixels per patch side of the "patches" encoder
     model_vocab_buckets: int = 768  # hash buckets of the tokenizer (common.tokenizer)
     model_caption_words: int = 12  # words of a caption the model reads
+    # Pretrained encoders (common.pretrained): "hashing" is the built-in text encoder; a
+    # pretrained pair names its frozen weights (a local file or directory) and their sha256.
+    model_text_encoder: str = "hashing"
+    model_image_weights: str = ""
+    model_image_weights_sha256: str = ""
+    model_text_weights: str = ""
+    model_text_weights_sha256: str = ""
     distractor_word_lists: str = "fashion"  # public word lists for swaps (common.data)
     caption_bank: str = ""  # public caption file shipped to the sites ("" = none)
     caption_bank_sha256: str = ""  # its SHA-256; filled in from the file when empty
@@ -124,9 +136,11 @@ class FederationConfig:
             (1 <= self.eval_single_items <= 10000, "eval-single-items", "in [1, 10000]"),
             (1 <= self.eval_scenes <= 5000, "eval-scenes", "in [1, 5000]"),
             (
-                self.model_image_encoder in IMAGE_ENCODERS,
+                self.model_image_encoder in IMAGE_ENCODERS
+                or pretrained_kind(self.model_image_encoder) in PRETRAINED_IMAGE_KINDS,
                 "model-image-encoder",
-                f"one of {IMAGE_ENCODERS}",
+                f"one of {IMAGE_ENCODERS}, or 'timm:<arch>' / 'open_clip:<arch>' with "
+                "model-image-weights",
             ),
             (self.model_activation in ACTIVATIONS, "model-activation", f"one of {ACTIVATIONS}"),
             (8 <= self.secagg_bit_width <= 53, "secagg-bit-width", "an integer in [8, 53]"),
@@ -204,10 +218,17 @@ class FederationConfig:
     def _check_model_and_distractors(self) -> None:
         """The image and text geometry and the distractor sources; errors name the key."""
         try:
-            model_config_from_settings(self)
+            model = model_config_from_settings(self)
             parse_word_lists(self.distractor_word_lists)
+            if model.pretrained:
+                encoder_specs_of(self)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if model.pretrained and self.dp_mode != "local":
+            raise ConfigError(
+                f"run config 'dp-mode' = {self.dp_mode!r} is not supported with pretrained "
+                "encoders: use 'local' (DP-SGD at each site on its cached features)"
+            )
         if self.caption_bank_sha256 and not _SHA256_HEX.fullmatch(self.caption_bank_sha256):
             raise ConfigError(
                 f"run config 'caption-bank-sha256' = {self.caption_bank_sha256!r} is invalid: "
@@ -275,6 +296,8 @@ class FederationConfig:
     def coordinator_evaluates(self) -> bool:
         """Whether the coordinator evaluates on the benchmark's test split: ``on``, or
         ``auto`` when the run's image geometry is the benchmark's."""
+        if pretrained_kind(self.model_image_encoder) is not None:
+            return False  # the coordinator holds no features of the benchmark's images
         return self.coordinator_eval == "on" or (
             self.coordinator_eval == "auto" and self.benchmark_geometry
         )
@@ -339,3 +362,25 @@ def _coerce(value: Any, kind: type) -> Any:
     if kind is float:
         return float(value)
     return str(value)
+
+
+def encoder_specs_of(source: Any) -> tuple[EncoderSpec, EncoderSpec]:
+    """The (image, text) pretrained encoders a run's settings name (a ``FederationConfig``
+    or a ``TrainRequest``); an OpenCLIP text encoder with no weights of its own takes the
+    image encoder's. A FrozenWeightsError names the run-config key."""
+    image = EncoderSpec.parse(
+        source.model_image_encoder,
+        weights=source.model_image_weights,
+        sha256=source.model_image_weights_sha256,
+        key="model-image-encoder",
+    )
+    text_weights, text_sha256 = source.model_text_weights, source.model_text_weights_sha256
+    if not text_weights and source.model_text_encoder == source.model_image_encoder:
+        text_weights, text_sha256 = image.weights, text_sha256 or image.sha256
+    text = EncoderSpec.parse(
+        source.model_text_encoder,
+        weights=text_weights,
+        sha256=text_sha256,
+        key="model-text-encoder",
+    )
+    return image, text

@@ -218,6 +218,46 @@ class TextStates:
     valid: torch.Tensor  # (..., T) bool
 
 
+def score_candidates(images: ImageStates, texts: TextStates) -> torch.Tensor:
+    """Scores ``(B, C)`` of each image against its own ``C`` candidate captions: every caption
+    token queries the image tokens (the cross-attention), its score is its readout dotted
+    with the values it attended to, a caption's score is the mean over its valid tokens."""
+    scale = 1.0 / math.sqrt(images.keys.shape[-1])
+    logits = torch.einsum("bcthd,bphd->bcthp", texts.queries, images.keys) * scale
+    matches = torch.einsum("bcthd,bphd->bcthp", texts.readouts, images.values) * scale
+    per_token = (logits.softmax(-1) * matches).sum((-1, -2)) * texts.valid  # (B, C, T)
+    return per_token.sum(-1) / texts.valid.sum(-1)
+
+
+def score_all_pairs(images: ImageStates, texts: TextStates, chunk: int = 25) -> torch.Tensor:
+    """Scores ``(N_images, N_texts)`` of every image against every caption.
+
+    Same maths as :func:`score_candidates`; only valid (non-padding) tokens are computed,
+    as batched matrix products per head, ``chunk`` images at a time.
+    """
+    heads, head_dim = images.keys.shape[-2:]
+    scale = 1.0 / math.sqrt(head_dim)
+    caption_of_token = torch.nonzero(texts.valid)[:, 0]  # (V,)
+    num_texts = texts.valid.shape[0]
+    tokens_per_text = texts.valid.sum(-1).to(images.keys.dtype)
+    queries = texts.queries[texts.valid].transpose(0, 1) * scale  # (h, V, dh)
+    readouts = texts.readouts[texts.valid].transpose(0, 1) * scale
+    rows = []
+    for start in range(0, images.keys.shape[0], chunk):
+        keys = images.keys[start : start + chunk]  # (I, P, h, dh)
+        n, p = keys.shape[:2]
+        keys = keys.permute(2, 3, 0, 1).reshape(heads, head_dim, n * p)
+        values = images.values[start : start + chunk].permute(2, 3, 0, 1)
+        values = values.reshape(heads, head_dim, n * p)
+        weights = torch.bmm(queries, keys).view(heads, -1, n, p).softmax(-1)
+        matches = torch.bmm(readouts, values).view(heads, -1, n, p)
+        per_token = (weights * matches).sum((0, 3)).T  # (I, V)
+        per_text = per_token.new_zeros(n, num_texts)
+        per_text.index_add_(1, caption_of_token, per_token)
+        rows.append(per_text / tokens_per_text)
+    return torch.cat(rows)
+
+
 class CrossAttentionMatcher(nn.Module):
     """Scores how well a caption describes an image (higher is better)."""
 
@@ -294,41 +334,13 @@ class CrossAttentionMatcher(nn.Module):
 
     def score_candidates(self, images: ImageStates, texts: TextStates) -> torch.Tensor:
         """Scores ``(B, C)`` of each image against its own ``C`` candidate captions."""
-        scale = 1.0 / math.sqrt(images.keys.shape[-1])
-        logits = torch.einsum("bcthd,bphd->bcthp", texts.queries, images.keys) * scale
-        matches = torch.einsum("bcthd,bphd->bcthp", texts.readouts, images.values) * scale
-        per_token = (logits.softmax(-1) * matches).sum((-1, -2)) * texts.valid  # (B, C, T)
-        return per_token.sum(-1) / texts.valid.sum(-1)
+        return score_candidates(images, texts)
 
     def score_all_pairs(
         self, images: ImageStates, texts: TextStates, chunk: int = 25
     ) -> torch.Tensor:
-        """Scores ``(N_images, N_texts)`` of every image against every caption.
-
-        Same maths as ``score_candidates``; only valid (non-padding) tokens are computed,
-        as batched matrix products per head, ``chunk`` images at a time.
-        """
-        heads, head_dim = images.keys.shape[-2:]
-        scale = 1.0 / math.sqrt(head_dim)
-        caption_of_token = torch.nonzero(texts.valid)[:, 0]  # (V,)
-        num_texts = texts.valid.shape[0]
-        tokens_per_text = texts.valid.sum(-1).to(images.keys.dtype)
-        queries = texts.queries[texts.valid].transpose(0, 1) * scale  # (h, V, dh)
-        readouts = texts.readouts[texts.valid].transpose(0, 1) * scale
-        rows = []
-        for start in range(0, images.keys.shape[0], chunk):
-            keys = images.keys[start : start + chunk]  # (I, P, h, dh)
-            n, p = keys.shape[:2]
-            keys = keys.permute(2, 3, 0, 1).reshape(heads, head_dim, n * p)
-            values = images.values[start : start + chunk].permute(2, 3, 0, 1)
-            values = values.reshape(heads, head_dim, n * p)
-            weights = torch.bmm(queries, keys).view(heads, -1, n, p).softmax(-1)
-            matches = torch.bmm(readouts, values).view(heads, -1, n, p)
-            per_token = (weights * matches).sum((0, 3)).T  # (I, V)
-            per_text = per_token.new_zeros(n, num_texts)
-            per_text.index_add_(1, caption_of_token, per_token)
-            rows.append(per_text / tokens_per_text)
-        return torch.cat(rows)
+        """Scores ``(N_images, N_texts)`` of every image against every caption."""
+        return score_all_pairs(images, texts, chunk)
 
     def forward(self, images: torch.Tensor, candidate_tokens: torch.Tensor) -> torch.Tensor:
         """Scores ``(B, C)`` for images ``(B, H, W[, 3])`` and tokens ``(B, C, T)``."""

@@ -15,6 +15,17 @@ Allowed image geometry, and why:
 - ``conv``: any side; tokens are the ``ceil(H/8) x ceil(W/8)`` cells of its stride-8 stem.
 - ``scatter``: both sides are multiples of 4, the grid step of the scattering transform
   (J = 2); tokens as for ``conv``.
+- a pretrained image encoder (``timm:<arch>``, ``open_clip:<arch>``,
+  ``common.pretrained``): the size its weights were trained at (checked when the encoder is
+  loaded); its tokens are its own (patch tokens, or the cells of its last feature map), and
+  the fusion head trained here has no position embeddings of its own.
+
+A pretrained image encoder goes with a pretrained text encoder (``hf:<name>`` or
+``open_clip:<arch>``): the trained part is then the fusion head over their frozen features
+(``common.pretrained.fusion_model``), and ``max_len`` counts the text encoder's own tokens
+kept per caption. The pinned weight digests, the feature widths and each encoder's
+preprocessing and tokenizer are part of the model config, so a checkpoint says which frozen
+encoders it belongs to.
 """
 
 from __future__ import annotations
@@ -25,11 +36,19 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from fedmm.common.pretrained.encoder_spec import (
+    PRETRAINED_IMAGE_KINDS,
+    PRETRAINED_TEXT_KINDS,
+    pretrained_kind,
+)
+
 IMAGE_ENCODERS = ("patches", "conv", "scatter")
 #: Hidden activations: GELU, or tanh, the "tempered sigmoid" that Papernot et al. (AAAI 2021)
 #: found to train better under DP-SGD (bounded activations keep per-example gradients small,
 #: so clipping discards less of them).
 ACTIVATIONS = ("gelu", "tanh")
+#: The built-in text encoder: hashed word ids (common.tokenizer) and trained blocks.
+TEXT_ENCODERS = ("hashing",)
 IMAGE_CHANNELS = (1, 3)
 SCATTER_SCALES = 2  # J of the scattering transform (common.scattering)
 SCATTER_STRIDE = 2**SCATTER_SCALES  # its grid is 2^J times coarser than the canvas
@@ -80,11 +99,36 @@ class ModelConfig:
     max_len: int = 12  # words per caption; longer captions are cut
     image_encoder: str = "patches"  # "patches" (linear patch embedding), "conv" or "scatter"
     activation: str = "gelu"  # of the conv stem and the feed-forward layers: ACTIVATIONS
+    text_encoder: str = "hashing"  # or a pretrained one, "hf:<name>" or "open_clip:<arch>"
+    #: Pretrained encoders only: the pinned SHA-256 of each one's frozen weights, the width
+    #: of its features, and its own preprocessing and tokenizer (JSON), filled in when the
+    #: encoders are loaded (``common.pretrained.frozen_encoders.resolve_model_config``).
+    image_weights_sha256: str = ""
+    text_weights_sha256: str = ""
+    image_feature_dim: int = 0
+    text_feature_dim: int = 0
+    image_preprocessing: str = ""
+    text_tokenizer: str = ""
 
     def __post_init__(self) -> None:
-        if self.image_encoder not in IMAGE_ENCODERS:
+        image_kind = pretrained_kind(self.image_encoder)
+        text_kind = pretrained_kind(self.text_encoder)
+        if self.image_encoder not in IMAGE_ENCODERS and image_kind not in PRETRAINED_IMAGE_KINDS:
             raise ValueError(
-                f"image_encoder must be one of {IMAGE_ENCODERS}, got {self.image_encoder!r}"
+                f"image_encoder must be one of {IMAGE_ENCODERS} or a pretrained one "
+                f"('timm:<arch>', 'open_clip:<arch>'), got {self.image_encoder!r}"
+            )
+        if self.text_encoder not in TEXT_ENCODERS and text_kind not in PRETRAINED_TEXT_KINDS:
+            raise ValueError(
+                f"text_encoder must be one of {TEXT_ENCODERS} or a pretrained one "
+                f"('hf:<name>', 'open_clip:<arch>'), got {self.text_encoder!r}"
+            )
+        if (image_kind is None) != (text_kind is None):
+            raise ValueError(
+                f"model-image-encoder = {self.image_encoder!r} and model-text-encoder = "
+                f"{self.text_encoder!r}: a pretrained encoder needs a pretrained partner; "
+                "name both (e.g. 'timm:vit_small_patch16_224' with 'hf:<name>', or "
+                "'open_clip:<arch>' on both) or neither"
             )
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
@@ -104,6 +148,8 @@ class ModelConfig:
             )
         if not all(isinstance(s, int) and MIN_IMAGE_SIDE <= s <= MAX_IMAGE_SIDE for s in (h, w)):
             return f"{size} is invalid: each side must be in [{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}]"
+        if self.pretrained:
+            return None  # the encoder's own input size, checked when it is loaded
         if self.image_encoder == "patches":
             p = self.patch_size
             if p < 1 or h % p or w % p:
@@ -146,6 +192,11 @@ class ModelConfig:
                 f"invalid: use an integer in [1, {MAX_CAPTION_WORDS}]"
             )
         return None
+
+    @property
+    def pretrained(self) -> bool:
+        """Frozen pretrained encoders with a trained fusion head (module docstring)."""
+        return pretrained_kind(self.image_encoder) is not None
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -193,6 +244,11 @@ def model_config_from_settings(source: Any) -> ModelConfig:
     """The model a run's ``model-*`` and ``image-*`` settings name, from any object with
     those fields (``FederationConfig``, ``TrainRequest``); a ValueError names the key."""
     height, width = parse_image_size(source.image_size)
+    text_encoder = getattr(source, "model_text_encoder", "hashing")
+    image_sha256 = getattr(source, "model_image_weights_sha256", "")
+    text_sha256 = getattr(source, "model_text_weights_sha256", "")
+    if not text_sha256 and text_encoder == source.model_image_encoder:
+        text_sha256 = image_sha256  # one OpenCLIP checkpoint for both
     return ModelConfig(
         width=source.model_width,
         heads=source.model_heads,
@@ -206,6 +262,9 @@ def model_config_from_settings(source: Any) -> ModelConfig:
         max_len=source.model_caption_words,
         image_encoder=source.model_image_encoder,
         activation=source.model_activation,
+        text_encoder=text_encoder,
+        image_weights_sha256=image_sha256,
+        text_weights_sha256=text_sha256,
     )
 
 

@@ -45,6 +45,9 @@ class RefusalCode(StrEnum):
     NO_DATA = "no-data"
     #: The run's app is not the release the site installed and pinned: nothing of it ran.
     UNTRUSTED_APP = "untrusted-app"
+    #: The site's copy of a frozen pretrained encoder's weights is missing or is not the
+    #: one the run pins by SHA-256: its features would not be the run's.
+    FROZEN_WEIGHTS = "frozen-weights"
     #: The site's code failed on this request; the error stays in the site's log.
     SITE_ERROR = "site-error"
 

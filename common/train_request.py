@@ -46,6 +46,11 @@ class TrainRequest:
     model_patch_size: int
     model_vocab_buckets: int
     model_caption_words: int
+    model_text_encoder: str
+    model_image_weights: str  # the run's path; a site may keep its copy elsewhere
+    model_image_weights_sha256: str
+    model_text_weights: str
+    model_text_weights_sha256: str
     distractor_word_lists: str
     eval_fraction: float  # share of the site's records held out (client.held_out_split)
     caption_bank_sha256: str  # "" when the run has no caption bank

@@ -48,7 +48,7 @@ def run_federation(
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    model = CrossAttentionMatcher(model_config_of(config))
+    model = initial_model(config)
     start_round, server_state = _resume(config, out_dir, model)
     coordinator_eval = _coordinator_evaluation(config, model)
     federated_eval = federated_evaluation_for(config)
@@ -99,6 +99,22 @@ def run_federation(
     _save_model(out_dir, model)
     note = mode.privacy_statement()
     return write_summary_and_report(out_dir, config=config.to_run_config(), privacy_note=note)
+
+
+def initial_model(config: FederationConfig) -> torch.nn.Module:
+    """The run's model before round 1: the built-in matcher, or, with frozen pretrained
+    encoders, the fusion head over their features. The coordinator loads the encoders (its
+    own copy, checked against the run's SHA-256 pins) only to learn their feature widths,
+    preprocessing and tokenizer; it never runs them."""
+    model_config = model_config_of(config)
+    if not model_config.pretrained:
+        return CrossAttentionMatcher(model_config)
+    from fedmm.common.federation_config import encoder_specs_of
+    from fedmm.common.pretrained.frozen_encoders import load_frozen_encoders, resolve_model_config
+    from fedmm.common.pretrained.fusion_model import FeatureFusionMatcher
+
+    encoders = load_frozen_encoders(*encoder_specs_of(config))
+    return FeatureFusionMatcher(resolve_model_config(model_config, encoders))
 
 
 def _coordinator_evaluation(

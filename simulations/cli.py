@@ -104,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="show every library's and site's log output on the terminal (by default it goes "
         "to run.log in the output folder)",
     )
+    digest = commands.add_parser(
+        "weights-digest",
+        help="print the SHA-256 that pins a frozen encoder's weights (a file or a directory)",
+        description="The value of run config model-image-weights-sha256 / "
+        "model-text-weights-sha256 for a local weights file or hub snapshot directory.",
+    )
+    digest.add_argument("path", type=Path)
+    random_encoders = commands.add_parser(
+        "random-encoders",
+        help="write small randomly initialised OpenCLIP, timm and BERT checkpoints (a dry run "
+        "of pretrained encoders without hub access) and print their run config",
+    )
+    random_encoders.add_argument("out", type=Path)
     add_deidentify_parser(commands)
     add_coordinator_parser(commands)
     add_site_parser(commands)
@@ -327,6 +340,16 @@ def main(argv: list[str] | None = None) -> int:
             return simulate(args)
         if args.command == "deidentify":
             return run_deidentify(args)
+        if args.command == "weights-digest":
+            from fedmm.common.pretrained.encoder_spec import weights_digest
+
+            print(weights_digest(args.path))
+            return 0
+        if args.command == "random-encoders":
+            from fedmm.simulations.random_encoders import write_small_encoders
+
+            print(json.dumps(write_small_encoders(args.out), indent=2))
+            return 0
         if args.command in ("coordinator", "site"):  # the deployment steps of either side
             return run_step(args, command=args.command)
         if args.command == "privacy-sweep":

@@ -283,3 +283,16 @@ def test_data_rights_files_are_private_and_the_retention_is_positive(tmp_path: P
     config = load_site_config(config_path)
     assert config.node_config()["audit-log"] == str(audit)
     assert config.node_config()["deid-cache-retention-days"] == 0.0
+
+
+def test_the_pretrained_weights_folder_reaches_the_node_config(tmp_path: Path) -> None:
+    """``[pretrained] weights-dir``: where the site keeps its copies of frozen weights
+    (``client.pretrained_site``), absolute, under the node config key the site reads."""
+    from fedmm.client.pretrained_site import PRETRAINED_WEIGHTS_DIR
+
+    text = GOOD + '\n[pretrained]\nweights-dir = "weights"\n'
+    config = check_site_config(make_site(tmp_path / "site", text))
+    expected = str((tmp_path / "site" / "weights").resolve())
+    assert config.node_config()[PRETRAINED_WEIGHTS_DIR] == expected
+    with pytest.raises(SiteConfigError, match=r"weights-dir"):
+        load_site_config(make_site(tmp_path / "bad", GOOD + "\n[pretrained]\nweights-dir = 3\n"))

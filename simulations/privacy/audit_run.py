@@ -4,10 +4,14 @@ audit's empirical epsilon (Steinke, Nasr and Jagielski, NeurIPS 2023; ``one_run_
 Before the run, ``canaries`` draws the canaries and writes every site's imagefolder (its
 capped benchmark partition and its included canaries). ``fedmm simulate --site-data`` then
 trains on them, with the benchmark's geometry and tokenizer set explicitly (a --site-data
-run otherwise starts from the real-data defaults). After it, the final global model scores
-every canary with the loss-threshold attack (Yeom et al., CSF 2018; the same queries as the
-membership sweep, ``membership_scores``): minus the canary's mean loss over its queries, so a
-memorised wrong caption scores high. The attacker here sees the released model only (black
+run otherwise starts from the real-data defaults). After it, the attacker queries the final
+global model with each canary's image and two captions, its wrong one and its true class's
+evaluation caption, and scores the canary by the margin between the two scores (a
+per-canary calibrated loss-threshold attack, Yeom et al., CSF 2018; Steinke et al. score
+with the loss): an OUT canary's image is seen as its true class, an IN canary whose wrong
+caption was memorised scores higher. Measured on the main sweep's non-private recipe with
+the plain loss the audit had no power (bound 0): subtracting the true class's score removes
+most of the canary-to-canary variance. The attacker sees the released model only (black
 box, one run, no shadow models).
 """
 
@@ -101,44 +105,55 @@ class CanaryScores:
     sites: list[int]
 
 
-def score_canaries(run_dir: Path, point_dir: Path, *, queries: int, seed: int) -> CanaryScores:
-    """Minus each canary's mean loss under the run's final global model."""
+def canary_margins(model: Any, images: Any, captions: list[str], labels: Any) -> Any:
+    """Per canary: the model's score of its (wrong) caption minus its score of its true
+    class's evaluation caption, both as the model scores captions (``common.loss``)."""
+    import numpy as np
+    import torch
+
+    from fedmm.common.data.captions import canonical_caption
+    from fedmm.common.tokenizer import HashingTokenizer
+
+    tokenizer = HashingTokenizer(
+        max_len=model.config.max_len, num_buckets=model.config.vocab_buckets
+    )
+    true_captions = [canonical_caption(int(label)) for label in labels]
+    tokens = np.stack(
+        [tokenizer.encode_batch([c, t]) for c, t in zip(captions, true_captions, strict=True)]
+    )  # (N, 2, T): the canary's caption, then the true class's
+    model.eval()
+    margins = []
+    with torch.no_grad():
+        for start in range(0, len(captions), 500):
+            scores = model(
+                torch.from_numpy(images[start : start + 500]),
+                torch.from_numpy(tokens[start : start + 500]),
+            ).double()
+            margins.append(scores[:, 0] - scores[:, 1])
+    return torch.cat(margins).numpy()
+
+
+def score_canaries(run_dir: Path, point_dir: Path) -> CanaryScores:
+    """Each canary's margin (:func:`canary_margins`) under the run's final global model:
+    high when the model has learnt the canary's wrong caption for that very image."""
     import json
 
     import numpy as np
 
     from fedmm.common.data.benchmark import benchmark_train_records
-    from fedmm.common.data.dataset import ImageTextDataset
-    from fedmm.common.tokenizer import HashingTokenizer
     from fedmm.simulations.privacy.canaries import CANARIES_FILE
     from fedmm.simulations.privacy.membership_experiment import (
         load_global_model,
         read_run_config,
     )
-    from fedmm.simulations.privacy.membership_inference import loss_threshold_scores
-    from fedmm.simulations.privacy.membership_scores import build_queries, membership_signals
 
     config = read_run_config(run_dir)
     saved = json.loads((point_dir / CANARIES_FILE).read_text())
     records = benchmark_train_records(config.data_dir or None)
     raw = records.subset(np.asarray(saved["source_indices"], dtype=np.int64))
-    canaries = ImageTextDataset(images=raw.images, captions=saved["captions"], labels=raw.labels)
-    model = load_global_model(run_dir)
-    tokenizer = HashingTokenizer(
-        max_len=model.config.max_len, num_buckets=model.config.vocab_buckets
-    )
-    signals = membership_signals(
-        model,
-        build_queries(
-            canaries,
-            tokenizer=tokenizer,
-            num_distractors=config.num_distractors,
-            num_queries=queries,
-            seed=seed,
-        ),
-    )
+    margins = canary_margins(load_global_model(run_dir), raw.images, saved["captions"], raw.labels)
     return CanaryScores(
-        scores=loss_threshold_scores(signals.loss).tolist(),
+        scores=[float(m) for m in margins],
         included=[bool(b) for b in saved["included"]],
         sites=[int(s) for s in saved["sites"]],
     )
@@ -166,6 +181,6 @@ def audit_result(scores: CanaryScores, *, delta: float, confidence: float) -> di
         "included": audit.included,
         "best": asdict(audit.best),
         "guesses": [asdict(g) for g in audit.guesses],
-        "mean_loss_in": -float(np.mean(in_scores)) if in_scores else None,
-        "mean_loss_out": -float(np.mean(out_scores)) if out_scores else None,
+        "mean_margin_in": float(np.mean(in_scores)) if in_scores else None,
+        "mean_margin_out": float(np.mean(out_scores)) if out_scores else None,
     }

@@ -405,8 +405,7 @@ def run_audit_point(point: SweepPoint, settings: SweepSettings, out: Path) -> di
             "audit": {
                 "canaries": audit.canaries,
                 "confidence": audit.confidence,
-                "queries": settings.queries,
-                "seed": settings.seed,
+                "score": "margin of the wrong caption over the true class caption",
             },
         }
     )
@@ -445,7 +444,7 @@ def run_audit_point(point: SweepPoint, settings: SweepSettings, out: Path) -> di
         raise RuntimeError(f"{point.name}: {len(epsilons)} of {point.sites} sites have a DP ledger")
     # the delta the audit tests: the sites' (from their ledgers), else the run's
     delta = epsilons[0].delta if epsilons else read_run_config(run.out).delta
-    scores = score_canaries(run.out, point_dir, queries=settings.queries, seed=settings.seed)
+    scores = score_canaries(run.out, point_dir)
     result = {
         "name": point.name,
         "partition": point.partition,

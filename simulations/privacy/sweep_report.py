@@ -96,8 +96,8 @@ def audit_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "best_k_out": audit["best"]["k_out"],
                 "best_correct": audit["best"]["correct"],
                 "best_guesses": audit["best"]["guesses"],
-                "mean_loss_in": audit["mean_loss_in"],
-                "mean_loss_out": audit["mean_loss_out"],
+                "mean_margin_in": audit["mean_margin_in"],
+                "mean_margin_out": audit["mean_margin_out"],
                 "accuracy": r["accuracy"],
                 "rounds": r["rounds"],
                 "train_wall_s": r["train_wall_s"],
@@ -110,7 +110,7 @@ def audit_markdown_table(rows: list[dict[str, Any]]) -> str:
     header = (
         "| point | target epsilon | accounted epsilon (max per site, Opacus RDP; PLD) | sigma | "
         "empirical epsilon (lower bound) | confidence | canaries (in) | best guesses "
-        "(correct / made) | mean loss in / out | accuracy | train wall time |"
+        "(correct / made) | mean margin in / out | accuracy | train wall time |"
     )
     lines = [header, "|" + "---|" * 11]
     for r in rows:
@@ -126,7 +126,7 @@ def audit_markdown_table(rows: list[dict[str, Any]]) -> str:
             f"**{r['epsilon_lower_bound']:.3f}** | {100 * r['confidence']:.0f}% | "
             f"{r['canaries']} ({r['canaries_included']}) | "
             f"{r['best_correct']} / {r['best_guesses']} | "
-            f"{r['mean_loss_in']:.3f} / {r['mean_loss_out']:.3f} | "
+            f"{r['mean_margin_in']:.3f} / {r['mean_margin_out']:.3f} | "
             f"{_percent(float(r['accuracy']))} | {r['train_wall_s']:.0f} s |"
         )
     return "\n".join(lines)
@@ -135,8 +135,9 @@ def audit_markdown_table(rows: list[dict[str, Any]]) -> str:
 AUDIT_NOTE = (
     "One-run audit (Steinke, Nasr and Jagielski, NeurIPS 2023): canaries (held-out items "
     "captioned with a wrong class) inserted at the sites, each included with probability "
-    "1/2 by a keyed bit; one federated run; the loss-threshold attack guesses in for the "
-    "highest-scoring canaries and out for the lowest; the number of correct guesses gives "
+    "1/2 by a keyed bit; one federated run; each canary scored by the final model's margin of "
+    "its wrong caption over its true class's caption; guesses: in for the highest margins, "
+    "out for the lowest; the number of correct guesses gives "
     "an epsilon lower bound at the stated confidence (Bonferroni over the guess counts "
     "tried). DP holds only if the bound is at or below the accounted epsilon."
 )

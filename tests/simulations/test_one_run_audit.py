@@ -55,6 +55,29 @@ def test_p_value_matches_binomial_tail_without_delta() -> None:
     assert one_run_p_value(m=500, r=100, v=70, epsilon=1.0, delta=1e-3) > expected
 
 
+def _paper_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
+    """The p-value as Steinke et al. state it step by step (a plain loop over i)."""
+    from scipy import stats
+
+    q = 1 / (1 + math.exp(-eps))
+    beta = stats.binom.sf(v - 1, r, q)
+    alpha, window = 0.0, 0.0
+    for i in range(1, v + 1):
+        window += stats.binom.pmf(v - i, r, q)
+        alpha = max(alpha, window / i)
+    return min(beta + alpha * delta * 2 * m, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("m", "r", "v", "eps", "delta"),
+    [(1000, 100, 80, 1.0, 1e-5), (400, 200, 153, 0.5, 1e-5), (1000, 40, 40, 3.0, 1e-3),
+     (50, 10, 6, 0.2, 0.01), (1000, 1000, 700, 0.0, 1e-5)],
+)  # fmt: skip
+def test_p_value_matches_the_papers_computation(m, r, v, eps, delta) -> None:
+    ours = one_run_p_value(m=m, r=r, v=v, epsilon=eps, delta=delta)
+    assert ours == pytest.approx(_paper_p_value(m, r, v, eps, delta), rel=1e-9, abs=1e-15)
+
+
 def test_p_value_falls_as_epsilon_is_smaller() -> None:
     values = [one_run_p_value(m=1000, r=200, v=150, epsilon=e, delta=DELTA) for e in (0, 1, 2)]
     assert values[0] < values[1] < values[2]

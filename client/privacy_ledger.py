@@ -7,7 +7,11 @@ It lives in ``context.state`` and, when the site names a ledger file, on disk as
 ledger file is locked (``fcntl.flock`` on ``<file>.lock``) from load to save
 (:func:`ledger_file_session`), so two handler processes cannot both spend one state.
 The accountant is Opacus' RDP accountant (Mironov, CSF 2017; Mironov, Talwar, Zhang 2019
-for the sampled Gaussian mechanism).
+for the sampled Gaussian mechanism) over the orders :data:`RDP_ORDERS`: Opacus' default
+orders, which stop at 63, and larger ones up to 1024. Epsilon is the minimum over the orders
+of the RDP-to-DP conversion, so more orders can only lower it, never raise it; a noisy count
+alone, or the first rounds of a run, have their optimal order above 63 (Opacus then warns
+"Optimal order is the largest alpha" and over-reports).
 
 The noisy record count of a run (``client.record_count``: n + N(0, sigma_c^2), the only form
 in which a site releases its count) is kept with the run (``noisy_count``) and charged once
@@ -38,6 +42,14 @@ from flwr.app import ConfigRecord
 
 LEDGER_KEY = "privacy-ledger"
 ACCOUNTANT = "rdp"
+#: RDP orders of the site's accountant: Opacus' ``RDPAccountant.DEFAULT_ALPHAS`` (1.1 to 10.9
+#: by 0.1, then 12 to 63), then sparser orders to 1024 (each integer order costs Opacus a sum
+#: of that many terms, so the high ones are spaced out).
+RDP_ORDERS: tuple[float, ...] = (
+    *(1 + x / 10.0 for x in range(1, 100)),
+    *range(12, 64),
+    *(72, 80, 96, 112, 128, 160, 192, 256, 384, 512, 768, 1024),
+)
 
 
 @dataclass
@@ -295,14 +307,15 @@ def dp_sgd_history(history: list[tuple[float, float, int]]) -> list[tuple[float,
 
 
 def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon of a history of sampled-Gaussian steps under the RDP accountant."""
+    """Epsilon of a history of sampled-Gaussian steps under the RDP accountant (Opacus'
+    ``RDPAccountant`` over :data:`RDP_ORDERS`)."""
     if not history:
         return 0.0
     from opacus.accountants import RDPAccountant
 
     accountant = RDPAccountant()
     accountant.history = list(history)
-    return float(accountant.get_epsilon(delta))
+    return float(accountant.get_epsilon(delta, alphas=list(RDP_ORDERS)))
 
 
 def combined_epsilon(

@@ -190,32 +190,28 @@ def ledger_status(config: SiteConfig) -> LedgerStatus:
 def ledger_epsilon(ledger: Any, delta: float | None) -> float:
     """The ledger's epsilon as :meth:`PrivacyLedger.epsilon` computes it, without importing
     torch for a site-local (sampled Gaussian) history: Opacus's ``RDPAccountant`` is a sum
-    of ``compute_rdp`` over the history converted by ``get_privacy_spent`` at its default
-    orders, and those functions live in a module that needs only numpy and scipy, while
-    importing the ``opacus`` package imports torch (seconds). Other histories use the
-    ledger's own method."""
+    of ``compute_rdp`` over the history converted by ``get_privacy_spent`` at the ledger's
+    orders (``privacy_ledger.RDP_ORDERS``), and those functions live in a module that needs
+    only numpy and scipy, while importing the ``opacus`` package imports torch (seconds).
+    Other histories use the ledger's own method."""
     if not ledger.history and not getattr(ledger, "distributed_history", None):
         return 0.0
     if getattr(ledger, "distributed_history", None):
         return float(ledger.epsilon(delta))
+    from fedmm.client.privacy_ledger import RDP_ORDERS
+
     rdp_analysis = _opacus_rdp_analysis()
+    orders = list(RDP_ORDERS)
     total = None
     for sigma, rate, steps in ledger.history:
-        rdp = rdp_analysis.compute_rdp(
-            q=rate, noise_multiplier=sigma, steps=steps, orders=RDP_ACCOUNTANT_ORDERS
-        )
+        rdp = rdp_analysis.compute_rdp(q=rate, noise_multiplier=sigma, steps=steps, orders=orders)
         total = rdp if total is None else total + rdp
     epsilon, _order = rdp_analysis.get_privacy_spent(
-        orders=RDP_ACCOUNTANT_ORDERS,
+        orders=orders,
         rdp=total,
         delta=delta if delta is not None else ledger.delta or 1e-5,
     )
     return float(epsilon)
-
-
-#: ``opacus.accountants.RDPAccountant.DEFAULT_ALPHAS`` (Opacus 1.6), the orders the ledger's
-#: accountant converts at; a test checks that both give the same epsilon.
-RDP_ACCOUNTANT_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 
 
 def _opacus_rdp_analysis() -> Any:

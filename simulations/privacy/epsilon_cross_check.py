@@ -4,11 +4,11 @@ A site's epsilon is record-level (epsilon, delta)-DP for that site's records ove
 run, from its privacy ledger (``client.privacy_ledger``): the history of (noise multiplier,
 Poisson sample rate, steps) of its DP-SGD, accounted with Opacus' RDP accountant. Here the
 same history is composed as ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))`` in
-``dp_accounting``'s own RDP accountant, twice: with Opacus' orders (the two must agree
-within ``RTOL``) and with ``dp_accounting``'s default orders, which reach higher (the
-reported epsilon must not be smaller than that one by more than ``RTOL``: Opacus' orders
-stop at 63, which can only over-report). Its PLD accountant's epsilon, a tighter bound for
-the same mechanism, is reported beside.
+``dp_accounting``'s own RDP accountant, twice: with the ledger's orders
+(``client.privacy_ledger.RDP_ORDERS``; the two must agree within ``RTOL``) and with
+``dp_accounting``'s default orders (the reported epsilon must not be smaller than that one
+by more than ``RTOL``: a grid of orders that misses the optimum can only over-report). Its
+PLD accountant's epsilon, a tighter bound for the same mechanism, is reported beside.
 """
 
 from __future__ import annotations
@@ -84,12 +84,12 @@ def cross_check_history(
     if not history:
         raise ValueError(f"site {site} has an empty privacy history: it never trained with DP")
     dp_accounting, rdp, pld = _dp_accounting()
-    from opacus.accountants import RDPAccountant
+    from fedmm.client.privacy_ledger import RDP_ORDERS
 
     def event(sigma: float, q: float) -> object:
         return dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
 
-    same = rdp.RdpAccountant(orders=list(RDPAccountant.DEFAULT_ALPHAS))
+    same = rdp.RdpAccountant(orders=list(RDP_ORDERS))
     own = rdp.RdpAccountant()
     tight = pld.PLDAccountant()
     with _quiet_fractional_orders():

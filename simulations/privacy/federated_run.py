@@ -34,6 +34,7 @@ class FederatedRunSpec:
     epsilon: float
     partition: str
     run_config: dict[str, str]  # --set KEY=VALUE pairs
+    site_data: tuple[str, ...] = ()  # --site-data: each site's imagefolder (empty: benchmark)
 
     def arguments(self, out: Path) -> list[str]:
         args = [
@@ -52,6 +53,8 @@ class FederatedRunSpec:
         ]
         for key, value in self.run_config.items():
             args += ["--set", f"{key}={value}"]
+        if self.site_data:
+            args += ["--site-data", *self.site_data]
         return args
 
 

@@ -26,6 +26,7 @@ import torch
 
 from fedmm.common.data.partitioning import PARTITION_SCHEMES
 from fedmm.common.federation_config import OPTIMIZERS
+from fedmm.simulations.privacy.audit_run import AuditSettings
 from fedmm.simulations.privacy.epsilon_cross_check import cross_check_ledgers
 from fedmm.simulations.privacy.federated_run import (
     FederatedRunError,
@@ -35,6 +36,7 @@ from fedmm.simulations.privacy.federated_run import (
 )
 from fedmm.simulations.privacy.membership_experiment import (
     AttackSettings,
+    read_run_config,
     run_membership_experiment,
 )
 
@@ -77,6 +79,7 @@ class SweepPoint:
     run_config: dict[str, str]
     sites: int
     overfit: bool = False
+    audit: bool = False  # a one-run audit point: canaries at the sites (audit_run)
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,9 @@ class SweepSettings:
     non_private_run_config: dict[str, str] = field(default_factory=lambda: {"learning-rate": "0.5"})
     run_timeout_s: float = 3600.0
     run_attempts: int = 3
+    #: The one-run audit points (None: none); ``audit_only`` trains nothing else.
+    audit: AuditSettings | None = field(default_factory=AuditSettings)
+    audit_only: bool = False
 
     def __post_init__(self) -> None:
         if not self.epsilons:
@@ -158,9 +164,40 @@ class SweepSettings:
         )
         if clash:
             raise ValueError(f"{clash} are set by the sweep itself; use its own options")
+        if self.audit_only and self.audit is None:
+            raise ValueError("audit_only needs audit settings (at least 2 audit canaries)")
+        if self.audit is not None:
+            clash = sorted(set(SWEEP_RESERVED_KEYS) & set(self.audit.run_config))
+            if clash:
+                raise ValueError(f"{clash} are set by the sweep itself; use its own options")
+
+    def audit_points(self) -> list[SweepPoint]:
+        """The one-run audit points: the sweep's recipe with canaries, at each audit epsilon."""
+        if self.audit is None:
+            return []
+        return [
+            SweepPoint(
+                name=f"audit-{self.audit.partition}-eps-{_epsilon_name(epsilon)}",
+                partition=self.audit.partition,
+                epsilon=epsilon,
+                rounds=self.rounds,
+                records_per_site=self.records_per_site,
+                run_config={
+                    **self.run_config,
+                    **(self.non_private_run_config if math.isinf(epsilon) else {}),
+                    **self.audit.run_config,
+                },
+                sites=self.sites,
+                audit=True,
+            )
+            for epsilon in self.audit.epsilons
+        ]
 
     def points(self) -> list[SweepPoint]:
-        """The federated runs, in order: each partition at each epsilon, then the overfit ones."""
+        """The federated runs, in order: each partition at each epsilon, then the overfit ones,
+        then the audit points (only these with ``audit_only``)."""
+        if self.audit_only:
+            return self.audit_points()
         points = [
             SweepPoint(
                 name=f"{partition}-eps-{_epsilon_name(epsilon)}",
@@ -200,7 +237,7 @@ class SweepSettings:
                 )
                 for epsilon in o.epsilons
             ]
-        return points
+        return points + self.audit_points()
 
 
 def _epsilon_name(epsilon: float) -> str:
@@ -240,6 +277,8 @@ def _run_with_retries(
 
 def run_point(point: SweepPoint, settings: SweepSettings, out: Path) -> dict[str, Any]:
     """Train, cross-check epsilon, attack; the point's result (also written as JSON)."""
+    if point.audit:
+        return run_audit_point(point, settings, out)
     result_file = out / "points" / f"{point.name}.json"
     spec = FederatedRunSpec(
         sites=point.sites,
@@ -254,7 +293,7 @@ def run_point(point: SweepPoint, settings: SweepSettings, out: Path) -> dict[str
     )
     made_with = _jsonable(
         {
-            "run": asdict(spec),
+            "run": _spec_record(spec),
             "attack": {
                 k: getattr(settings, k)
                 for k in ("shadows", "queries", "target_site", "max_targets", "seed")
@@ -327,6 +366,114 @@ def run_point(point: SweepPoint, settings: SweepSettings, out: Path) -> dict[str
     return json.loads(result_file.read_text())
 
 
+def _spec_record(spec: FederatedRunSpec) -> dict[str, Any]:
+    """What a point was made with (a benchmark run's record has no ``site_data``)."""
+    record = asdict(spec)
+    if not record["site_data"]:
+        del record["site_data"]
+    return record
+
+
+def run_audit_point(point: SweepPoint, settings: SweepSettings, out: Path) -> dict[str, Any]:
+    """Canaries at the sites, one federated run, the one-run audit's empirical epsilon; the
+    point's result (also written as JSON)."""
+    from fedmm.simulations.privacy.audit_run import (
+        audit_result,
+        audited_run_config,
+        prepare_canary_sites,
+        score_canaries,
+    )
+
+    audit = settings.audit
+    if audit is None:
+        raise ValueError(f"{point.name} is an audit point but the sweep has no audit settings")
+    result_file = out / "points" / f"{point.name}.json"
+    point_dir = out / "audit" / point.name
+    run_config = audited_run_config(
+        {**point.run_config, **NO_HELD_OUT, "partition": point.partition}
+    )
+    made_with = _jsonable(
+        {
+            "run": {
+                "sites": point.sites,
+                "rounds": point.rounds,
+                "epsilon": point.epsilon,
+                "partition": point.partition,
+                "run_config": run_config,
+                "records_per_site": point.records_per_site,
+            },
+            "audit": {
+                "canaries": audit.canaries,
+                "confidence": audit.confidence,
+                "score": "margin of the wrong caption over the true class caption",
+            },
+        }
+    )
+    if result_file.exists():
+        earlier = json.loads(result_file.read_text())
+        if earlier.get("made_with", made_with) != made_with:
+            raise ValueError(
+                f"{result_file} was made with other settings ({earlier.get('made_with')}); "
+                "use a new --out for these settings"
+            )
+        logger.info("%s: finished earlier, reusing %s", point.name, result_file)
+        return earlier
+    folders = prepare_canary_sites(
+        point_dir,
+        run_config=run_config,
+        num_sites=point.sites,
+        partition=point.partition,
+        records_per_site=point.records_per_site,
+        canaries=audit.canaries,
+    )
+    del run_config["partition"]  # given to fedmm simulate as --partition
+    spec = FederatedRunSpec(
+        sites=point.sites,
+        rounds=point.rounds,
+        epsilon=point.epsilon,
+        partition=point.partition,
+        run_config=run_config,
+        site_data=tuple(str(f) for f in folders),
+    )
+    logger.info("%s: federated training with %d canaries", point.name, audit.canaries)
+    run = _run_with_retries(spec, out / "runs" / point.name, settings)
+    final = run.summary.get("final", {})
+    logger.info("%s: trained in %.0f s, accuracy %s", point.name, run.wall_s, final.get("accuracy"))
+    epsilons = cross_check_ledgers(run.out / "site-ledgers")
+    if math.isfinite(point.epsilon) and len(epsilons) != point.sites:
+        raise RuntimeError(f"{point.name}: {len(epsilons)} of {point.sites} sites have a DP ledger")
+    # the delta the audit tests: the sites' (from their ledgers), else the run's
+    delta = epsilons[0].delta if epsilons else read_run_config(run.out).delta
+    scores = score_canaries(run.out, point_dir)
+    result = {
+        "name": point.name,
+        "partition": point.partition,
+        "epsilon_target": point.epsilon,
+        "audit": audit_result(scores, delta=delta, confidence=audit.confidence),
+        "records_per_site": point.records_per_site,
+        "run_config": spec.run_config,
+        "rounds": int(run.summary.get("rounds", 0)),
+        "accuracy": final.get("accuracy"),
+        "train_wall_s": round(run.wall_s, 1),
+        "site_epsilons": [asdict(e) for e in epsilons],
+        "epsilon_max": max((e.opacus_rdp for e in epsilons), default=math.inf),
+        "delta": delta,
+        "canary_scores": asdict(scores),
+        "run_dir": str(run.out),
+        "made_with": made_with,
+    }
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps(_jsonable(result)))
+    logger.info(
+        "%s: empirical epsilon %.3f at %.0f%% confidence (accounted %s)",
+        point.name,
+        result["audit"]["epsilon_lower_bound"],
+        100 * audit.confidence,
+        result["epsilon_max"],
+    )
+    return json.loads(result_file.read_text())
+
+
 def run_sweep(settings: SweepSettings, out: Path) -> list[dict[str, Any]]:
     """Every point of the sweep, then the report (markdown, JSON, PNG) in ``out``."""
     from fedmm.simulations.privacy.sweep_report import write_sweep_report
@@ -339,7 +486,8 @@ def run_sweep(settings: SweepSettings, out: Path) -> list[dict[str, Any]]:
     # The overfit point first: it shows whether the attacks work at all, and it is cheap.
     # The report is rewritten after every point, in table order, so a partial sweep has one.
     done: dict[str, dict[str, Any]] = {}
-    for index, point in enumerate(sorted(points, key=lambda p: not p.overfit), start=1):
+    order = sorted(points, key=lambda p: (not p.overfit, p.audit))  # overfit first, audits last
+    for index, point in enumerate(order, start=1):
         logger.info("point %d/%d: %s", index, len(points), point.name)
         done[point.name] = run_point(point, settings, out)
         results = [done[p.name] for p in points if p.name in done]

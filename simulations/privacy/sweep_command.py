@@ -45,6 +45,8 @@ def add_privacy_sweep_parser(commands: Any) -> None:
         "records: a global loss threshold and offline LiRA with --shadows shadow "
         "federations trained on held-out records of the other sites. Then a non-private "
         "point trained to overfit, and the same recipe at any further --overfit-epsilons. "
+        "Then the one-run audit (--audit-*): canaries inserted at the sites, one run per "
+        "epsilon, an empirical epsilon lower bound from the attack's guesses. "
         "Writes privacy-sweep.md/.json and PNG plots to --out; run again with the same --out "
         "to reuse finished points. See docs/privacy-report.md.",
     )
@@ -121,12 +123,45 @@ def add_privacy_sweep_parser(commands: Any) -> None:
         help="a run config key for the overfit points only, after --set (e.g. "
         "model-image-encoder=scatter)",
     )
+    sweep.add_argument(
+        "--audit-canaries",
+        type=int,
+        default=1000,
+        help="one-run audit (Steinke et al., NeurIPS 2023): canaries inserted at the sites, "
+        "each included with probability 1/2; 0 = no audit points (1000)",
+    )
+    sweep.add_argument(
+        "--audit-epsilons",
+        nargs="+",
+        type=epsilon,
+        default=None,
+        metavar="E",
+        help="epsilons of the audit points (the sweep's --epsilons)",
+    )
+    sweep.add_argument(
+        "--audit-confidence",
+        type=float,
+        default=0.95,
+        help="confidence of the audit's epsilon lower bound (0.95)",
+    )
+    sweep.add_argument(
+        "--set-audit",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run config key for the audit points only, after --set and --set-non-private",
+    )
+    sweep.add_argument(
+        "--audit-only",
+        action="store_true",
+        help="train only the audit points (no membership-inference points)",
+    )
     sweep.add_argument("--out", type=Path, help="output folder (runs/privacy-sweep-<UTC time>)")
 
 
 def sweep_settings(args: argparse.Namespace) -> SweepSettings:
     """The sweep's settings from the parsed options; ValueError names a bad option."""
-    from fedmm.simulations.privacy.sweep import OverfitSettings, SweepSettings
+    from fedmm.simulations.privacy.sweep import DEFAULT_EPSILONS, OverfitSettings, SweepSettings
 
     run_config = key_value_pairs(args.set, option="--set")
     non_private = (
@@ -151,7 +186,21 @@ def sweep_settings(args: argparse.Namespace) -> SweepSettings:
         raise ValueError(f"--shadows must be at least 2 (offline LiRA), got {args.shadows}")
     if not 0 <= args.target_site < args.sites:
         raise ValueError(f"--target-site must be in [0, {args.sites - 1}]")
+    audit = None
+    if args.audit_canaries:
+        from fedmm.simulations.privacy.audit_run import AuditSettings
+
+        audit = AuditSettings(
+            canaries=args.audit_canaries,
+            epsilons=tuple(args.audit_epsilons or args.epsilons or DEFAULT_EPSILONS),
+            confidence=args.audit_confidence,
+            run_config=key_value_pairs(args.set_audit, option="--set-audit"),
+        )
+    elif args.audit_only:
+        raise ValueError("--audit-only needs --audit-canaries of at least 2")
     return SweepSettings(
+        audit=audit,
+        audit_only=args.audit_only,
         **({"epsilons": tuple(args.epsilons)} if args.epsilons else {}),
         **({"partitions": tuple(args.partitions)} if args.partitions else {}),
         sites=args.sites,

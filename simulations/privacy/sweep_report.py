@@ -72,6 +72,77 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def audit_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per one-run audit point (``audit_run``)."""
+    rows = []
+    for r in results:
+        audit, epsilons = r["audit"], r["site_epsilons"]
+        rows.append(
+            {
+                "point": r["name"],
+                "partition": r["partition"],
+                "epsilon_target": _eps(r["epsilon_target"]),
+                "epsilon_site_max": max((e["opacus_rdp"] for e in epsilons), default=math.inf),
+                "epsilon_dp_accounting_pld_max": max(
+                    (e["dp_accounting_pld"] for e in epsilons), default=math.inf
+                ),
+                "noise_multiplier_max": max((e["noise_multiplier"] for e in epsilons), default=0),
+                "delta": r["delta"],
+                "epsilon_lower_bound": audit["epsilon_lower_bound"],
+                "confidence": audit["confidence"],
+                "canaries": audit["canaries"],
+                "canaries_included": audit["included"],
+                "best_k_in": audit["best"]["k_in"],
+                "best_k_out": audit["best"]["k_out"],
+                "best_correct": audit["best"]["correct"],
+                "best_guesses": audit["best"]["guesses"],
+                "mean_margin_in": audit["mean_margin_in"],
+                "mean_margin_out": audit["mean_margin_out"],
+                "accuracy": r["accuracy"],
+                "rounds": r["rounds"],
+                "train_wall_s": r["train_wall_s"],
+            }
+        )
+    return rows
+
+
+def audit_markdown_table(rows: list[dict[str, Any]]) -> str:
+    header = (
+        "| point | target epsilon | accounted epsilon (max per site, Opacus RDP; PLD) | sigma | "
+        "empirical epsilon (lower bound) | confidence | canaries (in) | best guesses "
+        "(correct / made) | mean margin in / out | accuracy | train wall time |"
+    )
+    lines = [header, "|" + "---|" * 11]
+    for r in rows:
+        private = math.isfinite(r["epsilon_site_max"])
+        accounted = (
+            f"{r['epsilon_site_max']:.3f} ({r['epsilon_dp_accounting_pld_max']:.3f})"
+            if private
+            else "inf (no DP)"
+        )
+        lines.append(
+            f"| {r['point']} | {_fmt(r['epsilon_target'], 0)} | {accounted} | "
+            f"{_fmt(r['noise_multiplier_max'], 3) if private else '0'} | "
+            f"**{r['epsilon_lower_bound']:.3f}** | {100 * r['confidence']:.0f}% | "
+            f"{r['canaries']} ({r['canaries_included']}) | "
+            f"{r['best_correct']} / {r['best_guesses']} | "
+            f"{r['mean_margin_in']:.3f} / {r['mean_margin_out']:.3f} | "
+            f"{_percent(float(r['accuracy']))} | {r['train_wall_s']:.0f} s |"
+        )
+    return "\n".join(lines)
+
+
+AUDIT_NOTE = (
+    "One-run audit (Steinke, Nasr and Jagielski, NeurIPS 2023): canaries (held-out items "
+    "captioned with a wrong class) inserted at the sites, each included with probability "
+    "1/2 by a keyed bit; one federated run; each canary scored by the final model's margin of "
+    "its wrong caption over its true class's caption; guesses: in for the highest margins, "
+    "out for the lowest; the number of correct guesses gives "
+    "an epsilon lower bound at the stated confidence (Bonferroni over the guess counts "
+    "tried). DP holds only if the bound is at or below the accounted epsilon."
+)
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     header = (
         "| point | partition | target epsilon | accuracy | R@1 i2t / t2i | epsilon per site "
@@ -188,7 +259,10 @@ def write_sweep_report(
     results: list[dict[str, Any]], *, settings: dict[str, Any], out: Path
 ) -> dict[str, Path]:
     """``privacy-sweep.md``/``.json`` and the two PNG plots in ``out``; returns their paths."""
-    rows = table_rows(results)
+    membership = [r for r in results if "membership" in r]
+    audits = [r for r in results if "audit" in r]
+    rows = table_rows(membership)
+    audit_table = audit_rows(audits)
     paths = {
         "json": out / TABLE_JSON,
         "markdown": out / TABLE_MD,
@@ -203,19 +277,33 @@ def write_sweep_report(
 
     paths["json"].write_text(
         json.dumps(
-            {"settings": settings, "rows": [{k: jsonable(v) for k, v in r.items()} for r in rows]},
+            {
+                "settings": settings,
+                "rows": [{k: jsonable(v) for k, v in r.items()} for r in rows],
+                "audit_rows": [{k: jsonable(v) for k, v in r.items()} for r in audit_table],
+            },
             indent=2,
         )
     )
-    paths["markdown"].write_text(
+    text = (
         "# Privacy sweep\n\n"
         "Epsilon: record-level (epsilon, delta)-DP at each site for its own records over the "
         "whole run, Opacus RDP accountant, cross-checked with dp-accounting (RDP; PLD shown "
         "for reference). Attacks: membership of the target site's records against held-out "
         "records of the same partition, on the final global model.\n\n"
-        + markdown_table(rows)
-        + f"\n\n![accuracy against epsilon]({ACCURACY_PNG})\n\n![ROC curves]({ROC_PNG})\n"
     )
-    _plot_accuracy(rows, paths["accuracy_plot"])
-    _plot_roc(results, paths["roc_plot"])
+    if rows:
+        text += (
+            markdown_table(rows)
+            + f"\n\n![accuracy against epsilon]({ACCURACY_PNG})\n\n![ROC curves]({ROC_PNG})\n"
+        )
+    if audit_table:
+        text += "\n## One-run audit\n\n" + AUDIT_NOTE + "\n\n" + audit_markdown_table(audit_table)
+        text += "\n"
+    paths["markdown"].write_text(text)
+    if rows:
+        _plot_accuracy(rows, paths["accuracy_plot"])
+        _plot_roc(membership, paths["roc_plot"])
+    else:
+        del paths["accuracy_plot"], paths["roc_plot"]
     return paths

@@ -1,14 +1,16 @@
 """The site's epsilon, cross-checked against Google's ``dp_accounting`` (an independent RDP
 accountant: its own RDP computation of the Poisson-sampled Gaussian and its own conversion).
 
-Orders. Opacus' ``RDPAccountant.DEFAULT_ALPHAS`` stop at 63; ``dp_accounting``'s default
-orders go on to 128, 256, 512, 1024. At realistic settings (sigma 0.8-2, q 0.01-0.05,
-100-2000 steps, delta 1e-5, epsilon above ~0.25) the optimal order is at most ~36, inside
-both ranges, so the cross-check passes with ``dp_accounting``'s *own* default orders; we
-also check it with Opacus' orders given to both, and assert that the optimal order is not at
-the edge. At small epsilon (large sigma: about epsilon < 0.15) Opacus' optimum sits at the
-edge (63) and it over-reports epsilon (conservative, never under):
-``test_small_epsilon_optimal_order_at_the_edge_is_conservative`` pins that.
+Orders. Opacus' ``RDPAccountant.DEFAULT_ALPHAS`` stop at 63; the ledger's orders
+(``RDP_ORDERS``) go on to 1024, like ``dp_accounting``'s defaults. At realistic settings
+(sigma 0.8-2, q 0.01-0.05, 100-2000 steps, delta 1e-5, epsilon above ~0.25) the optimal
+order is at most ~36, inside both ranges, so the cross-check passes with
+``dp_accounting``'s *own* default orders; we also check it with the ledger's orders given to
+both, and assert that the optimal order is not at the edge. At small epsilon (large sigma:
+about epsilon < 0.15, or a noisy record count alone) the optimum lies above 63: Opacus'
+default orders over-report there and warn "Optimal order is the largest alpha"; the
+ledger's orders find it (``test_small_epsilon_optimal_order_is_inside_the_ledger_orders``,
+``test_default_run_accounting_does_not_warn_and_epsilon_does_not_grow``).
 
 Where the two differ at all it is at fractional orders near 2 for high epsilon (about 0.6%
 at sigma 0.8, q 0.05, 2000 steps: epsilon ~28.7 vs ~28.9); ``dp_accounting`` is the larger
@@ -27,7 +29,12 @@ from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
 from dp_accounting.rdp import RdpAccountant
 from opacus.accountants import RDPAccountant
 
-from fedmm.client.privacy_ledger import calibrate_noise_multiplier, epsilon_of
+from fedmm.client.privacy_ledger import (
+    RDP_ORDERS,
+    PrivacyLedger,
+    calibrate_noise_multiplier,
+    epsilon_of,
+)
 from fedmm.client.training import DPSGDSettings, TrainingRecipe, sample_rate, train_locally
 from fedmm.common.data.benchmark import benchmark_train_records
 from fedmm.common.model import CrossAttentionMatcher
@@ -42,6 +49,7 @@ pytestmark = [
 
 DELTA = 1e-5
 OPACUS_ORDERS = list(RDPAccountant.DEFAULT_ALPHAS)
+LEDGER_ORDERS = list(RDP_ORDERS)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,10 +80,13 @@ def google_epsilon_and_order(
     return float(epsilon), float(order)
 
 
-def opacus_optimal_order(history: list[tuple[float, float, int]], delta: float) -> float:
+def opacus_epsilon_and_order(
+    history: list[tuple[float, float, int]], delta: float, orders: list[float]
+) -> tuple[float, float]:
     accountant = RDPAccountant()
     accountant.history = list(history)
-    return accountant.get_privacy_spent(delta=delta)[1]
+    epsilon, order = accountant.get_privacy_spent(delta=delta, alphas=orders)
+    return float(epsilon), float(order)
 
 
 def relative(a: float, b: float) -> float:
@@ -91,13 +102,13 @@ def test_epsilon_matches_dp_accounting_within_one_percent(history) -> None:
     assert relative(ours, google) < 0.01, (ours, google)
     assert ours <= google * (1 + 1e-9) or relative(ours, google) < 1e-6  # never laxer
 
-    same_orders, _ = google_epsilon_and_order(history, DELTA, OPACUS_ORDERS)
+    same_orders, _ = google_epsilon_and_order(history, DELTA, LEDGER_ORDERS)
     assert relative(ours, same_orders) < 0.01, (ours, same_orders)
 
-    # The optimum lies inside Opacus' orders, so capping them at 63 costs nothing here.
-    opacus_order = opacus_optimal_order(history, DELTA)
-    assert min(OPACUS_ORDERS) < opacus_order < max(OPACUS_ORDERS)
-    assert google_order < max(OPACUS_ORDERS)
+    # The optimum lies inside the ledger's orders, away from both edges.
+    _, order = opacus_epsilon_and_order(history, DELTA, LEDGER_ORDERS)
+    assert min(LEDGER_ORDERS) < order < max(LEDGER_ORDERS)
+    assert google_order < max(LEDGER_ORDERS)
 
 
 def test_epsilon_composes_and_is_cumulative() -> None:
@@ -109,17 +120,50 @@ def test_epsilon_composes_and_is_cumulative() -> None:
     assert epsilon_of(first, 1e-7) > epsilon_of(first, DELTA)  # smaller delta costs epsilon
 
 
-def test_small_epsilon_optimal_order_at_the_edge_is_conservative() -> None:
+def test_small_epsilon_optimal_order_is_inside_the_ledger_orders() -> None:
     history = [(4.0, 0.01, 100)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns that the optimum is its largest alpha
-        assert opacus_optimal_order(history, DELTA) == max(OPACUS_ORDERS)
+        capped, capped_order = opacus_epsilon_and_order(history, DELTA, OPACUS_ORDERS)
+    assert capped_order == max(OPACUS_ORDERS)  # Opacus' own orders: the edge, over-reported
     ours = epsilon_of(history, DELTA)
     google, google_order = google_epsilon_and_order(history, DELTA)
-    assert google_order > max(OPACUS_ORDERS)
-    assert ours > google * 1.2  # over-reported, i.e. on the safe side
-    same_orders, _ = google_epsilon_and_order(history, DELTA, OPACUS_ORDERS)
+    assert max(OPACUS_ORDERS) < google_order < max(LEDGER_ORDERS)
+    assert relative(ours, google) < 0.01, (ours, google)
+    assert ours < capped / 1.2  # the wider grid removes the over-report
+    same_orders, _ = google_epsilon_and_order(history, DELTA, LEDGER_ORDERS)
     assert relative(ours, same_orders) < 1e-6
+
+
+def _default_run_histories() -> list[list[tuple[float, float, int]]]:
+    """What the default run's site accounts, round by round: its noisy count (sigma_c 20),
+    then 14 rounds of 24 steps at q = 1/24 with the sigma calibrated for epsilon 3."""
+    ledger = PrivacyLedger(delta=DELTA)
+    ledger.charge_noisy_count(6000.0, count_noise=20.0)
+    sigma = calibrate_noise_multiplier(
+        epsilon=3.0, delta=DELTA, sample_rate=1 / 24, steps=14 * 24, spent=ledger
+    )
+    return [list(ledger.history)] + [
+        [*ledger.history, (sigma, 1 / 24, 24 * rounds)] for rounds in range(1, 15)
+    ]
+
+
+def test_default_run_accounting_does_not_warn_and_epsilon_does_not_grow() -> None:
+    histories = _default_run_histories()
+    for history in histories:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "Optimal order is the largest alpha" fails here
+            ours = epsilon_of(history, DELTA)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            capped, _ = opacus_epsilon_and_order(history, DELTA, OPACUS_ORDERS)
+        assert ours <= capped  # a minimum over more orders
+        same_orders, _ = google_epsilon_and_order(history, DELTA, LEDGER_ORDERS)
+        assert relative(ours, same_orders) < 0.01, (history, ours, same_orders)
+    # the count alone is where Opacus' own orders warned on every default run
+    with pytest.warns(UserWarning, match="Optimal order is the largest alpha"):
+        opacus_epsilon_and_order(histories[0], DELTA, OPACUS_ORDERS)
+    assert epsilon_of(histories[-1], DELTA) <= 3.0
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,7 @@ SMALL_SWEEP = [
     # Two sites cannot run secure aggregation (each would learn the other's update), and the
     # attacks measure what the released model memorises, which it does not change.
     "--set", "secure-aggregation=false",
+    "--audit-canaries", "0",  # the audit points have their own test (test_audit_sweep.py)
 ]  # fmt: skip
 
 
@@ -176,6 +177,7 @@ def test_sweep_points_cover_every_partition_and_epsilon_then_the_overfit_point()
         "iid-eps-inf", "iid-eps-8", "iid-eps-3", "iid-eps-1",
         "dirichlet-eps-inf", "dirichlet-eps-8", "dirichlet-eps-3", "dirichlet-eps-1",
         "overfit-iid-eps-inf",
+        "audit-iid-eps-inf", "audit-iid-eps-8", "audit-iid-eps-3", "audit-iid-eps-1",
     ]  # fmt: skip
     by_name = {p.name: p for p in points}
     assert by_name["iid-eps-inf"].run_config == {"batch-size": "64", "learning-rate": "0.5"}
@@ -185,6 +187,9 @@ def test_sweep_points_cover_every_partition_and_epsilon_then_the_overfit_point()
     assert overfit.run_config["batch-size"] == "32" and overfit.run_config["local-epochs"] == "20"
     assert overfit.run_config["secure-aggregation"] == "false"  # two sites: plain FedAvg
     assert all(p.sites == 10 for p in points if not p.overfit)
+    audit = by_name["audit-iid-eps-3"]
+    assert audit.audit and audit.run_config == by_name["iid-eps-3"].run_config
+    assert by_name["audit-iid-eps-inf"].run_config == by_name["iid-eps-inf"].run_config
     with pytest.raises(ValueError, match="set by the sweep itself"):
         SweepSettings(non_private_run_config={"epsilon": "1"})
     with pytest.raises(ValueError, match="epsilons"):
@@ -197,7 +202,10 @@ def test_overfit_recipe_at_several_epsilons_differs_only_in_epsilon() -> None:
     from fedmm.simulations.privacy.sweep import OverfitSettings, SweepSettings
 
     settings = SweepSettings(
-        epsilons=(3.0,), partitions=("iid",), overfit=OverfitSettings(epsilons=(math.inf, 8.0))
+        epsilons=(3.0,),
+        partitions=("iid",),
+        overfit=OverfitSettings(epsilons=(math.inf, 8.0)),
+        audit=None,
     )
     points = {p.name: p for p in settings.points()}
     assert list(points) == ["iid-eps-3", "overfit-iid-eps-inf", "overfit-iid-eps-8"]

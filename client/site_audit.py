@@ -7,7 +7,7 @@ verified it with), how many records were used and held out, what epsilon was spe
 which de-identification policy (its digest), and what the site refused and why (the public
 code). It lives at the site (site config ``[privacy] audit-log``, by default
 ``site-audit.jsonl`` beside the privacy ledger; node config ``audit-log``), mode 0600, and
-holds counts and digests only: no caption, file name, image or secret.
+holds counts, digests and the site's own refusal reasons: no caption, image or secret.
 
 Events (``event`` field):
 
@@ -15,8 +15,9 @@ Events (``event`` field):
   ``distributed_dp_step``, ``federated_eval``), ``records_used`` and ``records_held_out``,
   ``epsilon_run`` (this run's spend so far) and ``epsilon_lifetime`` (the ledger's), the
   ``deid_policy_sha256``, and ``withdrawn_records`` (how many the site has withdrawn).
-- ``refusal``: a reply that refused: the ``message_type`` and the public ``code``
-  (``common.site_refusal``); the detail stays in the site's log.
+- ``refusal``: a reply that refused: the ``message_type``, the public ``code``
+  (``common.site_refusal``) and the ``reason`` as the site's log words it (it never leaves
+  the site; for a failure, the exception's type only).
 
 Every event carries ``time`` (UTC), ``run_id``, ``round``, ``coordinator_address`` and
 ``coordinator_certificate_sha256`` (null in simulation). Each event is one ``write`` to a
@@ -254,7 +255,8 @@ def audit_text(log: AuditLog) -> str:
     lines += ["", "events:"]
     for event in log.events:
         detail = (
-            f"refused {event.get('message_type')} ({event.get('code')})"
+            f"refused {event.get('message_type')} ({event.get('code')}"
+            + (f": {event['reason']})" if event.get("reason") else ")")
             if event.get("event") == EVENT_REFUSAL
             else f"{event.get('task')} records {event.get('records_used')} used / "
             f"{event.get('records_held_out')} held out, "
@@ -283,9 +285,15 @@ def _message_round(msg: Message) -> int | None:
 
 
 def record_refusal(
-    node_config: Mapping[str, Any], *, run_id: int, message: Message, code: str
+    node_config: Mapping[str, Any],
+    *,
+    run_id: int,
+    message: Message,
+    code: str,
+    reason: str | None = None,
 ) -> None:
-    """Append a refusal of ``message`` with its public ``code`` to the site's audit log."""
+    """Append a refusal of ``message`` with its public ``code`` and the site's ``reason``
+    to the site's audit log."""
     record_audit_event(
         node_config,
         audit_event(
@@ -295,6 +303,7 @@ def record_refusal(
             server_round=_message_round(message),
             message_type=message.metadata.message_type,
             code=code,
+            reason=reason,
         ),
     )
 
@@ -302,21 +311,25 @@ def record_refusal(
 def audit_site_replies(msg: Message, context: Context, call_next: Handler) -> Message:
     """A Flower mod: every refusal the site sends (and every failure, as ``site-error``)
     goes into the site's audit log with its public code, before the reply leaves."""
+    from fedmm.client.site_replies import take_refusal_detail
     from fedmm.common.site_refusal import RECORD_STATUS, RefusalCode, refusal_code_of
 
     if audit_log_path(context.node_config) is None:
         return call_next(msg, context)
 
-    def refusal(code: str) -> None:
-        record_refusal(context.node_config, run_id=context.run_id, message=msg, code=code)
+    def refusal(code: str, reason: str | None) -> None:
+        record_refusal(
+            context.node_config, run_id=context.run_id, message=msg, code=code, reason=reason
+        )
 
     try:
         reply = call_next(msg, context)
-    except Exception:
-        refusal(RefusalCode.SITE_ERROR.value)
+    except Exception as error:
+        refusal(RefusalCode.SITE_ERROR.value, type(error).__name__)
         raise
+    detail = take_refusal_detail(msg)
     if reply.has_content():
         code = refusal_code_of(reply.content.config_records.get(RECORD_STATUS))
         if code is not None:
-            refusal(code)
+            refusal(code, detail)
     return reply

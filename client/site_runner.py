@@ -98,7 +98,11 @@ def run_task(*, runtime_api_address: str, token: str, pin: ReleasePin) -> int:
             logger.error("refused run %s (%s): %s", run.run_id, refusal.code, refusal.detail)
             reply, details = refusal_reply(message, refusal), refusal.code.value
             record_refusal(  # the site's audit log (the app's own refusals: its mod)
-                context.node_config, run_id=run.run_id, message=message, code=details
+                context.node_config,
+                run_id=run.run_id,
+                message=message,
+                code=details,
+                reason=refusal.detail,
             )
         else:
             from fedmm.client.app import app  # the installed release, never the FAB

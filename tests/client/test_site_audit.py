@@ -125,6 +125,12 @@ def test_every_refusal_of_the_client_app_is_audited_with_its_code(tmp_path: Path
         (EVENT_REFUSAL, "train", 4),
     ]
     assert [e["code"] for e in events] == ["privacy-policy", "bad-request"]
+    # The reasons stay at the site, in its audit log; the replies carry the codes only.
+    assert all(e["reason"] for e in events), events
+    assert "only inside a secure sum" in events[0]["reason"]
+    assert "declares no task" in events[1]["reason"]
+    for reason in (e["reason"] for e in events):
+        assert reason not in json.dumps(dict(reply.content.config_records["status"]))
     assert all(e["coordinator_certificate_sha256"] == "AB:CD" for e in events)
     text = audit_text(read_audit_log(log))
     assert "bad-request x1, privacy-policy x1" in text and "coordinator.example.org" in text

@@ -180,7 +180,11 @@ def distributed_dp_contribution(msg: Message, context: Context) -> SiteContribut
         )
         if outcome.integers is not None:
             audit_round(
-                context, request, task=SiteTask.DISTRIBUTED_DP_STEP, split=split, ledger=ledger
+                context,
+                request,
+                task=SiteTask.DISTRIBUTED_DP_STEP,
+                records=(len(split.train), len(split.held_out)),
+                ledger=ledger,
             )
     if outcome.integers is None:
         return outcome.refusal or SiteRefusal(RefusalCode.BAD_REQUEST)

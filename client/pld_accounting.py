@@ -59,20 +59,12 @@ def calibrate_noise_multiplier_pld(
     (the same search as ``privacy_ledger.calibrate_noise_multiplier``)."""
     if not math.isfinite(epsilon):
         return 0.0
+    from fedmm.client.privacy_ledger import smallest_noise_multiplier
+
     history = list(spent or [])
-
-    def total(sigma: float) -> float:
-        return pld_epsilon_of([*history, (sigma, sample_rate, steps)], delta)
-
-    low, high = 0.0, 1.0
-    while total(high) > epsilon:
-        low, high = high, 2 * high
-        if high > 1e4:
-            raise ValueError(f"epsilon {epsilon:g} cannot be met: the history has spent it")
-    while (high - low) > relative_tolerance * high:
-        middle = (low + high) / 2
-        if total(middle) > epsilon:
-            low = middle
-        else:
-            high = middle
-    return high
+    return smallest_noise_multiplier(
+        lambda sigma: pld_epsilon_of([*history, (sigma, sample_rate, steps)], delta),
+        epsilon=epsilon,
+        relative_tolerance=relative_tolerance,
+        spent_by="the history",
+    )

@@ -34,7 +34,7 @@ import fcntl
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -359,15 +359,29 @@ def calibrate_noise_multiplier(
     if not math.isfinite(epsilon):
         return 0.0
     ledger = spent or PrivacyLedger()
+    return smallest_noise_multiplier(
+        lambda sigma: ledger.epsilon_with([(sigma, sample_rate, steps)], delta),
+        epsilon=epsilon,
+        relative_tolerance=relative_tolerance,
+        spent_by="the ledger",
+    )
 
-    def total(sigma: float) -> float:
-        return ledger.epsilon_with([(sigma, sample_rate, steps)], delta)
 
+def smallest_noise_multiplier(
+    total: Callable[[float], float],
+    *,
+    epsilon: float,
+    relative_tolerance: float,
+    spent_by: str,
+) -> float:
+    """The smallest sigma (to ``relative_tolerance``) with ``total(sigma) <= epsilon``, for
+    a ``total`` epsilon that falls as sigma grows: doubling, then bisection. Raises
+    ``ValueError`` naming ``spent_by`` when no sigma up to 1e4 does."""
     low, high = 0.0, 1.0
     while total(high) > epsilon:
         low, high = high, 2 * high
         if high > 1e4:
-            raise ValueError(f"epsilon {epsilon:g} cannot be met: the ledger has spent it")
+            raise ValueError(f"epsilon {epsilon:g} cannot be met: {spent_by} has spent it")
     while (high - low) > relative_tolerance * high:
         middle = (low + high) / 2
         if total(middle) > epsilon:

@@ -62,6 +62,9 @@ class FederationConfig:
     resume: bool = False
     seed: int = 0
     round_timeout: float = 3600.0
+    #: Stop the run after this many rounds in a row in which sites failed and none trained
+    #: or refused (0: never): in simulation a site process the system killed stays dead.
+    max_failed_rounds: int = 3
     site_records_limit: int = 0  # simulation only: 0 = a site's whole partition
     eval_single_items: int = 10000
     eval_scenes: int = 1000
@@ -132,6 +135,7 @@ class FederationConfig:
             (self.partition in PARTITION_SCHEMES, "partition", f"one of {PARTITION_SCHEMES}"),
             (self.dirichlet_alpha > 0, "dirichlet-alpha", "> 0"),
             (self.round_timeout > 0, "round-timeout", "> 0 seconds"),
+            (self.max_failed_rounds >= 0, "max-failed-rounds", "an integer >= 0 (0: never stop)"),
             (self.site_records_limit >= 0, "site-records-limit", "an integer >= 0 (0: all)"),
             (1 <= self.eval_single_items <= 10000, "eval-single-items", "in [1, 10000]"),
             (1 <= self.eval_scenes <= 5000, "eval-scenes", "in [1, 5000]"),

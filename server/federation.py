@@ -61,6 +61,7 @@ def run_federation(
     mode = choose_mode(config, dimension=dimension, num_sites=len(node_ids))
     mode.server_state.update(server_state)
     rng = random.Random(config.seed)
+    failed_rounds = 0  # rounds in a row in which sites failed and none trained or refused
     for server_round in range(1, config.num_server_rounds + 1):
         sampled = mode.sample(node_ids, rng)
         if server_round < start_round:
@@ -71,6 +72,7 @@ def run_federation(
             grid, server_round=server_round, node_ids=sampled, weights=weights
         )
         row = _round_row(config, server_round, sampled, aggregate)
+        failed_rounds = failed_rounds + 1 if _sites_failed_only(row) else 0
         if aggregate.mean_update() is None or aggregate.aborted:
             row["aborted"] = aggregate.aborted or "no site trained this round"
             logger.warning("round %d: model unchanged (%s)", server_round, row["aborted"])
@@ -96,6 +98,13 @@ def run_federation(
         row["wall_s"] = round(time.monotonic() - started, 3)
         append_metrics(out_dir, row)
         _log_round(row)
+        if config.max_failed_rounds and failed_rounds >= config.max_failed_rounds:
+            raise RuntimeError(
+                f"stopped after round {server_round}: in {failed_rounds} rounds in a row sites "
+                "failed and none trained or refused (max-failed-rounds); see the sites' logs "
+                "(in simulation, run.log: Ray may have killed a site's process for memory). "
+                "The last checkpoint is kept: fix the cause and continue with --resume"
+            )
     _save_model(out_dir, model)
     note = mode.privacy_statement()
     return write_summary_and_report(out_dir, config=config.to_run_config(), privacy_note=note)
@@ -171,6 +180,11 @@ def _round_row(
     if aggregate.exchange_seconds is not None:  # wall time of each SecAgg+ exchange
         row["secagg_stage_s"] = {k: round(v, 3) for k, v in aggregate.exchange_seconds.items()}
     return row
+
+
+def _sites_failed_only(row: dict[str, Any]) -> bool:
+    """Sites failed in the round and none trained or refused."""
+    return row["sites_failed"] > 0 and row["sites_trained"] == 0 and row["sites_refused"] == 0
 
 
 def _log_round(row: dict[str, Any]) -> None:

@@ -190,3 +190,37 @@ def test_fraction_evaluate_samples_a_stable_share_of_the_sites() -> None:
     assert evaluation_sample(FederationConfig(), node_ids, 1) == node_ids
     with pytest.raises(ConfigError, match="fraction-evaluate"):
         FederationConfig.from_run_config({"fraction-evaluate": 0})
+
+
+def test_a_run_whose_sites_only_fail_stops_after_max_failed_rounds(tmp_path: Path) -> None:
+    def never_reached(msg: Message, context: Context) -> SiteContribution:
+        raise AssertionError("every setup message fails before it reaches the site")
+
+    def run(max_failed: int) -> tuple[list[dict], str]:
+        grid = InProcessGrid(NODES[:3], contribute=never_reached)
+        grid.fault = lambda _kind, _node: "error"  # every site fails every message
+        out = tmp_path / f"run-{max_failed}"
+        config = FederationConfig.from_run_config(
+            {
+                "num-server-rounds": 5,
+                "min-available-sites": 3,
+                "min-train-sites": 3,
+                "max-failed-rounds": max_failed,
+                "coordinator-eval": "off",
+                "federated-eval": False,
+                "out-dir": str(out),
+            }
+        )
+        error = ""
+        try:
+            run_federation(grid, config)  # type: ignore[arg-type]
+        except RuntimeError as stopped:
+            error = str(stopped)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return rows, error
+
+    rows, error = run(2)
+    assert [r["round"] for r in rows] == [1, 2] and all(r["sites_failed"] == 3 for r in rows)
+    assert "max-failed-rounds" in error and "--resume" in error
+    rows, error = run(0)  # 0: never stop
+    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5] and error == ""

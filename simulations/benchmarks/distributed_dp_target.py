@@ -1,4 +1,5 @@
-"""Issue 7 target: distributed DP (10 sites, epsilon 3) against centralised DP-SGD, one recipe.
+"""The distributed-DP target: distributed DP (10 sites, epsilon 3) against centralised DP-SGD,
+one recipe.
 
 Runs, one after the other (each in a subprocess, the machine's cores to itself):
 

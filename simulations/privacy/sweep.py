@@ -27,7 +27,7 @@ import torch
 from fedmm.common.data.partitioning import PARTITION_SCHEMES
 from fedmm.common.federation_config import OPTIMIZERS
 from fedmm.simulations.privacy.audit_run import AuditSettings
-from fedmm.simulations.privacy.epsilon_cross_check import cross_check_ledgers
+from fedmm.simulations.privacy.epsilon_cross_check import SiteEpsilon, cross_check_ledgers
 from fedmm.simulations.privacy.federated_run import (
     FederatedRunError,
     FederatedRunResult,
@@ -300,22 +300,12 @@ def run_point(point: SweepPoint, settings: SweepSettings, out: Path) -> dict[str
             },
         }
     )
-    if result_file.exists():
-        earlier = json.loads(result_file.read_text())
-        if earlier.get("made_with", made_with) != made_with:
-            raise ValueError(
-                f"{result_file} was made with other settings ({earlier.get('made_with')}); "
-                "use a new --out for these settings"
-            )
-        logger.info("%s: finished earlier, reusing %s", point.name, result_file)
+    earlier = _earlier_result(result_file, made_with, point.name)
+    if earlier is not None:
         return earlier
     logger.info("%s: federated training (%d sites, %d rounds)", point.name, spec.sites, spec.rounds)
-    run = _run_with_retries(spec, out / "runs" / point.name, settings)
+    run, epsilons = _train_point(point, spec, out, settings)
     final = run.summary.get("final", {})
-    logger.info("%s: trained in %.0f s, accuracy %s", point.name, run.wall_s, final.get("accuracy"))
-    epsilons = cross_check_ledgers(run.out / "site-ledgers")
-    if math.isfinite(point.epsilon) and len(epsilons) != point.sites:
-        raise RuntimeError(f"{point.name}: {len(epsilons)} of {point.sites} sites have a DP ledger")
     membership = run_membership_experiment(
         run.out,
         AttackSettings(
@@ -361,6 +351,40 @@ def run_point(point: SweepPoint, settings: SweepSettings, out: Path) -> dict[str
         "run_dir": str(run.out),
         "made_with": made_with,
     }
+    return _write_result(result_file, result)
+
+
+def _train_point(
+    point: SweepPoint, spec: FederatedRunSpec, out: Path, settings: SweepSettings
+) -> tuple[FederatedRunResult, list[SiteEpsilon]]:
+    """The point's federated run and its sites' epsilons, recomputed from their ledgers
+    (every site of a DP point must have one)."""
+    run = _run_with_retries(spec, out / "runs" / point.name, settings)
+    final = run.summary.get("final", {})
+    logger.info("%s: trained in %.0f s, accuracy %s", point.name, run.wall_s, final.get("accuracy"))
+    epsilons = cross_check_ledgers(run.out / "site-ledgers")
+    if math.isfinite(point.epsilon) and len(epsilons) != point.sites:
+        raise RuntimeError(f"{point.name}: {len(epsilons)} of {point.sites} sites have a DP ledger")
+    return run, epsilons
+
+
+def _earlier_result(result_file: Path, made_with: Any, name: str) -> dict[str, Any] | None:
+    """A point's result from an earlier sweep into the same ``--out`` (None: none yet);
+    one made with other settings is refused, naming the fix."""
+    if not result_file.exists():
+        return None
+    earlier = json.loads(result_file.read_text())
+    if earlier.get("made_with", made_with) != made_with:
+        raise ValueError(
+            f"{result_file} was made with other settings ({earlier.get('made_with')}); "
+            "use a new --out for these settings"
+        )
+    logger.info("%s: finished earlier, reusing %s", name, result_file)
+    return earlier
+
+
+def _write_result(result_file: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """Write a point's result as JSON; the result as it reads back (JSON types)."""
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(_jsonable(result)))
     return json.loads(result_file.read_text())
@@ -409,14 +433,8 @@ def run_audit_point(point: SweepPoint, settings: SweepSettings, out: Path) -> di
             },
         }
     )
-    if result_file.exists():
-        earlier = json.loads(result_file.read_text())
-        if earlier.get("made_with", made_with) != made_with:
-            raise ValueError(
-                f"{result_file} was made with other settings ({earlier.get('made_with')}); "
-                "use a new --out for these settings"
-            )
-        logger.info("%s: finished earlier, reusing %s", point.name, result_file)
+    earlier = _earlier_result(result_file, made_with, point.name)
+    if earlier is not None:
         return earlier
     folders = prepare_canary_sites(
         point_dir,
@@ -436,12 +454,8 @@ def run_audit_point(point: SweepPoint, settings: SweepSettings, out: Path) -> di
         site_data=tuple(str(f) for f in folders),
     )
     logger.info("%s: federated training with %d canaries", point.name, audit.canaries)
-    run = _run_with_retries(spec, out / "runs" / point.name, settings)
+    run, epsilons = _train_point(point, spec, out, settings)
     final = run.summary.get("final", {})
-    logger.info("%s: trained in %.0f s, accuracy %s", point.name, run.wall_s, final.get("accuracy"))
-    epsilons = cross_check_ledgers(run.out / "site-ledgers")
-    if math.isfinite(point.epsilon) and len(epsilons) != point.sites:
-        raise RuntimeError(f"{point.name}: {len(epsilons)} of {point.sites} sites have a DP ledger")
     # the delta the audit tests: the sites' (from their ledgers), else the run's
     delta = epsilons[0].delta if epsilons else read_run_config(run.out).delta
     scores = score_canaries(run.out, point_dir)
@@ -462,8 +476,7 @@ def run_audit_point(point: SweepPoint, settings: SweepSettings, out: Path) -> di
         "run_dir": str(run.out),
         "made_with": made_with,
     }
-    result_file.parent.mkdir(parents=True, exist_ok=True)
-    result_file.write_text(json.dumps(_jsonable(result)))
+    written = _write_result(result_file, result)
     logger.info(
         "%s: empirical epsilon %.3f at %.0f%% confidence (accounted %s)",
         point.name,
@@ -471,7 +484,7 @@ def run_audit_point(point: SweepPoint, settings: SweepSettings, out: Path) -> di
         100 * audit.confidence,
         result["epsilon_max"],
     )
-    return json.loads(result_file.read_text())
+    return written
 
 
 def run_sweep(settings: SweepSettings, out: Path) -> list[dict[str, Any]]:

@@ -105,8 +105,10 @@ def main() -> None:
             "peak_processes": peak_processes,
             "load_average_1m": round(os.getloadavg()[0], 2),
             "targets": {
-                "default_wall_s_at_most": 150,
+                "default_wall_s_at_most": 600,
+                "default_wall_s_speed_target": 150,
                 "default_peak_rss_mb_below": 4096,
+                "100_sites_peak_rss_mb_below": 6144,
                 "1000_sites_100_a_round_peak_mb_below": 8192,
             },
         }

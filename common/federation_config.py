@@ -86,6 +86,12 @@ class FederationConfig:
     model_image_weights_sha256: str = ""
     model_text_weights: str = ""
     model_text_weights_sha256: str = ""
+    # LoRA adapters (common.pretrained.lora_adapters) on the last model-lora-blocks transformer
+    # blocks of the encoders model-lora-encoders names ("both", "image" or "text"); 0: frozen.
+    model_lora_blocks: int = 0
+    model_lora_encoders: str = "both"
+    model_lora_rank: int = 8
+    model_lora_alpha: float = 16.0
     distractor_word_lists: str = "fashion"  # public word lists for swaps (common.data)
     caption_bank: str = ""  # public caption file shipped to the sites ("" = none)
     caption_bank_sha256: str = ""  # its SHA-256; filled in from the file when empty

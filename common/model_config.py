@@ -59,6 +59,9 @@ MIN_IMAGE_SIDE = 8
 MAX_IMAGE_SIDE = 512
 MAX_IMAGE_TOKENS = 256
 MAX_CAPTION_WORDS = 64
+#: Which encoders LoRA adapters go on (run config ``model-lora-encoders``).
+LORA_ENCODERS = ("both", "image", "text")
+MAX_LORA_RANK = 256
 #: The built-in benchmark's canvas (common.data.benchmark): the default geometry.
 BENCHMARK_IMAGE_SIZE = (28, 56)
 
@@ -109,6 +112,15 @@ class ModelConfig:
     text_feature_dim: int = 0
     image_preprocessing: str = ""
     text_tokenizer: str = ""
+    #: Pretrained encoders only: LoRA adapters (``common.pretrained.lora_adapters``) on the
+    #: last ``lora_blocks`` transformer blocks of the encoders ``lora_encoders`` names, of
+    #: rank ``lora_rank`` scaled by ``lora_alpha / lora_rank``; 0 blocks: frozen encoders.
+    #: ``lora_targets`` (JSON) names the adapted layers, filled in when the encoders load.
+    lora_blocks: int = 0
+    lora_encoders: str = "both"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = ""
 
     def __post_init__(self) -> None:
         image_kind = pretrained_kind(self.image_encoder)
@@ -132,7 +144,9 @@ class ModelConfig:
             )
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        problem = self.image_geometry_problem() or self.text_geometry_problem()
+        problem = (
+            self.image_geometry_problem() or self.text_geometry_problem() or self.lora_problem()
+        )
         if problem:
             raise ValueError(problem)
 
@@ -192,6 +206,50 @@ class ModelConfig:
                 f"invalid: use an integer in [1, {MAX_CAPTION_WORDS}]"
             )
         return None
+
+    def lora_problem(self) -> str | None:
+        """Why these LoRA settings cannot be used (naming the run-config key and the fix),
+        or None; the block count is checked against the encoders when they are loaded."""
+        blocks = self.lora_blocks
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
+            return (
+                f"run config 'model-lora-blocks' = {blocks!r} is invalid: use an integer >= 0 "
+                "(0: frozen encoders; N: LoRA adapters on each encoder's last N blocks)"
+            )
+        if self.lora_encoders not in LORA_ENCODERS:
+            return (
+                f"run config 'model-lora-encoders' = {self.lora_encoders!r} is invalid: use "
+                f"one of {LORA_ENCODERS}"
+            )
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int):
+            return f"run config 'model-lora-rank' = {self.lora_rank!r} is invalid: use an integer"
+        if not 1 <= self.lora_rank <= MAX_LORA_RANK:
+            return (
+                f"run config 'model-lora-rank' = {self.lora_rank} is invalid: use an integer "
+                f"in [1, {MAX_LORA_RANK}] (4 to 16 is usual)"
+            )
+        if not (math.isfinite(float(self.lora_alpha)) and float(self.lora_alpha) > 0):
+            return (
+                f"run config 'model-lora-alpha' = {self.lora_alpha!r} is invalid: use a number "
+                "> 0 (the adapters' output is scaled by alpha / rank; 2 x rank is usual)"
+            )
+        if blocks and not self.pretrained:
+            return (
+                f"run config 'model-lora-blocks' = {blocks} needs pretrained encoders: name "
+                "them in model-image-encoder and model-text-encoder, or set "
+                "model-lora-blocks = 0 (the built-in model trains every weight already)"
+            )
+        return None
+
+    @property
+    def image_lora_blocks(self) -> int:
+        """Adapted blocks of the image encoder (0: frozen)."""
+        return self.lora_blocks if self.lora_encoders in ("both", "image") else 0
+
+    @property
+    def text_lora_blocks(self) -> int:
+        """Adapted blocks of the text encoder (0: frozen)."""
+        return self.lora_blocks if self.lora_encoders in ("both", "text") else 0
 
     @property
     def pretrained(self) -> bool:
@@ -265,6 +323,10 @@ def model_config_from_settings(source: Any) -> ModelConfig:
         text_encoder=text_encoder,
         image_weights_sha256=image_sha256,
         text_weights_sha256=text_sha256,
+        lora_blocks=getattr(source, "model_lora_blocks", 0),
+        lora_encoders=getattr(source, "model_lora_encoders", "both"),
+        lora_rank=getattr(source, "model_lora_rank", 8),
+        lora_alpha=float(getattr(source, "model_lora_alpha", 16.0)),
     )
 
 

@@ -51,6 +51,10 @@ class TrainRequest:
     model_image_weights_sha256: str
     model_text_weights: str
     model_text_weights_sha256: str
+    model_lora_blocks: int
+    model_lora_encoders: str
+    model_lora_rank: int
+    model_lora_alpha: float
     distractor_word_lists: str
     eval_fraction: float  # share of the site's records held out (client.held_out_split)
     caption_bank_sha256: str  # "" when the run has no caption bank

@@ -356,8 +356,10 @@ def load_frozen_encoders(image: EncoderSpec, text: EncoderSpec) -> FrozenEncoder
 
 
 def resolve_model_config(config: ModelConfig, encoders: FrozenEncoders) -> ModelConfig:
-    """``config`` with the encoders' feature widths, preprocessing and tokenizer filled in;
-    a ValueError names the run-config key when the image size is not the encoder's."""
+    """``config`` with the encoders' feature widths, preprocessing and tokenizer filled in,
+    and the layers LoRA adapters go on (``encoder_blocks.resolve_lora_targets``); a
+    ValueError names the run-config key when the image size is not the encoder's, or the
+    encoders cannot take the adapters asked for."""
     fixed = encoders.image.input_size
     if fixed is not None and config.image_size != fixed:
         size = format_image_size(*fixed)
@@ -365,7 +367,9 @@ def resolve_model_config(config: ModelConfig, encoders: FrozenEncoders) -> Model
             f"run config image-size = '{format_image_size(*config.image_size)}' is not the "
             f"input size of {encoders.image.spec.name}: set image-size = '{size}'"
         )
-    return replace(
+    from fedmm.common.pretrained.encoder_blocks import resolve_lora_targets
+
+    resolved = replace(
         config,
         image_feature_dim=encoders.image.feature_dim,
         text_feature_dim=encoders.text.feature_dim,
@@ -377,3 +381,4 @@ def resolve_model_config(config: ModelConfig, encoders: FrozenEncoders) -> Model
             sort_keys=True,
         ),
     )
+    return resolve_lora_targets(resolved, encoders)

@@ -18,8 +18,13 @@ bank lines, never another record's caption). Each distinct caption is encoded on
 samples a record's ``K`` distractors from its pool; the held-out records' features serve
 federated evaluation.
 
+With LoRA adapters on an encoder's last N blocks (``model-lora-blocks``), its entries hold
+the hidden states entering the first adapted block instead of its output tokens: a round
+runs only the adapted blocks and the fusion head (``common.pretrained.lora_adapters``).
+
 The entry's key is an HMAC under the site secret of the frozen weights' digests, both
-encoders' preprocessing and tokenizer (the model config records them), the distractor
+encoders' preprocessing and tokenizer (the model config records them), the number of
+adapted blocks of each encoder (when not 0), the distractor
 sources, the cache format and this module's code, and a keyed digest of the records'
 content: change any of them and the features are rebuilt; change nothing and they are
 reused. Arrays are read and written by one pair of functions, :func:`write_feature_arrays`
@@ -153,7 +158,9 @@ def compute_site_features(
     rng: np.random.Generator,
 ) -> SiteFeatures:
     """Features of ``records`` with ``encoders`` (``FrozenEncoders``): image tokens, and the
-    token states of every distinct caption among the records' own and their pools."""
+    token states of every distinct caption among the records' own and their pools. An
+    encoder with LoRA adapters on its last N blocks gives the hidden states entering the
+    first of them instead (``common.pretrained.encoder_blocks``)."""
     pools = distractor_pools(
         list(records.captions),
         settings=settings,
@@ -162,8 +169,15 @@ def compute_site_features(
         rng=rng,
     )
     table, caption_row, distractor_rows = caption_table(list(records.captions), pools)
-    image = encoders.image.features(records.images)
-    text, valid = encoders.text.features(table, config.max_len)
+    from fedmm.common.pretrained.encoder_blocks import (
+        block_input_image_encoder,
+        block_input_text_encoder,
+    )
+
+    image_encoder = block_input_image_encoder(encoders.image, config.image_lora_blocks)
+    text_encoder = block_input_text_encoder(encoders.text, config.text_lora_blocks)
+    image = image_encoder.features(records.images)
+    text, valid = text_encoder.features(table, config.max_len)
     return SiteFeatures(
         image=image.numpy().astype(np.float16),
         text=text.numpy().astype(np.float16),
@@ -208,6 +222,15 @@ def feature_key_material(
         "word_lists": list(settings.word_lists),
         "caption_bank_sha256": settings.bank.sha256 if settings.bank else "",
         "num_distractors": num_distractors,
+        # LoRA: the states entering the first adapted block (absent: frozen, as before)
+        **{
+            f"{side}_lora_blocks": blocks
+            for side, blocks in (
+                ("image", config.image_lora_blocks),
+                ("text", config.text_lora_blocks),
+            )
+            if blocks
+        },
     }
 
 

@@ -12,6 +12,8 @@ from its public pool, anew for every item; the loss is the same per-example loss
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -30,6 +32,7 @@ from fedmm.common.federated_eval import EvaluationCounts, retrieval_counts
 from fedmm.common.model import ImageStates
 from fedmm.common.model_config import ModelConfig
 from fedmm.common.pretrained.fusion_model import FeatureFusionMatcher
+from fedmm.common.pretrained.lora_adapters import build_fusion_model
 from fedmm.common.secure_random import RandomBytes
 
 #: Records encoded (and scored) per batch in evaluation.
@@ -119,6 +122,7 @@ def evaluate_features(
     global_state: dict[str, torch.Tensor],
     config: ModelConfig,
     held_out: SiteFeatures,
+    encoders: Any = None,
     num_distractors: int,
     with_bank: bool,
     rng: np.random.Generator | None = None,
@@ -126,11 +130,13 @@ def evaluate_features(
     """The counts of the global head on held-out records' cached features (the same counts
     as ``client.federated_evaluation.evaluate_held_out``): retrieval among the records with
     distinct captions, the shuffled control, and, when the run has a caption bank, caption
-    ranking against ``num_distractors`` distractors from each record's pool."""
+    ranking against ``num_distractors`` distractors from each record's pool. With LoRA
+    adapters the held-out records' cached block inputs go through the adapted blocks of
+    the global model (``encoders``: the site's frozen encoders the blocks are copied from)."""
     rng = rng if rng is not None else np.random.default_rng()
     if len(held_out) == 0:
         return EvaluationCounts()
-    model = FeatureFusionMatcher(config)
+    model = build_fusion_model(config, encoders)
     model.load_state_dict(global_state)
     model.eval()
     held_out = distinct_caption_records(held_out)

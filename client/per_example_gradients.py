@@ -23,6 +23,10 @@ on that example's rows of the layer's input and output gradient, so from those t
   (example, id) pair instead of ``torch.unique(dim=0)``, which is slow on CPU), and the
   weighted sum is one ``index_add`` of the weighted output gradients.
 
+A layer that runs on several consecutive rows per example (an adapted text encoder's blocks
+on an item's candidate captions, ``common.pretrained.lora_adapters``) has its rows grouped
+by example first (``nn.Linear`` and ``nn.LayerNorm``: the rows are positions).
+
 The result is exact: the same per-example gradients as a single-example backward pass
 (``tests/client/test_per_example_gradients.py``), up to floating-point rounding.
 """
@@ -170,12 +174,14 @@ class PerExampleGradients:
             raise ValueError("no forward pass with gradients was recorded before backward")
         grads = torch.autograd.grad(losses.sum(), [call.output for call in calls])
         self._batch = losses.shape[0]
-        self._terms = [
-            _EmbeddingTerms(call.layer, call.inputs, grad)
-            if isinstance(call.layer, nn.Embedding)
-            else _MaterialisedTerms(call.layer, call.inputs, grad)
-            for call, grad in zip(calls, grads, strict=True)
-        ]
+        self._terms = []
+        for call, grad in zip(calls, grads, strict=True):
+            inputs, grad = _rows_by_example(call.layer, call.inputs, grad, self._batch)
+            self._terms.append(
+                _EmbeddingTerms(call.layer, inputs, grad)
+                if isinstance(call.layer, nn.Embedding)
+                else _MaterialisedTerms(call.layer, inputs, grad)
+            )
 
     def squared_norms(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Each example's squared gradient norm over all trainable parameters, ``(B,)``,
@@ -197,6 +203,28 @@ class PerExampleGradients:
             name: sums[p] if p in sums else torch.zeros(p.shape, dtype=weights.dtype)
             for name, p in self.parameters.items()
         }
+
+
+def _rows_by_example(
+    layer: nn.Module, inputs: torch.Tensor, grad: torch.Tensor, batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's input and output gradient with the examples on the first dimension. A layer
+    that ran on ``m * batch`` rows (an item's candidate captions flattened into the batch
+    dimension, as an adapted text encoder's blocks take them) holds ``m`` consecutive rows
+    per example: for ``nn.Linear`` and ``nn.LayerNorm`` they become positions of that
+    example (their per-example gradient sums over positions)."""
+    rows = inputs.shape[0]
+    if rows == batch:
+        return inputs, grad
+    if batch and rows % batch == 0 and isinstance(layer, (nn.Linear, nn.LayerNorm)):
+        return (
+            inputs.reshape(batch, -1, inputs.shape[-1]),
+            grad.reshape(batch, -1, grad.shape[-1]),
+        )
+    raise ValueError(
+        f"{type(layer).__name__} ran on {rows} rows in a batch of {batch} examples: only "
+        "Linear and LayerNorm layers may take several consecutive rows per example"
+    )
 
 
 def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:

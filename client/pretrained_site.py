@@ -49,6 +49,7 @@ class PretrainedSiteData:
     train: SiteFeatures
     held_out: SiteFeatures
     train_records: ImageTextDataset  # for the record count and the distractor checks
+    encoders: Any = None  # FrozenEncoders: the adapted blocks' frozen weights come from them
 
 
 def site_encoder_specs(
@@ -145,6 +146,7 @@ def load_pretrained_site(
         train=cached.features.subset(train_indices),
         held_out=cached.features.subset(held_out_indices),
         train_records=records.subset(train_indices),
+        encoders=encoders,
     )
     _memo[memo_key] = (records, site)
     while len(_memo) > 16:

@@ -95,6 +95,7 @@ def train_local_dp_sgd(msg: Message, context: Context) -> RoundOutcome | SiteRef
             "data": site.train_records,
             "features": site.train,
             "model_config": site.config,
+            "encoders": site.encoders,
         }
         counts = (len(site.train_records), len(site.held_out))
     else:
@@ -227,6 +228,7 @@ def federated_eval_contribution(msg: Message, context: Context) -> SiteContribut
         counts = evaluate_features(
             global_state=global_state,
             config=site.config,
+            encoders=site.encoders,
             held_out=site.held_out,
             num_distractors=int(request.num_distractors),
             with_bank=request.distractor_settings().bank is not None,

@@ -47,6 +47,7 @@ from fedmm.common.train_request import TrainRequest
 
 if TYPE_CHECKING:
     from fedmm.client.feature_cache import SiteFeatures
+    from fedmm.common.pretrained.frozen_encoders import FrozenEncoders
 
 logger = logging.getLogger(__name__)
 
@@ -178,13 +179,15 @@ def run_training_round(
     random_bytes: RandomBytes | None = None,
     features: SiteFeatures | None = None,
     model_config: ModelConfig | None = None,
+    encoders: FrozenEncoders | None = None,
 ) -> RoundOutcome:
     """Train on ``data`` from ``global_state`` unless the site's policy says no.
 
     With frozen pretrained encoders, ``features`` are ``data``'s cached features and
-    ``model_config`` the config resolved against the site's encoders: the fusion head is
-    trained on the features (``client.feature_training``), and ``data`` serves the record
-    count and the distractor checks.
+    ``model_config`` the config resolved against the site's ``encoders``: the fusion head
+    (and the LoRA adapters on the encoders' last blocks, when the run has them) is trained
+    on the features (``client.feature_training``), and ``data`` serves the record count and
+    the distractor checks.
 
     ``ledger`` is updated in place: when the site trains, and when it draws the run's noisy
     record count (charged even if the site then refuses, since the refusal may depend on
@@ -235,9 +238,9 @@ def run_training_round(
 
     if features is not None:
         from fedmm.client.feature_training import train_on_features
-        from fedmm.common.pretrained.fusion_model import FeatureFusionMatcher
+        from fedmm.common.pretrained.lora_adapters import build_fusion_model
 
-        head = FeatureFusionMatcher(model_config or request.model_config())
+        head = build_fusion_model(model_config or request.model_config(), encoders)
         head.load_state_dict(global_state)
         result = train_on_features(
             head,

@@ -112,18 +112,19 @@ def run_federation(
 
 def initial_model(config: FederationConfig) -> torch.nn.Module:
     """The run's model before round 1: the built-in matcher, or, with frozen pretrained
-    encoders, the fusion head over their features. The coordinator loads the encoders (its
+    encoders, the fusion head over their features (with LoRA adapters on copies of their
+    last blocks when ``model-lora-blocks`` > 0). The coordinator loads the encoders (its
     own copy, checked against the run's SHA-256 pins) only to learn their feature widths,
-    preprocessing and tokenizer; it never runs them."""
+    preprocessing and tokenizer and to copy the adapted blocks; it never runs them."""
     model_config = model_config_of(config)
     if not model_config.pretrained:
         return CrossAttentionMatcher(model_config)
     from fedmm.common.federation_config import encoder_specs_of
     from fedmm.common.pretrained.frozen_encoders import load_frozen_encoders, resolve_model_config
-    from fedmm.common.pretrained.fusion_model import FeatureFusionMatcher
+    from fedmm.common.pretrained.lora_adapters import build_fusion_model
 
     encoders = load_frozen_encoders(*encoder_specs_of(config))
-    return FeatureFusionMatcher(resolve_model_config(model_config, encoders))
+    return build_fusion_model(resolve_model_config(model_config, encoders), encoders)
 
 
 def _coordinator_evaluation(

@@ -79,3 +79,65 @@ def test_a_federation_trains_a_fusion_head_over_frozen_encoders(tmp_path: Path, 
         n.split(".")[0] in {"image_head", "text_head"} or n.startswith("cross_") for n in names
     )
     assert none_left(marker), "the simulation left processes (Ray's included) behind"
+
+
+@pytest.mark.parametrize("pair", ["open_clip", "timm+hf"])
+def test_a_federation_trains_lora_adapters_on_the_encoders_last_block(
+    tmp_path: Path, pair: str
+) -> None:
+    """``model-lora-blocks=1``: the head and the adapters (rank 4) on both encoders' last
+    block train under DP-SGD and SecAgg+, and they alone travel: the saved model holds the
+    head and each adapted layer's ``A`` and ``B``, and no frozen weight."""
+    keys = _random_encoders(tmp_path)[pair]
+    folders = _folders(tmp_path / "data", 3, 40)
+    bank = tmp_path / "bank.txt"
+    bank.write_text("".join(f"public drawing number {i}\n" for i in range(40)))
+    out = tmp_path / "run"
+    settings = [arg for key, value in keys.items() for arg in ("--set", f"{key}={value}")]
+    marker = new_marker()
+    done = _simulate(
+        out,
+        "--site-data",
+        *map(str, folders),
+        "--rounds",
+        "2",
+        "--epsilon",
+        "8",
+        *settings,
+        *("--set", "model-lora-blocks=1", "--set", "model-lora-rank=4"),
+        *("--set", "model-width=16", "--set", "batch-size=16"),
+        *("--set", f"caption-bank={bank}", "--set", "num-distractors=3"),
+        *("--set", "eval-fraction=0.3", "--set", "learning-rate=1.0"),
+        marker=marker,
+    )
+    assert done.returncode == 0, done.stderr[-3000:] + (out / "run.log").read_text()[-3000:]
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["sites_trained"] == 3 for r in rows), rows
+    assert "train.secagg_unmask" in rows[0]["secagg_stage_s"]  # SecAgg+ (the default)
+    federated = rows[-1]["federated_eval"]
+    assert federated["sites_evaluated"] == 3 and federated["records"] > 0
+    config = json.loads((out / "model-config.json").read_text())
+    assert config["lora_blocks"] == 1 and config["lora_rank"] == 4
+    targets = json.loads(config["lora_targets"])
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as model:
+        names = list(model.keys())
+        tensors = {n: model.get_tensor(n) for n in names}
+    head = {n for n in tensors if n.split(".")[0] in {"image_head", "text_head"}}
+    head |= {n for n in tensors if n.startswith("cross_")}
+    adapters = set(tensors) - head
+    assert all(".lora_A.default.weight" in n or ".lora_B.default.weight" in n for n in adapters)
+    for side in ("image", "text"):
+        adapted_layers = {n.split(".lora_")[0] for n in adapters if n.startswith(f"{side}_tail.")}
+        # the tail's one block is block 0 of the copy: every target layer, one A and one B
+        assert adapted_layers == {f"{side}_tail.blocks.0.{t}" for t in targets[side]["layers"]}
+        for layer in adapted_layers:
+            a, b = (
+                tensors[f"{layer}.lora_A.default.weight"],
+                tensors[f"{layer}.lora_B.default.weight"],
+            )
+            assert a.shape[0] == 4 and b.shape[1] == 4
+            assert b.abs().max() > 0, f"{layer}: B starts at zero; the federation trained it"
+    assert none_left(marker), "the simulation left processes (Ray's included) behind"

@@ -9,7 +9,9 @@ token queries the image's tokens (the cross-attention fusion: its score is its r
 vector dotted with the values it attended to, a caption's score the mean over its tokens).
 
 Only this module's parameters are trained, sent and summed: the frozen encoders are not part
-of it, so the global model in every message and every SecAgg+ vector is the head alone. Its
+of it, so the global model in every message and every SecAgg+ vector is the head alone
+(with LoRA adapters on the encoders' last blocks, the head and the adapters:
+``common.pretrained.lora_adapters``). Its
 layers are ``nn.Linear`` and ``nn.LayerNorm``, whose per-example gradients the site's
 DP-SGD computes exactly (``client.per_example_gradients``). Training on cached features
 with the frozen encoders fixed is the "linear probing / fine-tuning the last layers on

@@ -172,3 +172,33 @@ def test_hooks_are_removed_on_exit() -> None:
     model(images, tokens)
     assert tape._calls == []
     assert all(not m._forward_hooks for m in model.modules())
+
+
+class _FlattenedCandidates(nn.Module):
+    """A Linear on an item's candidates flattened into the batch dimension, then summed per
+    example: its rows ``(B * C, D)`` are grouped back by example for the gradients."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, D)
+        out = self.layer(x.reshape(-1, *x.shape[2:]))
+        return out.reshape(x.shape[0], -1).square().sum(1)
+
+
+def test_rows_of_flattened_candidates_are_grouped_by_example() -> None:
+    torch.manual_seed(0)
+    model = _FlattenedCandidates(nn.Linear(4, 3)).double()
+    x = torch.randn(BATCH, CANDIDATES, 4, dtype=torch.float64)
+    with PerExampleGradients(model) as tape:
+        tape.backward(model(x))
+        norms = tape.squared_norms(torch.float64).sqrt()
+    for i in range(BATCH):
+        model.zero_grad(set_to_none=True)
+        model(x[i : i + 1]).sum().backward()
+        flat = torch.cat([p.grad.flatten() for p in model.parameters()])
+        torch.testing.assert_close(norms[i], flat.norm())
+    conv = _FlattenedCandidates(nn.Conv2d(1, 2, 1))
+    with PerExampleGradients(conv) as tape, pytest.raises(ValueError, match="Linear and LayerNorm"):
+        tape.backward(conv(torch.randn(BATCH, CANDIDATES, 1, 2, 2)))

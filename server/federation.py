@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
 from fedmm.common.data.benchmark import benchmark_test_set
-from fedmm.common.federation_config import FederationConfig
+from fedmm.common.federation_config import ConfigError, FederationConfig
 from fedmm.common.model import CrossAttentionMatcher
 from fedmm.common.tokenizer import HashingTokenizer
 from fedmm.common.train_request import model_config_of
@@ -124,7 +124,11 @@ def initial_model(config: FederationConfig) -> torch.nn.Module:
     from fedmm.common.pretrained.lora_adapters import build_fusion_model
 
     encoders = load_frozen_encoders(*encoder_specs_of(config))
-    return build_fusion_model(resolve_model_config(model_config, encoders), encoders)
+    try:  # an image size or LoRA blocks the encoders cannot take: the key and the fix
+        resolved = resolve_model_config(model_config, encoders)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return build_fusion_model(resolved, encoders)
 
 
 def _coordinator_evaluation(

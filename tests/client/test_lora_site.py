@@ -57,6 +57,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("weights")
     return {
         "vit": write_random_timm(root / "vit", "test_vit", img_size=32),
+        "resnet": write_random_timm(root / "resnet", "test_resnet"),
         "bert": write_random_bert(root / "bert", words=["red", "car", "number"]),
         "clip": write_random_open_clip(root / "clip"),
     }
@@ -128,13 +129,18 @@ def test_the_cache_holds_block_inputs_keyed_on_the_adapted_blocks(
     np.testing.assert_array_equal(one_side.features.image, lora.features.image)
 
 
-@pytest.mark.parametrize("pair", ["clip", "vit+bert"])
+@pytest.mark.parametrize(
+    ("pair", "sides"),
+    [("clip", "both"), ("vit+bert", "both"), ("resnet+bert", "text")],
+)
 def test_a_dp_sgd_round_trains_the_adapters_and_leaves_frozen_weights_bit_identical(
-    weights: dict[str, Path], tmp_path: Path, pair: str
+    weights: dict[str, Path], tmp_path: Path, pair: str, sides: str
 ) -> None:
+    """A CNN image encoder takes no adapters: with ``model-lora-encoders = text`` the text
+    encoder's last block is adapted and the image side stays frozen features."""
     bank = tmp_path / "bank.txt"
     bank.write_text(BANK_TEXT)
-    settings = _site_run_config(weights, pair, bank, blocks=1)
+    settings = _site_run_config(weights, pair, bank, blocks=1, encoders=sides)
     settings.update({"epsilon": 8.0, "num-server-rounds": 1, "learning-rate": 1.0})
     encoders, config = load(settings)
     frozen_before = {
@@ -169,7 +175,9 @@ def test_a_dp_sgd_round_trains_the_adapters_and_leaves_frozen_weights_bit_identi
     assert outcome.update is not None, outcome.refusal
     assert set(outcome.update) == head_names | adapter_names  # what is sent and summed
     assert all(torch.isfinite(v).all() for v in outcome.update.values())
-    for side in ("image_tail", "text_tail"):
+    adapted = ("image_tail", "text_tail") if sides == "both" else ("text_tail",)
+    assert {n.split(".")[0] for n in adapter_names} == set(adapted)
+    for side in adapted:
         changed = [
             n for n in adapter_names if n.startswith(side) and outcome.update[n].abs().max() > 0
         ]

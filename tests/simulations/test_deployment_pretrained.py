@@ -4,7 +4,8 @@ submit``) with frozen pretrained encoders named in the run config.
 Each site keeps its own copy of the weights in its ``[pretrained] weights-dir`` (the
 coordinator's copy is at the path the run names: it loads it only to learn the feature
 widths). Three sites with colour drawings train a round of DP-SGD on their cached features
-under SecAgg+ and return federated evaluation on their held-out features; a fourth site
+under SecAgg+ (two rounds: the first computes the features, the second reads them) and
+return federated evaluation on their held-out features; a fourth site
 whose copy of a weight file differs from the run's pin refuses with the public code
 ``frozen-weights`` (its path and the digests stay in its own log) and the round goes on
 without it. Each message runs in a fresh ClientApp process at a site, so the features are
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from fedmm.client.site_audit import read_audit_log
 from fedmm.common.data.openclipart import OPENCLIPART_ROOT
 from fedmm.simulations.loopback_daemons import wait_until
 from tests.client.site_fixtures import GOOD, make_site, small_colour_drawings
@@ -109,7 +112,7 @@ def test_deployed_sites_train_over_frozen_encoders_and_a_mismatched_copy_is_refu
     submit = [FEDMM, "coordinator", "submit", "--connection", "coordinator", "--out-dir", str(out)]
     settings = [
         *(f"{key}={value}" for key, value in keys.items()),
-        "num-server-rounds=1",
+        "num-server-rounds=2",
         f"min-available-sites={len(daemons)}",
         f"min-train-sites={len(TRAINING_SITES)}",
         f"caption-bank={bank}",
@@ -135,10 +138,13 @@ def test_deployed_sites_train_over_frozen_encoders_and_a_mismatched_copy_is_refu
         f"--- {name}\n{d.output()[-3000:]}" for name, d in daemons.items()
     )
     assert done.returncode == 0, context
-    [row] = _rows(out)
-    assert not row.get("aborted"), row
-    assert (row["sites_trained"], row["sites_refused"]) == (len(TRAINING_SITES), 1), row
-    assert {"train.secagg_setup", "train.secagg_unmask"} <= set(row["secagg_stage_s"]), row
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [1, 2], rows
+    for row in rows:
+        assert not row.get("aborted"), row
+        assert (row["sites_trained"], row["sites_refused"]) == (len(TRAINING_SITES), 1), row
+        assert {"train.secagg_setup", "train.secagg_unmask"} <= set(row["secagg_stage_s"]), row
+    row = rows[-1]
     evaluation = row["federated_eval"]
     assert evaluation["sites_evaluated"] == len(TRAINING_SITES), evaluation
     assert evaluation["records"] > 0, evaluation
@@ -149,11 +155,18 @@ def test_deployed_sites_train_over_frozen_encoders_and_a_mismatched_copy_is_refu
     mismatched = daemons[MISMATCHED_SITE].output()
     assert "frozen-weights" in mismatched and "the run pins" in mismatched, mismatched[-3000:]
     assert not (tmp_path / MISMATCHED_SITE / "state" / "privacy-ledger.json").exists()
-    # Features were computed once per site (training and evaluation used them) and cached
-    # encrypted beside its records (0700), where a restarted runner finds them.
+    audit = read_audit_log(tmp_path / MISMATCHED_SITE / "state" / "site-audit.jsonl").events
+    assert ("train", "frozen-weights") in [(e.get("message_type"), e.get("code")) for e in audit]
+    # Features were computed once per site (both rounds and the evaluation used them) and
+    # cached encrypted beside its records (0700), where a restarted runner finds them.
+    extraction_s = []
     for name in TRAINING_SITES:
         said = daemons[name].output()
-        assert said.count(f"features of {RECORDS_PER_SITE} records computed") == 1, said[-3000:]
+        computed = re.findall(
+            rf"features of {RECORDS_PER_SITE} records computed in ([0-9.]+) s", said
+        )
+        assert len(computed) == 1, said[-3000:]
+        extraction_s.append(float(computed[0]))
         features = tmp_path / name / "cache" / "features"
         assert features.is_dir() and any(features.iterdir()), name
         assert features.stat().st_mode & 0o077 == 0, name
@@ -162,8 +175,9 @@ def test_deployed_sites_train_over_frozen_encoders_and_a_mismatched_copy_is_refu
         json.dumps(
             {
                 "case": case,
-                "round_s": row["wall_s"],
-                "secagg_stage_s": row["secagg_stage_s"],
+                "round_s": [r["wall_s"] for r in rows],
+                "secagg_stage_s": [r["secagg_stage_s"] for r in rows],
+                "feature_extraction_s": extraction_s,
                 "eval_records": evaluation["records"],
                 "load_average": [round(x, 1) for x in os.getloadavg()],
             }

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from fedmm.common.federation_config import ConfigError
 from fedmm.common.pretrained.encoder_spec import FrozenWeightsError, weights_digest
 from fedmm.common.pretrained.hub_weights import (
     HubName,
@@ -146,3 +147,34 @@ def test_a_run_config_naming_a_hub_repo_resolves_it_from_the_cache_offline_and_c
     )  # fmt: skip
     assert digest.returncode == 2 and "copy the snapshot directory" in digest.stderr
     assert "Traceback" not in digest.stderr
+
+
+def test_a_site_resolves_the_run_s_hub_name_to_its_own_copy_or_leaves_it_to_the_hub(
+    tmp_path: Path,
+) -> None:
+    from fedmm.client.pretrained_site import PRETRAINED_WEIGHTS_DIR, site_encoder_specs
+    from fedmm.common.federation_config import FederationConfig
+    from fedmm.common.train_request import TrainRequest
+
+    name = f"hf-hub:{REPO}@{COMMIT}"
+    run_config = {
+        "model-image-encoder": "open_clip:tiny",
+        "model-text-encoder": "open_clip:tiny",
+        "model-image-weights": name,
+        "model-image-weights-sha256": "a" * 64,
+        "image-size": "32x32",
+        "image-channels": "3",
+    }
+    request = TrainRequest.for_round(FederationConfig.from_run_config(run_config), 1)
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    node_config = {PRETRAINED_WEIGHTS_DIR: str(folder)}
+    image, text = site_encoder_specs(node_config, request)
+    assert image.weights == text.weights == name  # no copy: the site resolves the name
+    (folder / "open-clip-tiny").mkdir()
+    image, text = site_encoder_specs(node_config, request)
+    assert image.weights == text.weights == str(folder / "open-clip-tiny")
+    assert image.sha256 == "a" * 64  # the run's pin, checked on the copy
+    bad = {**run_config, "model-image-weights": "hf-hub:no-org"}
+    with pytest.raises(ConfigError, match="hf-hub:<org>/<name>"):
+        FederationConfig.from_run_config(bad)  # refused before any site is asked

@@ -156,10 +156,14 @@ def test_deployed_sites_train_over_frozen_encoders_and_a_mismatched_copy_is_refu
     assert "frozen-weights" in mismatched and "the run pins" in mismatched, mismatched[-3000:]
     assert not (tmp_path / MISMATCHED_SITE / "state" / "privacy-ledger.json").exists()
     audit = read_audit_log(tmp_path / MISMATCHED_SITE / "state" / "site-audit.jsonl").events
-    assert ("train", "frozen-weights") in [(e.get("message_type"), e.get("code")) for e in audit]
+    refused = {(e.get("message_type"), e.get("code")) for e in audit}
+    assert refused == {
+        ("train.secagg_setup", "frozen-weights"),
+        ("evaluate.secagg_setup", "frozen-weights"),
+    }, audit
     # Features were computed once per site (both rounds and the evaluation used them) and
     # cached encrypted beside its records (0700), where a restarted runner finds them.
-    extraction_s = []
+    extraction_s, training_task_s = [], []
     for name in TRAINING_SITES:
         said = daemons[name].output()
         computed = re.findall(
@@ -167,6 +171,10 @@ def test_deployed_sites_train_over_frozen_encoders_and_a_mismatched_copy_is_refu
         )
         assert len(computed) == 1, said[-3000:]
         extraction_s.append(float(computed[0]))
+        # The warm runner's time for each round's training task (its first one imports the
+        # encoders' libraries and loads them).
+        ran = re.findall(r"train\.secagg_setup: pulled in [0-9.]+ s, ran in ([0-9.]+) s", said)
+        training_task_s.append([float(x) for x in ran])
         features = tmp_path / name / "cache" / "features"
         assert features.is_dir() and any(features.iterdir()), name
         assert features.stat().st_mode & 0o077 == 0, name
@@ -178,6 +186,7 @@ def test_deployed_sites_train_over_frozen_encoders_and_a_mismatched_copy_is_refu
                 "round_s": [r["wall_s"] for r in rows],
                 "secagg_stage_s": [r["secagg_stage_s"] for r in rows],
                 "feature_extraction_s": extraction_s,
+                "site_training_task_s": training_task_s,
                 "eval_records": evaluation["records"],
                 "load_average": [round(x, 1) for x in os.getloadavg()],
             }

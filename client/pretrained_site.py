@@ -3,7 +3,9 @@ records' features, cached.
 
 The run names each encoder's weights with their SHA-256 (``common.pretrained``). A site
 loads its own copy: at the run's path, or, when its node config sets
-``pretrained-weights-dir``, the file or directory of the same name there. It refuses the
+``pretrained-weights-dir``, the file or directory of the same name there (for a hub name
+``hf-hub:<org>/<name>``: ``<name>`` there if it has it, else the site resolves the name
+itself, ``common.pretrained.hub_weights``). It refuses the
 round (``frozen-weights``) when its copy is missing or its digest is not the run's, before
 anything is computed: features of other weights would train a head that fits no one's. Its
 de-identified records (``client.site_data``) then go through the encoders once, and the
@@ -32,6 +34,7 @@ from fedmm.common.pretrained.encoder_spec import (
     FrozenWeightsError,
     site_weights_path,
 )
+from fedmm.common.pretrained.hub_weights import is_hub_name, site_copy_of_hub_weights
 from fedmm.common.site_refusal import RefusalCode, SiteRefusal
 from fedmm.common.train_request import TrainRequest
 
@@ -59,10 +62,17 @@ def site_encoder_specs(
     image, text = encoder_specs_of(request)
     weights_dir = node_config.get(PRETRAINED_WEIGHTS_DIR)
     folder = str(weights_dir) if weights_dir else None
-    return (
-        image.at(site_weights_path(image.weights, folder)),
-        text.at(site_weights_path(text.weights, folder)),
+    return image.at(_site_weights(image.weights, folder)), text.at(
+        _site_weights(text.weights, folder)
     )
+
+
+def _site_weights(run_weights: str, folder: str | None) -> str:
+    """A local path: the site's copy in ``folder``; a hub name: the site's copy in
+    ``folder`` when it has one, else the name (resolved by the site itself)."""
+    if is_hub_name(run_weights):
+        return site_copy_of_hub_weights(run_weights, folder)
+    return site_weights_path(run_weights, folder)
 
 
 def _data_source(node_config: Mapping[str, Any]) -> tuple[Any, ...]:

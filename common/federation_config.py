@@ -17,6 +17,7 @@ from fedmm.common.pretrained.encoder_spec import (
     EncoderSpec,
     pretrained_kind,
 )
+from fedmm.common.pretrained.hub_weights import is_hub_name, parse_hub_name
 
 if TYPE_CHECKING:
     from fedmm.common.distractors import DistractorSettings
@@ -393,4 +394,7 @@ def encoder_specs_of(source: Any) -> tuple[EncoderSpec, EncoderSpec]:
         sha256=text_sha256,
         key="model-text-encoder",
     )
+    for spec in (image, text):
+        if is_hub_name(spec.weights):
+            parse_hub_name(spec.weights)  # the form, before any site is asked
     return image, text

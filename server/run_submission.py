@@ -261,6 +261,7 @@ def prepare_submission(
             f"--resume: the run in {out_dir} already finished all {rounds} rounds; to train "
             f"longer, resume with --set num-server-rounds=N (N > {rounds})"
         )
+    check_coordinator_weights(run_config)
     run_config = {**run_config, "out-dir": str(out_dir), "resume": bool(resume)}
     argv = [
         flower_executable("flwr"),
@@ -280,6 +281,32 @@ def prepare_submission(
         num_server_rounds=rounds,
         resume_after=progress.last_checkpoint if resume else None,
     )
+
+
+def check_coordinator_weights(run_config: Mapping[str, Any]) -> None:
+    """With pretrained encoders, the coordinator's own copy of the frozen weights at the
+    paths the run names (a hub name resolved here), checked against the run's pins: the
+    ServerApp loads it on this machine to learn the feature widths, and would otherwise
+    fail after the run started."""
+    from fedmm.common.federation_config import encoder_specs_of
+    from fedmm.common.pretrained.encoder_spec import (
+        FrozenWeightsError,
+        check_weights,
+        pretrained_kind,
+    )
+    from fedmm.common.pretrained.hub_weights import resolve_spec
+
+    config = FederationConfig.from_run_config(run_config)
+    if pretrained_kind(config.model_image_encoder) is None:
+        return
+    try:
+        for spec in encoder_specs_of(config):
+            check_weights(resolve_spec(spec))
+    except FrozenWeightsError as err:
+        raise SubmissionError(
+            f"--set model-image-weights / model-text-weights: {err} (the coordinator loads "
+            "its own copy at the run's path to learn the encoders' feature widths)"
+        ) from err
 
 
 def write_submitted_config(submission: RunSubmission) -> Path:

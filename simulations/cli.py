@@ -111,11 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     digest = commands.add_parser(
         "weights-digest",
-        help="print the SHA-256 that pins a frozen encoder's weights (a file or a directory)",
+        help="print the SHA-256 that pins a frozen encoder's weights (a file, a directory or "
+        "a hub name)",
         description="The value of run config model-image-weights-sha256 / "
-        "model-text-weights-sha256 for a local weights file or hub snapshot directory.",
+        "model-text-weights-sha256 for a local weights file, a hub snapshot directory, or a "
+        "hub name hf-hub:<org>/<name>[@<revision>] (resolved into the Hugging Face cache).",
     )
-    digest.add_argument("path", type=Path)
+    digest.add_argument("path")
     random_encoders = commands.add_parser(
         "random-encoders",
         help="write small randomly initialised OpenCLIP, timm and BERT checkpoints (a dry run "
@@ -338,6 +340,20 @@ def simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_weights_digest(weights: str) -> int:
+    """Print the SHA-256 pin of ``weights`` (a path or a hub name); 2 with the reason when
+    they cannot be read."""
+    from fedmm.common.pretrained.encoder_spec import FrozenWeightsError, weights_digest
+    from fedmm.common.pretrained.hub_weights import resolve_hub_weights
+
+    try:
+        print(weights_digest(resolve_hub_weights(weights)))
+    except FrozenWeightsError as err:
+        print(f"fedmm: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -346,10 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "deidentify":
             return run_deidentify(args)
         if args.command == "weights-digest":
-            from fedmm.common.pretrained.encoder_spec import weights_digest
-
-            print(weights_digest(args.path))
-            return 0
+            return print_weights_digest(args.path)
         if args.command == "random-encoders":
             from fedmm.simulations.random_encoders import write_small_encoders
 

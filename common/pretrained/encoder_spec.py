@@ -5,7 +5,8 @@ encoders, ``timm:<architecture>`` (an image backbone of ``timm``), ``hf:<name>``
 encoder of Hugging Face ``transformers``; the name is informational, the files say what it
 is) or ``open_clip:<architecture>`` (an image-text pair of ``open_clip``, named on both keys).
 The weights come from a local file or directory named by ``model-image-weights`` /
-``model-text-weights``, pinned by ``model-image-weights-sha256`` /
+``model-text-weights``, or a hub repository there (``hf-hub:<org>/<name>[@<revision>]``,
+resolved to a local snapshot by ``hub_weights``), pinned by ``model-image-weights-sha256`` /
 ``model-text-weights-sha256`` (:func:`weights_digest`). Torch-free: the coordinator's config
 checks and the site's refusal use it without the optional libraries.
 """
@@ -42,7 +43,7 @@ class EncoderSpec:
 
     kind: str  # "timm", "hf" or "open_clip"
     architecture: str
-    weights: str  # a local file or directory
+    weights: str  # a local file or directory, or a hub name (hub_weights)
     sha256: str
 
     @classmethod
@@ -59,8 +60,8 @@ class EncoderSpec:
         if not weights:
             raise FrozenWeightsError(
                 f"run config '{key}' = {encoder!r} needs its frozen weights: set "
-                f"'{key.replace('encoder', 'weights')}' to a local file or directory (hub "
-                "downloads are not used) and its sha256"
+                f"'{key.replace('encoder', 'weights')}' to a local file or directory, or a "
+                "hub name 'hf-hub:<org>/<name>[@<revision>]', and its sha256"
             )
         if not _SHA256_HEX.fullmatch(sha256 or ""):
             raise FrozenWeightsError(

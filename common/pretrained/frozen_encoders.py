@@ -36,6 +36,7 @@ from torch import nn
 
 from fedmm.common.model_config import ModelConfig, format_image_size
 from fedmm.common.pretrained.encoder_spec import EncoderSpec, FrozenWeightsError, check_weights
+from fedmm.common.pretrained.hub_weights import resolve_spec
 from fedmm.common.pretrained.torchvision_shim import import_torchvision
 
 
@@ -330,7 +331,9 @@ def load_frozen_encoders(image: EncoderSpec, text: EncoderSpec) -> FrozenEncoder
     """Both encoders, each checked against its pinned digest first (FrozenWeightsError);
     kept per process (a simulation runs many sites in one), and checked again on every call
     (files that changed since they were loaded are refused; an unchanged file's digest is
-    remembered by its path, size and modification time)."""
+    remembered by its path, size and modification time). Hub names are resolved to their
+    local snapshot first (``hub_weights``)."""
+    image, text = resolve_spec(image), resolve_spec(text)
     check_weights(image)
     check_weights(text)
     key = (image, text)

@@ -165,6 +165,16 @@ def test_submit_refuses_bad_input_naming_it_and_the_fix(
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "metrics.jsonl").write_text("{}\n")
+    pretrained = [
+        *(
+            "--set",
+            "model-image-encoder=open_clip:tiny",
+            "--set",
+            "model-text-encoder=open_clip:tiny",
+        ),
+        *("--set", "image-size=32x32", "--set", "image-channels=3"),
+        *("--set", f"model-image-weights-sha256={'0' * 64}", "--set"),
+    ]
     cases = [
         (["--connection", "nowhere"], "connection 'nowhere' is not in", "add-connection nowhere"),
         (["--out-dir", str(tmp_path / "a-file" / "run")], "is not writable", "permissions"),
@@ -173,6 +183,17 @@ def test_submit_refuses_bad_input_naming_it_and_the_fix(
         (["--set", "out-dir=/tmp/x"], "--set out-dir", "use --out-dir DIR"),
         (["--out-dir", str(busy)], "is not empty", "--resume"),
         (["--resume"], "holds no submitted run", "without --resume"),
+        # The coordinator's copy of frozen weights: missing, then not the pinned file.
+        (
+            [*pretrained, f"model-image-weights={tmp_path / 'none'}"],
+            "do not exist",
+            "copy them there",
+        ),
+        (
+            [*pretrained, f"model-image-weights={tmp_path / 'a-file'}"],
+            "the run pins " + "0" * 64,
+            "put the pinned",
+        ),
     ]
     for extra, problem, fix in cases:
         argv = [*SUBMIT, "--out-dir", str(tmp_path / "fresh"), "--dry-run"]

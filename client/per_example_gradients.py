@@ -17,6 +17,11 @@ on that example's rows of the layer's input and output gradient, so from those t
 - ``nn.Linear``, ``nn.LayerNorm``, ``nn.Conv2d``, ``nn.GroupNorm``: the per-example
   gradients from Opacus' own per-layer grad samplers (``GradSampleModule.GRAD_SAMPLERS``,
   the functions its hooks call), kept for the weighted sum;
+- ``nn.Linear`` applied to one row per example (a single token): never materialised either.
+  Example i's weight gradient is the outer product ``g_i x_i^T``, so its squared norm is
+  ``|g_i|^2 |x_i|^2`` and the weighted sum one matrix product (Goodfellow, "Efficient
+  Per-Example Gradient Computations", 2015); a linear map of thousands of features (the
+  ``scatter-linear`` encoder) would otherwise keep a batch of weight-sized tensors.
 - ``nn.Embedding``: never materialised. Example i's gradient has one row per distinct id it
   uses, the sum of its output gradients at that id; its squared norm is the sum of those rows'
   squared norms (the algorithm of Opacus' embedding norm sampler, with a 1-D key per
@@ -82,6 +87,48 @@ class _MaterialisedTerms:
         }
 
 
+class _RowLinearTerms:
+    """A linear layer's per-example gradients when each example is one input row, kept as
+    (inputs, output gradients): outer products, never formed."""
+
+    def __init__(self, layer: nn.Linear, inputs: torch.Tensor, grad: torch.Tensor) -> None:
+        self.layer = layer
+        self.inputs = inputs.reshape(inputs.shape[0], -1)
+        self.grad = grad.reshape(grad.shape[0], -1)
+
+    def squared_norms(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        grad_sq = self.grad.to(dtype).square().sum(1)
+        total = torch.zeros(batch, dtype=dtype)
+        if self.layer.weight.requires_grad:
+            total += grad_sq * self.inputs.to(dtype).square().sum(1)
+        if self.layer.bias is not None and self.layer.bias.requires_grad:
+            total += grad_sq
+        return total
+
+    def weighted_sums(self, weights: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        weighted = self.grad.to(weights.dtype) * weights[:, None]
+        sums: dict[nn.Parameter, torch.Tensor] = {}
+        if self.layer.weight.requires_grad:
+            sums[self.layer.weight] = weighted.T @ self.inputs.to(weights.dtype)
+        if self.layer.bias is not None and self.layer.bias.requires_grad:
+            sums[self.layer.bias] = weighted.sum(0)
+        return sums
+
+
+def _one_row_per_example(inputs: torch.Tensor) -> bool:
+    return inputs.dim() == 2 or (inputs.dim() == 3 and inputs.shape[1] == 1)
+
+
+def _terms(
+    layer: nn.Module, inputs: torch.Tensor, grad: torch.Tensor
+) -> _MaterialisedTerms | _RowLinearTerms | _EmbeddingTerms:
+    if isinstance(layer, nn.Embedding):
+        return _EmbeddingTerms(layer, inputs, grad)
+    if isinstance(layer, nn.Linear) and _one_row_per_example(inputs):
+        return _RowLinearTerms(layer, inputs, grad)
+    return _MaterialisedTerms(layer, inputs, grad)
+
+
 class _EmbeddingTerms:
     """An embedding's per-example gradients, kept as (ids, output gradients)."""
 
@@ -135,7 +182,7 @@ class PerExampleGradients:
         self.model = model
         self.parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self._calls: list[_Call] = []
-        self._terms: list[_MaterialisedTerms | _EmbeddingTerms] = []
+        self._terms: list[_MaterialisedTerms | _RowLinearTerms | _EmbeddingTerms] = []
         self._batch = 0
         self._handles = [
             m.register_forward_hook(self._record) for m in model.modules() if _owns_parameters(m)
@@ -177,11 +224,7 @@ class PerExampleGradients:
         self._terms = []
         for call, grad in zip(calls, grads, strict=True):
             inputs, grad = _rows_by_example(call.layer, call.inputs, grad, self._batch)
-            self._terms.append(
-                _EmbeddingTerms(call.layer, inputs, grad)
-                if isinstance(call.layer, nn.Embedding)
-                else _MaterialisedTerms(call.layer, inputs, grad)
-            )
+            self._terms.append(_terms(call.layer, inputs, grad))
 
     def squared_norms(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Each example's squared gradient norm over all trainable parameters, ``(B,)``,

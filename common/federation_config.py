@@ -73,7 +73,7 @@ class FederationConfig:
     model_heads: int = 2
     model_image_layers: int = 1
     model_text_layers: int = 1
-    model_image_encoder: str = "patches"  # "patches", "conv" or "scatter" (common.model)
+    model_image_encoder: str = "patches"  # common.model_config.IMAGE_ENCODERS
     model_activation: str = "gelu"  # "gelu" or "tanh" (common.model)
     image_size: str = "28x56"  # "HEIGHTxWIDTH" of the model's images (common.model_config)
     image_channels: int = 1  # 1: grayscale, 3: RGB

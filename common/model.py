@@ -10,7 +10,9 @@ Opacus computes per-sample gradients for it), or taken from fixed scattering fea
 (``common.scattering``, 81 channels per image channel on a grid 4 times coarser than the
 image) by one trained stride-2 convolution (``"scatter"``: Tramer and Boneh's ScatterNet
 front for DP-SGD, ICLR 2021; the best features under DP here, and about half the conv
-encoder's DP-SGD cost because the fixed transform is computed once per record). Tokens get
+encoder's DP-SGD cost because the fixed transform is computed once per record), or mapped
+linearly, all of them at once, to a single token (``"scatter-linear"``: their "ScatterNet +
+linear" model, the best of their Fashion-MNIST results at epsilon 3). Tokens get
 learned position embeddings and are refined by pre-norm transformer blocks. Text: hashed word
 ids (``common.tokenizer``) with position embeddings and transformer blocks per caption.
 Cross-attention: every text token queries the image patches; a token's score is its readout
@@ -37,7 +39,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedmm.common.model_config import ACTIVATIONS, ModelConfig
+from fedmm.common.model_config import (
+    ACTIVATIONS,
+    SCATTER_ENCODERS,
+    SCATTER_STRIDE,
+    ModelConfig,
+)
 from fedmm.common.scattering import CHANNELS as SCATTER_CHANNELS
 from fedmm.common.scattering import scattering_features
 from fedmm.common.tokenizer import PAD_ID
@@ -184,6 +191,25 @@ class ScatterStem(nn.Module):
         return self.layers(scattering_features(x).to(x.device)).flatten(2).transpose(1, 2)
 
 
+class ScatterLinearStem(nn.Module):
+    """Images ``(N, C, H, W)`` in [0, 1] to one token ``(N, 1, width)``: the fixed scattering
+    features, GroupNorm with 27 groups and no trained scale or shift (Tramer and Boneh's
+    "ScatterNet + linear": every feature of the image, each position its own weight), then
+    one linear map of all of them. The trained part is a linear model of the normalised
+    features, so DP-SGD's per-example gradients of it are outer products
+    (``client.per_example_gradients`` never materialises them)."""
+
+    def __init__(self, width: int, in_channels: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        features = SCATTER_CHANNELS * in_channels
+        self.norm = nn.GroupNorm(SCATTER_GROUPS, features, affine=False)
+        self.linear = nn.Linear(features * grid[0] * grid[1], width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.norm(scattering_features(x).to(x.device))
+        return self.linear(features.flatten(1))[:, None]
+
+
 def _groups(channels: int) -> int:
     """4 GroupNorm groups where they divide the channels, else as many as do."""
     return math.gcd(channels, 4)
@@ -269,6 +295,9 @@ class CrossAttentionMatcher(nn.Module):
             self.conv_stem = ConvStem(w, config.activation, channels)
         elif config.image_encoder == "scatter":
             self.scatter_stem = ScatterStem(w, config.activation, channels)
+        elif config.image_encoder == "scatter-linear":
+            grid = (config.image_height // SCATTER_STRIDE, config.image_width // SCATTER_STRIDE)
+            self.scatter_stem = ScatterLinearStem(w, channels, grid)
         else:
             self.patch_embed = nn.Linear(channels * config.patch_size**2, w)
         self.patch_position = nn.Embedding(config.num_image_tokens, w)
@@ -302,7 +331,7 @@ class CrossAttentionMatcher(nn.Module):
         # channels-last too, and Opacus 1.6's per-sample gradients of Conv2d are then wrong
         # (tests/common/test_per_example_gradient.py, conv-rgb)
         x = x[:, None] if c.image_channels == 1 else x.permute(0, 3, 1, 2).contiguous()
-        if c.image_encoder == "scatter":
+        if c.image_encoder in SCATTER_ENCODERS:
             x = self.scatter_stem(x)  # (N, tokens, w)
         elif c.image_encoder == "conv":
             x = self.conv_stem(x - 0.5)  # (N, tokens, w)

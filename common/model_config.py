@@ -15,6 +15,8 @@ Allowed image geometry, and why:
 - ``conv``: any side; tokens are the ``ceil(H/8) x ceil(W/8)`` cells of its stride-8 stem.
 - ``scatter``: both sides are multiples of 4, the grid step of the scattering transform
   (J = 2); tokens as for ``conv``.
+- ``scatter-linear``: as ``scatter``; one token, a linear map of all the normalised
+  scattering features (its weights grow with the image: 81 x H/4 x W/4 x channels x width).
 - a pretrained image encoder (``timm:<arch>``, ``open_clip:<arch>``,
   ``common.pretrained``): the size its weights were trained at (checked when the encoder is
   loaded); its tokens are its own (patch tokens, or the cells of its last feature map), and
@@ -42,7 +44,9 @@ from fedmm.common.pretrained.encoder_spec import (
     pretrained_kind,
 )
 
-IMAGE_ENCODERS = ("patches", "conv", "scatter")
+IMAGE_ENCODERS = ("patches", "conv", "scatter", "scatter-linear")
+#: Encoders on the fixed scattering transform (common.scattering).
+SCATTER_ENCODERS = ("scatter", "scatter-linear")
 #: Hidden activations: GELU, or tanh, the "tempered sigmoid" that Papernot et al. (AAAI 2021)
 #: found to train better under DP-SGD (bounded activations keep per-example gradients small,
 #: so clipping discards less of them).
@@ -100,7 +104,7 @@ class ModelConfig:
     mlp_ratio: int = 2
     vocab_buckets: int = 768  # hash buckets of the tokenizer (common.tokenizer)
     max_len: int = 12  # words per caption; longer captions are cut
-    image_encoder: str = "patches"  # "patches" (linear patch embedding), "conv" or "scatter"
+    image_encoder: str = "patches"  # "patches" (linear patch embedding), "conv", "scatter", ...
     activation: str = "gelu"  # of the conv stem and the feed-forward layers: ACTIVATIONS
     text_encoder: str = "hashing"  # or a pretrained one, "hf:<name>" or "open_clip:<arch>"
     #: Pretrained encoders only: the pinned SHA-256 of each one's frozen weights, the width
@@ -178,7 +182,7 @@ class ModelConfig:
                     f"'model-patch-size'): use a patch size that divides both sides ({hint}), "
                     f"or another image size"
                 )
-        elif self.image_encoder == "scatter" and (h % SCATTER_STRIDE or w % SCATTER_STRIDE):
+        elif self.image_encoder in SCATTER_ENCODERS and (h % SCATTER_STRIDE or w % SCATTER_STRIDE):
             return (
                 f"{size} does not suit the scatter encoder: both sides must be multiples of "
                 f"{SCATTER_STRIDE} (the scattering grid), e.g. "
@@ -275,7 +279,9 @@ class ModelConfig:
     @property
     def num_image_tokens(self) -> int:
         """Image tokens the text attends to: one per patch, or one per output cell of the
-        conv or scatter encoder's last convolution."""
+        conv or scatter encoder's last convolution, or the scatter-linear encoder's one."""
+        if self.image_encoder == "scatter-linear":
+            return 1
         if self.image_encoder in ("conv", "scatter"):
             rows = math.ceil(self.image_height / CONV_STRIDE)
             return rows * math.ceil(self.image_width / CONV_STRIDE)

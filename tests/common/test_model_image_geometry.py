@@ -27,6 +27,8 @@ SMALL = ModelConfig(width=16, heads=2)
         ("scatter", 32, 32, 7, 16),
         ("scatter", 44, 24, 7, 18),  # ceil(44/8) * ceil(24/8)
         ("scatter", 128, 128, 7, 256),
+        ("scatter-linear", 32, 32, 7, 1),
+        ("scatter-linear", 44, 24, 7, 1),
     ],
 )
 def test_every_encoder_scores_colour_images_of_its_size(
@@ -48,7 +50,7 @@ def test_every_encoder_scores_colour_images_of_its_size(
     assert model(images[:0], torch.ones(0, 3, 12, dtype=torch.long)).shape == (0, 3)
 
 
-@pytest.mark.parametrize("encoder", ["patches", "conv", "scatter"])
+@pytest.mark.parametrize("encoder", ["patches", "conv", "scatter", "scatter-linear"])
 def test_a_colour_model_sees_colour(encoder: str) -> None:
     """Red and blue images of the same brightness are different inputs, not one gray."""
     torch.manual_seed(0)
@@ -102,6 +104,10 @@ def test_tokens_from_another_tokenizer_are_refused() -> None:
         ({"image_height": 64, "image_width": 64}, r"model-patch-size.*e\.g\. 8"),
         (
             {"image_encoder": "scatter", "image_height": 30, "image_width": 30},
+            r"multiples of 4.*e\.g\. 32x32",
+        ),
+        (
+            {"image_encoder": "scatter-linear", "image_height": 30, "image_width": 32},
             r"multiples of 4.*e\.g\. 32x32",
         ),
         (

@@ -110,3 +110,24 @@ def test_the_filter_bank_stays_out_of_the_model_state() -> None:
     model = CrossAttentionMatcher(ModelConfig(width=16, heads=2, image_encoder="scatter"))
     stem = {k for k in model.state_dict() if k.startswith("scatter_stem.")}
     assert stem == {f"scatter_stem.layers.{i}.{p}" for i in (0, 1, 2) for p in ("weight", "bias")}
+
+
+def test_the_scatter_linear_encoder_is_one_linear_map_of_the_normalised_features() -> None:
+    """Tramer and Boneh's "ScatterNet + linear": the image token is one affine map of all the
+    GroupNorm'd scattering features, with nothing trained before it."""
+    from dataclasses import replace
+
+    from fedmm.common.model import CrossAttentionMatcher
+    from fedmm.common.model_config import ModelConfig
+
+    config = replace(ModelConfig(width=8, heads=2), image_encoder="scatter-linear")
+    model = CrossAttentionMatcher(config)
+    stem = model.scatter_stem
+    assert [name for name, _ in stem.named_parameters()] == ["linear.weight", "linear.bias"]
+    assert stem.linear.in_features == CHANNELS * 7 * 14
+    assert config.num_image_tokens == 1
+    images = _canvases(3, 6)
+    tokens = stem(images[:, None])
+    assert tokens.shape == (3, 1, 8)
+    normalised = stem.norm(scattering_features(images)).flatten(1)
+    torch.testing.assert_close(tokens[:, 0], normalised @ stem.linear.weight.T + stem.linear.bias)

@@ -1,0 +1,64 @@
+"""The linear-readout ceiling benchmark clips each example's true gradient: its closed form
+(an outer product of softmax error and features) equals autograd example by example, and it
+learns a separable problem without noise and not with overwhelming noise."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional
+
+from fedmm.simulations.benchmarks import scatter_linear_ceiling as ceiling
+
+
+def _separable(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    centres = 3.0 * torch.randn(ceiling.CLASSES, dim, generator=generator)
+    labels = torch.randint(0, ceiling.CLASSES, (n,), generator=generator)
+    return centres[labels] + torch.randn(n, dim, generator=generator), labels
+
+
+def test_one_step_equals_clipped_autograd_gradients() -> None:
+    x, y = _separable(12, 6, 0)
+    clip, lr = 0.5, 0.1
+    # The training starts from zero weights: the reference is autograd at zero, example by
+    # example, each gradient clipped to norm ``clip`` as Opacus does.
+    expected_w = torch.zeros(ceiling.CLASSES, 6)
+    expected_b = torch.zeros(ceiling.CLASSES)
+    for i in range(len(y)):
+        w = torch.zeros(ceiling.CLASSES, 6, requires_grad=True)
+        b = torch.zeros(ceiling.CLASSES, requires_grad=True)
+        functional.cross_entropy((x[i] @ w.T + b)[None], y[i : i + 1]).backward()
+        norm = torch.cat([w.grad.flatten(), b.grad]).norm()
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        expected_w += factor * w.grad
+        expected_b += factor * b.grad
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(w: torch.Tensor, b: torch.Tensor) -> float:
+        seen.append((w.clone(), b.clone()))
+        return 0.0
+
+    # Sampling rate 1: every example, and the expected batch is the whole set.
+    ceiling.train_linear_dp_sgd(
+        x, y, sampling_rate=1.0, steps=1, clip=clip, noise=0.0, learning_rate=lr,
+        momentum=0.0, seed=0, evaluate_at={1}, evaluate=record,
+    )  # fmt: skip
+    stepped_w, stepped_b = seen[0]
+    torch.testing.assert_close(stepped_w, -lr * expected_w / len(y))
+    torch.testing.assert_close(stepped_b, -lr * expected_b / len(y))
+
+
+def test_it_learns_without_noise_and_not_under_overwhelming_noise() -> None:
+    x, y = _separable(400, 8, 3)
+
+    def accuracy(weight: torch.Tensor, bias: torch.Tensor) -> float:
+        return float(((x @ weight.T + bias).argmax(1) == y).float().mean())
+
+    def run(noise: float) -> float:
+        return ceiling.train_linear_dp_sgd(
+            x, y, sampling_rate=0.25, steps=60, clip=1.0, noise=noise, learning_rate=2.0,
+            momentum=0.5, seed=0, evaluate_at={60}, evaluate=accuracy,
+        )[0][1]  # fmt: skip
+
+    assert run(0.0) > 0.95
+    assert run(1e4) < 0.5

@@ -28,39 +28,20 @@ from fedmm.client.per_example_gradients import PerExampleGradients
 from fedmm.client.privacy_ledger import PrivacyLedger, epsilon_of
 from fedmm.client.privacy_policy import SitePrivacyPolicy
 from fedmm.client.training_round import run_training_round
-from fedmm.common.data.caption_bank import CaptionBank
 from fedmm.common.data.dataset import NO_LABEL, ImageTextDataset
-from fedmm.common.distractors import DistractorSettings
 from fedmm.common.federation_config import FederationConfig
 from fedmm.common.loss import matching_loss
 from fedmm.common.pretrained.fusion_model import FeatureFusionMatcher
 from fedmm.common.pretrained.lora_adapters import build_fusion_model
 from fedmm.common.train_request import TrainRequest
-from fedmm.simulations.random_encoders import (
-    write_random_bert,
-    write_random_open_clip,
-    write_random_timm,
-)
+from tests.client.test_pretrained_site import BANK_TEXT, COLOURS, SETTINGS
+from tests.common.random_weights import write_test_weights
 from tests.common.test_lora_adapters import load, run_config
-
-COLOURS = ("red", "blue", "green", "yellow", "black", "white")
-BANK_TEXT = "".join(
-    f"a public drawing of a {c} house number {i}\n" for i in range(8) for c in COLOURS
-)
-SETTINGS = DistractorSettings(
-    word_lists=("colours",), bank=CaptionBank.from_bytes(BANK_TEXT.encode(), source="test")
-)
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("weights")
-    return {
-        "vit": write_random_timm(root / "vit", "test_vit", img_size=32),
-        "resnet": write_random_timm(root / "resnet", "test_resnet"),
-        "bert": write_random_bert(root / "bert", words=["red", "car", "number"]),
-        "clip": write_random_open_clip(root / "clip"),
-    }
+    return write_test_weights(tmp_path_factory.mktemp("weights"), ["red", "car", "number"])
 
 
 def _records(count: int, seed: int = 0) -> ImageTextDataset:

@@ -38,24 +38,14 @@ from fedmm.common.pretrained.frozen_encoders import load_frozen_encoders, resolv
 from fedmm.common.pretrained.fusion_model import FeatureFusionMatcher
 from fedmm.common.pretrained.lora_adapters import AdaptedFusionMatcher, build_fusion_model
 from fedmm.common.train_request import model_config_of
-from fedmm.simulations.random_encoders import (
-    write_random_bert,
-    write_random_open_clip,
-    write_random_timm,
-)
+from tests.common.random_weights import write_test_weights
 
 CAPTIONS = ["a red dress", "two blue shirts on the left side of it", ""]
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("weights")
-    return {
-        "vit": write_random_timm(root / "vit", "test_vit", img_size=32),
-        "resnet": write_random_timm(root / "resnet", "test_resnet"),
-        "bert": write_random_bert(root / "bert", words=["dress", "shirts"]),
-        "clip": write_random_open_clip(root / "clip"),
-    }
+    return write_test_weights(tmp_path_factory.mktemp("weights"), ["dress", "shirts"])
 
 
 def run_config(weights: dict[str, Path], pair: str, **lora: object) -> dict:

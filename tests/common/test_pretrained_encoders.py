@@ -43,24 +43,14 @@ from fedmm.common.pretrained.frozen_encoders import (
     resolve_model_config,
 )
 from fedmm.common.pretrained.fusion_model import FeatureFusionMatcher, build_matcher
-from fedmm.simulations.random_encoders import (
-    write_random_bert,
-    write_random_open_clip,
-    write_random_timm,
-)
+from tests.common.random_weights import write_test_weights
 
 CAPTIONS = ["a red dress", "two blue shirts on the left", ""]
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("weights")
-    return {
-        "vit": write_random_timm(root / "vit", "test_vit", img_size=32),
-        "resnet": write_random_timm(root / "resnet", "test_resnet"),
-        "bert": write_random_bert(root / "bert", words=["dress", "shirts"]),
-        "clip": write_random_open_clip(root / "clip"),
-    }
+    return write_test_weights(tmp_path_factory.mktemp("weights"), ["dress", "shirts"])
 
 
 def _run_config(image: str, image_dir: Path, text: str, text_dir: Path | None) -> dict:

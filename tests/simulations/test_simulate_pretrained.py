@@ -36,8 +36,11 @@ def _random_encoders(tmp_path: Path) -> dict[str, dict[str, str]]:
     return json.loads(done.stdout)
 
 
-@pytest.mark.parametrize("pair", ["open_clip", "timm+hf"])
-def test_a_federation_trains_a_fusion_head_over_frozen_encoders(tmp_path: Path, pair: str) -> None:
+def _federation(tmp_path: Path, pair: str, *extra: str) -> tuple[Path, dict[str, str], str]:
+    """Three folders of drawings, 2 rounds of DP-SGD (epsilon 8) under SecAgg+ over the
+    random ``pair`` of ``fedmm random-encoders`` with ``extra`` ``--set`` arguments; checks
+    what every such run must show and returns the output folder, the pair's run-config keys
+    and the processes' marker."""
     keys = _random_encoders(tmp_path)[pair]
     folders = _folders(tmp_path / "data", 3, 40)
     bank = tmp_path / "bank.txt"
@@ -54,6 +57,7 @@ def test_a_federation_trains_a_fusion_head_over_frozen_encoders(tmp_path: Path, 
         "--epsilon",
         "8",
         *settings,
+        *extra,
         *("--set", "model-width=16", "--set", "batch-size=16"),
         *("--set", f"caption-bank={bank}", "--set", "num-distractors=3"),
         *("--set", "eval-fraction=0.3"),
@@ -67,6 +71,12 @@ def test_a_federation_trains_a_fusion_head_over_frozen_encoders(tmp_path: Path, 
     federated = rows[-1]["federated_eval"]
     assert federated["sites_evaluated"] == 3 and federated["records"] > 0
     assert federated["caption_bank_records"] == federated["records"]
+    return out, keys, marker
+
+
+@pytest.mark.parametrize("pair", ["open_clip", "timm+hf"])
+def test_a_federation_trains_a_fusion_head_over_frozen_encoders(tmp_path: Path, pair: str) -> None:
+    out, keys, marker = _federation(tmp_path, pair)
     config = json.loads((out / "model-config.json").read_text())
     assert config["image_encoder"] == keys["model-image-encoder"]
     assert config["image_weights_sha256"] == keys["model-image-weights-sha256"]
@@ -88,35 +98,12 @@ def test_a_federation_trains_lora_adapters_on_the_encoders_last_block(
     """``model-lora-blocks=1``: the head and the adapters (rank 4) on both encoders' last
     block train under DP-SGD and SecAgg+, and they alone travel: the saved model holds the
     head and each adapted layer's ``A`` and ``B``, and no frozen weight."""
-    keys = _random_encoders(tmp_path)[pair]
-    folders = _folders(tmp_path / "data", 3, 40)
-    bank = tmp_path / "bank.txt"
-    bank.write_text("".join(f"public drawing number {i}\n" for i in range(40)))
-    out = tmp_path / "run"
-    settings = [arg for key, value in keys.items() for arg in ("--set", f"{key}={value}")]
-    marker = new_marker()
-    done = _simulate(
-        out,
-        "--site-data",
-        *map(str, folders),
-        "--rounds",
-        "2",
-        "--epsilon",
-        "8",
-        *settings,
+    out, _, marker = _federation(
+        tmp_path,
+        pair,
         *("--set", "model-lora-blocks=1", "--set", "model-lora-rank=4"),
-        *("--set", "model-width=16", "--set", "batch-size=16"),
-        *("--set", f"caption-bank={bank}", "--set", "num-distractors=3"),
-        *("--set", "eval-fraction=0.3", "--set", "learning-rate=1.0"),
-        marker=marker,
+        *("--set", "learning-rate=1.0"),
     )
-    assert done.returncode == 0, done.stderr[-3000:] + (out / "run.log").read_text()[-3000:]
-    rows = _rows(out)
-    assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["sites_trained"] == 3 for r in rows), rows
-    assert "train.secagg_unmask" in rows[0]["secagg_stage_s"]  # SecAgg+ (the default)
-    federated = rows[-1]["federated_eval"]
-    assert federated["sites_evaluated"] == 3 and federated["records"] > 0
     config = json.loads((out / "model-config.json").read_text())
     assert config["lora_blocks"] == 1 and config["lora_rank"] == 4
     targets = json.loads(config["lora_targets"])

@@ -84,15 +84,21 @@ def image_block_layout(encoder: FrozenImageEncoder) -> BlockLayout | None:
     from open_clip.transformer import VisionTransformer as OpenClipVisionTransformer
 
     if isinstance(module, OpenClipVisionTransformer):
-        transformer = module.transformer
-        return BlockLayout(
-            "open_clip_visual",
-            transformer.resblocks,
-            _present(transformer.resblocks, OPEN_CLIP_TARGETS),
-            batch_first=bool(getattr(transformer, "batch_first", True)),
-            owner=module,
-        )
+        return _open_clip_layout("open_clip_visual", module)
     return None
+
+
+def _open_clip_layout(kind: str, module: nn.Module) -> BlockLayout:
+    """An OpenCLIP tower's residual blocks (its vision transformer, or the CLIP model for the
+    text tower), adapters on their ``OPEN_CLIP_TARGETS``."""
+    transformer = module.transformer
+    return BlockLayout(
+        kind,
+        transformer.resblocks,
+        _present(transformer.resblocks, OPEN_CLIP_TARGETS),
+        batch_first=bool(getattr(transformer, "batch_first", True)),
+        owner=module,
+    )
 
 
 def text_block_layout(encoder: FrozenTextEncoder) -> BlockLayout | None:
@@ -101,14 +107,7 @@ def text_block_layout(encoder: FrozenTextEncoder) -> BlockLayout | None:
     if encoder.spec.kind == "open_clip":
         if hasattr(module, "text"):  # CustomTextCLIP: a text tower of another library
             return None
-        transformer = module.transformer
-        return BlockLayout(
-            "open_clip_text",
-            transformer.resblocks,
-            _present(transformer.resblocks, OPEN_CLIP_TARGETS),
-            batch_first=bool(getattr(transformer, "batch_first", True)),
-            owner=module,
-        )
+        return _open_clip_layout("open_clip_text", module)
     layers = getattr(getattr(module, "encoder", None), "layer", None)
     if layers is None or not len(layers):
         return None

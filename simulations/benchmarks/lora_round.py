@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from fedmm.common.pretrained.torchvision_shim import import_torchvision
-from fedmm.simulations.benchmarks.pretrained_features import RowsDataset
+from fedmm.simulations.benchmarks.pretrained_features import BERT_WORDS, RowsDataset, synthetic_site
 
 
 class BlockInputsInTheLoop(nn.Module):
@@ -74,9 +74,6 @@ def run(args: argparse.Namespace) -> dict:
     )
     from fedmm.client.feature_training import FeatureMatchingDataset
     from fedmm.client.secure_dp_sgd import train_dp_sgd
-    from fedmm.common.data.caption_bank import CaptionBank
-    from fedmm.common.data.dataset import NO_LABEL, ImageTextDataset
-    from fedmm.common.distractors import DistractorSettings
     from fedmm.common.model_config import ModelConfig
     from fedmm.common.pretrained.encoder_blocks import (
         block_input_image_encoder,
@@ -93,23 +90,12 @@ def run(args: argparse.Namespace) -> dict:
     from fedmm.common.tokenizer import HashingTokenizer
     from fedmm.simulations.random_encoders import write_random_bert, write_random_timm
 
-    colours = ("red", "blue", "green", "yellow", "black", "white")
-    bank = CaptionBank.from_bytes(
-        "".join(f"a public {c} drawing number {i}\n" for c in colours for i in range(20)).encode(),
-        source="benchmark",
-    )
-    distractors = DistractorSettings(word_lists=("colours",), bank=bank)
-    captions = [f"a {colours[i % 6]} drawing of a house {i}" for i in range(args.records)]
-    rng = np.random.default_rng(0)
-    records = ImageTextDataset(
-        images=rng.integers(0, 256, (args.records, 224, 224, 3), dtype=np.uint8),
-        captions=captions,
-        labels=np.full(args.records, NO_LABEL, dtype=np.int64),
-    )
+    records, distractors, _ = synthetic_site(args.records)
+    captions = records.captions
     result: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         vit = write_random_timm(Path(tmp) / "vit", args.backbone)
-        bert = write_random_bert(Path(tmp) / "bert", words=[*colours, "drawing", "house"])
+        bert = write_random_bert(Path(tmp) / "bert", words=BERT_WORDS)
         encoders = load_frozen_encoders(
             EncoderSpec("timm", args.backbone, str(vit), weights_digest(vit)),
             EncoderSpec("hf", "bert-tiny", str(bert), weights_digest(bert)),

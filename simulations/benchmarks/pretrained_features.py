@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,6 +75,34 @@ class RowsDataset(torch.utils.data.Dataset):
         return torch.from_numpy(self.images[index]), torch.from_numpy(rows)
 
 
+#: The synthetic site's caption words (its captions, caption bank and random BERT's vocabulary).
+COLOURS = ("red", "blue", "green", "yellow", "black", "white")
+BERT_WORDS = [*COLOURS, "drawing", "house"]
+
+
+def synthetic_site(count: int) -> tuple[Any, Any, np.random.Generator]:
+    """``count`` random 224x224 RGB records with colour captions, distractor settings
+    (colour word swaps and a public caption bank), and the generator that drew the images
+    (later draws continue its stream): a site's data for timing rounds."""
+    from fedmm.common.data.caption_bank import CaptionBank
+    from fedmm.common.data.dataset import NO_LABEL, ImageTextDataset
+    from fedmm.common.distractors import DistractorSettings
+
+    bank = CaptionBank.from_bytes(
+        "".join(f"a public {c} drawing number {i}\n" for c in COLOURS for i in range(20)).encode(),
+        source="benchmark",
+    )
+    distractors = DistractorSettings(word_lists=("colours",), bank=bank)
+    captions = [f"a {COLOURS[i % 6]} drawing of a house {i}" for i in range(count)]
+    rng = np.random.default_rng(0)
+    records = ImageTextDataset(
+        images=rng.integers(0, 256, (count, 224, 224, 3), dtype=np.uint8),
+        captions=captions,
+        labels=np.full(count, NO_LABEL, dtype=np.int64),
+    )
+    return records, distractors, rng
+
+
 def _dp_round(args: argparse.Namespace) -> dict:
     import_torchvision()
     from fedmm.client.caption_length_batches import whole_batch
@@ -85,9 +114,6 @@ def _dp_round(args: argparse.Namespace) -> dict:
     )
     from fedmm.client.feature_training import FeatureMatchingDataset
     from fedmm.client.secure_dp_sgd import train_dp_sgd
-    from fedmm.common.data.caption_bank import CaptionBank
-    from fedmm.common.data.dataset import NO_LABEL, ImageTextDataset
-    from fedmm.common.distractors import DistractorSettings
     from fedmm.common.model_config import ModelConfig
     from fedmm.common.pretrained.encoder_spec import EncoderSpec, weights_digest
     from fedmm.common.pretrained.frozen_encoders import load_frozen_encoders, resolve_model_config
@@ -96,22 +122,11 @@ def _dp_round(args: argparse.Namespace) -> dict:
     from fedmm.common.tokenizer import HashingTokenizer
     from fedmm.simulations.random_encoders import write_random_bert, write_random_timm
 
-    colours = ("red", "blue", "green", "yellow", "black", "white")
-    bank = CaptionBank.from_bytes(
-        "".join(f"a public {c} drawing number {i}\n" for c in colours for i in range(20)).encode(),
-        source="benchmark",
-    )
-    distractors = DistractorSettings(word_lists=("colours",), bank=bank)
-    captions = [f"a {colours[i % 6]} drawing of a house {i}" for i in range(args.records)]
-    rng = np.random.default_rng(0)
-    records = ImageTextDataset(
-        images=rng.integers(0, 256, (args.records, 224, 224, 3), dtype=np.uint8),
-        captions=captions,
-        labels=np.full(args.records, NO_LABEL, dtype=np.int64),
-    )
+    records, distractors, rng = synthetic_site(args.records)
+    captions = records.captions
     with tempfile.TemporaryDirectory() as tmp:
         vit = write_random_timm(Path(tmp) / "vit", args.dp_backbone)
-        bert = write_random_bert(Path(tmp) / "bert", words=[*colours, "drawing", "house"])
+        bert = write_random_bert(Path(tmp) / "bert", words=BERT_WORDS)
         encoders = load_frozen_encoders(
             EncoderSpec("timm", args.dp_backbone, str(vit), weights_digest(vit)),
             EncoderSpec("hf", "bert-tiny", str(bert), weights_digest(bert)),

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedmm.client.per_example_gradients import clip_factors
 from fedmm.client.privacy_ledger import calibrate_noise_multiplier
 from fedmm.common.data.benchmark import benchmark_test_set, benchmark_train_records
 from fedmm.common.model import SCATTER_GROUPS
@@ -76,7 +77,7 @@ def train_linear_dp_sgd(
         error = torch.softmax(x @ weight.T + bias, dim=1)
         error[torch.arange(len(y)), y] -= 1.0
         norms = error.norm(dim=1) * (x.square().sum(1) + 1.0).sqrt()
-        factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+        factors = clip_factors(norms, clip)
         weighted = error * factors[:, None]
         grad_w = weighted.T @ x + noise * clip * torch.randn(weight.shape, generator=generator)
         grad_b = weighted.sum(0) + noise * clip * torch.randn(bias.shape, generator=generator)

@@ -22,7 +22,6 @@ import_torchvision()
 pytest.importorskip("open_clip")
 pytest.importorskip("peft")
 
-from fedmm.client.feature_cache import cached_site_features
 from fedmm.client.feature_training import FeatureMatchingDataset, evaluate_features
 from fedmm.client.per_example_gradients import PerExampleGradients
 from fedmm.client.privacy_ledger import PrivacyLedger, epsilon_of
@@ -34,7 +33,7 @@ from fedmm.common.loss import matching_loss
 from fedmm.common.pretrained.fusion_model import FeatureFusionMatcher
 from fedmm.common.pretrained.lora_adapters import build_fusion_model
 from fedmm.common.train_request import TrainRequest
-from tests.client.test_pretrained_site import BANK_TEXT, COLOURS, SETTINGS
+from tests.client.test_pretrained_site import BANK_TEXT, COLOURS, _cached
 from tests.common.random_weights import write_test_weights
 from tests.common.test_lora_adapters import load, run_config
 
@@ -50,19 +49,6 @@ def _records(count: int, seed: int = 0) -> ImageTextDataset:
         images=rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8),
         captions=[f"a {COLOURS[i % 6]} car number {i}" for i in range(count)],
         labels=np.full(count, NO_LABEL, dtype=np.int64),
-    )
-
-
-def _cached(records, encoders, config, cache: Path):
-    return cached_site_features(
-        records,
-        encoders,
-        config=config,
-        settings=SETTINGS,
-        num_distractors=2,
-        cache_dir=cache,
-        secret=b"s" * 32,
-        source=("test",),
     )
 
 

@@ -55,6 +55,9 @@ class FederationConfig:
     optimizer: str = "sgd"
     learning_rate_schedule: str = "constant"  # learning rate by round; see below
     server_learning_rate: float = 1.0
+    #: Released model: an EMA of the rounds' global models with this decay (0: the last one;
+    #: post-processing, ``common.parameter_averaging``)
+    average_decay: float = 0.0
     num_distractors: int = 4
     partition: str = "iid"
     dirichlet_alpha: float = 0.3
@@ -202,6 +205,11 @@ class FederationConfig:
                 "an integer >= 0 (every N rounds and after the last; 0: after the last only)",
             ),
             (0.0 <= self.eval_fraction <= 0.9, "eval-fraction", "a number in [0, 0.9]"),
+            (
+                0.0 <= self.average_decay < 1.0,
+                "average-decay",
+                "a number in [0, 1) (0: release the last round's model)",
+            ),
             (
                 self.coordinator_eval in COORDINATOR_EVAL,
                 "coordinator-eval",

@@ -5,11 +5,15 @@ mode (``server.round_modes``), chosen once; this loop is the same for all of the
 rounds ``eval-every`` names and after the last, the global model is evaluated at the sites on
 their held-out records (``server.federated_evaluation``, summed under SecAgg+) and, when the
 run's images are the built-in benchmark's, on its test split by the coordinator
-(``server.evaluation``, ``coordinator-eval``).
+(``server.evaluation``, ``coordinator-eval``). With ``average-decay`` > 0 the model evaluated and
+released is an exponential moving average of the rounds' global models
+(``common.parameter_averaging``: post-processing, no privacy cost); training continues from
+the last global model.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -26,6 +30,7 @@ from safetensors.torch import save_file
 from fedmm.common.data.benchmark import benchmark_test_set
 from fedmm.common.federation_config import ConfigError, FederationConfig
 from fedmm.common.model import CrossAttentionMatcher
+from fedmm.common.parameter_averaging import average_parameters
 from fedmm.common.tokenizer import HashingTokenizer
 from fedmm.common.train_request import model_config_of
 from fedmm.server.aggregation import RoundAggregate, wait_for_sites
@@ -36,6 +41,9 @@ from fedmm.server.round_modes import RoundMode, round_mode_for
 from fedmm.server.run_report import append_metrics, truncate_metrics, write_summary_and_report
 
 logger = logging.getLogger(__name__)
+
+#: Checkpoint server-state keys of the averaged model's tensors.
+AVERAGE_PREFIX = "averaged/"
 
 #: Builds the run's mode from the config, the model's trainable size and the sites connected.
 ModeChoice = Callable[..., RoundMode]
@@ -50,6 +58,11 @@ def run_federation(
     torch.manual_seed(config.seed)
     model = initial_model(config)
     start_round, server_state = _resume(config, out_dir, model)
+    averaged = {
+        k.removeprefix(AVERAGE_PREFIX): server_state.pop(k)
+        for k in list(server_state)
+        if k.startswith(AVERAGE_PREFIX)
+    } or {k: v.detach().clone() for k, v in model.state_dict().items()}
     coordinator_eval = _coordinator_evaluation(config, model)
     federated_eval = federated_evaluation_for(config)
     node_ids = wait_for_sites(
@@ -78,11 +91,15 @@ def run_federation(
             logger.warning("round %d: model unchanged (%s)", server_round, row["aborted"])
         else:
             model.load_state_dict(mode.step(weights, aggregate, server_round=server_round))
+        averaged = average_parameters(
+            averaged, model.state_dict(), decay=config.average_decay, step=server_round
+        )
+        released = _with_weights(model, averaged) if config.average_decay else model
         if config.evaluates_after(server_round):
             if coordinator_eval is not None:
-                row.update(coordinator_eval(model))
+                row.update(coordinator_eval(released))
             if federated_eval is not None:
-                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                weights = {k: v.detach().clone() for k, v in released.state_dict().items()}
                 row["federated_eval"] = federated_eval.run(
                     grid,
                     server_round=server_round,
@@ -93,7 +110,14 @@ def run_federation(
             out_dir,
             server_round,
             {k: v.numpy() for k, v in model.state_dict().items()},
-            server_state={k: v.numpy() for k, v in mode.server_state.items()},
+            server_state={
+                **{k: v.numpy() for k, v in mode.server_state.items()},
+                **{
+                    AVERAGE_PREFIX + k: v.numpy()
+                    for k, v in averaged.items()
+                    if config.average_decay
+                },
+            },
         )
         row["wall_s"] = round(time.monotonic() - started, 3)
         append_metrics(out_dir, row)
@@ -105,7 +129,7 @@ def run_federation(
                 "(in simulation, run.log: Ray may have killed a site's process for memory). "
                 "The last checkpoint is kept: fix the cause and continue with --resume"
             )
-    _save_model(out_dir, model)
+    _save_model(out_dir, _with_weights(model, averaged) if config.average_decay else model)
     note = mode.privacy_statement()
     return write_summary_and_report(out_dir, config=config.to_run_config(), privacy_note=note)
 
@@ -129,6 +153,13 @@ def initial_model(config: FederationConfig) -> torch.nn.Module:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     return build_fusion_model(resolved, encoders)
+
+
+def _with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``model`` holding ``weights`` (the averaged model to evaluate and release)."""
+    released = copy.deepcopy(model)
+    released.load_state_dict(weights)
+    return released
 
 
 def _coordinator_evaluation(

@@ -34,6 +34,7 @@ from fedmm.client.per_example_gradients import clip_factors
 from fedmm.client.privacy_ledger import calibrate_noise_multiplier
 from fedmm.common.data.benchmark import benchmark_test_set, benchmark_train_records
 from fedmm.common.model import SCATTER_GROUPS
+from fedmm.common.parameter_averaging import average_parameters
 from fedmm.common.scattering import CHANNELS, scattering_features
 
 CLASSES = 10
@@ -63,12 +64,16 @@ def train_linear_dp_sgd(
     seed: int,
     evaluate_at: set[int],
     evaluate: Callable[[torch.Tensor, torch.Tensor], float],
-) -> list[tuple[int, float]]:
-    """DP-SGD of a linear classifier; returns ``(step, accuracy)`` at ``evaluate_at``."""
+    average_decays: tuple[float, ...] = (),
+) -> list[tuple[int, float, list[float]]]:
+    """DP-SGD of a linear classifier; returns ``(step, accuracy, accuracies of the weights
+    averaged with each of average_decays)`` at ``evaluate_at``
+    (``common.parameter_averaging``)."""
     n, dim = features.shape
     generator = torch.Generator().manual_seed(seed)
     weight, bias = torch.zeros(CLASSES, dim), torch.zeros(CLASSES)
     velocity_w, velocity_b = torch.zeros_like(weight), torch.zeros_like(bias)
+    averages = [{"weight": weight.clone(), "bias": bias.clone()} for _ in average_decays]
     expected_batch = sampling_rate * n
     results = []
     for step in range(1, steps + 1):
@@ -85,8 +90,13 @@ def train_linear_dp_sgd(
         velocity_b = momentum * velocity_b + grad_b / expected_batch
         weight -= learning_rate * velocity_w
         bias -= learning_rate * velocity_b
+        averages = [
+            average_parameters(kept, {"weight": weight, "bias": bias}, decay=decay, step=step)
+            for kept, decay in zip(averages, average_decays, strict=True)
+        ]
         if step in evaluate_at:
-            results.append((step, evaluate(weight, bias)))
+            averaged = [evaluate(kept["weight"], kept["bias"]) for kept in averages]
+            results.append((step, evaluate(weight, bias), averaged))
     return results
 
 
@@ -102,6 +112,9 @@ def main() -> None:
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--records", type=int, default=51_300, help="training records used")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--average-decays", type=float, nargs="*", default=[], help="EMAs of the weights"
+    )
     parser.add_argument("--data-dir", type=Path)
     args = parser.parse_args()
     started = time.monotonic()
@@ -139,6 +152,7 @@ def main() -> None:
         seed=args.seed,
         evaluate_at=checkpoints,
         evaluate=accuracy,
+        average_decays=tuple(args.average_decays),
     )
     print(
         json.dumps(
@@ -152,7 +166,11 @@ def main() -> None:
                 "clip": args.clip,
                 "learning_rate": args.learning_rate,
                 "momentum": args.momentum,
-                "accuracy_by_step": [[s, round(a, 4)] for s, a in curve],
+                "accuracy_by_step": [[s, round(a, 4)] for s, a, _ in curve],
+                "averaged_accuracy_by_step": {
+                    str(decay): [[s, round(a[i], 4)] for s, _, a in curve]
+                    for i, decay in enumerate(args.average_decays)
+                },
                 "features_s": round(features_s, 1),
                 "training_s": round(time.monotonic() - trained, 1),
             }

@@ -102,7 +102,8 @@ def forget_records(
 
 def remove_withdrawn_from_cache(config: SiteConfig, *, secret: bytes) -> int:
     """Remove every withdrawn record from every cache entry of the site's imagefolder; an
-    entry that fails its integrity check is deleted whole. Returns the records removed."""
+    entry that fails its integrity check is deleted whole; features derived from the records
+    are deleted (:func:`remove_derived_features`). Returns the records removed."""
     from fedmm.client.deid.cache import DeidCache, EncryptedEntry, slot_name
     from fedmm.client.encrypted_cache import CacheIntegrityError
     from fedmm.client.record_withdrawals import withdrawal_key, withdrawn_digests
@@ -124,7 +125,22 @@ def remove_withdrawn_from_cache(config: SiteConfig, *, secret: bytes) -> int:
             removed += remove_withdrawn_from_entry(entry, withdrawn, withdrawal_key(secret))
         except CacheIntegrityError as error:
             cache.reject(info.path, error)
+    remove_derived_features(settings.cache_dir)
     return removed
+
+
+def remove_derived_features(cache_dir: Path) -> int:
+    """Delete every entry of features derived from the site's records (frozen-encoder and
+    scattering features, ``client.feature_cache``, ``client.scattering_cache``), finished or
+    not: they may hold a withdrawn record's features, and the next run rebuilds them from the
+    records left. Returns the entries deleted."""
+    from fedmm.client.feature_cache import FEATURES_DIR
+
+    folder = Path(cache_dir) / FEATURES_DIR
+    entries = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    for path in entries:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(entries)
 
 
 @dataclass

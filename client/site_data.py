@@ -452,9 +452,12 @@ def load_site_records(node_config: Mapping[str, Any], request: TrainRequest) -> 
 
 def load_site_split(node_config: Mapping[str, Any], request: TrainRequest) -> SiteSplit:
     """The site's records split into training and held-out records by the keyed hash of
-    ``client.held_out_split`` (the site secret, the request's ``eval_fraction``)."""
+    ``client.held_out_split`` (the site secret, the request's ``eval_fraction``). With a
+    scattering image encoder, the features of all the records are computed once and cached
+    (``client.scattering_cache``)."""
     from fedmm.client.deid.site_secret import load_or_create_site_secret
     from fedmm.client.held_out_split import split_records
+    from fedmm.client.scattering_cache import warm_scattering_features
 
     records = load_site_records(node_config, request)
     secret = load_or_create_site_secret(site_deid_settings(node_config).secret_file)
@@ -464,6 +467,14 @@ def load_site_split(node_config: Mapping[str, Any], request: TrainRequest) -> Si
     if hit is not None and hit[0] is records:
         return hit[1]
     split = split_records(records, site_secret=secret, fraction=fraction)
+    settings = site_deid_settings(node_config)
+    warm_scattering_features(
+        records,
+        config=request.model_config(),
+        cache_dir=settings.cache_dir,
+        secret=secret,
+        retention_days=settings.retention_days,
+    )
     _split_memo[key] = (records, split)
     while len(_split_memo) > _MEMO_SIZE:
         _split_memo.pop(next(iter(_split_memo)))

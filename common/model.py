@@ -210,6 +210,18 @@ class ScatterLinearStem(nn.Module):
         return self.linear(features.flatten(1))[:, None]
 
 
+def unit_images(images: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """A batch as the model stores it (``uint8`` or float in [0, 255], ``(N, H, W)`` grey or
+    ``(N, H, W, 3)`` RGB; :class:`ImageShapeError` otherwise) to ``(N, C, H, W)`` in [0, 1],
+    what the image encoders (and the scattering memo's keys) take."""
+    check_image_batch(tuple(images.shape), config)
+    x = images.float() / 255.0
+    # contiguous: a channels-last tensor makes the convolutions' outputs channels-last too,
+    # and Opacus 1.6's per-sample gradients of Conv2d are then wrong
+    # (tests/common/test_per_example_gradient.py, conv-rgb)
+    return x[:, None] if config.image_channels == 1 else x.permute(0, 3, 1, 2).contiguous()
+
+
 def _groups(channels: int) -> int:
     """4 GroupNorm groups where they divide the channels, else as many as do."""
     return math.gcd(channels, 4)
@@ -325,12 +337,7 @@ class CrossAttentionMatcher(nn.Module):
         """``images``: ``uint8`` or float in [0, 255], ``(N, H, W)`` grayscale or
         ``(N, H, W, 3)`` RGB, as the config says (:class:`ImageShapeError` otherwise)."""
         c, p = self.config, self.config.patch_size
-        check_image_batch(tuple(images.shape), c)
-        x = images.float() / 255.0
-        # (N, C, H, W), contiguous: a channels-last tensor makes the convolutions' outputs
-        # channels-last too, and Opacus 1.6's per-sample gradients of Conv2d are then wrong
-        # (tests/common/test_per_example_gradient.py, conv-rgb)
-        x = x[:, None] if c.image_channels == 1 else x.permute(0, 3, 1, 2).contiguous()
+        x = unit_images(images, c)
         if c.image_encoder in SCATTER_ENCODERS:
             x = self.scatter_stem(x)  # (N, tokens, w)
         elif c.image_encoder == "conv":

@@ -15,8 +15,11 @@ the scatter model (about 1.25 ms a record: ``simulations.benchmarks.dp_throughpu
 --image-encoder scatter``), and its result never changes: ``scattering_features`` keeps the
 features of every image it has computed, keyed by a 128-bit BLAKE2b hash of the pixels and
 their shape, so a site's records are transformed once per process, not once per step, up to
-``MEMO_BYTES`` of features (then the memo starts afresh). (A deployed site starts a process
-per message, so it transforms each round's sample again.)
+``MEMO_BYTES`` of features (then the memo starts afresh). A site computes the features of all
+its records at once when it loads them and keeps them encrypted beside its de-identified data
+(``client.scattering_cache``), so the next process (another simulation actor, the next round
+of a deployed site) reads them instead: :func:`remember_scattering_features` puts them back in
+the memo, :func:`memoised` says whether a batch is all there already.
 """
 
 from __future__ import annotations
@@ -53,22 +56,52 @@ def _key(image: torch.Tensor) -> bytes:
     return digest.digest()
 
 
-def scattering_features(images: torch.Tensor) -> torch.Tensor:
-    """``images`` ``(N, C, H, W)`` in [0, 1] to features ``(N, 81 C, H/4, W/4)``, the 81
-    channels of each image channel together; ``(N, H, W)`` is taken as one channel. H and W
-    must be multiples of 4."""
+def _as_batch(images: torch.Tensor) -> torch.Tensor:
     if images.dim() not in (3, 4) or images.shape[-2] % STRIDE or images.shape[-1] % STRIDE:
         raise ValueError(
             f"scattering needs images (N, C, H, W) or (N, H, W) with H and W multiples of "
             f"{STRIDE}, got shape {tuple(images.shape)}"
         )
-    if images.dim() == 3:
-        images = images[:, None]
+    return (images[:, None] if images.dim() == 3 else images).detach().float().contiguous()
+
+
+def memoised(images: torch.Tensor) -> bool:
+    """Whether the features of every image of ``images`` (as :func:`scattering_features`
+    takes them) are in this process's memo."""
+    return all(_key(image) in _memo for image in _as_batch(images))
+
+
+def remember_scattering_features(images: torch.Tensor, features: torch.Tensor) -> None:
+    """Put ``features`` (what :func:`scattering_features` returned for ``images``, e.g. read
+    back from a site's cache) in the memo, so later batches of these images reuse them."""
+    batch = _as_batch(images)
+    if len(features) != len(batch) or features.dim() != 4:
+        raise ValueError(
+            f"features {tuple(features.shape)} do not match images {tuple(batch.shape)}"
+        )
+    _keep([_key(image) for image in batch], features.float().contiguous())
+
+
+def _keep(keys: list[bytes], rows: torch.Tensor) -> None:
+    """Memoise ``rows[i]`` under ``keys[i]`` (views of ``rows``), within ``MEMO_BYTES``."""
+    if not keys:
+        return
+    limit = max(1, MEMO_BYTES // (rows[0].numel() * rows.element_size()))
+    if len(_memo) + len(keys) > limit:
+        _memo.clear()
+    for key, row in zip(keys[:limit], rows[:limit], strict=False):
+        _memo[key] = row
+
+
+def scattering_features(images: torch.Tensor) -> torch.Tensor:
+    """``images`` ``(N, C, H, W)`` in [0, 1] to features ``(N, 81 C, H/4, W/4)``, the 81
+    channels of each image channel together; ``(N, H, W)`` is taken as one channel. H and W
+    must be multiples of 4."""
+    images = _as_batch(images)
     n, channels, height, width = images.shape
     out = torch.empty(n, channels * CHANNELS, height // STRIDE, width // STRIDE)
     if n == 0:
         return out
-    images = images.detach().float().contiguous()
     keys = [_key(image) for image in images]
     missing = []
     for i, key in enumerate(keys):
@@ -80,11 +113,7 @@ def scattering_features(images: torch.Tensor) -> torch.Tensor:
     if missing:
         with torch.no_grad():
             features = _transform(height, width)(images[missing])  # (M, C, 81, H/4, W/4)
-            out[missing] = features.flatten(1, 2)
-        per_record = out[0].numel() * out.element_size()
-        limit = max(1, MEMO_BYTES // per_record)
-        if len(_memo) + len(missing) > limit:
-            _memo.clear()
-        for i in missing[:limit]:
-            _memo[keys[i]] = out[i].clone()
+            features = features.flatten(1, 2).contiguous()
+        out[missing] = features
+        _keep([keys[i] for i in missing], features)
     return out

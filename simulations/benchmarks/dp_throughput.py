@@ -5,7 +5,7 @@ and with DP-SGD (per-example clipping from ``client.per_example_gradients``, CSP
 Poisson batches), measured side by side in one process in alternating repetitions (best of
 the repetitions), their ratio, the load average before and after, and the peak RSS. Usage:
     python -m fedmm.simulations.benchmarks.dp_throughput [--records 2048] [--repeats 3] \
-        [--widths 32 64] [--image-encoder patches|conv|scatter]
+        [--widths 32 64] [--image-encoder patches|conv|scatter|scatter-linear] [--image-layers 1]
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--image-encoder", choices=IMAGE_ENCODERS, default="patches")
     parser.add_argument("--activation", choices=ACTIVATIONS, default="gelu")
+    parser.add_argument(
+        "--image-layers", type=int, default=1, help="0 with --image-encoder scatter-linear"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = benchmark_train_records().subset(torch.arange(args.records).numpy())
@@ -61,7 +64,10 @@ def main() -> None:
     for repeat in range(args.repeats):
         for width in args.widths:
             config = ModelConfig(
-                width=width, image_encoder=args.image_encoder, activation=args.activation
+                width=width,
+                image_encoder=args.image_encoder,
+                activation=args.activation,
+                image_layers=args.image_layers,
             )
             for kind, dp_settings in (("plain", None), ("dp", dp)):
                 samples[width][kind].append(
@@ -89,6 +95,7 @@ def main() -> None:
                 "batch_size": args.batch_size,
                 "image_encoder": args.image_encoder,
                 "activation": args.activation,
+                "image_layers": args.image_layers,
                 "torch_threads": args.threads,
                 "repeats": args.repeats,
                 "widths": widths,

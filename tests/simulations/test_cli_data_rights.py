@@ -162,3 +162,20 @@ def test_purge_removes_expired_changed_and_unfinished_entries(
     out = capsys.readouterr().out
     assert "past the retention period of 7 days" in out and "unfinished build" in out
     assert not entry.exists() and not unfinished.exists()
+
+
+def test_forget_deletes_the_features_derived_from_the_records(site: Path) -> None:
+    from fedmm.client.feature_cache import FEATURES_DIR
+    from fedmm.client.site_data import load_site_split
+    from fedmm.common import scattering
+
+    site_data._memo.clear()
+    site_data._split_memo.clear()
+    node_config = load_site_config(site).node_config()
+    run = {"model-image-encoder": "scatter-linear", "model-image-layers": 0}
+    load_site_split(node_config, TrainRequest.for_round(FederationConfig.from_run_config(run), 1))
+    features = site.parent / "cache" / FEATURES_DIR
+    assert [p for p in features.iterdir() if p.is_dir()]  # the scattering features entry
+    scattering._memo.clear()
+    assert main(["site", "forget", str(site), "--file-name", "c.png"]) == 0
+    assert not [p for p in features.iterdir() if p.is_dir()]

@@ -73,6 +73,7 @@ from fedmm.common.secure_round import (
     ACTION_CONSISTENCY,
     ACTION_MASKED,
     ACTION_SETUP,
+    ACTION_SETUP_SHARE,
     ACTION_SHARE,
     ACTION_UNMASK,
     METRIC_EPSILON_BOUND,
@@ -128,11 +129,19 @@ def setup(msg: Message, context: Context) -> Message:
     return site.run_secagg_setup(msg, context, contribute=_dummy_contribution, integer_vector=False)
 
 
+def setup_share(msg: Message, context: Context) -> Message:
+    _note_peak_memory()
+    return site.run_secagg_setup_share(
+        msg, context, contribute=_dummy_contribution, integer_vector=False
+    )
+
+
 def benchmark_client_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
     """The project's SecAgg+ stage handlers, with a random update instead of training."""
     client_app = ClientApp(mods=list(mods))
     client_app.train()(plain_train)
     client_app.train(ACTION_SETUP)(setup)
+    client_app.train(ACTION_SETUP_SHARE)(setup_share)
     client_app.train(ACTION_SHARE)(site.secagg_share)
     client_app.train(ACTION_MASKED)(site.secagg_masked)
     client_app.train(ACTION_CONSISTENCY)(site.secagg_consistency)

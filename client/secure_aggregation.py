@@ -342,7 +342,7 @@ def _start_round(
         {"round": state.config.round_id}
     )
     # Keys advertised for this round or an earlier one are never used after it starts.
-    _take_next_round_keys(context, exchange)
+    _discard_next_round_keys(context, exchange, up_to=state.config.round_id)
     # A new round: whatever an earlier round left behind is stale.
     context.state.config_records.pop(SECAGG_STATE_KEY, None)
     return state, reply
@@ -464,6 +464,19 @@ def _take_next_round_keys(context: Context, exchange: str) -> NextRoundKeys | No
         return NextRoundKeys.from_record(record)
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _discard_next_round_keys(context: Context, exchange: str, *, up_to: int) -> None:
+    """Forget the advertised keys of ``exchange`` made for round ``up_to`` or earlier."""
+    record = context.state.config_records.get(_next_keys_key(exchange))
+    if record is None:
+        return
+    try:
+        stale = int(record["round"]) <= up_to
+    except (KeyError, TypeError, ValueError):
+        stale = True
+    if stale:
+        context.state.config_records.pop(_next_keys_key(exchange), None)
 
 
 def _advertise_next_round_keys(

@@ -105,6 +105,7 @@ def _round(
     grid: InProcessGrid,
     server_round: int,
     nodes: list[int] = NODES,
+    next_round: int | None = None,
 ) -> tuple[RoundAggregate, list[str]]:
     """One round over ``nodes``; the message types the coordinator sent in it, in order."""
     grid.sent.clear()
@@ -119,6 +120,7 @@ def _round(
             max_steps=config.local_epochs * -(-config.secagg_max_weight // config.batch_size),
         ),
         timeout=60.0,
+        next_round_id=next_round,
     )
     result = aggregation.run_round(grid, request, node_ids=nodes)
     return result, list(dict.fromkeys(grid.sent_types()))
@@ -228,6 +230,22 @@ def test_keys_not_used_in_their_round_are_discarded(tmp_path: Path) -> None:
         int(grid.contexts[left_out].state.config_records[f"{SECAGG_NEXT_KEYS_KEY}-train"]["round"])
         == 4
     )
+
+
+def test_keys_for_a_later_round_survive_a_setup_in_between(tmp_path: Path) -> None:
+    """Round 1 asks for keys for round 3 (the next round of its kind); round 2 runs setup
+    with fresh keys, and leaves the round-3 keys alone; round 3 uses them."""
+    trainer = Trainer()
+    grid = _grid(trainer, tmp_path)
+    advertising = SecAggPlusAggregation()
+    _round(advertising, grid, 1, next_round=3)
+    four = SecAggPlusAggregation(SecAggSettings(advertise_next_keys=False))
+    result, sent = _round(four, grid, 2)
+    assert sent == FOUR
+    _check_sum(result, four, trainer, NODES, 2)
+    result, sent = _round(advertising, grid, 3)
+    assert sent == THREE
+    _check_sum(result, advertising, trainer, NODES, 3)
 
 
 @pytest.mark.parametrize("fault", ["drop", "error"])

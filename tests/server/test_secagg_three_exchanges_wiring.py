@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmm.client.secure_aggregation import (
@@ -445,3 +445,38 @@ def test_federated_evaluation_rounds_advertise_keys_for_the_next_evaluation(
     # The last evaluation asks for no keys: no round follows.
     for context in grid.contexts.values():
         assert f"{SECAGG_NEXT_KEYS_KEY}-evaluate" not in context.state.config_records
+
+
+def test_advertised_keys_refused_once_serve_no_second_request_of_the_round(
+    tmp_path: Path,
+) -> None:
+    """A site takes its advertised keys out of its state before anything else: when it
+    refuses a setup-and-share request (here one whose config does not fit the model) and
+    the same round is asked again, with a good config, it has no keys to use twice."""
+    trainer = Trainer()
+    grid = _grid(trainer, tmp_path)
+    aggregation = SecAggPlusAggregation()
+    _round(aggregation, grid, 1)
+    target = NODES[2]
+    original: dict[str, Any] = {}
+
+    def bad_length(kind: str, node: int, payload: dict[str, Any]) -> dict[str, Any]:
+        if kind == MESSAGE_SETUP_SHARE and node == target and payload["stage"] == "setup":
+            original.update(payload)
+            return payload | {"update_length": payload["update_length"] + 1}
+        return payload
+
+    grid.rewrite = bad_length
+    result, sent = _round(aggregation, grid, 2)
+    assert sent == THREE
+    _check_sum(result, aggregation, trainer, [n for n in NODES if n != target], 2)
+    (request,) = [
+        m
+        for m in grid.sent
+        if m.metadata.message_type == MESSAGE_SETUP_SHARE and m.metadata.dst_node_id == target
+    ]
+    request.content.config_records["secagg"] = ConfigRecord(original)
+    reply = grid.handler(MESSAGE_SETUP_SHARE)(request, grid.contexts[target])
+    status = reply.content.config_records[RECORD_STATUS]
+    assert status["refused"] and status["code"] == RefusalCode.OUT_OF_ORDER.value
+    assert (target, 2) not in trainer.updates  # it never trained for round 2

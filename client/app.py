@@ -11,7 +11,9 @@ whether it does:
   Bonawitz et al., CCS 2017): the task's result is masked; ``train.secagg_share``,
   ``train.secagg_masked`` and ``train.secagg_unmask`` complete the sum
   (``client.secure_aggregation``); in active-coordinator mode ``train.secagg_consistency``
-  (the signed survivor set) runs before unmask.
+  (the signed survivor set) runs before unmask. ``train.secagg_setup_share`` is setup and
+  share keys in one exchange, with the keys the site advertised in its last unmask reply
+  (three exchanges a round).
 - ``evaluate`` and ``evaluate.secagg_*``: the same two ways for an evaluation task
   (``federated_eval``: counts on the site's held-out records, which the site computes only
   inside a secure sum, so a plain ``evaluate`` request for it is refused).
@@ -23,7 +25,7 @@ time: a deployed site may start a fresh runner for a message (its warm runner re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -33,6 +35,7 @@ from fedmm.client.reply_padding import pad_training_replies
 from fedmm.client.secure_aggregation import (
     plain_round_refusal,
     run_secagg_setup,
+    run_secagg_setup_share,
     secagg_consistency,
     secagg_masked,
     secagg_share,
@@ -45,6 +48,7 @@ from fedmm.common.secure_round import (
     ACTION_CONSISTENCY,
     ACTION_MASKED,
     ACTION_SETUP,
+    ACTION_SETUP_SHARE,
     ACTION_SHARE,
     ACTION_UNMASK,
 )
@@ -68,6 +72,7 @@ def build_client_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
     client_app = ClientApp(mods=[*mods, pad_training_replies, audit_site_replies])
     client_app.train()(train)
     client_app.train(ACTION_SETUP)(secagg_setup)
+    client_app.train(ACTION_SETUP_SHARE)(secagg_setup_share)
     client_app.train(ACTION_SHARE)(secagg_share)
     client_app.train(ACTION_MASKED)(secagg_masked)
     client_app.train(ACTION_CONSISTENCY)(secagg_consistency)
@@ -75,6 +80,7 @@ def build_client_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
     # Federated evaluation: the same exchanges, as messages of type evaluate(.*).
     client_app.evaluate()(evaluate)
     client_app.evaluate(ACTION_SETUP)(secagg_setup)
+    client_app.evaluate(ACTION_SETUP_SHARE)(secagg_setup_share)
     client_app.evaluate(ACTION_SHARE)(secagg_share)
     client_app.evaluate(ACTION_MASKED)(secagg_masked)
     client_app.evaluate(ACTION_CONSISTENCY)(secagg_consistency)
@@ -132,11 +138,21 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 def secagg_setup(msg: Message, context: Context) -> Message:
     """SecAgg+ setup: the declared task's result, masked later; the site's keys now."""
+    return _secure_task_exchange(msg, context, run_secagg_setup)
+
+
+def secagg_setup_share(msg: Message, context: Context) -> Message:
+    """SecAgg+ setup and share keys in one exchange, with the keys the site advertised for
+    the round: the declared task's result, masked later; the sealed shares now."""
+    return _secure_task_exchange(msg, context, run_secagg_setup_share)
+
+
+def _secure_task_exchange(msg: Message, context: Context, run: Callable[..., Message]) -> Message:
     task = _task(msg)
     secure = task if isinstance(task, SiteRefusal) else secure_sum_task(task)
     if isinstance(secure, SiteRefusal):
         return refuse(msg, secure)
-    return run_secagg_setup(
+    return run(
         msg,
         context,
         contribute=secure.contribute,

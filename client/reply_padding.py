@@ -1,8 +1,9 @@
 """Training replies padded in time, so that their timing does not reveal the site's work.
 
-A site trains inside the training exchange (``train``, or SecAgg+'s ``train.secagg_setup``),
-so the time from request to reply grows with the records it loads and the Poisson batches it
-processes: about E n records for n records and E local epochs, whatever the noisy count says.
+A site trains inside the training exchange (``train``, or SecAgg+'s ``train.secagg_setup``
+or ``train.secagg_setup_share``), so the time from request to reply grows with the records it
+loads and the Poisson batches it processes: about E n records for n records and E local
+epochs, whatever the noisy count says.
 A site whose policy sets ``min-reply-seconds`` = s sends no training reply (nor error) before
 s seconds after the request reached its ClientApp. This is one Flower mod on the whole
 ClientApp (``client.app``), so every training handler is padded the same way.
@@ -24,11 +25,25 @@ from typing import Any
 from flwr.app import Context, Message
 
 from fedmm.client.privacy_policy import PolicyError, SitePrivacyPolicy
-from fedmm.common.secure_round import ACTION_SETUP, MESSAGE_SETUP
+from fedmm.common.secure_round import (
+    ACTION_SETUP,
+    ACTION_SETUP_SHARE,
+    MESSAGE_SETUP,
+    MESSAGE_SETUP_SHARE,
+)
 
 #: The message types in which a site trains, or evaluates on its held-out records (whose
 #: time grows with their number, as training's does).
-TRAINING_MESSAGE_TYPES = frozenset({"train", MESSAGE_SETUP, "evaluate", f"evaluate.{ACTION_SETUP}"})
+TRAINING_MESSAGE_TYPES = frozenset(
+    {
+        "train",
+        MESSAGE_SETUP,
+        MESSAGE_SETUP_SHARE,  # setup and share keys in one exchange: the site trains in it
+        "evaluate",
+        f"evaluate.{ACTION_SETUP}",
+        f"evaluate.{ACTION_SETUP_SHARE}",
+    }
+)
 
 Handler = Callable[[Message, Context], Message]
 

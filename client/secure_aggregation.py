@@ -2,8 +2,12 @@
 
 SecAgg+ (Bell et al., CCS 2020; Bonawitz et al., CCS 2017), four custom actions
 (``common.secure_round``): setup trains and advertises keys; share keys, masked input and
-unmask call ``client.secagg.stages``. In active-coordinator mode (the round config names a
-roster; Bonawitz et al., section 6) the site's roster identity
+unmask call ``client.secagg.stages``. Unmask also makes the fresh key pairs of the round the
+request names and advertises their public keys (``client.secagg.next_round_keys``; the
+private keys wait in ``context.state``); a round whose sites all did opens with setup and
+share keys in one exchange (``run_secagg_setup_share``), which uses them once. In
+active-coordinator mode (the round config names a roster; Bonawitz et al., section 6) the
+site's roster identity
 (``client.secagg.site_identity``: the roster file and signing key its node config names,
 checked against the digest its policy pins) signs and verifies at setup, share keys, the
 fifth exchange, consistency, and unmask. The trained update waits, encoded into the round's
@@ -28,7 +32,13 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedmm.client.policy_file import PolicyError
+from fedmm.client.secagg import active_checks
 from fedmm.client.secagg.aggregation_floor import TooFewSites
+from fedmm.client.secagg.next_round_keys import (
+    NextRoundKeys,
+    advertise_next_round_keys,
+    claim_next_round_keys,
+)
 from fedmm.client.secagg.pending_update import (
     PendingUpdate,
     discard_pending_updates,
@@ -59,6 +69,7 @@ from fedmm.common.secure_round import (
     RECORD_MASKED,
     RECORD_PRIVACY,
     RECORD_SECAGG,
+    RECORD_SECAGG_SHARE,
     RECORD_STATUS,
     reported_epsilon,
     weighted_metrics,
@@ -73,6 +84,8 @@ SECAGG_LAST_ROUND_KEY = "secagg-last-round"  # the last round this site took par
 #: The last evaluation round this site took part in (evaluation's sums have their own rounds).
 SECAGG_LAST_EVALUATION_KEY = "secagg-last-round-evaluate"
 SECAGG_SPILL_KEY = "secagg-spill"  # this node's private directory for waiting updates
+#: The key pairs this site advertised for its next round (one per exchange: train, evaluate).
+SECAGG_NEXT_KEYS_KEY = "secagg-next-keys"
 
 
 @dataclass(frozen=True)
@@ -167,11 +180,11 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
     result = _signed_stage(msg, context, client_unmask)
     if isinstance(result, Message):
         return result
-    _state, reply = result
+    state, reply = result
     # Unmasking runs once per round: drop the state (and its secrets) now, so a second
     # request for the other secret of a site finds nothing to answer from.
     del context.state.config_records[SECAGG_STATE_KEY]
-    return _secagg_reply(msg, reply)
+    return _secagg_reply(msg, reply | _advertise_next_round_keys(msg, context, state))
 
 
 def exchange_of(msg: Message) -> str:
@@ -201,8 +214,75 @@ def run_secagg_setup(
     site's policy, the vector length against the global arrays, and (``integer_vector``)
     the kind of vector the round expects; a bad request costs no privacy budget. The round
     is marked as this site's last before the task runs, so a replayed setup never trains
-    twice.
+    twice. Keys this site advertised for the round earlier are discarded: the round runs
+    setup, with fresh keys.
     """
+    started = _start_round(
+        msg,
+        context,
+        integer_vector=integer_vector,
+        result_length=result_length,
+        with_advertised_keys=False,
+    )
+    if isinstance(started, Message):
+        return started
+    state, reply = started
+    return _contribute_and_reply(msg, context, state, reply, contribute=contribute)
+
+
+def run_secagg_setup_share(
+    msg: Message,
+    context: Context,
+    *,
+    contribute: Contributor,
+    integer_vector: bool,
+    result_length: int | None = None,
+) -> Message:
+    """Setup and share keys in one exchange, with the key pairs this site advertised for the
+    round in its last unmask reply (``client.secagg.next_round_keys``): check the round
+    config (record ``secagg``) and the graph and neighbours' keys (record ``secagg_share``),
+    seal the shares, then compute the task's result, keep it waiting and send the sealed
+    shares. Every check runs before the task, so a bad request costs no privacy budget.
+
+    The advertised keys are taken out of the node state first: they serve this round once,
+    and are refused for any other round. A site without them (never made, lost, or made for
+    another round) refuses; the coordinator then counts it as a dropout of this round, and
+    it takes part through setup in the next one.
+    """
+    started = _start_round(
+        msg,
+        context,
+        integer_vector=integer_vector,
+        result_length=result_length,
+        with_advertised_keys=True,
+    )
+    if isinstance(started, Message):
+        return started
+    state, _setup_reply = started
+    try:
+        share_request = dict(msg.content.config_records[RECORD_SECAGG_SHARE])
+        state, reply = client_share_keys(
+            state=state,
+            request=share_request,
+            identity=_round_identity(state, context),
+            advertised_exchange=exchange_of(msg),
+        )
+    except (ValueError, KeyError) as refusal:
+        return refuse(msg, _as_refusal(refusal))
+    return _contribute_and_reply(msg, context, state, reply, contribute=contribute)
+
+
+def _start_round(
+    msg: Message,
+    context: Context,
+    *,
+    integer_vector: bool,
+    result_length: int | None,
+    with_advertised_keys: bool,
+) -> tuple[ClientSecAggState, dict[str, Any]] | Message:
+    """The round config checked against the site's policy and the request, the round marked
+    as this site's last, and its key pairs (``with_advertised_keys``: the advertised ones);
+    or the refusal to send."""
     try:
         payload = dict(msg.content.config_records[RECORD_SECAGG])
         server_round = msg.content.config_records[RECORD_CONFIG]["server_round"]
@@ -215,6 +295,7 @@ def run_secagg_setup(
     expected_length = global_length if result_length is None else result_length
     exchange = exchange_of(msg)
     last = context.state.config_records.get(_last_round_key(exchange))
+    previous_round = None if last is None else int(last["round"])
     try:
         policy = _secagg_policy(context.node_config)
     except PolicyError as error:  # the site's own configuration: fix it, then rejoin
@@ -222,6 +303,17 @@ def run_secagg_setup(
     try:
         if payload.get("round") != server_round:
             raise SecAggRefusal("setup request: secagg round differs from the request's round")
+        advertised = None
+        if with_advertised_keys:
+            if previous_round is not None and server_round <= previous_round:
+                raise SecAggRefusal(
+                    f"request for round {server_round} replays or precedes round {previous_round}",
+                    code=RefusalCode.OUT_OF_ORDER,
+                )
+            # Taken out before anything else: whatever happens next, never used twice.
+            advertised = claim_next_round_keys(
+                _take_next_round_keys(context, exchange), round_id=server_round
+            )
         identity = None
         if "roster_digest" in payload:  # an active-coordinator round
             identity = _site_identity(context.node_config, policy)
@@ -229,8 +321,9 @@ def run_secagg_setup(
             site_id=context.node_id,
             request=payload,
             policy=policy,
-            previous_round=None if last is None else int(last["round"]),
+            previous_round=previous_round,
             identity=identity,
+            advertised_keys=advertised,
         )
         if state.config.update_length != expected_length:
             raise SecAggRefusal(
@@ -244,19 +337,35 @@ def run_secagg_setup(
             )
     except SecAggRefusal as refusal:
         return refuse(msg, refusal.refusal())
-    config = state.config
     # From here on this round is taken: a replay of this setup is refused, trained or not.
     context.state.config_records[_last_round_key(exchange)] = ConfigRecord(
-        {"round": config.round_id}
+        {"round": state.config.round_id}
     )
+    # Keys advertised for this round or an earlier one are never used after it starts.
+    _discard_next_round_keys(context, exchange, up_to=state.config.round_id)
+    # A new round: whatever an earlier round left behind is stale.
+    context.state.config_records.pop(SECAGG_STATE_KEY, None)
+    return state, reply
+
+
+def _contribute_and_reply(
+    msg: Message,
+    context: Context,
+    state: ClientSecAggState,
+    reply: dict[str, Any],
+    *,
+    contribute: Contributor,
+) -> Message:
+    """Compute the task's result, keep it waiting (encoded, in the node's private spill
+    directory) and send ``reply`` with the site's epsilon bound; or the refusal to send."""
+    config = state.config
+    exchange = exchange_of(msg)
     spill = context.state.config_records.get(SECAGG_SPILL_KEY)
     directory = node_spill_dir(
         existing=None if spill is None else str(spill["dir"]),
         base=str(context.node_config.get("secagg-spill-dir", "")) or None,
     )
     context.state.config_records[SECAGG_SPILL_KEY] = ConfigRecord({"dir": str(directory)})
-    # A new round: whatever an earlier round left behind is stale.
-    context.state.config_records.pop(SECAGG_STATE_KEY, None)
     discard_pending_updates(directory)
     trained = contribute(msg, context)
     if isinstance(trained, SiteRefusal) or trained.vector.shape != (config.update_length,):
@@ -284,6 +393,12 @@ def run_secagg_setup(
         )
     if trained.honest_sites:  # distributed DP: h joins this site's floor for the round
         state = dataclasses.replace(state, honest_sites=int(trained.honest_sites))
+        if state.graph is not None:  # keys already shared: the sites that set up, again
+            try:
+                _require_participant_floor(state)
+            except TooFewSites as refusal:
+                _release_spill_dir(context, directory)
+                return refuse(msg, refusal.refusal())
     clipped = 0
     if not config.integer_update:
         clipped = int(np.count_nonzero(np.abs(trained.vector) > config.update_clip))
@@ -312,6 +427,80 @@ def run_secagg_setup(
         {"epsilon": reported_epsilon(trained.epsilon_bound)}
     )
     return out
+
+
+def _require_participant_floor(state: ClientSecAggState) -> None:
+    """The sites that set up (U1) against this site's floor with distributed DP's h, which
+    is known only once the task ran: ``TooFewSites`` below it."""
+    assert state.graph is not None
+    if state.config.active:
+        active_checks.require_active_floor(
+            state.config,
+            state.policy,
+            state.graph.num_participants,
+            what="sites finished setup",
+            honest_sites=state.honest_sites,
+        )
+    else:
+        state.floor.require(
+            state.graph.num_participants,
+            num_sampled=state.config.num_sites,
+            what="sites finished setup",
+        )
+
+
+def _next_keys_key(exchange: str) -> str:
+    return f"{SECAGG_NEXT_KEYS_KEY}-{exchange}"
+
+
+def _take_next_round_keys(context: Context, exchange: str) -> NextRoundKeys | None:
+    """The key pairs this site advertised for its next round of ``exchange``, taken out of
+    its state (so they can serve once at most); None when there are none or they are
+    unreadable."""
+    record = context.state.config_records.pop(_next_keys_key(exchange), None)
+    if record is None:
+        return None
+    try:
+        return NextRoundKeys.from_record(record)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _discard_next_round_keys(context: Context, exchange: str, *, up_to: int) -> None:
+    """Forget the advertised keys of ``exchange`` made for round ``up_to`` or earlier."""
+    record = context.state.config_records.get(_next_keys_key(exchange))
+    if record is None:
+        return
+    try:
+        stale = int(record["round"]) <= up_to
+    except (KeyError, TypeError, ValueError):
+        stale = True
+    if stale:
+        context.state.config_records.pop(_next_keys_key(exchange), None)
+
+
+def _advertise_next_round_keys(
+    msg: Message, context: Context, state: ClientSecAggState
+) -> dict[str, Any]:
+    """The unmask reply's fields that advertise this site's keys for the round the request
+    names (none when it names none); the private keys go into the node state. A bad
+    request for keys only costs the advertisement: the round falls back to setup."""
+    exchange = exchange_of(msg)
+    request = dict(msg.content.config_records[RECORD_SECAGG])
+    try:
+        keys, fields = advertise_next_round_keys(
+            config=state.config,
+            site_id=state.site_id,
+            request=request,
+            exchange=exchange,
+            identity=_round_identity(state, context),
+        )
+    except ValueError as error:
+        logger.warning("no keys advertised for the next round: %s", error)
+        return {}
+    if keys is not None:
+        context.state.config_records[_next_keys_key(exchange)] = ConfigRecord(keys.to_record())
+    return fields
 
 
 def _release_spill_dir(context: Context, directory: Path) -> None:

@@ -113,6 +113,9 @@ class FederationConfig:
     #: checked against the federation roster, a consistency check before unmasking.
     secagg_active_coordinator: bool = False
     secagg_roster_file: str = ""  # the roster every site signed (simulation: made for it)
+    #: Sites advertise their next round's fresh keys at unmask: rounds whose sampled sites
+    #: all did run in three exchanges (setup and share keys in one).
+    secagg_advertise_next_keys: bool = True
     dp_mode: str = "local"  # "local": DP-SGD at each site; "distributed": common/distributed_dp
     dp_sampling_rate: float = 0.04  # distributed: q, each record's chance to join a round
     dp_min_honest_sites: int = 0  # distributed: h the noise shares assume; 0 = every site
@@ -327,6 +330,12 @@ class FederationConfig:
         if server_round == self.num_server_rounds:
             return True
         return self.eval_every > 0 and server_round % self.eval_every == 0
+
+    def next_evaluation_round(self, server_round: int) -> int:
+        """The round after which the model is next evaluated, after ``server_round``
+        (0: none)."""
+        following = range(server_round + 1, self.num_server_rounds + 1)
+        return next((r for r in following if self.evaluates_after(r)), 0)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:

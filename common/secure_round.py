@@ -9,9 +9,17 @@ coordinator (``server.secure_aggregation``) and the site (``client.app``) use th
   its update waiting, and advertises its public keys.
 - ``train.secagg_share``: neighbours' public keys in, sealed Shamir shares out.
 - ``train.secagg_masked``: neighbours' sealed shares in, the masked vector out.
-- ``train.secagg_unmask``: survivor/dropped lists in, the requested shares out.
+- ``train.secagg_unmask``: survivor/dropped lists in, the requested shares out (and, when the
+  request names the next round, the public keys of the site's fresh key pairs for it).
 
-Federated evaluation sums its counts with the same four exchanges as ``evaluate.secagg_*``
+When every sampled site advertised its keys for a round in the unmask reply of the one
+before, the round runs in three exchanges: the first request carries the round config, the
+task and the neighbours' advertised keys, and the site trains and shares keys in one go:
+
+- ``train.secagg_setup_share``: round config (record ``secagg``) and neighbours' keys (record
+  ``secagg_share``) in, sealed Shamir shares out; then masked input and unmask as above.
+
+Federated evaluation sums its counts with the same exchanges as ``evaluate.secagg_*``
 messages (:func:`stage_message_type`).
 
 In active-coordinator mode (``common.secagg.active_parameters``) a fifth exchange runs
@@ -42,11 +50,14 @@ ACTION_SHARE = "secagg_share"
 ACTION_MASKED = "secagg_masked"
 ACTION_UNMASK = "secagg_unmask"
 ACTION_CONSISTENCY = "secagg_consistency"
+#: Setup and share keys in one exchange, with keys the sites advertised the round before.
+ACTION_SETUP_SHARE = "secagg_setup_share"
 MESSAGE_SETUP = f"train.{ACTION_SETUP}"
 MESSAGE_SHARE = f"train.{ACTION_SHARE}"
 MESSAGE_MASKED = f"train.{ACTION_MASKED}"
 MESSAGE_UNMASK = f"train.{ACTION_UNMASK}"
 MESSAGE_CONSISTENCY = f"train.{ACTION_CONSISTENCY}"
+MESSAGE_SETUP_SHARE = f"train.{ACTION_SETUP_SHARE}"
 
 
 def stage_message_type(kind: str, action: str) -> str:
@@ -60,6 +71,9 @@ def stage_message_type(kind: str, action: str) -> str:
 #: Record names inside the messages' RecordDicts.
 RECORD_SECAGG = "secagg"  # ConfigRecord: the protocol payload of the stage
 RECORD_MASKED = "masked"  # ArrayRecord: the masked vector (masked-input replies only)
+#: ConfigRecord of a ``secagg_setup_share`` request: the share-keys payload, next to the
+#: setup payload in ``secagg`` (both carry ``site_ids``, so they travel apart).
+RECORD_SECAGG_SHARE = "secagg_share"
 RECORD_STATUS = site_refusal.RECORD_STATUS  # ConfigRecord: refused (bool), code (str)
 #: MetricRecord of the setup reply: under key "epsilon", the epsilon *bound* the site commits
 #: to (the smaller of its policy's max-epsilon and the run's epsilon; a site that replies is

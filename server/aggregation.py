@@ -104,6 +104,14 @@ class RoundRequest:
     #: The Flower message type the request travels in: ``train``, or ``evaluate`` for an
     #: evaluation task (``common.site_task.exchange_kind``).
     message_kind: str = "train"
+    #: The round of the same kind that comes next, for which a secure sum asks the sites to
+    #: advertise fresh keys now (None: ``round_id + 1``; 0: no round follows).
+    next_round_id: int | None = None
+
+    @property
+    def following_round(self) -> int:
+        """The next round of this kind (0: none)."""
+        return self.round_id + 1 if self.next_round_id is None else self.next_round_id
 
 
 class RoundAggregation(Protocol):

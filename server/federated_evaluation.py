@@ -47,6 +47,7 @@ def evaluation_request(config: FederationConfig, server_round: int) -> TaskReque
         metric_ranges={},
         timeout=config.round_timeout,
         shapes=[(COUNTS, (EvaluationCounts.length(),))],
+        next_round_id=config.next_evaluation_round(server_round),
     )
 
 

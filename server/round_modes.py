@@ -107,6 +107,9 @@ class TaskRequest:
     #: The arrays of a site's result, (name, shape) in order; None: shaped as the model (an
     #: update).
     shapes: Sequence[tuple[str, tuple[int, ...]]] | None = None
+    #: The next round of the same task's kind (a secure sum asks the sites for fresh keys
+    #: for it at unmask; None: the next round, 0: none follows).
+    next_round_id: int | None = None
 
 
 def send_task(
@@ -136,6 +139,7 @@ def send_task(
         metric_ranges=request.metric_ranges,
         timeout=request.timeout,
         message_kind=exchange_kind(request.task),
+        next_round_id=request.next_round_id,
     )
     return aggregation.run_round(grid, round_request, node_ids=node_ids)
 
@@ -158,6 +162,7 @@ def training_request(
         metric_ranges=metric_ranges(max_weight=max_weight, max_steps=max_steps),
         timeout=config.round_timeout,
         plan=plan,
+        next_round_id=server_round + 1 if server_round < config.num_server_rounds else 0,
     )
 
 

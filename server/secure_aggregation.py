@@ -9,6 +9,18 @@ only moves their payloads through four message exchanges (``common.secure_round`
     setup (the request's task + advertise keys) -> share keys -> masked input -> unmask
     -> decoded sum
 
+or three, when every sampled site advertised fresh keys for the round in its last unmask
+reply (run config ``secagg-advertise-next-keys``; ``client.secagg.next_round_keys`` says why
+that is as secure as keys from setup):
+
+    setup and share keys (the request's task + the neighbours' advertised keys)
+    -> masked input -> unmask (+ fresh keys for the next round) -> decoded sum
+
+A round in which any sampled site has no advertised keys for it (the first round, a site
+not in the previous round of this kind, a site lost before it unmasked) runs all four. The
+keys asked for at unmask are those of ``RoundRequest.following_round``: the next training
+round, or the next federated evaluation.
+
 In active-coordinator mode (run config ``secagg-active-coordinator``; Bonawitz et al.,
 section 6) the coordinator names the federation roster (``secagg-roster-file``), the sites
 sign their round keys with their roster keys, and one more exchange runs before unmask:
@@ -49,16 +61,19 @@ from flwr.serverapp import Grid
 
 from fedmm.common.secagg.aggregation_size import MIN_AGGREGATION_SIZE
 from fedmm.common.secagg.neighbour_graph import DEFAULT_ADVERSARIAL_RATE, DEFAULT_DROPOUT_RATE
+from fedmm.common.secagg.protocol_stages import NEXT_ROUND
 from fedmm.common.secagg.roster import RosterError, VerifiedRoster, load_roster, verify_roster
 from fedmm.common.secure_round import (
     ACTION_CONSISTENCY,
     ACTION_MASKED,
     ACTION_SETUP,
+    ACTION_SETUP_SHARE,
     ACTION_SHARE,
     ACTION_UNMASK,
     RECORD_MASKED,
     RECORD_PRIVACY,
     RECORD_SECAGG,
+    RECORD_SECAGG_SHARE,
     RECORD_STATUS,
     stage_message_type,
     unflatten_update,
@@ -66,6 +81,7 @@ from fedmm.common.secure_round import (
 from fedmm.common.site_refusal import refusal_code_of
 from fedmm.server.aggregation import RoundAggregate, RoundRequest, SiteOutcome
 from fedmm.server.reply_polling import PROTOCOL_POLL, poll_replies
+from fedmm.server.secagg.advertised_keys import AdvertisedKeys, collect_advertised_keys
 from fedmm.server.secagg.stages import (
     AWAITING_CONSISTENCY,
     ServerSecAggState,
@@ -75,6 +91,7 @@ from fedmm.server.secagg.stages import (
     server_route_shares,
     server_start_round,
     server_unmask,
+    server_use_advertised_keys,
 )
 
 logger = logging.getLogger(__name__)
@@ -102,6 +119,9 @@ class SecAggSettings:
     min_survivors: int = 0
     #: Active-coordinator mode: the federation roster every site signed (None: off).
     roster: VerifiedRoster | None = None
+    #: Ask the sites for their next round's fresh keys at unmask, so that round runs in
+    #: three exchanges when every site sampled for it advertised keys.
+    advertise_next_keys: bool = True
 
     @classmethod
     def from_federation_config(cls, config: Any) -> SecAggSettings:
@@ -121,6 +141,7 @@ class SecAggSettings:
             colluding_fraction=config.secagg_colluding_fraction,
             dropout_fraction=config.secagg_dropout_fraction,
             roster=roster,
+            advertise_next_keys=config.secagg_advertise_next_keys,
         )
 
 
@@ -169,6 +190,8 @@ class SecAggPlusAggregation:
     def __init__(self, settings: SecAggSettings | None = None) -> None:
         self.settings = settings or SecAggSettings()
         self.last_round = SecAggRoundReport()
+        #: Per exchange kind: the public keys the sites advertised for the next round.
+        self._advertised: dict[str, dict[int, AdvertisedKeys]] = {}
 
     def run_round(
         self, grid: Grid, request: RoundRequest, *, node_ids: Sequence[int]
@@ -225,59 +248,73 @@ class SecAggPlusAggregation:
         if state.aborted:  # fewer sites sampled than the minimum: nobody trains
             return finish(state.abort_reason)
 
-        # Stage 0: setup. The sites run the request's task here and answer with their keys.
-        setup = self._exchange(
-            grid,
-            message_setup,
-            {
-                node: RecordDict(
-                    {**dict(request.content.items()), RECORD_SECAGG: ConfigRecord(payload)}
-                )
-                for node, payload in requests.items()
-            },
-            ttl=timeout,
+        setup_requests = requests
+        advertised = self._advertised.pop(kind, {})
+        use_advertised = settings.advertise_next_keys and all(
+            node in advertised and advertised[node].round_id == round_id for node in node_ids
         )
         epsilon_max = 0.0
-        keys: dict[int, dict[str, Any]] = {}
-        for node, reply in setup.replies.items():
-            code = refusal_code_of(reply.content.config_records.get(RECORD_STATUS))
-            if code is not None:
-                outcomes[node] = SiteOutcome(node, "refused", code)
-                logger.warning("site %s refused round %d: %s", node, round_id, code)
-                continue
-            payload = _payload(reply)
-            if payload is None:
-                setup.dropped[node] = "setup reply has no secagg record"
-                continue
-            keys[node] = payload
-            privacy = reply.content.metric_records.get(RECORD_PRIVACY)
-            epsilon = float(privacy.get("epsilon", 0.0)) if privacy is not None else 0.0
-            if not math.isnan(epsilon):
-                epsilon_max = max(epsilon_max, epsilon)
-        self._drop(outcomes, setup)
-        if not keys:
-            refused = sum(o.status == "refused" for o in outcomes.values())
-            failed = sum(o.status == "failed" for o in outcomes.values())
-            return finish(
-                f"no site trained this round ({refused} refused, {failed} failed)",
-                _with_epsilon(epsilon_max),
+        if use_advertised:
+            # Three exchanges: every sampled site advertised keys for this round in its last
+            # unmask reply, so the task travels with the neighbours' keys.
+            state, requests = server_use_advertised_keys(
+                state=state, keys={node: advertised[node] for node in node_ids}, exchange=kind
             )
-        state, requests = server_collect_keys(state=state, replies=keys)
-        self._drop_rejected(outcomes, set(keys) - set(state.advertised_ids), "setup", state)
-        report.stage_sites["setup"] = list(state.advertised_ids)
-        if state.aborted or state.graph is None:
-            return finish(state.abort_reason, _with_epsilon(epsilon_max))
-        report.degree, report.threshold = state.graph.degree, state.graph.threshold
+            self._drop_rejected(outcomes, set(node_ids) - set(state.advertised_ids), "setup", state)
+            report.stage_sites["setup"] = list(state.advertised_ids)
+            if state.aborted or state.graph is None:
+                return finish(state.abort_reason)
+            report.degree, report.threshold = state.graph.degree, state.graph.threshold
+            share = self._exchange(
+                grid,
+                stage_message_type(kind, ACTION_SETUP_SHARE),
+                {
+                    node: RecordDict(
+                        {
+                            **dict(request.content.items()),
+                            RECORD_SECAGG: ConfigRecord(setup_requests[node]),
+                            RECORD_SECAGG_SHARE: ConfigRecord(dict(payload)),
+                        }
+                    )
+                    for node, payload in requests.items()
+                },
+                ttl=timeout,
+            )
+            shared, epsilon_max = self._task_replies(share, outcomes, round_id)
+            if not shared:
+                return finish(_nobody_trained(outcomes), _with_epsilon(epsilon_max))
+        else:
+            # Stage 0: setup. The sites run the request's task here and answer with their keys.
+            setup = self._exchange(
+                grid,
+                message_setup,
+                {
+                    node: RecordDict(
+                        {**dict(request.content.items()), RECORD_SECAGG: ConfigRecord(payload)}
+                    )
+                    for node, payload in setup_requests.items()
+                },
+                ttl=timeout,
+            )
+            keys, epsilon_max = self._task_replies(setup, outcomes, round_id)
+            if not keys:
+                return finish(_nobody_trained(outcomes), _with_epsilon(epsilon_max))
+            state, requests = server_collect_keys(state=state, replies=keys)
+            self._drop_rejected(outcomes, set(keys) - set(state.advertised_ids), "setup", state)
+            report.stage_sites["setup"] = list(state.advertised_ids)
+            if state.aborted or state.graph is None:
+                return finish(state.abort_reason, _with_epsilon(epsilon_max))
+            report.degree, report.threshold = state.graph.degree, state.graph.threshold
 
-        # Stage 1: share keys.
-        share = self._exchange(
-            grid,
-            stage_message_type(kind, ACTION_SHARE),
-            _config_requests(requests),
-            ttl=settings.stage_timeout,
-        )
-        self._drop(outcomes, share)
-        shared = _payloads(share)
+            # Stage 1: share keys.
+            share = self._exchange(
+                grid,
+                stage_message_type(kind, ACTION_SHARE),
+                _config_requests(requests),
+                ttl=settings.stage_timeout,
+            )
+            self._drop(outcomes, share)
+            shared = _payloads(share)
         state, requests = server_route_shares(state=state, replies=shared)
         self._drop_rejected(outcomes, set(shared) - set(state.shared_ids), "share_keys", state)
         report.stage_sites["share_keys"] = list(state.shared_ids)
@@ -323,7 +360,13 @@ class SecAggPlusAggregation:
             if state.aborted:
                 return finish(state.abort_reason, _with_epsilon(epsilon_max))
 
-        # Stage 3: unmask. A survivor that does not answer is still in the sum.
+        # Stage 3: unmask. A survivor that does not answer is still in the sum. Each is also
+        # asked for fresh keys for the next round of this kind (three exchanges then).
+        next_round = request.following_round if settings.advertise_next_keys else 0
+        if next_round > round_id:
+            requests = {
+                node: {**payload, NEXT_ROUND: next_round} for node, payload in requests.items()
+            }
         unmask = self._exchange(
             grid,
             stage_message_type(kind, ACTION_UNMASK),
@@ -332,8 +375,17 @@ class SecAggPlusAggregation:
         )
         for node, reason in unmask.dropped.items():
             logger.warning("site %s did not answer the unmask request: %s", node, reason)
-        state, decoded = server_unmask(state=state, replies=_payloads(unmask))
-        report.stage_sites["unmask"] = sorted(_payloads(unmask))
+        unmasked = _payloads(unmask)
+        if next_round > round_id:
+            self._advertised[kind], _ = collect_advertised_keys(
+                replies=unmasked,
+                next_round=next_round,
+                exchange=kind,
+                roster=settings.roster,
+                site_names=state.site_names,
+            )
+        state, decoded = server_unmask(state=state, replies=unmasked)
+        report.stage_sites["unmask"] = sorted(unmasked)
         if decoded is None:
             return finish(state.abort_reason, _with_epsilon(epsilon_max))
         report.update_error_bound = decoded.update_error_bound
@@ -378,7 +430,7 @@ class SecAggPlusAggregation:
                 stage.dropped[node] = f"{message_type}: reply from another node"
             else:
                 code = refusal_code_of(reply.content.config_records.get(RECORD_STATUS))
-                setup_stage = message_type.endswith(f".{ACTION_SETUP}")
+                setup_stage = message_type.endswith((f".{ACTION_SETUP}", f".{ACTION_SETUP_SHARE}"))
                 if not setup_stage and code is not None:
                     stage.dropped[node] = f"{message_type}: site refused: {code}"
                 elif not setup_stage and RECORD_SECAGG not in reply.content.config_records:
@@ -389,6 +441,32 @@ class SecAggPlusAggregation:
             stage.dropped[node] = f"{message_type}: no reply within {ttl:g} s"
         self.last_round.exchange_seconds[message_type] = time.perf_counter() - started
         return stage
+
+    def _task_replies(
+        self, stage: _Stage, outcomes: dict[int, SiteOutcome], round_id: int
+    ) -> tuple[dict[int, dict[str, Any]], float]:
+        """The protocol payloads of the exchange in which the sites ran the task (setup, or
+        setup and share keys), and the largest epsilon bound reported; refusals and
+        dropouts go into ``outcomes``."""
+        epsilon_max = 0.0
+        payloads: dict[int, dict[str, Any]] = {}
+        for node, reply in stage.replies.items():
+            code = refusal_code_of(reply.content.config_records.get(RECORD_STATUS))
+            if code is not None:
+                outcomes[node] = SiteOutcome(node, "refused", code)
+                logger.warning("site %s refused round %d: %s", node, round_id, code)
+                continue
+            payload = _payload(reply)
+            if payload is None:
+                stage.dropped[node] = f"{stage.name} reply has no secagg record"
+                continue
+            payloads[node] = payload
+            privacy = reply.content.metric_records.get(RECORD_PRIVACY)
+            epsilon = float(privacy.get("epsilon", 0.0)) if privacy is not None else 0.0
+            if not math.isnan(epsilon):
+                epsilon_max = max(epsilon_max, epsilon)
+        self._drop(outcomes, stage)
+        return payloads, epsilon_max
 
     @staticmethod
     def _drop(outcomes: dict[int, SiteOutcome], stage: _Stage) -> None:
@@ -406,6 +484,12 @@ class SecAggPlusAggregation:
                 outcomes[node] = SiteOutcome(
                     node, "failed", reasons[-1] if reasons else f"{stage} reply rejected"
                 )
+
+
+def _nobody_trained(outcomes: Mapping[int, SiteOutcome]) -> str:
+    refused = sum(o.status == "refused" for o in outcomes.values())
+    failed = sum(o.status == "failed" for o in outcomes.values())
+    return f"no site trained this round ({refused} refused, {failed} failed)"
 
 
 def _with_epsilon(epsilon_max: float) -> RoundAggregate:

@@ -42,6 +42,7 @@ from fedmm.common.secagg.roster import SIGNATURE_BYTES
 from fedmm.common.secagg.round_config import MAX_SITES, SecAggRoundConfig
 from fedmm.common.secagg.round_graph import RoundGraph
 from fedmm.common.secagg.round_signatures import (
+    AdvertisedFor,
     SignatureError,
     count_survivor_set_signatures,
     verify_round_keys,
@@ -140,8 +141,13 @@ def verified_share_keys(
     site_id: int,
     own_channel_public_key: bytes,
     own_mask_public_key: bytes,
+    advertised_exchange: str = "",
 ) -> VerifiedShareKeys:
-    """Share keys: verify every participant's signed round keys and derive the graph."""
+    """Share keys: verify every participant's signed round keys and derive the graph.
+
+    ``advertised_exchange``: the keys were advertised for this round of that exchange in an
+    earlier round's unmask replies and are signed over the roster, the exchange and this
+    round's id (``round_signatures.advertised_keys_message``), not its parameters."""
     try:
         participants = check.require_list(
             request, "participant_ids", item_type=int, max_length=MAX_SITES
@@ -187,6 +193,13 @@ def verified_share_keys(
     if any(len(signature) != SIGNATURE_BYTES for signature in signatures):
         raise unauthenticated(f"key signatures must be {SIGNATURE_BYTES} bytes")
     parameters_digest = config.digest()
+    advertised = None
+    if advertised_exchange:
+        advertised = AdvertisedFor(
+            roster_digest=config.roster_digest,
+            exchange=advertised_exchange,
+            round_id=config.round_id,
+        )
     for site, name, channel, mask, signature in zip(
         participants, names, channel_keys, mask_keys, signatures, strict=True
     ):
@@ -205,6 +218,7 @@ def verified_share_keys(
                 channel_public_key=channel,
                 mask_public_key=mask,
                 signature=signature,
+                advertised=advertised,
             )
         except SignatureError as error:
             raise unauthenticated(

@@ -60,6 +60,7 @@ import numpy as np
 
 from fedmm.client.secagg import active_checks
 from fedmm.client.secagg.aggregation_floor import SiteAggregationFloor
+from fedmm.client.secagg.next_round_keys import NextRoundKeys, claim_next_round_keys
 from fedmm.client.secagg.policy import ClientSecAggPolicy
 from fedmm.client.secagg.refusal import SecAggRefusal
 from fedmm.client.secagg.site_identity import SiteIdentity
@@ -209,8 +210,14 @@ def client_setup(
     policy: ClientSecAggPolicy | None = None,
     previous_round: int | None = None,
     identity: SiteIdentity | None = None,
+    advertised_keys: NextRoundKeys | None = None,
 ) -> tuple[ClientSecAggState, dict[str, Any]]:
     """Stage 1: check the round config against the site's policy and advertise fresh keys.
+
+    ``advertised_keys``: the key pairs this site made for this round in the unmask stage of
+    an earlier one (``client.secagg.next_round_keys``), already taken out of its state; they
+    are used instead of fresh ones, refused when made for another round, and not signed
+    again (their signature went with the advertisement).
 
     ``previous_round`` is the last round this site took part in; a request for that round or
     an earlier one is a replay and is refused. A round that samples fewer sites than the
@@ -249,12 +256,17 @@ def client_setup(
         raise SecAggRefusal(
             "update length exceeds this site's maximum", code=RefusalCode.SECAGG_POLICY
         )
+    if advertised_keys is not None:
+        keys = claim_next_round_keys(advertised_keys, round_id=config.round_id)
+        channel_private_key, mask_private_key = keys.channel_private_key, keys.mask_private_key
+    else:
+        channel_private_key, mask_private_key = generate_private_key(), generate_private_key()
     state = ClientSecAggState(
         site_id=site_id,
         config=config,
         stage=STAGE_SETUP,
-        channel_private_key=generate_private_key(),
-        mask_private_key=generate_private_key(),
+        channel_private_key=channel_private_key,
+        mask_private_key=mask_private_key,
         policy=policy,
     )
     channel_public_key = public_key_for(state.channel_private_key)
@@ -263,7 +275,7 @@ def client_setup(
         "channel_public_key": channel_public_key,
         "mask_public_key": mask_public_key,
     }
-    if identity is not None and config.active:
+    if identity is not None and config.active and advertised_keys is None:
         reply["site_name"] = identity.name
         reply["key_signature"] = sign(
             identity.signing_key,
@@ -283,9 +295,15 @@ def client_share_keys(
     state: ClientSecAggState,
     request: Mapping[str, Any],
     identity: SiteIdentity | None = None,
+    advertised_exchange: str = "",
 ) -> tuple[ClientSecAggState, dict[str, Any]]:
     """Stage 2: check the graph over U1, then share the self-mask seed and the mask key among
     the neighbours and seal their shares.
+
+    ``advertised_exchange`` (``train`` or ``evaluate``): the participants' keys were
+    advertised for this round in an earlier round's unmask replies, so in active mode their
+    signatures are over the roster, the exchange and the round id
+    (``round_signatures.advertised_keys_message``) instead of the round's parameters.
 
     The request carries U1 (``participant_ids``), the degree and threshold fixed for |U1|,
     and the public keys of exactly this site's neighbours in that graph. In active mode it
@@ -307,6 +325,7 @@ def client_share_keys(
             site_id=state.site_id,
             own_channel_public_key=public_key_for(state.channel_private_key),
             own_mask_public_key=public_key_for(state.mask_private_key),
+            advertised_exchange=advertised_exchange,
         )
         graph = verified.graph
         active_checks.require_active_floor(

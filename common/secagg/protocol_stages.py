@@ -34,6 +34,14 @@ ACTIVE_STAGES = (
     STAGE_UNMASK,
 )
 
+#: Unmask request: the later round a site is asked to advertise fresh keys for; unmask
+#: reply: those public keys and, in active-coordinator mode, the site's signature over them
+#: (``round_signatures.advertised_keys_message``).
+NEXT_ROUND = "next_round"
+NEXT_CHANNEL_PUBLIC_KEY = "next_channel_public_key"
+NEXT_MASK_PUBLIC_KEY = "next_mask_public_key"
+NEXT_KEY_SIGNATURE = "next_key_signature"
+
 
 def tag(*, round_id: int, stage: str) -> dict[str, Any]:
     """The round/stage fields that start every payload."""

@@ -11,6 +11,13 @@ each under the site's long-term roster signing key (``roster``):
   the roster digest and every other public parameter, so a key signed for one round, session,
   roster or parameter set is refused in any other: a coordinator can neither substitute keys
   (it cannot sign as a site) nor replay a site's keys from an earlier round.
+- **advertised round keys** (unmask of the round before): "I, site *name*, node *id*, will
+  use these two X25519 public keys in the *exchange* (train or evaluate) round *r* of the
+  federation whose roster hashes to *digest*". A site makes these keys while it answers the
+  unmask request of an earlier round, before round r's parameters exist, so the statement
+  names the round id instead of the parameter digest; its label differs from the setup
+  statement's, so neither can stand for the other. The round's parameters and graph still
+  bind every key derived from them (``round_binding``).
 - **survivor set** (consistency check): "in the round with parameter digest *p* and graph
   digest *g*, the survivors are exactly *U3*". An honest site signs one set per round and
   unmasks only when enough sites signed the same set (``active_parameters``).
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -51,6 +59,34 @@ def round_keys_message(
             PROTOCOL_LABEL,
             b"round-keys",
             b"parameters=" + parameters_digest.hex().encode(),
+            f"site={site_id}".encode(),
+            b"name=" + site_name.encode(),
+            b"channel=" + channel_public_key.hex().encode(),
+            b"mask=" + mask_public_key.hex().encode(),
+        ]
+    )
+
+
+def advertised_keys_message(
+    *,
+    roster_digest: bytes,
+    exchange: str,
+    round_id: int,
+    site_id: int,
+    site_name: str,
+    channel_public_key: bytes,
+    mask_public_key: bytes,
+) -> bytes:
+    """What a site signs when it advertises its keys for a later round: the two public keys
+    bound to the roster, the kind of exchange (``train`` or ``evaluate``), the round id they
+    serve, its node id and its roster name."""
+    return b"|".join(
+        [
+            PROTOCOL_LABEL,
+            b"advertised-round-keys",
+            b"roster=" + roster_digest.hex().encode(),
+            b"exchange=" + exchange.encode(),
+            f"round={round_id}".encode(),
             f"site={site_id}".encode(),
             b"name=" + site_name.encode(),
             b"channel=" + channel_public_key.hex().encode(),
@@ -107,21 +143,39 @@ def verify_round_keys(
     channel_public_key: bytes,
     mask_public_key: bytes,
     signature: bytes,
+    advertised: AdvertisedFor | None = None,
 ) -> None:
     """Raise ``SignatureError`` unless the roster site ``site_name`` signed these keys for
-    this node id and these round parameters."""
-    verify_signed_by(
-        roster,
-        site_name=site_name,
-        message=round_keys_message(
+    this node id and these round parameters (``advertised``: for this exchange and round,
+    in the unmask reply of an earlier round)."""
+    if advertised is None:
+        message = round_keys_message(
             parameters_digest=parameters_digest,
             site_id=site_id,
             site_name=site_name,
             channel_public_key=channel_public_key,
             mask_public_key=mask_public_key,
-        ),
-        signature=signature,
-    )
+        )
+    else:
+        message = advertised_keys_message(
+            roster_digest=advertised.roster_digest,
+            exchange=advertised.exchange,
+            round_id=advertised.round_id,
+            site_id=site_id,
+            site_name=site_name,
+            channel_public_key=channel_public_key,
+            mask_public_key=mask_public_key,
+        )
+    verify_signed_by(roster, site_name=site_name, message=message, signature=signature)
+
+
+@dataclass(frozen=True)
+class AdvertisedFor:
+    """The round that keys advertised in an earlier round's unmask reply are signed for."""
+
+    roster_digest: bytes
+    exchange: str
+    round_id: int
 
 
 def count_survivor_set_signatures(

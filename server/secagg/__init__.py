@@ -14,6 +14,7 @@ from fedmm.server.secagg.stages import (
     server_route_shares,
     server_start_round,
     server_unmask,
+    server_use_advertised_keys,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "server_route_shares",
     "server_start_round",
     "server_unmask",
+    "server_use_advertised_keys",
 ]

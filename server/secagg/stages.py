@@ -10,7 +10,9 @@ the replies of one exchange and returns the new state and the requests of the ne
   sites (U0).
 - :func:`server_collect_keys`: U1 = sites with valid public keys; fix the neighbour graph
   over U1 with k and t chosen for |U1| (``common.secagg.round_graph``); share-keys requests
-  carry U1, k, t and each site's neighbours' keys.
+  carry U1, k, t and each site's neighbours' keys. :func:`server_use_advertised_keys` does
+  the same with the keys the sites advertised for this round in their last unmask replies
+  (``server.secagg.advertised_keys``), so setup and share keys travel in one exchange.
 - :func:`server_route_shares`: U2 = sites that sealed shares for exactly their neighbours;
   masked-input requests route each site its neighbours' sealed bundles.
 - :func:`server_collect_masked_inputs`: U3 = sites with a valid masked vector (the
@@ -100,6 +102,7 @@ from fedmm.common.secagg.round_binding import pair_binding, session_digest
 from fedmm.common.secagg.round_config import MAX_SITES, SESSION_NONCE_BYTES, SecAggRoundConfig
 from fedmm.common.secagg.round_graph import RoundGraph
 from fedmm.common.secagg.round_signatures import (
+    AdvertisedFor,
     SignatureError,
     survivor_set_message,
     verify_round_keys,
@@ -107,6 +110,7 @@ from fedmm.common.secagg.round_signatures import (
 )
 from fedmm.common.secagg.shamir import SHARE_BYTES, ShamirError, reconstruct_secret
 from fedmm.common.secagg.share_cipher import SEALED_SHARE_BUNDLE_BYTES
+from fedmm.server.secagg.advertised_keys import AdvertisedKeys
 
 logger = logging.getLogger(__name__)
 
@@ -368,16 +372,27 @@ def server_start_round(
 
 
 def server_collect_keys(
-    *, state: ServerSecAggState, replies: Replies
+    *, state: ServerSecAggState, replies: Replies, advertised_exchange: str = ""
 ) -> tuple[ServerSecAggState, dict[int, Payload]]:
     """Accept the advertised public keys (U1), fix the graph over U1 and send each site U1,
     the degree and threshold, and its neighbours' keys (active mode: every participant's
-    signed keys, and the graph seeded by their hash)."""
+    signed keys, and the graph seeded by their hash).
+
+    ``advertised_exchange`` (``train`` or ``evaluate``): the keys were advertised for this
+    round in the unmask replies of an earlier one (:func:`server_use_advertised_keys`), so
+    in active mode their signatures are over the roster, the exchange and the round id."""
     if state.stage != AWAITING_KEYS:
         return _wrong_stage(state, "collect_keys")
     config = state.config
     roster = state.rules.roster
     parameters_digest = config.digest() if config.active else b""
+    advertised = None
+    if advertised_exchange and config.active:
+        advertised = AdvertisedFor(
+            roster_digest=config.roster_digest,
+            exchange=advertised_exchange,
+            round_id=config.round_id,
+        )
     accepted, rejections = _unique_replies(
         replies, expected=set(config.site_ids), stage=STAGE_SETUP
     )
@@ -403,6 +418,7 @@ def server_collect_keys(
                     channel_public_key=channel,
                     mask_public_key=mask,
                     signature=signatures[site],
+                    advertised=advertised,
                 )
         except (check.InvalidPayloadError, SignatureError) as error:
             rejections.append(_reject(site, STAGE_SETUP, str(error)))
@@ -487,6 +503,22 @@ def server_collect_keys(
             tag(round_id=config.round_id, stage=STAGE_SHARE_KEYS) | graph.to_payload() | keys
         )
     return state, requests
+
+
+def server_use_advertised_keys(
+    *, state: ServerSecAggState, keys: Mapping[int, AdvertisedKeys], exchange: str
+) -> tuple[ServerSecAggState, dict[int, Payload]]:
+    """Skip setup: take the keys the sampled sites advertised for this round (in the unmask
+    replies of their last round of ``exchange``) as their setup replies, fix the graph and
+    build the share-keys requests, exactly as :func:`server_collect_keys` does with keys
+    from setup. Each request then travels with the round config and the task, in one
+    exchange (``secagg_setup_share``). Keys for another round are not accepted."""
+    replies = {
+        site: tag(round_id=state.config.round_id, stage=STAGE_SETUP) | advertised.setup_payload()
+        for site, advertised in keys.items()
+        if advertised.round_id == state.config.round_id
+    }
+    return server_collect_keys(state=state, replies=replies, advertised_exchange=exchange)
 
 
 def _active_graph(state: ServerSecAggState) -> RoundGraph:

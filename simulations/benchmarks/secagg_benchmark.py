@@ -11,13 +11,17 @@ reports the medians, the ratios, and the bytes each site sends and receives (Flo
 protobuf encoding of the message contents). The SecAgg+ sites run the real stage handlers of
 ``client.secure_aggregation``; only training is replaced.
 
-Three kinds of round, side by side:
+Four kinds of round, side by side:
 
 - ``fedavg``: ``FedAvgAggregation`` as the project runs it (``Grid.send_and_receive``, which
   polls for replies every 0.1 s in simulation);
 - ``fedavg_fast_poll``: the same with SecAgg+'s reply polling (``poll_replies`` with
   ``PROTOCOL_POLL``), so the ratio can also be read with equal polling;
-- ``secagg+``: ``SecAggPlusAggregation``, four exchanges;
+- ``secagg+``: ``SecAggPlusAggregation`` with ``advertise_next_keys`` off: four exchanges
+  every round;
+- ``secagg+3``: the same with ``advertise_next_keys`` on (the run config's default): the sites
+  advertise their next round's keys at unmask, so every timed round (after the warm-up)
+  runs setup and share keys in one exchange, three in all (``secagg3_*`` in the JSON);
 - ``secagg+active`` (``--active``): the same in active-coordinator mode (Bonawitz et al.,
   CCS 2017, section 6): round keys signed with each site's roster key and verified against
   the roster, the graph seeded by their hash, keys and bundles bound to the round, and a
@@ -48,6 +52,7 @@ Usage (prints JSON):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -73,6 +78,7 @@ from fedmm.common.secure_round import (
     ACTION_CONSISTENCY,
     ACTION_MASKED,
     ACTION_SETUP,
+    ACTION_SETUP_SHARE,
     ACTION_SHARE,
     ACTION_UNMASK,
     METRIC_EPSILON_BOUND,
@@ -128,11 +134,19 @@ def setup(msg: Message, context: Context) -> Message:
     return site.run_secagg_setup(msg, context, contribute=_dummy_contribution, integer_vector=False)
 
 
+def setup_share(msg: Message, context: Context) -> Message:
+    _note_peak_memory()
+    return site.run_secagg_setup_share(
+        msg, context, contribute=_dummy_contribution, integer_vector=False
+    )
+
+
 def benchmark_client_app(*, mods: Sequence[Mod] = ()) -> ClientApp:
     """The project's SecAgg+ stage handlers, with a random update instead of training."""
     client_app = ClientApp(mods=list(mods))
     client_app.train()(plain_train)
     client_app.train(ACTION_SETUP)(setup)
+    client_app.train(ACTION_SETUP_SHARE)(setup_share)
     client_app.train(ACTION_SHARE)(site.secagg_share)
     client_app.train(ACTION_MASKED)(site.secagg_masked)
     client_app.train(ACTION_CONSISTENCY)(site.secagg_consistency)
@@ -221,25 +235,32 @@ def main(grid: Grid, context: Context) -> None:
     nodes = wait_for_sites(grid, num_sites, timeout=120.0, setting="--sites")[:num_sites]
     counting = CountingGrid(grid)
     fast_polling = FastPollingGrid(counting)
+    four = SecAggSettings(update_clip=1.0, max_weight=1000, advertise_next_keys=False)
     kinds = {
         "fedavg": (FedAvgAggregation(), counting),
         "fedavg_fast_poll": (FedAvgAggregation(), fast_polling),
-        "secagg+": (
-            SecAggPlusAggregation(SecAggSettings(update_clip=1.0, max_weight=1000)),
+        "secagg+": (SecAggPlusAggregation(four), counting),
+        "secagg+3": (
+            SecAggPlusAggregation(dataclasses.replace(four, advertise_next_keys=True)),
             counting,
         ),
     }
     if plan.get("active"):
         roster = load_federation_roster(str(context.run_config["secagg-roster-file"]))
-        settings = SecAggSettings(update_clip=1.0, max_weight=1000, roster=roster)
-        kinds["secagg+active"] = (SecAggPlusAggregation(settings), counting)
+        kinds["secagg+active"] = (
+            SecAggPlusAggregation(dataclasses.replace(four, roster=roster)),
+            counting,
+        )
     secagg = kinds["secagg+"][0]
+    secagg3 = kinds["secagg+3"][0]
+    assert isinstance(secagg, SecAggPlusAggregation) and isinstance(secagg3, SecAggPlusAggregation)
     results = []
     server_round = 0
     for length in plan["lengths"]:
         model = ArrayRecord({"model": Array(np.zeros(length, dtype=np.float32))})
         timings: dict[str, list[float]] = {kind: [] for kind in kinds}
         exchanges: dict[str, list[float]] = {}
+        exchanges3: dict[str, list[float]] = {}
         active_exchanges: dict[str, list[float]] = {}
         traffic: dict[str, tuple[int, int]] = {}
         for repeat in range(plan["repeats"] + 1):  # the first of each kind warms up
@@ -255,6 +276,8 @@ def main(grid: Grid, context: Context) -> None:
                     shapes=[("model", (length,))],
                     metric_ranges=metric_ranges(max_weight=1000, max_steps=1),
                     timeout=600.0,
+                    # This kind's next round, for which the secagg+3 sites advertise keys.
+                    next_round_id=server_round + len(kinds),
                 )
                 aggregate = aggregation.run_round(
                     kind_grid,  # type: ignore[arg-type]
@@ -273,6 +296,14 @@ def main(grid: Grid, context: Context) -> None:
                         outside = elapsed + counting.counting_s
                         outside -= sum(secagg.last_round.exchange_seconds.values())
                         exchanges.setdefault("coordinator_stages", []).append(outside)
+                    if kind == "secagg+3":
+                        if len(secagg3.last_round.exchange_seconds) != 3:
+                            raise RuntimeError("a timed secagg+3 round did not run 3 exchanges")
+                        for name, seconds in secagg3.last_round.exchange_seconds.items():
+                            exchanges3.setdefault(name, []).append(seconds)
+                        outside = elapsed + counting.counting_s
+                        outside -= sum(secagg3.last_round.exchange_seconds.values())
+                        exchanges3.setdefault("coordinator_stages", []).append(outside)
                     if kind == "secagg+active":
                         active = kinds[kind][0]
                         assert isinstance(active, SecAggPlusAggregation)
@@ -300,6 +331,20 @@ def main(grid: Grid, context: Context) -> None:
                 "bytes_ratio": round(sum(traffic["secagg+"]) / sum(traffic["fedavg"]), 3),
                 "secagg_extra_bytes_per_site": sum(traffic["secagg+"]) - sum(traffic["fedavg"]),
                 "secagg_parts_s_median": {k: round(v, 3) for k, v in exchange_s.items()},
+                "secagg3_round_s": round(median["secagg+3"], 3),
+                "secagg3_time_ratio": round(median["secagg+3"] / median["fedavg"], 2),
+                "secagg3_time_ratio_vs_fedavg_fast_poll": round(
+                    median["secagg+3"] / median["fedavg_fast_poll"], 2
+                ),
+                "secagg3_vs_secagg4_time_ratio": round(median["secagg+3"] / median["secagg+"], 3),
+                "secagg3_saved_s": round(median["secagg+"] - median["secagg+3"], 3),
+                "secagg3_bytes_per_site": {
+                    "down": traffic["secagg+3"][0],
+                    "up": traffic["secagg+3"][1],
+                },
+                "secagg3_parts_s_median": {
+                    name: round(statistics.median(times), 3) for name, times in exchanges3.items()
+                },
                 "secagg_degree": secagg.last_round.degree,
                 "secagg_threshold": secagg.last_round.threshold,
                 "repeats": plan["repeats"],
@@ -548,6 +593,9 @@ def cli() -> None:
                 row["secagg_vs_flower_legacy_time_ratio"] = round(
                     row["secagg_round_s"] / legacy["flower_secaggplus_round_s"], 2
                 )
+                row["secagg3_vs_flower_legacy_time_ratio"] = round(
+                    row["secagg3_round_s"] / legacy["flower_secaggplus_round_s"], 2
+                )
     print(
         json.dumps(
             {
@@ -561,9 +609,12 @@ def cli() -> None:
                     (
                         {
                             "secagg_round_s": r["secagg_round_s"],
+                            "secagg3_round_s": r["secagg3_round_s"],
                             "fedavg_round_s": r["fedavg_round_s"],
                             "overhead_s": round(r["secagg_round_s"] - r["fedavg_round_s"], 3),
+                            "overhead3_s": round(r["secagg3_round_s"] - r["fedavg_round_s"], 3),
                             "parts_s": r["secagg_parts_s_median"],
+                            "parts3_s": r["secagg3_parts_s_median"],
                         }
                         for r in rows
                         if r["sites"] == 10 and r["length"] == 100_000

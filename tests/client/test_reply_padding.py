@@ -12,7 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedmm.client import app as client_app
 from fedmm.client.privacy_policy import PolicyError, SitePrivacyPolicy
 from fedmm.client.reply_padding import pad_training_replies, padding_seconds
-from fedmm.common.secure_round import MESSAGE_SETUP, MESSAGE_SHARE
+from fedmm.common.secure_round import MESSAGE_SETUP, MESSAGE_SETUP_SHARE, MESSAGE_SHARE
 
 
 class FakeClock:
@@ -55,7 +55,10 @@ def _handler(clock: FakeClock, work: float, *, fail: bool = False):
     return handle
 
 
-@pytest.mark.parametrize("message_type", ["train", MESSAGE_SETUP])
+@pytest.mark.parametrize(
+    "message_type",
+    ["train", MESSAGE_SETUP, MESSAGE_SETUP_SHARE, "evaluate.secagg_setup_share"],
+)
 @pytest.mark.parametrize("work", [0.5, 12.0, 29.9])
 def test_a_training_reply_leaves_no_earlier_than_the_policy_says(message_type, work) -> None:
     clock = FakeClock()

@@ -2,7 +2,8 @@
 
 One Context per node, as a SuperNode keeps it; every message sent and every reply is
 recorded, and ``fault`` can drop a message or turn it into an error reply (a dropout).
-``rewrite`` changes a request's ``secagg`` payload on its way to a site: a malicious
+``rewrite`` changes a request's ``secagg`` payload (and ``secagg_share``'s, in a
+setup-and-share request) on its way to a site: a malicious
 coordinator deviating from the real coordinator's stages. ``node_handlers`` replace the
 handler of single nodes (a node the coordinator runs itself). The
 handlers are the site's real ones: the ClientApp itself (``app``: Flower's routing, mods and
@@ -25,6 +26,7 @@ from fedmm.common.secure_round import (
     MESSAGE_CONSISTENCY,
     MESSAGE_MASKED,
     MESSAGE_SETUP,
+    MESSAGE_SETUP_SHARE,
     MESSAGE_SHARE,
     MESSAGE_UNMASK,
     metric_ranges,
@@ -74,6 +76,13 @@ class InProcessGrid:
                 integer_vector=integer_vector,
                 result_length=result_length,
             ),
+            MESSAGE_SETUP_SHARE: lambda m, c: secure_aggregation.run_secagg_setup_share(
+                m,
+                c,
+                contribute=self.contribute,
+                integer_vector=integer_vector,
+                result_length=result_length,
+            ),
             MESSAGE_SHARE: secure_aggregation.secagg_share,
             MESSAGE_MASKED: secure_aggregation.secagg_masked,
             MESSAGE_CONSISTENCY: secure_aggregation.secagg_consistency,
@@ -106,14 +115,15 @@ class InProcessGrid:
             if fault == "error":
                 replies.append(Message(Error(code=2, reason="injected fault"), reply_to=msg))
                 continue
-            if self.rewrite is not None and "secagg" in msg.content.config_records:
+            # A setup-and-share request carries its share-keys payload in ``secagg_share``.
+            for name in ("secagg", "secagg_share"):
+                if self.rewrite is None or name not in msg.content.config_records:
+                    continue
                 payload = {  # a copy: lists may be shared with other sites' requests
                     key: list(value) if isinstance(value, list) else value
-                    for key, value in msg.content.config_records["secagg"].items()
+                    for key, value in msg.content.config_records[name].items()
                 }
-                msg.content.config_records["secagg"] = ConfigRecord(
-                    self.rewrite(kind, node, payload)
-                )
+                msg.content.config_records[name] = ConfigRecord(self.rewrite(kind, node, payload))
             handler = self.node_handlers.get(node) or self.handler(kind)
             replies.append(handler(msg, self.contexts[node]))
         self.received.extend(replies)

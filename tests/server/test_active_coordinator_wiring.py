@@ -37,11 +37,12 @@ from fedmm.common.secagg.key_agreement import generate_private_key, public_key_f
 from fedmm.common.secagg.neighbour_graph import neighbour_graph
 from fedmm.common.secagg.roster import add_site, create_roster, format_digest, save_roster
 from fedmm.common.secagg.round_config import SecAggRoundConfig
-from fedmm.common.secagg.round_signatures import round_keys_message
+from fedmm.common.secagg.round_signatures import advertised_keys_message, round_keys_message
 from fedmm.common.secure_round import (
     MESSAGE_CONSISTENCY,
     MESSAGE_MASKED,
     MESSAGE_SETUP,
+    MESSAGE_SETUP_SHARE,
     MESSAGE_SHARE,
     MESSAGE_UNMASK,
     RECORD_SECAGG,
@@ -309,7 +310,7 @@ def test_a_replayed_round_key_from_an_earlier_round_is_refused(federation: Feder
     of round 1, whose secrets it may have rebuilt when the target dropped out then."""
     trainer = Trainer()
     grid = _grid(federation, trainer)
-    aggregation = _active(federation)
+    aggregation = _active(federation, advertise_next_keys=False)  # round 2 runs setup
     assert run_secure_round(aggregation, grid, _arrays(), 1).aborted is None
     target = NODES[1]
     old = _payloads(grid, MESSAGE_SETUP)[target]
@@ -510,3 +511,145 @@ def test_a_coordinator_chosen_graph_is_refused(federation: Federation) -> None:
         for node, payload in _payloads(grid, MESSAGE_SHARE).items()
     }
     assert used == {node: set(peers) for node, peers in expected.items()}
+
+
+# Three exchanges (plus consistency): keys advertised at unmask, signed for the next round.
+
+
+def _share_payload_rewrite(rewrite):  # type: ignore[no-untyped-def]
+    """A rewrite of the share-keys payload of setup-and-share requests only."""
+
+    def apply(kind: str, node: int, payload: dict[str, Any]) -> dict[str, Any]:
+        if kind != MESSAGE_SETUP_SHARE or payload.get("stage") != "share_keys":
+            return payload
+        return rewrite(node, payload)
+
+    return apply
+
+
+def test_active_rounds_after_the_first_skip_setup_and_sum_the_same(
+    federation: Federation,
+) -> None:
+    trainer = Trainer()
+    grid = _grid(federation, trainer)
+    aggregation = _active(federation)
+    assert run_secure_round(aggregation, grid, _arrays(), 1).aborted is None
+    # Every unmask reply advertises the site's round-2 keys, signed with its roster key.
+    for payload in _payloads(grid, MESSAGE_UNMASK).values():
+        assert payload["next_round"] == 2 and len(payload["next_key_signature"]) == 64
+    for server_round in (2, 3):
+        grid.sent.clear()
+        result = run_secure_round(aggregation, grid, _arrays(), server_round)
+        assert list(dict.fromkeys(grid.sent_types())) == [
+            MESSAGE_SETUP_SHARE,
+            MESSAGE_MASKED,
+            MESSAGE_CONSISTENCY,
+            MESSAGE_UNMASK,
+        ]
+        assert result.aborted is None and result.count("trained") == len(NODES)
+        mean = result.mean_update()
+        assert mean is not None
+        bound = aggregation.last_round.update_error_bound / result.total_weight
+        assert np.abs(_flat(mean) - trainer.plain_mean(NODES, server_round)).max() <= bound
+
+
+@pytest.mark.parametrize("signature", ["kept", "coordinator-signed"])
+def test_a_tampered_advertised_key_is_refused(federation: Federation, signature: str) -> None:
+    """In a round that skips setup, the coordinator swaps the target's advertised channel
+    key for its own in everyone's request (keeping the target's signature, or signing it
+    with a key of its own): every other site refuses, and nobody seals a share."""
+    trainer = Trainer()
+    grid = _grid(federation, trainer)
+    aggregation = _active(federation)
+    assert run_secure_round(aggregation, grid, _arrays(), 1).aborted is None
+    target = NODES[3]
+    own_key = public_key_for(generate_private_key())
+    forger = Ed25519PrivateKey.generate()
+
+    def substitute(node: int, payload: dict[str, Any]) -> dict[str, Any]:
+        if node == target:
+            return payload
+        index = payload["site_ids"].index(target)
+        payload["channel_public_keys"][index] = own_key
+        if signature == "coordinator-signed":
+            payload["key_signatures"][index] = forger.sign(
+                advertised_keys_message(
+                    roster_digest=federation.roster.digest,
+                    exchange="train",
+                    round_id=2,
+                    site_id=target,
+                    site_name=federation.names[target],
+                    channel_public_key=own_key,
+                    mask_public_key=payload["mask_public_keys"][index],
+                )
+            )
+        return payload
+
+    grid.received.clear()
+    grid.rewrite = _share_payload_rewrite(substitute)
+    result = run_secure_round(aggregation, grid, _arrays(), 2)
+    assert result.aborted is not None
+    assert _codes(grid, MESSAGE_SETUP_SHARE) == {
+        node: UNAUTHENTICATED for node in NODES if node != target
+    }
+    assert not grid.replies_to(MESSAGE_MASKED)
+    assert {node for node, r in trainer.updates if r == 2} <= {target}  # refused first
+
+
+def test_keys_advertised_for_one_round_are_refused_in_another(federation: Federation) -> None:
+    """The coordinator keeps the target's signed keys advertised for round 2 and sends them
+    in round 3 (whose secrets it may have rebuilt had the target dropped out in round 2):
+    the signature names round 2, so every other site refuses."""
+    trainer = Trainer()
+    grid = _grid(federation, trainer)
+    aggregation = _active(federation)
+    assert run_secure_round(aggregation, grid, _arrays(), 1).aborted is None
+    target = NODES[1]
+    advertised = _payloads(grid, MESSAGE_UNMASK)[target]
+    assert advertised["next_round"] == 2
+    assert run_secure_round(aggregation, grid, _arrays(), 2).aborted is None
+
+    def replay(node: int, payload: dict[str, Any]) -> dict[str, Any]:
+        if node == target:
+            return payload
+        index = payload["site_ids"].index(target)
+        payload["channel_public_keys"][index] = advertised["next_channel_public_key"]
+        payload["mask_public_keys"][index] = advertised["next_mask_public_key"]
+        payload["key_signatures"][index] = advertised["next_key_signature"]
+        return payload
+
+    grid.received.clear()
+    grid.rewrite = _share_payload_rewrite(replay)
+    result = run_secure_round(aggregation, grid, _arrays(), 3)
+    assert result.aborted is not None
+    assert _codes(grid, MESSAGE_SETUP_SHARE) == {
+        node: UNAUTHENTICATED for node in NODES if node != target
+    }
+
+
+def test_a_setup_signed_key_cannot_stand_for_an_advertised_one(federation: Federation) -> None:
+    """The two statements are domain-separated: the target's keys signed at round 1's setup
+    are refused where keys advertised for round 2 are expected."""
+    trainer = Trainer()
+    grid = _grid(federation, trainer)
+    aggregation = _active(federation)
+    assert run_secure_round(aggregation, grid, _arrays(), 1).aborted is None
+    target = NODES[4]
+    old = _payloads(grid, MESSAGE_SETUP)[target]
+
+    def replay(node: int, payload: dict[str, Any]) -> dict[str, Any]:
+        if node == target:
+            return payload
+        index = payload["site_ids"].index(target)
+        payload["channel_public_keys"][index] = old["channel_public_key"]
+        payload["mask_public_keys"][index] = old["mask_public_key"]
+        payload["key_signatures"][index] = old["key_signature"]
+        return payload
+
+    grid.received.clear()
+    grid.rewrite = _share_payload_rewrite(replay)
+    result = run_secure_round(aggregation, grid, _arrays(), 2)
+    assert result.aborted is not None
+    assert _codes(grid, MESSAGE_SETUP_SHARE) == {
+        node: UNAUTHENTICATED for node in NODES if node != target
+    }

@@ -46,7 +46,7 @@ from fedmm.client.secagg.stages import client_state_from_record
 from fedmm.client.secure_aggregation import SECAGG_STATE_KEY
 from fedmm.common.federation_config import FederationConfig
 from fedmm.common.secagg.input_encoding import decode_aggregate
-from fedmm.common.secure_round import MESSAGE_SETUP, RECORD_SECAGG
+from fedmm.common.secure_round import MESSAGE_SETUP, MESSAGE_SETUP_SHARE, RECORD_SECAGG
 from fedmm.server.federation import run_federation
 from fedmm.server.round_modes import round_mode_for
 from fedmm.simulations.local_simulation import SimulationSettings, run_local_simulation
@@ -122,15 +122,16 @@ class InjectFaults:
 
 @dataclass(frozen=True)
 class CopyPendingUpdate:
-    """A mod: after a training sum's setup, decode the site's waiting input into
-    ``directory`` (an evaluation sum's counts are not an update)."""
+    """A mod: after a training sum's setup (or setup and share keys), decode the site's
+    waiting input into ``directory`` (an evaluation sum's counts are not an update)."""
 
     directory: str
 
     def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         reply = call_next(msg, context)
         record = context.state.config_records.get(SECAGG_STATE_KEY)
-        if msg.metadata.message_type == MESSAGE_SETUP and record is not None:
+        first = msg.metadata.message_type in (MESSAGE_SETUP, MESSAGE_SETUP_SHARE)
+        if first and record is not None:
             state_record = {k: v for k, v in dict(record).items() if k != "exchange"}
             config = client_state_from_record(state_record).config
             pending = load_pending_update(

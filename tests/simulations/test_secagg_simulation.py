@@ -5,7 +5,9 @@ test) with faults injected by a test-only mod on the project's ClientApp. Four s
 complete graph with t = 3, and a minimum aggregation size of 3, so one dropout is tolerated:
 
 - round 1: every site healthy;
-- round 2: one site raises in the masked-input stage: the round completes with 3 survivors;
+- round 2: one site raises in the masked-input stage: the round completes with 3 survivors
+  (every site advertised keys for round 2 at round 1's unmask, so the round opens with
+  setup and share keys in one exchange);
 - round 3: two sites raise in the share-keys stage: 2 < 3, the round aborts cleanly;
 - round 4: every site healthy again: the run goes on from the unchanged model.
 

@@ -36,6 +36,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from flwr.app import ConfigRecord
@@ -307,15 +308,31 @@ def dp_sgd_history(history: list[tuple[float, float, int]]) -> list[tuple[float,
 
 
 def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon of a history of sampled-Gaussian steps under the RDP accountant (Opacus'
-    ``RDPAccountant`` over :data:`RDP_ORDERS`)."""
+    """Epsilon of a history of sampled-Gaussian steps under the RDP accountant: exactly what
+    Opacus' ``RDPAccountant`` over :data:`RDP_ORDERS` gives (its ``compute_rdp`` of an entry
+    is one step's RDP times the steps, summed over the entries, then ``get_privacy_spent``),
+    with one step's RDP at each (sigma, q) computed once per process
+    (:func:`step_rdp`): at orders up to 1024 that computation, repeated at every round's
+    ledger check, was about a tenth of a site's round."""
     if not history:
         return 0.0
-    from opacus.accountants import RDPAccountant
+    import numpy as np
+    from opacus.accountants.analysis.rdp import get_privacy_spent
 
-    accountant = RDPAccountant()
-    accountant.history = list(history)
-    return float(accountant.get_epsilon(delta, alphas=list(RDP_ORDERS)))
+    rdp = sum(np.asarray(step_rdp(sigma, rate)) * steps for sigma, rate, steps in history)
+    epsilon, _order = get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
+    return float(epsilon)
+
+
+@lru_cache(maxsize=1024)
+def step_rdp(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
+    """One sampled-Gaussian step's RDP at :data:`RDP_ORDERS` (Opacus' ``compute_rdp``)."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    rdp = compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)
+    )
+    return tuple(float(value) for value in rdp)
 
 
 def combined_epsilon(

@@ -212,3 +212,23 @@ def test_epsilon_accumulates_over_two_rounds_of_real_training() -> None:
     assert relative(epsilons[1], google) < 0.01, (epsilons[1], google)
     first, _ = google_epsilon_and_order([(1.0, q, per_round[0])], DELTA)
     assert relative(epsilons[0], first) < 0.01
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [(1.47, 1 / 22, 22)],
+        [(1.47, 1 / 22, 22), (1.47, 1 / 22, 22), (0.0, 1.0, 0)],
+        [(20.0, 1.0, 1), (1.5264, 1 / 17, 238), (4.332, 0.15, 350)],
+        [(0.9, 0.01, 1000), (2.0, 0.5, 3)],
+    ],
+)
+def test_epsilon_is_exactly_opacus_rdp_accountant(history) -> None:
+    """The memoised per-step RDP changes nothing: the same float as Opacus' accountant."""
+    from fedmm.client.privacy_ledger import RDP_ORDERS, epsilon_of
+
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    expected = accountant.get_epsilon(1e-5, alphas=list(RDP_ORDERS))
+    assert epsilon_of(history, 1e-5) == expected
+    assert epsilon_of(history, 1e-5) == expected  # again, from the memo

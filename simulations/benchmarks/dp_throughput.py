@@ -5,7 +5,8 @@ and with DP-SGD (per-example clipping from ``client.per_example_gradients``, CSP
 Poisson batches), measured side by side in one process in alternating repetitions (best of
 the repetitions), their ratio, the load average before and after, and the peak RSS. Usage:
     python -m fedmm.simulations.benchmarks.dp_throughput [--records 2048] [--repeats 3] \
-        [--widths 32 64] [--image-encoder patches|conv|scatter|scatter-linear] [--image-layers 1]
+        [--widths 32 64] [--image-encoder patches|conv|scatter|scatter-linear] \
+        [--image-layers 1] [--text-layers 1]
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument(
         "--image-layers", type=int, default=1, help="0 with --image-encoder scatter-linear"
     )
+    parser.add_argument("--text-layers", type=int, default=1, help="0: no caption block")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = benchmark_train_records().subset(torch.arange(args.records).numpy())
@@ -68,6 +70,7 @@ def main() -> None:
                 image_encoder=args.image_encoder,
                 activation=args.activation,
                 image_layers=args.image_layers,
+                text_layers=args.text_layers,
             )
             for kind, dp_settings in (("plain", None), ("dp", dp)):
                 samples[width][kind].append(
@@ -96,6 +99,7 @@ def main() -> None:
                 "image_encoder": args.image_encoder,
                 "activation": args.activation,
                 "image_layers": args.image_layers,
+                "text_layers": args.text_layers,
                 "torch_threads": args.threads,
                 "repeats": args.repeats,
                 "widths": widths,

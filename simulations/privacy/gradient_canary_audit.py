@@ -167,6 +167,7 @@ class GradientAuditRun:
     mean_score_out: float
     mean_appearances_in: float
     scores: list[float]
+    included: list[bool]
     wall_s: float
 
     def as_json(self) -> dict[str, Any]:
@@ -266,6 +267,7 @@ def run_gradient_canary_audit(
         mean_score_out=float(outside.mean()) if outside.size else math.nan,
         mean_appearances_in=float(tap.appearances[placed.included].mean()) if inside.size else 0.0,
         scores=[float(s) for s in tap.scores],
+        included=[bool(b) for b in placed.included],
         wall_s=round(time.monotonic() - started, 1),
     )
 
@@ -273,3 +275,53 @@ def run_gradient_canary_audit(
 def site_steps(*, records: int, batch_size: int, local_epochs: int, rounds: int) -> int:
     """The steps a site takes over a run (``client.training``: epochs of ceil(n / batch))."""
     return rounds * local_epochs * steps_per_epoch(records, batch_size)
+
+
+def audit_site_recipe(
+    run_config: dict[str, str],
+    *,
+    epsilon: float,
+    sites: int,
+    rounds: int,
+    records_per_site: int,
+    canaries: int,
+    confidence: float,
+    key: bytes,
+) -> GradientAuditRun:
+    """The white-box audit of site 0 of the run ``run_config`` describes (its model,
+    optimizer, batch size, local epochs, clip norm and delta; ``sites`` sites, ``rounds``
+    rounds): ``run_gradient_canary_audit`` on site 0's capped partition (the sweep's split,
+    ``membership_split``), for all the steps the site takes over the run, with one model
+    from the first to the last step (the federation's averaging between rounds left out)."""
+    from fedmm.common.data.benchmark import benchmark_train_records
+    from fedmm.common.data.partitioning import partition_indices
+    from fedmm.common.federation_config import FederationConfig
+    from fedmm.common.train_request import model_config_of
+
+    config = FederationConfig.from_run_config(run_config)
+    records = benchmark_train_records(config.data_dir or None)
+    own = partition_indices(
+        records.labels,
+        num_partitions=sites,
+        partition_id=0,
+        scheme=config.partition,
+        alpha=config.dirichlet_alpha,
+        seed=config.seed,
+    )[:records_per_site]
+    return run_gradient_canary_audit(
+        records.subset(own),
+        model_config=model_config_of(config),
+        recipe=TrainingRecipe.from_settings(config, seed=config.seed),
+        epsilon=epsilon,
+        delta=config.delta,
+        max_grad_norm=config.max_grad_norm,
+        steps=site_steps(
+            records=len(own),
+            batch_size=config.batch_size,
+            local_epochs=config.local_epochs,
+            rounds=rounds,
+        ),
+        canaries=canaries,
+        key=key,
+        confidence=confidence,
+    )

@@ -162,7 +162,7 @@ class GradientAuditRun:
     records: int
     max_grad_norm: float
     audit: OneRunAudit
-    max_certifiable_epsilon: float  # the bound with every guess right
+    max_certifiable_epsilon: float  # the bound with every guess right that can be
     mean_score_in: float
     mean_score_out: float
     mean_appearances_in: float
@@ -176,14 +176,26 @@ class GradientAuditRun:
         return record
 
 
-def max_certifiable_epsilon(*, canaries: int, delta: float, confidence: float) -> float:
-    """The largest bound ``canaries`` canaries can give (every guess of every guess count
-    right), at the default guess counts and Bonferroni level of ``audit_from_scores``."""
+def max_certifiable_epsilon(
+    *, canaries: int, included: int, delta: float, confidence: float
+) -> float:
+    """The largest bound any attack could give on ``canaries`` canaries of which
+    ``included`` are in: every guess right where it can be (``k`` "in" guesses are all
+    right only if ``k <= included``), at the default guess counts and Bonferroni level of
+    ``audit_from_scores``."""
+    if not 0 <= included <= canaries:
+        raise ValueError(f"included canaries must be in [0, {canaries}], got {included}")
     pairs = default_guess_counts(canaries)
     level = (1 - confidence) / len(pairs)
     return max(
-        epsilon_lower_bound(m=canaries, r=a + b, v=a + b, delta=delta, significance=level)
-        for a, b in pairs
+        epsilon_lower_bound(
+            m=canaries,
+            r=k_in + k_out,
+            v=min(k_in, included) + min(k_out, canaries - included),
+            delta=delta,
+            significance=level,
+        )
+        for k_in, k_out in pairs
     )
 
 
@@ -261,7 +273,7 @@ def run_gradient_canary_audit(
         max_grad_norm=max_grad_norm,
         audit=audit,
         max_certifiable_epsilon=max_certifiable_epsilon(
-            canaries=canaries, delta=delta, confidence=confidence
+            canaries=canaries, included=audit.included, delta=delta, confidence=confidence
         ),
         mean_score_in=float(inside.mean()) if inside.size else math.nan,
         mean_score_out=float(outside.mean()) if outside.size else math.nan,

@@ -68,7 +68,7 @@ def test_without_noise_the_audit_certifies_a_large_epsilon(records) -> None:
     # coordinate
     assert run.mean_score_in > 6 and abs(run.mean_score_out) < 1
     assert run.audit.epsilon_lower_bound > 3
-    assert run.audit.epsilon_lower_bound <= run.max_certifiable_epsilon
+    assert run.audit.epsilon_lower_bound <= run.max_certifiable_epsilon < 6
 
 
 @pytest.mark.parametrize("epsilon", [1.0, 3.0])
@@ -167,4 +167,12 @@ def test_canaries_take_distinct_coordinates_and_keyed_bits() -> None:
 
 
 def test_the_most_1000_canaries_can_certify() -> None:
-    assert 4 < max_certifiable_epsilon(canaries=1000, delta=DELTA, confidence=0.95) < 6
+    def most(included: int) -> float:
+        return max_certifiable_epsilon(
+            canaries=1000, included=included, delta=DELTA, confidence=0.95
+        )
+
+    assert 5 < most(500) < 6  # all 1000 guesses right
+    assert 4 < most(480) < most(500)  # then only the 500 guesses of k = 250 can all be right
+    with pytest.raises(ValueError, match="included"):
+        most(1001)

@@ -171,9 +171,7 @@ class GradientAuditRun:
     wall_s: float
 
     def as_json(self) -> dict[str, Any]:
-        record = asdict(self)
-        record["audit"]["best"] = asdict(self.audit.best)
-        return record
+        return asdict(self)
 
 
 def max_certifiable_epsilon(

@@ -4,7 +4,9 @@ noise, and catches a step whose noise or clipping is broken."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,11 @@ from fedmm.simulations.privacy.gradient_canary_audit import (
     max_certifiable_epsilon,
     place_canaries,
     run_gradient_canary_audit,
+)
+from fedmm.simulations.privacy.one_run_audit import audit_from_scores
+from fedmm.simulations.privacy.sweep_report import (
+    gradient_audit_markdown_table,
+    gradient_audit_rows,
 )
 
 pytestmark = [
@@ -176,3 +183,32 @@ def test_the_most_1000_canaries_can_certify() -> None:
     assert 4 < most(480) < most(500)  # then only the 500 guesses of k = 250 can all be right
     with pytest.raises(ValueError, match="included"):
         most(1001)
+
+
+def test_the_committed_white_box_points_and_their_table() -> None:
+    """The report's white-box table is what its committed points give, and each bound is
+    what the points' canary scores give again."""
+    root = Path(__file__).parents[2]
+    folder = root / "docs" / "privacy-report" / "one-run-audit-whitebox" / "points"
+    points = [
+        json.loads((folder / f"whitebox-iid-eps-{epsilon}.json").read_text())
+        for epsilon in ("inf", "8", "3", "1")
+    ]
+    for point in points:
+        run = point["gradient_audit"]
+        scores = point["canary_scores"]
+        again = audit_from_scores(
+            np.asarray(scores["scores"]),
+            np.asarray(scores["included"]),
+            delta=run["delta"],
+            confidence=run["audit"]["confidence"],
+        )
+        assert again.epsilon_lower_bound == pytest.approx(run["audit"]["epsilon_lower_bound"])
+    rows = gradient_audit_rows(points)
+    assert rows[0]["epsilon_lower_bound"] == pytest.approx(rows[0]["max_certifiable_epsilon"])
+    assert rows[0]["epsilon_lower_bound"] > 4
+    for row in rows[1:]:
+        assert row["epsilon_lower_bound"] <= row["epsilon_accounted"]
+    report = (root / "docs" / "privacy-report.md").read_text()
+    for line in gradient_audit_markdown_table(rows).splitlines()[2:]:
+        assert line in report

@@ -41,7 +41,8 @@ SMALL_SWEEP = [
     # Two sites cannot run secure aggregation (each would learn the other's update), and the
     # attacks measure what the released model memorises, which it does not change.
     "--set", "secure-aggregation=false",
-    "--audit-canaries", "0",  # the audit points have their own test (test_audit_sweep.py)
+    # the audit points have their own tests (test_audit_sweep.py, test_gradient_canary_audit.py)
+    "--audit-canaries", "0", "--no-gradient-audit",
 ]  # fmt: skip
 
 

@@ -25,9 +25,18 @@ Accounting: Opacus' ``RDPAccountant`` (Mironov, Talwar, Zhang 2019, the sampled 
 mechanism), stepped by the optimizer's hook with that same explicit q, exactly as
 ``PrivacyEngine`` attaches it. An empty Poisson batch still takes a noise-only step, so every
 step the accountant counts happened.
+
+Audit only (``simulations.privacy.gradient_canary_audit``, a white-box one-run audit of
+this step): :class:`StepAudit` adds extra per-example gradients (gradient canaries) to a
+step's batch, clipped by the same ``clip_factors`` and summed with the records' clipped
+gradients before the noise, and shows the auditor every step's released (noisy, averaged)
+gradient. A site never passes it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from opacus.accountants import RDPAccountant
@@ -42,6 +51,23 @@ from fedmm.common.loss import matching_loss
 from fedmm.common.secure_random import RandomBytes, bernoulli_indices, standard_normals
 
 AccountantHistory = list[tuple[float, float, int]]  # (noise_multiplier, sample_rate, steps)
+
+
+@dataclass(frozen=True)
+class StepAudit:
+    """Audit only: what a white-box auditor adds to and sees of each DP-SGD step.
+
+    ``extra_gradients(step)`` gives the per-example gradients that join step ``step``'s
+    batch, ``{parameter name: (k, *shape)}`` with the same ``k`` for every name given (names
+    left out are zero; an empty dict adds nothing); they are clipped like the records'
+    gradients (their joint norm over the names given) and added to the clipped sum before
+    the noise. ``observe(step, released)`` then sees the step's released gradient,
+    ``{parameter name: (clipped sum + noise) / expected batch size}``, before the next step
+    overwrites it.
+    """
+
+    extra_gradients: Callable[[int], dict[str, torch.Tensor]]
+    observe: Callable[[int, dict[str, torch.Tensor]], None]
 
 
 class SecureNoiseDPOptimizer(DPOptimizerFastGradientClipping):
@@ -109,11 +135,13 @@ def train_dp_sgd(
     accountant_history: AccountantHistory,
     random_bytes: RandomBytes,
     batch_parts: BatchParts = caption_length_parts,
+    audit: StepAudit | None = None,
 ) -> tuple[float, AccountantHistory]:
     """``steps`` DP-SGD steps on ``model`` (trained in place), whose forward takes a batch's
     tensors (``model(*part)``) cut into parts by ``batch_parts``; the mean loss over the
     sampled records (for the site's own log: it is not differentially private) and the
-    accountant's history after ``accountant_history``."""
+    accountant's history after ``accountant_history``. ``audit``: audit runs only
+    (:class:`StepAudit`)."""
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
     ModuleValidator.validate(model, strict=True)
@@ -131,7 +159,7 @@ def train_dp_sgd(
     total_loss, total_items = 0.0, 0
     model.train()
     with PerExampleGradients(model) as tape:
-        for _ in range(steps):
+        for step in range(steps):
             batch = poisson_batch(dataset, sample_rate=sample_rate, random_bytes=random_bytes)
             private.zero_grad(set_to_none=True)
             for p in parameters.values():
@@ -147,6 +175,33 @@ def train_dp_sgd(
                     parameters[name].grad += clipped_sum
                 total_loss += float(losses.detach().sum())
                 total_items += len(part[0])
+            if audit is not None:
+                _add_clipped(parameters, audit.extra_gradients(step), max_grad_norm)
             private.step()
+            if audit is not None:
+                audit.observe(step, {name: p.grad for name, p in parameters.items()})
     history = [(float(s), float(q), int(n)) for s, q, n in accountant.history]
     return total_loss / max(total_items, 1), history
+
+
+def _add_clipped(
+    parameters: dict[str, torch.nn.Parameter],
+    per_example: dict[str, torch.Tensor],
+    max_grad_norm: float,
+) -> None:
+    """Add the clipped sum of ``per_example`` gradients (``{name: (k, *shape)}``) to the
+    parameters' ``grad``, with the records' clipping (``clip_factors`` of their joint
+    norms)."""
+    unknown = sorted(set(per_example) - set(parameters))
+    if unknown:
+        raise ValueError(f"audit gradients for unknown or frozen parameters: {unknown}")
+    counts = {g.shape[0] for g in per_example.values()}
+    if len(counts) > 1:
+        raise ValueError(f"audit gradients disagree on the number of examples: {counts}")
+    if not per_example or counts == {0}:
+        return
+    squared = sum(g.reshape(g.shape[0], -1).double().square().sum(1) for g in per_example.values())
+    factors = clip_factors(torch.as_tensor(squared).sqrt(), max_grad_norm)
+    for name, gradients in per_example.items():
+        weights = factors.to(gradients.dtype).view(-1, *([1] * (gradients.dim() - 1)))
+        parameters[name].grad += (weights * gradients).sum(0)

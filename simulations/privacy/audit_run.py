@@ -59,6 +59,26 @@ class AuditSettings:
             raise ValueError(f"audit epsilons must be > 0 or inf, got {bad or self.epsilons}")
 
 
+@dataclass(frozen=True)
+class GradientAuditSettings:
+    """The sweep's white-box audit points: ``canaries`` Dirac canaries at each epsilon
+    (``None``: the black-box audit's epsilons, else the sweep's):
+    ``gradient_canary_audit``."""
+
+    canaries: int = 1000
+    epsilons: tuple[float, ...] | None = None
+    confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        if self.canaries < 2:
+            raise ValueError(
+                f"the white-box audit needs at least 2 canaries, got {self.canaries}: "
+                "raise --gradient-audit-canaries or pass --no-gradient-audit"
+            )
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"audit confidence must be in (0, 1), got {self.confidence}")
+
+
 def audited_run_config(run_config: dict[str, str]) -> dict[str, str]:
     """``run_config`` with the benchmark's geometry and tokenizer where it sets none."""
     defaults = FederationConfig().to_run_config()

@@ -26,7 +26,7 @@ import torch
 
 from fedmm.common.data.partitioning import PARTITION_SCHEMES
 from fedmm.common.federation_config import OPTIMIZERS
-from fedmm.simulations.privacy.audit_run import AuditSettings
+from fedmm.simulations.privacy.audit_run import AuditSettings, GradientAuditSettings
 from fedmm.simulations.privacy.epsilon_cross_check import SiteEpsilon, cross_check_ledgers
 from fedmm.simulations.privacy.federated_run import (
     FederatedRunError,
@@ -80,6 +80,9 @@ class SweepPoint:
     sites: int
     overfit: bool = False
     audit: bool = False  # a one-run audit point: canaries at the sites (audit_run)
+    #: a white-box one-run audit point: gradient canaries in site 0's DP-SGD steps
+    #: (gradient_canary_audit); no federated run
+    gradient_audit: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,8 @@ class SweepSettings:
     #: The one-run audit points (None: none); ``audit_only`` trains nothing else.
     audit: AuditSettings | None = field(default_factory=AuditSettings)
     audit_only: bool = False
+    #: The white-box audit points (None: none), after the black-box ones.
+    gradient_audit: GradientAuditSettings | None = field(default_factory=GradientAuditSettings)
 
     def __post_init__(self) -> None:
         if not self.epsilons:
@@ -164,8 +169,8 @@ class SweepSettings:
         )
         if clash:
             raise ValueError(f"{clash} are set by the sweep itself; use its own options")
-        if self.audit_only and self.audit is None:
-            raise ValueError("audit_only needs audit settings (at least 2 audit canaries)")
+        if self.audit_only and self.audit is None and self.gradient_audit is None:
+            raise ValueError("audit_only needs black-box or white-box audit settings")
         if self.audit is not None:
             clash = sorted(set(SWEEP_RESERVED_KEYS) & set(self.audit.run_config))
             if clash:
@@ -193,11 +198,39 @@ class SweepSettings:
             for epsilon in self.audit.epsilons
         ]
 
+    def gradient_audit_points(self) -> list[SweepPoint]:
+        """The white-box audit points: the audit points' recipe, gradient canaries in site
+        0's DP-SGD steps, at each epsilon of the white-box audit (default: the audit's)."""
+        if self.gradient_audit is None:
+            return []
+        epsilons = self.gradient_audit.epsilons or (
+            self.audit.epsilons if self.audit else self.epsilons
+        )
+        _check_epsilons(epsilons, what="white-box audit epsilons")
+        partition = self.audit.partition if self.audit else "iid"
+        return [
+            SweepPoint(
+                name=f"whitebox-{partition}-eps-{_epsilon_name(epsilon)}",
+                partition=partition,
+                epsilon=epsilon,
+                rounds=self.rounds,
+                records_per_site=self.records_per_site,
+                run_config={
+                    **self.run_config,
+                    **(self.non_private_run_config if math.isinf(epsilon) else {}),
+                    **(self.audit.run_config if self.audit else {}),
+                },
+                sites=self.sites,
+                gradient_audit=True,
+            )
+            for epsilon in epsilons
+        ]
+
     def points(self) -> list[SweepPoint]:
         """The federated runs, in order: each partition at each epsilon, then the overfit ones,
-        then the audit points (only these with ``audit_only``)."""
+        then the audit points, black-box then white-box (only these with ``audit_only``)."""
         if self.audit_only:
-            return self.audit_points()
+            return self.audit_points() + self.gradient_audit_points()
         points = [
             SweepPoint(
                 name=f"{partition}-eps-{_epsilon_name(epsilon)}",
@@ -237,7 +270,7 @@ class SweepSettings:
                 )
                 for epsilon in o.epsilons
             ]
-        return points + self.audit_points()
+        return points + self.audit_points() + self.gradient_audit_points()
 
 
 def _epsilon_name(epsilon: float) -> str:
@@ -279,6 +312,8 @@ def run_point(point: SweepPoint, settings: SweepSettings, out: Path) -> dict[str
     """Train, cross-check epsilon, attack; the point's result (also written as JSON)."""
     if point.audit:
         return run_audit_point(point, settings, out)
+    if point.gradient_audit:
+        return run_gradient_audit_point(point, settings, out)
     result_file = out / "points" / f"{point.name}.json"
     spec = FederatedRunSpec(
         sites=point.sites,
@@ -487,6 +522,73 @@ def run_audit_point(point: SweepPoint, settings: SweepSettings, out: Path) -> di
     return written
 
 
+def run_gradient_audit_point(
+    point: SweepPoint, settings: SweepSettings, out: Path
+) -> dict[str, Any]:
+    """The white-box one-run audit of site 0's DP-SGD steps at the point's recipe
+    (``gradient_canary_audit``); the point's result (also written as JSON)."""
+    from fedmm.simulations.privacy.audit_run import audited_run_config
+    from fedmm.simulations.privacy.canaries import KEY_FILE, load_or_create_key
+    from fedmm.simulations.privacy.gradient_canary_audit import SCORE, audit_site_recipe
+
+    audit = settings.gradient_audit
+    if audit is None:
+        raise ValueError(f"{point.name} is a white-box audit point but the sweep has none")
+    result_file = out / "points" / f"{point.name}.json"
+    run_config = audited_run_config({**point.run_config, "partition": point.partition})
+    made_with = _jsonable(
+        {
+            "run": {
+                "sites": point.sites,
+                "rounds": point.rounds,
+                "epsilon": point.epsilon,
+                "run_config": run_config,
+                "records_per_site": point.records_per_site,
+            },
+            "gradient_audit": {
+                "canaries": audit.canaries,
+                "confidence": audit.confidence,
+                "score": SCORE,
+            },
+        }
+    )
+    earlier = _earlier_result(result_file, made_with, point.name)
+    if earlier is not None:
+        return earlier
+    logger.info("%s: DP-SGD with %d gradient canaries", point.name, audit.canaries)
+    run = audit_site_recipe(
+        run_config,
+        epsilon=point.epsilon,
+        sites=point.sites,
+        rounds=point.rounds,
+        records_per_site=point.records_per_site,
+        canaries=audit.canaries,
+        confidence=audit.confidence,
+        key=load_or_create_key(out / "audit" / point.name / KEY_FILE),
+    )
+    record = run.as_json()
+    scores = {"scores": record.pop("scores"), "included": record.pop("included")}
+    result = {
+        "name": point.name,
+        "partition": point.partition,
+        "gradient_audit": record,
+        "canary_scores": scores,
+        "made_with": made_with,
+    }
+    written = _write_result(result_file, result)
+    logger.info(
+        "%s: empirical epsilon %.3f at %.0f%% confidence (accounted %s, at most %.3f "
+        "certifiable with %d canaries)",
+        point.name,
+        run.audit.epsilon_lower_bound,
+        100 * audit.confidence,
+        run.epsilon_accounted,
+        run.max_certifiable_epsilon,
+        audit.canaries,
+    )
+    return written
+
+
 def run_sweep(settings: SweepSettings, out: Path) -> list[dict[str, Any]]:
     """Every point of the sweep, then the report (markdown, JSON, PNG) in ``out``."""
     from fedmm.simulations.privacy.sweep_report import write_sweep_report
@@ -499,7 +601,8 @@ def run_sweep(settings: SweepSettings, out: Path) -> list[dict[str, Any]]:
     # The overfit point first: it shows whether the attacks work at all, and it is cheap.
     # The report is rewritten after every point, in table order, so a partial sweep has one.
     done: dict[str, dict[str, Any]] = {}
-    order = sorted(points, key=lambda p: (not p.overfit, p.audit))  # overfit first, audits last
+    # overfit first, audits last (white-box after black-box)
+    order = sorted(points, key=lambda p: (not p.overfit, p.audit or p.gradient_audit))
     for index, point in enumerate(order, start=1):
         logger.info("point %d/%d: %s", index, len(points), point.name)
         done[point.name] = run_point(point, settings, out)

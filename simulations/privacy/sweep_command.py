@@ -46,7 +46,8 @@ def add_privacy_sweep_parser(commands: Any) -> None:
         "federations trained on held-out records of the other sites. Then a non-private "
         "point trained to overfit, and the same recipe at any further --overfit-epsilons. "
         "Then the one-run audit (--audit-*): canaries inserted at the sites, one run per "
-        "epsilon, an empirical epsilon lower bound from the attack's guesses. "
+        "epsilon, an empirical epsilon lower bound from the attack's guesses; then its "
+        "white-box twin (--gradient-audit-*): gradient canaries in a site's DP-SGD steps. "
         "Writes privacy-sweep.md/.json and PNG plots to --out; run again with the same --out "
         "to reuse finished points. See docs/privacy-report.md.",
     )
@@ -136,7 +137,7 @@ def add_privacy_sweep_parser(commands: Any) -> None:
         type=epsilon,
         default=None,
         metavar="E",
-        help="epsilons of the audit points (the sweep's --epsilons)",
+        help="epsilons of the audit points, black-box and white-box (the sweep's --epsilons)",
     )
     sweep.add_argument(
         "--audit-confidence",
@@ -155,6 +156,18 @@ def add_privacy_sweep_parser(commands: Any) -> None:
         "--audit-only",
         action="store_true",
         help="train only the audit points (no membership-inference points)",
+    )
+    sweep.add_argument(
+        "--gradient-audit-canaries",
+        type=int,
+        default=1000,
+        help="white-box one-run audit after the audit points: Dirac gradient canaries in "
+        "site 0's DP-SGD steps at the audit points' recipe and epsilons (1000)",
+    )
+    sweep.add_argument(
+        "--no-gradient-audit",
+        action="store_true",
+        help="skip the white-box audit points",
     )
     sweep.add_argument("--out", type=Path, help="output folder (runs/privacy-sweep-<UTC time>)")
 
@@ -196,9 +209,19 @@ def sweep_settings(args: argparse.Namespace) -> SweepSettings:
             confidence=args.audit_confidence,
             run_config=key_value_pairs(args.set_audit, option="--set-audit"),
         )
-    elif args.audit_only:
-        raise ValueError("--audit-only needs --audit-canaries of at least 2")
+    elif args.audit_only and args.no_gradient_audit:
+        raise ValueError("--audit-only needs --audit-canaries of at least 2 or the white-box audit")
+    gradient_audit = None
+    if not args.no_gradient_audit:
+        from fedmm.simulations.privacy.audit_run import GradientAuditSettings
+
+        gradient_audit = GradientAuditSettings(
+            canaries=args.gradient_audit_canaries,
+            epsilons=tuple(args.audit_epsilons or args.epsilons or DEFAULT_EPSILONS),
+            confidence=args.audit_confidence,
+        )
     return SweepSettings(
+        gradient_audit=gradient_audit,
         audit=audit,
         audit_only=args.audit_only,
         **({"epsilons": tuple(args.epsilons)} if args.epsilons else {}),

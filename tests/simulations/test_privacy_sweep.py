@@ -41,7 +41,8 @@ SMALL_SWEEP = [
     # Two sites cannot run secure aggregation (each would learn the other's update), and the
     # attacks measure what the released model memorises, which it does not change.
     "--set", "secure-aggregation=false",
-    "--audit-canaries", "0",  # the audit points have their own test (test_audit_sweep.py)
+    # the audit points have their own tests (test_audit_sweep.py, test_gradient_canary_audit.py)
+    "--audit-canaries", "0", "--no-gradient-audit",
 ]  # fmt: skip
 
 
@@ -178,6 +179,7 @@ def test_sweep_points_cover_every_partition_and_epsilon_then_the_overfit_point()
         "dirichlet-eps-inf", "dirichlet-eps-8", "dirichlet-eps-3", "dirichlet-eps-1",
         "overfit-iid-eps-inf",
         "audit-iid-eps-inf", "audit-iid-eps-8", "audit-iid-eps-3", "audit-iid-eps-1",
+        "whitebox-iid-eps-inf", "whitebox-iid-eps-8", "whitebox-iid-eps-3", "whitebox-iid-eps-1",
     ]  # fmt: skip
     by_name = {p.name: p for p in points}
     assert by_name["iid-eps-inf"].run_config == {"batch-size": "64", "learning-rate": "0.5"}
@@ -190,6 +192,19 @@ def test_sweep_points_cover_every_partition_and_epsilon_then_the_overfit_point()
     audit = by_name["audit-iid-eps-3"]
     assert audit.audit and audit.run_config == by_name["iid-eps-3"].run_config
     assert by_name["audit-iid-eps-inf"].run_config == by_name["iid-eps-inf"].run_config
+    # the white-box points take the audit points' recipe
+    for epsilon in ("inf", "3"):
+        whitebox, audit = (
+            by_name[f"whitebox-iid-eps-{epsilon}"],
+            by_name[f"audit-iid-eps-{epsilon}"],
+        )
+        assert whitebox.gradient_audit and not whitebox.audit
+        assert whitebox.run_config == audit.run_config and whitebox.epsilon == audit.epsilon
+        assert (whitebox.sites, whitebox.rounds, whitebox.records_per_site) == (
+            audit.sites,
+            audit.rounds,
+            audit.records_per_site,
+        )
     with pytest.raises(ValueError, match="set by the sweep itself"):
         SweepSettings(non_private_run_config={"epsilon": "1"})
     with pytest.raises(ValueError, match="epsilons"):
@@ -206,6 +221,7 @@ def test_overfit_recipe_at_several_epsilons_differs_only_in_epsilon() -> None:
         partitions=("iid",),
         overfit=OverfitSettings(epsilons=(math.inf, 8.0)),
         audit=None,
+        gradient_audit=None,
     )
     points = {p.name: p for p in settings.points()}
     assert list(points) == ["iid-eps-3", "overfit-iid-eps-inf", "overfit-iid-eps-8"]

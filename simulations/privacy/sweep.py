@@ -128,6 +128,12 @@ class OverfitSettings:
             raise ValueError(f"{clash} are set by the overfit options; use those instead")
 
 
+#: The model of the sweep's recipe (docs/privacy-report.md, "The sweep's recipe"): the patch
+#: image encoder its points were measured with, not the scattering readout `fedmm simulate`
+#: trains on the benchmark by default.
+SWEEP_MODEL = {"model-image-encoder": "patches"}
+
+
 @dataclass(frozen=True)
 class SweepSettings:
     epsilons: tuple[float, ...] = DEFAULT_EPSILONS

@@ -174,9 +174,16 @@ def add_privacy_sweep_parser(commands: Any) -> None:
 
 def sweep_settings(args: argparse.Namespace) -> SweepSettings:
     """The sweep's settings from the parsed options; ValueError names a bad option."""
-    from fedmm.simulations.privacy.sweep import DEFAULT_EPSILONS, OverfitSettings, SweepSettings
+    from fedmm.simulations.privacy.sweep import (
+        DEFAULT_EPSILONS,
+        SWEEP_MODEL,
+        OverfitSettings,
+        SweepSettings,
+    )
 
-    run_config = key_value_pairs(args.set, option="--set")
+    # The report's recipe: the patch model, whatever `fedmm simulate`'s benchmark default
+    # (an encoder named here keeps the run config's clip and learning rate: --set them too).
+    run_config = {**SWEEP_MODEL, **key_value_pairs(args.set, option="--set")}
     non_private = (
         {"learning-rate": "0.5"}
         if args.set_non_private is None

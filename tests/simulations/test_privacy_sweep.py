@@ -126,9 +126,11 @@ def _members_are_what_site_0_trained_on(run: Path, *, sites: int) -> None:
     targets = _site_view(run, 0, run / "check-deid")(records.subset(split.targets), "targets")
     from fedmm.client.deid.cache import CACHE_PURPOSE, EncryptedEntry
     from fedmm.client.encrypted_cache import derive_cache_key
+    from fedmm.client.feature_cache import FEATURES_DIR
 
     site = run / "site-deid" / "site-0"
-    (path,) = (site / "cache").iterdir()  # site 0's training data (encrypted)
+    # site 0's training data (encrypted), beside its scattering features' folder
+    (path,) = [p for p in (site / "cache").iterdir() if p.name != FEATURES_DIR]
     entry = EncryptedEntry(
         path, derive_cache_key((site / "site-secret").read_bytes(), CACHE_PURPOSE)
     )
@@ -259,7 +261,8 @@ def test_overfit_options_reach_the_sweep_settings(capsys: pytest.CaptureFixture[
     assert points["overfit-iid-eps-3"].run_config["optimizer"] == "sgd"
     assert points["overfit-iid-eps-inf"].run_config["model-image-encoder"] == "scatter"
     main_points = [p for p in sweep_settings(args).points() if not p.overfit]
-    assert all("model-image-encoder" not in p.run_config for p in main_points)
+    # --set-overfit stays with the overfit points; the main points keep the report's model
+    assert all(p.run_config["model-image-encoder"] == "patches" for p in main_points)
     for bad, message in (("--overfit-epsilons", "epsilon must be > 0"),
                          ("--overfit-learning-rate", "positive number"),
                          ("--overfit-optimizer", "invalid choice: '0'")):  # fmt: skip

@@ -91,11 +91,12 @@ def run_federation(
             logger.warning("round %d: model unchanged (%s)", server_round, row["aborted"])
         else:
             model.load_state_dict(mode.step(weights, aggregate, server_round=server_round))
-        averaged = average_parameters(
-            averaged, model.state_dict(), decay=config.average_decay, step=server_round
-        )
-        released = _with_weights(model, averaged) if config.average_decay else model
+        if config.average_decay:
+            averaged = average_parameters(
+                averaged, model.state_dict(), decay=config.average_decay, step=server_round
+            )
         if config.evaluates_after(server_round):
+            released = _released(config, model, averaged)
             if coordinator_eval is not None:
                 row.update(coordinator_eval(released))
             if federated_eval is not None:
@@ -129,7 +130,7 @@ def run_federation(
                 "(in simulation, run.log: Ray may have killed a site's process for memory). "
                 "The last checkpoint is kept: fix the cause and continue with --resume"
             )
-    _save_model(out_dir, _with_weights(model, averaged) if config.average_decay else model)
+    _save_model(out_dir, _released(config, model, averaged))
     note = mode.privacy_statement()
     return write_summary_and_report(out_dir, config=config.to_run_config(), privacy_note=note)
 
@@ -155,10 +156,15 @@ def initial_model(config: FederationConfig) -> torch.nn.Module:
     return build_fusion_model(resolved, encoders)
 
 
-def _with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A copy of ``model`` holding ``weights`` (the averaged model to evaluate and release)."""
+def _released(
+    config: FederationConfig, model: torch.nn.Module, averaged: dict[str, torch.Tensor]
+) -> torch.nn.Module:
+    """The model to evaluate and release: ``model``, or with ``average-decay`` a copy of it
+    holding the ``averaged`` weights."""
+    if not config.average_decay:
+        return model
     released = copy.deepcopy(model)
-    released.load_state_dict(weights)
+    released.load_state_dict(averaged)
     return released
 
 

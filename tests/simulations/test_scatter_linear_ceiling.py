@@ -62,3 +62,61 @@ def test_it_learns_without_noise_and_not_under_overwhelming_noise() -> None:
 
     assert run(0.0) > 0.95
     assert run(1e4) < 0.5
+
+
+def test_views_average_each_examples_gradient_before_clipping() -> None:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, 5, generator=generator)  # 8 examples, 3 views each
+    y = torch.randint(0, ceiling.CLASSES, (8,), generator=generator)
+    clip, lr = 0.3, 0.5
+    expected_w = torch.zeros(ceiling.CLASSES, 5)
+    expected_b = torch.zeros(ceiling.CLASSES)
+    for i in range(len(y)):
+        w = torch.zeros(ceiling.CLASSES, 5, requires_grad=True)
+        b = torch.zeros(ceiling.CLASSES, requires_grad=True)
+        # the example's loss is the mean of its views' losses: its gradient the mean gradient
+        functional.cross_entropy(x[i] @ w.T + b, y[i].repeat(3)).backward()
+        norm = torch.cat([w.grad.flatten(), b.grad]).norm()
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        expected_w += factor * w.grad
+        expected_b += factor * b.grad
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    ceiling.train_linear_dp_sgd(
+        x, y, sampling_rate=1.0, steps=1, clip=clip, noise=0.0, learning_rate=lr,
+        momentum=0.0, seed=0, evaluate_at={1},
+        evaluate=lambda w, b: seen.append((w.clone(), b.clone())) or 0.0,
+    )  # fmt: skip
+    torch.testing.assert_close(seen[0][0], -lr * expected_w / len(y))
+    torch.testing.assert_close(seen[0][1], -lr * expected_b / len(y))
+
+
+def test_translated_views_keep_the_canvas_and_shift_copies_of_it() -> None:
+    canvases = torch.zeros(50, 12, 16, dtype=torch.uint8)
+    canvases[:, 4:8, 5:9] = torch.arange(1, 17, dtype=torch.uint8).reshape(4, 4)
+    views = ceiling.translated_views(canvases, 3, seed=0)
+    assert views.shape == (50, 3, 12, 16)
+    assert torch.equal(views[:, 0], canvases)
+    shifted = 0
+    for i in range(50):
+        for view in views[i, 1:]:
+            rows, cols = torch.nonzero(view == 1)[0].tolist()  # where the item's corner went
+            dy, dx = rows - 4, cols - 5
+            assert abs(dy) <= 2 and abs(dx) <= 2
+            assert torch.equal(view, torch.roll(canvases[i], (dy, dx), (0, 1)))
+            shifted += (dy, dx) != (0, 0)
+    assert shifted > 80  # most of the 100 copies moved (1 in 25 stays where it was)
+
+
+def test_a_public_start_is_where_the_private_run_begins() -> None:
+    x, y = _separable(300, 8, 5)
+    weight, bias = ceiling.pretrain_on_public(x[:100], y[:100], epochs=50, learning_rate=0.1)
+
+    def accuracy(w: torch.Tensor, b: torch.Tensor) -> float:
+        return float(((x[100:] @ w.T + b).argmax(1) == y[100:]).float().mean())
+
+    assert accuracy(weight, bias) > 0.9
+    start = ceiling.train_linear_dp_sgd(
+        x[100:], y[100:], sampling_rate=0.5, steps=1, clip=1.0, noise=0.0, learning_rate=0.0,
+        momentum=0.0, seed=0, evaluate_at={1}, evaluate=accuracy, initial=(weight, bias),
+    )[0][1]  # fmt: skip
+    assert start == accuracy(weight, bias)

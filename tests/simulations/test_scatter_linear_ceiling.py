@@ -4,6 +4,7 @@ learns a separable problem without noise and not with overwhelming noise."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.nn import functional
 
@@ -17,21 +18,29 @@ def _separable(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
     return centres[labels] + torch.randn(n, dim, generator=generator), labels
 
 
-def test_one_step_equals_clipped_autograd_gradients() -> None:
-    x, y = _separable(12, 6, 0)
-    clip, lr = 0.5, 0.1
-    # The training starts from zero weights: the reference is autograd at zero, example by
-    # example, each gradient clipped to norm ``clip`` as Opacus does.
-    expected_w = torch.zeros(ceiling.CLASSES, 6)
+def _clipped_autograd_sums(
+    x: torch.Tensor, y: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sums of the examples' gradients at zero weights, each clipped to norm ``clip`` as
+    Opacus does; ``x`` ``(N, K, D)``: an example's loss is the mean over its K views."""
+    expected_w = torch.zeros(ceiling.CLASSES, x.shape[-1])
     expected_b = torch.zeros(ceiling.CLASSES)
     for i in range(len(y)):
-        w = torch.zeros(ceiling.CLASSES, 6, requires_grad=True)
+        w = torch.zeros(ceiling.CLASSES, x.shape[-1], requires_grad=True)
         b = torch.zeros(ceiling.CLASSES, requires_grad=True)
-        functional.cross_entropy((x[i] @ w.T + b)[None], y[i : i + 1]).backward()
+        functional.cross_entropy(x[i] @ w.T + b, y[i].repeat(x.shape[1])).backward()
         norm = torch.cat([w.grad.flatten(), b.grad]).norm()
         factor = min(1.0, clip / (float(norm) + 1e-6))
         expected_w += factor * w.grad
         expected_b += factor * b.grad
+    return expected_w, expected_b
+
+
+def test_one_step_equals_clipped_autograd_gradients() -> None:
+    x, y = _separable(12, 6, 0)
+    clip, lr = 0.5, 0.1
+    # The training starts from zero weights: the reference is autograd at zero.
+    expected_w, expected_b = _clipped_autograd_sums(x[:, None], y, clip)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def record(w: torch.Tensor, b: torch.Tensor) -> float:
@@ -64,22 +73,13 @@ def test_it_learns_without_noise_and_not_under_overwhelming_noise() -> None:
     assert run(1e4) < 0.5
 
 
-def test_views_average_each_examples_gradient_before_clipping() -> None:
+@pytest.mark.parametrize("clip", [0.3, 100.0])  # every example clipped; none
+def test_views_average_each_examples_gradient_before_clipping(clip: float) -> None:
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(8, 3, 5, generator=generator)  # 8 examples, 3 views each
     y = torch.randint(0, ceiling.CLASSES, (8,), generator=generator)
-    clip, lr = 0.3, 0.5
-    expected_w = torch.zeros(ceiling.CLASSES, 5)
-    expected_b = torch.zeros(ceiling.CLASSES)
-    for i in range(len(y)):
-        w = torch.zeros(ceiling.CLASSES, 5, requires_grad=True)
-        b = torch.zeros(ceiling.CLASSES, requires_grad=True)
-        # the example's loss is the mean of its views' losses: its gradient the mean gradient
-        functional.cross_entropy(x[i] @ w.T + b, y[i].repeat(3)).backward()
-        norm = torch.cat([w.grad.flatten(), b.grad]).norm()
-        factor = min(1.0, clip / (float(norm) + 1e-6))
-        expected_w += factor * w.grad
-        expected_b += factor * b.grad
+    lr = 0.5
+    expected_w, expected_b = _clipped_autograd_sums(x, y, clip)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     ceiling.train_linear_dp_sgd(
         x, y, sampling_rate=1.0, steps=1, clip=clip, noise=0.0, learning_rate=lr,

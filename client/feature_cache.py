@@ -37,9 +37,10 @@ import hashlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -56,6 +57,8 @@ from fedmm.common.data.dataset import ImageTextDataset
 from fedmm.common.distractors import DistractorSampler, DistractorSettings
 from fedmm.common.model_config import ModelConfig
 from fedmm.common.tokenizer import HashingTokenizer
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +130,35 @@ def read_feature_arrays(entry: EncryptedEntry) -> dict[str, np.ndarray]:
     from safetensors.numpy import load
 
     return load(entry[ARRAYS_FILE])
+
+
+def entry_key(secret: bytes, label: bytes, material: dict[str, Any]) -> str:
+    """A cache entry's key: HMAC-SHA256 under the site secret of ``label`` (which cache)
+    and the canonical JSON of ``material`` (what the entry was built from), 40 hex digits."""
+    import hmac
+    import json
+
+    text = json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(secret, label + b"\x00" + text, hashlib.sha256).hexdigest()[:40]
+
+
+def read_cached_entry(
+    cache: DeidCache, slot: str, key: str, decode: Callable[[dict[str, np.ndarray]], T]
+) -> tuple[T, Path] | None:
+    """``decode`` of the arrays of the entry ``(slot, key)`` and its path, or None when the
+    caller must build it: no entry, one that fails authentication (rejected), or one that
+    cannot be read or decoded (discarded)."""
+    entry = cache.lookup(slot, key)
+    if entry is None:
+        return None
+    try:
+        return decode(read_feature_arrays(entry)), entry.path
+    except CacheIntegrityError as error:
+        cache.reject(entry.path, error)
+    except (OSError, KeyError, ValueError):
+        logger.warning("unreadable cache entry %s: rebuilding", entry.path.name)
+        cache.discard(slot, key)
+    return None
 
 
 def distractor_pools(
@@ -255,28 +287,16 @@ def cached_site_features(
 ) -> CachedFeatures:
     """The features of ``records`` (a site's de-identified records, from ``source``) from
     the cache under ``cache_dir/features``, or computed and stored there."""
-    import hmac
-    import json
-
     material = feature_key_material(
         config=config, settings=settings, num_distractors=num_distractors
     )
     material["records"] = records_digest(records, secret)
-    text = json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
-    key = hmac.new(secret, b"fedmm feature cache: key\x00" + text, hashlib.sha256).hexdigest()
-    key = key[:40]
+    key = entry_key(secret, b"fedmm feature cache: key", material)
     cache = DeidCache(Path(cache_dir) / FEATURES_DIR, secret, retention_days=retention_days)
     slot = slot_name(("features", *source), secret)
-    entry = cache.lookup(slot, key)
-    if entry is not None:
-        try:
-            features = SiteFeatures.from_arrays(read_feature_arrays(entry))
-            return CachedFeatures(features, built=False, entry=entry.path)
-        except CacheIntegrityError as error:
-            cache.reject(entry.path, error)
-        except (OSError, KeyError, ValueError):
-            logger.warning("unreadable feature cache entry %s: rebuilding", entry.path.name)
-            cache.discard(slot, key)
+    found = read_cached_entry(cache, slot, key, SiteFeatures.from_arrays)
+    if found is not None:
+        return CachedFeatures(found[0], built=False, entry=found[1])
     started = time.monotonic()
     # the pools' draws: public captions, chosen with the site's own randomness
     rng = np.random.default_rng(secrets.randbits(128))

@@ -23,8 +23,6 @@ personal data: they stay at the site like the de-identified copy.
 from __future__ import annotations
 
 import hashlib
-import hmac
-import json
 import logging
 import time
 from importlib.metadata import version
@@ -34,8 +32,12 @@ import numpy as np
 import torch
 
 from fedmm.client.deid.cache import DeidCache, records_digest, slot_name
-from fedmm.client.encrypted_cache import CacheIntegrityError
-from fedmm.client.feature_cache import FEATURES_DIR, read_feature_arrays, write_feature_arrays
+from fedmm.client.feature_cache import (
+    FEATURES_DIR,
+    entry_key,
+    read_cached_entry,
+    write_feature_arrays,
+)
 from fedmm.common import scattering
 from fedmm.common.data.dataset import ImageTextDataset
 from fedmm.common.model import unit_images
@@ -62,9 +64,7 @@ def _entry_key(records: ImageTextDataset, config: ModelConfig, secret: bytes) ->
         "image_channels": config.image_channels,
         "records": records_digest(records, secret),
     }
-    text = json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
-    mac = hmac.new(secret, b"fedmm scattering cache: key\x00" + text, hashlib.sha256)
-    return mac.hexdigest()[:40]
+    return entry_key(secret, b"fedmm scattering cache: key", material)
 
 
 def _transform_all(images: torch.Tensor) -> torch.Tensor:
@@ -95,17 +95,12 @@ def warm_scattering_features(
     cache = DeidCache(Path(cache_dir) / FEATURES_DIR, secret, retention_days=retention_days)
     slot = slot_name(("scattering", *config.image_size, config.image_channels), secret)
     key = _entry_key(records, config, secret)
-    entry = cache.lookup(slot, key)
-    if entry is not None:
-        try:
-            stored = read_feature_arrays(entry)[_ARRAY]
-            scattering.remember_scattering_features(images, torch.from_numpy(stored))
-            return False
-        except CacheIntegrityError as error:
-            cache.reject(entry.path, error)
-        except (OSError, KeyError, ValueError):
-            logger.warning("unreadable scattering cache entry %s: rebuilding", entry.path.name)
-            cache.discard(slot, key)
+
+    def remember(arrays: dict[str, np.ndarray]) -> None:
+        scattering.remember_scattering_features(images, torch.from_numpy(arrays[_ARRAY]))
+
+    if read_cached_entry(cache, slot, key, remember) is not None:
+        return False
     started = time.monotonic()
     features = _transform_all(images).numpy()
     stored_at = cache.store(

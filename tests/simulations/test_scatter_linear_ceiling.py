@@ -120,3 +120,13 @@ def test_a_public_start_is_where_the_private_run_begins() -> None:
         momentum=0.0, seed=0, evaluate_at={1}, evaluate=accuracy, initial=(weight, bias),
     )[0][1]  # fmt: skip
     assert start == accuracy(weight, bias)
+
+
+def test_view_features_are_each_views_normalised_features() -> None:
+    canvases = torch.randint(0, 256, (3, 2, 8, 12), dtype=torch.uint8)
+    for views in (canvases[:, :1], canvases):
+        features = ceiling.view_features(views)
+        assert features.shape[:2] == views.shape[:2]
+        for view in range(views.shape[1]):
+            expected = ceiling.normalised_features(views[:, view])
+            torch.testing.assert_close(features[:, view], expected)
